@@ -1,0 +1,62 @@
+"""``create_app(settings)``: the ASGI application. Its lifespan owns engines, broker and verifier."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from sqlalchemy import text
+from sqlalchemy.exc import SQLAlchemyError
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route, WebSocketRoute
+
+from atrium.runtime import Runtime
+from atrium.settings import Settings
+from atrium.view import AtriumGraphQL
+from auth.tokens import TokenVerifier
+from models.db import Databases
+from subscriptions.broker import MemoryBroker
+
+MAX_BODY = 1 << 20
+
+
+def create_app(settings: Settings) -> Starlette:
+    """An Atrium app for ``settings`` (whose database URL must be resolved)."""
+    view = AtriumGraphQL(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        databases = Databases(settings.app_url, pool_size=settings.pool_size)
+        runtime = Runtime(settings=settings, databases=databases, broker=MemoryBroker(),
+                          verifier=TokenVerifier(settings))
+        view.runtime = runtime
+        app.state.runtime = runtime
+        try:
+            yield
+        finally:
+            await databases.dispose()
+
+    async def healthz(request: Request) -> JSONResponse:
+        return JSONResponse({"status": "ok"})
+
+    async def readyz(request: Request) -> JSONResponse:
+        runtime: Runtime = request.app.state.runtime
+        try:
+            async with runtime.databases.default.connect() as conn:
+                await conn.execute(text("SELECT 1"))
+        except (OSError, SQLAlchemyError):
+            return JSONResponse({"status": "unavailable", "database": "down"}, status_code=503)
+        return JSONResponse({"status": "ready"})
+
+    return Starlette(
+        routes=[
+            Route("/graphql", view, methods=["GET", "POST"]),
+            WebSocketRoute("/graphql", view),
+            Route("/healthz", healthz),
+            Route("/readyz", readyz),
+        ],
+        lifespan=lifespan,
+        max_body_size=MAX_BODY,
+    )

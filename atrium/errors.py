@@ -1,0 +1,131 @@
+"""Errors Atrium reports to clients, each with a stable ``extensions.code``.
+
+The tree::
+
+    AtriumError                      (base: message, code, optional field)
+    ├── Unauthenticated              UNAUTHENTICATED   no, malformed, expired or wrongly signed credential
+    ├── Forbidden                    FORBIDDEN         the role lacks the permission
+    ├── NotFound                     NOT_FOUND         no such record *in this tenant*
+    ├── BadUserInput                 BAD_USER_INPUT    names the offending ``field``
+    ├── VersionConflict              VERSION_CONFLICT  carries ``currentVersion``
+    ├── RateLimited                  RATE_LIMITED      carries ``retryAfter`` (seconds)
+    ├── PersistedQueryNotFound       PERSISTED_QUERY_NOT_FOUND
+    ├── PersistedQueryRequired       PERSISTED_QUERY_REQUIRED
+    └── Internal                     INTERNAL          anything unexpected; the message never leaks details
+
+graphql-core copies ``AtriumError.extensions`` onto the GraphQL error it wraps, so resolvers simply
+``raise NotFound("deal", id)``; ``schema.extensions.ErrorCoding`` masks everything that is not an
+``AtriumError`` as ``INTERNAL``.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any
+
+
+class ErrorCode(enum.StrEnum):
+    UNAUTHENTICATED = "UNAUTHENTICATED"
+    FORBIDDEN = "FORBIDDEN"
+    NOT_FOUND = "NOT_FOUND"
+    BAD_USER_INPUT = "BAD_USER_INPUT"
+    VERSION_CONFLICT = "VERSION_CONFLICT"
+    RATE_LIMITED = "RATE_LIMITED"
+    PERSISTED_QUERY_NOT_FOUND = "PERSISTED_QUERY_NOT_FOUND"
+    PERSISTED_QUERY_REQUIRED = "PERSISTED_QUERY_REQUIRED"
+    INTERNAL = "INTERNAL"
+    GRAPHQL_VALIDATION_FAILED = "GRAPHQL_VALIDATION_FAILED"
+    GRAPHQL_PARSE_FAILED = "GRAPHQL_PARSE_FAILED"
+
+
+class AtriumError(Exception):
+    """An error whose message is safe to show to the caller."""
+
+    code: ErrorCode = ErrorCode.INTERNAL
+
+    def __init__(self, message: str, *, field: str | None = None, **extra: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.field = field
+        self.extra = extra
+
+    @property
+    def extensions(self) -> dict[str, Any]:
+        ext: dict[str, Any] = {"code": self.code.value}
+        if self.field is not None:
+            ext["field"] = self.field
+        ext.update(self.extra)
+        return ext
+
+
+class Unauthenticated(AtriumError):
+    code = ErrorCode.UNAUTHENTICATED
+
+    def __init__(self, message: str = "Authentication required") -> None:
+        super().__init__(message)
+
+
+class Forbidden(AtriumError):
+    code = ErrorCode.FORBIDDEN
+
+    def __init__(self, message: str = "Your role does not allow this") -> None:
+        super().__init__(message)
+
+
+class NotFound(AtriumError):
+    code = ErrorCode.NOT_FOUND
+
+    def __init__(self, entity: str, id: object | None = None, *, field: str | None = "id") -> None:
+        super().__init__(f"No {entity} with this id", field=field)
+        self.entity = entity
+        self.id = id
+
+
+class BadUserInput(AtriumError):
+    code = ErrorCode.BAD_USER_INPUT
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}", field=field)
+
+
+class VersionConflict(AtriumError):
+    code = ErrorCode.VERSION_CONFLICT
+
+    def __init__(self, entity: str, current_version: int, current: dict[str, Any] | None = None) -> None:
+        extra: dict[str, Any] = {"currentVersion": current_version}
+        if current is not None:
+            extra["current"] = current
+        super().__init__(
+            f"The {entity} was changed by someone else (now at version {current_version})",
+            field="expectedVersion",
+            **extra,
+        )
+
+
+class RateLimited(AtriumError):
+    code = ErrorCode.RATE_LIMITED
+
+    def __init__(self, retry_after: float) -> None:
+        super().__init__("Rate limit exceeded", retryAfter=retry_after)
+
+
+class PersistedQueryNotFound(AtriumError):
+    code = ErrorCode.PERSISTED_QUERY_NOT_FOUND
+
+    def __init__(self) -> None:
+        super().__init__("PersistedQueryNotFound")
+
+
+class PersistedQueryRequired(AtriumError):
+    code = ErrorCode.PERSISTED_QUERY_REQUIRED
+
+    def __init__(self) -> None:
+        super().__init__("This credential may only run persisted documents")
+
+
+class Internal(AtriumError):
+    code = ErrorCode.INTERNAL
+
+    def __init__(self, request_id: str | None = None) -> None:
+        extra = {"requestId": request_id} if request_id else {}
+        super().__init__("Internal server error", **extra)

@@ -1,0 +1,112 @@
+"""Typed, frozen settings read once from the environment at the edge (CLI, app factory, tests).
+
+Nothing reads the environment after ``Settings.from_env`` returns; everything else receives a
+``Settings`` instance.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Literal
+
+from sqlalchemy.engine import make_url
+
+Environment = Literal["development", "test", "production"]
+
+APP_ROLE = "atrium_app"
+"""The login role the server uses: owns no table, has no BYPASSRLS (created by the first migration)."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    env: Environment = "development"
+    database_url: str | None = None
+    """Admin URL (table owner / superuser): migrations and CLI administration. None: embedded PostgreSQL."""
+    app_database_url: str | None = None
+    """URL the server's requests use; defaults to ``database_url`` with the user replaced by ``atrium_app``."""
+    redis_url: str | None = None
+    jwt_secret: str = ""
+    jwt_audience: str = "atrium"
+    jwt_issuer: str = "atrium"
+    jwks_url: str | None = None
+    token_ttl_seconds: int = 3600
+    data_dir: Path = field(default_factory=lambda: Path(".atrium"))
+    pool_size: int = 10
+    max_page_size: int = 100
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Build settings from ``environ`` (default ``os.environ``).
+
+        In development and test a missing ``ATRIUM_JWT_SECRET`` is generated once and kept in
+        ``<data_dir>/jwt-secret`` so that the server and ``atrium token`` agree; in production it
+        is required.
+        """
+        env = dict(os.environ if environ is None else environ)
+        mode = env.get("ATRIUM_ENV", "development")
+        if mode not in ("development", "test", "production"):
+            raise ValueError(f"ATRIUM_ENV must be development, test or production, not {mode!r}")
+        data_dir = Path(env.get("ATRIUM_DATA_DIR", ".atrium"))
+        secret = env.get("ATRIUM_JWT_SECRET", "")
+        jwks_url = env.get("ATRIUM_JWKS_URL") or None
+        if not secret and not jwks_url:
+            if mode == "production":
+                raise ValueError("ATRIUM_JWT_SECRET or ATRIUM_JWKS_URL must be set in production")
+            secret = _dev_secret(data_dir)
+        return cls(
+            env=mode,  # type: ignore[arg-type]
+            database_url=env.get("DATABASE_URL") or None,
+            app_database_url=env.get("ATRIUM_APP_DATABASE_URL") or None,
+            redis_url=env.get("REDIS_URL") or None,
+            jwt_secret=secret,
+            jwt_audience=env.get("ATRIUM_JWT_AUDIENCE", "atrium"),
+            jwt_issuer=env.get("ATRIUM_JWT_ISSUER", "atrium"),
+            jwks_url=jwks_url,
+            token_ttl_seconds=int(env.get("ATRIUM_TOKEN_TTL", "3600")),
+            data_dir=data_dir,
+            pool_size=int(env.get("ATRIUM_DB_POOL_SIZE", "10")),
+        )
+
+    def with_database(self, database_url: str) -> Settings:
+        """The same settings pointed at another admin database URL."""
+        return replace(self, database_url=database_url, app_database_url=None)
+
+    @property
+    def admin_url(self) -> str:
+        if self.database_url is None:
+            raise RuntimeError("database_url is not resolved yet (embedded PostgreSQL not started)")
+        return async_url(self.database_url)
+
+    @property
+    def app_url(self) -> str:
+        if self.app_database_url:
+            return async_url(self.app_database_url)
+        return app_role_url(self.admin_url)
+
+
+def async_url(url: str) -> str:
+    """Normalise a PostgreSQL URL to the SQLAlchemy asyncpg dialect."""
+    parsed = make_url(url)
+    if parsed.drivername in ("postgres", "postgresql", "postgresql+psycopg", "postgresql+psycopg2"):
+        parsed = parsed.set(drivername="postgresql+asyncpg")
+    return parsed.render_as_string(hide_password=False)
+
+
+def app_role_url(admin_url: str) -> str:
+    """``admin_url`` with the user switched to the application role (no password: trust/peer or .pgpass)."""
+    return make_url(admin_url).set(username=APP_ROLE, password=None).render_as_string(hide_password=False)
+
+
+def _dev_secret(data_dir: Path) -> str:
+    path = data_dir / "jwt-secret"
+    if path.exists():
+        return path.read_text().strip()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    secret = secrets.token_urlsafe(48)
+    path.write_text(secret)
+    path.chmod(0o600)
+    return secret

@@ -1,0 +1,122 @@
+"""Database access: engines per URL and the one tenant-scoped transaction.
+
+``Databases.tenant_transaction(tenant_id)`` is the only code that sets tenant state in PostgreSQL:
+it begins a transaction and runs ``set_config('app.tenant_id', $1, true)`` (transaction-local, so
+it can never leak through the pool). ``TenantScope`` is a request's view of it: one connection at a
+time, statements serialised by a lock because Strawberry resolves sibling fields (and their loader
+batches) concurrently.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager
+from typing import Any
+
+from sqlalchemy import Executable, Row, text
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+from atrium.settings import async_url
+
+SET_TENANT = text("SELECT set_config('app.tenant_id', :tenant_id, true)")
+TENANT_ROUTE = text("SELECT isolation, database_url FROM tenants WHERE id = :tenant_id")
+
+
+class Databases:
+    """Engines for the shared database and for tenants with a dedicated one.
+
+    A tenant whose row says ``isolation = 'dedicated'`` is routed to its own ``database_url`` (same
+    schema, same RLS, same application role). Routes are cached for the life of the process.
+    """
+
+    def __init__(self, app_url: str, *, pool_size: int = 10) -> None:
+        self._pool_size = pool_size
+        self.default = self._make_engine(app_url)
+        self._engines: dict[str, AsyncEngine] = {app_url: self.default}
+        self._routes: dict[uuid.UUID, AsyncEngine] = {}
+        self._route_lock = asyncio.Lock()
+
+    def _make_engine(self, url: str) -> AsyncEngine:
+        return create_async_engine(
+            async_url(url), pool_size=self._pool_size, max_overflow=self._pool_size, pool_pre_ping=False
+        )
+
+    async def engine_for(self, tenant_id: uuid.UUID) -> AsyncEngine:
+        """The engine holding ``tenant_id``'s data (the shared one unless the tenant is dedicated)."""
+        engine = self._routes.get(tenant_id)
+        if engine is not None:
+            return engine
+        async with self._route_lock:
+            if (engine := self._routes.get(tenant_id)) is not None:
+                return engine
+            async with self.default.connect() as conn, conn.begin():
+                await conn.execute(SET_TENANT, {"tenant_id": str(tenant_id)})
+                route = (await conn.execute(TENANT_ROUTE, {"tenant_id": tenant_id})).first()
+            engine = self.default
+            if route is not None and route.isolation == "dedicated" and route.database_url:
+                url = async_url(route.database_url)
+                engine = self._engines.get(url) or self._engines.setdefault(url, self._make_engine(url))
+            self._routes[tenant_id] = engine
+            return engine
+
+    @asynccontextmanager
+    async def tenant_transaction(self, tenant_id: uuid.UUID) -> AsyncIterator[AsyncConnection]:
+        """A transaction in which PostgreSQL sees only ``tenant_id``'s rows.
+
+        Commits when the block exits normally, rolls back when it raises.
+        """
+        engine = await self.engine_for(tenant_id)
+        async with engine.connect() as conn, conn.begin():
+            await conn.execute(SET_TENANT, {"tenant_id": str(tenant_id)})
+            yield conn
+
+    async def dispose(self) -> None:
+        for engine in self._engines.values():
+            await engine.dispose()
+
+
+class TenantScope:
+    """One request's database access for one tenant.
+
+    Reads share one lazily begun tenant transaction; ``write()`` ends it and runs a transaction of
+    its own that commits when the block exits. Only one statement runs at a time.
+    """
+
+    def __init__(self, databases: Databases, tenant_id: uuid.UUID) -> None:
+        self.tenant_id = tenant_id
+        self._databases = databases
+        self._lock = asyncio.Lock()
+        self._read: AsyncExitStack | None = None
+        self._read_conn: AsyncConnection | None = None
+
+    async def fetch(self, statement: Executable, params: dict[str, Any] | None = None) -> Sequence[Row[Any]]:
+        """Run a read statement in the request's tenant transaction and return all rows."""
+        async with self._lock:
+            conn = self._read_conn or await self._begin_read()
+            return (await conn.execute(statement, params)).all()
+
+    async def _begin_read(self) -> AsyncConnection:
+        stack = AsyncExitStack()
+        self._read_conn = await stack.enter_async_context(self._databases.tenant_transaction(self.tenant_id))
+        self._read = stack
+        return self._read_conn
+
+    async def _end_read(self) -> None:
+        stack, self._read, self._read_conn = self._read, None, None
+        if stack is not None:
+            await stack.aclose()
+
+    @asynccontextmanager
+    async def write(self) -> AsyncIterator[AsyncConnection]:
+        """A tenant transaction for one change: committed on normal exit, rolled back on error."""
+        async with self._lock:
+            await self._end_read()
+            async with self._databases.tenant_transaction(self.tenant_id) as conn:
+                yield conn
+
+    async def close(self) -> None:
+        """Release the connection (idempotent)."""
+        async with self._lock:
+            await self._end_read()

@@ -1,0 +1,219 @@
+"""Every table of Atrium as SQLModel classes (the schema the migrations create).
+
+Tenant tables derive from ``TenantTable``: ``tenant_id`` leads the primary key and every index,
+foreign keys between tenant tables include ``tenant_id`` so they cannot cross tenants, and each row
+carries a ``version`` (optimistic concurrency) and timezone-aware UTC timestamps. Queries use the
+``__table__`` of these classes with SQLAlchemy Core; there are no ORM relationships.
+"""
+
+from __future__ import annotations
+
+import enum
+import uuid
+from datetime import UTC, date, datetime
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import (
+    CheckConstraint,
+    Column,
+    DateTime,
+    ForeignKeyConstraint,
+    Numeric,
+    Table,
+    Text,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlmodel import Field, SQLModel
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Plan(enum.StrEnum):
+    FREE = "free"
+    PRO = "pro"
+    ENTERPRISE = "enterprise"
+
+
+class Isolation(enum.StrEnum):
+    SHARED = "shared"
+    DEDICATED = "dedicated"
+
+
+class Role(enum.StrEnum):
+    VIEWER = "viewer"
+    MEMBER = "member"
+    ADMIN = "admin"
+    OWNER = "owner"
+
+
+class DealStatus(enum.StrEnum):
+    OPEN = "open"
+    WON = "won"
+    LOST = "lost"
+
+
+class ActivityKind(enum.StrEnum):
+    NOTE = "note"
+    CALL = "call"
+    EMAIL = "email"
+    MEETING = "meeting"
+    TASK = "task"
+
+
+def _ts(**kw: Any) -> Any:
+    return Field(default_factory=utcnow, sa_type=DateTime(timezone=True), nullable=False, **kw)
+
+
+class Tenant(SQLModel, table=True):
+    __tablename__ = "tenants"
+    id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
+    slug: str = Field(unique=True, max_length=63)
+    name: str = Field(max_length=200)
+    plan: str = Field(default=Plan.FREE.value)
+    isolation: str = Field(default=Isolation.SHARED.value)
+    database_url: str | None = Field(default=None, sa_type=Text)
+    created_at: datetime = _ts()
+
+
+class User(SQLModel, table=True):
+    """A person; global (one user may belong to several tenants through memberships)."""
+
+    __tablename__ = "users"
+    id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
+    email: str = Field(max_length=320)
+    name: str = Field(max_length=200)
+    password_hash: str | None = Field(default=None, sa_type=Text)
+    created_at: datetime = _ts()
+
+
+class TenantTable(SQLModel):
+    tenant_id: uuid.UUID = Field(primary_key=True, foreign_key="tenants.id", ondelete="CASCADE")
+    id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
+    version: int = Field(default=1)
+    created_at: datetime = _ts()
+    updated_at: datetime = _ts()
+
+
+class Membership(TenantTable, table=True):
+    __tablename__ = "memberships"
+    __table_args__ = (
+        ForeignKeyConstraint(["user_id"], ["users.id"], ondelete="CASCADE"),
+    )
+    user_id: uuid.UUID
+    role: str = Field(default=Role.MEMBER.value)
+
+
+class Company(TenantTable, table=True):
+    __tablename__ = "companies"
+    name: str = Field(max_length=200)
+    domain: str | None = Field(default=None, max_length=253)
+
+
+class Contact(TenantTable, table=True):
+    __tablename__ = "contacts"
+    __table_args__ = (
+        ForeignKeyConstraint(["tenant_id", "company_id"], ["companies.tenant_id", "companies.id"]),
+    )
+    company_id: uuid.UUID | None = None
+    first_name: str = Field(max_length=100)
+    last_name: str = Field(max_length=100)
+    email: str | None = Field(default=None, max_length=320)
+    phone: str | None = Field(default=None, max_length=40)
+    title: str | None = Field(default=None, max_length=200)
+
+
+class Pipeline(TenantTable, table=True):
+    __tablename__ = "pipelines"
+    name: str = Field(max_length=200)
+
+
+class Stage(TenantTable, table=True):
+    __tablename__ = "stages"
+    __table_args__ = (
+        ForeignKeyConstraint(["tenant_id", "pipeline_id"], ["pipelines.tenant_id", "pipelines.id"], ondelete="CASCADE"),
+        CheckConstraint("probability >= 0 and probability <= 1", name="stages_probability_range"),
+    )
+    pipeline_id: uuid.UUID
+    name: str = Field(max_length=100)
+    position: int
+    probability: Decimal = Field(sa_column=Column(Numeric(5, 4), nullable=False))
+
+
+class Deal(TenantTable, table=True):
+    __tablename__ = "deals"
+    __table_args__ = (
+        ForeignKeyConstraint(
+            ["tenant_id", "pipeline_id", "stage_id"], ["stages.tenant_id", "stages.pipeline_id", "stages.id"]
+        ),
+        ForeignKeyConstraint(["tenant_id", "company_id"], ["companies.tenant_id", "companies.id"]),
+        ForeignKeyConstraint(["tenant_id", "contact_id"], ["contacts.tenant_id", "contacts.id"]),
+        ForeignKeyConstraint(["tenant_id", "owner_id"], ["memberships.tenant_id", "memberships.user_id"]),
+        CheckConstraint("amount >= 0", name="deals_amount_non_negative"),
+    )
+    title: str = Field(max_length=200)
+    amount: Decimal = Field(sa_column=Column(Numeric(18, 2), nullable=False))
+    currency: str = Field(max_length=3)
+    pipeline_id: uuid.UUID
+    stage_id: uuid.UUID
+    company_id: uuid.UUID | None = None
+    contact_id: uuid.UUID | None = None
+    owner_id: uuid.UUID | None = None
+    expected_close_date: date | None = None
+    status: str = Field(default=DealStatus.OPEN.value)
+
+
+class Activity(TenantTable, table=True):
+    __tablename__ = "activities"
+    __table_args__ = (
+        ForeignKeyConstraint(["tenant_id", "deal_id"], ["deals.tenant_id", "deals.id"], ondelete="CASCADE"),
+        ForeignKeyConstraint(["tenant_id", "contact_id"], ["contacts.tenant_id", "contacts.id"], ondelete="CASCADE"),
+        ForeignKeyConstraint(["tenant_id", "company_id"], ["companies.tenant_id", "companies.id"], ondelete="CASCADE"),
+        ForeignKeyConstraint(["tenant_id", "actor_id"], ["memberships.tenant_id", "memberships.user_id"]),
+    )
+    kind: str
+    subject: str = Field(max_length=200)
+    body: str | None = Field(default=None, sa_type=Text)
+    deal_id: uuid.UUID | None = None
+    contact_id: uuid.UUID | None = None
+    company_id: uuid.UUID | None = None
+    actor_id: uuid.UUID | None = None
+    occurred_at: datetime = _ts()
+    due_date: date | None = None
+    done: bool = False
+
+
+class AuditEvent(SQLModel, table=True):
+    __tablename__ = "audit_events"
+    tenant_id: uuid.UUID = Field(primary_key=True, foreign_key="tenants.id", ondelete="CASCADE")
+    id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
+    occurred_at: datetime = _ts()
+    actor_id: uuid.UUID | None = None
+    action: str
+    entity_type: str
+    entity_id: uuid.UUID
+    diff: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSONB, nullable=False))
+    request_id: str | None = None
+
+
+def table(model: type[SQLModel]) -> Table:
+    """The Core ``Table`` behind a SQLModel class (typed accessor for ``__table__``)."""
+    t = model.__table__  # type: ignore[attr-defined]
+    assert isinstance(t, Table)
+    return t
+
+
+TENANTS = table(Tenant)
+USERS = table(User)
+MEMBERSHIPS = table(Membership)
+COMPANIES = table(Company)
+CONTACTS = table(Contact)
+PIPELINES = table(Pipeline)
+STAGES = table(Stage)
+DEALS = table(Deal)
+ACTIVITIES = table(Activity)
+AUDIT_EVENTS = table(AuditEvent)
+
+TENANT_TABLES = (MEMBERSHIPS, COMPANIES, CONTACTS, PIPELINES, STAGES, DEALS, ACTIVITIES, AUDIT_EVENTS)

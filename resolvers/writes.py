@@ -1,0 +1,180 @@
+"""The one write path: permission, references, expectedVersion, audit row, events after commit.
+
+A mutation states its change inside ``async with change(info, Permission.WRITE) as w:``::
+
+    async with change(info, Permission.WRITE) as w:
+        stage = await w.require(STAGE, stage_id, field="stageId")
+        row = await w.insert(DEAL, {**values, "pipeline_id": stage.pipeline_id})
+    return Deal.from_row(row)
+
+Everything inside the block is one tenant transaction: the rows, their audit_events rows and the
+version checks commit together or not at all. Change events are published only after the commit.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+
+import strawberry
+from sqlalchemy import Row, Table, delete, func, insert, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from atrium.errors import BadUserInput, Forbidden, NotFound, VersionConflict
+from auth.context import Context, Principal
+from auth.roles import Permission, allows
+from models.tables import AUDIT_EVENTS, MEMBERSHIPS, USERS
+from subscriptions.events import ChangeEvent, ChangeKind
+
+
+@dataclass(frozen=True)
+class Entity:
+    """A writable record type: its GraphQL name, its table and the event routing keys of a row."""
+
+    name: str
+    table: Table
+    scope: Callable[[Mapping[str, Any]], dict[str, str]] = field(default=lambda row: {})
+
+
+def jsonable(value: Any) -> Any:
+    if isinstance(value, uuid.UUID | Decimal):
+        return str(value)
+    if isinstance(value, dt.date | dt.datetime):
+        return value.isoformat()
+    return value
+
+
+def snapshot(row: Mapping[str, Any], columns: Any = None) -> dict[str, Any]:
+    keys = columns if columns is not None else [k for k in row if k != "tenant_id"]
+    return {k: jsonable(row[k]) for k in keys}
+
+
+class Change:
+    """The statements of one mutation, inside its tenant transaction."""
+
+    def __init__(self, conn: AsyncConnection, principal: Principal, request_id: str) -> None:
+        self.conn = conn
+        self.principal = principal
+        self.request_id = request_id
+        self.events: list[ChangeEvent] = []
+
+    @property
+    def tenant_id(self) -> uuid.UUID:
+        return self.principal.tenant_id
+
+    async def require(self, entity: Entity, id: uuid.UUID, *, field: str = "id", lock: bool = False) -> Row[Any]:
+        """The row ``id`` of ``entity`` in this tenant; NOT_FOUND naming ``field`` otherwise."""
+        t = entity.table
+        query = select(t).where(t.c.tenant_id == self.tenant_id, t.c.id == id)
+        if lock:
+            query = query.with_for_update()
+        row = (await self.conn.execute(query)).first()
+        if row is None:
+            raise NotFound(entity.name.lower(), id, field=field)
+        return row
+
+    async def require_member(self, user_id: uuid.UUID, *, field: str) -> Row[Any]:
+        """The user ``user_id`` if they belong to this tenant; NOT_FOUND naming ``field`` otherwise."""
+        row = (await self.conn.execute(
+            select(USERS.c.id, MEMBERSHIPS.c.role).join(MEMBERSHIPS, MEMBERSHIPS.c.user_id == USERS.c.id)
+            .where(MEMBERSHIPS.c.tenant_id == self.tenant_id, USERS.c.id == user_id)
+        )).first()
+        if row is None:
+            raise NotFound("user", user_id, field=field)
+        return row
+
+    async def insert(self, entity: Entity, values: Mapping[str, Any]) -> Row[Any]:
+        t = entity.table
+        row = (await self.conn.execute(
+            insert(t).values(tenant_id=self.tenant_id, id=uuid.uuid4(), **values).returning(t)
+        )).one()
+        await self._audit(entity, "create", row.id, {"after": snapshot(row._mapping)})
+        self._event(entity, ChangeKind.CREATED, row, tuple(values))
+        return row
+
+    async def update(self, entity: Entity, id: uuid.UUID, changes: Mapping[str, Any],
+                     expected_version: int | None) -> Row[Any]:
+        """Apply ``changes`` to row ``id``; a stale ``expected_version`` raises VERSION_CONFLICT.
+
+        A change that alters nothing writes nothing and keeps the version.
+        """
+        t = entity.table
+        before = await self.require(entity, id, lock=True)
+        self.check_version(entity, before, expected_version)
+        changed = {k: v for k, v in changes.items() if before._mapping[k] != v}
+        if not changed:
+            return before
+        row = (await self.conn.execute(
+            update(t).where(t.c.tenant_id == self.tenant_id, t.c.id == id)
+            .values(**changed, version=t.c.version + 1, updated_at=func.now()).returning(t)
+        )).one()
+        await self._audit(entity, "update", id, {"before": snapshot(before._mapping, changed),
+                                                 "after": snapshot(row._mapping, changed)})
+        self._event(entity, ChangeKind.UPDATED, row, tuple(changed))
+        return row
+
+    async def delete(self, entity: Entity, id: uuid.UUID, expected_version: int | None) -> Row[Any]:
+        t = entity.table
+        before = await self.require(entity, id, lock=True)
+        self.check_version(entity, before, expected_version)
+        try:
+            async with self.conn.begin_nested():
+                await self.conn.execute(delete(t).where(t.c.tenant_id == self.tenant_id, t.c.id == id))
+        except IntegrityError:
+            raise BadUserInput("id", f"this {entity.name.lower()} is still in use; move or delete what "
+                                     "refers to it first") from None
+        await self._audit(entity, "delete", id, {"before": snapshot(before._mapping)})
+        self._event(entity, ChangeKind.DELETED, before, (), version=before.version + 1)
+        return before
+
+    @staticmethod
+    def check_version(entity: Entity, row: Row[Any], expected_version: int | None) -> None:
+        if expected_version is not None and row.version != expected_version:
+            raise VersionConflict(entity.name.lower(), row.version, snapshot(row._mapping))
+
+    async def _audit(self, entity: Entity, action: str, entity_id: uuid.UUID, diff: dict[str, Any]) -> None:
+        await self.conn.execute(insert(AUDIT_EVENTS).values(
+            tenant_id=self.tenant_id, id=uuid.uuid4(), actor_id=self.principal.user_id, action=action,
+            entity_type=entity.name, entity_id=entity_id, diff=diff, request_id=self.request_id,
+        ))
+
+    def _event(self, entity: Entity, kind: ChangeKind, row: Row[Any], fields: tuple[str, ...],
+               version: int | None = None) -> None:
+        self.events.append(ChangeEvent(
+            tenant_id=self.tenant_id, entity_type=entity.name, entity_id=row.id, kind=kind,
+            fields=tuple(strawberry_name(f) for f in fields), actor_id=self.principal.user_id,
+            version=version if version is not None else row.version, occurred_at=dt.datetime.now(dt.UTC),
+            scope=entity.scope(row._mapping),
+        ))
+
+
+def strawberry_name(column: str) -> str:
+    """The GraphQL field name of a column (``stage_id`` -> ``stageId``)."""
+    head, *rest = column.split("_")
+    return head + "".join(part.title() for part in rest)
+
+
+def authorize(context: Context, permission: Permission) -> Principal:
+    principal = context.require()[0]
+    if not allows(principal.role, permission):
+        raise Forbidden(f"Your role ({principal.role.value}) does not have {permission.value}")
+    return principal
+
+
+@asynccontextmanager
+async def change(info: strawberry.Info[Context, None], permission: Permission) -> AsyncIterator[Change]:
+    """One mutation's transaction; publishes its events after it commits."""
+    context = info.context
+    principal = authorize(context, permission)
+    _, db, _ = context.require()
+    async with db.write() as conn:
+        w = Change(conn, principal, context.request_id)
+        yield w
+    for event in w.events:
+        await context.broker.publish(event)

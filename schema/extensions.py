@@ -1,0 +1,89 @@
+"""Schema extensions: error coding and masking, and the per-request limits.
+
+``ErrorCoding`` gives every error a stable ``extensions.code``: an ``AtriumError`` keeps its own;
+parse and validation errors get GRAPHQL_PARSE_FAILED / GRAPHQL_VALIDATION_FAILED; a variable that
+fails coercion gets BAD_USER_INPUT; anything else becomes INTERNAL with no message, traceback or
+SQL from the original (``AtriumSchema.process_errors`` logs that one with the request id).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+from graphql import GraphQLError
+from strawberry.extensions import AddValidationRules, SchemaExtension
+from strawberry.extensions.max_aliases import create_validator as alias_rule
+from strawberry.extensions.query_depth_limiter import create_validator as depth_rule
+from strawberry.types.execution import ExecutionContext
+
+from atrium.errors import AtriumError, ErrorCode
+
+log = logging.getLogger("atrium.errors")
+
+MAX_DEPTH = 12
+MAX_ALIASES = 30
+MAX_TOKENS = 5000
+# Built once: rule classes made per request would defeat the validation cache (STRAWBERRY.md §5).
+VARIABLE_VALUE_PROBLEMS = ("got invalid value", "was not provided", "must not be null")
+LIMIT_RULES = [depth_rule(MAX_DEPTH, None, None), alias_rule(MAX_ALIASES)]
+
+
+class StaticLimits(AddValidationRules):
+    """Depth and alias limits with rule classes shared by every request."""
+
+    def __init__(self) -> None:
+        super().__init__(LIMIT_RULES)
+
+
+def is_unexpected(error: GraphQLError) -> bool:
+    """True for errors raised by code, other than ``AtriumError`` and GraphQL's own."""
+    original = error.original_error
+    return original is not None and not isinstance(original, AtriumError | GraphQLError)
+
+
+def request_id_of(execution_context: ExecutionContext | None) -> str | None:
+    context = getattr(execution_context, "context", None)
+    return getattr(context, "request_id", None)
+
+
+def log_unexpected(errors: list[GraphQLError], execution_context: ExecutionContext | None) -> None:
+    for error in errors:
+        if is_unexpected(error):
+            log.error("unexpected error in %s (request %s)", error.path, request_id_of(execution_context),
+                      exc_info=error.original_error)
+
+
+def coded(error: GraphQLError, request_id: str | None) -> GraphQLError:
+    original = error.original_error
+    if isinstance(original, AtriumError):
+        return error
+    if is_unexpected(error):
+        extensions: dict[str, Any] = {"code": ErrorCode.INTERNAL.value}
+        if request_id:
+            extensions["requestId"] = request_id
+        return GraphQLError("Internal server error", nodes=error.nodes, positions=error.positions,
+                            path=error.path, extensions=extensions)
+    if error.extensions and "code" in error.extensions:
+        return error
+    if error.message.startswith("Syntax Error"):
+        code = ErrorCode.GRAPHQL_PARSE_FAILED
+    elif error.message.startswith("Variable '$") and any(p in error.message for p in VARIABLE_VALUE_PROBLEMS):
+        code = ErrorCode.BAD_USER_INPUT
+    else:
+        code = ErrorCode.GRAPHQL_VALIDATION_FAILED
+    return GraphQLError(error.message, nodes=error.nodes, positions=error.positions, path=error.path,
+                        extensions={**(error.extensions or {}), "code": code.value})
+
+
+class ErrorCoding(SchemaExtension):
+    """Give every error a code and mask the unexpected ones (see module docstring)."""
+
+    def on_operation(self) -> Iterator[None]:
+        yield
+        result = self.execution_context.result
+        errors = getattr(result, "errors", None)
+        if errors:
+            request_id = request_id_of(self.execution_context)
+            result.errors = [coded(e, request_id) for e in errors]  # type: ignore[union-attr]

@@ -1,0 +1,33 @@
+"""Opaque global IDs: base64url of ``"<TypeName>:<uuid>"``, decoded with the expected type checked."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import uuid
+
+from atrium.errors import BadUserInput
+
+
+def to_global_id(type_name: str, id: uuid.UUID) -> str:
+    return base64.urlsafe_b64encode(f"{type_name}:{id}".encode()).decode().rstrip("=")
+
+
+def parse_global_id(value: str, *, field: str = "id") -> tuple[str, uuid.UUID]:
+    """``(type_name, uuid)`` of a global ID; BAD_USER_INPUT naming ``field`` when it is not one."""
+    try:
+        raw = base64.urlsafe_b64decode(value + "=" * (-len(value) % 4)).decode()
+        type_name, _, key = raw.partition(":")
+        if not type_name.isidentifier():
+            raise ValueError(type_name)
+        return type_name, uuid.UUID(key)
+    except (ValueError, binascii.Error, UnicodeDecodeError):
+        raise BadUserInput(field, "is not a valid ID") from None
+
+
+def decode_id(value: str, expected: str, *, field: str = "id") -> uuid.UUID:
+    """The uuid behind a global ID of type ``expected``; BAD_USER_INPUT for any other type."""
+    type_name, key = parse_global_id(value, field=field)
+    if type_name != expected:
+        raise BadUserInput(field, f"is not a {expected} ID")
+    return key

@@ -1,0 +1,376 @@
+"""Every GraphQL object type. Scalars are plain attributes (fast); relations read loaders.
+
+Each type keeps the foreign keys it needs as ``strawberry.Private`` and is built from a row with
+``from_row``. A relation never runs its own query: it asks ``info.context.loaders``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from collections.abc import Awaitable, Callable
+from decimal import Decimal
+from typing import Any, Generic, TypeVar
+
+import strawberry
+from sqlalchemy import Row
+from strawberry.scalars import JSON
+
+from atrium.errors import BadUserInput
+from auth.context import Context
+from resolvers.loaders import Loaders
+from models.tables import ActivityKind, DealStatus, Plan, Role
+from schema.ids import to_global_id
+
+Info = strawberry.Info[Context, None]
+T = TypeVar("T")
+
+NESTED_MAX = 50
+
+
+def loaders(info: Info) -> Loaders:
+    """The request's loaders (types are reachable only through authenticated roots)."""
+    return info.context.require()[2]
+
+
+def _limit(first: int, field: str = "first") -> int:
+    if not 0 <= first <= NESTED_MAX:
+        raise BadUserInput(field, f"must be between 0 and {NESTED_MAX}")
+    return first
+
+
+@strawberry.interface(description="An object with a globally unique, opaque ID.")
+class Node:
+    id: strawberry.ID
+
+
+@strawberry.type
+class PageInfo:
+    has_next_page: bool
+    has_previous_page: bool
+    start_cursor: str | None
+    end_cursor: str | None
+
+
+@strawberry.type
+class Edge(Generic[T]):
+    cursor: str
+    node: T
+
+
+@strawberry.type
+class Connection(Generic[T]):
+    edges: list[Edge[T]]
+    page_info: PageInfo
+    count_rows: strawberry.Private[Callable[[], Awaitable[int]]]
+
+    @strawberry.field(description="Rows matching the filter, ignoring paging (one extra statement).")
+    async def total_count(self) -> int:
+        return await self.count_rows()
+
+    @strawberry.field(description="The nodes of `edges`, for clients that do not need cursors.")
+    def nodes(self) -> list[T]:
+        return [edge.node for edge in self.edges]
+
+
+@strawberry.type
+class Tenant(Node):
+    slug: str
+    name: str
+    plan: Plan
+    created_at: dt.datetime
+
+    @classmethod
+    def from_row(cls, row: Row[Any]) -> Tenant:
+        return cls(id=strawberry.ID(to_global_id("Tenant", row.id)), slug=row.slug, name=row.name,
+                   plan=Plan(row.plan), created_at=row.created_at)
+
+
+@strawberry.type(description="A person who belongs to this workspace, with their role in it.")
+class User(Node):
+    email: str
+    name: str
+    role: Role
+    uuid: strawberry.Private[uuid.UUID]
+
+    @classmethod
+    def from_row(cls, row: Row[Any]) -> User:
+        return cls(id=strawberry.ID(to_global_id("User", row.id)), email=row.email, name=row.name,
+                   role=Role(row.role), uuid=row.id)
+
+
+@strawberry.type
+class Company(Node):
+    name: str
+    domain: str | None
+    version: int
+    created_at: dt.datetime
+    updated_at: dt.datetime
+    uuid: strawberry.Private[uuid.UUID]
+
+    @classmethod
+    def from_row(cls, row: Row[Any]) -> Company:
+        return cls(id=strawberry.ID(to_global_id("Company", row.id)), name=row.name, domain=row.domain,
+                   version=row.version, created_at=row.created_at, updated_at=row.updated_at, uuid=row.id)
+
+    @strawberry.field
+    async def contacts(self, info: Info, first: int = 20) -> list[Contact]:
+        rows = await loaders(info).children("contacts_of_company", _limit(first)).load(self.uuid)
+        return [Contact.from_row(r) for r in rows]
+
+    @strawberry.field
+    async def deals(self, info: Info, first: int = 20) -> list[Deal]:
+        rows = await loaders(info).children("deals_of_company", _limit(first)).load(self.uuid)
+        return [Deal.from_row(r) for r in rows]
+
+    @strawberry.field(description="Latest activities first.")
+    async def activities(self, info: Info, first: int = 10) -> list[Activity]:
+        rows = await loaders(info).children("activities_of_company", _limit(first)).load(self.uuid)
+        return [Activity.from_row(r) for r in rows]
+
+
+@strawberry.type
+class Contact(Node):
+    first_name: str
+    last_name: str
+    email: str | None
+    phone: str | None
+    title: str | None
+    version: int
+    created_at: dt.datetime
+    updated_at: dt.datetime
+    uuid: strawberry.Private[uuid.UUID]
+    company_id: strawberry.Private[uuid.UUID | None]
+
+    @classmethod
+    def from_row(cls, row: Row[Any]) -> Contact:
+        return cls(id=strawberry.ID(to_global_id("Contact", row.id)), first_name=row.first_name,
+                   last_name=row.last_name, email=row.email, phone=row.phone, title=row.title,
+                   version=row.version, created_at=row.created_at, updated_at=row.updated_at,
+                   uuid=row.id, company_id=row.company_id)
+
+    @strawberry.field
+    def name(self) -> str:
+        return f"{self.first_name} {self.last_name}"
+
+    @strawberry.field
+    async def company(self, info: Info) -> Company | None:
+        if self.company_id is None:
+            return None
+        row = await loaders(info).company.load(self.company_id)
+        return Company.from_row(row) if row else None
+
+    @strawberry.field
+    async def deals(self, info: Info, first: int = 20) -> list[Deal]:
+        rows = await loaders(info).children("deals_of_contact", _limit(first)).load(self.uuid)
+        return [Deal.from_row(r) for r in rows]
+
+    @strawberry.field(description="Latest activities first.")
+    async def activities(self, info: Info, first: int = 10) -> list[Activity]:
+        rows = await loaders(info).children("activities_of_contact", _limit(first)).load(self.uuid)
+        return [Activity.from_row(r) for r in rows]
+
+
+@strawberry.type
+class Pipeline(Node):
+    name: str
+    version: int
+    created_at: dt.datetime
+    uuid: strawberry.Private[uuid.UUID]
+
+    @classmethod
+    def from_row(cls, row: Row[Any]) -> Pipeline:
+        return cls(id=strawberry.ID(to_global_id("Pipeline", row.id)), name=row.name, version=row.version,
+                   created_at=row.created_at, uuid=row.id)
+
+    @strawberry.field(description="Stages in board order.")
+    async def stages(self, info: Info) -> list[Stage]:
+        rows = await loaders(info).stages_of_pipeline.load(self.uuid)
+        return [Stage.from_row(r) for r in rows]
+
+
+@strawberry.type
+class Stage(Node):
+    name: str
+    position: int
+    probability: Decimal = strawberry.field(description="Win probability between 0 and 1.")
+    version: int
+    uuid: strawberry.Private[uuid.UUID]
+    pipeline_id: strawberry.Private[uuid.UUID]
+
+    @classmethod
+    def from_row(cls, row: Row[Any]) -> Stage:
+        return cls(id=strawberry.ID(to_global_id("Stage", row.id)), name=row.name, position=row.position,
+                   probability=row.probability, version=row.version, uuid=row.id, pipeline_id=row.pipeline_id)
+
+    @strawberry.field
+    async def pipeline(self, info: Info) -> Pipeline:
+        row = await loaders(info).pipeline.load(self.pipeline_id)
+        return Pipeline.from_row(row)
+
+    @strawberry.field(description="Newest deals first.")
+    async def deals(self, info: Info, first: int = 20) -> list[Deal]:
+        rows = await loaders(info).children("deals_of_stage", _limit(first)).load(self.uuid)
+        return [Deal.from_row(r) for r in rows]
+
+
+@strawberry.type
+class Deal(Node):
+    title: str
+    amount: Decimal
+    currency: str = strawberry.field(description="ISO 4217 code of `amount`.")
+    status: DealStatus
+    expected_close_date: dt.date | None
+    version: int
+    created_at: dt.datetime
+    updated_at: dt.datetime
+    uuid: strawberry.Private[uuid.UUID]
+    stage_id: strawberry.Private[uuid.UUID]
+    pipeline_id: strawberry.Private[uuid.UUID]
+    company_id: strawberry.Private[uuid.UUID | None]
+    contact_id: strawberry.Private[uuid.UUID | None]
+    owner_id: strawberry.Private[uuid.UUID | None]
+
+    @classmethod
+    def from_row(cls, row: Row[Any]) -> Deal:
+        return cls(id=strawberry.ID(to_global_id("Deal", row.id)), title=row.title, amount=row.amount,
+                   currency=row.currency, status=DealStatus(row.status), expected_close_date=row.expected_close_date,
+                   version=row.version, created_at=row.created_at, updated_at=row.updated_at, uuid=row.id,
+                   stage_id=row.stage_id, pipeline_id=row.pipeline_id, company_id=row.company_id,
+                   contact_id=row.contact_id, owner_id=row.owner_id)
+
+    @strawberry.field
+    async def stage(self, info: Info) -> Stage:
+        row = await loaders(info).stage.load(self.stage_id)
+        return Stage.from_row(row)
+
+    @strawberry.field
+    async def pipeline(self, info: Info) -> Pipeline:
+        row = await loaders(info).pipeline.load(self.pipeline_id)
+        return Pipeline.from_row(row)
+
+    @strawberry.field
+    async def company(self, info: Info) -> Company | None:
+        if self.company_id is None:
+            return None
+        row = await loaders(info).company.load(self.company_id)
+        return Company.from_row(row) if row else None
+
+    @strawberry.field(description="The primary contact.")
+    async def contact(self, info: Info) -> Contact | None:
+        if self.contact_id is None:
+            return None
+        row = await loaders(info).contact.load(self.contact_id)
+        return Contact.from_row(row) if row else None
+
+    @strawberry.field
+    async def owner(self, info: Info) -> User | None:
+        if self.owner_id is None:
+            return None
+        row = await loaders(info).user.load(self.owner_id)
+        return User.from_row(row) if row else None
+
+    @strawberry.field(description="Latest activities first.")
+    async def activities(self, info: Info, first: int = 10) -> list[Activity]:
+        rows = await loaders(info).children("activities_of_deal", _limit(first)).load(self.uuid)
+        return [Activity.from_row(r) for r in rows]
+
+
+@strawberry.type
+class Activity(Node):
+    kind: ActivityKind
+    subject: str
+    body: str | None
+    occurred_at: dt.datetime
+    due_date: dt.date | None = strawberry.field(description="Tasks only.")
+    done: bool
+    version: int
+    created_at: dt.datetime
+    uuid: strawberry.Private[uuid.UUID]
+    deal_id: strawberry.Private[uuid.UUID | None]
+    contact_id: strawberry.Private[uuid.UUID | None]
+    company_id: strawberry.Private[uuid.UUID | None]
+    actor_id: strawberry.Private[uuid.UUID | None]
+
+    @classmethod
+    def from_row(cls, row: Row[Any]) -> Activity:
+        return cls(id=strawberry.ID(to_global_id("Activity", row.id)), kind=ActivityKind(row.kind),
+                   subject=row.subject, body=row.body, occurred_at=row.occurred_at, due_date=row.due_date,
+                   done=row.done, version=row.version, created_at=row.created_at, uuid=row.id,
+                   deal_id=row.deal_id, contact_id=row.contact_id, company_id=row.company_id, actor_id=row.actor_id)
+
+    @strawberry.field
+    async def deal(self, info: Info) -> Deal | None:
+        if self.deal_id is None:
+            return None
+        row = await loaders(info).deal.load(self.deal_id)
+        return Deal.from_row(row) if row else None
+
+    @strawberry.field
+    async def contact(self, info: Info) -> Contact | None:
+        if self.contact_id is None:
+            return None
+        row = await loaders(info).contact.load(self.contact_id)
+        return Contact.from_row(row) if row else None
+
+    @strawberry.field
+    async def company(self, info: Info) -> Company | None:
+        if self.company_id is None:
+            return None
+        row = await loaders(info).company.load(self.company_id)
+        return Company.from_row(row) if row else None
+
+    @strawberry.field
+    async def actor(self, info: Info) -> User | None:
+        if self.actor_id is None:
+            return None
+        row = await loaders(info).user.load(self.actor_id)
+        return User.from_row(row) if row else None
+
+
+@strawberry.type(description="One change of one record, written in the same transaction as the change.")
+class AuditEvent:
+    id: strawberry.ID
+    occurred_at: dt.datetime
+    action: str
+    entity_type: str
+    entity_id: strawberry.ID
+    diff: JSON
+    request_id: str | None
+    actor_id: strawberry.Private[uuid.UUID | None]
+
+    @classmethod
+    def from_row(cls, row: Row[Any]) -> AuditEvent:
+        return cls(id=strawberry.ID(to_global_id("AuditEvent", row.id)), occurred_at=row.occurred_at,
+                   action=row.action, entity_type=row.entity_type,
+                   entity_id=strawberry.ID(to_global_id(row.entity_type, row.entity_id)), diff=row.diff,
+                   request_id=row.request_id, actor_id=row.actor_id)
+
+    @strawberry.field
+    async def actor(self, info: Info) -> User | None:
+        if self.actor_id is None:
+            return None
+        row = await loaders(info).user.load(self.actor_id)
+        return User.from_row(row) if row else None
+
+
+@strawberry.type(description="Open deals of one stage in one currency.")
+class StageTotal:
+    stage: Stage
+    currency: str
+    count: int
+    total: Decimal
+    weighted_total: Decimal = strawberry.field(description="total x stage win probability.")
+
+
+@strawberry.type
+class DeletePayload:
+    deleted_id: strawberry.ID
+
+
+@strawberry.type
+class LoginPayload:
+    token: str
+    expires_at: dt.datetime
+    user: User
+    tenant: Tenant

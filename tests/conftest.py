@@ -1,0 +1,146 @@
+"""Test world: a throwaway database per run on real PostgreSQL, an app per test module, tenant factory.
+
+PostgreSQL: DATABASE_URL when set, otherwise the embedded server (pgserver) in a temporary dir.
+The database is created, migrated, and dropped at the end; nothing depends on earlier runs.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import tempfile
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from starlette.applications import Starlette
+
+from atrium.admin import add_user, create_tenant
+from atrium.app import create_app
+from atrium.bootstrap import libpq_url
+from atrium.embedded_pg import start_embedded_postgres, stop_embedded_postgres
+from atrium.settings import Settings, async_url
+from auth.tokens import issue_token
+from models.migrations import migrate
+from models.tables import Role
+
+TEST_SECRET = "test-secret-" + secrets.token_hex(16)
+
+
+@pytest.fixture(scope="session")
+def server_url() -> Iterator[str]:
+    """Admin URL of a PostgreSQL server (database part ignored)."""
+    if url := os.environ.get("DATABASE_URL"):
+        yield url
+        return
+    with tempfile.TemporaryDirectory(prefix="atrium-pg-") as tmp:
+        data = Path(tmp) / "pg"
+        url = start_embedded_postgres(data)
+        try:
+            yield url
+        finally:
+            stop_embedded_postgres(data)
+
+
+@pytest.fixture(scope="session")
+async def database_url(server_url: str) -> AsyncIterator[str]:
+    """A fresh, migrated database for this test run; dropped afterwards."""
+    name = f"atrium_test_{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(libpq_url(server_url))
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    url = async_url(make_url(server_url).set(database=name).render_as_string(hide_password=False))
+    try:
+        await migrate(url)
+        yield url
+    finally:
+        admin = await asyncpg.connect(libpq_url(server_url))
+        try:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await admin.close()
+
+
+@pytest.fixture(scope="session")
+def settings(database_url: str) -> Settings:
+    return Settings(env="test", database_url=database_url, jwt_secret=TEST_SECRET, data_dir=Path(tempfile.gettempdir()))
+
+
+@pytest.fixture(scope="session")
+async def admin_engine(database_url: str) -> AsyncIterator[AsyncEngine]:
+    engine = create_async_engine(database_url)
+    yield engine
+    await engine.dispose()
+
+
+@pytest.fixture(scope="session")
+async def app(settings: Settings) -> AsyncIterator[Starlette]:
+    application = create_app(settings)
+    async with application.router.lifespan_context(application):
+        yield application
+
+
+@pytest.fixture
+async def client(app: Starlette) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://atrium.test") as c:
+        yield c
+
+
+@dataclass
+class TenantWorld:
+    """A tenant made for one test, with one user per role and a GraphQL helper."""
+
+    slug: str
+    id: uuid.UUID
+    settings: Settings
+    users: dict[Role, uuid.UUID] = field(default_factory=dict)
+
+    def token(self, role: Role = Role.OWNER, **kw: Any) -> str:
+        return issue_token(self.settings, user_id=self.users[role], tenant_id=self.id, role=role, **kw)
+
+
+@pytest.fixture
+def make_tenant(admin_engine: AsyncEngine, settings: Settings):  # type: ignore[no-untyped-def]
+    async def make(prefix: str = "t") -> TenantWorld:
+        slug = f"{prefix}-{uuid.uuid4().hex[:10]}"
+        tenant_id = await create_tenant(admin_engine, slug, f"Tenant {slug}")
+        world = TenantWorld(slug=slug, id=tenant_id, settings=settings)
+        for role in Role:
+            world.users[role] = await add_user(admin_engine, tenant_id, f"{role.value}@{slug}.example",
+                                               f"{role.value.title()} of {slug}", role)
+        return world
+
+    return make
+
+
+async def gql(client: httpx.AsyncClient, query: str, variables: dict[str, Any] | None = None, *,
+              token: str | None = None, headers: dict[str, str] | None = None) -> dict[str, Any]:
+    """POST a GraphQL request and return the decoded body (any HTTP status)."""
+    h = dict(headers or {})
+    if token is not None:
+        h["authorization"] = f"Bearer {token}"
+    response = await client.post("/graphql", json={"query": query, "variables": variables or {}}, headers=h)
+    body: dict[str, Any] = response.json()
+    body["_status"] = response.status_code
+    return body
+
+
+def codes(body: dict[str, Any]) -> list[str]:
+    return [e.get("extensions", {}).get("code") for e in body.get("errors") or []]
+
+
+def data_or_fail(body: dict[str, Any]) -> dict[str, Any]:
+    assert not body.get("errors"), body.get("errors")
+    data: dict[str, Any] = body["data"]
+    return data
+
+
