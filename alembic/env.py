@@ -5,10 +5,10 @@ from __future__ import annotations
 import asyncio
 import os
 
-from alembic import context
 from sqlalchemy import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 
+from alembic import context
 from atrium.settings import async_url
 from models.tables import SQLModel
 
@@ -42,7 +42,8 @@ def main() -> None:
         return
     url = os.environ.get("DATABASE_URL")
     if not url:
-        raise SystemExit("alembic needs DATABASE_URL (the table owner's URL); `atrium migrate` can use embedded PostgreSQL")
+        raise SystemExit("alembic needs DATABASE_URL (the table owner's URL); "
+                         "`atrium migrate` can use the embedded PostgreSQL")
     asyncio.run(_run_from_url(url))
 
 

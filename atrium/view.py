@@ -105,6 +105,7 @@ class AtriumGraphQL(GraphQL[Context, None]):
         except Unauthenticated as exc:
             raise ConnectionRejectionError({"code": "UNAUTHENTICATED", "message": exc.message}) from exc
         if principal is None:
-            raise ConnectionRejectionError({"code": "UNAUTHENTICATED", "message": "connection_init needs authorization"})
+            raise ConnectionRejectionError({"code": "UNAUTHENTICATED",
+                                            "message": "connection_init needs authorization"})
         self.bind(context, principal)
         return None

@@ -7,6 +7,7 @@ import uuid
 import strawberry
 from sqlalchemy import Select, select
 
+from atrium.errors import BadUserInput
 from auth.roles import Can, Permission
 from models.tables import ACTIVITIES, ActivityKind
 from resolvers.connections import paginate
@@ -17,7 +18,6 @@ from schema.enums import OrderDirection
 from schema.ids import decode_id
 from schema.inputs import ActivityFilter, ActivityInput, ActivityOrder, ActivityOrderField, ActivityPatch
 from schema.types import Activity, Connection, DeletePayload, Info
-from atrium.errors import BadUserInput
 
 SORT_KEYS = {
     ActivityOrderField.OCCURRED_AT: SortKey("occurredAt", ACTIVITIES.c.occurred_at, parse_datetime,

@@ -12,15 +12,14 @@ from atrium.errors import BadUserInput, NotFound
 from auth.roles import Can, Permission
 from models.tables import COMPANIES, CONTACTS, DEALS
 from resolvers.connections import paginate
+from resolvers.entities import COMPANY, CONTACT, DEAL, STAGE
 from resolvers.paging import SortKey, parse_date, parse_datetime, parse_decimal
 from resolvers.search import contains
-from resolvers.entities import COMPANY, CONTACT, DEAL, STAGE
 from resolvers.writes import Change, change
 from schema.enums import OrderDirection
 from schema.ids import decode_id
 from schema.inputs import DealFilter, DealInput, DealOrder, DealOrderField, DealPatch, currency
 from schema.types import Connection, Deal, DeletePayload, Info, Stage, StageTotal
-
 
 CLOSE_DATE = func.coalesce(DEALS.c.expected_close_date, literal_column("'infinity'::date"))
 SORT_KEYS = {

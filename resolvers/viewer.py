@@ -19,7 +19,18 @@ from resolvers.writes import Change, change
 from schema.ids import decode_id, parse_global_id
 from schema.inputs import MemberInput
 from schema.types import (
-    Activity, Company, Contact, Deal, DeletePayload, Info, LoginPayload, Node, Pipeline, Stage, Tenant, User,
+    Activity,
+    Company,
+    Contact,
+    Deal,
+    DeletePayload,
+    Info,
+    LoginPayload,
+    Node,
+    Pipeline,
+    Stage,
+    Tenant,
+    User,
 )
 
 LOGIN_CANDIDATES = text("SELECT * FROM atrium_login_candidates(:slug, :email)")

@@ -51,8 +51,9 @@ def request_id_of(execution_context: ExecutionContext | None) -> str | None:
 def log_unexpected(errors: list[GraphQLError], execution_context: ExecutionContext | None) -> None:
     for error in errors:
         if is_unexpected(error):
-            log.error("unexpected error in %s (request %s)", error.path, request_id_of(execution_context),
-                      exc_info=error.original_error)
+            request_id = request_id_of(execution_context)
+            log.error("unexpected error in %s (request %s)", error.path, request_id,
+                      exc_info=error.original_error, extra={"request_id": request_id})
 
 
 def coded(error: GraphQLError, request_id: str | None) -> GraphQLError:

@@ -22,8 +22,9 @@ from schema.currencies import ISO_4217
 from schema.enums import OrderDirection
 from schema.ids import decode_id
 
-EMAIL = re.compile(r"^[^@\s]{1,64}@[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)+$")
-DOMAIN = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)+$")
+LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+EMAIL = re.compile(rf"^[^@\s]{{1,64}}@{LABEL}(?:\.{LABEL})+$")
+DOMAIN = re.compile(rf"^(?=.{{1,253}}$){LABEL}(?:\.{LABEL})+$")
 MAX_AMOUNT = Decimal("9999999999999999.99")
 
 
@@ -222,7 +223,8 @@ class PipelinePatch:
     name: str | None = UNSET
 
     def changes(self) -> dict[str, Any]:
-        return {"name": text("name", value or "", 200) for key, value in set_fields(self).items()}
+        fields = set_fields(self)
+        return {"name": text("name", fields["name"] or "", 200)} if "name" in fields else {}
 
 
 # ---- deals ---------------------------------------------------------------------------------------

@@ -18,8 +18,8 @@ from strawberry.scalars import JSON
 
 from atrium.errors import BadUserInput
 from auth.context import Context
-from resolvers.loaders import Loaders
 from models.tables import ActivityKind, DealStatus, Plan, Role
+from resolvers.loaders import Loaders
 from schema.ids import to_global_id
 
 Info = strawberry.Info[Context, None]

@@ -1,0 +1,240 @@
+"""The ``atrium`` command: serve, migrate, tenant, user, token, seed-demo, export-schema."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from atrium.admin import add_user, create_tenant, list_tenants, tenant_id_by_slug
+from atrium.bootstrap import resolve_database
+from atrium.settings import Settings
+from models.tables import MEMBERSHIPS, USERS, Isolation, Plan, Role
+
+log = logging.getLogger("atrium")
+
+
+def out(line: str = "") -> None:
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+class ProgressBar:
+    """A one-line progress bar on stderr."""
+
+    def __init__(self, label: str, total: int, width: int = 40) -> None:
+        self.label, self.total, self.width, self.done = label, max(total, 1), width, 0
+
+    def advance(self, done: int, total: int | None = None) -> None:
+        self.done = done
+        if total:
+            self.total = total
+        filled = int(self.width * self.done / self.total)
+        sys.stderr.write(f"\r{self.label} [{'#' * filled}{'.' * (self.width - filled)}] {self.done}/{self.total}")
+        if self.done >= self.total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
+async def _settings(args: argparse.Namespace) -> Settings:
+    return await resolve_database(Settings.from_env())
+
+
+async def cmd_migrate(args: argparse.Namespace) -> int:
+    from models.migrations import migrate
+
+    settings = await _settings(args)
+    await migrate(settings.admin_url, args.revision, downgrade=args.downgrade)
+    out(f"database {'downgraded' if args.downgrade else 'migrated'} to {args.revision}")
+    return 0
+
+
+async def cmd_tenant(args: argparse.Namespace) -> int:
+    settings = await _settings(args)
+    engine = create_async_engine(settings.admin_url)
+    try:
+        if args.action == "create":
+            tenant_id = await create_tenant(engine, args.slug, args.name or args.slug.title(), plan=Plan(args.plan),
+                                            isolation=Isolation(args.isolation), database_url=args.database_url)
+            out(f"created tenant {args.slug} ({tenant_id})")
+        else:
+            for row in await list_tenants(engine):
+                out(f"{row.slug:<24} {row.plan:<11} {row.isolation:<10} {row.members:>4} members  {row.name}")
+    finally:
+        await engine.dispose()
+    return 0
+
+
+async def cmd_user(args: argparse.Namespace) -> int:
+    settings = await _settings(args)
+    engine = create_async_engine(settings.admin_url)
+    try:
+        tenant_id = await tenant_id_by_slug(engine, args.tenant)
+        user_id = await add_user(engine, tenant_id, args.email, args.name or args.email.split("@")[0],
+                                 Role(args.role), args.password)
+    finally:
+        await engine.dispose()
+    out(f"{args.email} is {args.role} of {args.tenant} (user {user_id})")
+    return 0
+
+
+async def mint_token(settings: Settings, tenant: str, email: str, role: Role, ttl: int | None = None) -> str:
+    """A development token for ``email``'s membership of ``tenant`` (which must exist)."""
+    from auth.tokens import issue_token
+
+    engine = create_async_engine(settings.admin_url)
+    try:
+        tenant_id = await tenant_id_by_slug(engine, tenant)
+        async with engine.connect() as conn:
+            user_id = (await conn.execute(
+                select(USERS.c.id).join(MEMBERSHIPS, MEMBERSHIPS.c.user_id == USERS.c.id)
+                .where(MEMBERSHIPS.c.tenant_id == tenant_id, USERS.c.email.ilike(email))
+            )).scalar_one_or_none()
+    finally:
+        await engine.dispose()
+    if user_id is None:
+        raise ValueError(f"{email} is not a member of {tenant}")
+    return issue_token(settings, user_id=user_id, tenant_id=tenant_id, role=role, ttl_seconds=ttl)
+
+
+async def cmd_token(args: argparse.Namespace) -> int:
+    settings = await _settings(args)
+    out(await mint_token(settings, args.tenant, args.email, Role(args.role), args.ttl))
+    return 0
+
+
+async def cmd_seed_demo(args: argparse.Namespace) -> int:
+    from atrium.demo import seed_demo
+    from models.migrations import migrate
+
+    settings = await _settings(args)
+    await migrate(settings.admin_url)
+    slugs = [s.strip() for s in args.tenants.split(",") if s.strip()]
+    bar = ProgressBar("seeding deals", args.deals * len(slugs))
+    tenants = await seed_demo(settings.admin_url, slugs=slugs, deals=args.deals, progress=bar.advance)
+    for tenant in tenants:
+        out(f"{tenant.slug}: {tenant.deals} deals; sign in as {tenant.owner.email} / {tenant.owner.password}")
+    return 0
+
+
+def cmd_export_schema(args: argparse.Namespace) -> int:
+    from schema.root import schema
+
+    Path(args.output).write_text(schema.as_str() + "\n")
+    out(f"wrote {args.output}")
+    return 0
+
+
+async def prepare_serve(args: argparse.Namespace) -> Settings:
+    """Resolve the database, migrate in development, seed demo data when empty, print how to start."""
+    from atrium.demo import DEMO_PASSWORD, seed_demo
+    from models.migrations import migrate
+
+    settings = await _settings(args)
+    if settings.env != "production":
+        await migrate(settings.admin_url)
+        engine = create_async_engine(settings.admin_url)
+        try:
+            empty = not await list_tenants(engine)
+        finally:
+            await engine.dispose()
+        if empty and not args.no_demo:
+            bar = ProgressBar("seeding demo data", 500 * 2)
+            await seed_demo(settings.admin_url, slugs=("acme", "globex"), deals=500, progress=bar.advance)
+        if not args.no_demo:
+            token = await mint_token(settings, "acme", "owner@acme.example", Role.OWNER, ttl=7 * 24 * 3600)
+            host = "localhost" if args.host in ("0.0.0.0", "127.0.0.1", "::") else args.host  # noqa: S104
+            out(f"\nAtrium: GraphiQL at http://{host}:{args.port}/graphql")
+            out("Demo tenant 'acme' (also 'globex'); owner token, valid 7 days (paste as an HTTP header):")
+            out(f'  {{"Authorization": "Bearer {token}"}}')
+            out(f'Or sign in: login(email: "owner@acme.example", password: "{DEMO_PASSWORD}", tenant: "acme")\n')
+    return settings
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    settings = asyncio.run(prepare_serve(args))
+    # Worker processes rebuild settings from the environment: hand them the resolved database.
+    assert settings.database_url is not None
+    os.environ["DATABASE_URL"] = settings.database_url
+    os.environ.setdefault("ATRIUM_DATA_DIR", str(settings.data_dir))
+    uvicorn.run("atrium.asgi:create_from_env", factory=True, host=args.host, port=args.port,
+                workers=None if args.reload else args.workers, reload=args.reload, log_level=args.log_level,
+                proxy_headers=True)
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="atrium", description="Atrium, a multi-tenant CRM GraphQL API")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="run the API (embedded PostgreSQL and demo data when nothing is configured)")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--workers", type=int, default=1)
+    s.add_argument("--reload", action="store_true")
+    s.add_argument("--no-demo", action="store_true", help="do not seed or print demo credentials")
+    s.add_argument("--log-level", default="info")
+
+    m = sub.add_parser("migrate", help="apply (or with --downgrade, revert to) a revision")
+    m.add_argument("revision", nargs="?", default="head")
+    m.add_argument("--downgrade", action="store_true")
+
+    t = sub.add_parser("tenant", help="create or list tenants")
+    tsub = t.add_subparsers(dest="action", required=True)
+    tc = tsub.add_parser("create")
+    tc.add_argument("slug")
+    tc.add_argument("--name")
+    tc.add_argument("--plan", default="free", choices=[x.value for x in Plan])
+    tc.add_argument("--isolation", default="shared", choices=[x.value for x in Isolation])
+    tc.add_argument("--database-url", help="dedicated tenants: the tenant's own (migrated) database")
+    tsub.add_parser("list")
+
+    u = sub.add_parser("user", help="add a user to a tenant")
+    usub = u.add_subparsers(dest="action", required=True)
+    ua = usub.add_parser("add")
+    ua.add_argument("--tenant", required=True)
+    ua.add_argument("--email", required=True)
+    ua.add_argument("--name")
+    ua.add_argument("--role", default="member", choices=[x.value for x in Role])
+    ua.add_argument("--password")
+
+    k = sub.add_parser("token", help="mint a development token (HS256, ATRIUM_JWT_SECRET)")
+    k.add_argument("--tenant", required=True)
+    k.add_argument("--email", required=True)
+    k.add_argument("--role", default="member", choices=[x.value for x in Role])
+    k.add_argument("--ttl", type=int, help="seconds (default ATRIUM_TOKEN_TTL)")
+
+    d = sub.add_parser("seed-demo", help="(re)create demo tenants with realistic data")
+    d.add_argument("--tenants", default="acme,globex", help="comma-separated slugs")
+    d.add_argument("--deals", type=int, default=500, help="deals per tenant (up to 100000)")
+
+    e = sub.add_parser("export-schema", help="print the SDL to a file")
+    e.add_argument("--output", default="schema.graphql")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    args = parser().parse_args(argv)
+    if args.command == "seed-demo" and not 1 <= args.deals <= 100_000:
+        parser().error("--deals must be between 1 and 100000")
+    handlers = {"migrate": cmd_migrate, "tenant": cmd_tenant, "user": cmd_user, "token": cmd_token,
+                "seed-demo": cmd_seed_demo}
+    try:
+        if args.command == "serve":
+            return cmd_serve(args)
+        if args.command == "export-schema":
+            return cmd_export_schema(args)
+        return asyncio.run(handlers[args.command](args))
+    except ValueError as exc:
+        sys.stderr.write(f"atrium: {exc}\n")
+        return 2
