@@ -15,6 +15,7 @@ from decimal import Decimal
 from typing import Any
 
 from sqlalchemy import (
+    CHAR,
     CheckConstraint,
     Column,
     DateTime,
@@ -155,7 +156,7 @@ class Deal(TenantTable, table=True):
     )
     title: str = Field(max_length=200)
     amount: Decimal = Field(sa_column=Column(Numeric(18, 2), nullable=False))
-    currency: str = Field(max_length=3)
+    currency: str = Field(sa_column=Column(CHAR(3), nullable=False))
     pipeline_id: uuid.UUID
     stage_id: uuid.UUID
     company_id: uuid.UUID | None = None

@@ -277,6 +277,7 @@ def upgrade() -> None:
 def downgrade() -> None:
     op.execute("DROP FUNCTION atrium_ensure_user(text, text, text)")
     op.execute("DROP FUNCTION atrium_login_candidates(text, text)")
+    op.execute("DROP POLICY tenant_members ON users")  # it reads memberships
     for name in ("activities", "deals", "stages", "pipelines", "contacts", "companies", "audit_events",
                  "memberships", "users", "tenants"):
         op.execute(f"DROP TABLE {name}")

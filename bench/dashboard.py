@@ -1,0 +1,183 @@
+"""Dashboard benchmark: N concurrent clients over HTTP against a seeded multi-tenant database.
+
+Seeds T tenants x D deals (companies, contacts, 3-5 activities per deal) into a database of its own,
+starts Atrium under uvicorn in a subprocess (as the non-owner application role, RLS on), then runs
+the dashboard query (first 50 deals with company, contact, owner, stage and latest 3 activities)
+from C concurrent clients, each request for a random tenant. Prints requests/s, p50/p99 latency and
+SQL statements per request (counted in-process on the same query). Not a test: numbers only.
+
+    python -m bench.dashboard --tenants 50 --deals 1000 --clients 8 --seconds 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import asyncpg
+import httpx
+from sqlalchemy import event
+from sqlalchemy.engine import make_url
+
+from atrium.app import create_app
+from atrium.bootstrap import libpq_url, resolve_database
+from atrium.demo import DemoTenant, seed_tenant
+from atrium.settings import Settings
+from auth.tokens import issue_token
+from models.migrations import migrate
+from models.tables import Role
+
+DASHBOARD = """
+query Dashboard($first: Int!) {
+  deals(first: $first) {
+    edges { node {
+      id title amount currency status expectedCloseDate
+      company { id name }
+      contact { id firstName lastName email }
+      owner { id name }
+      stage { id name probability }
+      activities(first: 3) { id kind subject occurredAt }
+    } }
+    pageInfo { hasNextPage endCursor }
+  }
+}
+"""
+SECRET = "bench-secret-not-for-production-use-0123456789"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def prepare(args: argparse.Namespace) -> tuple[str, list[DemoTenant]]:
+    settings = await resolve_database(Settings.from_env())
+    assert settings.database_url
+    server = settings.database_url
+    name = f"atrium_bench_{args.tenants}x{args.deals}"
+    admin = await asyncpg.connect(libpq_url(server))
+    try:
+        if not args.reuse:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        if not await admin.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name):
+            await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    url = make_url(settings.admin_url).set(database=name).render_as_string(hide_password=False)
+    await migrate(url)
+    started = time.perf_counter()
+    tenants = [await seed_tenant(url, f"bench-{i:03d}", f"Bench {i}", deals=args.deals, seed=i)
+               for i in range(args.tenants)]
+    sys.stderr.write(f"seeded {args.tenants} tenants x {args.deals} deals in {time.perf_counter() - started:.1f}s\n")
+    return url, tenants
+
+
+def tokens_for(settings: Settings, tenants: list[DemoTenant]) -> list[str]:
+    return [issue_token(settings, user_id=t.owner.user_id, tenant_id=t.tenant_id, role=Role.OWNER,
+                        ttl_seconds=3600) for t in tenants]
+
+
+async def statements_per_request(settings: Settings, token: str, first: int) -> int:
+    app = create_app(settings)
+    count = 0
+
+    def on_execute(*_: object) -> None:
+        nonlocal count
+        count += 1
+
+    async with app.router.lifespan_context(app):
+        engine = app.state.runtime.databases.default.sync_engine
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://bench") as client:
+            await client.post("/graphql", json={"query": DASHBOARD, "variables": {"first": first}},
+                              headers={"authorization": f"Bearer {token}"})  # warm the route cache
+            event.listen(engine, "before_cursor_execute", on_execute)
+            try:
+                r = await client.post("/graphql", json={"query": DASHBOARD, "variables": {"first": first}},
+                                      headers={"authorization": f"Bearer {token}"})
+            finally:
+                event.remove(engine, "before_cursor_execute", on_execute)
+            assert not r.json().get("errors"), r.text
+    return count
+
+
+async def load(port: int, tokens: list[str], clients: int, seconds: float, first: int) -> list[float]:
+    latencies: list[float] = []
+    deadline = time.perf_counter() + seconds
+    errors = 0
+
+    async def worker(seed: int) -> None:
+        nonlocal errors
+        rng = random.Random(seed)
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+            while time.perf_counter() < deadline:
+                token = rng.choice(tokens)
+                t0 = time.perf_counter()
+                r = await client.post("/graphql", json={"query": DASHBOARD, "variables": {"first": first}},
+                                      headers={"authorization": f"Bearer {token}"})
+                latencies.append(time.perf_counter() - t0)
+                if r.status_code != 200 or r.json().get("errors"):
+                    errors += 1
+
+    await asyncio.gather(*(worker(i) for i in range(clients)))
+    if errors:
+        sys.stderr.write(f"{errors} requests failed\n")
+    return latencies
+
+
+async def main_async(args: argparse.Namespace) -> None:
+    url, tenants = await prepare(args)
+    settings = Settings(env="production", database_url=url, jwt_secret=SECRET, pool_size=10)
+    tokens = tokens_for(settings, tenants)
+    statements = await statements_per_request(settings, tokens[0], args.first)
+    port = free_port()
+    env = {**os.environ, "DATABASE_URL": url, "ATRIUM_JWT_SECRET": SECRET, "ATRIUM_ENV": "production"}
+    server = subprocess.Popen(  # noqa: ASYNC220 - started once, before the measurement
+        [sys.executable, "-m", "uvicorn", "--factory", "atrium.asgi:create_from_env", "--port", str(port),
+         "--workers", str(args.workers), "--log-level", "warning", "--no-access-log"],
+        env=env, cwd=Path(__file__).resolve().parent.parent,
+    )
+    try:
+        async with httpx.AsyncClient() as probe:
+            for _ in range(200):
+                try:
+                    if (await probe.get(f"http://127.0.0.1:{port}/healthz")).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    await asyncio.sleep(0.05)
+        await load(port, tokens, 2, 2.0, args.first)  # warm-up
+        latencies = await load(port, tokens, args.clients, args.seconds, args.first)
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+    latencies.sort()
+    p = lambda q: latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1000  # noqa: E731
+    print(f"tenants={args.tenants} deals/tenant={args.deals} page={args.first} clients={args.clients} "
+          f"workers={args.workers} seconds={args.seconds}")
+    print(f"requests={len(latencies)} rps={len(latencies) / args.seconds:.1f} p50={p(0.50):.1f}ms "
+          f"p99={p(0.99):.1f}ms mean={statistics.fmean(latencies) * 1000:.1f}ms")
+    print(f"sql_statements_per_request={statements}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tenants", type=int, default=50)
+    parser.add_argument("--deals", type=int, default=1000)
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--seconds", type=float, default=20)
+    parser.add_argument("--first", type=int, default=50)
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--reuse", action="store_true", help="keep an already seeded benchmark database")
+    asyncio.run(main_async(parser.parse_args()))
+
+
+if __name__ == "__main__":
+    main()
