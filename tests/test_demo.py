@@ -1,25 +1,20 @@
-"""atrium.demo against a throwaway database on the local PostgreSQL server.
-
-The admin server defaults to ``postgresql://root@127.0.0.1:5432/test`` (a superuser); override it with
-``ATRIUM_TEST_ADMIN_DSN``. The test is skipped when that server is unreachable.
-"""
+"""atrium.demo against a throwaway database on the test PostgreSQL server (conftest's ``server_url``)."""
 
 from __future__ import annotations
 
-import asyncio
-import os
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import asyncpg
 import pytest
+from sqlalchemy.engine import make_url
 
 import models.migrations
+from atrium.bootstrap import libpq_url
 from atrium.demo import DEMO_PASSWORD, DemoTenant, seed_demo, seed_tenant
 from auth.passwords import verify_password
 
-ADMIN_DSN = os.environ.get("ATRIUM_TEST_ADMIN_DSN", "postgresql://root@127.0.0.1:5432/test")
 DEALS = 200
 
 # (child table, column, parent table): joined on the id alone, the tenants must still agree.
@@ -38,16 +33,13 @@ TENANT_TABLES = ("memberships", "companies", "contacts", "pipelines", "stages", 
 
 
 @asynccontextmanager
-async def scratch_database() -> AsyncIterator[str]:
+async def scratch_database(admin_dsn: str) -> AsyncIterator[str]:
     """A migrated, empty database; yields its DSN (``postgresql://``) and drops it afterwards."""
-    try:
-        admin = await asyncpg.connect(ADMIN_DSN)
-    except (OSError, asyncpg.PostgresError) as exc:
-        pytest.skip(f"no PostgreSQL admin server at {ADMIN_DSN}: {exc}")
+    admin = await asyncpg.connect(admin_dsn)
     name = f"atrium_demo_{uuid.uuid4().hex[:12]}"
     await admin.execute(f'CREATE DATABASE "{name}"')
     try:
-        dsn = _with_database(ADMIN_DSN, name)
+        dsn = _with_database(admin_dsn, name)
         await models.migrations.migrate(dsn.replace("postgresql://", "postgresql+asyncpg://", 1))
         yield dsn
     finally:
@@ -56,9 +48,7 @@ async def scratch_database() -> AsyncIterator[str]:
 
 
 def _with_database(dsn: str, database: str) -> str:
-    head, _, tail = dsn.partition("?")
-    base = head.rsplit("/", 1)[0]
-    return f"{base}/{database}" + (f"?{tail}" if tail else "")
+    return make_url(dsn).set(database=database).render_as_string(hide_password=False)
 
 
 async def _snapshot(conn: asyncpg.Connection, tenant: DemoTenant) -> list[tuple[object, ...]]:
@@ -163,8 +153,8 @@ async def _check_isolation(conn: asyncpg.Connection) -> None:
         assert outsiders == 0, f"{child}.{column} is not a member of the row's tenant"
 
 
-async def _scenario() -> None:
-    async with scratch_database() as dsn:
+async def test_seed_demo_tenants_consistent_isolated_and_repeatable(server_url: str) -> None:
+    async with scratch_database(libpq_url(server_url)) as dsn:
         url = dsn.replace("postgresql://", "postgresql+asyncpg://", 1)
         steps: dict[str, list[int]] = {"acme": [], "globex": []}
         first = [
@@ -209,12 +199,8 @@ async def _scenario() -> None:
             await conn.close()
 
 
-def test_seed_demo_tenants_consistent_isolated_and_repeatable() -> None:
-    asyncio.run(_scenario())
-
-
-def test_rejects_bad_arguments() -> None:
+async def test_rejects_bad_arguments() -> None:
     with pytest.raises(ValueError, match="deals"):
-        asyncio.run(seed_tenant("postgresql+asyncpg://nobody@127.0.0.1:1/none", "x", "X", deals=-1))
+        await seed_tenant("postgresql+asyncpg://nobody@127.0.0.1:1/none", "x", "X", deals=-1)
     with pytest.raises(ValueError, match="plan"):
-        asyncio.run(seed_tenant("postgresql+asyncpg://nobody@127.0.0.1:1/none", "x", "X", deals=1, plan="gold"))
+        await seed_tenant("postgresql+asyncpg://nobody@127.0.0.1:1/none", "x", "X", deals=1, plan="gold")

@@ -1,0 +1,38 @@
+# syntax=docker/dockerfile:1
+# Build: dependencies into a virtualenv. Run: slim image, non-root user, source on PYTHONPATH
+# (alembic/ is found next to models/, so the project runs from its source tree, not site-packages).
+FROM python:3.11-slim AS build
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+RUN python -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY atrium ./atrium
+COPY auth ./auth
+COPY models ./models
+COPY resolvers ./resolvers
+COPY schema ./schema
+COPY subscriptions ./subscriptions
+# Install the dependencies the project declares, then drop the project itself (it runs from /app).
+RUN pip install . && pip uninstall -y atrium-crm
+
+FROM python:3.11-slim AS runtime
+ENV PATH=/opt/venv/bin:$PATH PYTHONPATH=/app PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 \
+    ATRIUM_ENV=production ATRIUM_DATA_DIR=/tmp/atrium
+RUN groupadd --system atrium && useradd --system --gid atrium --home-dir /app --shell /usr/sbin/nologin atrium
+COPY --from=build /opt/venv /opt/venv
+WORKDIR /app
+COPY --chown=root:root atrium ./atrium
+COPY --chown=root:root auth ./auth
+COPY --chown=root:root models ./models
+COPY --chown=root:root resolvers ./resolvers
+COPY --chown=root:root schema ./schema
+COPY --chown=root:root subscriptions ./subscriptions
+COPY --chown=root:root alembic ./alembic
+COPY --chown=root:root alembic.ini schema.graphql ./
+USER atrium
+EXPOSE 8000
+HEALTHCHECK --interval=10s --timeout=3s CMD python -c "import urllib.request,sys; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/healthz').status != 200)"
+# DATABASE_URL (migrations), ATRIUM_APP_DATABASE_URL (the atrium_app role), REDIS_URL and
+# ATRIUM_JWT_SECRET or ATRIUM_JWKS_URL come from the environment. Run `python -m atrium migrate` as a job.
+CMD ["python", "-m", "uvicorn", "--factory", "atrium.asgi:create_from_env", "--host", "0.0.0.0", "--port", "8000", "--proxy-headers", "--no-access-log"]
