@@ -11,8 +11,10 @@ from collections.abc import Sequence
 from typing import Any
 
 from sqlalchemy import Row, select, text
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
+from atrium.settings import app_role_url, async_url
 from auth.passwords import hash_password_async
 from models.tables import TENANTS, Isolation, Plan, Role
 
@@ -25,15 +27,43 @@ UPSERT_USER = text(
 
 async def create_tenant(engine: AsyncEngine, slug: str, name: str, *, plan: Plan = Plan.FREE,
                         isolation: Isolation = Isolation.SHARED, database_url: str | None = None) -> uuid.UUID:
-    """Create a tenant; raises ``ValueError`` when the slug is taken."""
+    """Create a tenant; raises ``ValueError`` when the slug is taken.
+
+    A dedicated tenant needs ``database_url``: the admin URL of its own, already migrated database.
+    The tenant row is written there too (its foreign keys need it), and the registry keeps the URL
+    with the user switched to the application role, which is what the server connects with.
+    """
+    if (isolation == Isolation.DEDICATED) != (database_url is not None):
+        raise ValueError("a dedicated tenant needs --database-url, and only a dedicated one")
     tenant_id = uuid.uuid4()
+    values = {"id": tenant_id, "slug": slug, "name": name, "plan": plan.value, "isolation": isolation.value}
     async with engine.begin() as conn:
         exists = (await conn.execute(select(TENANTS.c.id).where(TENANTS.c.slug == slug))).first()
         if exists is not None:
             raise ValueError(f"tenant {slug!r} already exists")
-        await conn.execute(TENANTS.insert().values(id=tenant_id, slug=slug, name=name, plan=plan.value,
-                                                   isolation=isolation.value, database_url=database_url))
+        route = app_role_url(async_url(database_url)) if database_url else None
+        await conn.execute(TENANTS.insert().values(**values, database_url=route))
+        if database_url is not None:
+            dedicated = create_async_engine(async_url(database_url))
+            try:
+                async with dedicated.begin() as own:
+                    await own.execute(TENANTS.insert().values(**values, database_url=route))
+            finally:
+                await dedicated.dispose()
     return tenant_id
+
+
+async def tenant_database(engine: AsyncEngine, tenant_id: uuid.UUID) -> AsyncEngine:
+    """An admin engine on the database holding ``tenant_id``'s rows (the caller disposes it).
+
+    For a dedicated tenant: its registered URL with the admin credentials of ``engine``.
+    """
+    async with engine.connect() as conn:
+        route = (await conn.execute(select(TENANTS.c.database_url).where(TENANTS.c.id == tenant_id))).scalar()
+    if route is None:
+        return create_async_engine(engine.url)
+    admin = make_url(route).set(username=engine.url.username, password=engine.url.password)
+    return create_async_engine(admin)
 
 
 async def list_tenants(engine: AsyncEngine) -> Sequence[Row[Any]]:

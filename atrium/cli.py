@@ -10,12 +10,13 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from atrium.admin import add_user, create_tenant, list_tenants, tenant_id_by_slug
+from atrium.admin import add_user, create_tenant, list_tenants, tenant_database, tenant_id_by_slug
 from atrium.bootstrap import resolve_database
-from atrium.settings import Settings
+from atrium.settings import Settings, async_url
+from models.migrations import migrate
 from models.tables import MEMBERSHIPS, USERS, Isolation, Plan, Role
 
 log = logging.getLogger("atrium")
@@ -48,8 +49,6 @@ async def _settings(args: argparse.Namespace) -> Settings:
 
 
 async def cmd_migrate(args: argparse.Namespace) -> int:
-    from models.migrations import migrate
-
     settings = await _settings(args)
     await migrate(settings.admin_url, args.revision, downgrade=args.downgrade)
     out(f"database {'downgraded' if args.downgrade else 'migrated'} to {args.revision}")
@@ -61,6 +60,8 @@ async def cmd_tenant(args: argparse.Namespace) -> int:
     engine = create_async_engine(settings.admin_url)
     try:
         if args.action == "create":
+            if args.database_url:
+                await migrate(async_url(args.database_url))
             tenant_id = await create_tenant(engine, args.slug, args.name or args.slug.title(), plan=Plan(args.plan),
                                             isolation=Isolation(args.isolation), database_url=args.database_url)
             out(f"created tenant {args.slug} ({tenant_id})")
@@ -77,8 +78,12 @@ async def cmd_user(args: argparse.Namespace) -> int:
     engine = create_async_engine(settings.admin_url)
     try:
         tenant_id = await tenant_id_by_slug(engine, args.tenant)
-        user_id = await add_user(engine, tenant_id, args.email, args.name or args.email.split("@")[0],
-                                 Role(args.role), args.password)
+        home = await tenant_database(engine, tenant_id)
+        try:
+            user_id = await add_user(home, tenant_id, args.email, args.name or args.email.split("@")[0],
+                                     Role(args.role), args.password)
+        finally:
+            await home.dispose()
     finally:
         await engine.dispose()
     out(f"{args.email} is {args.role} of {args.tenant} (user {user_id})")
@@ -92,11 +97,15 @@ async def mint_token(settings: Settings, tenant: str, email: str, role: Role, tt
     engine = create_async_engine(settings.admin_url)
     try:
         tenant_id = await tenant_id_by_slug(engine, tenant)
-        async with engine.connect() as conn:
-            user_id = (await conn.execute(
-                select(USERS.c.id).join(MEMBERSHIPS, MEMBERSHIPS.c.user_id == USERS.c.id)
-                .where(MEMBERSHIPS.c.tenant_id == tenant_id, USERS.c.email.ilike(email))
-            )).scalar_one_or_none()
+        home = await tenant_database(engine, tenant_id)
+        try:
+            async with home.connect() as conn:
+                user_id = (await conn.execute(
+                    select(USERS.c.id).join(MEMBERSHIPS, MEMBERSHIPS.c.user_id == USERS.c.id)
+                    .where(MEMBERSHIPS.c.tenant_id == tenant_id, func.lower(USERS.c.email) == email.lower())
+                )).scalar_one_or_none()
+        finally:
+            await home.dispose()
     finally:
         await engine.dispose()
     if user_id is None:
@@ -112,7 +121,6 @@ async def cmd_token(args: argparse.Namespace) -> int:
 
 async def cmd_seed_demo(args: argparse.Namespace) -> int:
     from atrium.demo import seed_demo
-    from models.migrations import migrate
 
     settings = await _settings(args)
     await migrate(settings.admin_url)
@@ -135,7 +143,6 @@ def cmd_export_schema(args: argparse.Namespace) -> int:
 async def prepare_serve(args: argparse.Namespace) -> Settings:
     """Resolve the database, migrate in development, seed demo data when empty, print how to start."""
     from atrium.demo import DEMO_PASSWORD, seed_demo
-    from models.migrations import migrate
 
     settings = await _settings(args)
     if settings.env != "production":

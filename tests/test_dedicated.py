@@ -1,0 +1,80 @@
+"""Hybrid isolation: a tenant marked dedicated lives in its own database, served by the same app."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+
+import asyncpg
+import httpx
+import pytest
+from sqlalchemy import text
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from atrium.admin import add_user, create_tenant, tenant_database
+from atrium.bootstrap import libpq_url
+from atrium.settings import Settings, async_url
+from auth.tokens import issue_token
+from models.migrations import migrate
+from models.tables import Isolation, Role
+from tests.conftest import TenantWorld, data_or_fail, gql
+
+
+@pytest.fixture
+async def dedicated_url(server_url: str) -> AsyncIterator[str]:
+    name = f"atrium_ded_{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(libpq_url(server_url))
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    await admin.close()
+    url = async_url(make_url(server_url).set(database=name).render_as_string(hide_password=False))
+    try:
+        await migrate(url)
+        yield url
+    finally:
+        admin = await asyncpg.connect(libpq_url(server_url))
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
+
+
+async def count(url: str, sql: str, **params: object) -> int:
+    engine = create_async_engine(url)
+    async with engine.connect() as conn:
+        value = (await conn.execute(text(sql), params)).scalar_one()
+    await engine.dispose()
+    return int(value)
+
+
+async def test_dedicated_tenant_is_routed_to_its_own_database(
+    client: httpx.AsyncClient, admin_engine, settings: Settings, dedicated_url: str, make_tenant  # type: ignore[no-untyped-def]
+) -> None:
+    slug = f"big-{uuid.uuid4().hex[:8]}"
+    tenant_id = await create_tenant(admin_engine, slug, "Big Co", isolation=Isolation.DEDICATED,
+                                    database_url=dedicated_url)
+    home = await tenant_database(admin_engine, tenant_id)
+    try:
+        owner = await add_user(home, tenant_id, f"owner@{slug}.example", "Big Owner", Role.OWNER)
+    finally:
+        await home.dispose()
+    token = issue_token(settings, user_id=owner, tenant_id=tenant_id, role=Role.OWNER)
+
+    created = data_or_fail(await gql(client, 'mutation { createCompany(input: {name: "Dedicated Inc"}) { id } }',
+                                      token=token))
+    assert created["createCompany"]["id"]
+    assert await count(dedicated_url, "SELECT count(*) FROM companies WHERE tenant_id = :t", t=tenant_id) == 1
+    assert await count(admin_engine.url.render_as_string(hide_password=False),
+                       "SELECT count(*) FROM companies WHERE tenant_id = :t", t=tenant_id) == 0
+    assert await count(dedicated_url, "SELECT count(*) FROM audit_events WHERE tenant_id = :t", t=tenant_id) == 1
+
+    listed = data_or_fail(await gql(client, "{ me { name } companies { edges { node { name } } } }", token=token))
+    assert listed["me"]["name"] == "Big Owner"
+    assert [e["node"]["name"] for e in listed["companies"]["edges"]] == ["Dedicated Inc"]
+
+    # A shared tenant served by the same process sees none of it.
+    shared: TenantWorld = await make_tenant()
+    other = data_or_fail(await gql(client, "{ companies { totalCount } }", token=shared.token()))
+    assert other["companies"]["totalCount"] == 0
+    # The registry stores the application role's URL, never the admin credentials.
+    assert await count(admin_engine.url.render_as_string(hide_password=False),
+                       "SELECT count(*) FROM tenants WHERE id = :t AND database_url LIKE '%atrium_app%'",
+                       t=tenant_id) == 1
