@@ -2,8 +2,8 @@
 
 Development: HS256 with ``ATRIUM_JWT_SECRET``. External identity provider: RS256 keys from
 ``ATRIUM_JWKS_URL``. Claims: ``sub`` (user id), ``tenant`` (tenant id), ``role``, ``exp``, ``aud``,
-``iat``, ``iss``. Every failure (missing claim, bad signature, expired, wrong audience, unknown
-role) raises ``Unauthenticated``.
+``iat``, ``iss``. Every failure (missing claim, bad signature, expired, wrong audience or issuer,
+unknown role) raises ``Unauthenticated``.
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ class TokenVerifier:
         try:
             payload = jwt.decode(
                 token, key, algorithms=[alg], audience=self._settings.jwt_audience,
-                options={"require": ["exp", "sub", "aud"]},
+                issuer=self._settings.jwt_issuer, options={"require": ["exp", "sub", "aud", "iss"]},
             )
         except jwt.ExpiredSignatureError as exc:
             raise Unauthenticated("Token expired") from exc

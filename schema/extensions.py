@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from graphql import GraphQLError
-from strawberry.extensions import AddValidationRules, SchemaExtension
+from strawberry.extensions import AddValidationRules, ParserCache, SchemaExtension
 from strawberry.extensions.max_aliases import create_validator as alias_rule
 from strawberry.extensions.query_depth_limiter import create_validator as depth_rule
 from strawberry.types.execution import ExecutionContext
@@ -26,8 +26,25 @@ MAX_DEPTH = 12
 MAX_ALIASES = 30
 MAX_TOKENS = 5000
 # Built once: rule classes made per request would defeat the validation cache (STRAWBERRY.md §5).
-VARIABLE_VALUE_PROBLEMS = ("got invalid value", "was not provided", "must not be null")
+VARIABLE_VALUE_PROBLEMS = ("has invalid value", "got invalid value", "was not provided", "must not be null")
 LIMIT_RULES = [depth_rule(MAX_DEPTH, None, None), alias_rule(MAX_ALIASES)]
+
+
+class CodedParserCache(ParserCache):
+    """ParserCache that leaves syntax errors to Strawberry's own parse step.
+
+    The stock cache parses inside the extension hook, where a syntax error escapes the operation
+    uncoded; here a failed parse leaves no document, so Strawberry parses again inside its error
+    handling and ``ErrorCoding`` codes the error GRAPHQL_PARSE_FAILED.
+    """
+
+    def on_parse(self) -> Iterator[None]:
+        context = self.execution_context
+        try:
+            context.graphql_document = self.cached_parse_document(context.query, **context.parse_options)
+        except GraphQLError:
+            context.graphql_document = None
+        yield
 
 
 class StaticLimits(AddValidationRules):

@@ -6,7 +6,7 @@ from typing import Any
 
 import strawberry
 from graphql import GraphQLError
-from strawberry.extensions import DisableIntrospection, MaxTokensLimiter, ParserCache, ValidationCache
+from strawberry.extensions import DisableIntrospection, MaxTokensLimiter, ValidationCache
 from strawberry.schema.config import StrawberryConfig
 from strawberry.types.execution import ExecutionContext
 
@@ -17,7 +17,7 @@ from resolvers.contacts import ContactMutation, ContactQuery
 from resolvers.deals import DealMutation, DealQuery
 from resolvers.pipelines import PipelineMutation, PipelineQuery
 from resolvers.viewer import ViewerMutation, ViewerQuery
-from schema.extensions import MAX_TOKENS, ErrorCoding, StaticLimits, log_unexpected
+from schema.extensions import MAX_TOKENS, CodedParserCache, ErrorCoding, StaticLimits, log_unexpected
 from schema.types import Activity, Company, Contact, Deal, Pipeline, Stage, User
 
 
@@ -40,7 +40,7 @@ class AtriumSchema(strawberry.Schema):
 def build_schema(*, production: bool = False) -> AtriumSchema:
     """The schema; ``production`` turns off introspection and "did you mean" suggestions."""
     extensions: list[Any] = [
-        lambda: ParserCache(maxsize=512),
+        lambda: CodedParserCache(maxsize=512),
         lambda: ValidationCache(maxsize=512),
         StaticLimits,
         lambda: MaxTokensLimiter(max_token_count=MAX_TOKENS),
