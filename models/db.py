@@ -90,9 +90,15 @@ class TenantScope:
         self._lock = asyncio.Lock()
         self._read: AsyncExitStack | None = None
         self._read_conn: AsyncConnection | None = None
+        self._writing = False
 
     async def fetch(self, statement: Executable, params: dict[str, Any] | None = None) -> Sequence[Row[Any]]:
-        """Run a read statement in the request's tenant transaction and return all rows."""
+        """Run a read statement in the request's tenant transaction and return all rows.
+
+        Inside ``write()`` use its connection instead: reading here would wait for the write's lock.
+        """
+        if self._writing:
+            raise RuntimeError("fetch() inside write(): use the write's connection")
         async with self._lock:
             conn = self._read_conn or await self._begin_read()
             return (await conn.execute(statement, params)).all()
@@ -114,7 +120,11 @@ class TenantScope:
         async with self._lock:
             await self._end_read()
             async with self._databases.tenant_transaction(self.tenant_id) as conn:
-                yield conn
+                self._writing = True
+                try:
+                    yield conn
+                finally:
+                    self._writing = False
 
     async def close(self) -> None:
         """Release the connection (idempotent)."""
