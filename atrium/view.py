@@ -22,7 +22,7 @@ from strawberry.exceptions import ConnectionRejectionError
 from atrium.errors import AtriumError, Unauthenticated
 from atrium.runtime import Runtime
 from atrium.settings import Settings
-from auth.context import Context, Principal, authenticate
+from auth.context import Context, Principal, authenticate, confirm_membership
 from models.db import TenantScope
 from resolvers.loaders import Loaders
 from schema.root import build_schema
@@ -58,6 +58,15 @@ class AtriumGraphQL(GraphQL[Context, None]):
             self.bind(context, principal)
         return context
 
+    async def confirmed(self, principal: Principal) -> Principal:
+        """``principal`` re-checked against its membership in a short transaction of its own
+        (for WebSocket connections, whose context outlives any one transaction)."""
+        scope = TenantScope(self.runtime.databases, principal.tenant_id)
+        try:
+            return await confirm_membership(scope, principal)
+        finally:
+            await scope.close()
+
     def bind(self, context: Context, principal: Principal) -> None:
         """Attach ``principal`` and a fresh tenant scope and loaders to ``context``."""
         context.principal = principal
@@ -70,12 +79,18 @@ class AtriumGraphQL(GraphQL[Context, None]):
             return
         request = Request(scope, receive)
         request_id = request_id_for(request)
+        context = self.make_context(request, None, request_id)
         try:
             principal = await authenticate(self.runtime.verifier, request.headers.get("authorization"))
+            if principal is not None:
+                self.bind(context, principal)
+                assert context.db is not None
+                context.principal = await confirm_membership(context.db, principal)
         except Unauthenticated as exc:
+            if context.db is not None:
+                await context.db.close()
             await error_response(exc, 401, request_id)(scope, receive, send)
             return
-        context = self.make_context(request, principal, request_id)
         scope[CONTEXT_KEY] = context
 
         async def send_with_id(message: dict[str, Any]) -> None:
@@ -107,5 +122,9 @@ class AtriumGraphQL(GraphQL[Context, None]):
         if principal is None:
             raise ConnectionRejectionError({"code": "UNAUTHENTICATED",
                                             "message": "connection_init needs authorization"})
+        try:
+            principal = await self.confirmed(principal)
+        except Unauthenticated as exc:
+            raise ConnectionRejectionError({"code": "UNAUTHENTICATED", "message": exc.message}) from exc
         self.bind(context, principal)
         return None

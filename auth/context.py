@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from sqlalchemy import bindparam, select
+
 from atrium.errors import Unauthenticated
+from auth.roles import RANK
 from auth.tokens import TokenVerifier
-from models.tables import Role
+from models.db import TenantScope
+from models.tables import MEMBERSHIPS, Role
 
 if TYPE_CHECKING:
     from starlette.requests import HTTPConnection
 
     from atrium.settings import Settings
-    from models.db import Databases, TenantScope
+    from models.db import Databases
     from resolvers.loaders import Loaders
     from subscriptions.broker import Broker
 
@@ -62,6 +67,26 @@ def bearer_token(authorization: str | None) -> str | None:
     if scheme.lower() != "bearer" or not token.strip():
         raise Unauthenticated("Authorization must be 'Bearer <token>'")
     return token.strip()
+
+
+MEMBERSHIP_ROLE = select(MEMBERSHIPS.c.role).where(
+    MEMBERSHIPS.c.tenant_id == bindparam("tenant_id"), MEMBERSHIPS.c.user_id == bindparam("user_id"))
+
+
+async def confirm_membership(db: TenantScope, principal: Principal) -> Principal:
+    """``principal`` checked against the database: its user must still be a member of its tenant,
+    and its role is capped by the membership's current role (a token never outranks the member).
+
+    Raises UNAUTHENTICATED when the membership is gone. Runs in the request's read transaction,
+    so it costs one statement.
+    """
+    rows = await db.fetch(MEMBERSHIP_ROLE, {"tenant_id": principal.tenant_id, "user_id": principal.user_id})
+    if not rows:
+        raise Unauthenticated("This credential's user is not a member of its workspace")
+    current = Role(rows[0].role)
+    if RANK[current] < RANK[principal.role]:
+        return dataclasses.replace(principal, role=current)
+    return principal
 
 
 async def authenticate(verifier: TokenVerifier, authorization: str | None) -> Principal | None:

@@ -245,23 +245,24 @@ def upgrade() -> None:
     op.execute(f"GRANT EXECUTE ON FUNCTION atrium_ensure_user(text, text, text) TO {APP_ROLE}")
     op.execute(f"GRANT USAGE ON SCHEMA public TO {APP_ROLE}")
 
-    # tenants: a tenant sees (and its owner may rename) only itself.
+    # tenants: a tenant sees only itself; it changes nothing here (administration runs as the owner).
     op.execute("ALTER TABLE tenants ENABLE ROW LEVEL SECURITY")
     op.execute("ALTER TABLE tenants FORCE ROW LEVEL SECURITY")
     op.execute(
         f"CREATE POLICY tenant_isolation ON tenants TO {APP_ROLE} "
         f"USING (id = {CURRENT_TENANT}) WITH CHECK (id = {CURRENT_TENANT})"
     )
-    op.execute(f"GRANT SELECT, UPDATE (name) ON tenants TO {APP_ROLE}")
+    op.execute(f"GRANT SELECT ON tenants TO {APP_ROLE}")
 
-    # users: global rows, visible only through a membership of the current tenant.
+    # users: global rows, visible only through a membership of the current tenant, and read-only to
+    # the application: a tenant must never change a person who may belong to other tenants too.
     op.execute("ALTER TABLE users ENABLE ROW LEVEL SECURITY")
     op.execute("ALTER TABLE users FORCE ROW LEVEL SECURITY")
     op.execute(
         f"CREATE POLICY tenant_members ON users TO {APP_ROLE} USING (EXISTS ("
         f"SELECT 1 FROM memberships m WHERE m.user_id = users.id AND m.tenant_id = {CURRENT_TENANT}))"
     )
-    op.execute(f"GRANT SELECT, UPDATE (name, password_hash) ON users TO {APP_ROLE}")
+    op.execute(f"GRANT SELECT ON users TO {APP_ROLE}")
 
     for name in TENANT_TABLES:
         op.execute(f"ALTER TABLE {name} ENABLE ROW LEVEL SECURITY")
