@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+from redis.asyncio import Redis
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.applications import Starlette
@@ -12,12 +13,15 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route, WebSocketRoute
 
+from atrium.persisted import apq_store
+from atrium.ratelimit import rate_limiter
 from atrium.runtime import Runtime
 from atrium.settings import Settings
 from atrium.view import AtriumGraphQL
+from auth.api_keys import ApiKeys
 from auth.tokens import TokenVerifier
 from models.db import Databases
-from subscriptions.broker import MemoryBroker
+from subscriptions.broker import create_broker
 
 MAX_BODY = 1 << 20
 
@@ -29,13 +33,21 @@ def create_app(settings: Settings) -> Starlette:
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         databases = Databases(settings.app_url, pool_size=settings.pool_size)
-        runtime = Runtime(settings=settings, databases=databases, broker=MemoryBroker(),
-                          verifier=TokenVerifier(settings))
+        redis = Redis.from_url(settings.redis_url) if settings.redis_url else None  # limits and APQ
+        broker = create_broker(settings.redis_url, prefix=settings.redis_prefix,
+                               maxsize=settings.subscriber_queue_size, presence_ttl=settings.presence_ttl_seconds)
+        await broker.start()
+        runtime = Runtime(settings=settings, databases=databases, broker=broker,
+                          verifier=TokenVerifier(settings), api_keys=ApiKeys(databases),
+                          apq=apq_store(settings, databases, redis), limiter=rate_limiter(settings, databases, redis))
         view.runtime = runtime
         app.state.runtime = runtime
         try:
             yield
         finally:
+            await broker.close()
+            if redis is not None:
+                await redis.aclose()
             await databases.dispose()
 
     async def healthz(request: Request) -> JSONResponse:

@@ -13,6 +13,7 @@ from pathlib import Path
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import create_async_engine
 
+from atrium import partner_cli
 from atrium.admin import add_user, create_tenant, list_tenants, tenant_database, tenant_id_by_slug
 from atrium.bootstrap import resolve_database
 from atrium.settings import Settings, async_url
@@ -226,6 +227,8 @@ def parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("export-schema", help="print the SDL to a file")
     e.add_argument("--output", default="schema.graphql")
+
+    partner_cli.add_parsers(sub)
     return p
 
 
@@ -235,7 +238,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "seed-demo" and not 1 <= args.deals <= 100_000:
         parser().error("--deals must be between 1 and 100000")
     handlers = {"migrate": cmd_migrate, "tenant": cmd_tenant, "user": cmd_user, "token": cmd_token,
-                "seed-demo": cmd_seed_demo}
+                "seed-demo": cmd_seed_demo, **dict.fromkeys(partner_cli.COMMANDS, partner_cli.run)}
     try:
         if args.command == "serve":
             return cmd_serve(args)

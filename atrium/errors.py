@@ -9,8 +9,10 @@ The tree::
     ├── BadUserInput                 BAD_USER_INPUT    names the offending ``field``
     ├── VersionConflict              VERSION_CONFLICT  carries ``currentVersion``
     ├── RateLimited                  RATE_LIMITED      carries ``retryAfter`` (seconds)
+    ├── QueryTooComplex              QUERY_TOO_COMPLEX carries ``cost`` and ``maximumCost``; refused before execution
     ├── PersistedQueryNotFound       PERSISTED_QUERY_NOT_FOUND
     ├── PersistedQueryRequired       PERSISTED_QUERY_REQUIRED
+    ├── BadRequest                   BAD_REQUEST       a malformed GraphQL-over-HTTP request (HTTP 4xx)
     └── Internal                     INTERNAL          anything unexpected; the message never leaks details
 
 graphql-core copies ``AtriumError.extensions`` onto the GraphQL error it wraps, so resolvers simply
@@ -33,6 +35,8 @@ class ErrorCode(enum.StrEnum):
     RATE_LIMITED = "RATE_LIMITED"
     PERSISTED_QUERY_NOT_FOUND = "PERSISTED_QUERY_NOT_FOUND"
     PERSISTED_QUERY_REQUIRED = "PERSISTED_QUERY_REQUIRED"
+    QUERY_TOO_COMPLEX = "QUERY_TOO_COMPLEX"
+    BAD_REQUEST = "BAD_REQUEST"
     INTERNAL = "INTERNAL"
     GRAPHQL_VALIDATION_FAILED = "GRAPHQL_VALIDATION_FAILED"
     GRAPHQL_PARSE_FAILED = "GRAPHQL_PARSE_FAILED"
@@ -107,6 +111,25 @@ class RateLimited(AtriumError):
 
     def __init__(self, retry_after: float) -> None:
         super().__init__("Rate limit exceeded", retryAfter=retry_after)
+
+
+class QueryTooComplex(AtriumError):
+    """The operation's cost (computed from the document and its variables) is above what may run at once."""
+
+    code = ErrorCode.QUERY_TOO_COMPLEX
+
+    def __init__(self, cost: int, maximum: int) -> None:
+        super().__init__(f"Operation cost {cost} exceeds the maximum of {maximum}", cost=cost, maximumCost=maximum)
+
+
+class BadRequest(AtriumError):
+    """A request that is not well-formed GraphQL over HTTP (answered with ``status``, never executed)."""
+
+    code = ErrorCode.BAD_REQUEST
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class PersistedQueryNotFound(AtriumError):

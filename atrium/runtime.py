@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from atrium.persisted import ApqStore
+from atrium.ratelimit import RateLimiter
 from atrium.settings import Settings
+from auth.api_keys import ApiKeys
 from auth.tokens import TokenVerifier
 from models.db import Databases
 from subscriptions.broker import Broker
@@ -16,3 +19,7 @@ class Runtime:
     databases: Databases
     broker: Broker
     verifier: TokenVerifier
+    api_keys: ApiKeys
+    apq: ApqStore
+    limiter: RateLimiter | None
+    """None when rate limits are off (``ATRIUM_RATE_LIMITS=off``)."""

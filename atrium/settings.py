@@ -22,6 +22,49 @@ APP_ROLE = "atrium_app"
 
 
 @dataclass(frozen=True)
+class PlanLimits:
+    """Rate limits of one plan, as token buckets of operation cost.
+
+    ``tenant_*`` bound the whole tenant, ``key_*`` each of its API keys; a bucket holds at most
+    ``capacity`` units and refills ``refill`` units per second. The pseudo-plan ``anonymous`` bounds
+    unauthenticated callers per client address (its ``key_*`` values are unused).
+    """
+
+    plan: str
+    tenant_capacity: int
+    tenant_refill: float
+    key_capacity: int
+    key_refill: float
+
+
+DEFAULT_PLAN_LIMITS = (
+    PlanLimits("free", 20_000, 200.0, 10_000, 100.0),
+    PlanLimits("pro", 100_000, 1_000.0, 50_000, 500.0),
+    PlanLimits("enterprise", 500_000, 5_000.0, 250_000, 2_500.0),
+    PlanLimits("anonymous", 1_000, 10.0, 1_000, 10.0),
+)
+
+
+def parse_plan_limits(text: str) -> tuple[PlanLimits, ...]:
+    """``free=5000/100:2500/50,pro=...``: per plan, tenant capacity/refill, then key capacity/refill.
+
+    Plans not named keep their defaults. Raises ``ValueError`` on anything else.
+    """
+    plans = {p.plan: p for p in DEFAULT_PLAN_LIMITS}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        try:
+            name, _, spec = item.partition("=")
+            tenant, _, key = spec.partition(":")
+            t_cap, t_rate = tenant.split("/")
+            k_cap, k_rate = (key or tenant).split("/")
+            plans[name.strip()] = PlanLimits(name.strip(), int(t_cap), float(t_rate), int(k_cap), float(k_rate))
+        except ValueError:
+            raise ValueError(f"ATRIUM_RATE_LIMITS: cannot read {item!r} (expected plan=capacity/refill"
+                             "[:keycapacity/keyrefill])") from None
+    return tuple(plans.values())
+
+
+@dataclass(frozen=True)
 class Settings:
     env: Environment = "development"
     database_url: str | None = None
@@ -37,6 +80,21 @@ class Settings:
     data_dir: Path = field(default_factory=lambda: Path(".atrium"))
     pool_size: int = 10
     max_page_size: int = 100
+    redis_prefix: str = "atrium:"
+    """Prefix of every Redis key Atrium writes (rate-limit buckets, the APQ cache)."""
+    rate_limits: bool = True
+    plan_limits: tuple[PlanLimits, ...] = DEFAULT_PLAN_LIMITS
+    batching: bool = False
+    """Accept a JSON array of operations in one POST (GraphQL-over-HTTP batching); off by default."""
+    max_batch: int = 10
+    apq_max_documents: int = 10_000
+    apq_ttl_seconds: int = 7 * 24 * 3600
+    apq_max_bytes: int = 32 * 1024
+    """Automatic persisted queries larger than this run but are not stored."""
+    subscriber_queue_size: int = 256
+    """Events a subscriber may fall behind by before its subscription ends (SUBSCRIBER_TOO_SLOW)."""
+    presence_ttl_seconds: float = 30.0
+    """A presence entry not refreshed for this long (its process died) disappears."""
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -69,6 +127,13 @@ class Settings:
             token_ttl_seconds=int(env.get("ATRIUM_TOKEN_TTL", "3600")),
             data_dir=data_dir,
             pool_size=int(env.get("ATRIUM_DB_POOL_SIZE", "10")),
+            redis_prefix=env.get("ATRIUM_REDIS_PREFIX", "atrium:"),
+            rate_limits=env.get("ATRIUM_RATE_LIMITS", "").strip().lower() != "off",
+            plan_limits=parse_plan_limits(limits) if (limits := env.get("ATRIUM_RATE_LIMITS", "").strip())
+            and limits.lower() != "off" else DEFAULT_PLAN_LIMITS,
+            batching=env.get("ATRIUM_BATCHING", "off").strip().lower() in ("1", "on", "true", "yes"),
+            subscriber_queue_size=int(env.get("ATRIUM_SUBSCRIBER_QUEUE", "256")),
+            presence_ttl_seconds=float(env.get("ATRIUM_PRESENCE_TTL", "30")),
         )
 
     def with_database(self, database_url: str) -> Settings:

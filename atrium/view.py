@@ -3,32 +3,66 @@
 A present but bad credential never degrades to anonymous: over HTTP it is answered with 401 and a
 GraphQL error coded UNAUTHENTICATED before any execution. Each HTTP request's database scope is
 closed when the response is ready.
+
+WebSocket (graphql-transport-ws only): the credential comes in ``connection_init``; a missing or bad
+one closes the socket with 4403 (Strawberry's ``ConnectionRejectionError``) before any operation,
+and the socket is closed with 4401 when the token expires (one timer task per connection,
+cancelled when it closes). Every operation runs with a context of its own, through
+``subscriptions.delivery``: subscriptions with equal tenant, role, document and variables share one
+execution.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import re
+import time
 import uuid
-from typing import Any
+from collections.abc import AsyncIterator, Hashable
+from functools import lru_cache
+from typing import Any, Literal
 
+from graphql import FieldNode, GraphQLError, OperationType, get_operation_ast, parse
 from starlette.requests import HTTPConnection, Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket
-from strawberry.asgi import GraphQL
 from strawberry.exceptions import ConnectionRejectionError
+from strawberry.subscriptions import GRAPHQL_TRANSPORT_WS_PROTOCOL
+from strawberry.types import ExecutionResult
 
 from atrium.errors import AtriumError, Unauthenticated
+from atrium.graphql_http import GraphQLOverHTTP
 from atrium.runtime import Runtime
 from atrium.settings import Settings
 from auth.context import Context, Principal, authenticate, confirm_membership
 from models.db import TenantScope
+from resolvers.live import PER_SUBSCRIBER_FIELDS, STATE_FIELDS
 from resolvers.loaders import Loaders
+from schema.extensions import coded
 from schema.root import build_schema
+from subscriptions.delivery import GroupedTransportWSHandler, LiveGroups, OperationSpec
 
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 CONTEXT_KEY = "atrium.context"
+EXPIRY_KEY = "atrium.expiry"
+TOKEN_EXPIRED = 4401
+
+
+@lru_cache(maxsize=1024)
+def root_fields(query: str, operation_name: str | None) -> tuple[OperationType, frozenset[str], bool] | None:
+    """(operation type, root field names, whether the root also spreads fragments); None if unparsable."""
+    try:
+        operation = get_operation_ast(parse(query), operation_name)
+    except GraphQLError:
+        return None
+    if operation is None:
+        return None
+    selections = operation.selection_set.selections
+    names = frozenset(s.name.value for s in selections if isinstance(s, FieldNode))
+    return operation.operation, names, len(names) != len(selections)
 
 
 def request_id_for(conn: HTTPConnection) -> str:
@@ -43,12 +77,15 @@ def error_response(error: AtriumError, status: int, request_id: str) -> Response
                     headers={"x-request-id": request_id, "www-authenticate": "Bearer"})
 
 
-class AtriumGraphQL(GraphQL[Context, None]):
+class AtriumGraphQL(GraphQLOverHTTP):
     runtime: Runtime
     """Set by the app's lifespan before the first request."""
+    graphql_transport_ws_handler_class = GroupedTransportWSHandler
 
     def __init__(self, settings: Settings, **kwargs: Any) -> None:
+        kwargs.setdefault("subscription_protocols", (GRAPHQL_TRANSPORT_WS_PROTOCOL,))
         super().__init__(build_schema(production=settings.env == "production"), **kwargs)
+        self.live_groups = LiveGroups(self.schema, self.live_result, queue_size=settings.subscriber_queue_size)
 
     def make_context(self, conn: HTTPConnection, principal: Principal | None, request_id: str) -> Context:
         rt = self.runtime
@@ -75,13 +112,18 @@ class AtriumGraphQL(GraphQL[Context, None]):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
-            await super().__call__(scope, receive, send)
+            try:
+                await super().__call__(scope, receive, send)
+            finally:
+                if (timer := scope.pop(EXPIRY_KEY, None)) is not None:
+                    timer.cancel()
             return
         request = Request(scope, receive)
         request_id = request_id_for(request)
         context = self.make_context(request, None, request_id)
         try:
-            principal = await authenticate(self.runtime.verifier, request.headers.get("authorization"))
+            principal = await authenticate(self.runtime.verifier, request.headers.get("authorization"),
+                                           api_key=request.headers.get("x-api-key"), api_keys=self.runtime.api_keys)
             if principal is not None:
                 self.bind(context, principal)
                 assert context.db is not None
@@ -91,6 +133,9 @@ class AtriumGraphQL(GraphQL[Context, None]):
                 await context.db.close()
             await error_response(exc, 401, request_id)(scope, receive, send)
             return
+        if self.runtime.limiter is not None:
+            client = request.client.host if request.client else None
+            context.meter = self.runtime.limiter.meter(context.principal, client)
         scope[CONTEXT_KEY] = context
 
         async def send_with_id(message: dict[str, Any]) -> None:
@@ -127,4 +172,50 @@ class AtriumGraphQL(GraphQL[Context, None]):
         except Unauthenticated as exc:
             raise ConnectionRejectionError({"code": "UNAUTHENTICATED", "message": exc.message}) from exc
         self.bind(context, principal)
+        if isinstance(context.request, WebSocket):
+            context.request.scope[EXPIRY_KEY] = asyncio.create_task(
+                self.close_when_expired(context.request, principal.expires_at), name="atrium-token-expiry")
         return None
+
+    @staticmethod
+    async def close_when_expired(websocket: WebSocket, expires_at: float) -> None:
+        """Close ``websocket`` with 4401 when its token expires (the client re-authenticates)."""
+        await asyncio.sleep(max(0.0, expires_at - time.time()))
+        with contextlib.suppress(RuntimeError):  # already closed
+            await websocket.close(code=TOKEN_EXPIRED, reason="Token expired")
+
+    def operation_spec(self, context: Context, query: str, variables: dict[str, Any] | None,
+                       operation_name: str | None) -> OperationSpec | None:
+        """How a WebSocket operation runs: subscriptions of equal tenant, role, document and
+        variables share one execution; queries, mutations and ``presence`` run alone."""
+        principal, parsed = context.principal, root_fields(query, operation_name)
+        if principal is None or parsed is None:
+            return None  # Strawberry's own handling (it closes the socket for unparsable documents)
+        kind, names, opaque = parsed
+        key: Hashable = object()
+        if kind is OperationType.SUBSCRIPTION and not opaque and not names & PER_SUBSCRIBER_FIELDS:
+            key = (principal.tenant_id, principal.role, query, operation_name,
+                   json.dumps(variables or {}, sort_keys=True, default=str))
+        replay: Literal["first", "last"] = "last" if names and names <= STATE_FIELDS and not opaque else "first"
+        return OperationSpec(key, replay, lambda: self.operation_context(context))
+
+    @contextlib.asynccontextmanager
+    async def operation_context(self, connection: Context) -> AsyncIterator[Context]:
+        """A context for one operation on a WebSocket: the connection's principal, a scope of its own."""
+        assert connection.principal is not None and connection.request is not None
+        context = self.make_context(connection.request, connection.principal, uuid.uuid4().hex)
+        context.connection_params = connection.connection_params
+        try:
+            yield context
+        finally:
+            if context.db is not None:
+                await context.db.close()
+
+    def live_result(self, result: ExecutionResult) -> dict[str, Any]:
+        """A result as graphql-transport-ws sends it, errors coded and masked as over HTTP."""
+        payload: dict[str, Any] = {"data": result.data}
+        if result.errors:
+            payload["errors"] = [coded(e, None).formatted for e in result.errors]
+        if result.extensions:
+            payload["extensions"] = result.extensions
+        return payload

@@ -5,11 +5,12 @@ from __future__ import annotations
 import dataclasses
 import uuid
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from sqlalchemy import bindparam, select
 
 from atrium.errors import Unauthenticated
+from auth.api_keys import ApiKeys, is_api_key
 from auth.roles import RANK
 from auth.tokens import TokenVerifier
 from models.db import TenantScope
@@ -32,6 +33,18 @@ class Principal:
     user_id: uuid.UUID
     role: Role
     expires_at: float
+    api_key_id: uuid.UUID | None = None
+    """Set when the credential is an API key (which acts for ``user_id``, its creator)."""
+    persisted_only: bool = False
+    """The credential may run trusted documents only (of ``client``, when set)."""
+    client: str | None = None
+
+
+class Meter(Protocol):
+    """Charges each operation's cost to the caller's rate limits before it runs (``atrium/ratelimit.py``)."""
+
+    async def charge(self, cost: int) -> None:
+        """Spend ``cost`` units; raises RATE_LIMITED (or QUERY_TOO_COMPLEX when it can never fit)."""
 
 
 @dataclass
@@ -48,6 +61,8 @@ class Context:
     loaders: Loaders | None = None
     connection_params: dict[str, Any] | None = field(default=None)
     response: Any = None
+    meter: Meter | None = None
+    """Rate limits of an HTTP request; None where operations are not metered (WebSocket, scripts)."""
 
     def require(self) -> tuple[Principal, TenantScope, Loaders]:
         """The principal, its tenant scope and loaders; UNAUTHENTICATED when anonymous."""
@@ -89,11 +104,28 @@ async def confirm_membership(db: TenantScope, principal: Principal) -> Principal
     return principal
 
 
-async def authenticate(verifier: TokenVerifier, authorization: str | None) -> Principal | None:
-    """The principal for an Authorization value: None when there is none, UNAUTHENTICATED when bad."""
+async def authenticate(verifier: TokenVerifier, authorization: str | None, *, api_key: str | None = None,
+                       api_keys: ApiKeys | None = None) -> Principal | None:
+    """The principal for an Authorization value (a JWT, or an API key recognised by its ``atr_``
+    prefix) or an ``X-API-Key`` value: None when there is neither, UNAUTHENTICATED when bad.
+
+    Sending both headers is refused, and API keys are refused where no ``api_keys`` verifier is given.
+    """
     token = bearer_token(authorization)
+    if api_key is not None:
+        if token is not None:
+            raise Unauthenticated("Send either an Authorization or an X-API-Key header, not both")
+        token = api_key.strip()
+        if not is_api_key(token):
+            raise Unauthenticated("Invalid API key")
     if token is None:
         return None
+    if is_api_key(token):
+        if api_keys is None:
+            raise Unauthenticated("API keys are not accepted here")
+        key = await api_keys.verify(token)
+        return Principal(tenant_id=key.tenant_id, user_id=key.user_id, role=key.role, expires_at=key.expires_at,
+                         api_key_id=key.key_id, persisted_only=key.persisted_only, client=key.client)
     claims = await verifier.verify(token)
     return Principal(tenant_id=claims.tenant_id, user_id=claims.user_id, role=claims.role,
                      expires_at=claims.expires_at)

@@ -20,6 +20,7 @@ from sqlalchemy import (
     Column,
     DateTime,
     ForeignKeyConstraint,
+    LargeBinary,
     Numeric,
     Table,
     Text,
@@ -217,4 +218,78 @@ DEALS = table(Deal)
 ACTIVITIES = table(Activity)
 AUDIT_EVENTS = table(AuditEvent)
 
-TENANT_TABLES = (MEMBERSHIPS, COMPANIES, CONTACTS, PIPELINES, STAGES, DEALS, ACTIVITIES, AUDIT_EVENTS)
+
+class Note(TenantTable, table=True):
+    """A collaborative note on exactly one deal, contact or company.
+
+    ``state`` is the compacted Yjs document (``pycrdt`` update encoding of the whole document); the
+    note's text is the document's ``Text`` named ``"body"``. ``version`` counts applied updates.
+    """
+
+    __tablename__ = "notes"
+    __table_args__ = (
+        ForeignKeyConstraint(["tenant_id", "deal_id"], ["deals.tenant_id", "deals.id"], ondelete="CASCADE"),
+        ForeignKeyConstraint(["tenant_id", "contact_id"], ["contacts.tenant_id", "contacts.id"], ondelete="CASCADE"),
+        ForeignKeyConstraint(["tenant_id", "company_id"], ["companies.tenant_id", "companies.id"], ondelete="CASCADE"),
+        CheckConstraint("num_nonnulls(deal_id, contact_id, company_id) = 1", name="notes_one_parent"),
+    )
+    deal_id: uuid.UUID | None = None
+    contact_id: uuid.UUID | None = None
+    company_id: uuid.UUID | None = None
+    state: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+
+
+NOTES = table(Note)
+
+TENANT_TABLES = (MEMBERSHIPS, COMPANIES, CONTACTS, PIPELINES, STAGES, DEALS, ACTIVITIES, AUDIT_EVENTS, NOTES)
+
+
+class ApiKey(TenantTable, table=True):
+    """A credential for a partner integration, acting for ``created_by`` with at most their role.
+
+    Only ``secret_sha256`` (SHA-256 of the secret, hex) is stored; ``prefix`` is public and unique
+    across tenants because a key is looked up by it before its tenant is known.
+    """
+
+    __tablename__ = "api_keys"
+    prefix: str = Field(max_length=16)
+    secret_sha256: str = Field(sa_column=Column(CHAR(64), nullable=False))
+    name: str = Field(max_length=100)
+    role: str = Field(default=Role.VIEWER.value)
+    persisted_only: bool = False
+    client: str | None = Field(default=None, max_length=100)
+    created_by: uuid.UUID
+    expires_at: datetime | None = Field(default=None, sa_type=DateTime(timezone=True))
+    revoked_at: datetime | None = Field(default=None, sa_type=DateTime(timezone=True))
+    last_used_at: datetime | None = Field(default=None, sa_type=DateTime(timezone=True))
+
+
+class PersistedDocument(TenantTable, table=True):
+    """A trusted document (one operation) of a client's manifest; ``document_id`` is the manifest's id."""
+
+    __tablename__ = "persisted_documents"
+    client: str = Field(max_length=100)
+    document_id: str = Field(max_length=200)
+    sha256: str = Field(sa_column=Column(CHAR(64), nullable=False))
+    name: str | None = Field(default=None, max_length=200)
+    operation_type: str
+    body: str = Field(sa_type=Text)
+    created_by: uuid.UUID | None = None
+
+
+class ApqDocument(SQLModel, table=True):
+    """The automatic-persisted-query cache when there is no Redis: global, reached only via functions."""
+
+    __tablename__ = "apq_documents"
+    sha256: str = Field(sa_column=Column(CHAR(64), primary_key=True))
+    document: str = Field(sa_type=Text)
+    created_at: datetime = _ts()
+    last_used_at: datetime = _ts()
+
+
+API_KEYS = table(ApiKey)
+PERSISTED_DOCUMENTS = table(PersistedDocument)
+APQ_DOCUMENTS = table(ApqDocument)
+
+# Partner tables are tenant tables too (kept apart from the tuple above, which other revisions extend).
+TENANT_TABLES = (*TENANT_TABLES, API_KEYS, PERSISTED_DOCUMENTS)

@@ -11,6 +11,7 @@ from auth.roles import Can, Permission
 from models.tables import COMPANIES
 from resolvers.connections import paginate
 from resolvers.entities import COMPANY
+from resolvers.links import release
 from resolvers.paging import SortKey, parse_datetime
 from resolvers.search import contains
 from resolvers.writes import change
@@ -79,5 +80,7 @@ class CompanyMutation:
                              expected_version: int | None = None) -> DeletePayload:
         company_id = decode_id(id, "Company")
         async with change(info, Permission.DELETE) as w:
+            await w.require(COMPANY, company_id, lock=True)
+            await release(w, "company_id", company_id)
             await w.delete(COMPANY, company_id, expected_version)
         return DeletePayload(deleted_id=id)

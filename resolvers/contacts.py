@@ -11,6 +11,7 @@ from auth.roles import Can, Permission
 from models.tables import CONTACTS
 from resolvers.connections import paginate
 from resolvers.entities import COMPANY, CONTACT
+from resolvers.links import release
 from resolvers.paging import SortKey, parse_datetime
 from resolvers.search import contains
 from resolvers.writes import change
@@ -86,5 +87,7 @@ class ContactMutation:
                              expected_version: int | None = None) -> DeletePayload:
         contact_id = decode_id(id, "Contact")
         async with change(info, Permission.DELETE) as w:
+            await w.require(CONTACT, contact_id, lock=True)
+            await release(w, "contact_id", contact_id)
             await w.delete(CONTACT, contact_id, expected_version)
         return DeletePayload(deleted_id=id)

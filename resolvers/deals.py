@@ -13,12 +13,13 @@ from auth.roles import Can, Permission
 from models.tables import COMPANIES, CONTACTS, DEALS
 from resolvers.connections import paginate
 from resolvers.entities import COMPANY, CONTACT, DEAL, STAGE
+from resolvers.links import release
 from resolvers.paging import SortKey, parse_date, parse_datetime, parse_decimal
 from resolvers.search import contains
 from resolvers.writes import Change, change
 from schema.enums import OrderDirection
 from schema.ids import decode_id
-from schema.inputs import DealFilter, DealInput, DealOrder, DealOrderField, DealPatch, currency
+from schema.inputs import DealFilter, DealInput, DealOrder, DealOrderField, DealPatch, currency, text
 from schema.types import Connection, Deal, DeletePayload, Info, Stage, StageTotal
 
 CLOSE_DATE = func.coalesce(DEALS.c.expected_close_date, literal_column("'infinity'::date"))
@@ -60,9 +61,7 @@ def filtered(tenant_id: uuid.UUID, f: DealFilter | None) -> Select[tuple[object,
     if f.close_date_to is not None:
         query = query.where(DEALS.c.expected_close_date <= f.close_date_to)
     if f.search is not None and f.search.strip():
-        term = f.search.strip()
-        if len(term) > 100:
-            raise BadUserInput("filter.search", "must be at most 100 characters")
+        term = text("filter.search", f.search, 100)
         company = select(COMPANIES.c.id).where(
             COMPANIES.c.tenant_id == DEALS.c.tenant_id, COMPANIES.c.id == DEALS.c.company_id,
             contains(COMPANIES.c.name, term)).exists()
@@ -155,6 +154,8 @@ class DealMutation:
     async def delete_deal(self, info: Info, id: strawberry.ID, expected_version: int | None = None) -> DeletePayload:
         deal_id = decode_id(id, "Deal")
         async with change(info, Permission.DELETE) as w:
+            await w.require(DEAL, deal_id, lock=True)
+            await release(w, "deal_id", deal_id)
             await w.delete(DEAL, deal_id, expected_version)
         return DeletePayload(deleted_id=id)
 

@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
-from models.tables import ACTIVITIES, COMPANIES, CONTACTS, DEALS, MEMBERSHIPS, PIPELINES, STAGES, TENANTS
+from models.tables import (
+    ACTIVITIES,
+    COMPANIES,
+    CONTACTS,
+    DEALS,
+    MEMBERSHIPS,
+    NOTES,
+    PIPELINES,
+    STAGES,
+    TENANTS,
+)
 from resolvers.writes import Entity
 
 COMPANY = Entity("Company", COMPANIES)
@@ -13,3 +23,4 @@ DEAL = Entity("Deal", DEALS, scope=lambda row: {"pipeline": str(row["pipeline_id
 ACTIVITY = Entity("Activity", ACTIVITIES)
 MEMBERSHIP = Entity("Membership", MEMBERSHIPS)
 TENANT = Entity("Tenant", TENANTS)
+NOTE = Entity("Note", NOTES)

@@ -44,7 +44,10 @@ def parse_date(text: str) -> dt.date:
 
 
 def parse_decimal(text: str) -> Decimal:
-    return Decimal(text)
+    value = Decimal(text)
+    if not value.is_finite() or abs(value) >= Decimal("1e18"):
+        raise ValueError(text)
+    return value
 
 
 def encode_cursor(key: SortKey, row: Row[Any]) -> str:
@@ -56,6 +59,8 @@ def encode_cursor(key: SortKey, row: Row[Any]) -> str:
 def decode_cursor(key: SortKey, cursor: str, field: str) -> tuple[Any, uuid.UUID]:
     try:
         name, value, id_ = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+        if not isinstance(value, str) or "\x00" in value or len(value) > 400:
+            raise ValueError(value)
         if name != key.name:
             raise BadUserInput(field, "cursor belongs to another ordering")
         return key.parse(value), uuid.UUID(id_)

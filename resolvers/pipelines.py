@@ -5,8 +5,9 @@ from __future__ import annotations
 import strawberry
 from sqlalchemy import func, select
 
+from atrium.errors import BadUserInput
 from auth.roles import Can, Permission
-from models.tables import PIPELINES, STAGES
+from models.tables import DEALS, PIPELINES, STAGES
 from resolvers.entities import PIPELINE, STAGE
 from resolvers.writes import change
 from schema.ids import decode_id
@@ -57,6 +58,12 @@ class PipelineMutation:
                               expected_version: int | None = None) -> DeletePayload:
         pipeline_id = decode_id(id, "Pipeline")
         async with change(info, Permission.DELETE) as w:
+            await w.require(PIPELINE, pipeline_id, lock=True)
+            in_use = (await w.conn.execute(select(DEALS.c.id).where(
+                DEALS.c.tenant_id == w.tenant_id, DEALS.c.pipeline_id == pipeline_id).limit(1))).first()
+            if in_use is not None:
+                raise BadUserInput("id", "this pipeline still has deals; move or delete them first")
+            await w.delete_where(STAGE, STAGES.c.pipeline_id == pipeline_id)
             await w.delete(PIPELINE, pipeline_id, expected_version)
         return DeletePayload(deleted_id=id)
 

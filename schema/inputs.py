@@ -29,8 +29,10 @@ MAX_AMOUNT = Decimal("9999999999999999.99")
 
 
 def text(field: str, value: str, max_length: int) -> str:
-    """A required text: stripped, non-empty, at most ``max_length`` characters."""
+    """A required text: stripped, non-empty, at most ``max_length`` characters, no NUL."""
     value = value.strip()
+    if "\x00" in value:
+        raise BadUserInput(field, "must not contain NUL characters")
     if not value:
         raise BadUserInput(field, "must not be empty")
     if len(value) > max_length:
@@ -48,7 +50,7 @@ def email(field: str, value: str | None) -> str | None:
     if value is None or not value.strip():
         return None
     value = value.strip()
-    if len(value) > 320 or not EMAIL.match(value):
+    if "\x00" in value or len(value) > 320 or not EMAIL.match(value):
         raise BadUserInput(field, "must be an email address")
     return value
 

@@ -6,7 +6,7 @@ from typing import Any
 
 import strawberry
 from graphql import GraphQLError
-from strawberry.extensions import DisableIntrospection, MaxTokensLimiter, ValidationCache
+from strawberry.extensions import DisableIntrospection, MaxTokensLimiter, SchemaExtension, ValidationCache
 from strawberry.schema.config import StrawberryConfig
 from strawberry.types.execution import ExecutionContext
 
@@ -15,19 +15,30 @@ from resolvers.audit import AuditQuery
 from resolvers.companies import CompanyMutation, CompanyQuery
 from resolvers.contacts import ContactMutation, ContactQuery
 from resolvers.deals import DealMutation, DealQuery
+from resolvers.live import LiveMutation, LiveSubscription
+from resolvers.notes import NoteMutation, NoteQuery
+from resolvers.partners import PartnerMutation, PartnerQuery
 from resolvers.pipelines import PipelineMutation, PipelineQuery
 from resolvers.viewer import ViewerMutation, ViewerQuery
+from schema.cost import CostLimit, MeteredCostLimit
 from schema.extensions import MAX_TOKENS, CodedParserCache, ErrorCoding, StaticLimits, log_unexpected
-from schema.types import Activity, Company, Contact, Deal, Pipeline, Stage, User
+from schema.types import Activity, Company, Contact, Deal, Note, Pipeline, Stage, User
 
 
 @strawberry.type
-class Query(ViewerQuery, DealQuery, CompanyQuery, ContactQuery, PipelineQuery, ActivityQuery, AuditQuery):
+class Query(ViewerQuery, DealQuery, CompanyQuery, ContactQuery, PipelineQuery, ActivityQuery, AuditQuery,
+            PartnerQuery, NoteQuery):
     pass
 
 
 @strawberry.type
-class Mutation(ViewerMutation, DealMutation, CompanyMutation, ContactMutation, PipelineMutation, ActivityMutation):
+class Mutation(ViewerMutation, DealMutation, CompanyMutation, ContactMutation, PipelineMutation, ActivityMutation,
+               PartnerMutation, NoteMutation, LiveMutation):
+    pass
+
+
+@strawberry.type
+class Subscription(LiveSubscription):
     pass
 
 
@@ -35,6 +46,11 @@ class AtriumSchema(strawberry.Schema):
     def process_errors(self, errors: list[GraphQLError], execution_context: ExecutionContext | None = None) -> None:
         """Log only unexpected errors (with the request id); client errors are not server faults."""
         log_unexpected(errors, execution_context)
+
+    def get_extensions(self, sync: bool = False) -> list[SchemaExtension]:
+        """Synchronous execution cannot await a meter: it gets the unmetered cost limit."""
+        extensions = super().get_extensions(sync)
+        return [CostLimit() if sync and isinstance(e, MeteredCostLimit) else e for e in extensions]
 
 
 def build_schema(*, production: bool = False) -> AtriumSchema:
@@ -45,13 +61,15 @@ def build_schema(*, production: bool = False) -> AtriumSchema:
         StaticLimits,
         lambda: MaxTokensLimiter(max_token_count=MAX_TOKENS),
         ErrorCoding,
+        MeteredCostLimit,
     ]
     if production:
         extensions.append(DisableIntrospection)
     return AtriumSchema(
         query=Query,
         mutation=Mutation,
-        types=[Deal, Company, Contact, Pipeline, Stage, Activity, User],
+        subscription=Subscription,
+        types=[Deal, Company, Contact, Pipeline, Stage, Activity, User, Note],
         extensions=extensions,
         config=StrawberryConfig(disable_field_suggestions=production),
     )

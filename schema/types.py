@@ -7,20 +7,25 @@ Each type keeps the foreign keys it needs as ``strawberry.Private`` and is built
 from __future__ import annotations
 
 import datetime as dt
+import enum
 import uuid
 from collections.abc import Awaitable, Callable
 from decimal import Decimal
-from typing import Any, Generic, TypeVar
+from typing import Annotated, Any, Generic, TypeVar
 
 import strawberry
 from sqlalchemy import Row
-from strawberry.scalars import JSON
+from strawberry.scalars import JSON, Base64
 
 from atrium.errors import BadUserInput
 from auth.context import Context
 from models.tables import ActivityKind, DealStatus, Plan, Role
 from resolvers.loaders import Loaders
 from schema.ids import to_global_id
+from subscriptions.events import ChangeKind
+from subscriptions.notes import BODY as NOTE_BODY
+from subscriptions.notes import text_of as note_text
+from subscriptions.presence import PresenceState
 
 Info = strawberry.Info[Context, None]
 T = TypeVar("T")
@@ -354,7 +359,7 @@ class AuditEvent:
         return User.from_row(row) if row else None
 
 
-@strawberry.type(description="Open deals of one stage in one currency.")
+@strawberry.type(description="Deals (of every status) in one stage and one currency.")
 class StageTotal:
     stage: Stage
     currency: str
@@ -374,3 +379,247 @@ class LoginPayload:
     expires_at: dt.datetime
     user: User
     tenant: Tenant
+
+
+# ---- Partner API: API keys and trusted documents ---------------------------------------------------
+
+@strawberry.type(description="An API key of this workspace. Its secret is shown once, when it is created.")
+class ApiKey:
+    id: strawberry.ID
+    name: str
+    prefix: str = strawberry.field(description="The public part of the key: `atr_<prefix>_<secret>`.")
+    role: Role = strawberry.field(description="The key's role (never above its creator's current role).")
+    persisted_only: bool = strawberry.field(description="The key may run trusted documents only.")
+    client: str | None = strawberry.field(description="The manifest client whose documents the key may run.")
+    expires_at: dt.datetime | None
+    last_used_at: dt.datetime | None = strawberry.field(description="Recorded at most once a minute.")
+    revoked_at: dt.datetime | None
+    created_at: dt.datetime
+    created_by_id: strawberry.Private[uuid.UUID]
+
+    @classmethod
+    def from_row(cls, row: Row[Any]) -> ApiKey:
+        return cls(id=strawberry.ID(to_global_id("ApiKey", row.id)), name=row.name, prefix=row.prefix,
+                   role=Role(row.role), persisted_only=row.persisted_only, client=row.client,
+                   expires_at=row.expires_at, last_used_at=row.last_used_at, revoked_at=row.revoked_at,
+                   created_at=row.created_at, created_by_id=row.created_by)
+
+    @strawberry.field(description="The member the key acts for; null once they have left the workspace.")
+    async def created_by(self, info: Info) -> User | None:
+        row = await loaders(info).user.load(self.created_by_id)
+        return User.from_row(row) if row else None
+
+
+@strawberry.type
+class CreatedApiKey:
+    api_key: ApiKey
+    secret: str = strawberry.field(description="The whole key, to send as `Authorization: Bearer <secret>` or "
+                                               "`X-API-Key`. It is shown only here: store it now.")
+
+
+@strawberry.input
+class CreateApiKeyInput:
+    name: str
+    role: Role = strawberry.field(description="At most your own role.")
+    expires_at: dt.datetime | None = None
+    persisted_only: bool = strawberry.field(default=False,
+                                            description="Refuse anything but the trusted documents of `client`.")
+    client: str | None = strawberry.field(default=None, description="Restrict the key to this client's documents.")
+
+
+@strawberry.type(description="A trusted document (one operation) of a client's manifest.")
+class PersistedDocument:
+    id: strawberry.ID
+    client: str
+    document_id: str = strawberry.field(description="The manifest's id; also callable as `sha256:<sha256>`.")
+    sha256: str
+    name: str | None
+    operation_type: str = strawberry.field(description="query, mutation or subscription.")
+    body: str
+    created_at: dt.datetime
+
+    @classmethod
+    def from_row(cls, row: Row[Any]) -> PersistedDocument:
+        return cls(id=strawberry.ID(to_global_id("PersistedDocument", row.id)), client=row.client,
+                   document_id=row.document_id, sha256=row.sha256, name=row.name,
+                   operation_type=row.operation_type, body=row.body, created_at=row.created_at)
+
+
+@strawberry.type
+class PushPersistedDocumentsPayload:
+    client: str
+    added: list[PersistedDocument] = strawberry.field(description="Documents new to the client.")
+    unchanged_count: int = strawberry.field(description="Documents the client already had, with the same text.")
+
+
+@strawberry.type
+class RemovePersistedDocumentsPayload:
+    client: str
+    removed_ids: list[str]
+    missing_ids: list[str] = strawberry.field(description="Ids the client did not have.")
+
+
+# --- Live updates (subscriptions) ---------------------------------------------------------------
+
+strawberry.enum(ChangeKind, name="ChangeKind")
+strawberry.enum(PresenceState, name="PresenceState")
+
+
+@strawberry.type(description="A collaborative note on a deal, contact or company: a Yjs document.")
+class Note(Node):
+    version: int = strawberry.field(description="Number of updates merged so far, plus one.")
+    created_at: dt.datetime
+    updated_at: dt.datetime
+    state: Base64 = strawberry.field(description=(
+        "The whole document as one Yjs update (`Y.applyUpdate(doc, state)`), base64."))
+    uuid: strawberry.Private[uuid.UUID]
+    deal_id: strawberry.Private[uuid.UUID | None]
+    contact_id: strawberry.Private[uuid.UUID | None]
+    company_id: strawberry.Private[uuid.UUID | None]
+
+    @classmethod
+    def from_row(cls, row: Row[Any]) -> Note:
+        return cls(id=strawberry.ID(to_global_id("Note", row.id)), version=row.version, created_at=row.created_at,
+                   updated_at=row.updated_at, state=Base64(bytes(row.state)), uuid=row.id, deal_id=row.deal_id,
+                   contact_id=row.contact_id, company_id=row.company_id)
+
+    @strawberry.field(description=f"Plain text of the document's shared `Y.Text` named \"{NOTE_BODY}\".")
+    def text(self) -> str:
+        return note_text(self.state)
+
+    @strawberry.field
+    async def deal(self, info: Info) -> Deal | None:
+        if self.deal_id is None:
+            return None
+        row = await loaders(info).deal.load(self.deal_id)
+        return Deal.from_row(row) if row else None
+
+    @strawberry.field
+    async def contact(self, info: Info) -> Contact | None:
+        if self.contact_id is None:
+            return None
+        row = await loaders(info).contact.load(self.contact_id)
+        return Contact.from_row(row) if row else None
+
+    @strawberry.field
+    async def company(self, info: Info) -> Company | None:
+        if self.company_id is None:
+            return None
+        row = await loaders(info).company.load(self.company_id)
+        return Company.from_row(row) if row else None
+
+
+@strawberry.enum
+class ResyncReason(enum.Enum):
+    SUBSCRIBED = "SUBSCRIBED"
+    GAP = "GAP"
+
+
+@strawberry.type(description=(
+    "Events before this point may be missing from this stream: fetch the current state now. Sent first "
+    "on every event stream (SUBSCRIBED: the stream is live, nothing after this is missed) and whenever "
+    "the server's own event feed had a gap (GAP), e.g. after losing Redis for a while."))
+class Resync:
+    reason: ResyncReason
+    timestamp: dt.datetime
+
+
+@strawberry.type
+class ChangeFields:
+    """What every change event says besides the record (shared by the *Change types)."""
+
+    kind: ChangeKind
+    record_id: strawberry.ID
+    record_type: str = strawberry.field(description="The record's GraphQL type name (`Deal`, `Company`...).")
+    changed_fields: list[str] = strawberry.field(description="GraphQL names of the fields that changed.")
+    version: int = strawberry.field(description="The record's version after the change.")
+    timestamp: dt.datetime = strawberry.field(description="When the change's transaction committed.")
+    actor_id: strawberry.Private[uuid.UUID | None]
+    record_uuid: strawberry.Private[uuid.UUID]
+
+    @strawberry.field(description="Who made the change.")
+    async def actor(self, info: Info) -> User | None:
+        if self.actor_id is None:
+            return None
+        row = await loaders(info).user.load(self.actor_id)
+        return User.from_row(row) if row else None
+
+
+@strawberry.type(description="A change of one record of any type.")
+class RecordChange(ChangeFields):
+    fetch: strawberry.Private[Callable[[Loaders], Awaitable[Node | None]]]
+
+    @strawberry.field(description="The record as you may read it now; null when DELETED.")
+    async def record(self, info: Info) -> Node | None:
+        if self.kind is ChangeKind.DELETED:
+            return None
+        return await self.fetch(loaders(info))
+
+
+@strawberry.type(description="A deal created, moved, updated or deleted on a board.")
+class DealChange(ChangeFields):
+    @strawberry.field(description="The deal as you may read it now; null when DELETED.")
+    async def record(self, info: Info) -> Deal | None:
+        if self.kind is ChangeKind.DELETED:
+            return None
+        row = await loaders(info).deal.load(self.record_uuid)
+        return Deal.from_row(row) if row else None
+
+
+@strawberry.type(description="An activity created, updated or deleted.")
+class ActivityChange(ChangeFields):
+    @strawberry.field(description="The activity as you may read it now; null when DELETED.")
+    async def record(self, info: Info) -> Activity | None:
+        if self.kind is ChangeKind.DELETED:
+            return None
+        row = await loaders(info).activity.load(self.record_uuid)
+        return Activity.from_row(row) if row else None
+
+
+@strawberry.type(description="Another editor's change to a note: apply `update` to your Yjs document.")
+class NoteUpdate:
+    note_id: strawberry.ID
+    update: Base64 = strawberry.field(description="A Yjs update (`Y.applyUpdate(doc, update)`), base64.")
+    version: int = strawberry.field(description="The note's version after this update.")
+    origin: str | None = strawberry.field(description="The `origin` the editor sent with the update.")
+    timestamp: dt.datetime = strawberry.field(description="When the update's transaction committed.")
+    actor_id: strawberry.Private[uuid.UUID | None]
+
+    @strawberry.field(description="Who wrote the update.")
+    async def author(self, info: Info) -> User | None:
+        if self.actor_id is None:
+            return None
+        row = await loaders(info).user.load(self.actor_id)
+        return User.from_row(row) if row else None
+
+
+@strawberry.type
+class PresenceUser:
+    state: PresenceState
+    since: dt.datetime
+    user_id: strawberry.Private[uuid.UUID]
+
+    @strawberry.field
+    async def user(self, info: Info) -> User | None:
+        row = await loaders(info).user.load(self.user_id)
+        return User.from_row(row) if row else None
+
+
+@strawberry.type(description="Everyone viewing or editing a record now, longest present first.")
+class PresenceList:
+    record_id: strawberry.ID
+    users: list[PresenceUser]
+    timestamp: dt.datetime
+
+
+@strawberry.type(description="Live totals of a pipeline (the same numbers as `Query.pipelineSummary`).")
+class PipelineTotals:
+    pipeline_id: strawberry.ID
+    totals: list[StageTotal]
+    timestamp: dt.datetime
+
+
+RecordEvent = Annotated[RecordChange | Resync, strawberry.union("RecordEvent")]
+DealBoardEvent = Annotated[DealChange | Resync, strawberry.union("DealBoardEvent")]
+ActivityFeedEvent = Annotated[ActivityChange | Resync, strawberry.union("ActivityFeedEvent")]
+NoteEvent = Annotated[NoteUpdate | Resync, strawberry.union("NoteEvent")]

@@ -1,48 +1,108 @@
-"""The broker interface and the in-process backend.
+"""The broker interface and its two backends: in-process (``MemoryBroker``) and Redis (``RedisBroker``).
 
-Writers call ``publish`` after their transaction commits; subscribers hold a bounded queue per
-subscription (``subscribe``), so a slow consumer cannot grow memory: when its queue is full it
-receives ``OVERFLOW`` as its last item and must resynchronise.
+Writers call ``publish`` after their transaction commits. A subscriber holds one bounded queue per
+subscription (``subscribe``), filled with ``put_nowait`` only, so a slow consumer can neither stall
+the others nor grow memory: when its queue is full the backlog is replaced by ``OVERFLOW``, on
+which the subscriber must stop. After the Redis connection was lost and re-established, every
+subscriber of every channel receives ``GAP`` once the channel is subscribed again: events published
+meanwhile are lost (Redis pub/sub is at-most-once) and the subscriber must refetch.
+
+Queue items are therefore: an ``Event`` (``subscriptions.events``), ``GAP`` or ``OVERFLOW``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass
 from typing import Final, Protocol
 
-from subscriptions.events import ChangeEvent
+from redis.asyncio import Redis
+from redis.asyncio.client import PubSub
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff, NoBackoff
+from redis.exceptions import RedisError
 
-OVERFLOW: Final = object()
-"""Put in a subscriber's queue (replacing its backlog) when it fell too far behind."""
+from subscriptions.events import Event, decode_event, encode_event
+from subscriptions.presence import MemoryPresence, Presence, RedisPresence
+
+log = logging.getLogger("atrium.broker")
+
+
+class Marker:
+    """A sentinel queue item (``GAP``, ``OVERFLOW``)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+OVERFLOW: Final = Marker("OVERFLOW")
+"""Replaces a subscriber's backlog when it fell too far behind; the subscriber must stop there."""
+GAP: Final = Marker("GAP")
+"""Put in every subscriber's queue after the broker lost and regained its Redis subscription."""
+
+
+@dataclass
+class BrokerStats:
+    """Counters for logs and metrics (per process)."""
+
+    published: int = 0
+    publish_failures: int = 0
+    received: int = 0
+    reconnects: int = 0
+    overflows: int = 0
 
 
 class Broker(Protocol):
-    async def publish(self, event: ChangeEvent) -> None:
-        """Deliver ``event`` to every subscriber of its channels (never raises for delivery)."""
+    presence: Presence
+    stats: BrokerStats
+
+    async def start(self) -> None:
+        """Start background work (the Redis reader); returns without waiting for Redis."""
         ...
 
-    def subscribe(self, channel: str) -> AsyncIterator[asyncio.Queue[object]]:
-        """An async context manager yielding the queue of a new subscription to ``channel``."""
+    async def close(self) -> None:
+        """Stop background work and release connections."""
+        ...
+
+    async def publish(self, event: Event) -> None:
+        """Deliver ``event`` to every subscriber of its channels; never raises for delivery."""
+        ...
+
+    def subscribe(self, channel: str) -> AbstractAsyncContextManager[asyncio.Queue[object]]:
+        """An async context manager yielding the queue of a new subscription to ``channel``.
+
+        The queue is live when the context is entered: every event published afterwards arrives.
+        """
         ...
 
 
 class LocalFanout:
     """Fan-out to this process's subscribers with bounded queues (shared by every backend)."""
 
-    def __init__(self, maxsize: int = 256) -> None:
+    def __init__(self, maxsize: int = 256, stats: BrokerStats | None = None) -> None:
         self._maxsize = maxsize
         self._subscribers: dict[str, set[asyncio.Queue[object]]] = {}
+        self._stats = stats or BrokerStats()
 
     def deliver(self, channel: str, item: object) -> None:
         for queue in tuple(self._subscribers.get(channel, ())):
-            try:
-                queue.put_nowait(item)
-            except asyncio.QueueFull:
-                while not queue.empty():
-                    queue.get_nowait()
-                queue.put_nowait(OVERFLOW)
+            self._put(queue, item)
+
+    def _put(self, queue: asyncio.Queue[object], item: object) -> None:
+        try:
+            queue.put_nowait(item)
+        except asyncio.QueueFull:
+            while not queue.empty():
+                queue.get_nowait()
+            queue.put_nowait(OVERFLOW)
+            self._stats.overflows += 1
 
     def add(self, channel: str) -> tuple[asyncio.Queue[object], bool]:
         """A new queue on ``channel``, and whether it is the channel's first local subscriber."""
@@ -62,6 +122,10 @@ class LocalFanout:
         del self._subscribers[channel]
         return True
 
+    def channels(self) -> list[str]:
+        """Channels with at least one local subscriber."""
+        return list(self._subscribers)
+
     def count(self) -> int:
         return sum(len(s) for s in self._subscribers.values())
 
@@ -70,9 +134,18 @@ class MemoryBroker:
     """Single-process broker: events reach subscribers of this process only."""
 
     def __init__(self, maxsize: int = 256) -> None:
-        self.fanout = LocalFanout(maxsize)
+        self.stats = BrokerStats()
+        self.fanout = LocalFanout(maxsize, self.stats)
+        self.presence: Presence = MemoryPresence(self.publish)
 
-    async def publish(self, event: ChangeEvent) -> None:
+    async def start(self) -> None:
+        await self.presence.start()
+
+    async def close(self) -> None:
+        await self.presence.close()
+
+    async def publish(self, event: Event) -> None:
+        self.stats.published += 1
         for channel in event.channels():
             self.fanout.deliver(channel, event)
 
@@ -83,3 +156,172 @@ class MemoryBroker:
             yield queue
         finally:
             self.fanout.remove(channel, queue)
+
+
+class RedisBroker:
+    """Fan-out across processes through Redis pub/sub.
+
+    One PubSub connection and one reader task per process; a channel is SUBSCRIBEd on Redis while
+    it has at least one local subscriber (reference-counted through ``LocalFanout``), and each
+    message is decoded once and then fanned out locally.
+
+    Failure model: ``publish`` logs and counts a failure (``stats.publish_failures``) and returns,
+    so a committed mutation never fails because Redis is away. The reader reconnects with capped
+    exponential backoff (``backoff_min`` doubling up to ``backoff_max`` seconds), re-subscribes every
+    channel, and puts ``GAP`` in each subscriber's queue once its channel's SUBSCRIBE is confirmed.
+    ``subscribe`` returns only once Redis confirmed the channel's subscription (so it waits while
+    Redis is down).
+    """
+
+    def __init__(self, url: str, *, prefix: str = "", maxsize: int = 256, presence_ttl: float = 30.0,
+                 backoff_min: float = 0.1, backoff_max: float = 5.0) -> None:
+        self.stats = BrokerStats()
+        self._prefix = prefix  # of every Redis channel and key (``Settings.redis_prefix``)
+        self.fanout = LocalFanout(maxsize, self.stats)
+        # Commands (publish, presence): few quick retries, short timeouts, so a Redis outage costs a
+        # mutation milliseconds, not seconds.
+        self._client: Redis = Redis.from_url(
+            url, decode_responses=True, socket_connect_timeout=1.0, socket_timeout=2.0,
+            retry=Retry(ExponentialBackoff(cap=0.2, base=0.05), 1),
+        )
+        # The subscription connection: no retries of its own; the reader owns reconnection and GAPs.
+        self._sub_client: Redis = Redis.from_url(
+            url, decode_responses=True, socket_connect_timeout=1.0, socket_keepalive=True,
+            retry=Retry(NoBackoff(), 0),
+        )
+        self.presence: Presence = RedisPresence(self._client, self.publish, presence_ttl, prefix=prefix)
+        self._backoff_min = backoff_min
+        self._backoff_max = backoff_max
+        self._lock = asyncio.Lock()  # orders SUBSCRIBE/UNSUBSCRIBE with the bookkeeping and reconnects
+        self._pubsub: PubSub | None = None
+        self._confirmed: dict[str, asyncio.Event] = {}
+        self._gap_pending: set[str] = set()
+        self._reader: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        if self._reader is None:
+            self._reader = asyncio.create_task(self._run(), name="atrium-redis-broker")
+        await self.presence.start()
+
+    async def close(self) -> None:
+        await self.presence.close()
+        task, self._reader = self._reader, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self._drop_connection()
+        await self._client.aclose()
+        await self._sub_client.aclose()
+
+    async def publish(self, event: Event) -> None:
+        data = encode_event(event)
+        try:
+            async with self._client.pipeline(transaction=False) as pipe:
+                for channel in event.channels():
+                    pipe.publish(self._prefix + channel, data)
+                await pipe.execute()
+        except (RedisError, OSError) as exc:
+            self.stats.publish_failures += 1
+            log.warning("publish to Redis failed (%d so far): %s", self.stats.publish_failures, exc)
+        else:
+            self.stats.published += 1
+
+    @asynccontextmanager
+    async def subscribe(self, channel: str) -> AsyncIterator[asyncio.Queue[object]]:
+        async with self._lock:
+            queue, first = self.fanout.add(channel)
+            if first:
+                confirmed = self._confirmed[channel] = asyncio.Event()
+                if self._pubsub is not None:
+                    try:
+                        await self._pubsub.subscribe(self._prefix + channel)
+                    except (RedisError, OSError) as exc:  # the reader reconnects and re-subscribes
+                        log.warning("SUBSCRIBE %s failed: %s", channel, exc)
+            else:
+                confirmed = self._confirmed[channel]
+        try:
+            await confirmed.wait()
+            yield queue
+        finally:
+            async with self._lock:
+                if self.fanout.remove(channel, queue):
+                    self._confirmed.pop(channel, None)
+                    self._gap_pending.discard(channel)
+                    if self._pubsub is not None:
+                        try:
+                            await self._pubsub.unsubscribe(self._prefix + channel)
+                        except (RedisError, OSError) as exc:
+                            log.warning("UNSUBSCRIBE %s failed: %s", channel, exc)
+
+    async def _run(self) -> None:
+        delay = self._backoff_min
+        connected_before = False
+        while True:
+            try:
+                pubsub = await self._connect(resubscribe=connected_before)
+                if connected_before:
+                    self.stats.reconnects += 1
+                    log.info("Redis subscription connection re-established")
+                connected_before = True
+                delay = self._backoff_min
+                await self._read(pubsub)
+            except (RedisError, OSError) as exc:
+                log.warning("Redis subscription connection lost: %s (retrying in %.1fs)", exc, delay)
+            await self._drop_connection()
+            await asyncio.sleep(delay)  # capped exponential backoff between reconnection attempts
+            delay = min(delay * 2, self._backoff_max)
+
+    async def _connect(self, *, resubscribe: bool) -> PubSub:
+        async with self._lock:
+            pubsub = self._sub_client.pubsub()
+            try:
+                await pubsub.connect()  # type: ignore[no-untyped-call]
+                channels = self.fanout.channels()
+                if resubscribe:
+                    self._gap_pending = set(channels)
+                if channels:
+                    await pubsub.subscribe(*(self._prefix + c for c in channels))
+            except BaseException:
+                await pubsub.aclose()  # type: ignore[no-untyped-call]
+                raise
+            self._pubsub = pubsub
+            return pubsub
+
+    async def _drop_connection(self) -> None:
+        async with self._lock:
+            pubsub, self._pubsub = self._pubsub, None
+            for confirmed in self._confirmed.values():
+                confirmed.clear()
+        if pubsub is not None:
+            with contextlib.suppress(RedisError, OSError):
+                await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    async def _read(self, pubsub: PubSub) -> None:
+        while True:
+            message = await pubsub.get_message(timeout=None)
+            if message is None:
+                continue
+            kind, channel = message["type"], str(message["channel"]).removeprefix(self._prefix)
+            if kind == "message":
+                self.stats.received += 1
+                try:
+                    event = decode_event(message["data"])
+                except (ValueError, KeyError, TypeError) as exc:
+                    log.warning("ignoring undecodable message on %s: %s", channel, exc)
+                    continue
+                self.fanout.deliver(channel, event)
+            elif kind == "subscribe":
+                if (confirmed := self._confirmed.get(channel)) is not None:
+                    confirmed.set()
+                if channel in self._gap_pending:
+                    self._gap_pending.discard(channel)
+                    self.fanout.deliver(channel, GAP)
+
+
+def create_broker(redis_url: str | None, *, prefix: str = "", maxsize: int = 256,
+                  presence_ttl: float = 30.0) -> Broker:
+    """``RedisBroker`` when a Redis URL is configured, else ``MemoryBroker`` (single process)."""
+    if redis_url:
+        return RedisBroker(redis_url, prefix=prefix, maxsize=maxsize, presence_ttl=presence_ttl)
+    return MemoryBroker(maxsize)

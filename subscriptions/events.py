@@ -1,11 +1,22 @@
-"""Change events published after a write commits, and their tenant-prefixed channel names."""
+"""What the broker carries: committed changes and presence changes, their channels and wire codec.
+
+Channel names always start with ``t:<tenant uuid>:``, and the tenant comes from the event (so from
+the writer's principal), never from a subscriber's arguments:
+
+    t:<tenant>:record:<uuid>        every change of one record
+    t:<tenant>:type:<EntityType>    every change of one record type (``activityFeed``)
+    t:<tenant>:<key>:<value>        routing keys of an entity, e.g. ``pipeline:<uuid>`` for deals
+    t:<tenant>:presence:<uuid>      who is viewing or editing one record changed
+
+On Redis every event travels as one JSON text (``encode_event`` / ``decode_event``).
+"""
 
 from __future__ import annotations
 
 import enum
 import json
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -16,9 +27,33 @@ class ChangeKind(enum.StrEnum):
     DELETED = "DELETED"
 
 
+def tenant_prefix(tenant_id: uuid.UUID) -> str:
+    return f"t:{tenant_id}"
+
+
+def record_channel(tenant_id: uuid.UUID, record_id: uuid.UUID) -> str:
+    """Every change of one record."""
+    return f"{tenant_prefix(tenant_id)}:record:{record_id}"
+
+
+def type_channel(tenant_id: uuid.UUID, entity_type: str) -> str:
+    """Every change of one record type (``"Activity"``, ``"Deal"``...)."""
+    return f"{tenant_prefix(tenant_id)}:type:{entity_type}"
+
+
+def scope_channel(tenant_id: uuid.UUID, key: str, value: str) -> str:
+    """Changes routed by an entity's scope key, e.g. ``scope_channel(t, "pipeline", id)``."""
+    return f"{tenant_prefix(tenant_id)}:{key}:{value}"
+
+
+def presence_channel(tenant_id: uuid.UUID, record_id: uuid.UUID) -> str:
+    """The presence list of one record changed."""
+    return f"{tenant_prefix(tenant_id)}:presence:{record_id}"
+
+
 @dataclass(frozen=True)
 class ChangeEvent:
-    """One committed change of one record; ``fields`` names the columns that changed."""
+    """One committed change of one record; ``fields`` names the GraphQL fields that changed."""
 
     tenant_id: uuid.UUID
     entity_type: str
@@ -30,28 +65,90 @@ class ChangeEvent:
     occurred_at: datetime
     scope: dict[str, str] = field(default_factory=dict)
     """Extra routing keys, e.g. ``{"pipeline": "<uuid>"}`` for deals."""
+    previous_scope: dict[str, str] = field(default_factory=dict)
+    """Routing keys before an update that changed them (a deal moved to another pipeline also
+    reaches the board it left)."""
+    detail: dict[str, Any] = field(default_factory=dict)
+    """JSON data for subscribers beyond the record itself, e.g. a note's CRDT ``update`` (base64)."""
+    committed_at: datetime | None = None
+    """When the write's transaction committed (set by the write path just before publishing)."""
 
     def channels(self) -> list[str]:
         """Every channel this event goes to: the record's, the entity type's, and scoped ones."""
-        base = f"t:{self.tenant_id}"
-        out = [f"{base}:record:{self.entity_id}", f"{base}:type:{self.entity_type}"]
-        out += [f"{base}:{key}:{value}" for key, value in sorted(self.scope.items())]
+        out = [record_channel(self.tenant_id, self.entity_id), type_channel(self.tenant_id, self.entity_type)]
+        for scope in (self.scope, self.previous_scope):
+            for key, value in sorted(scope.items()):
+                channel = scope_channel(self.tenant_id, key, value)
+                if channel not in out:
+                    out.append(channel)
         return out
 
-    def encode(self) -> str:
-        data = asdict(self)
-        data.update(tenant_id=str(self.tenant_id), entity_id=str(self.entity_id),
-                    actor_id=str(self.actor_id) if self.actor_id else None,
-                    occurred_at=self.occurred_at.isoformat(), fields=list(self.fields))
-        return json.dumps(data, separators=(",", ":"))
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "event": "change", "tenant_id": str(self.tenant_id), "entity_type": self.entity_type,
+            "entity_id": str(self.entity_id), "kind": self.kind.value, "fields": list(self.fields),
+            "actor_id": str(self.actor_id) if self.actor_id else None, "version": self.version,
+            "occurred_at": self.occurred_at.isoformat(), "scope": self.scope,
+            "previous_scope": self.previous_scope, "detail": self.detail,
+            "committed_at": self.committed_at.isoformat() if self.committed_at else None,
+        }
 
     @classmethod
-    def decode(cls, raw: str | bytes) -> ChangeEvent:
-        data: dict[str, Any] = json.loads(raw)
+    def from_json(cls, data: dict[str, Any]) -> ChangeEvent:
+        committed = data.get("committed_at")
         return cls(
             tenant_id=uuid.UUID(data["tenant_id"]), entity_type=data["entity_type"],
             entity_id=uuid.UUID(data["entity_id"]), kind=ChangeKind(data["kind"]),
             fields=tuple(data["fields"]), actor_id=uuid.UUID(data["actor_id"]) if data["actor_id"] else None,
             version=int(data["version"]), occurred_at=datetime.fromisoformat(data["occurred_at"]),
-            scope=dict(data.get("scope") or {}),
+            scope=dict(data.get("scope") or {}), previous_scope=dict(data.get("previous_scope") or {}),
+            detail=dict(data.get("detail") or {}),
+            committed_at=datetime.fromisoformat(committed) if committed else None,
         )
+
+    def encode(self) -> str:
+        return encode_event(self)
+
+    @classmethod
+    def decode(cls, raw: str | bytes) -> ChangeEvent:
+        event = decode_event(raw)
+        if not isinstance(event, ChangeEvent):
+            raise ValueError("not a change event")
+        return event
+
+
+@dataclass(frozen=True)
+class PresenceChanged:
+    """Someone joined, left or changed state on ``record_id``: subscribers re-read the list."""
+
+    tenant_id: uuid.UUID
+    record_id: uuid.UUID
+
+    def channels(self) -> list[str]:
+        return [presence_channel(self.tenant_id, self.record_id)]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"event": "presence", "tenant_id": str(self.tenant_id), "record_id": str(self.record_id)}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> PresenceChanged:
+        return cls(tenant_id=uuid.UUID(data["tenant_id"]), record_id=uuid.UUID(data["record_id"]))
+
+
+Event = ChangeEvent | PresenceChanged
+
+
+def encode_event(event: Event) -> str:
+    """One compact JSON text for the wire."""
+    return json.dumps(event.to_json(), separators=(",", ":"))
+
+
+def decode_event(raw: str | bytes) -> Event:
+    """The event ``encode_event`` produced; ValueError (or KeyError) for anything else."""
+    data: dict[str, Any] = json.loads(raw)
+    kind = data.get("event", "change")
+    if kind == "change":
+        return ChangeEvent.from_json(data)
+    if kind == "presence":
+        return PresenceChanged.from_json(data)
+    raise ValueError(f"unknown event {kind!r}")

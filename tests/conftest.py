@@ -72,7 +72,10 @@ async def database_url(server_url: str) -> AsyncIterator[str]:
 
 @pytest.fixture(scope="session")
 def settings(database_url: str) -> Settings:
-    return Settings(env="test", database_url=database_url, jwt_secret=TEST_SECRET, data_dir=Path(tempfile.gettempdir()))
+    # Functional tests run unmetered (their broad queries would exhaust a plan); tests/test_limits.py
+    # builds apps with rate limits on.
+    return Settings(env="test", database_url=database_url, jwt_secret=TEST_SECRET, data_dir=Path(tempfile.gettempdir()),
+                    rate_limits=False)
 
 
 @pytest.fixture(scope="session")

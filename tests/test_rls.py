@@ -192,6 +192,11 @@ def rows_for(tenant: Seeded, stranger: uuid.UUID) -> dict[str, dict[str, Any]]:
                          "entity_id": tenant.key("deal"), "diff": {}},
         # An empty Yjs document (update encoding of no structs and an empty delete set).
         "notes": {"tenant_id": t, "id": uuid.uuid4(), "deal_id": tenant.key("deal"), "state": b"\x00\x00"},
+        "api_keys": {"tenant_id": t, "id": uuid.uuid4(), "prefix": uuid.uuid4().hex[:12], "secret_sha256": "0" * 64,
+                     "name": "Planted", "role": Role.VIEWER.value, "created_by": tenant.world.users[Role.OWNER]},
+        "persisted_documents": {"tenant_id": t, "id": uuid.uuid4(), "client": "planted",
+                                "document_id": uuid.uuid4().hex,
+                                "sha256": "0" * 64, "operation_type": "query", "body": "{ __typename }"},
     })
 
 
@@ -547,4 +552,5 @@ async def test_nothing_the_app_role_can_read_sidesteps_rls(admin_engine: AsyncEn
         SELECT p.proname FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
         WHERE n.nspname = 'public' AND p.prosecdef AND has_function_privilege(:role, p.oid, 'EXECUTE')""",
                              role=APP_ROLE)
-    assert sorted(d.proname for d in definers) == ["atrium_ensure_user", "atrium_login_candidates"]
+    assert sorted(d.proname for d in definers) == ["atrium_api_key", "atrium_apq_get", "atrium_apq_put",
+                                                   "atrium_ensure_user", "atrium_login_candidates"]

@@ -167,7 +167,9 @@ def test_rules_cover_every_mutation_but_login() -> None:
     """The table names every mutation of the schema (login is anonymous and tested in test_auth)."""
     mutation = build_schema()._schema.mutation_type
     assert mutation is not None
-    assert set(mutation.fields) - {"login"} == {r.field for r in RULES}
+    # The partner mutations need keys and manifests set up first: their role table is in tests/test_api_keys.py.
+    partner = {"createApiKey", "revokeApiKey", "pushPersistedDocuments", "removePersistedDocuments"}
+    assert set(mutation.fields) - {"login"} - partner == {r.field for r in RULES}
 
 
 @pytest.mark.parametrize("role", list(Role), ids=[r.value for r in Role])

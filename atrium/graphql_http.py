@@ -1,0 +1,327 @@
+"""GraphQL over HTTP as the specification has it, with persisted documents and rate limits.
+
+``GraphQLOverHTTP`` replaces Strawberry's HTTP request handling (its WebSocket handling, and HTTP
+streaming when a stream protocol is configured and asked for, stay Strawberry's; persisted-only
+credentials are refused there):
+
+- Media types: ``application/graphql-response+json`` when the ``Accept`` header prefers it (or
+  names it and ``application/json`` equally), ``application/json`` for ``application/json``,
+  ``*/*``, ``application/*`` or no ``Accept`` header (what legacy clients and Apollo Client 3
+  send); 406 when nothing acceptable is named.
+- Requests: POST with ``Content-Type: application/json`` (else 415) whose body is a JSON object
+  (invalid JSON or another shape: 400; a JSON array only when ``Settings.batching`` is on), or GET
+  with URL parameters (``variables`` and ``extensions`` JSON-encoded). ``query`` and
+  ``operationName`` must be strings, ``variables`` and ``extensions`` objects; ``documentId``
+  names a persisted document (``atrium.persisted``). GET runs queries only: a mutation by GET is
+  answered 405 with ``Allow: POST``. Other methods: 405 with ``Allow: GET, POST``.
+- Status codes under ``application/json``: 200 for every well-formed request, request errors
+  included, except RATE_LIMITED (429) and the APQ hash mismatch and version errors (400, as Apollo).
+  Under ``application/graphql-response+json``: 200 when the response has ``data`` (even null), and
+  for a request error (no ``data``) 400, or 401 / 403 / 404 / 429 / 500 by its code (see
+  ``REQUEST_ERROR_STATUS``). An APQ miss is always 200 with ``Cache-Control: private, no-cache,
+  must-revalidate``, as Apollo Server answers it and Apollo Client expects; an unknown
+  ``documentId`` is 404 there. A request error (nothing executed) has no ``data`` entry at all.
+- A document with several operations and no ``operationName`` is refused (``schema.cost``), not
+  run as its first operation.
+- Every response to a GraphQL request carries the ``RateLimit-*`` headers of its meter.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from graphql import GraphQLError
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.websockets import WebSocket
+from strawberry.asgi import GraphQL
+from strawberry.exceptions import MissingQueryError
+from strawberry.schema.exceptions import CannotGetOperationTypeError, InvalidOperationTypeError
+from strawberry.types import ExecutionResult
+from strawberry.types.graphql import OperationType
+from strawberry.types.unset import UNSET
+
+from atrium.errors import AtriumError, BadRequest, ErrorCode, PersistedQueryNotFound, PersistedQueryRequired
+from atrium.persisted import resolve_document
+from atrium.ratelimit import RequestMeter
+from atrium.runtime import Runtime
+from auth.context import Context
+
+GRAPHQL_RESPONSE_JSON = "application/graphql-response+json"
+JSON = "application/json"
+QUERIES_ONLY = frozenset({OperationType.QUERY})
+QUERIES_AND_MUTATIONS = frozenset({OperationType.QUERY, OperationType.MUTATION})
+APQ_MISS_HEADERS = {"Cache-Control": "private, no-cache, must-revalidate"}
+NOT_STORED_CODES = (ErrorCode.GRAPHQL_PARSE_FAILED.value, ErrorCode.GRAPHQL_VALIDATION_FAILED.value)
+
+REQUEST_ERROR_STATUS = {
+    ErrorCode.UNAUTHENTICATED.value: 401,
+    ErrorCode.FORBIDDEN.value: 403,
+    ErrorCode.PERSISTED_QUERY_REQUIRED.value: 403,
+    ErrorCode.PERSISTED_QUERY_NOT_FOUND.value: 404,
+    ErrorCode.RATE_LIMITED.value: 429,
+    ErrorCode.INTERNAL.value: 500,
+}
+"""Status of a request error under application/graphql-response+json, by its first error's code (else 400)."""
+
+
+class HTTPError(Exception):
+    """A request answered before any GraphQL processing, with ``status`` and a one-error body."""
+
+    def __init__(self, status: int, message: str, headers: Mapping[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.headers = dict(headers or {})
+
+
+@dataclass(frozen=True)
+class Params:
+    """The parameters of one GraphQL-over-HTTP request (or persisted document request)."""
+
+    query: str | None = None
+    document_id: str | None = None
+    operation_name: str | None = None
+    variables: dict[str, Any] | None = None
+    extensions: dict[str, Any] | None = None
+
+
+@dataclass
+class Outcome:
+    """One operation's answer: its body, the status it asks for, and extra headers."""
+
+    body: dict[str, Any]
+    status: int = 200
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+def negotiate(accept: str | None) -> str:
+    """The response media type for an ``Accept`` header (see the module docstring); HTTPError 406."""
+    if accept is None or not accept.strip():
+        return JSON
+    best: tuple[float, int, str] | None = None
+    for part in accept.split(","):
+        media, *parameters = (piece.strip() for piece in part.split(";"))
+        quality = 1.0
+        for parameter in parameters:
+            name, _, value = parameter.partition("=")
+            if name.strip().lower() == "q":
+                try:
+                    quality = float(value)
+                except ValueError:
+                    quality = 0.0
+        media = media.lower()
+        if quality <= 0:
+            continue
+        if media == GRAPHQL_RESPONSE_JSON:
+            candidate = (quality, 2, GRAPHQL_RESPONSE_JSON)
+        elif media == JSON:
+            candidate = (quality, 1, JSON)
+        elif media in ("*/*", "application/*"):
+            candidate = (quality, 0, JSON)
+        else:
+            continue
+        if best is None or candidate[:2] > best[:2]:
+            best = candidate
+    if best is None:
+        raise HTTPError(406, f"Not acceptable: answers are {GRAPHQL_RESPONSE_JSON} or {JSON}")
+    return best[2]
+
+
+def params_of(data: Any) -> Params:
+    """Validated request parameters from a decoded JSON object; HTTPError 400 otherwise."""
+    if not isinstance(data, dict):
+        raise HTTPError(400, "The request body must be a JSON object")
+    query, document_id = data.get("query"), data.get("documentId")
+    operation_name, variables, extensions = data.get("operationName"), data.get("variables"), data.get("extensions")
+    if not isinstance(query, str | None):
+        raise HTTPError(400, "query must be a string")
+    if not isinstance(document_id, str | None):
+        raise HTTPError(400, "documentId must be a string")
+    if not isinstance(operation_name, str | None):
+        raise HTTPError(400, "operationName must be a string")
+    if not isinstance(variables, dict | None):
+        raise HTTPError(400, "variables must be an object")
+    if not isinstance(extensions, dict | None):
+        raise HTTPError(400, "extensions must be an object")
+    return Params(query=query, document_id=document_id, operation_name=operation_name or None,
+                  variables=variables, extensions=extensions)
+
+
+def params_of_url(query_params: Mapping[str, str]) -> Params:
+    """Parameters of a GET request (``variables`` and ``extensions`` are JSON strings)."""
+    data: dict[str, Any] = {k: query_params[k] for k in ("query", "documentId", "operationName") if k in query_params}
+    for name in ("variables", "extensions"):
+        if raw := query_params.get(name):
+            try:
+                data[name] = json.loads(raw)
+            except ValueError:
+                raise HTTPError(400, f"{name} must be a JSON object") from None
+    return params_of(data)
+
+
+async def params_of_body(request: Request, *, batching: bool, max_batch: int) -> Params | list[Params]:
+    """Parameters of a POST request (one object, or a list of them when ``batching``)."""
+    content_type, *options = (piece.strip().lower() for piece in request.headers.get("content-type", "").split(";"))
+    charset = next((o.partition("=")[2].strip('"') for o in options if o.startswith("charset=")), "utf-8")
+    if content_type != JSON or charset != "utf-8":
+        raise HTTPError(415, f"POST a body of Content-Type {JSON} (UTF-8)")
+    try:
+        data = json.loads((await request.body()).decode())
+    except (ValueError, UnicodeDecodeError):
+        raise HTTPError(400, "The request body is not valid JSON") from None
+    if not isinstance(data, list):
+        return params_of(data)
+    if not batching:
+        raise HTTPError(400, "Batching is not enabled: send one operation per request")
+    if not data or len(data) > max_batch:
+        raise HTTPError(400, f"A batch holds 1 to {max_batch} operations")
+    return [params_of(item) for item in data]
+
+
+def error_body(code: ErrorCode | str, message: str, **extensions: Any) -> dict[str, Any]:
+    return {"errors": [{"message": message, "extensions": {"code": str(code), **extensions}}]}
+
+
+def is_request_error(result: ExecutionResult) -> bool:
+    """True when nothing was executed: no data and no error attached to a field."""
+    return result.data is None and bool(result.errors) and all(not e.path for e in result.errors or ())
+
+
+def code_of(error: GraphQLError) -> str | None:
+    code = (error.extensions or {}).get("code")
+    return code if isinstance(code, str) else None
+
+
+def outcome_of(result: ExecutionResult, media: str) -> Outcome:
+    body: dict[str, Any] = {}
+    request_error = is_request_error(result)
+    if not request_error:
+        body["data"] = result.data
+    if result.errors:
+        body["errors"] = [e.formatted for e in result.errors]
+    if result.extensions:
+        body["extensions"] = result.extensions
+    status = 200
+    if request_error:
+        code = code_of(result.errors[0]) if result.errors else None
+        if code == ErrorCode.RATE_LIMITED.value:
+            status = 429
+        elif media == GRAPHQL_RESPONSE_JSON:
+            status = REQUEST_ERROR_STATUS.get(code or "", 400)
+    return Outcome(body, status)
+
+
+def refusal(error: AtriumError, status: int, headers: Mapping[str, str] | None = None) -> Outcome:
+    return Outcome({"errors": [{"message": error.message, "extensions": error.extensions}]}, status,
+                   dict(headers or {}))
+
+
+class GraphQLOverHTTP(GraphQL[Context, None]):
+    """Strawberry's ASGI view with Atrium's HTTP handling (module docstring)."""
+
+    runtime: Runtime
+    """Set by the app's lifespan before the first request."""
+
+    async def run(self, request: Request | WebSocket, context: Any = UNSET,  # type: ignore[override]
+                  root_value: Any = UNSET) -> Response | WebSocket:
+        if self.is_websocket_request(request):
+            return await super().run(request, context, root_value)
+        assert isinstance(request, Request)
+        if self._get_stream_transport_from_headers(request.headers) is not None:
+            # A configured HTTP stream (SSE, multipart subscriptions) is Strawberry's; it runs only documents
+            # sent in full, so it is closed to persisted-only credentials.
+            principal = (await self.get_context(request, response=await self.get_sub_response(request))).principal
+            if principal is not None and principal.persisted_only:
+                refused = refusal(PersistedQueryRequired(), 403)
+                return Response(json.dumps(refused.body), status_code=refused.status, media_type=JSON)
+            return await super().run(request, context, root_value)
+        return await self.serve(request)
+
+    def should_render_graphql_ide(self, request: Any) -> bool:
+        """GraphiQL for a browser's plain GET only: never for a hash-only or documentId request."""
+        params = request.query_params
+        return (request.method == "GET" and self.graphql_ide is not None
+                and not any(k in params for k in ("query", "documentId", "extensions"))
+                and "text/html" in request.headers.get("accept", ""))
+
+    async def serve(self, request: Request) -> Response:
+        """Answer one HTTP request on the GraphQL endpoint."""
+        sub_response = await self.get_sub_response(request)
+        context = await self.get_context(request, response=sub_response)
+        media = JSON
+        try:
+            if request.method not in ("GET", "POST"):
+                raise HTTPError(405, "GraphQL is served by GET (queries) and POST", {"Allow": "GET, POST"})
+            if self.should_render_graphql_ide(request):
+                return await self.render_graphql_ide(request)
+            media = negotiate(request.headers.get("accept"))
+            if request.method == "GET":
+                params: Params | list[Params] = params_of_url(request.query_params)
+            else:
+                settings = self.runtime.settings
+                params = await params_of_body(request, batching=settings.batching, max_batch=settings.max_batch)
+        except HTTPError as exc:
+            body, status, headers = error_body(ErrorCode.BAD_REQUEST, exc.message), exc.status, exc.headers
+        else:
+            if isinstance(params, list):
+                outcomes = [await self.execute(request, p, context, media) for p in params]
+                body_list = [o.body for o in outcomes]
+                headers = {k: v for o in outcomes for k, v in o.headers.items()}
+                return await self.respond(body_list, 200, headers, media, sub_response, context)
+            outcome = await self.execute(request, params, context, media)
+            body, status, headers = outcome.body, outcome.status, outcome.headers
+        return await self.respond(body, status, headers, media, sub_response, context)
+
+    async def respond(self, body: Any, status: int, headers: dict[str, str], media: str, sub_response: Response,
+                      context: Context) -> Response:
+        content_type = f"{GRAPHQL_RESPONSE_JSON}; charset=utf-8" if media == GRAPHQL_RESPONSE_JSON else JSON
+        response = Response(json.dumps(body, separators=(",", ":")), status_code=status, media_type=content_type)
+        response.headers.raw.extend(sub_response.headers.raw)
+        if isinstance(context.meter, RequestMeter):
+            headers = {**await context.meter.headers(), **headers}
+        for name, value in headers.items():
+            response.headers[name] = value
+        response.headers["Vary"] = "Accept, Authorization, X-API-Key"
+        if sub_response.background:
+            response.background = sub_response.background
+        return response
+
+    async def execute(self, request: Request, params: Params, context: Context, media: str) -> Outcome:
+        """Resolve the document of ``params``, run it, and shape the answer for ``media``."""
+        try:
+            source = await resolve_document(query=params.query, document_id=params.document_id,
+                                            extensions=params.extensions, principal=context.principal,
+                                            db=context.db, apq=self.runtime.apq)
+        except BadRequest as exc:
+            return refusal(exc, exc.status)
+        except PersistedQueryNotFound as exc:
+            if params.document_id is None:
+                return refusal(exc, 200, APQ_MISS_HEADERS)
+            return refusal(exc, 200 if media == JSON else 404)
+        except PersistedQueryRequired as exc:
+            return refusal(exc, 200 if media == JSON else 403)
+        get = request.method == "GET"
+        try:
+            result = await self.schema.execute(
+                source.query, variable_values=params.variables, context_value=context,
+                operation_name=params.operation_name,
+                allowed_operation_types=QUERIES_ONLY if get else QUERIES_AND_MUTATIONS,
+                operation_extensions=params.extensions)
+        except InvalidOperationTypeError as exc:
+            if get and exc.operation_type == OperationType.MUTATION:
+                return Outcome(error_body(ErrorCode.BAD_REQUEST, "Mutations are sent by POST, not GET"), 405,
+                               {"Allow": "POST"})
+            return Outcome(error_body(ErrorCode.BAD_REQUEST, "Subscriptions are served over WebSocket "
+                                                             "(graphql-transport-ws), not HTTP"), 400)
+        except CannotGetOperationTypeError as exc:
+            reason = exc.as_http_error_reason()
+            return Outcome(error_body(ErrorCode.GRAPHQL_VALIDATION_FAILED, reason), 200 if media == JSON else 400)
+        except MissingQueryError:
+            return Outcome(error_body(ErrorCode.BAD_REQUEST, "The request has no GraphQL document"), 400)
+        if source.register is not None and not any(code_of(e) in NOT_STORED_CODES for e in result.errors or ()):
+            await self.runtime.apq.put(source.register, source.query)
+        return outcome_of(result, media)

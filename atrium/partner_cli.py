@@ -1,0 +1,242 @@
+"""``atrium apikey create|list|revoke`` and ``atrium persisted push|list|remove`` (operator commands).
+
+They run over the admin connection, like ``atrium tenant`` and ``atrium user``, and do what the
+admin mutations do (same validation, same audit rows, with no actor): a key is shown once and acts
+for the member named by ``--user`` with at most their role; a pushed manifest is validated as a
+whole against the schema and only adds documents; removal is its own command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import json
+import sys
+import uuid
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import func, insert, select
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+from atrium.admin import tenant_database, tenant_id_by_slug
+from atrium.bootstrap import resolve_database
+from atrium.errors import AtriumError
+from atrium.settings import Settings
+from auth.api_keys import KeySpec, create_key, keys_query, revoke_key
+from models.tables import AUDIT_EVENTS, MEMBERSHIPS, TENANTS, USERS, Role
+from resolvers.manifests import InvalidManifest, client_name, documents_query, push_documents, read_manifest
+from resolvers.manifests import remove_documents as remove_manifest_documents
+
+Handler = Callable[[argparse.Namespace], Awaitable[int]]
+
+
+def out(line: str = "") -> None:
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+def fail(message: str) -> int:
+    sys.stderr.write(f"atrium: {message}\n")
+    return 2
+
+
+async def _audit(conn: AsyncConnection, tenant_id: uuid.UUID, action: str, entity_type: str, entity_id: uuid.UUID,
+                 diff: dict[str, Any]) -> None:
+    await conn.execute(insert(AUDIT_EVENTS).values(
+        tenant_id=tenant_id, id=uuid.uuid4(), actor_id=None, action=action, entity_type=entity_type,
+        entity_id=entity_id, diff=diff, request_id="cli"))
+
+
+async def _with_tenant(slug: str, work: Callable[[AsyncEngine, AsyncEngine, uuid.UUID], Awaitable[int]]) -> int:
+    """Run ``work(registry, home, tenant_id)``: the admin engines of the shared and the tenant's database."""
+    settings = await resolve_database(Settings.from_env())
+    registry = create_async_engine(settings.admin_url)
+    try:
+        tenant_id = await tenant_id_by_slug(registry, slug)
+        home = await tenant_database(registry, tenant_id)
+        try:
+            return await work(registry, home, tenant_id)
+        except AtriumError as exc:
+            return fail(exc.message)
+        finally:
+            await home.dispose()
+    finally:
+        await registry.dispose()
+
+
+def _expiry(args: argparse.Namespace) -> dt.datetime | None:
+    if args.expires_in_days is not None:
+        return dt.datetime.now(dt.UTC) + dt.timedelta(days=args.expires_in_days)
+    if args.expires_at:
+        moment = dt.datetime.fromisoformat(args.expires_at)
+        return moment if moment.tzinfo else moment.replace(tzinfo=dt.UTC)
+    return None
+
+
+async def cmd_apikey_create(args: argparse.Namespace) -> int:
+    async def work(registry: AsyncEngine, home: AsyncEngine, tenant_id: uuid.UUID) -> int:
+        async with registry.connect() as conn:
+            route = (await conn.execute(select(TENANTS.c.database_url).where(TENANTS.c.id == tenant_id))).scalar()
+        if route is not None:
+            return fail("API keys are not available yet for tenants with a dedicated database")
+        async with registry.begin() as conn:
+            member = (await conn.execute(
+                select(USERS.c.id, MEMBERSHIPS.c.role).join(MEMBERSHIPS, MEMBERSHIPS.c.user_id == USERS.c.id)
+                .where(MEMBERSHIPS.c.tenant_id == tenant_id, func.lower(USERS.c.email) == args.user.lower())
+            )).first()
+            if member is None:
+                return fail(f"{args.user} is not a member of {args.tenant}")
+            spec = KeySpec(name=args.name, role=Role(args.role), expires_at=_expiry(args),
+                           persisted_only=args.persisted_only, client=args.client).checked(Role(member.role))
+            row, key = await create_key(conn, tenant_id, member.id, spec)
+            await _audit(conn, tenant_id, "create", "ApiKey", row.id,
+                         {"after": {"name": row.name, "prefix": row.prefix, "role": row.role}})
+        out(f"created API key {row.prefix} ({row.name}, {row.role}) for {args.tenant}, acting for {args.user}")
+        out("The key is shown only now; store it as a secret:")
+        out(key)
+        return 0
+
+    return await _with_tenant(args.tenant, work)
+
+
+async def cmd_apikey_list(args: argparse.Namespace) -> int:
+    async def work(registry: AsyncEngine, home: AsyncEngine, tenant_id: uuid.UUID) -> int:
+        async with registry.connect() as conn:
+            rows = (await conn.execute(keys_query(tenant_id, include_revoked=args.all))).all()
+        for r in rows:
+            state = "revoked" if r.revoked_at else "expired" if r.expires_at and r.expires_at <= dt.datetime.now(
+                dt.UTC) else "active"
+            used = r.last_used_at.isoformat(timespec="seconds") if r.last_used_at else "never"
+            flags = " persisted-only" if r.persisted_only else ""
+            out(f"{r.prefix}  {state:<8} {r.role:<7} client={r.client or '-'}{flags}  last used {used}  {r.name}")
+        return 0
+
+    return await _with_tenant(args.tenant, work)
+
+
+async def cmd_apikey_revoke(args: argparse.Namespace) -> int:
+    async def work(registry: AsyncEngine, home: AsyncEngine, tenant_id: uuid.UUID) -> int:
+        try:
+            key: uuid.UUID | str = uuid.UUID(args.key)
+        except ValueError:
+            key = args.key.removeprefix("atr_").split("_")[0]
+        async with registry.begin() as conn:
+            row, revoked = await revoke_key(conn, tenant_id, key)
+            if revoked:
+                await _audit(conn, tenant_id, "revoke", "ApiKey", row.id, {"after": {"prefix": row.prefix}})
+        out(f"API key {row.prefix} {'revoked' if revoked else 'was already revoked'}")
+        return 0
+
+    return await _with_tenant(args.tenant, work)
+
+
+async def cmd_persisted_push(args: argparse.Namespace) -> int:
+    from schema.root import build_schema
+
+    try:
+        manifest = json.loads(await asyncio.to_thread(Path(args.file).read_text))
+    except (OSError, ValueError) as exc:
+        return fail(f"cannot read {args.file}: {exc}")
+
+    async def work(registry: AsyncEngine, home: AsyncEngine, tenant_id: uuid.UUID) -> int:
+        client = client_name(args.client)
+        operations = read_manifest(manifest)
+        schema = build_schema(production=Settings.from_env().env == "production")._schema
+        try:
+            async with home.begin() as conn:
+                result = await push_documents(conn, tenant_id, client, schema, operations, None)
+                for row in result.added:
+                    await _audit(conn, tenant_id, "create", "PersistedDocument", row.id,
+                                 {"after": {"client": client, "documentId": row.document_id, "sha256": row.sha256}})
+        except InvalidManifest as exc:
+            sys.stderr.write(f"atrium: {args.file} refused, nothing stored:\n")
+            for problem in exc.problems:
+                sys.stderr.write(f"  {problem}\n")
+            return 2
+        out(f"{client}: {len(result.added)} documents added, {len(result.unchanged)} already present")
+        return 0
+
+    return await _with_tenant(args.tenant, work)
+
+
+async def cmd_persisted_list(args: argparse.Namespace) -> int:
+    async def work(registry: AsyncEngine, home: AsyncEngine, tenant_id: uuid.UUID) -> int:
+        async with home.connect() as conn:
+            rows = (await conn.execute(documents_query(tenant_id, args.client))).all()
+        for r in rows:
+            out(f"{r.client:<20} {r.operation_type:<12} {r.name or '-':<30} {r.document_id}")
+        return 0
+
+    return await _with_tenant(args.tenant, work)
+
+
+async def cmd_persisted_remove(args: argparse.Namespace) -> int:
+    async def work(registry: AsyncEngine, home: AsyncEngine, tenant_id: uuid.UUID) -> int:
+        client = client_name(args.client)
+        async with home.begin() as conn:
+            removed = await remove_manifest_documents(conn, tenant_id, client, args.ids)
+            for row in removed:
+                await _audit(conn, tenant_id, "delete", "PersistedDocument", row.id,
+                             {"before": {"client": client, "documentId": row.document_id, "sha256": row.sha256}})
+        gone = {r.document_id for r in removed}
+        out(f"{client}: removed {len(gone)} documents")
+        for missing in sorted(set(args.ids) - gone):
+            out(f"  not found: {missing}")
+        return 0
+
+    return await _with_tenant(args.tenant, work)
+
+
+COMMANDS = ("apikey", "persisted")
+
+
+async def run(args: argparse.Namespace) -> int:
+    """Run the ``apikey``/``persisted`` action chosen on the command line."""
+    handler: Handler = args.handler
+    return await handler(args)
+
+
+def add_parsers(sub: Any) -> None:
+    """Register ``apikey`` and ``persisted`` on the CLI's subparsers (their actions run through ``run``)."""
+    roles = [r.value for r in Role]
+    k = sub.add_parser("apikey", help="create, list or revoke API keys of a tenant")
+    ksub = k.add_subparsers(dest="action", required=True)
+    kc = ksub.add_parser("create", help="create a key (printed once)")
+    kc.add_argument("--tenant", required=True)
+    kc.add_argument("--user", required=True, help="email of the member the key acts for (its role caps the key's)")
+    kc.add_argument("--name", required=True)
+    kc.add_argument("--role", default=Role.VIEWER.value, choices=roles)
+    expiry = kc.add_mutually_exclusive_group()
+    expiry.add_argument("--expires-in-days", type=int)
+    expiry.add_argument("--expires-at", help="ISO 8601 time (UTC unless it names a zone)")
+    kc.add_argument("--persisted-only", action="store_true", help="the key may run trusted documents only")
+    kc.add_argument("--client", help="restrict the key to this client's documents")
+    kc.set_defaults(handler=cmd_apikey_create)
+    kl = ksub.add_parser("list")
+    kl.add_argument("--tenant", required=True)
+    kl.add_argument("--all", action="store_true", help="include revoked keys")
+    kl.set_defaults(handler=cmd_apikey_list)
+    kr = ksub.add_parser("revoke")
+    kr.add_argument("--tenant", required=True)
+    kr.add_argument("key", help="the key's prefix, id, or the key itself")
+    kr.set_defaults(handler=cmd_apikey_revoke)
+
+    p = sub.add_parser("persisted", help="push, list or remove trusted documents (persisted-query manifests)")
+    psub = p.add_subparsers(dest="action", required=True)
+    pp = psub.add_parser("push", help="validate a manifest and add its documents (removes nothing)")
+    pp.add_argument("file", help="an Apollo persisted-query manifest or a {id: document} JSON map")
+    pp.add_argument("--client", required=True)
+    pp.add_argument("--tenant", required=True)
+    pp.set_defaults(handler=cmd_persisted_push)
+    pl = psub.add_parser("list")
+    pl.add_argument("--tenant", required=True)
+    pl.add_argument("--client")
+    pl.set_defaults(handler=cmd_persisted_list)
+    pr = psub.add_parser("remove", help="remove documents from a client, by manifest id")
+    pr.add_argument("ids", nargs="+")
+    pr.add_argument("--client", required=True)
+    pr.add_argument("--tenant", required=True)
+    pr.set_defaults(handler=cmd_persisted_remove)

@@ -1,0 +1,303 @@
+"""The Subscription root: record changes, deal boards, live pipeline totals, activities, presence, notes.
+
+Every subscription field checks READ permission and that what it names exists *in the caller's
+tenant* (through the loaders, so another tenant's id gives NOT_FOUND exactly like a query), then
+subscribes to channels named from the principal's tenant only.
+
+Contract with the transport (``subscriptions.delivery``): each operation runs with a context of its
+own, so these generators replace ``context.db`` / ``context.loaders`` with a fresh ``TenantScope`` for
+every delivered event and close it once the event's selection has been resolved (when the generator
+resumes). Between events no database connection is held.
+
+Event streams (``recordChanged``, ``dealBoard``, ``activityFeed``, ``noteUpdates``) start with a
+``Resync`` (reason SUBSCRIBED) sent once the broker subscription is live, and send another (GAP)
+when the server's feed had a gap: clients (re)fetch on either. ``pipelineSummary`` and
+``presence`` stream full states instead, the current one first. A subscriber too slow to keep up
+gets an error coded SUBSCRIBER_TOO_SLOW and the stream ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import datetime as dt
+import uuid
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from contextlib import aclosing, asynccontextmanager
+from typing import Any, TypeVar
+
+import strawberry
+
+from atrium.errors import AtriumError, BadUserInput, Forbidden, NotFound
+from auth.roles import Can, Permission, allows
+from models.db import TenantScope
+from resolvers.deals import DealQuery
+from resolvers.loaders import Loaders
+from resolvers.notes import load_note
+from resolvers.viewer import NODE_TYPES
+from schema.ids import decode_id, parse_global_id, to_global_id
+from schema.types import (
+    ActivityChange,
+    ActivityFeedEvent,
+    DealBoardEvent,
+    DealChange,
+    Info,
+    Node,
+    Note,
+    NoteEvent,
+    NoteUpdate,
+    PipelineTotals,
+    PresenceList,
+    PresenceUser,
+    RecordChange,
+    RecordEvent,
+    Resync,
+    ResyncReason,
+)
+from subscriptions.broker import GAP, OVERFLOW
+from subscriptions.delivery import TOO_SLOW
+from subscriptions.events import (
+    ChangeEvent,
+    presence_channel,
+    record_channel,
+    scope_channel,
+    type_channel,
+)
+from subscriptions.presence import PresenceState
+
+T = TypeVar("T")
+
+PER_SUBSCRIBER_FIELDS = frozenset({"presence"})
+"""Root fields with a per-subscriber side effect (joining presence): never share an execution."""
+STATE_FIELDS = frozenset({"pipelineSummary", "presence"})
+"""Root fields whose every result is a full state (a late joiner gets the latest one)."""
+SUMMARY_WINDOW = 0.25
+"""Seconds of deal changes coalesced into one ``pipelineSummary`` recalculation."""
+
+Fetch = Callable[[Loaders], Awaitable[Node | None]]
+
+
+class SubscriberTooSlow(AtriumError):
+    """The subscriber's queue overflowed: events were dropped, so the stream ends."""
+
+    def __init__(self) -> None:
+        super().__init__("Subscriber too slow: events were dropped. Subscribe again and refetch.")
+
+    @property
+    def extensions(self) -> dict[str, Any]:
+        return {"code": TOO_SLOW}
+
+
+def now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+@asynccontextmanager
+async def event_scope(info: Info) -> AsyncIterator[None]:
+    """A fresh tenant scope and loaders on the operation's context for one event, closed after it."""
+    context = info.context
+    principal, previous, _ = context.require()
+    await previous.close()
+    scope = TenantScope(context.databases, principal.tenant_id)
+    context.db, context.loaders = scope, Loaders(scope)
+    try:
+        yield
+    finally:
+        await scope.close()
+
+
+async def existing_record(info: Info, global_id: str, *, field: str) -> tuple[str, uuid.UUID, Fetch]:
+    """Type name, key and loader of a record the caller can read; NOT_FOUND otherwise."""
+    type_name, key = parse_global_id(global_id, field=field)
+    fetch: Fetch
+    if type_name == "Note":
+        async def fetch(loaders: Loaders) -> Node | None:
+            row = await load_note(loaders.db, key)
+            return Note.from_row(row) if row else None
+    elif type_name in NODE_TYPES:
+        attr, from_row = NODE_TYPES[type_name]
+
+        async def fetch(loaders: Loaders) -> Node | None:
+            row = await getattr(loaders, attr).load(key)
+            return from_row(row) if row else None
+    else:
+        raise NotFound(type_name.lower(), key, field=field)
+    if await fetch(info.context.require()[2]) is None:
+        raise NotFound(type_name.lower(), key, field=field)
+    return type_name, key, fetch
+
+
+def change_fields(event: ChangeEvent) -> dict[str, Any]:
+    return {
+        "kind": event.kind, "record_id": strawberry.ID(to_global_id(event.entity_type, event.entity_id)),
+        "record_type": event.entity_type, "changed_fields": list(event.fields), "version": event.version,
+        "timestamp": event.committed_at or event.occurred_at, "actor_id": event.actor_id,
+        "record_uuid": event.entity_id,
+    }
+
+
+async def changes(info: Info, channel: str, build: Callable[[ChangeEvent], T | None]) -> AsyncGenerator[T | Resync]:
+    """``Resync(SUBSCRIBED)``, then ``build(event)`` for each change on ``channel`` (None: skipped)."""
+    context = info.context
+    async with context.broker.subscribe(channel) as queue:
+        async with event_scope(info):
+            yield Resync(reason=ResyncReason.SUBSCRIBED, timestamp=now())
+        while True:
+            item = await queue.get()
+            payload: T | Resync | None
+            if item is OVERFLOW:
+                raise SubscriberTooSlow()
+            if item is GAP:
+                payload = Resync(reason=ResyncReason.GAP, timestamp=now())
+            elif isinstance(item, ChangeEvent):
+                payload = build(item)
+            else:
+                payload = None
+            if payload is not None:
+                async with event_scope(info):
+                    yield payload
+
+
+def drain(queue: asyncio.Queue[object]) -> None:
+    """Drop what is queued: the caller recomputes a full state, which covers all of it (an
+    overflow included: state streams lose nothing by dropping events)."""
+    while not queue.empty():
+        queue.get_nowait()
+
+
+@strawberry.type
+class LiveSubscription:
+    @strawberry.subscription(permission_classes=[Can(Permission.READ)],
+                             description="Changes of one record of any type (NOT_FOUND unless you can read it).")
+    async def record_changed(self, info: Info, id: strawberry.ID) -> AsyncGenerator[RecordEvent]:
+        principal = info.context.require()[0]
+        _, key, fetch = await existing_record(info, id, field="id")
+
+        def build(event: ChangeEvent) -> RecordChange:
+            return RecordChange(**change_fields(event), fetch=fetch)
+
+        async with aclosing(changes(info, record_channel(principal.tenant_id, key), build)) as stream:
+            async for item in stream:
+                yield item
+
+    @strawberry.subscription(permission_classes=[Can(Permission.READ)],
+                             description="Deals created, moved, updated or deleted in a pipeline (a deal "
+                                         "moved to another pipeline is sent to both boards).")
+    async def deal_board(self, info: Info, pipeline_id: strawberry.ID) -> AsyncGenerator[DealBoardEvent]:
+        principal, _, loaders = info.context.require()
+        pipeline = decode_id(pipeline_id, "Pipeline", field="pipelineId")
+        if await loaders.pipeline.load(pipeline) is None:
+            raise NotFound("pipeline", pipeline, field="pipelineId")
+
+        def build(event: ChangeEvent) -> DealChange | None:
+            return DealChange(**change_fields(event)) if event.entity_type == "Deal" else None
+
+        channel = scope_channel(principal.tenant_id, "pipeline", str(pipeline))
+        async with aclosing(changes(info, channel, build)) as stream:
+            async for item in stream:
+                yield item
+
+    @strawberry.subscription(permission_classes=[Can(Permission.READ)],
+                             description="Activities created, updated or deleted anywhere in the workspace.")
+    async def activity_feed(self, info: Info) -> AsyncGenerator[ActivityFeedEvent]:
+        principal = info.context.require()[0]
+
+        def build(event: ChangeEvent) -> ActivityChange:
+            return ActivityChange(**change_fields(event))
+
+        async with aclosing(changes(info, type_channel(principal.tenant_id, "Activity"), build)) as stream:
+            async for item in stream:
+                yield item
+
+    @strawberry.subscription(permission_classes=[Can(Permission.READ)],
+                             description="Other editors' updates of a note. Updates sent with the same "
+                                         "`origin` as given here are left out (your own echo).")
+    async def note_updates(self, info: Info, note_id: strawberry.ID,
+                           origin: str | None = None) -> AsyncGenerator[NoteEvent]:
+        principal, db, _ = info.context.require()
+        key = decode_id(note_id, "Note", field="noteId")
+        if await load_note(db, key) is None:
+            raise NotFound("note", key, field="noteId")
+
+        def build(event: ChangeEvent) -> NoteUpdate | None:
+            update = event.detail.get("update")
+            if event.entity_type != "Note" or not isinstance(update, str):
+                return None
+            if origin is not None and event.detail.get("origin") == origin:
+                return None
+            return NoteUpdate(note_id=note_id, update=base64.b64decode(update),  # type: ignore[arg-type]
+                              version=event.version, origin=event.detail.get("origin"),
+                              timestamp=event.committed_at or event.occurred_at, actor_id=event.actor_id)
+
+        async with aclosing(changes(info, record_channel(principal.tenant_id, key), build)) as stream:
+            async for item in stream:
+                yield item
+
+    @strawberry.subscription(permission_classes=[Can(Permission.READ)],
+                             description="Totals per stage and currency: now, then after each burst of "
+                                         "changes (coalesced over a quarter second).")
+    async def pipeline_summary(self, info: Info, pipeline_id: strawberry.ID) -> AsyncGenerator[PipelineTotals]:
+        principal, _, loaders = info.context.require()
+        pipeline = decode_id(pipeline_id, "Pipeline", field="pipelineId")
+        if await loaders.pipeline.load(pipeline) is None:
+            raise NotFound("pipeline", pipeline, field="pipelineId")
+        query = DealQuery()
+        channel = scope_channel(principal.tenant_id, "pipeline", str(pipeline))
+        async with info.context.broker.subscribe(channel) as queue:
+            while True:
+                async with event_scope(info):
+                    # The very resolver of Query.pipelineSummary, so live and queried totals never differ.
+                    totals = await query.pipeline_summary(info, pipeline_id)
+                    yield PipelineTotals(pipeline_id=pipeline_id, totals=totals, timestamp=now())
+                if await queue.get() not in (GAP, OVERFLOW):
+                    await asyncio.sleep(SUMMARY_WINDOW)  # the coalescing window, not a wait for a condition
+                drain(queue)
+
+    @strawberry.subscription(permission_classes=[Can(Permission.READ)],
+                             description="Who is viewing or editing a record. Subscribing joins you as VIEWING "
+                                         "(setPresence changes it); ending the subscription or the connection "
+                                         "leaves.")
+    async def presence(self, info: Info, record_id: strawberry.ID) -> AsyncGenerator[PresenceList]:
+        principal = info.context.require()[0]
+        _, key, _ = await existing_record(info, record_id, field="recordId")
+        tenant, registry = principal.tenant_id, info.context.broker.presence
+        async with info.context.broker.subscribe(presence_channel(tenant, key)) as queue:
+            session = await registry.join(tenant, key, principal.user_id)
+            try:
+                last: list[tuple[uuid.UUID, PresenceState, float]] | None = None
+                while True:
+                    members = await registry.members(tenant, key)
+                    current = [(m.user_id, m.state, m.since) for m in members]
+                    if current != last:
+                        last = current
+                        async with event_scope(info):
+                            yield presence_list(record_id, current)
+                    await queue.get()
+                    drain(queue)  # PresenceChanged, GAP or OVERFLOW: one re-read covers everything queued
+            finally:
+                await registry.leave(tenant, key, session)
+
+
+def presence_list(record_id: str, members: list[tuple[uuid.UUID, PresenceState, float]]) -> PresenceList:
+    return PresenceList(
+        record_id=strawberry.ID(record_id), timestamp=now(),
+        users=[PresenceUser(state=state, since=dt.datetime.fromtimestamp(since, dt.UTC), user_id=user)
+               for user, state, since in members],
+    )
+
+
+@strawberry.type
+class LiveMutation:
+    @strawberry.mutation(permission_classes=[Can(Permission.READ)],
+                         description="Say whether you are VIEWING or EDITING a record you are present on (through "
+                                     "the presence subscription). EDITING needs write permission.")
+    async def set_presence(self, info: Info, record_id: strawberry.ID, state: PresenceState) -> PresenceList:
+        principal = info.context.require()[0]
+        if state is PresenceState.EDITING and not allows(principal.role, Permission.WRITE):
+            raise Forbidden(f"Your role ({principal.role.value}) does not have {Permission.WRITE.value}")
+        _, key, _ = await existing_record(info, record_id, field="recordId")
+        registry = info.context.broker.presence
+        if not await registry.set_state(principal.tenant_id, key, principal.user_id, state):
+            raise BadUserInput("recordId", "you are not present on this record: subscribe to presence(recordId) first")
+        members = await registry.members(principal.tenant_id, key)
+        return presence_list(record_id, [(m.user_id, m.state, m.since) for m in members])

@@ -1,0 +1,246 @@
+"""Delivery by groups: one execution per distinct subscription, its serialized results sent to many.
+
+Strawberry executes a subscription's selection once per subscriber and event (~180 µs each). Here a
+graphql-transport-ws operation instead joins a *group*: operations with equal keys (the view
+chooses them: tenant, role, document, variables) share one execution, whose every result is
+serialized once and queued, as the same text, to each member. So an event costs one execution
+(and one loader batch) per group, whatever the number of subscribers.
+
+Guarantees:
+- Each group executes with a context of its own, built by the view (``OperationSpec.context``)
+  and closed when the group ends; nothing of a connection's context is shared between operations.
+- A member's outgoing queue is bounded (``queue_size``) and filled with ``put_nowait``: when a
+  client does not read fast enough, its backlog is dropped, it leaves the group at once and its
+  operation ends with an ``error`` coded ``SUBSCRIBER_TOO_SLOW``; the other members are unaffected.
+- A member joining a running group first receives the group's greeting: its first result
+  (``replay="first"``, e.g. the "subscribed" marker of event streams) or its latest one
+  (``replay="last"``, for streams whose every result is a full state).
+- The group's execution is cancelled when its last member leaves (``complete``, disconnect).
+Operations for which the view returns no spec (unparsable documents) run as Strawberry runs them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Callable, Hashable
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol, cast
+
+from graphql import GraphQLFormattedError
+from starlette.websockets import WebSocketDisconnect
+from strawberry.asgi import ASGIWebSocketAdapter
+from strawberry.http.exceptions import WebSocketDisconnected
+from strawberry.schema import BaseSchema
+from strawberry.subscriptions.protocols.graphql_transport_ws.handlers import (
+    BaseGraphQLTransportWSHandler,
+    Operation,
+)
+from strawberry.subscriptions.protocols.graphql_transport_ws.types import ErrorMessage
+from strawberry.types.execution import ExecutionResult, PreExecutionError
+from strawberry.utils.aio import aclosing
+
+log = logging.getLogger("atrium.delivery")
+
+TOO_SLOW = "SUBSCRIBER_TOO_SLOW"
+TOO_SLOW_ERROR = {
+    "message": "Subscriber too slow: events were dropped. Subscribe again and refetch.",
+    "extensions": {"code": TOO_SLOW},
+}
+INTERNAL_ERROR = {"message": "Internal server error", "extensions": {"code": "INTERNAL"}}
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One item of a member's queue: a serialized ``next`` payload, an ``error`` or ``complete``."""
+
+    kind: Literal["next", "error", "complete"]
+    payload: str = ""
+    errors: tuple[dict[str, Any], ...] = ()
+
+
+SLOW: Frame = Frame("error", errors=(TOO_SLOW_ERROR,))
+
+
+@dataclass(frozen=True)
+class OperationSpec:
+    """How to run one operation: its group key, greeting policy and private context."""
+
+    key: Hashable
+    """Operations with equal keys share one execution; give a unique object for a private one."""
+    replay: Literal["first", "last"]
+    context: Callable[[], AbstractAsyncContextManager[Any]]
+    """Opens the group's own context (entered once per group, closed when the group ends)."""
+
+
+FormatResult = Callable[[ExecutionResult], dict[str, Any]]
+
+
+class Member:
+    __slots__ = ("group", "queue")
+
+    def __init__(self, group: Group, maxsize: int) -> None:
+        self.group = group
+        self.queue: asyncio.Queue[Frame] = asyncio.Queue(maxsize)
+
+
+@dataclass(eq=False)
+class Group:
+    """One shared execution and the members it delivers to."""
+
+    registry: LiveGroups
+    spec: OperationSpec
+    query: str
+    variables: dict[str, Any] | None
+    operation_name: str | None
+    members: set[Member] = field(default_factory=set)
+    greeting: str | None = None
+    done: bool = False
+    task: asyncio.Task[None] | None = None
+
+    def send(self, frame: Frame) -> None:
+        """Queue ``frame`` to every member; a member whose queue is full is cut off."""
+        for member in tuple(self.members):
+            try:
+                member.queue.put_nowait(frame)
+            except asyncio.QueueFull:
+                while not member.queue.empty():
+                    member.queue.get_nowait()
+                member.queue.put_nowait(SLOW)
+                self.members.discard(member)
+                self.registry.cut_off += 1
+        if not self.members and not self.done and self.task is not None:
+            self.registry.retire(self)  # everyone was cut off: stop executing for nobody
+            self.task.cancel()
+
+    async def pump(self) -> None:
+        terminal = Frame("complete")
+        try:
+            async with self.spec.context() as context:
+                stream = await self.registry.schema.stream(
+                    self.query, variable_values=self.variables, context_value=context,
+                    operation_name=self.operation_name,
+                )
+                async with aclosing(stream):
+                    first = True
+                    async for result in stream:
+                        if first and isinstance(result, PreExecutionError):
+                            payload = self.registry.format_result(result)
+                            terminal = Frame("error", errors=tuple(payload.get("errors") or ()))
+                            break
+                        first = False
+                        if not isinstance(result, ExecutionResult):
+                            terminal = Frame("error", errors=({"message": "Incremental delivery is not supported"},))
+                            break
+                        text = json.dumps(self.registry.format_result(result), separators=(",", ":"))
+                        if self.spec.replay == "last" or self.greeting is None:
+                            self.greeting = text
+                        self.registry.events += 1
+                        self.send(Frame("next", text))
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("shared execution failed: %s", self.operation_name or self.query[:80])
+            terminal = Frame("error", errors=(INTERNAL_ERROR,))
+        finally:
+            self.registry.retire(self)
+        self.send(terminal)
+
+
+class LiveGroups:
+    """The groups of one process (one per app)."""
+
+    def __init__(self, schema: BaseSchema, format_result: FormatResult, queue_size: int = 256) -> None:
+        self.schema = schema
+        self.format_result = format_result
+        self.queue_size = queue_size
+        self._groups: dict[Hashable, Group] = {}
+        self.events = 0
+        """Results executed (each sent to every member of its group)."""
+        self.cut_off = 0
+        """Members cut off for being too slow."""
+
+    def join(self, spec: OperationSpec, query: str, variables: dict[str, Any] | None,
+             operation_name: str | None) -> Member:
+        group = self._groups.get(spec.key)
+        if group is None:
+            group = Group(self, spec, query, variables, operation_name)
+            self._groups[spec.key] = group
+            group.task = asyncio.create_task(group.pump(), name="atrium-live-group")
+        member = Member(group, self.queue_size)
+        if group.greeting is not None:
+            member.queue.put_nowait(Frame("next", group.greeting))
+        group.members.add(member)
+        return member
+
+    def leave(self, member: Member) -> None:
+        group = member.group
+        group.members.discard(member)
+        if not group.members and not group.done and group.task is not None:
+            self.retire(group)
+            group.task.cancel()
+
+    def retire(self, group: Group) -> None:
+        group.done = True
+        if self._groups.get(group.spec.key) is group:
+            del self._groups[group.spec.key]
+
+    def counts(self) -> tuple[int, int]:
+        """(groups, members) currently live."""
+        return len(self._groups), sum(len(g.members) for g in self._groups.values())
+
+
+class LiveView(Protocol):
+    """What the GraphQL view provides to the handler."""
+
+    live_groups: LiveGroups
+
+    def operation_spec(self, context: Any, query: str, variables: dict[str, Any] | None,
+                       operation_name: str | None) -> OperationSpec | None: ...
+
+
+class GroupedTransportWSHandler(BaseGraphQLTransportWSHandler[Any, Any]):
+    """graphql-transport-ws whose operations run through ``LiveGroups`` (see module docstring)."""
+
+    async def run_operation(self, operation: Operation[Any, Any]) -> None:
+        view = cast("LiveView", self.view)
+        spec = view.operation_spec(self.context, operation.query, operation.variables, operation.operation_name)
+        if spec is None:
+            await super().run_operation(operation)
+            return
+        member = view.live_groups.join(spec, operation.query, operation.variables, operation.operation_name)
+        try:
+            await self._forward(operation, member)
+        except WebSocketDisconnected:
+            pass
+        finally:
+            view.live_groups.leave(member)
+
+    async def _forward(self, operation: Operation[Any, Any], member: Member) -> None:
+        while True:
+            frame = await member.queue.get()
+            if operation.completed:
+                return
+            if frame.kind == "next":
+                await self._send_next(operation.id, frame.payload)
+            elif frame.kind == "error":
+                error: ErrorMessage = {"id": operation.id, "type": "error",
+                                       "payload": cast("list[GraphQLFormattedError]", list(frame.errors))}
+                await operation.send_operation_message(error)
+                return
+            else:
+                await operation.send_operation_message({"id": operation.id, "type": "complete"})
+                return
+
+    async def _send_next(self, operation_id: str, payload: str) -> None:
+        """Send a ``next`` message around an already serialized payload."""
+        if not isinstance(self.websocket, ASGIWebSocketAdapter):
+            await self.send_message({"id": operation_id, "type": "next", "payload": json.loads(payload)})
+            return
+        text = f'{{"id":{json.dumps(operation_id)},"type":"next","payload":{payload}}}'
+        try:
+            await self.websocket.ws.send_text(text)
+        except (WebSocketDisconnect, RuntimeError, OSError) as exc:
+            raise WebSocketDisconnected from exc

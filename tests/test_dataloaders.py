@@ -1,0 +1,231 @@
+"""Nested relations are batched: the number of SQL statements of a page does not grow with its size.
+
+Statements are counted with a ``before_cursor_execute`` listener on the app's own engine (every
+statement the server sends, including the tenant ``set_config``), removed after each measurement.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import httpx
+from sqlalchemy import event
+from starlette.applications import Starlette
+
+from models.tables import Role
+from tests.conftest import TenantWorld, data_or_fail, gql
+from tests.crm import create_company, create_contact, create_pipeline, gid
+
+MakeTenant = Callable[..., Awaitable[TenantWorld]]
+
+DASHBOARD = """
+query Dashboard($n: Int!) {
+  deals(first: $n) {
+    edges {
+      node {
+        id title amount currency status
+        company { name }
+        contact { firstName email }
+        owner { name }
+        stage { name probability }
+        activities(first: 3) { kind subject occurredAt }
+      }
+    }
+  }
+}"""
+
+COMPANIES_PAGE = """
+query Companies($n: Int!) {
+  companies(first: $n) {
+    edges {
+      node {
+        id name
+        contacts(first: 5) { id firstName company { id name } }
+        deals(first: 5) { id title }
+      }
+    }
+  }
+}"""
+
+DEAL = "mutation($input: DealInput!) { createDeal(input: $input) { id } }"
+ACTIVITY = "mutation($input: ActivityInput!) { createActivity(input: $input) { id } }"
+MAX_STATEMENTS = 8
+
+
+class StatementCounter:
+    """Counts the statements the app's engine sends while active."""
+
+    def __init__(self) -> None:
+        self.statements: list[str] = []
+
+    def __call__(self, conn: Any, cursor: Any, statement: str, parameters: Any, context: Any,
+                 executemany: bool) -> None:
+        self.statements.append(statement)
+
+
+@contextmanager
+def counting(app: Starlette) -> Iterator[StatementCounter]:
+    engine = app.state.runtime.databases.default.sync_engine
+    counter = StatementCounter()
+    event.listen(engine, "before_cursor_execute", counter)
+    try:
+        yield counter
+    finally:
+        event.remove(engine, "before_cursor_execute", counter)
+
+
+async def measure(client: httpx.AsyncClient, app: Starlette, token: str, query: str,
+                  variables: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    with counting(app) as counter:
+        body = await gql(client, query, variables, token=token)
+    return data_or_fail(body), counter.statements
+
+
+async def seed(client: httpx.AsyncClient, tenant: TenantWorld, deals: int) -> None:
+    """``deals`` deals, each with its own company, contact (of that company) and 4 activities.
+
+    Owners alternate between two members; stages between two stages.
+    """
+    token = tenant.token(Role.OWNER)
+    pipeline = await create_pipeline(client, token, name="Board", stages=("Lead", "Won"))
+    stages = [s["id"] for s in pipeline["stages"]]
+    owners = [gid("User", tenant.users[Role.OWNER]), gid("User", tenant.users[Role.MEMBER])]
+    base = dt.datetime(2025, 1, 1, tzinfo=dt.UTC)
+
+    async def one(i: int) -> None:
+        company = await create_company(client, token, name=f"Company {i:03d}", domain=f"c{i}.example")
+        contact = await create_contact(client, token, first_name=f"First{i}", last_name=f"Last{i:03d}",
+                                       email=f"p{i}@c{i}.example", company_id=company["id"])
+        deal = data_or_fail(await gql(client, DEAL, {"input": {
+            "title": f"Deal {i:03d}", "amount": f"{100 + i}.50", "currency": "USD", "stageId": stages[i % 2],
+            "companyId": company["id"], "contactId": contact["id"], "ownerId": owners[i % 2]}}, token=token))
+        for k in range(4):
+            data_or_fail(await gql(client, ACTIVITY, {"input": {
+                "kind": "CALL", "subject": f"Call {i}-{k}", "dealId": deal["createDeal"]["id"],
+                "occurredAt": (base + dt.timedelta(days=k, minutes=i)).isoformat()}}, token=token))
+
+    for start in range(0, deals, 10):
+        await asyncio.gather(*(one(i) for i in range(start, min(start + 10, deals))))
+
+
+async def test_dashboard_statement_count_does_not_depend_on_page_size(
+        client: httpx.AsyncClient, app: Starlette, make_tenant: MakeTenant) -> None:
+    tenant = await make_tenant("dl")
+    await seed(client, tenant, 50)
+    token = tenant.token(Role.VIEWER)
+    await measure(client, app, token, DASHBOARD, {"n": 1})  # warm up: the tenant's engine route is cached
+
+    small, small_statements = await measure(client, app, token, DASHBOARD, {"n": 5})
+    large, large_statements = await measure(client, app, token, DASHBOARD, {"n": 50})
+
+    assert len(small["deals"]["edges"]) == 5
+    assert len(large["deals"]["edges"]) == 50
+    for edge in large["deals"]["edges"]:
+        node = edge["node"]
+        number = node["title"].removeprefix("Deal ")
+        assert node["company"] == {"name": f"Company {number}"}
+        assert node["contact"]["email"] == f"p{int(number)}@c{int(number)}.example"
+        assert node["owner"]["name"] and node["stage"]["name"] in ("Lead", "Won")
+        subjects = [a["subject"] for a in node["activities"]]
+        assert subjects == [f"Call {int(number)}-{k}" for k in (3, 2, 1)]  # latest 3, newest first
+    assert len(small_statements) == len(large_statements), (small_statements, large_statements)
+    assert len(large_statements) <= MAX_STATEMENTS, large_statements
+
+
+async def test_company_contacts_and_contact_company_are_batched(
+        client: httpx.AsyncClient, app: Starlette, make_tenant: MakeTenant) -> None:
+    tenant = await make_tenant("dl")
+    await seed(client, tenant, 30)
+    token = tenant.token(Role.VIEWER)
+    await measure(client, app, token, COMPANIES_PAGE, {"n": 1})
+
+    small, small_statements = await measure(client, app, token, COMPANIES_PAGE, {"n": 3})
+    large, large_statements = await measure(client, app, token, COMPANIES_PAGE, {"n": 30})
+
+    assert len(small["companies"]["edges"]) == 3
+    assert len(large["companies"]["edges"]) == 30
+    for edge in large["companies"]["edges"]:
+        node = edge["node"]
+        assert len(node["contacts"]) == 1
+        assert node["contacts"][0]["company"] == {"id": node["id"], "name": node["name"]}
+        assert len(node["deals"]) == 1
+    assert len(small_statements) == len(large_statements), (small_statements, large_statements)
+    assert len(large_statements) <= MAX_STATEMENTS, large_statements
+
+
+async def test_contacts_page_batches_company(
+        client: httpx.AsyncClient, app: Starlette, make_tenant: MakeTenant) -> None:
+    tenant = await make_tenant("dl")
+    await seed(client, tenant, 20)
+    token = tenant.token(Role.VIEWER)
+    query = "query($n: Int!) { contacts(first: $n) { edges { node { lastName company { name contacts { id } } } } } }"
+    await measure(client, app, token, query, {"n": 1})
+
+    _, small_statements = await measure(client, app, token, query, {"n": 2})
+    large, large_statements = await measure(client, app, token, query, {"n": 20})
+
+    assert [e["node"]["company"]["name"] for e in large["contacts"]["edges"]] == [
+        f"Company {i:03d}" for i in range(20)]
+    assert len(small_statements) == len(large_statements), (small_statements, large_statements)
+
+
+ALIASED = """
+query($n: Int!) {
+  a: deals(first: $n, orderBy: {field: AMOUNT, direction: ASC}) {
+    edges { node { title company { name } owner { name } stage { name } activities(first: 3) { subject } } }
+  }
+  b: deals(first: $n, orderBy: {field: AMOUNT, direction: DESC}) {
+    edges { node { title company { name } owner { name } stage { name } activities(first: 3) { subject } } }
+  }
+}"""
+SINGLE = """
+query($n: Int!) {
+  a: deals(first: $n, orderBy: {field: AMOUNT, direction: ASC}) {
+    edges { node { title company { name } owner { name } stage { name } activities(first: 3) { subject } } }
+  }
+}"""
+
+
+async def test_aliased_root_fields_share_loaders_for_the_same_rows(
+        client: httpx.AsyncClient, app: Starlette, make_tenant: MakeTenant) -> None:
+    """Both aliases list all 10 deals: the second one's relations come from the first's batches."""
+    tenant = await make_tenant("dl")
+    await seed(client, tenant, 10)
+    token = tenant.token(Role.VIEWER)
+    await measure(client, app, token, SINGLE, {"n": 1})
+
+    _, single = await measure(client, app, token, SINGLE, {"n": 10})
+    both, aliased = await measure(client, app, token, ALIASED, {"n": 10})
+
+    titles_a = [e["node"]["title"] for e in both["a"]["edges"]]
+    titles_b = [e["node"]["title"] for e in both["b"]["edges"]]
+    assert titles_a == list(reversed(titles_b)) and len(titles_a) == 10
+    assert len(aliased) == len(single) + 1, (single, aliased)  # only the second page query is extra
+
+
+async def test_aliased_root_fields_over_disjoint_deals_batch_per_field(
+        client: httpx.AsyncClient, app: Starlette, make_tenant: MakeTenant) -> None:
+    """Two aliases over disjoint deals: each relation costs at most one batch per alias, whatever the page size.
+
+    (The aliases' relations are not merged into one batch: the second page is still being read when the
+    first one's loaders dispatch. The count grows with root fields, never with rows.)
+    """
+    tenant = await make_tenant("dl")
+    await seed(client, tenant, 20)
+    token = tenant.token(Role.VIEWER)
+    await measure(client, app, token, SINGLE, {"n": 1})
+
+    _, single = await measure(client, app, token, SINGLE, {"n": 5})
+    small, aliased_small = await measure(client, app, token, ALIASED, {"n": 5})
+    large, aliased_large = await measure(client, app, token, ALIASED, {"n": 10})
+
+    titles = {e["node"]["title"] for e in small["a"]["edges"]} | {e["node"]["title"] for e in small["b"]["edges"]}
+    assert len(titles) == 10
+    large_titles = {e["node"]["title"] for alias in ("a", "b") for e in large[alias]["edges"]}
+    assert len(large_titles) == 20
+    assert len(aliased_small) == len(aliased_large), (aliased_small, aliased_large)
+    assert len(aliased_small) <= 2 * len(single) - 2, (single, aliased_small)  # set_config, membership: once
