@@ -20,11 +20,9 @@ import json
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Hashable
-from functools import lru_cache
-from typing import Any, Literal
+from collections.abc import AsyncIterator
+from typing import Any
 
-from graphql import FieldNode, GraphQLError, OperationType, get_operation_ast, parse
 from starlette.requests import HTTPConnection, Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
@@ -39,7 +37,7 @@ from atrium.runtime import Runtime
 from atrium.settings import Settings
 from auth.context import Context, Principal, authenticate, confirm_membership
 from models.db import TenantScope
-from resolvers.live import PER_SUBSCRIBER_FIELDS, STATE_FIELDS
+from resolvers.live import delivery
 from resolvers.loaders import Loaders
 from schema.extensions import coded
 from schema.root import build_schema
@@ -49,20 +47,6 @@ REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 CONTEXT_KEY = "atrium.context"
 EXPIRY_KEY = "atrium.expiry"
 TOKEN_EXPIRED = 4401
-
-
-@lru_cache(maxsize=1024)
-def root_fields(query: str, operation_name: str | None) -> tuple[OperationType, frozenset[str], bool] | None:
-    """(operation type, root field names, whether the root also spreads fragments); None if unparsable."""
-    try:
-        operation = get_operation_ast(parse(query), operation_name)
-    except GraphQLError:
-        return None
-    if operation is None:
-        return None
-    selections = operation.selection_set.selections
-    names = frozenset(s.name.value for s in selections if isinstance(s, FieldNode))
-    return operation.operation, names, len(names) != len(selections)
 
 
 def request_id_for(conn: HTTPConnection) -> str:
@@ -186,18 +170,11 @@ class AtriumGraphQL(GraphQLOverHTTP):
 
     def operation_spec(self, context: Context, query: str, variables: dict[str, Any] | None,
                        operation_name: str | None) -> OperationSpec | None:
-        """How a WebSocket operation runs: subscriptions of equal tenant, role, document and
-        variables share one execution; queries, mutations and ``presence`` run alone."""
-        principal, parsed = context.principal, root_fields(query, operation_name)
-        if principal is None or parsed is None:
+        """How a WebSocket operation runs (``resolvers.live.delivery``), in a context of its own."""
+        if context.principal is None or (plan := delivery(context.principal, query, variables,
+                                                          operation_name)) is None:
             return None  # Strawberry's own handling (it closes the socket for unparsable documents)
-        kind, names, opaque = parsed
-        key: Hashable = object()
-        if kind is OperationType.SUBSCRIPTION and not opaque and not names & PER_SUBSCRIBER_FIELDS:
-            key = (principal.tenant_id, principal.role, query, operation_name,
-                   json.dumps(variables or {}, sort_keys=True, default=str))
-        replay: Literal["first", "last"] = "last" if names and names <= STATE_FIELDS and not opaque else "first"
-        return OperationSpec(key, replay, lambda: self.operation_context(context))
+        return OperationSpec(*plan, context=lambda: self.operation_context(context))
 
     @contextlib.asynccontextmanager
     async def operation_context(self, connection: Context) -> AsyncIterator[Context]:

@@ -50,6 +50,7 @@ query Dashboard($first: Int!) {
   }
 }
 """
+ROOT = Path(__file__).resolve().parent.parent
 SECRET = "bench-secret-not-for-production-use-0123456789"
 
 
@@ -135,15 +136,17 @@ async def load(port: int, tokens: list[str], clients: int, seconds: float, first
 
 async def main_async(args: argparse.Namespace) -> None:
     url, tenants = await prepare(args)
-    settings = Settings(env="production", database_url=url, jwt_secret=SECRET, pool_size=10)
+    settings = Settings(env="production", database_url=url, jwt_secret=SECRET, pool_size=10, rate_limits=False)
     tokens = tokens_for(settings, tenants)
     statements = await statements_per_request(settings, tokens[0], args.first)
     port = free_port()
-    env = {**os.environ, "DATABASE_URL": url, "ATRIUM_JWT_SECRET": SECRET, "ATRIUM_ENV": "production"}
+    # Rate limits off: this measures raw throughput, not the plans' budgets.
+    env = {**os.environ, "DATABASE_URL": url, "ATRIUM_JWT_SECRET": SECRET, "ATRIUM_ENV": "production",
+           "ATRIUM_RATE_LIMITS": "off"}
     server = subprocess.Popen(  # noqa: ASYNC220 - started once, before the measurement
         [sys.executable, "-m", "uvicorn", "--factory", "atrium.asgi:create_from_env", "--port", str(port),
          "--workers", str(args.workers), "--log-level", "warning", "--no-access-log"],
-        env=env, cwd=Path(__file__).resolve().parent.parent,
+        env=env, cwd=ROOT,
     )
     try:
         async with httpx.AsyncClient() as probe:
@@ -159,7 +162,10 @@ async def main_async(args: argparse.Namespace) -> None:
         server.terminate()
         server.wait(timeout=10)
     latencies.sort()
-    p = lambda q: latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1000  # noqa: E731
+
+    def p(q: float) -> float:
+        return latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1000
+
     print(f"tenants={args.tenants} deals/tenant={args.deals} page={args.first} clients={args.clients} "
           f"workers={args.workers} seconds={args.seconds}")
     print(f"requests={len(latencies)} rps={len(latencies) / args.seconds:.1f} p50={p(0.50):.1f}ms "

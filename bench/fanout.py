@@ -1,6 +1,6 @@
 """Fan-out benchmark: N open subscriptions over two Atrium processes, latency from commit to receipt.
 
-Makes a database of its own (migrated, one tenant, one pipeline, one deal), starts two Atrium
+Makes a database of its own (migrated, one tenant, one pipeline, one deal; dropped at the end), starts two Atrium
 processes (uvicorn, one worker each) sharing it and Redis, and opens N ``dealBoard`` subscriptions,
 half on each process, from client subprocesses (``--client-processes``), one WebSocket connection
 per ``--per-connection`` subscriptions. Once every subscription is live it moves the deal ``--writes``
@@ -49,6 +49,7 @@ from models.tables import Role
 
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = "bench-secret-not-for-production-use-0123456789"
+DATABASE = "atrium_bench_fanout"
 BOARD = """subscription %s($p: ID!) {
   dealBoard(pipelineId: $p) { __typename ... on DealChange { version timestamp record { id stage { id } } } }
 }"""
@@ -142,7 +143,7 @@ async def child(args: argparse.Namespace) -> None:
 
 async def prepare(server_url: str) -> tuple[str, str]:
     """A fresh migrated database with one tenant and its owner: (database URL, owner token)."""
-    name = "atrium_bench_fanout"
+    name = DATABASE
     admin = await asyncpg.connect(libpq_url(server_url))
     try:
         await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
@@ -245,6 +246,11 @@ async def coordinator(args: argparse.Namespace) -> None:
         for process, _ in servers:
             process.terminate()
             process.wait(timeout=20)
+        admin = await asyncpg.connect(libpq_url(server_url))
+        try:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{DATABASE}" WITH (FORCE)')
+        finally:
+            await admin.close()
 
     delivered = sum(r["delivered"] for r in results)
     latencies = sorted(x for r in results for x in r["latencies"])

@@ -21,14 +21,18 @@ from __future__ import annotations
 import asyncio
 import base64
 import datetime as dt
+import json
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Hashable
 from contextlib import aclosing, asynccontextmanager
-from typing import Any, TypeVar
+from functools import lru_cache
+from typing import Any, Literal, TypeVar
 
 import strawberry
+from graphql import FieldNode, GraphQLError, OperationType, get_operation_ast, parse
 
 from atrium.errors import AtriumError, BadUserInput, Forbidden, NotFound
+from auth.context import Principal
 from auth.roles import Can, Permission, allows
 from models.db import TenantScope
 from resolvers.deals import DealQuery
@@ -86,6 +90,39 @@ class SubscriberTooSlow(AtriumError):
     @property
     def extensions(self) -> dict[str, Any]:
         return {"code": TOO_SLOW}
+
+
+@lru_cache(maxsize=1024)
+def root_fields(query: str, operation_name: str | None) -> tuple[OperationType, frozenset[str], bool] | None:
+    """(operation type, root field names, whether the root also spreads fragments); None if unparsable."""
+    try:
+        operation = get_operation_ast(parse(query), operation_name)
+    except GraphQLError:
+        return None
+    if operation is None:
+        return None
+    selections = operation.selection_set.selections
+    names = frozenset(s.name.value for s in selections if isinstance(s, FieldNode))
+    return operation.operation, names, len(names) != len(selections)
+
+
+def delivery(principal: Principal, query: str, variables: dict[str, Any] | None,
+             operation_name: str | None) -> tuple[Hashable, Literal["first", "last"]] | None:
+    """Group key and greeting policy of a WebSocket operation (``subscriptions.delivery``).
+
+    Subscriptions with equal tenant, role (so permissions), document, operation name and variables
+    share one execution; queries, mutations, ``presence`` (it joins per subscriber) and documents
+    whose root spreads fragments run alone. None: unparsable (left to Strawberry).
+    """
+    parsed = root_fields(query, operation_name)
+    if parsed is None:
+        return None
+    kind, names, opaque = parsed
+    key: Hashable = object()
+    if kind is OperationType.SUBSCRIPTION and not opaque and not names & PER_SUBSCRIBER_FIELDS:
+        key = (principal.tenant_id, principal.role, query, operation_name,
+               json.dumps(variables or {}, sort_keys=True, default=str))
+    return key, "last" if names and names <= STATE_FIELDS and not opaque else "first"
 
 
 def now() -> dt.datetime:

@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import httpx
+import pytest
 from pycrdt import Doc, Text
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -163,3 +164,26 @@ async def test_concurrent_editors_converge(servers: tuple[AtriumProcess, AtriumP
             for i in range(rounds):
                 assert f"<{mark}{i}>" in server["text"]
         assert "Deal notes" in server["text"]
+
+
+@pytest.mark.parametrize("role", list(Role), ids=[r.value for r in Role])
+async def test_note_writes_need_write_permission(client: httpx.AsyncClient, make_tenant: MakeTenant,
+                                                 admin_engine: AsyncEngine, role: Role) -> None:
+    """createNote and applyNoteUpdate: members and above, audited as the caller; viewers are refused."""
+    tenant = await make_tenant("notes-role")
+    crm = await seed_crm(client, tenant.token())
+    note = data_or_fail(await gql(client, CREATE, {"input": {"dealId": crm.deal["id"]}},
+                                  token=tenant.token()))["createNote"]["id"]
+    update = b64(edit(Doc(), lambda body: body.insert(0, "by role")))
+    created = await gql(client, CREATE, {"input": {"companyId": crm.company["id"]}}, token=tenant.token(role))
+    applied = await gql(client, APPLY, {"n": note, "u": update}, token=tenant.token(role))
+    if role is Role.VIEWER:
+        assert codes(created) == codes(applied) == ["FORBIDDEN"]
+        return
+    new = data_or_fail(created)["createNote"]["id"]
+    assert data_or_fail(applied)["applyNoteUpdate"]["text"] == "by role"
+    async with admin_engine.connect() as conn:
+        actors = (await conn.execute(select(AUDIT_EVENTS.c.entity_id, AUDIT_EVENTS.c.actor_id).where(
+            AUDIT_EVENTS.c.tenant_id == tenant.id, AUDIT_EVENTS.c.actor_id == tenant.users[role],
+            AUDIT_EVENTS.c.entity_id.in_([uuid_of(new), uuid_of(note)])))).all()
+    assert {a.entity_id for a in actors} == {uuid_of(new), uuid_of(note)}
