@@ -38,6 +38,14 @@ def loaders(info: Info) -> Loaders:
     return info.context.require()[2]
 
 
+async def one(info: Info, loader: str, key: uuid.UUID | None, build: Callable[[Row[Any]], T]) -> T | None:
+    """A to-one relation through the request's loader ``loader``; None without a key or a row."""
+    if key is None:
+        return None
+    row = await getattr(loaders(info), loader).load(key)
+    return build(row) if row else None
+
+
 def _limit(first: int, field: str = "first") -> int:
     if not 0 <= first <= NESTED_MAX:
         raise BadUserInput(field, f"must be between 0 and {NESTED_MAX}")
@@ -160,10 +168,7 @@ class Contact(Node):
 
     @strawberry.field
     async def company(self, info: Info) -> Company | None:
-        if self.company_id is None:
-            return None
-        row = await loaders(info).company.load(self.company_id)
-        return Company.from_row(row) if row else None
+        return await one(info, "company", self.company_id, Company.from_row)
 
     @strawberry.field
     async def deals(self, info: Info, first: int = 20) -> list[Deal]:
@@ -256,24 +261,15 @@ class Deal(Node):
 
     @strawberry.field
     async def company(self, info: Info) -> Company | None:
-        if self.company_id is None:
-            return None
-        row = await loaders(info).company.load(self.company_id)
-        return Company.from_row(row) if row else None
+        return await one(info, "company", self.company_id, Company.from_row)
 
     @strawberry.field(description="The primary contact.")
     async def contact(self, info: Info) -> Contact | None:
-        if self.contact_id is None:
-            return None
-        row = await loaders(info).contact.load(self.contact_id)
-        return Contact.from_row(row) if row else None
+        return await one(info, "contact", self.contact_id, Contact.from_row)
 
     @strawberry.field
     async def owner(self, info: Info) -> User | None:
-        if self.owner_id is None:
-            return None
-        row = await loaders(info).user.load(self.owner_id)
-        return User.from_row(row) if row else None
+        return await one(info, "user", self.owner_id, User.from_row)
 
     @strawberry.field(description="Latest activities first.")
     async def activities(self, info: Info, first: int = 10) -> list[Activity]:
@@ -306,31 +302,19 @@ class Activity(Node):
 
     @strawberry.field
     async def deal(self, info: Info) -> Deal | None:
-        if self.deal_id is None:
-            return None
-        row = await loaders(info).deal.load(self.deal_id)
-        return Deal.from_row(row) if row else None
+        return await one(info, "deal", self.deal_id, Deal.from_row)
 
     @strawberry.field
     async def contact(self, info: Info) -> Contact | None:
-        if self.contact_id is None:
-            return None
-        row = await loaders(info).contact.load(self.contact_id)
-        return Contact.from_row(row) if row else None
+        return await one(info, "contact", self.contact_id, Contact.from_row)
 
     @strawberry.field
     async def company(self, info: Info) -> Company | None:
-        if self.company_id is None:
-            return None
-        row = await loaders(info).company.load(self.company_id)
-        return Company.from_row(row) if row else None
+        return await one(info, "company", self.company_id, Company.from_row)
 
     @strawberry.field
     async def actor(self, info: Info) -> User | None:
-        if self.actor_id is None:
-            return None
-        row = await loaders(info).user.load(self.actor_id)
-        return User.from_row(row) if row else None
+        return await one(info, "user", self.actor_id, User.from_row)
 
 
 @strawberry.type(description="One change of one record, written in the same transaction as the change.")
@@ -353,10 +337,7 @@ class AuditEvent:
 
     @strawberry.field
     async def actor(self, info: Info) -> User | None:
-        if self.actor_id is None:
-            return None
-        row = await loaders(info).user.load(self.actor_id)
-        return User.from_row(row) if row else None
+        return await one(info, "user", self.actor_id, User.from_row)
 
 
 @strawberry.type(description="Deals (of every status) in one stage and one currency.")
@@ -489,24 +470,15 @@ class Note(Node):
 
     @strawberry.field
     async def deal(self, info: Info) -> Deal | None:
-        if self.deal_id is None:
-            return None
-        row = await loaders(info).deal.load(self.deal_id)
-        return Deal.from_row(row) if row else None
+        return await one(info, "deal", self.deal_id, Deal.from_row)
 
     @strawberry.field
     async def contact(self, info: Info) -> Contact | None:
-        if self.contact_id is None:
-            return None
-        row = await loaders(info).contact.load(self.contact_id)
-        return Contact.from_row(row) if row else None
+        return await one(info, "contact", self.contact_id, Contact.from_row)
 
     @strawberry.field
     async def company(self, info: Info) -> Company | None:
-        if self.company_id is None:
-            return None
-        row = await loaders(info).company.load(self.company_id)
-        return Company.from_row(row) if row else None
+        return await one(info, "company", self.company_id, Company.from_row)
 
 
 @strawberry.enum
@@ -539,10 +511,7 @@ class ChangeFields:
 
     @strawberry.field(description="Who made the change.")
     async def actor(self, info: Info) -> User | None:
-        if self.actor_id is None:
-            return None
-        row = await loaders(info).user.load(self.actor_id)
-        return User.from_row(row) if row else None
+        return await one(info, "user", self.actor_id, User.from_row)
 
 
 @strawberry.type(description="A change of one record of any type.")
@@ -587,10 +556,7 @@ class NoteUpdate:
 
     @strawberry.field(description="Who wrote the update.")
     async def author(self, info: Info) -> User | None:
-        if self.actor_id is None:
-            return None
-        row = await loaders(info).user.load(self.actor_id)
-        return User.from_row(row) if row else None
+        return await one(info, "user", self.actor_id, User.from_row)
 
 
 @strawberry.type
