@@ -73,6 +73,33 @@ def filtered(tenant_id: uuid.UUID, f: DealFilter | None) -> Select[tuple[object,
     return query
 
 
+async def require_pipeline(info: Info, pipeline_id: strawberry.ID) -> uuid.UUID:
+    """The pipeline behind ``pipeline_id`` if the caller's tenant has it; NOT_FOUND naming pipelineId."""
+    pipeline = decode_id(pipeline_id, "Pipeline", field="pipelineId")
+    if await info.context.require()[2].pipeline.load(pipeline) is None:
+        raise NotFound("pipeline", pipeline, field="pipelineId")
+    return pipeline
+
+
+async def stage_totals(info: Info, pipeline: uuid.UUID) -> list[StageTotal]:
+    """Deal count, total and weighted total per stage and currency of ``pipeline``, in board order
+    (what both ``Query.pipelineSummary`` and the live ``pipelineSummary`` report)."""
+    principal, db, loaders = info.context.require()
+    rows = await db.fetch(
+        select(DEALS.c.stage_id, DEALS.c.currency, func.count().label("count"),
+               func.sum(DEALS.c.amount).label("total"))
+        .where(DEALS.c.tenant_id == principal.tenant_id, DEALS.c.pipeline_id == pipeline)
+        .group_by(DEALS.c.stage_id, DEALS.c.currency)
+    )
+    stages = await loaders.stage.load_many([r.stage_id for r in rows])
+    totals = [
+        StageTotal(stage=Stage.from_row(stage), currency=r.currency, count=r.count, total=r.total,
+                   weighted_total=(r.total * stage.probability).quantize(Decimal("0.01")))
+        for r, stage in zip(rows, stages, strict=True)
+    ]
+    return sorted(totals, key=lambda t: (t.stage.position, t.currency))
+
+
 @strawberry.type
 class DealQuery:
     @strawberry.field(permission_classes=[Can(Permission.READ)])
@@ -96,23 +123,7 @@ class DealQuery:
     @strawberry.field(permission_classes=[Can(Permission.READ)],
                       description="Deal count and amount per stage and currency (every status).")
     async def pipeline_summary(self, info: Info, pipeline_id: strawberry.ID) -> list[StageTotal]:
-        principal, db, loaders = info.context.require()
-        pipeline = decode_id(pipeline_id, "Pipeline", field="pipelineId")
-        if await loaders.pipeline.load(pipeline) is None:
-            raise NotFound("pipeline", pipeline, field="pipelineId")
-        rows = await db.fetch(
-            select(DEALS.c.stage_id, DEALS.c.currency, func.count().label("count"),
-                   func.sum(DEALS.c.amount).label("total"))
-            .where(DEALS.c.tenant_id == principal.tenant_id, DEALS.c.pipeline_id == pipeline)
-            .group_by(DEALS.c.stage_id, DEALS.c.currency)
-        )
-        stages = await loaders.stage.load_many([r.stage_id for r in rows])
-        totals = [
-            StageTotal(stage=Stage.from_row(stage), currency=r.currency, count=r.count, total=r.total,
-                       weighted_total=(r.total * stage.probability).quantize(Decimal("0.01")))
-            for r, stage in zip(rows, stages, strict=True)
-        ]
-        return sorted(totals, key=lambda t: (t.stage.position, t.currency))
+        return await stage_totals(info, await require_pipeline(info, pipeline_id))
 
 
 @strawberry.type

@@ -35,7 +35,7 @@ from atrium.errors import AtriumError, BadUserInput, Forbidden, NotFound
 from auth.context import Principal
 from auth.roles import Can, Permission, allows
 from models.db import TenantScope
-from resolvers.deals import DealQuery
+from resolvers.deals import require_pipeline, stage_totals
 from resolvers.loaders import Loaders
 from resolvers.notes import load_note
 from resolvers.viewer import NODE_TYPES
@@ -221,10 +221,8 @@ class LiveSubscription:
                              description="Deals created, moved, updated or deleted in a pipeline (a deal "
                                          "moved to another pipeline is sent to both boards).")
     async def deal_board(self, info: Info, pipeline_id: strawberry.ID) -> AsyncGenerator[DealBoardEvent]:
-        principal, _, loaders = info.context.require()
-        pipeline = decode_id(pipeline_id, "Pipeline", field="pipelineId")
-        if await loaders.pipeline.load(pipeline) is None:
-            raise NotFound("pipeline", pipeline, field="pipelineId")
+        principal = info.context.require()[0]
+        pipeline = await require_pipeline(info, pipeline_id)
 
         def build(event: ChangeEvent) -> DealChange | None:
             return DealChange(**change_fields(event)) if event.entity_type == "Deal" else None
@@ -274,17 +272,14 @@ class LiveSubscription:
                              description="Totals per stage and currency: now, then after each burst of "
                                          "changes (coalesced over a quarter second).")
     async def pipeline_summary(self, info: Info, pipeline_id: strawberry.ID) -> AsyncGenerator[PipelineTotals]:
-        principal, _, loaders = info.context.require()
-        pipeline = decode_id(pipeline_id, "Pipeline", field="pipelineId")
-        if await loaders.pipeline.load(pipeline) is None:
-            raise NotFound("pipeline", pipeline, field="pipelineId")
-        query = DealQuery()
+        principal = info.context.require()[0]
+        pipeline = await require_pipeline(info, pipeline_id)
         channel = scope_channel(principal.tenant_id, "pipeline", str(pipeline))
         async with info.context.broker.subscribe(channel) as queue:
             while True:
                 async with event_scope(info):
-                    # The very resolver of Query.pipelineSummary, so live and queried totals never differ.
-                    totals = await query.pipeline_summary(info, pipeline_id)
+                    # The same function as Query.pipelineSummary, so live and queried totals never differ.
+                    totals = await stage_totals(info, pipeline)
                     yield PipelineTotals(pipeline_id=pipeline_id, totals=totals, timestamp=now())
                 if await queue.get() not in (GAP, OVERFLOW):
                     await asyncio.sleep(SUMMARY_WINDOW)  # the coalescing window, not a wait for a condition
