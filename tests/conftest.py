@@ -11,6 +11,7 @@ import secrets
 import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,10 +50,10 @@ def server_url() -> Iterator[str]:
             stop_embedded_postgres(data)
 
 
-@pytest.fixture(scope="session")
-async def database_url(server_url: str) -> AsyncIterator[str]:
-    """A fresh, migrated database for this test run; dropped afterwards."""
-    name = f"atrium_test_{uuid.uuid4().hex[:12]}"
+@asynccontextmanager
+async def scratch_database(server_url: str, prefix: str, *, migrated: bool = True) -> AsyncIterator[str]:
+    """A new database on the test server (migrated unless told otherwise); dropped on exit. Yields its URL."""
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
     admin = await asyncpg.connect(libpq_url(server_url))
     try:
         await admin.execute(f'CREATE DATABASE "{name}"')
@@ -60,7 +61,8 @@ async def database_url(server_url: str) -> AsyncIterator[str]:
         await admin.close()
     url = async_url(make_url(server_url).set(database=name).render_as_string(hide_password=False))
     try:
-        await migrate(url)
+        if migrated:
+            await migrate(url)
         yield url
     finally:
         admin = await asyncpg.connect(libpq_url(server_url))
@@ -68,6 +70,13 @@ async def database_url(server_url: str) -> AsyncIterator[str]:
             await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         finally:
             await admin.close()
+
+
+@pytest.fixture(scope="session")
+async def database_url(server_url: str) -> AsyncIterator[str]:
+    """A fresh, migrated database for this test run; dropped afterwards."""
+    async with scratch_database(server_url, "atrium_test") as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

@@ -5,36 +5,22 @@ from __future__ import annotations
 import uuid
 from collections.abc import AsyncIterator
 
-import asyncpg
 import httpx
 import pytest
 from sqlalchemy import text
-from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from atrium.admin import add_user, create_tenant, tenant_database
-from atrium.bootstrap import libpq_url
-from atrium.settings import Settings, async_url
+from atrium.settings import Settings
 from auth.tokens import issue_token
-from models.migrations import migrate
 from models.tables import Isolation, Role
-from tests.conftest import TenantWorld, data_or_fail, gql
+from tests.conftest import TenantWorld, data_or_fail, gql, scratch_database
 
 
 @pytest.fixture
 async def dedicated_url(server_url: str) -> AsyncIterator[str]:
-    name = f"atrium_ded_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(libpq_url(server_url))
-    await admin.execute(f'CREATE DATABASE "{name}"')
-    await admin.close()
-    url = async_url(make_url(server_url).set(database=name).render_as_string(hide_password=False))
-    try:
-        await migrate(url)
+    async with scratch_database(server_url, "atrium_ded") as url:
         yield url
-    finally:
-        admin = await asyncpg.connect(libpq_url(server_url))
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
 
 
 async def count(url: str, sql: str, **params: object) -> int:

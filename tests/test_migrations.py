@@ -2,36 +2,24 @@
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-import asyncpg
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import Connection, text
-from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from atrium.bootstrap import libpq_url
-from atrium.settings import async_url
 from models.migrations import migrate
 from models.tables import SQLModel
+from tests.conftest import scratch_database
 
 
 @pytest.fixture
 async def scratch_url(server_url: str) -> AsyncIterator[str]:
-    name = f"atrium_mig_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(libpq_url(server_url))
-    await admin.execute(f'CREATE DATABASE "{name}"')
-    await admin.close()
-    try:
-        yield async_url(make_url(server_url).set(database=name).render_as_string(hide_password=False))
-    finally:
-        admin = await asyncpg.connect(libpq_url(server_url))
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
+    async with scratch_database(server_url, "atrium_mig", migrated=False) as url:
+        yield url
 
 
 async def _tables(url: str) -> set[str]:
