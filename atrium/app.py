@@ -13,6 +13,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route, WebSocketRoute
 
+from atrium.dashboard import dashboard_routes
 from atrium.persisted import apq_store
 from atrium.ratelimit import rate_limiter
 from atrium.runtime import Runtime
@@ -68,6 +69,7 @@ def create_app(settings: Settings) -> Starlette:
             WebSocketRoute("/graphql", view),
             Route("/healthz", healthz),
             Route("/readyz", readyz),
+            *dashboard_routes(),
         ],
         lifespan=lifespan,
         max_body_size=MAX_BODY,

@@ -162,7 +162,8 @@ async def prepare_serve(args: argparse.Namespace) -> Settings:
             out(f"\nAtrium: GraphiQL at http://{host}:{args.port}/graphql")
             out("Demo tenant 'acme' (also 'globex'); owner token, valid 7 days (paste as an HTTP header):")
             out(f'  {{"Authorization": "Bearer {token}"}}')
-            out(f'Or sign in: login(email: "owner@acme.example", password: "{DEMO_PASSWORD}", tenant: "acme")\n')
+            out(f'Or sign in: login(email: "owner@acme.example", password: "{DEMO_PASSWORD}", tenant: "acme")')
+            out(f"Live dashboard (signed in as that owner): http://{host}:{args.port}/dashboard#token={token}\n")
     return settings
 
 

@@ -20,7 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -147,16 +147,18 @@ class AtriumProcess:
                 self.process.wait()
 
 
-async def start_atrium(database_url: str, redis_url: str | None, **env: str) -> AtriumProcess:
+async def start_atrium(database_url: str, redis_url: str | None, env: Mapping[str, str] | None = None, *,
+                       port: int | None = None) -> AtriumProcess:
     """Start ``uvicorn --factory atrium.asgi:create_from_env`` and wait until ``/healthz`` answers.
 
     ``database_url`` is the admin URL of the migrated test database: the app derives its
-    ``atrium_app`` role URL from it.
+    ``atrium_app`` role URL from it. ``env``: more environment variables. ``port``: a free one unless
+    given (to restart a server in place).
     """
-    port = free_port()
+    port = port or free_port()
     environment = {**os.environ, "DATABASE_URL": database_url, "ATRIUM_JWT_SECRET": TEST_SECRET,
                    "ATRIUM_ENV": "test", "ATRIUM_DATA_DIR": tempfile.gettempdir(), "ATRIUM_RATE_LIMITS": "off",
-                   **env}
+                   **(env or {})}
     environment.pop("REDIS_URL", None)
     if redis_url:
         environment["REDIS_URL"] = redis_url
@@ -187,9 +189,9 @@ LIVE_ENV = {"ATRIUM_SUBSCRIBER_QUEUE": "16", "ATRIUM_PRESENCE_TTL": "3"}
 @pytest.fixture(scope="session", name="servers")
 async def servers_fixture(database_url: str, redis_url: str) -> AsyncIterator[tuple[AtriumProcess, AtriumProcess]]:
     """Processes A and B: one database, one Redis."""
-    a = await start_atrium(database_url, redis_url, **LIVE_ENV)
+    a = await start_atrium(database_url, redis_url, LIVE_ENV)
     try:
-        b = await start_atrium(database_url, redis_url, **LIVE_ENV)
+        b = await start_atrium(database_url, redis_url, LIVE_ENV)
     except BaseException:
         a.stop()
         raise
