@@ -37,7 +37,6 @@ from auth.roles import Can, Permission, allows
 from models.db import TenantScope
 from resolvers.deals import require_pipeline, stage_totals
 from resolvers.loaders import Loaders
-from resolvers.notes import load_note
 from resolvers.viewer import NODE_TYPES
 from schema.ids import decode_id, parse_global_id, to_global_id
 from schema.types import (
@@ -47,7 +46,6 @@ from schema.types import (
     DealChange,
     Info,
     Node,
-    Note,
     NoteEvent,
     NoteUpdate,
     PipelineTotals,
@@ -147,11 +145,7 @@ async def existing_record(info: Info, global_id: str, *, field: str) -> tuple[st
     """Type name, key and loader of a record the caller can read; NOT_FOUND otherwise."""
     type_name, key = parse_global_id(global_id, field=field)
     fetch: Fetch
-    if type_name == "Note":
-        async def fetch(loaders: Loaders) -> Node | None:
-            row = await load_note(loaders.db, key)
-            return Note.from_row(row) if row else None
-    elif type_name in NODE_TYPES:
+    if type_name in NODE_TYPES:
         attr, from_row = NODE_TYPES[type_name]
 
         async def fetch(loaders: Loaders) -> Node | None:
@@ -249,9 +243,9 @@ class LiveSubscription:
                                          "`origin` as given here are left out (your own echo).")
     async def note_updates(self, info: Info, note_id: strawberry.ID,
                            origin: str | None = None) -> AsyncGenerator[NoteEvent]:
-        principal, db, _ = info.context.require()
+        principal, _, loaders = info.context.require()
         key = decode_id(note_id, "Note", field="noteId")
-        if await load_note(db, key) is None:
+        if await loaders.note.load(key) is None:
             raise NotFound("note", key, field="noteId")
 
         def build(event: ChangeEvent) -> NoteUpdate | None:

@@ -19,7 +19,7 @@ from sqlalchemy import ColumnElement, Row, Select, any_, bindparam, func, select
 from sqlalchemy.dialects.postgresql import ARRAY, UUID
 
 from models.db import TenantScope
-from models.tables import ACTIVITIES, COMPANIES, CONTACTS, DEALS, MEMBERSHIPS, PIPELINES, STAGES, USERS
+from models.tables import ACTIVITIES, COMPANIES, CONTACTS, DEALS, MEMBERSHIPS, NOTES, PIPELINES, STAGES, USERS
 
 KEYS = bindparam("keys", type_=ARRAY(UUID(as_uuid=True)))
 LIMIT = bindparam("limit")
@@ -115,6 +115,10 @@ class Loaders:
     @cached_property
     def activity(self) -> DataLoader:
         return self._one(ACTIVITIES)
+
+    @cached_property
+    def note(self) -> DataLoader:
+        return self._one(NOTES)
 
     @cached_property
     def user(self) -> DataLoader:

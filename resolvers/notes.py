@@ -9,16 +9,13 @@ the change event carries the update (base64) and its ``origin`` to ``noteUpdates
 from __future__ import annotations
 
 import base64
-import uuid
-from typing import Any
 
 import strawberry
-from sqlalchemy import Row, select
+from sqlalchemy import select
 from strawberry.scalars import Base64
 
 from atrium.errors import BadUserInput
 from auth.roles import Can, Permission
-from models.db import TenantScope
 from models.tables import NOTES
 from resolvers.entities import COMPANY, CONTACT, DEAL, NOTE
 from resolvers.writes import change
@@ -40,17 +37,11 @@ class NoteInput:
     company_id: strawberry.ID | None = None
 
 
-async def load_note(db: TenantScope, note_id: uuid.UUID) -> Row[Any] | None:
-    """The note ``note_id`` of the scope's tenant, or None."""
-    rows = await db.fetch(select(NOTES).where(NOTES.c.tenant_id == db.tenant_id, NOTES.c.id == note_id))
-    return rows[0] if rows else None
-
-
 @strawberry.type
 class NoteQuery:
     @strawberry.field(permission_classes=[Can(Permission.READ)])
     async def note(self, info: Info, id: strawberry.ID) -> Note | None:
-        row = await load_note(info.context.require()[1], decode_id(id, "Note"))
+        row = await info.context.require()[2].note.load(decode_id(id, "Note"))
         return Note.from_row(row) if row else None
 
     @strawberry.field(permission_classes=[Can(Permission.READ)],

@@ -27,6 +27,7 @@ from schema.types import (
     Info,
     LoginPayload,
     Node,
+    Note,
     Pipeline,
     Stage,
     Tenant,
@@ -40,6 +41,7 @@ NODE_TYPES = {
     "Deal": ("deal", Deal.from_row), "Company": ("company", Company.from_row),
     "Contact": ("contact", Contact.from_row), "Pipeline": ("pipeline", Pipeline.from_row),
     "Stage": ("stage", Stage.from_row), "Activity": ("activity", Activity.from_row), "User": ("user", User.from_row),
+    "Note": ("note", Note.from_row),
 }
 
 

@@ -112,8 +112,12 @@ async def test_note_rules_roles_and_tenants(client: httpx.AsyncClient, make_tena
 
     assert codes(await gql(client, APPLY, {"n": note["id"], "u": update},
                            token=alpha.token(Role.VIEWER))) == ["FORBIDDEN"]
+    node = "query($id: ID!) { node(id: $id) { __typename id ... on Note { version } } }"
+    assert data_or_fail(await gql(client, node, {"id": note["id"]}, token=alpha.token(Role.VIEWER))) == {
+        "node": {"__typename": "Note", "id": note["id"], "version": 1}}
     # Bravo can neither see, change nor attach to alpha's records.
     assert data_or_fail(await gql(client, NOTE, {"id": note["id"]}, token=bravo.token())) == {"note": None}
+    assert data_or_fail(await gql(client, node, {"id": note["id"]}, token=bravo.token())) == {"node": None}
     assert codes(await gql(client, APPLY, {"n": note["id"], "u": update}, token=bravo.token())) == ["NOT_FOUND"]
     assert codes(await gql(client, CREATE, {"input": {"dealId": crm_a.deal["id"]}},
                            token=bravo.token())) == ["NOT_FOUND"]
