@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import re
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import httpx
-from sqlalchemy import event
+from sqlalchemy import event, update
+from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.applications import Starlette
 
-from models.tables import Role
+from models.tables import DEALS, Role
 from tests.conftest import TenantWorld, data_or_fail, gql
 from tests.crm import create_company, create_contact, create_pipeline, gid
 
@@ -54,6 +57,7 @@ query Companies($n: Int!) {
 DEAL = "mutation($input: DealInput!) { createDeal(input: $input) { id } }"
 ACTIVITY = "mutation($input: ActivityInput!) { createActivity(input: $input) { id } }"
 MAX_STATEMENTS = 8
+README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
 
 
 class StatementCounter:
@@ -229,3 +233,20 @@ async def test_aliased_root_fields_over_disjoint_deals_batch_per_field(
     assert len(large_titles) == 20
     assert len(aliased_small) == len(aliased_large), (aliased_small, aliased_large)
     assert len(aliased_small) <= 2 * len(single) - 2, (single, aliased_small)  # set_config, membership: once
+
+
+async def test_readme_dashboard_query_costs_what_readme_says(
+        client: httpx.AsyncClient, app: Starlette, make_tenant: MakeTenant, admin_engine: AsyncEngine) -> None:
+    query = re.search(r"try the dashboard query:\n\n```graphql\n(.*?)```", README, re.S)
+    claim = re.search(r"the dashboard above costs (\d+) SQL statements", README)
+    assert query and claim, "README's dashboard query or its statement count moved"
+    tenant = await make_tenant("readme")
+    await seed(client, tenant, 25)
+    async with admin_engine.begin() as conn:  # into the query's amountMin filter
+        await conn.execute(update(DEALS).where(DEALS.c.tenant_id == tenant.id).values(amount=DEALS.c.amount + 10000))
+    token = tenant.token(Role.VIEWER)
+    await measure(client, app, token, DASHBOARD, {"n": 1})  # warm up: the tenant's engine route is cached
+    data, statements = await measure(client, app, token, query.group(1), {})
+    assert data["deals"]["totalCount"] == 25 and len(data["deals"]["edges"]) == 20
+    assert all(e["node"]["company"] and len(e["node"]["activities"]) == 3 for e in data["deals"]["edges"])
+    assert len(statements) == int(claim.group(1)), statements
