@@ -9,11 +9,13 @@ from redis.asyncio import Redis
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route, WebSocketRoute
 
 from atrium.dashboard import dashboard_routes
+from atrium.metrics import MeasureHttp, Metrics
 from atrium.persisted import apq_store
 from atrium.ratelimit import rate_limiter
 from atrium.runtime import Runtime
@@ -30,6 +32,7 @@ MAX_BODY = 1 << 20
 def create_app(settings: Settings) -> Starlette:
     """An Atrium app for ``settings`` (whose database URL must be resolved)."""
     view = AtriumGraphQL(settings)
+    metrics = Metrics()
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -40,7 +43,9 @@ def create_app(settings: Settings) -> Starlette:
         await broker.start()
         runtime = Runtime(settings=settings, databases=databases, broker=broker,
                           verifier=TokenVerifier(settings), api_keys=ApiKeys(databases),
-                          apq=apq_store(settings, databases, redis), limiter=rate_limiter(settings, databases, redis))
+                          apq=apq_store(settings, databases, redis), limiter=rate_limiter(settings, databases, redis),
+                          metrics=metrics)
+        metrics.observe_runtime(runtime, view.live_groups)
         view.runtime = runtime
         app.state.runtime = runtime
         try:
@@ -69,8 +74,10 @@ def create_app(settings: Settings) -> Starlette:
             WebSocketRoute("/graphql", view),
             Route("/healthz", healthz),
             Route("/readyz", readyz),
+            Route("/metrics", metrics.endpoint(settings)),
             *dashboard_routes(),
         ],
+        middleware=[Middleware(MeasureHttp, metrics=metrics)],
         lifespan=lifespan,
         max_body_size=MAX_BODY,
     )

@@ -33,7 +33,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from graphql import GraphQLError
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.websockets import WebSocket
@@ -49,6 +48,7 @@ from atrium.persisted import resolve_document
 from atrium.ratelimit import RequestMeter
 from atrium.runtime import Runtime
 from auth.context import Context
+from schema.extensions import code_of
 
 GRAPHQL_RESPONSE_JSON = "application/graphql-response+json"
 JSON = "application/json"
@@ -189,11 +189,6 @@ def error_body(code: ErrorCode | str, message: str, **extensions: Any) -> dict[s
 def is_request_error(result: ExecutionResult) -> bool:
     """True when nothing was executed: no data and no error attached to a field."""
     return result.data is None and bool(result.errors) and all(not e.path for e in result.errors or ())
-
-
-def code_of(error: GraphQLError) -> str | None:
-    code = (error.extensions or {}).get("code")
-    return code if isinstance(code, str) else None
 
 
 def outcome_of(result: ExecutionResult, media: str) -> Outcome:

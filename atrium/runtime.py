@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from atrium.metrics import Metrics
 from atrium.persisted import ApqStore
 from atrium.ratelimit import RateLimiter
 from atrium.settings import Settings
@@ -23,3 +24,4 @@ class Runtime:
     apq: ApqStore
     limiter: RateLimiter | None
     """None when rate limits are off (``ATRIUM_RATE_LIMITS=off``)."""
+    metrics: Metrics

@@ -95,6 +95,8 @@ class Settings:
     """Events a subscriber may fall behind by before its subscription ends (SUBSCRIBER_TOO_SLOW)."""
     presence_ttl_seconds: float = 30.0
     """A presence entry not refreshed for this long (its process died) disappears."""
+    metrics_token: str | None = None
+    """Bearer token ``/metrics`` requires; without one, production does not serve metrics."""
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -129,6 +131,7 @@ class Settings:
             pool_size=int(env.get("ATRIUM_DB_POOL_SIZE", "10")),
             redis_prefix=env.get("ATRIUM_REDIS_PREFIX", "atrium:"),
             rate_limits=env.get("ATRIUM_RATE_LIMITS", "").strip().lower() != "off",
+            metrics_token=env.get("ATRIUM_METRICS_TOKEN") or None,
             plan_limits=parse_plan_limits(limits) if (limits := env.get("ATRIUM_RATE_LIMITS", "").strip())
             and limits.lower() != "off" else DEFAULT_PLAN_LIMITS,
             batching=env.get("ATRIUM_BATCHING", "off").strip().lower() in ("1", "on", "true", "yes"),

@@ -74,7 +74,7 @@ class AtriumGraphQL(GraphQLOverHTTP):
     def make_context(self, conn: HTTPConnection, principal: Principal | None, request_id: str) -> Context:
         rt = self.runtime
         context = Context(settings=rt.settings, databases=rt.databases, broker=rt.broker, request=conn,
-                          request_id=request_id)
+                          request_id=request_id, metrics=rt.metrics)
         if principal is not None:
             self.bind(context, principal)
         return context
@@ -96,9 +96,12 @@ class AtriumGraphQL(GraphQLOverHTTP):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
+            websockets = self.runtime.metrics.websockets
+            websockets.inc()
             try:
                 await super().__call__(scope, receive, send)
             finally:
+                websockets.dec()
                 if (timer := scope.pop(EXPIRY_KEY, None)) is not None:
                     timer.cancel()
             return

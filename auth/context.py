@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -47,6 +48,14 @@ class Meter(Protocol):
         """Spend ``cost`` units; raises RATE_LIMITED (or QUERY_TOO_COMPLEX when it can never fit)."""
 
 
+class OperationRecorder(Protocol):
+    """Counts executed operations and their error codes (``atrium/metrics.py``)."""
+
+    def record_operation(self, operation_type: str) -> None: ...
+
+    def record_errors(self, codes: Iterable[str]) -> None: ...
+
+
 @dataclass
 class Context:
     """Per-operation state. ``db`` and ``loaders`` exist only for an authenticated principal."""
@@ -63,6 +72,7 @@ class Context:
     response: Any = None
     meter: Meter | None = None
     """Rate limits of an HTTP request; None where operations are not metered (WebSocket, scripts)."""
+    metrics: OperationRecorder | None = None
 
     def require(self) -> tuple[Principal, TenantScope, Loaders]:
         """The principal, its tenant scope and loaders; UNAUTHENTICATED when anonymous."""

@@ -17,6 +17,7 @@ from typing import Any
 
 from sqlalchemy import Executable, Row, text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.pool import QueuePool
 
 from atrium.settings import async_url
 
@@ -42,6 +43,12 @@ class Databases:
         return create_async_engine(
             async_url(url), pool_size=self._pool_size, max_overflow=self._pool_size, pool_pre_ping=False
         )
+
+    def pool_usage(self) -> tuple[int, int]:
+        """(connections checked out, connections kept open) over every engine's pool."""
+        pools = [engine.sync_engine.pool for engine in self._engines.values()]
+        return (sum(p.checkedout() for p in pools if isinstance(p, QueuePool)),
+                sum(p.size() for p in pools if isinstance(p, QueuePool)))
 
     async def engine_for(self, tenant_id: uuid.UUID) -> AsyncEngine:
         """The engine holding ``tenant_id``'s data (the shared one unless the tenant is dedicated)."""

@@ -17,6 +17,7 @@ from strawberry.extensions import AddValidationRules, ParserCache, SchemaExtensi
 from strawberry.extensions.max_aliases import create_validator as alias_rule
 from strawberry.extensions.query_depth_limiter import create_validator as depth_rule
 from strawberry.types.execution import ExecutionContext
+from strawberry.types.graphql import OperationType
 
 from atrium.errors import AtriumError, ErrorCode
 
@@ -93,6 +94,40 @@ def coded(error: GraphQLError, request_id: str | None) -> GraphQLError:
         code = ErrorCode.GRAPHQL_VALIDATION_FAILED
     return GraphQLError(error.message, nodes=error.nodes, positions=error.positions, path=error.path,
                         extensions={**(error.extensions or {}), "code": code.value})
+
+
+def code_of(error: GraphQLError) -> str | None:
+    code = (error.extensions or {}).get("code")
+    return code if isinstance(code, str) else None
+
+
+class OperationMetrics(SchemaExtension):
+    """Count executed operations by type, and errors by code, on the context's ``metrics`` recorder.
+
+    An operation counts once it executes (it parsed and validated); errors count for every query,
+    mutation or rejected document, coded as the client sees them (this is listed before
+    ``ErrorCoding``, so it runs after it). A subscription counts once per execution (equal
+    subscriptions share one) and the errors of its events are not counted here.
+    """
+
+    def on_execute(self) -> Iterator[None]:
+        recorder = getattr(self.execution_context.context, "metrics", None)
+        if recorder is not None:
+            recorder.record_operation(self.execution_context.operation_type.value)
+        yield
+
+    def on_operation(self) -> Iterator[None]:
+        yield
+        recorder = getattr(self.execution_context.context, "metrics", None)
+        errors = getattr(self.execution_context.result, "errors", None)
+        if recorder is None or not errors:
+            return
+        try:
+            if self.execution_context.operation_type is OperationType.SUBSCRIPTION:
+                return
+        except RuntimeError:  # unparsable, or no operation of that name
+            pass
+        recorder.record_errors([code_of(e) or "UNKNOWN" for e in errors])
 
 
 class ErrorCoding(SchemaExtension):

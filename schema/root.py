@@ -21,7 +21,14 @@ from resolvers.partners import PartnerMutation, PartnerQuery
 from resolvers.pipelines import PipelineMutation, PipelineQuery
 from resolvers.viewer import ViewerMutation, ViewerQuery
 from schema.cost import CostLimit, MeteredCostLimit
-from schema.extensions import MAX_TOKENS, CodedParserCache, ErrorCoding, StaticLimits, log_unexpected
+from schema.extensions import (
+    MAX_TOKENS,
+    CodedParserCache,
+    ErrorCoding,
+    OperationMetrics,
+    StaticLimits,
+    log_unexpected,
+)
 from schema.types import Activity, Company, Contact, Deal, Note, Pipeline, Stage, User
 
 
@@ -60,6 +67,7 @@ def build_schema(*, production: bool = False) -> AtriumSchema:
         lambda: ValidationCache(maxsize=512),
         StaticLimits,
         lambda: MaxTokensLimiter(max_token_count=MAX_TOKENS),
+        OperationMetrics,
         ErrorCoding,
         MeteredCostLimit,
     ]

@@ -1,0 +1,160 @@
+"""Prometheus metrics of one app instance, served at ``/metrics`` in the text exposition format.
+
+What is measured (per process; a registry of the app's own, so two apps in one process never mix):
+
+- ``atrium_http_requests_total{route,status}`` and ``atrium_http_request_duration_seconds{route}``:
+  every HTTP request, ``route`` one of a fixed set (``graphql``, ``dashboard``, ``healthz``,
+  ``readyz``, ``metrics``, ``other``) so a client cannot grow the label space.
+- ``atrium_graphql_operations_total{type}`` and ``atrium_graphql_errors_total{code}``: operations
+  executed over HTTP and WebSocket, and errors by ``extensions.code`` as clients see them
+  (``schema.extensions.OperationMetrics`` says exactly what counts).
+- ``atrium_websocket_connections``, ``atrium_subscriptions``, ``atrium_subscription_groups``,
+  ``atrium_subscription_results_total``, ``atrium_subscribers_cut_off_total``: live updates.
+- ``atrium_broker_*_total``: events published, failed publishes, events received from Redis,
+  reconnects and subscriber overflows, read from the broker's own counters at scrape time.
+- ``atrium_db_connections_in_use`` and ``atrium_db_pool_size``: over every engine (shared and dedicated).
+
+No label holds a tenant, user, record or operation name: metrics never reveal one tenant's
+activity to whoever reads them, and their cardinality stays fixed.
+
+Access: open in development and test; in production only with ``ATRIUM_METRICS_TOKEN`` set, and
+then only for ``Authorization: Bearer <that token>`` (404 otherwise, so an unconfigured
+deployment does not publish its internals).
+"""
+
+from __future__ import annotations
+
+import hmac
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+if TYPE_CHECKING:
+    from atrium.runtime import Runtime
+    from atrium.settings import Settings
+    from subscriptions.delivery import LiveGroups
+
+ROUTES = {"/graphql": "graphql", "/dashboard": "dashboard", "/healthz": "healthz", "/readyz": "readyz",
+          "/metrics": "metrics"}
+DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+def route_of(path: str) -> str:
+    """The fixed route label of ``path``."""
+    if path.startswith("/dashboard/"):
+        return "dashboard"
+    return ROUTES.get(path, "other")
+
+
+class Metrics:
+    """The app's metrics; ``observe_runtime`` adds what is read from the runtime at scrape time."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.http_requests = Counter("atrium_http_requests", "HTTP requests by route and status.",
+                                     ("route", "status"), registry=self.registry)
+        self.http_duration = Histogram("atrium_http_request_duration_seconds",
+                                       "Time from request to the end of the response.", ("route",),
+                                       buckets=DURATION_BUCKETS, registry=self.registry)
+        self.operations = Counter("atrium_graphql_operations", "GraphQL operations by type.", ("type",),
+                                  registry=self.registry)
+        self.errors = Counter("atrium_graphql_errors", "GraphQL errors by extensions.code.", ("code",),
+                              registry=self.registry)
+        self.websockets = Gauge("atrium_websocket_connections", "Open WebSocket connections.",
+                                registry=self.registry)
+        self._runtime_collector: RuntimeCollector | None = None
+
+    def record_operation(self, operation_type: str) -> None:
+        """Count one executed operation."""
+        self.operations.labels(operation_type).inc()
+
+    def record_errors(self, codes: Iterable[str]) -> None:
+        """Count the errors of one operation by code."""
+        for code in codes:
+            self.errors.labels(code).inc()
+
+    def observe_runtime(self, runtime: Runtime, live_groups: LiveGroups) -> None:
+        """Read broker, subscription and pool state at every scrape (replacing an earlier runtime)."""
+        if self._runtime_collector is not None:
+            self.registry.unregister(self._runtime_collector)
+        self._runtime_collector = RuntimeCollector(runtime, live_groups)
+        self.registry.register(self._runtime_collector)
+
+    def endpoint(self, settings: Settings) -> Callable[[Request], Response]:
+        """The ``/metrics`` handler under the access rule of the module docstring."""
+        token = settings.metrics_token
+
+        def metrics(request: Request) -> Response:
+            if token is None and settings.env == "production":
+                return Response("Not Found", status_code=404, media_type="text/plain")
+            if token is not None:
+                scheme, _, given = request.headers.get("authorization", "").partition(" ")
+                if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+                    return Response("Unauthorized", status_code=401, media_type="text/plain",
+                                    headers={"www-authenticate": "Bearer"})
+            return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
+
+        return metrics
+
+
+class MeasureHttp:
+    """ASGI middleware: every HTTP request counted by route and status, and timed."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        route, status, started = route_of(scope["path"]), 500, time.perf_counter()
+
+        async def send_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            self.metrics.http_requests.labels(route, str(status)).inc()
+            self.metrics.http_duration.labels(route).observe(time.perf_counter() - started)
+
+
+class RuntimeCollector(Collector):
+    """Broker, subscription and connection-pool figures, read when scraped."""
+
+    def __init__(self, runtime: Runtime, live_groups: LiveGroups) -> None:
+        self.runtime = runtime
+        self.live_groups = live_groups
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self.runtime.broker.stats
+        for name, value, doc in (
+            ("atrium_broker_events_published", stats.published, "Events published after their write committed."),
+            ("atrium_broker_publish_failures", stats.publish_failures, "Publishes that failed (Redis unreachable)."),
+            ("atrium_broker_events_received", stats.received, "Events received from the broker's subscription."),
+            ("atrium_broker_reconnects", stats.reconnects, "Times the broker regained its Redis subscription."),
+            ("atrium_broker_overflows", stats.overflows, "Subscriber queues that overflowed."),
+            ("atrium_subscription_results", self.live_groups.events,
+             "Subscription results executed (each sent to every member of its group)."),
+            ("atrium_subscribers_cut_off", self.live_groups.cut_off, "Subscribers cut off for being too slow."),
+        ):
+            yield CounterMetricFamily(name, doc, value=value)
+        groups, members = self.live_groups.counts()
+        yield GaugeMetricFamily("atrium_subscriptions", "Open subscription operations.", value=members)
+        yield GaugeMetricFamily("atrium_subscription_groups",
+                                "Distinct subscription executions (shared by equal subscriptions).", value=groups)
+        in_use, size = self.runtime.databases.pool_usage()
+        yield GaugeMetricFamily("atrium_db_connections_in_use", "Connections checked out of the pools.", value=in_use)
+        yield GaugeMetricFamily("atrium_db_pool_size", "Connections the pools keep open.", value=size)
