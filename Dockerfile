@@ -19,7 +19,9 @@ RUN pip install . && pip uninstall -y atrium-crm
 FROM python:3.11-slim AS runtime
 ENV PATH=/opt/venv/bin:$PATH PYTHONPATH=/app PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 \
     ATRIUM_ENV=production ATRIUM_DATA_DIR=/tmp/atrium
-RUN groupadd --system atrium && useradd --system --gid atrium --home-dir /app --shell /usr/sbin/nologin atrium
+# A numeric user, so that Kubernetes' runAsNonRoot can verify it (deploy/kubernetes).
+RUN groupadd --system --gid 10001 atrium \
+    && useradd --system --uid 10001 --gid atrium --home-dir /app --shell /usr/sbin/nologin atrium
 COPY --from=build /opt/venv /opt/venv
 WORKDIR /app
 COPY --chown=root:root atrium ./atrium
@@ -30,7 +32,7 @@ COPY --chown=root:root schema ./schema
 COPY --chown=root:root subscriptions ./subscriptions
 COPY --chown=root:root alembic ./alembic
 COPY --chown=root:root alembic.ini schema.graphql ./
-USER atrium
+USER 10001:10001
 EXPOSE 8000
 HEALTHCHECK --interval=10s --timeout=3s CMD python -c "import urllib.request,sys; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/healthz').status != 200)"
 # DATABASE_URL (migrations), ATRIUM_APP_DATABASE_URL (the atrium_app role), REDIS_URL and

@@ -10,9 +10,14 @@ from atrium.settings import Settings
 
 
 def create_from_env() -> Starlette:
-    """An app for the environment's settings (DATABASE_URL must be set: ``atrium serve`` sets it)."""
+    """An app for the environment's settings.
+
+    The server connects only as the application role: ``ATRIUM_APP_DATABASE_URL`` is enough (what a
+    production deployment gives it, keeping the table owner's URL to the migration job), or
+    ``DATABASE_URL``, from which that role's URL is derived (``atrium serve`` sets it).
+    """
     settings = Settings.from_env()
-    if not settings.database_url:
-        raise RuntimeError("DATABASE_URL is not set; start Atrium with `atrium serve`")
+    if not settings.database_url and not settings.app_database_url:
+        raise RuntimeError("Set ATRIUM_APP_DATABASE_URL or DATABASE_URL, or start Atrium with `atrium serve`")
     configure_logging(settings)
     return create_app(settings)
