@@ -253,6 +253,7 @@ async def seed_tenant(
     seed: int = 0,
     plan: str = "pro",
     progress: Callable[[int], None] | None = None,
+    password_hash: str | None = None,
 ) -> DemoTenant:
     """(Re)create tenant ``slug`` named ``name`` with ``deals`` deals and everything around them.
 
@@ -260,12 +261,18 @@ async def seed_tenant(
     ``postgresql://`` works too) of a role that bypasses row-level security. Any existing tenant with
     this slug is deleted first; the new one is written in a single transaction. ``progress`` is
     called with the number of deals just written, once per batch of up to 1,000 deals, so the
-    increments add up to ``deals``. Raises ``ValueError`` for a negative ``deals`` or an unknown
-    ``plan``; database errors (e.g. an invalid slug) propagate and leave the database unchanged.
+    increments add up to ``deals``. ``password_hash``: :func:`demo_password_hash`'s result, to hash the
+    demo password once when seeding many tenants. Raises ``ValueError`` for a negative ``deals`` or an
+    unknown ``plan``; database errors (e.g. an invalid slug) propagate and leave the database unchanged.
     """
     _check_args(deals, plan)
-    password_hash = await asyncio.to_thread(hash_password, DEMO_PASSWORD)
+    password_hash = password_hash or await demo_password_hash()
     return await _seed_tenant(admin_url, slug, name, deals, seed, plan, password_hash, progress)
+
+
+async def demo_password_hash() -> str:
+    """The hash of the demo users' password (argon2: slow on purpose, so compute it once)."""
+    return await asyncio.to_thread(hash_password, DEMO_PASSWORD)
 
 
 async def seed_demo(
@@ -293,7 +300,7 @@ async def seed_demo(
 
     if progress is not None:
         progress(0, total)
-    password_hash = await asyncio.to_thread(hash_password, DEMO_PASSWORD)
+    password_hash = await demo_password_hash()
     return [
         await _seed_tenant(admin_url, slug, _tenant_name(slug), deals, 0, "pro", password_hash, advance)
         for slug in slugs

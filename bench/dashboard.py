@@ -29,7 +29,7 @@ from sqlalchemy.engine import make_url
 
 from atrium.app import create_app
 from atrium.bootstrap import libpq_url, resolve_database
-from atrium.demo import DemoTenant, seed_tenant
+from atrium.demo import DEMO_PASSWORD, DemoTenant, DemoUser, demo_password_hash, seed_tenant
 from atrium.settings import Settings
 from auth.tokens import issue_token
 from models.migrations import migrate
@@ -75,11 +75,36 @@ async def prepare(args: argparse.Namespace) -> tuple[str, list[DemoTenant]]:
         await admin.close()
     url = make_url(settings.admin_url).set(database=name).render_as_string(hide_password=False)
     await migrate(url)
+    if args.reuse and len(seeded := await seeded_tenants(url, args.deals)) == args.tenants:
+        sys.stderr.write(f"reusing {name}\n")
+        return url, seeded
     started = time.perf_counter()
-    tenants = [await seed_tenant(url, f"bench-{i:03d}", f"Bench {i}", deals=args.deals, seed=i)
-               for i in range(args.tenants)]
+    password_hash = await demo_password_hash()
+    parallel = asyncio.Semaphore(4)
+
+    async def seed(i: int) -> DemoTenant:
+        async with parallel:
+            return await seed_tenant(url, f"bench-{i:05d}", f"Bench {i}", deals=args.deals, seed=i,
+                                     password_hash=password_hash)
+
+    tenants = list(await asyncio.gather(*(seed(i) for i in range(args.tenants))))
     sys.stderr.write(f"seeded {args.tenants} tenants x {args.deals} deals in {time.perf_counter() - started:.1f}s\n")
     return url, tenants
+
+
+async def seeded_tenants(url: str, deals: int) -> list[DemoTenant]:
+    """The bench tenants already in the database at ``url``, with their owners, in seeding order."""
+    conn = await asyncpg.connect(libpq_url(url))
+    try:
+        rows = await conn.fetch(
+            "SELECT t.slug, t.name, t.id, u.id AS user_id, u.email FROM tenants t"
+            " JOIN memberships m ON m.tenant_id = t.id AND m.role = 'owner' JOIN users u ON u.id = m.user_id"
+            " WHERE t.slug LIKE 'bench-%' ORDER BY t.slug")
+    finally:
+        await conn.close()
+    return [DemoTenant(slug=r["slug"], name=r["name"], tenant_id=r["id"], deals=deals,
+                       users=(DemoUser(email=r["email"], password=DEMO_PASSWORD, role="owner", user_id=r["user_id"]),))
+            for r in rows]
 
 
 def tokens_for(settings: Settings, tenants: list[DemoTenant]) -> list[str]:
@@ -137,7 +162,7 @@ async def load(port: int, tokens: list[str], clients: int, seconds: float, first
 async def main_async(args: argparse.Namespace) -> None:
     url, tenants = await prepare(args)
     settings = Settings(env="production", database_url=url, jwt_secret=SECRET, pool_size=10, rate_limits=False)
-    tokens = tokens_for(settings, tenants)
+    tokens = tokens_for(settings, tenants[:args.active] if args.active else tenants)
     statements = await statements_per_request(settings, tokens[0], args.first)
     port = free_port()
     # Rate limits off: this measures raw throughput, not the plans' budgets.
@@ -166,7 +191,8 @@ async def main_async(args: argparse.Namespace) -> None:
     def p(q: float) -> float:
         return latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1000
 
-    print(f"tenants={args.tenants} deals/tenant={args.deals} page={args.first} clients={args.clients} "
+    print(f"tenants={args.tenants} active={len(tokens)} deals/tenant={args.deals} page={args.first} "
+          f"clients={args.clients} "
           f"workers={args.workers} seconds={args.seconds}")
     print(f"requests={len(latencies)} rps={len(latencies) / args.seconds:.1f} p50={p(0.50):.1f}ms "
           f"p99={p(0.99):.1f}ms mean={statistics.fmean(latencies) * 1000:.1f}ms")
@@ -181,6 +207,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=20)
     parser.add_argument("--first", type=int, default=50)
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--active", type=int, default=0,
+                        help="draw requests from the first N tenants only (default: all of them)")
     parser.add_argument("--reuse", action="store_true", help="keep an already seeded benchmark database")
     asyncio.run(main_async(parser.parse_args()))
 

@@ -37,7 +37,7 @@ class Databases:
         self.default = self._make_engine(app_url)
         self._engines: dict[str, AsyncEngine] = {app_url: self.default}
         self._routes: dict[uuid.UUID, AsyncEngine] = {}
-        self._route_lock = asyncio.Lock()
+        self._lookups: dict[uuid.UUID, asyncio.Future[AsyncEngine]] = {}
 
     def _make_engine(self, url: str) -> AsyncEngine:
         return create_async_engine(
@@ -51,22 +51,36 @@ class Databases:
                 sum(p.size() for p in pools if isinstance(p, QueuePool)))
 
     async def engine_for(self, tenant_id: uuid.UUID) -> AsyncEngine:
-        """The engine holding ``tenant_id``'s data (the shared one unless the tenant is dedicated)."""
+        """The engine holding ``tenant_id``'s data (the shared one unless the tenant is dedicated).
+
+        A tenant's route is looked up once per process; concurrent first requests of one tenant share
+        that lookup, and lookups of different tenants do not wait for each other.
+        """
         engine = self._routes.get(tenant_id)
         if engine is not None:
             return engine
-        async with self._route_lock:
-            if (engine := self._routes.get(tenant_id)) is not None:
-                return engine
-            async with self.default.connect() as conn, conn.begin():
-                await conn.execute(SET_TENANT, {"tenant_id": str(tenant_id)})
-                route = (await conn.execute(TENANT_ROUTE, {"tenant_id": tenant_id})).first()
-            engine = self.default
-            if route is not None and route.isolation == "dedicated" and route.database_url:
-                url = async_url(route.database_url)
-                engine = self._engines.get(url) or self._engines.setdefault(url, self._make_engine(url))
-            self._routes[tenant_id] = engine
-            return engine
+        lookup = self._lookups.get(tenant_id)
+        if lookup is None:
+            lookup = asyncio.ensure_future(self._route(tenant_id))
+            self._lookups[tenant_id] = lookup
+            lookup.add_done_callback(lambda done: self._looked_up(tenant_id, done))
+        return await asyncio.shield(lookup)
+
+    def _looked_up(self, tenant_id: uuid.UUID, lookup: asyncio.Future[AsyncEngine]) -> None:
+        self._lookups.pop(tenant_id, None)
+        if not lookup.cancelled():
+            lookup.exception()  # retrieved: a failure is raised to the waiting requests, not logged again
+
+    async def _route(self, tenant_id: uuid.UUID) -> AsyncEngine:
+        async with self.default.connect() as conn, conn.begin():
+            await conn.execute(SET_TENANT, {"tenant_id": str(tenant_id)})
+            route = (await conn.execute(TENANT_ROUTE, {"tenant_id": tenant_id})).first()
+        engine = self.default
+        if route is not None and route.isolation == "dedicated" and route.database_url:
+            url = async_url(route.database_url)
+            engine = self._engines.get(url) or self._engines.setdefault(url, self._make_engine(url))
+        self._routes[tenant_id] = engine
+        return engine
 
     @asynccontextmanager
     async def tenant_transaction(self, tenant_id: uuid.UUID) -> AsyncIterator[AsyncConnection]:

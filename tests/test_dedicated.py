@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator
 
 import httpx
 import pytest
-from sqlalchemy import text
+from sqlalchemy import event, text
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from atrium.admin import add_user, create_tenant, tenant_database
 from atrium.settings import Settings
 from auth.tokens import issue_token
+from models.db import Databases
 from models.tables import Isolation, Role
 from tests.conftest import TenantWorld, data_or_fail, gql, scratch_database
 
@@ -64,3 +66,24 @@ async def test_dedicated_tenant_is_routed_to_its_own_database(
     assert await count(admin_engine.url.render_as_string(hide_password=False),
                        "SELECT count(*) FROM tenants WHERE id = :t AND database_url LIKE '%atrium_app%'",
                        t=tenant_id) == 1
+
+
+async def test_concurrent_first_requests_share_one_route_lookup(settings: Settings, make_tenant) -> None:  # type: ignore[no-untyped-def]
+    tenant: TenantWorld = await make_tenant("route")
+    other: TenantWorld = await make_tenant("route")
+    databases = Databases(settings.app_url)
+    lookups: list[str] = []
+
+    def on_execute(conn: object, cursor: object, statement: str, *_: object) -> None:
+        if "isolation" in statement:
+            lookups.append(statement)
+
+    event.listen(databases.default.sync_engine, "before_cursor_execute", on_execute)
+    try:
+        engines = await asyncio.gather(*(databases.engine_for(t.id) for t in [tenant] * 5 + [other] * 3))
+        assert all(e is databases.default for e in engines)
+        assert len(lookups) == 2, "one lookup per tenant, however many requests wait for it"
+        await databases.engine_for(tenant.id)
+        assert len(lookups) == 2, "then cached"
+    finally:
+        await databases.dispose()
