@@ -43,7 +43,7 @@ def create_app(settings: Settings) -> Starlette:
         await broker.start()
         runtime = Runtime(settings=settings, databases=databases, broker=broker,
                           verifier=TokenVerifier(settings), api_keys=ApiKeys(databases),
-                          apq=apq_store(settings, databases, redis), limiter=rate_limiter(settings, databases, redis),
+                          apq=apq_store(settings, databases, redis), limiter=rate_limiter(settings, redis),
                           metrics=metrics)
         metrics.observe_runtime(runtime, view.live_groups)
         view.runtime = runtime

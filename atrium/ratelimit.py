@@ -27,29 +27,22 @@ database pool still bounds the load a flood can cause.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 import time
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
-from sqlalchemy import text
 
 from atrium.errors import QueryTooComplex, RateLimited
 from atrium.settings import PlanLimits, Settings
 from auth.context import Principal
-from models.db import Databases
 
 log = logging.getLogger("atrium.ratelimit")
 
-PLAN_TTL = 60.0
-"""Seconds a tenant's plan is cached in-process (a plan change takes effect within this)."""
-PLAN_OF = text("SELECT plan FROM tenants WHERE id = :tenant_id")
 
 
 @dataclass(frozen=True)
@@ -191,14 +184,11 @@ class RedisBuckets:
 
 
 class RateLimiter:
-    """The app's limits (owned by the lifespan): the plan table, the store and a plan cache."""
+    """The app's limits (owned by the lifespan): the plan table and the store."""
 
-    def __init__(self, settings: Settings, databases: Databases, store: BucketStore) -> None:
+    def __init__(self, settings: Settings, store: BucketStore) -> None:
         self.store = store
-        self._databases = databases
         self._plans: dict[str, PlanLimits] = {p.plan: p for p in settings.plan_limits}
-        self._tenant_plans: dict[uuid.UUID, tuple[str, float]] = {}
-        self._plan_lookups: dict[uuid.UUID, asyncio.Task[str]] = {}
 
     def meter(self, principal: Principal | None, client: str | None) -> RequestMeter:
         """The meter of one request by ``principal`` (None: anonymous, metered by ``client`` address)."""
@@ -207,34 +197,18 @@ class RateLimiter:
     def limits(self, plan: str) -> PlanLimits:
         return self._plans.get(plan) or self._plans["free"]
 
-    async def buckets(self, principal: Principal | None, client: str | None) -> tuple[Bucket, ...]:
-        """The buckets a request of ``principal`` is charged to."""
+    def buckets(self, principal: Principal | None, client: str | None) -> tuple[Bucket, ...]:
+        """The buckets a request of ``principal`` (membership confirmed: its plan is known) is charged to."""
         if principal is None:
             anonymous = self.limits("anonymous")
             return (Bucket(f"ip:{client or 'unknown'}", anonymous.tenant_capacity, anonymous.tenant_refill),)
-        plan = self.limits(await self.plan_of(principal.tenant_id))
+        if principal.plan is None:
+            raise RuntimeError("rate limits need a principal whose membership (and plan) was confirmed")
+        plan = self.limits(principal.plan)
         tenant = Bucket(f"t:{principal.tenant_id}", plan.tenant_capacity, plan.tenant_refill)
         if principal.api_key_id is None:
             return (tenant,)
         return tenant, Bucket(f"k:{principal.api_key_id}", plan.key_capacity, plan.key_refill)
-
-    async def plan_of(self, tenant_id: uuid.UUID) -> str:
-        """The tenant's plan, read at most once per ``PLAN_TTL`` seconds per process."""
-        cached = self._tenant_plans.get(tenant_id)
-        if cached is not None and cached[1] > time.monotonic():
-            return cached[0]
-        # Concurrent requests of one tenant share one lookup; a cancelled request does not cancel it.
-        lookup = self._plan_lookups.get(tenant_id)
-        if lookup is None:
-            lookup = self._plan_lookups[tenant_id] = asyncio.create_task(self._read_plan(tenant_id))
-            lookup.add_done_callback(lambda _: self._plan_lookups.pop(tenant_id, None))
-        return await asyncio.shield(lookup)
-
-    async def _read_plan(self, tenant_id: uuid.UUID) -> str:
-        async with self._databases.tenant_transaction(tenant_id) as conn:
-            plan = str((await conn.execute(PLAN_OF, {"tenant_id": tenant_id})).scalar_one_or_none() or "free")
-        self._tenant_plans[tenant_id] = (plan, time.monotonic() + PLAN_TTL)
-        return plan
 
 
 class RequestMeter:
@@ -250,7 +224,7 @@ class RequestMeter:
 
     async def _resolve(self) -> tuple[Bucket, ...]:
         if self._buckets is None:
-            self._buckets = await self._limiter.buckets(self._principal, self._client)
+            self._buckets = self._limiter.buckets(self._principal, self._client)
         return self._buckets
 
     async def charge(self, cost: int) -> None:
@@ -288,9 +262,9 @@ class RequestMeter:
         return headers
 
 
-def rate_limiter(settings: Settings, databases: Databases, redis: Redis | None) -> RateLimiter | None:
+def rate_limiter(settings: Settings, redis: Redis | None) -> RateLimiter | None:
     """The limiter for these settings (Redis buckets when configured, else in-process); None when off."""
     if not settings.rate_limits:
         return None
     store: BucketStore = RedisBuckets(redis, settings.redis_prefix) if redis is not None else MemoryBuckets()
-    return RateLimiter(settings, databases, store)
+    return RateLimiter(settings, store)

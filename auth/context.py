@@ -15,7 +15,7 @@ from auth.api_keys import ApiKeys, is_api_key
 from auth.roles import RANK
 from auth.tokens import TokenVerifier
 from models.db import TenantScope
-from models.tables import MEMBERSHIPS, Role
+from models.tables import MEMBERSHIPS, TENANTS, Role
 
 if TYPE_CHECKING:
     from starlette.requests import HTTPConnection
@@ -39,6 +39,8 @@ class Principal:
     persisted_only: bool = False
     """The credential may run trusted documents only (of ``client``, when set)."""
     client: str | None = None
+    plan: str | None = None
+    """The tenant's plan (rate limits), read by ``confirm_membership``; None until then."""
 
 
 class Meter(Protocol):
@@ -94,24 +96,27 @@ def bearer_token(authorization: str | None) -> str | None:
     return token.strip()
 
 
-MEMBERSHIP_ROLE = select(MEMBERSHIPS.c.role).where(
-    MEMBERSHIPS.c.tenant_id == bindparam("tenant_id"), MEMBERSHIPS.c.user_id == bindparam("user_id"))
+MEMBERSHIP = (
+    select(MEMBERSHIPS.c.role, TENANTS.c.plan)
+    .join(TENANTS, TENANTS.c.id == MEMBERSHIPS.c.tenant_id)
+    .where(MEMBERSHIPS.c.tenant_id == bindparam("tenant_id"), MEMBERSHIPS.c.user_id == bindparam("user_id"))
+)
 
 
 async def confirm_membership(db: TenantScope, principal: Principal) -> Principal:
     """``principal`` checked against the database: its user must still be a member of its tenant,
     and its role is capped by the membership's current role (a token never outranks the member).
+    The result also carries the tenant's current plan (what its rate limits follow).
 
     Raises UNAUTHENTICATED when the membership is gone. Runs in the request's read transaction,
-    so it costs one statement.
+    so it costs one statement (and no other connection: a request never waits for a second one).
     """
-    rows = await db.fetch(MEMBERSHIP_ROLE, {"tenant_id": principal.tenant_id, "user_id": principal.user_id})
+    rows = await db.fetch(MEMBERSHIP, {"tenant_id": principal.tenant_id, "user_id": principal.user_id})
     if not rows:
         raise Unauthenticated("This credential's user is not a member of its workspace")
     current = Role(rows[0].role)
-    if RANK[current] < RANK[principal.role]:
-        return dataclasses.replace(principal, role=current)
-    return principal
+    role = current if RANK[current] < RANK[principal.role] else principal.role
+    return dataclasses.replace(principal, role=role, plan=str(rows[0].plan))
 
 
 async def authenticate(verifier: TokenVerifier, authorization: str | None, *, api_key: str | None = None,

@@ -13,9 +13,11 @@ from typing import Any
 import httpx
 import pytest
 from graphql import OperationDefinitionNode, parse
+from sqlalchemy import update
+from sqlalchemy.ext.asyncio import AsyncEngine
 
-from atrium.settings import Settings
-from models.tables import Role
+from atrium.settings import PlanLimits, Settings
+from models.tables import TENANTS, Role
 from schema.cost import DEFAULT_PAGE, MAX_COST, UNBOUNDED_LIST, operation_cost
 from schema.extensions import LIMIT_RULES, StaticLimits
 from schema.root import schema
@@ -249,3 +251,20 @@ async def test_limits_and_apq_fail_open_when_redis_is_down(settings: Settings, m
         assert codes((await client.post("/graphql", json=apq, headers=auth)).json()) == ["PERSISTED_QUERY_NOT_FOUND"]
         registered = await client.post("/graphql", json={**apq, "query": CHEAP}, headers=auth)
         assert registered.json()["data"]["tenant"]["id"]
+
+
+async def test_a_plan_change_applies_from_the_next_request(settings: Settings, make_tenant: MakeTenant,
+                                                            admin_engine: AsyncEngine) -> None:
+    world = await make_tenant("upgrade")
+    limits = (PlanLimits("free", 5, SLOW, 5, SLOW), PlanLimits("pro", 500, SLOW, 500, SLOW),
+              PlanLimits("enterprise", 5000, SLOW, 5000, SLOW), PlanLimits("anonymous", 5, SLOW, 5, SLOW))
+    async with running(settings, redis=False, rate_limits=True, plan_limits=limits) as (_, client):
+        auth = bearer(world.token(Role.VIEWER))
+        async with admin_engine.begin() as conn:
+            await conn.execute(update(TENANTS).where(TENANTS.c.id == world.id).values(plan="free"))
+        free = await client.post("/graphql", json={"query": CHEAP}, headers=auth)
+        async with admin_engine.begin() as conn:
+            await conn.execute(update(TENANTS).where(TENANTS.c.id == world.id).values(plan="enterprise"))
+        upgraded = await client.post("/graphql", json={"query": CHEAP}, headers=auth)
+    assert free.headers["ratelimit-limit"] == "5"
+    assert upgraded.headers["ratelimit-limit"] == "5000"
