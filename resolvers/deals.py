@@ -15,6 +15,7 @@ from resolvers.connections import paginate
 from resolvers.entities import COMPANY, CONTACT, DEAL, STAGE
 from resolvers.links import release
 from resolvers.paging import SortKey, parse_date, parse_datetime, parse_decimal
+from resolvers.prefetch import prefetch_relations
 from resolvers.search import contains
 from resolvers.writes import Change, change
 from schema.enums import OrderDirection
@@ -109,11 +110,13 @@ class DealQuery:
     ) -> Connection[Deal]:
         principal, db, _ = info.context.require()
         order = order_by or DealOrder()
-        return await paginate(
+        connection = await paginate(
             db, filtered(principal.tenant_id, filter), DEALS.c.id, SORT_KEYS[order.field], Deal.from_row,
             descending=order.direction == OrderDirection.DESC, first=first, after=after, last=last,
             before=before, max_page=info.context.settings.max_page_size,
         )
+        await prefetch_relations(info, [edge.node for edge in connection.edges])
+        return connection
 
     @strawberry.field(permission_classes=[Can(Permission.READ)])
     async def deal(self, info: Info, id: strawberry.ID) -> Deal | None:

@@ -250,3 +250,41 @@ async def test_readme_dashboard_query_costs_what_readme_says(
     assert data["deals"]["totalCount"] == 25 and len(data["deals"]["edges"]) == 20
     assert all(e["node"]["company"] and len(e["node"]["activities"]) == 3 for e in data["deals"]["edges"])
     assert len(statements) == int(claim.group(1)), statements
+
+
+PAGE_WITH_FRAGMENTS = """
+query($skipOwner: Boolean!) {
+  deals(first: 6) {
+    edges {
+      node {
+        ...Card
+        latest: activities(first: 1) { subject }
+        recent: activities(first: 3) { subject }
+        owner @skip(if: $skipOwner) { name }
+      }
+    }
+  }
+}
+fragment Card on Deal { title company { name } ... on Deal { stage { name } } }"""
+
+
+async def test_relations_selected_on_a_page_are_loaded_together(
+        client: httpx.AsyncClient, app: Starlette, make_tenant: MakeTenant) -> None:
+    """Through fragments and aliases with their own limits; a skipped relation is not loaded."""
+    tenant = await make_tenant("prefetch")
+    await seed(client, tenant, 6)
+    token = tenant.token(Role.VIEWER)
+    await measure(client, app, token, DASHBOARD, {"n": 1})  # warm up: the tenant's engine route is cached
+    with_owner, statements_with_owner = await measure(client, app, token, PAGE_WITH_FRAGMENTS, {"skipOwner": False})
+    data, statements = await measure(client, app, token, PAGE_WITH_FRAGMENTS, {"skipOwner": True})
+    # tenant setting, membership, page, companies, stages, activities(1), activities(3) [, owners]
+    assert len(statements) == 7 and len(statements_with_owner) == 8, statements_with_owner
+    for edge in data["deals"]["edges"]:
+        node = edge["node"]
+        number = int(node["title"].removeprefix("Deal "))
+        assert node["company"] == {"name": f"Company {number:03d}"}
+        assert node["stage"]["name"] in ("Lead", "Won")
+        assert [a["subject"] for a in node["recent"]] == [f"Call {number}-{k}" for k in (3, 2, 1)]
+        assert node["latest"] == node["recent"][:1]
+        assert "owner" not in node
+    assert all(edge["node"]["owner"]["name"] for edge in with_owner["deals"]["edges"])
