@@ -69,19 +69,33 @@ def node_fields(info: Info) -> list[SelectedField]:
             for field in fields_of(node.selections)]
 
 
+def as_int(value: object) -> int | None:
+    """An Int argument as Strawberry's selection reports it: a variable's value is an int, a literal
+    is the text of its token."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lstrip("-").isdigit():
+        return int(value)
+    return None
+
+
+def plan(selected: Sequence[SelectedField]) -> tuple[set[str], set[int]]:
+    """The to-one relations and the ``activities`` limits to load for ``selected`` deal fields."""
+    relations = {field.name for field in selected if field.name in TO_ONE}
+    limits = {first for field in selected if field.name == "activities"
+              if (first := as_int(field.arguments.get("first", ACTIVITIES_FIRST))) is not None
+              and 0 <= first <= NESTED_MAX}
+    return relations, limits
+
+
 async def prefetch_relations(info: Info, deals: Sequence[Deal]) -> None:
     """Load the relations selected on ``deals`` and attach them (module docstring)."""
     if not deals:
         return
     loaders = info.context.require()[2]
-    selected = node_fields(info)
-    names = {field.name for field in selected}
-    limits = {field.arguments.get("first", ACTIVITIES_FIRST) for field in selected if field.name == "activities"}
-    await asyncio.gather(
-        *(_to_one(loaders, deals, name) for name in names & TO_ONE.keys()),
-        *(_activities(loaders, deals, first) for first in limits
-          if isinstance(first, int) and 0 <= first <= NESTED_MAX),
-    )
+    relations, limits = plan(node_fields(info))
+    await asyncio.gather(*(_to_one(loaders, deals, name) for name in relations),
+                         *(_activities(loaders, deals, first) for first in limits))
 
 
 async def _to_one(loaders: Loaders, deals: Sequence[Deal], name: str) -> None:
