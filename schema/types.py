@@ -4,7 +4,7 @@ Each type keeps the foreign keys it needs as ``strawberry.Private`` and is built
 ``from_row``. A relation never runs its own query: it asks ``info.context.loaders``.
 
 A ``Deal`` may also carry its relations already loaded (``prefetched``, filled by
-``resolvers.deals.prefetch_relations`` for a page of deals): its relation fields then answer
+``resolvers.prefetch.prefetch_relations`` for a page or list of deals): its relation fields then answer
 synchronously. That matters because graphql-core pays for every awaitable field (a coroutine, and a
 task per list item): on the 50-deal dashboard, 250 awaited relations cost more than the ~1,500
 plain fields around them.
@@ -59,6 +59,17 @@ async def one_required(info: Info, loader: str, key: uuid.UUID, build: Callable[
     """A to-one relation that always exists (a foreign key that cannot be null)."""
     row = await getattr(loaders(info), loader).load(key)
     return build(row)
+
+
+async def deal_list(info: Info, loader: str, parent_id: uuid.UUID, first: int) -> list[Deal]:
+    """The deals of one parent (newest first), with what the query selects on them loaded ahead."""
+    # resolvers.prefetch builds these types, so it is imported when first needed, not at import time.
+    from resolvers.prefetch import prefetch_relations
+
+    rows = await loaders(info).children(loader, _limit(first)).load(parent_id)
+    deals = [Deal.from_row(r) for r in rows]
+    await prefetch_relations(info, deals, path=())
+    return deals
 
 
 async def activities_of_deal(info: Info, deal_id: uuid.UUID, first: int) -> list[Activity]:
@@ -153,8 +164,7 @@ class Company(Node):
 
     @strawberry.field
     async def deals(self, info: Info, first: int = 20) -> list[Deal]:
-        rows = await loaders(info).children("deals_of_company", _limit(first)).load(self.uuid)
-        return [Deal.from_row(r) for r in rows]
+        return await deal_list(info, "deals_of_company", self.uuid, first)
 
     @strawberry.field(description="Latest activities first.")
     async def activities(self, info: Info, first: int = 10) -> list[Activity]:
@@ -192,8 +202,7 @@ class Contact(Node):
 
     @strawberry.field
     async def deals(self, info: Info, first: int = 20) -> list[Deal]:
-        rows = await loaders(info).children("deals_of_contact", _limit(first)).load(self.uuid)
-        return [Deal.from_row(r) for r in rows]
+        return await deal_list(info, "deals_of_contact", self.uuid, first)
 
     @strawberry.field(description="Latest activities first.")
     async def activities(self, info: Info, first: int = 10) -> list[Activity]:
@@ -240,8 +249,7 @@ class Stage(Node):
 
     @strawberry.field(description="Newest deals first.")
     async def deals(self, info: Info, first: int = 20) -> list[Deal]:
-        rows = await loaders(info).children("deals_of_stage", _limit(first)).load(self.uuid)
-        return [Deal.from_row(r) for r in rows]
+        return await deal_list(info, "deals_of_stage", self.uuid, first)
 
 
 @strawberry.type

@@ -288,3 +288,36 @@ async def test_relations_selected_on_a_page_are_loaded_together(
         assert node["latest"] == node["recent"][:1]
         assert "owner" not in node
     assert all(edge["node"]["owner"]["name"] for edge in with_owner["deals"]["edges"])
+
+
+BOARD = """
+query Board($id: ID!, $n: Int!) {
+  pipeline(id: $id) {
+    stages {
+      id
+      deals(first: $n) { title stage { id } company { name } owner { name } activities(first: 2) { subject } }
+    }
+  }
+}"""
+
+
+async def test_a_board_of_stage_lists_costs_the_same_whatever_their_length(
+        client: httpx.AsyncClient, app: Starlette, make_tenant: MakeTenant) -> None:
+    """The live dashboard's snapshot: each stage's list loads its deals' relations ahead, in shared batches."""
+    tenant = await make_tenant("board")
+    await seed(client, tenant, 20)
+    token = tenant.token(Role.VIEWER)
+    pipelines = data_or_fail(await gql(client, "{ pipelines { id } }", token=token))["pipelines"]
+    variables = {"id": pipelines[0]["id"]}
+    small, small_statements = await measure(client, app, token, BOARD, {**variables, "n": 2})
+    large, large_statements = await measure(client, app, token, BOARD, {**variables, "n": 10})
+    # tenant setting, membership, pipeline, stages, deals of the stages, stages, companies, owners, activities
+    assert len(small_statements) == len(large_statements) == 9, large_statements
+    for stage in large["pipeline"]["stages"]:
+        assert len(stage["deals"]) == 10
+        for deal in stage["deals"]:
+            number = int(deal["title"].removeprefix("Deal "))
+            assert deal["stage"] == {"id": stage["id"]} and deal["company"] == {"name": f"Company {number:03d}"}
+            assert [a["subject"] for a in deal["activities"]] == [f"Call {number}-{k}" for k in (3, 2)]
+            assert deal["owner"]["name"]
+    assert [len(s["deals"]) for s in small["pipeline"]["stages"]] == [2, 2]
