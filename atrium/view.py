@@ -185,6 +185,9 @@ class AtriumGraphQL(GraphQLOverHTTP):
         assert connection.principal is not None and connection.request is not None
         context = self.make_context(connection.request, connection.principal, uuid.uuid4().hex)
         context.connection_params = connection.connection_params
+        if self.runtime.limiter is not None:  # the same buckets as over HTTP: a socket is no way around them
+            client = connection.request.client
+            context.meter = self.runtime.limiter.meter(connection.principal, client.host if client else None)
         try:
             yield context
         finally:

@@ -73,7 +73,7 @@ class Context:
     connection_params: dict[str, Any] | None = field(default=None)
     response: Any = None
     meter: Meter | None = None
-    """Rate limits of an HTTP request; None where operations are not metered (WebSocket, scripts)."""
+    """Rate limits of the request or WebSocket operation; None where nothing is metered (limits off, scripts)."""
     metrics: OperationRecorder | None = None
 
     def require(self) -> tuple[Principal, TenantScope, Loaders]:

@@ -289,6 +289,13 @@ async def close_code(url: str, init_payload: dict[str, Any] | None, *, first: di
         return ws.close_code
 
 
+def error_codes(message: dict[str, Any]) -> list[str]:
+    """Codes of an ``error`` message, or of the errors of a ``next`` message."""
+    payload = message["payload"]
+    errors = payload if message["type"] == "error" else payload.get("errors") or []
+    return [e.get("extensions", {}).get("code") for e in errors]
+
+
 async def graphql(client: httpx.AsyncClient, token: str, query: str, **variables: Any) -> dict[str, Any]:
     """Run ``query`` over HTTP and return its data (failing the test on errors)."""
     return data_or_fail(await gql(client, query, variables, token=token))

@@ -22,6 +22,7 @@ from schema.cost import DEFAULT_PAGE, MAX_COST, UNBOUNDED_LIST, operation_cost
 from schema.extensions import LIMIT_RULES, StaticLimits
 from schema.root import schema
 from tests.conftest import TenantWorld, codes, data_or_fail, gql
+from tests.live import error_codes, live, start_atrium
 from tests.partners import bearer, new_key, plans, running, sha256
 
 MakeTenant = Callable[..., Awaitable[TenantWorld]]
@@ -268,3 +269,22 @@ async def test_a_plan_change_applies_from_the_next_request(settings: Settings, m
         upgraded = await client.post("/graphql", json={"query": CHEAP}, headers=auth)
     assert free.headers["ratelimit-limit"] == "5"
     assert upgraded.headers["ratelimit-limit"] == "5000"
+
+
+async def test_websocket_operations_spend_the_same_buckets(database_url: str, make_tenant: MakeTenant) -> None:
+    """Queries over the socket are charged like HTTP ones: a WebSocket is no way around the limits."""
+    world = await make_tenant("wslimit")
+    token = world.token(Role.VIEWER)
+    server = await start_atrium(database_url, None, {"ATRIUM_RATE_LIMITS": "free=3/0.000001"})
+    try:
+        async with live(server.ws_url, token) as sub:
+            answers = [await sub.message(await sub.subscribe(CHEAP)) for _ in range(4)]
+        async with server.client() as client:
+            over_http = await client.post("/graphql", json={"query": CHEAP}, headers=bearer(token))
+    finally:
+        server.stop()
+    assert [a["type"] for a in answers[:3]] == ["next"] * 3
+    assert all(not a["payload"].get("errors") for a in answers[:3])
+    assert answers[3]["type"] == "next" and error_codes(answers[3]) == ["RATE_LIMITED"], answers[3]
+    assert answers[3]["payload"]["errors"][0]["extensions"]["retryAfter"] >= 1
+    assert over_http.status_code == 429, "HTTP and the socket share the tenant's bucket"

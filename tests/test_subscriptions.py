@@ -32,6 +32,7 @@ from tests.live import (  # noqa: F401
     Live,
     RedisServer,
     close_code,
+    error_codes,
     graphql,
     live,
     own_redis_fixture,
@@ -80,13 +81,6 @@ RENAME = "mutation($id: ID!, $title: String!) { updateDeal(id: $id, input: {titl
 DELETE = "mutation($id: ID!) { deleteDeal(id: $id) { deletedId } }"
 CREATE_NOTE = "mutation($d: ID!) { createNote(input: {dealId: $d}) { id } }"
 APPLY = "mutation($n: ID!, $u: Base64!) { applyNoteUpdate(noteId: $n, update: $u) { version } }"
-
-
-def error_codes(message: dict[str, Any]) -> list[str]:
-    """Codes of an ``error`` message, or of the errors of a ``next`` message."""
-    payload = message["payload"]
-    errors = payload if message["type"] == "error" else payload.get("errors") or []
-    return [e.get("extensions", {}).get("code") for e in errors]
 
 
 def field(data: dict[str, Any]) -> dict[str, Any]:
