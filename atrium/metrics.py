@@ -37,6 +37,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from atrium.errors import Unauthenticated
+from auth.context import bearer_token
+
 if TYPE_CHECKING:
     from atrium.runtime import Runtime
     from atrium.settings import Settings
@@ -96,8 +99,11 @@ class Metrics:
             if token is None and settings.env == "production":
                 return Response("Not Found", status_code=404, media_type="text/plain")
             if token is not None:
-                scheme, _, given = request.headers.get("authorization", "").partition(" ")
-                if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+                try:
+                    given = bearer_token(request.headers.get("authorization")) or ""
+                except Unauthenticated:
+                    given = ""
+                if not hmac.compare_digest(given.encode(), token.encode()):
                     return Response("Unauthorized", status_code=401, media_type="text/plain",
                                     headers={"www-authenticate": "Bearer"})
             return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)

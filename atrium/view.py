@@ -88,6 +88,12 @@ class AtriumGraphQL(GraphQLOverHTTP):
         finally:
             await scope.close()
 
+    def attach_meter(self, context: Context, conn: HTTPConnection) -> None:
+        """Charge ``context``'s operations to its principal's (or its address's) rate limits, when on."""
+        if self.runtime.limiter is not None:
+            client = conn.client.host if conn.client else None
+            context.meter = self.runtime.limiter.meter(context.principal, client)
+
     def bind(self, context: Context, principal: Principal) -> None:
         """Attach ``principal`` and a fresh tenant scope and loaders to ``context``."""
         context.principal = principal
@@ -120,9 +126,7 @@ class AtriumGraphQL(GraphQLOverHTTP):
                 await context.db.close()
             await error_response(exc, 401, request_id)(scope, receive, send)
             return
-        if self.runtime.limiter is not None:
-            client = request.client.host if request.client else None
-            context.meter = self.runtime.limiter.meter(context.principal, client)
+        self.attach_meter(context, request)
         scope[CONTEXT_KEY] = context
 
         async def send_with_id(message: dict[str, Any]) -> None:
@@ -185,9 +189,7 @@ class AtriumGraphQL(GraphQLOverHTTP):
         assert connection.principal is not None and connection.request is not None
         context = self.make_context(connection.request, connection.principal, uuid.uuid4().hex)
         context.connection_params = connection.connection_params
-        if self.runtime.limiter is not None:  # the same buckets as over HTTP: a socket is no way around them
-            client = connection.request.client
-            context.meter = self.runtime.limiter.meter(connection.principal, client.host if client else None)
+        self.attach_meter(context, connection.request)  # the same buckets as HTTP: a socket is no way around them
         try:
             yield context
         finally:

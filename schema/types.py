@@ -55,12 +55,6 @@ async def one(info: Info, loader: str, key: uuid.UUID | None, build: Callable[[R
     return build(row) if row else None
 
 
-async def one_required(info: Info, loader: str, key: uuid.UUID, build: Callable[[Row[Any]], T]) -> T:
-    """A to-one relation that always exists (a foreign key that cannot be null)."""
-    row = await getattr(loaders(info), loader).load(key)
-    return build(row)
-
-
 async def deal_list(info: Info, loader: str, parent_id: uuid.UUID, first: int) -> list[Deal]:
     """The deals of one parent (newest first), with what the query selects on them loaded ahead."""
     # resolvers.prefetch builds these types, so it is imported when first needed, not at import time.
@@ -327,11 +321,11 @@ class Deal(Node):
 
     @strawberry.field(graphql_type=Stage)
     def stage(self, info: Info) -> Stage | Awaitable[Stage]:
-        return self._related("stage", lambda: one_required(info, "stage", self.stage_id, Stage.from_row))
+        return self._related("stage", lambda: one(info, "stage", self.stage_id, Stage.from_row))
 
     @strawberry.field(graphql_type=Pipeline)
     def pipeline(self, info: Info) -> Pipeline | Awaitable[Pipeline]:
-        return self._related("pipeline", lambda: one_required(info, "pipeline", self.pipeline_id, Pipeline.from_row))
+        return self._related("pipeline", lambda: one(info, "pipeline", self.pipeline_id, Pipeline.from_row))
 
     @strawberry.field(graphql_type=Company | None)
     def company(self, info: Info) -> Company | Awaitable[Company | None] | None:

@@ -265,9 +265,13 @@ function showView(view) {
   $('identity').hidden = view !== 'dashboard';
 }
 
+function unfollowAll() {
+  for (const stop of page.unfollow.splice(0)) stop();
+}
+
 function signOut(message) {
   page.attempt += 1;
-  for (const stop of page.unfollow.splice(0)) stop();
+  unfollowAll();
   page.live?.close();
   Object.assign(page, { token: null, viewer: null, live: null, pipeline: null, board: null, summary: null });
   sessionStorage.removeItem(TOKEN_KEY);
@@ -329,7 +333,7 @@ function follow(query, variables, onData) {
 }
 
 function showPipeline(id) {
-  for (const stop of page.unfollow.splice(0)) stop();
+  unfollowAll();
   const pipeline = page.viewer.pipelines.find((p) => p.id === id);
   $('pipeline').value = id;
   history.replaceState(null, '', `${location.pathname}#${new URLSearchParams({ pipeline: id })}`);
