@@ -9,7 +9,9 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY atrium ./atrium
 COPY auth ./auth
+COPY core ./core
 COPY models ./models
+COPY partners ./partners
 COPY resolvers ./resolvers
 COPY schema ./schema
 COPY subscriptions ./subscriptions
@@ -26,7 +28,9 @@ COPY --from=build /opt/venv /opt/venv
 WORKDIR /app
 COPY --chown=root:root atrium ./atrium
 COPY --chown=root:root auth ./auth
+COPY --chown=root:root core ./core
 COPY --chown=root:root models ./models
+COPY --chown=root:root partners ./partners
 COPY --chown=root:root resolvers ./resolvers
 COPY --chown=root:root schema ./schema
 COPY --chown=root:root subscriptions ./subscriptions

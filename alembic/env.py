@@ -9,7 +9,7 @@ from sqlalchemy import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from alembic import context
-from atrium.settings import async_url
+from core.settings import async_url
 from models.tables import SQLModel
 
 config = context.config

@@ -1,5 +1,5 @@
 import sys
 
-from atrium.cli import main
+from atrium.cli.main import main
 
 sys.exit(main())

@@ -14,16 +14,16 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route, WebSocketRoute
 
-from atrium.dashboard import dashboard_routes
-from atrium.metrics import MeasureHttp, Metrics
-from atrium.persisted import apq_store
-from atrium.ratelimit import rate_limiter
-from atrium.runtime import Runtime
-from atrium.settings import Settings
-from atrium.view import AtriumGraphQL
-from auth.api_keys import ApiKeys
+from atrium.dashboard.routes import dashboard_routes
+from atrium.http.endpoint import AtriumGraphQL
+from atrium.http.ratelimit import rate_limiter
+from atrium.http.runtime import Runtime
+from atrium.observability.metrics import MeasureHttp, Metrics
 from auth.tokens import TokenVerifier
+from core.settings import Settings
 from models.db import Databases
+from partners.documents import apq_store
+from partners.keys import ApiKeys
 from subscriptions.broker import create_broker
 
 MAX_BODY = 1 << 20

@@ -5,8 +5,8 @@ from __future__ import annotations
 from starlette.applications import Starlette
 
 from atrium.app import create_app
-from atrium.logs import configure_logging
-from atrium.settings import Settings
+from atrium.observability.logs import configure_logging
+from core.settings import Settings
 
 
 def create_from_env() -> Starlette:

@@ -10,17 +10,17 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from sqlalchemy import bindparam, select
 
-from atrium.errors import Unauthenticated
-from auth.api_keys import ApiKeys, is_api_key
 from auth.roles import RANK
 from auth.tokens import TokenVerifier
+from core.errors import Unauthenticated
 from models.db import TenantScope
 from models.tables import MEMBERSHIPS, TENANTS, Role
+from partners.keys import ApiKeys, is_api_key
 
 if TYPE_CHECKING:
     from starlette.requests import HTTPConnection
 
-    from atrium.settings import Settings
+    from core.settings import Settings
     from models.db import Databases
     from resolvers.loaders import Loaders
     from subscriptions.broker import Broker

@@ -9,7 +9,7 @@ from typing import Any
 from strawberry.permission import BasePermission
 from strawberry.types import Info
 
-from atrium.errors import Forbidden, Unauthenticated
+from core.errors import Forbidden, Unauthenticated
 from models.tables import Role
 
 

@@ -16,8 +16,8 @@ from typing import Any
 
 import jwt
 
-from atrium.errors import Unauthenticated
-from atrium.settings import Settings
+from core.errors import Unauthenticated
+from core.settings import Settings
 from models.tables import Role
 
 

@@ -40,10 +40,10 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import create_async_engine
 from websockets.asyncio.client import ClientConnection, connect
 
-from atrium.admin import add_user, create_tenant
-from atrium.bootstrap import libpq_url
-from atrium.settings import Settings, async_url
+from atrium.ops.admin import add_user, create_tenant
+from atrium.ops.bootstrap import libpq_url
 from auth.tokens import issue_token
+from core.settings import Settings, async_url
 from models.migrations import migrate
 from models.tables import Role
 

@@ -19,7 +19,7 @@ from sqlalchemy import Executable, Row, text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import QueuePool
 
-from atrium.settings import async_url
+from core.settings import async_url
 
 SET_TENANT = text("SELECT set_config('app.tenant_id', :tenant_id, true)")
 TENANT_ROUTE = text("SELECT isolation, database_url FROM tenants WHERE id = :tenant_id")

@@ -7,15 +7,15 @@ import uuid
 import strawberry
 from sqlalchemy import Select, select
 
-from atrium.errors import BadUserInput
 from auth.roles import Can, Permission
+from core.errors import BadUserInput
+from core.ids import decode_id
 from models.tables import ACTIVITIES, ActivityKind
 from resolvers.connections import paginate
 from resolvers.entities import ACTIVITY, COMPANY, CONTACT, DEAL
 from resolvers.paging import SortKey, parse_datetime
 from resolvers.writes import change
 from schema.enums import OrderDirection
-from schema.ids import decode_id
 from schema.inputs import ActivityFilter, ActivityInput, ActivityOrder, ActivityOrderField, ActivityPatch
 from schema.types import Activity, Connection, DeletePayload, Info
 

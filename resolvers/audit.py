@@ -6,10 +6,10 @@ import strawberry
 from sqlalchemy import select
 
 from auth.roles import Can, Permission
+from core.ids import parse_global_id
 from models.tables import AUDIT_EVENTS
 from resolvers.connections import paginate
 from resolvers.paging import SortKey, parse_datetime
-from schema.ids import parse_global_id
 from schema.types import AuditEvent, Connection, Info
 
 OCCURRED = SortKey("occurredAt", AUDIT_EVENTS.c.occurred_at, parse_datetime, lambda r: r.occurred_at)

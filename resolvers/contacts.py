@@ -8,6 +8,7 @@ import strawberry
 from sqlalchemy import Select, or_, select
 
 from auth.roles import Can, Permission
+from core.ids import decode_id
 from models.tables import CONTACTS
 from resolvers.connections import paginate
 from resolvers.entities import COMPANY, CONTACT
@@ -16,7 +17,6 @@ from resolvers.paging import SortKey, parse_datetime
 from resolvers.search import contains
 from resolvers.writes import change
 from schema.enums import OrderDirection
-from schema.ids import decode_id
 from schema.inputs import ContactFilter, ContactInput, ContactOrder, ContactOrderField, ContactPatch, text
 from schema.types import Connection, Contact, DeletePayload, Info
 

@@ -8,8 +8,9 @@ from decimal import Decimal
 import strawberry
 from sqlalchemy import Select, func, literal_column, or_, select
 
-from atrium.errors import BadUserInput, NotFound
 from auth.roles import Can, Permission
+from core.errors import BadUserInput, NotFound
+from core.ids import decode_id
 from models.tables import COMPANIES, CONTACTS, DEALS
 from resolvers.connections import paginate
 from resolvers.entities import COMPANY, CONTACT, DEAL, STAGE
@@ -19,7 +20,6 @@ from resolvers.prefetch import prefetch_relations
 from resolvers.search import contains
 from resolvers.writes import Change, change
 from schema.enums import OrderDirection
-from schema.ids import decode_id
 from schema.inputs import DealFilter, DealInput, DealOrder, DealOrderField, DealPatch, currency, text
 from schema.types import Connection, Deal, DeletePayload, Info, Stage, StageTotal
 

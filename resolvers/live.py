@@ -4,7 +4,7 @@ Every subscription field checks READ permission and that what it names exists *i
 tenant* (through the loaders, so another tenant's id gives NOT_FOUND exactly like a query), then
 subscribes to channels named from the principal's tenant only.
 
-Contract with the transport (``subscriptions.delivery``): each operation runs with a context of its
+Contract with the transport (``atrium.http.websocket``): each operation runs with a context of its
 own, so these generators replace ``context.db`` / ``context.loaders`` with a fresh ``TenantScope`` for
 every delivered event and close it once the event's selection has been resolved (when the generator
 resumes). Between events no database connection is held.
@@ -31,14 +31,15 @@ from typing import Any, Literal, TypeVar
 import strawberry
 from graphql import FieldNode, GraphQLError, OperationType, get_operation_ast, parse
 
-from atrium.errors import AtriumError, BadUserInput, Forbidden, NotFound
+from atrium.http.websocket import TOO_SLOW
 from auth.context import Principal
 from auth.roles import Can, Permission, allows
+from core.errors import AtriumError, BadUserInput, Forbidden, NotFound
+from core.ids import decode_id, parse_global_id, to_global_id
 from models.db import TenantScope
 from resolvers.deals import require_pipeline, stage_totals
 from resolvers.loaders import Loaders
 from resolvers.viewer import NODE_TYPES
-from schema.ids import decode_id, parse_global_id, to_global_id
 from schema.types import (
     ActivityChange,
     ActivityFeedEvent,
@@ -57,7 +58,6 @@ from schema.types import (
     ResyncReason,
 )
 from subscriptions.broker import GAP, OVERFLOW
-from subscriptions.delivery import TOO_SLOW
 from subscriptions.events import (
     ChangeEvent,
     presence_channel,
@@ -106,7 +106,7 @@ def root_fields(query: str, operation_name: str | None) -> tuple[OperationType, 
 
 def delivery(principal: Principal, query: str, variables: dict[str, Any] | None,
              operation_name: str | None) -> tuple[Hashable, Literal["first", "last"]] | None:
-    """Group key and greeting policy of a WebSocket operation (``subscriptions.delivery``).
+    """Group key and greeting policy of a WebSocket operation (``atrium.http.websocket``).
 
     Subscriptions with equal tenant, role (so permissions), document, operation name and variables
     share one execution; queries, mutations, ``presence`` (it joins per subscriber) and documents

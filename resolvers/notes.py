@@ -14,12 +14,12 @@ import strawberry
 from sqlalchemy import select
 from strawberry.scalars import Base64
 
-from atrium.errors import BadUserInput
 from auth.roles import Can, Permission
+from core.errors import BadUserInput
+from core.ids import decode_id, parse_global_id
 from models.tables import NOTES
 from resolvers.entities import COMPANY, CONTACT, DEAL, NOTE
 from resolvers.writes import change
-from schema.ids import decode_id, parse_global_id
 from schema.types import Info, Note
 from subscriptions.notes import InvalidUpdate, empty_state, merge
 

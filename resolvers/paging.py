@@ -19,7 +19,7 @@ from typing import Any
 
 from sqlalchemy import ColumnElement, Row, Select, func, literal, select, tuple_
 
-from atrium.errors import BadUserInput
+from core.errors import BadUserInput
 from models.db import TenantScope
 
 DEFAULT_PAGE = 20

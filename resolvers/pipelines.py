@@ -5,12 +5,12 @@ from __future__ import annotations
 import strawberry
 from sqlalchemy import func, select
 
-from atrium.errors import BadUserInput
 from auth.roles import Can, Permission
+from core.errors import BadUserInput
+from core.ids import decode_id
 from models.tables import DEALS, PIPELINES, STAGES
 from resolvers.entities import PIPELINE, STAGE
 from resolvers.writes import change
-from schema.ids import decode_id
 from schema.inputs import PipelineInput, PipelinePatch, StageInput, StagePatch
 from schema.types import DeletePayload, Info, Pipeline, Stage
 

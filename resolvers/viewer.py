@@ -8,15 +8,15 @@ import uuid
 import strawberry
 from sqlalchemy import func, select, text
 
-from atrium.errors import BadUserInput, Forbidden, NotFound, Unauthenticated
 from auth.passwords import hash_password_async, verify_password_async
 from auth.roles import RANK, Can, Permission
 from auth.tokens import issue_token
+from core.errors import BadUserInput, Forbidden, NotFound, Unauthenticated
+from core.ids import decode_id, parse_global_id
 from models.tables import MEMBERSHIPS, TENANTS, Role
 from resolvers.entities import MEMBERSHIP
 from resolvers.loaders import USERS_IN_TENANT
 from resolvers.writes import Change, change
-from schema.ids import decode_id, parse_global_id
 from schema.inputs import MemberInput
 from schema.types import (
     Activity,

@@ -28,11 +28,11 @@ from sqlalchemy import ColumnElement, Row, Table, delete, func, insert, select, 
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from atrium.errors import BadUserInput, Forbidden, NotFound, VersionConflict
 from auth.context import Context, Principal
 from auth.roles import Permission, allows
+from core.errors import BadUserInput, Forbidden, NotFound, VersionConflict
+from core.ids import to_global_id
 from models.tables import AUDIT_EVENTS, MEMBERSHIPS, USERS
-from schema.ids import to_global_id
 from subscriptions.events import ChangeEvent, ChangeKind
 
 

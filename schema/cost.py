@@ -52,7 +52,7 @@ from strawberry.extensions import SchemaExtension
 from strawberry.types import ExecutionResult
 from strawberry.types.execution import ExecutionContext
 
-from atrium.errors import AtriumError, ErrorCode, QueryTooComplex
+from core.errors import AtriumError, ErrorCode, QueryTooComplex
 
 MAX_COST = 50_000
 DEFAULT_PAGE = 20

@@ -19,9 +19,9 @@ from strawberry.extensions.query_depth_limiter import create_validator as depth_
 from strawberry.types.execution import ExecutionContext
 from strawberry.types.graphql import OperationType
 
-from atrium.errors import AtriumError, ErrorCode
+from core.errors import AtriumError, ErrorCode
 
-log = logging.getLogger("atrium.errors")
+log = logging.getLogger("core.errors")
 
 MAX_DEPTH = 12
 MAX_ALIASES = 30

@@ -16,11 +16,11 @@ from typing import Any
 import strawberry
 from strawberry.types.unset import UNSET
 
-from atrium.errors import BadUserInput
+from core.errors import BadUserInput
+from core.ids import decode_id
 from models.tables import ActivityKind, DealStatus, Role
 from schema.currencies import ISO_4217
 from schema.enums import OrderDirection
-from schema.ids import decode_id
 
 LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 EMAIL = re.compile(rf"^[^@\s]{{1,64}}@{LABEL}(?:\.{LABEL})+$")

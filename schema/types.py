@@ -24,11 +24,11 @@ import strawberry
 from sqlalchemy import Row
 from strawberry.scalars import JSON, Base64
 
-from atrium.errors import BadUserInput
 from auth.context import Context
+from core.errors import BadUserInput
+from core.ids import to_global_id
 from models.tables import ActivityKind, DealStatus, Plan, Role
 from resolvers.loaders import Loaders
-from schema.ids import to_global_id
 from subscriptions.events import ChangeKind
 from subscriptions.notes import BODY as NOTE_BODY
 from subscriptions.notes import text_of as note_text

@@ -23,12 +23,12 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from starlette.applications import Starlette
 
-from atrium.admin import add_user, create_tenant
 from atrium.app import create_app
-from atrium.bootstrap import libpq_url
-from atrium.embedded_pg import start_embedded_postgres, stop_embedded_postgres
-from atrium.settings import Settings, async_url
+from atrium.ops.admin import add_user, create_tenant
+from atrium.ops.bootstrap import libpq_url
+from atrium.ops.embedded_pg import start_embedded_postgres, stop_embedded_postgres
 from auth.tokens import issue_token
+from core.settings import Settings, async_url
 from models.migrations import migrate
 from models.tables import Role
 

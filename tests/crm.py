@@ -14,7 +14,7 @@ from typing import Any
 
 import httpx
 
-from schema.ids import parse_global_id, to_global_id
+from core.ids import parse_global_id, to_global_id
 from tests.conftest import data_or_fail, gql
 
 PIPELINE = """

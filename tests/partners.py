@@ -22,7 +22,7 @@ from redis.exceptions import RedisError
 from starlette.applications import Starlette
 
 from atrium.app import create_app
-from atrium.settings import PlanLimits, Settings
+from core.settings import PlanLimits, Settings
 from models.tables import Role
 from tests.conftest import TenantWorld, data_or_fail, gql
 

@@ -20,14 +20,14 @@ import pytest
 from sqlalchemy import select, text, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from atrium import partner_cli
-from atrium.cli import parser
-from atrium.settings import Settings
-from auth.api_keys import ApiKeys, digest
+from atrium.cli.main import parser
 from auth.roles import RANK
+from core.ids import to_global_id
+from core.settings import Settings
 from models.db import Databases
 from models.tables import API_KEYS, AUDIT_EVENTS, PERSISTED_DOCUMENTS, Role
-from schema.ids import to_global_id
+from partners import cli as partner_cli
+from partners.keys import ApiKeys, digest
 from tests.conftest import TenantWorld, codes, data_or_fail, gql
 from tests.partners import CREATE_KEY, PUSH, REMOVE, bearer, new_key, push
 

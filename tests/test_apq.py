@@ -18,10 +18,10 @@ from redis.asyncio import Redis
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from atrium.persisted import CachedApq, PostgresApq, RedisApq
-from atrium.settings import Settings
+from core.settings import Settings
 from models.db import Databases
 from models.tables import APQ_DOCUMENTS, Role
+from partners.documents import CachedApq, PostgresApq, RedisApq
 from tests.conftest import TenantWorld, codes
 from tests.partners import REDIS_URL, RUN_PREFIX, bearer, drop_keys, redis_or_skip, running, sha256
 

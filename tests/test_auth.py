@@ -27,11 +27,11 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from jwt.algorithms import RSAAlgorithm
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from atrium.admin import add_user
 from atrium.app import create_app
-from atrium.settings import Settings
+from atrium.ops.admin import add_user
+from core.ids import to_global_id
+from core.settings import Settings
 from models.tables import Role
-from schema.ids import to_global_id
 from tests.conftest import TenantWorld, codes, data_or_fail, gql
 
 ME = "{ me { id email role } tenant { id slug } }"

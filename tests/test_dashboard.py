@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable
 import httpx
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from atrium.admin import add_user
+from atrium.ops.admin import add_user
 from models.tables import Role
 from tests.browser import Chromium, Page, browser_fixture  # noqa: F401
 from tests.conftest import TenantWorld

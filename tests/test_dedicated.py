@@ -11,9 +11,9 @@ import pytest
 from sqlalchemy import event, text
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from atrium.admin import add_user, create_tenant, tenant_database
-from atrium.settings import Settings
+from atrium.ops.admin import add_user, create_tenant, tenant_database
 from auth.tokens import issue_token
+from core.settings import Settings
 from models.db import Databases
 from models.tables import Isolation, Role
 from tests.conftest import TenantWorld, data_or_fail, gql, scratch_database

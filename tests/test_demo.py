@@ -1,4 +1,4 @@
-"""atrium.demo against a throwaway database on the test PostgreSQL server (conftest's ``server_url``)."""
+"""atrium.ops.demo against a throwaway database on the test PostgreSQL server (conftest's ``server_url``)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import pytest
 from sqlalchemy.engine import make_url
 
 import models.migrations
-from atrium.bootstrap import libpq_url
-from atrium.demo import DEMO_PASSWORD, DemoTenant, seed_demo, seed_tenant
+from atrium.ops.bootstrap import libpq_url
+from atrium.ops.demo import DEMO_PASSWORD, DemoTenant, seed_demo, seed_tenant
 from auth.passwords import verify_password
 
 DEALS = 200

@@ -18,8 +18,8 @@ import pytest
 import yaml
 
 from atrium.asgi import create_from_env
-from atrium.cli import parser
-from atrium.settings import app_role_url
+from atrium.cli.main import parser
+from core.settings import app_role_url
 from tests.conftest import TEST_SECRET
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -27,7 +27,7 @@ DEPLOY = ROOT / "deploy" / "kubernetes"
 KUBERNETES = "1.31.0"
 """Oldest Kubernetes release the manifests must be valid for."""
 DOCKERFILE = (ROOT / "Dockerfile").read_text()
-SETTINGS = (ROOT / "atrium" / "settings.py").read_text()
+SETTINGS = (ROOT / "core" / "settings.py").read_text()
 
 
 def manifests() -> dict[str, dict[str, Any]]:

@@ -1,4 +1,4 @@
-"""Smoke test for atrium.embedded_pg with each available backend."""
+"""Smoke test for atrium.ops.embedded_pg with each available backend."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from atrium.embedded_pg import (
+from atrium.ops.embedded_pg import (
     _find_system_bindir,
     start_embedded_postgres,
     stop_embedded_postgres,

@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
-from atrium.settings import Settings
+from core.settings import Settings
 from models.tables import Role
 from tests.conftest import TenantWorld, codes, data_or_fail, gql
 from tests.partners import bearer, running

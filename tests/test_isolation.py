@@ -27,9 +27,9 @@ from sqlalchemy import Table, func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.applications import Starlette
 
-from atrium.admin import add_user
 from atrium.app import create_app
-from atrium.settings import Settings
+from atrium.ops.admin import add_user
+from core.settings import Settings
 from models.tables import (
     ACTIVITIES,
     AUDIT_EVENTS,

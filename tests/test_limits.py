@@ -16,11 +16,11 @@ from graphql import OperationDefinitionNode, parse
 from sqlalchemy import update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from atrium.settings import PlanLimits, Settings
+from atrium.schema import schema
+from core.settings import PlanLimits, Settings
 from models.tables import TENANTS, Role
 from schema.cost import DEFAULT_PAGE, MAX_COST, UNBOUNDED_LIST, operation_cost
 from schema.extensions import LIMIT_RULES, StaticLimits
-from schema.root import schema
 from tests.conftest import TenantWorld, codes, data_or_fail, gql
 from tests.live import error_codes, live, start_atrium
 from tests.partners import bearer, new_key, plans, running, sha256

@@ -12,7 +12,7 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from atrium.app import create_app
-from atrium.settings import Settings
+from core.settings import Settings
 from models.tables import Role
 from tests.conftest import TenantWorld, codes, data_or_fail, gql
 from tests.crm import create_pipeline

@@ -19,10 +19,10 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 from strawberry.subscriptions import GRAPHQL_SSE_PROTOCOL, GRAPHQL_TRANSPORT_WS_PROTOCOL
 
-from atrium import partner_cli
-from atrium.cli import parser
-from atrium.settings import Settings
+from atrium.cli.main import parser
+from core.settings import Settings
 from models.tables import PERSISTED_DOCUMENTS, Role
+from partners import cli as partner_cli
 from tests.conftest import TenantWorld, codes, data_or_fail, gql
 from tests.partners import REMOVE, bearer, new_key, push, running, sha256
 

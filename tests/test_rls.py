@@ -22,7 +22,7 @@ from sqlalchemy import Row, Select, Table, delete, func, insert, literal_column,
 from sqlalchemy.exc import DBAPIError, ProgrammingError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from atrium.settings import APP_ROLE, Settings
+from core.settings import APP_ROLE, Settings
 from models.db import Databases, TenantScope
 from models.tables import (
     AUDIT_EVENTS,

@@ -17,11 +17,11 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from atrium.admin import add_user
+from atrium.ops.admin import add_user
+from atrium.schema import build_schema
 from auth.roles import RANK
+from core.ids import to_global_id
 from models.tables import Role
-from schema.ids import to_global_id
-from schema.root import build_schema
 from tests.conftest import TenantWorld, codes, data_or_fail, gql
 
 TENANT_TABLES = ("memberships", "companies", "contacts", "pipelines", "stages", "deals", "activities",

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from schema.root import schema
+from atrium.schema import schema
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -25,7 +25,7 @@ def test_packages_come_from_the_repository(package: str) -> None:
 
 
 def test_production_schema_hides_introspection_and_suggestions() -> None:
-    from schema.root import build_schema
+    from atrium.schema import build_schema
 
     production = build_schema(production=True)
     result = production.execute_sync("{ __schema { types { name } } }")

@@ -10,6 +10,7 @@ from strawberry.extensions import DisableIntrospection, MaxTokensLimiter, Schema
 from strawberry.schema.config import StrawberryConfig
 from strawberry.types.execution import ExecutionContext
 
+from partners.resolvers import PartnerMutation, PartnerQuery
 from resolvers.activities import ActivityMutation, ActivityQuery
 from resolvers.audit import AuditQuery
 from resolvers.companies import CompanyMutation, CompanyQuery
@@ -17,7 +18,6 @@ from resolvers.contacts import ContactMutation, ContactQuery
 from resolvers.deals import DealMutation, DealQuery
 from resolvers.live import LiveMutation, LiveSubscription
 from resolvers.notes import NoteMutation, NoteQuery
-from resolvers.partners import PartnerMutation, PartnerQuery
 from resolvers.pipelines import PipelineMutation, PipelineQuery
 from resolvers.viewer import ViewerMutation, ViewerQuery
 from schema.cost import CostLimit, MeteredCostLimit

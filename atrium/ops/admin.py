@@ -14,8 +14,8 @@ from sqlalchemy import Row, select, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from atrium.settings import app_role_url, async_url
 from auth.passwords import hash_password_async
+from core.settings import app_role_url, async_url
 from models.tables import TENANTS, Isolation, Plan, Role
 
 UPSERT_USER = text(

@@ -15,7 +15,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-ASSETS = Path(__file__).with_name("static") / "dashboard"
+ASSETS = Path(__file__).with_name("static")
 MEDIA_TYPES = {
     "index.html": "text/html; charset=utf-8",
     "dashboard.js": "text/javascript; charset=utf-8",

@@ -13,12 +13,12 @@ from pathlib import Path
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from atrium import partner_cli
-from atrium.admin import add_user, create_tenant, list_tenants, tenant_database, tenant_id_by_slug
-from atrium.bootstrap import resolve_database
-from atrium.settings import Settings, async_url
+from atrium.ops.admin import add_user, create_tenant, list_tenants, tenant_database, tenant_id_by_slug
+from atrium.ops.bootstrap import resolve_database
+from core.settings import Settings, async_url
 from models.migrations import migrate
 from models.tables import MEMBERSHIPS, USERS, Isolation, Plan, Role
+from partners import cli as partner_cli
 
 log = logging.getLogger("atrium")
 
@@ -121,7 +121,7 @@ async def cmd_token(args: argparse.Namespace) -> int:
 
 
 async def cmd_seed_demo(args: argparse.Namespace) -> int:
-    from atrium.demo import seed_demo
+    from atrium.ops.demo import seed_demo
 
     settings = await _settings(args)
     await migrate(settings.admin_url)
@@ -134,7 +134,7 @@ async def cmd_seed_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_export_schema(args: argparse.Namespace) -> int:
-    from schema.root import schema
+    from atrium.schema import schema
 
     Path(args.output).write_text(schema.as_str() + "\n")
     out(f"wrote {args.output}")
@@ -143,7 +143,7 @@ def cmd_export_schema(args: argparse.Namespace) -> int:
 
 async def prepare_serve(args: argparse.Namespace) -> Settings:
     """Resolve the database, migrate in development, seed demo data when empty, print how to start."""
-    from atrium.demo import DEMO_PASSWORD, seed_demo
+    from atrium.ops.demo import DEMO_PASSWORD, seed_demo
 
     settings = await _settings(args)
     if settings.env != "production":

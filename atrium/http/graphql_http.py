@@ -12,7 +12,7 @@ credentials are refused there):
   (invalid JSON or another shape: 400; a JSON array only when ``Settings.batching`` is on), or GET
   with URL parameters (``variables`` and ``extensions`` JSON-encoded). ``query`` and
   ``operationName`` must be strings, ``variables`` and ``extensions`` objects; ``documentId``
-  names a persisted document (``atrium.persisted``). GET runs queries only: a mutation by GET is
+  names a persisted document (``partners.documents``). GET runs queries only: a mutation by GET is
   answered 405 with ``Allow: POST``. Other methods: 405 with ``Allow: GET, POST``.
 - Status codes under ``application/json``: 200 for every well-formed request, request errors
   included, except RATE_LIMITED (429) and the APQ hash mismatch and version errors (400, as Apollo).
@@ -43,11 +43,11 @@ from strawberry.types import ExecutionResult
 from strawberry.types.graphql import OperationType
 from strawberry.types.unset import UNSET
 
-from atrium.errors import AtriumError, BadRequest, ErrorCode, PersistedQueryNotFound, PersistedQueryRequired
-from atrium.persisted import resolve_document
-from atrium.ratelimit import RequestMeter
-from atrium.runtime import Runtime
+from atrium.http.ratelimit import RequestMeter
+from atrium.http.runtime import Runtime
 from auth.context import Context
+from core.errors import AtriumError, BadRequest, ErrorCode, PersistedQueryNotFound, PersistedQueryRequired
+from partners.documents import resolve_document
 from schema.extensions import code_of
 
 GRAPHQL_RESPONSE_JSON = "application/graphql-response+json"

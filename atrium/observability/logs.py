@@ -7,7 +7,7 @@ import logging
 import sys
 import traceback
 
-from atrium.settings import Settings
+from core.settings import Settings
 
 
 class JsonFormatter(logging.Formatter):

@@ -16,14 +16,14 @@ import strawberry
 from sqlalchemy import insert
 from strawberry.scalars import JSON
 
-from atrium.errors import Forbidden
-from auth.api_keys import KeySpec, create_key, keys_query, revoke_key
 from auth.context import Principal
 from auth.roles import Can, Permission
+from core.errors import Forbidden
+from core.ids import decode_id
 from models.tables import AUDIT_EVENTS
-from resolvers.manifests import client_name, documents_query, push_documents, read_manifest, remove_documents
+from partners.keys import KeySpec, create_key, keys_query, revoke_key
+from partners.manifests import client_name, documents_query, push_documents, read_manifest, remove_documents
 from resolvers.writes import Change, change
-from schema.ids import decode_id
 from schema.types import (
     ApiKey,
     CreateApiKeyInput,

@@ -39,13 +39,13 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 from sqlalchemy import text
 
-from atrium.errors import BadRequest, PersistedQueryNotFound, PersistedQueryRequired
-from atrium.settings import Settings
 from auth.context import Principal
+from core.errors import BadRequest, PersistedQueryNotFound, PersistedQueryRequired
+from core.settings import Settings
 from models.db import Databases, TenantScope
-from resolvers.manifests import find_document
+from partners.manifests import find_document
 
-log = logging.getLogger("atrium.persisted")
+log = logging.getLogger("partners.documents")
 
 SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 HASH_MISMATCH = "provided sha does not match query"

@@ -8,7 +8,7 @@ WebSocket (graphql-transport-ws only): the credential comes in ``connection_init
 one closes the socket with 4403 (Strawberry's ``ConnectionRejectionError``) before any operation,
 and the socket is closed with 4401 when the token expires (one timer task per connection,
 cancelled when it closes). Every operation runs with a context of its own, through
-``subscriptions.delivery``: subscriptions with equal tenant, role, document and variables share one
+``atrium.http.websocket``: subscriptions with equal tenant, role, document and variables share one
 execution.
 """
 
@@ -31,17 +31,17 @@ from strawberry.exceptions import ConnectionRejectionError
 from strawberry.subscriptions import GRAPHQL_TRANSPORT_WS_PROTOCOL
 from strawberry.types import ExecutionResult
 
-from atrium.errors import AtriumError, Unauthenticated
-from atrium.graphql_http import GraphQLOverHTTP
-from atrium.runtime import Runtime
-from atrium.settings import Settings
+from atrium.http.graphql_http import GraphQLOverHTTP
+from atrium.http.runtime import Runtime
+from atrium.http.websocket import GroupedTransportWSHandler, LiveGroups, OperationSpec
+from atrium.schema import build_schema
 from auth.context import Context, Principal, authenticate, confirm_membership
+from core.errors import AtriumError, Unauthenticated
+from core.settings import Settings
 from models.db import TenantScope
 from resolvers.live import delivery
 from resolvers.loaders import Loaders
 from schema.extensions import coded
-from schema.root import build_schema
-from subscriptions.delivery import GroupedTransportWSHandler, LiveGroups, OperationSpec
 
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 CONTEXT_KEY = "atrium.context"

@@ -8,8 +8,8 @@ import dataclasses
 import asyncpg
 from sqlalchemy.engine import make_url
 
-from atrium.embedded_pg import start_embedded_postgres
-from atrium.settings import Settings
+from atrium.ops.embedded_pg import start_embedded_postgres
+from core.settings import Settings
 
 EMBEDDED_DB = "atrium"
 

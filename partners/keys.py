@@ -29,8 +29,8 @@ from typing import Any
 from sqlalchemy import Row, Select, func, insert, select, text, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from atrium.errors import BadUserInput, Forbidden, NotFound, Unauthenticated
 from auth.roles import RANK
+from core.errors import BadUserInput, Forbidden, NotFound, Unauthenticated
 from models.db import Databases
 from models.tables import API_KEYS, Role
 

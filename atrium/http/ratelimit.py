@@ -37,11 +37,11 @@ from typing import Any, Protocol
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from atrium.errors import QueryTooComplex, RateLimited
-from atrium.settings import PlanLimits, Settings
 from auth.context import Principal
+from core.errors import QueryTooComplex, RateLimited
+from core.settings import PlanLimits, Settings
 
-log = logging.getLogger("atrium.ratelimit")
+log = logging.getLogger("atrium.http.ratelimit")
 
 
 

@@ -37,13 +37,13 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from atrium.errors import Unauthenticated
 from auth.context import bearer_token
+from core.errors import Unauthenticated
 
 if TYPE_CHECKING:
-    from atrium.runtime import Runtime
-    from atrium.settings import Settings
-    from subscriptions.delivery import LiveGroups
+    from atrium.http.runtime import Runtime
+    from atrium.http.websocket import LiveGroups
+    from core.settings import Settings
 
 ROUTES = {"/graphql": "graphql", "/dashboard": "dashboard", "/healthz": "healthz", "/readyz": "readyz",
           "/metrics": "metrics"}

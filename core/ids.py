@@ -6,7 +6,7 @@ import base64
 import binascii
 import uuid
 
-from atrium.errors import BadUserInput
+from core.errors import BadUserInput
 
 
 def to_global_id(type_name: str, id: uuid.UUID) -> str:

@@ -39,7 +39,7 @@ from graphql import (
 from sqlalchemy import Row, Select, delete, insert, or_, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from atrium.errors import BadUserInput
+from core.errors import BadUserInput
 from models.db import TenantScope
 from models.tables import PERSISTED_DOCUMENTS
 from schema.extensions import LIMIT_RULES, MAX_TOKENS

@@ -21,14 +21,14 @@ from typing import Any
 from sqlalchemy import func, insert, select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
-from atrium.admin import tenant_database, tenant_id_by_slug
-from atrium.bootstrap import resolve_database
-from atrium.errors import AtriumError
-from atrium.settings import Settings
-from auth.api_keys import KeySpec, create_key, keys_query, revoke_key
+from atrium.ops.admin import tenant_database, tenant_id_by_slug
+from atrium.ops.bootstrap import resolve_database
+from core.errors import AtriumError
+from core.settings import Settings
 from models.tables import AUDIT_EVENTS, MEMBERSHIPS, TENANTS, USERS, Role
-from resolvers.manifests import InvalidManifest, client_name, documents_query, push_documents, read_manifest
-from resolvers.manifests import remove_documents as remove_manifest_documents
+from partners.keys import KeySpec, create_key, keys_query, revoke_key
+from partners.manifests import InvalidManifest, client_name, documents_query, push_documents, read_manifest
+from partners.manifests import remove_documents as remove_manifest_documents
 
 Handler = Callable[[argparse.Namespace], Awaitable[int]]
 
@@ -134,7 +134,7 @@ async def cmd_apikey_revoke(args: argparse.Namespace) -> int:
 
 
 async def cmd_persisted_push(args: argparse.Namespace) -> int:
-    from schema.root import build_schema
+    from atrium.schema import build_schema
 
     try:
         manifest = json.loads(await asyncio.to_thread(Path(args.file).read_text))

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from atrium.metrics import Metrics
-from atrium.persisted import ApqStore
-from atrium.ratelimit import RateLimiter
-from atrium.settings import Settings
-from auth.api_keys import ApiKeys
+from atrium.http.ratelimit import RateLimiter
+from atrium.observability.metrics import Metrics
 from auth.tokens import TokenVerifier
+from core.settings import Settings
 from models.db import Databases
+from partners.documents import ApqStore
+from partners.keys import ApiKeys
 from subscriptions.broker import Broker
 
 
