@@ -1,11 +1,10 @@
-"""``create_app(settings)``: the ASGI application. Its lifespan owns engines, broker and verifier."""
+"""``create_app(settings)``: the ASGI application, built with its ``Runtime``; the lifespan starts and closes it."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from redis.asyncio import Redis
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.applications import Starlette
@@ -16,51 +15,37 @@ from starlette.routing import Route, WebSocketRoute
 
 from atrium.dashboard.routes import dashboard_routes
 from atrium.http.endpoint import AtriumGraphQL
-from atrium.http.ratelimit import rate_limiter
 from atrium.http.runtime import Runtime
-from atrium.observability.metrics import MeasureHttp, Metrics
-from auth.tokens import TokenVerifier
+from atrium.observability.metrics import MeasureHttp
+from core.clock import SYSTEM_CLOCK, Clock
 from core.settings import Settings
-from models.db import Databases
-from partners.documents import apq_store
-from partners.keys import ApiKeys
-from subscriptions.broker import create_broker
 
 MAX_BODY = 1 << 20
 
 
-def create_app(settings: Settings) -> Starlette:
-    """An Atrium app for ``settings`` (whose database URL must be resolved)."""
-    view = AtriumGraphQL(settings)
-    metrics = Metrics()
+def create_app(settings: Settings, *, clock: Clock = SYSTEM_CLOCK) -> Starlette:
+    """An Atrium app for ``settings`` (whose database URL must be resolved), reading time from ``clock``.
+
+    Building it connects to nothing; its lifespan starts the broker and, on exit, closes the broker,
+    Redis and every database engine.
+    """
+    runtime = Runtime.build(settings, clock)
+    view = AtriumGraphQL(runtime)
+    metrics = runtime.metrics
+    metrics.observe(runtime.broker, runtime.databases, view.live_groups)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        databases = Databases(settings.app_url, pool_size=settings.pool_size)
-        redis = Redis.from_url(settings.redis_url) if settings.redis_url else None  # limits and APQ
-        broker = create_broker(settings.redis_url, prefix=settings.redis_prefix,
-                               maxsize=settings.subscriber_queue_size, presence_ttl=settings.presence_ttl_seconds)
-        await broker.start()
-        runtime = Runtime(settings=settings, databases=databases, broker=broker,
-                          verifier=TokenVerifier(settings), api_keys=ApiKeys(databases),
-                          apq=apq_store(settings, databases, redis), limiter=rate_limiter(settings, redis),
-                          metrics=metrics)
-        metrics.observe_runtime(runtime, view.live_groups)
-        view.runtime = runtime
-        app.state.runtime = runtime
+        await runtime.start()
         try:
             yield
         finally:
-            await broker.close()
-            if redis is not None:
-                await redis.aclose()
-            await databases.dispose()
+            await runtime.close()
 
     async def healthz(request: Request) -> JSONResponse:
         return JSONResponse({"status": "ok"})
 
     async def readyz(request: Request) -> JSONResponse:
-        runtime: Runtime = request.app.state.runtime
         try:
             async with runtime.databases.default.connect() as conn:
                 await conn.execute(text("SELECT 1"))
@@ -68,7 +53,7 @@ def create_app(settings: Settings) -> Starlette:
             return JSONResponse({"status": "unavailable", "database": "down"}, status_code=503)
         return JSONResponse({"status": "ready"})
 
-    return Starlette(
+    app = Starlette(
         routes=[
             Route("/graphql", view, methods=["GET", "POST"]),
             WebSocketRoute("/graphql", view),
@@ -81,3 +66,5 @@ def create_app(settings: Settings) -> Starlette:
         lifespan=lifespan,
         max_body_size=MAX_BODY,
     )
+    app.state.runtime = runtime
+    return app

@@ -1,4 +1,4 @@
-"""The one Strawberry schema: root types composed from the resolvers' classes."""
+"""The one Strawberry schema: root types composed from the records' derived fields and the resolvers."""
 
 from __future__ import annotations
 
@@ -11,36 +11,30 @@ from strawberry.schema.config import StrawberryConfig
 from strawberry.types.execution import ExecutionContext
 
 from partners.resolvers import PartnerMutation, PartnerQuery
-from resolvers.activities import ActivityMutation, ActivityQuery
+from records.crm import ACTIVITY, COMPANY, CONTACT, PIPELINE, STAGE
 from resolvers.audit import AuditQuery
-from resolvers.companies import CompanyMutation, CompanyQuery
-from resolvers.contacts import ContactMutation, ContactQuery
+from resolvers.crud import mutations, queries
 from resolvers.deals import DealMutation, DealQuery
 from resolvers.live import LiveMutation, LiveSubscription
 from resolvers.notes import NoteMutation, NoteQuery
-from resolvers.pipelines import PipelineMutation, PipelineQuery
 from resolvers.viewer import ViewerMutation, ViewerQuery
 from schema.cost import CostLimit, MeteredCostLimit
-from schema.extensions import (
-    MAX_TOKENS,
-    CodedParserCache,
-    ErrorCoding,
-    OperationMetrics,
-    StaticLimits,
-    log_unexpected,
-)
-from schema.types import Activity, Company, Contact, Deal, Note, Pipeline, Stage, User
+from schema.crm import Activity, Company, Contact, Deal, Pipeline, Stage, User
+from schema.extensions import CodedParserCache, ErrorCoding, OperationMetrics, StaticLimits, log_unexpected
+from schema.limits import MAX_TOKENS
+from schema.notes import Note
 
 
 @strawberry.type
-class Query(ViewerQuery, DealQuery, CompanyQuery, ContactQuery, PipelineQuery, ActivityQuery, AuditQuery,
-            PartnerQuery, NoteQuery):
+class Query(ViewerQuery, DealQuery, queries(COMPANY), queries(CONTACT), queries(PIPELINE),  # type: ignore[misc]
+            queries(ACTIVITY), AuditQuery, PartnerQuery, NoteQuery):
     pass
 
 
 @strawberry.type
-class Mutation(ViewerMutation, DealMutation, CompanyMutation, ContactMutation, PipelineMutation, ActivityMutation,
-               PartnerMutation, NoteMutation, LiveMutation):
+class Mutation(ViewerMutation, DealMutation, mutations(COMPANY), mutations(CONTACT),  # type: ignore[misc]
+               mutations(PIPELINE), mutations(STAGE), mutations(ACTIVITY), PartnerMutation, NoteMutation,
+               LiveMutation):
     pass
 
 

@@ -30,11 +30,23 @@ GRANTS: dict[Role, frozenset[Permission]] = {
     Role.OWNER: frozenset(Permission),
 }
 
-RANK = {Role.VIEWER: 0, Role.MEMBER: 1, Role.ADMIN: 2, Role.OWNER: 3}
-
-
 def allows(role: Role, permission: Permission) -> bool:
     return permission in GRANTS[role]
+
+
+def described(description: str | None, permission: Permission) -> str:
+    """A field's description followed by the permission it requires (so the SDL says who may call it)."""
+    note = f"Requires `{permission.value}`."
+    return f"{description} {note}" if description else note
+
+
+def requires(permission: Permission, description: str | None = None) -> dict[str, Any]:
+    """The keyword arguments that make a Strawberry field require ``permission``: its permission
+    class, and its description saying so. The one place a field's permission is stated::
+
+        @strawberry.field(**requires(Permission.READ, "All pipelines, by name."))
+    """
+    return {"permission_classes": [Can(permission)], "description": described(description, permission)}
 
 
 @cache
@@ -55,5 +67,5 @@ def Can(permission: Permission) -> type[BasePermission]:  # noqa: N802 - reads a
     return type(
         f"Can_{permission.name}",
         (BasePermission,),
-        {"message": f"Requires {permission.value}", "has_permission": has_permission},
+        {"message": f"Requires {permission.value}", "has_permission": has_permission, "permission": permission},
     )

@@ -16,6 +16,7 @@ from typing import Any
 
 import jwt
 
+from core.clock import SYSTEM_CLOCK, Clock
 from core.errors import Unauthenticated
 from core.settings import Settings
 from models.tables import Role
@@ -50,8 +51,9 @@ def issue_token(settings: Settings, *, user_id: uuid.UUID, tenant_id: uuid.UUID,
 class TokenVerifier:
     """Verifies bearer tokens against the secret (HS256) and/or the JWKS (RS256)."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, clock: Clock = SYSTEM_CLOCK) -> None:
         self._settings = settings
+        self._clock = clock
         self._jwks = jwt.PyJWKClient(settings.jwks_url, cache_keys=True, lifespan=300) if settings.jwks_url else None
 
     async def verify(self, token: str) -> Claims:
@@ -71,14 +73,20 @@ class TokenVerifier:
         else:
             raise Unauthenticated("Token algorithm not accepted")
         try:
+            # Expiry is checked against the app's clock below (PyJWT would read the system clock).
             payload = jwt.decode(
                 token, key, algorithms=[alg], audience=self._settings.jwt_audience,
-                issuer=self._settings.jwt_issuer, options={"require": ["exp", "sub", "aud", "iss"]},
+                issuer=self._settings.jwt_issuer,
+                options={"require": ["exp", "sub", "aud", "iss"], "verify_exp": False},
             )
-        except jwt.ExpiredSignatureError as exc:
-            raise Unauthenticated("Token expired") from exc
         except jwt.PyJWTError as exc:
             raise Unauthenticated("Invalid token") from exc
+        try:
+            expired = float(payload["exp"]) <= self._clock.time()
+        except (TypeError, ValueError) as exc:
+            raise Unauthenticated("Invalid token") from exc
+        if expired:
+            raise Unauthenticated("Token expired")
         try:
             return Claims(
                 user_id=uuid.UUID(str(payload["sub"])),

@@ -13,7 +13,12 @@ The tree::
     ├── PersistedQueryNotFound       PERSISTED_QUERY_NOT_FOUND
     ├── PersistedQueryRequired       PERSISTED_QUERY_REQUIRED
     ├── BadRequest                   BAD_REQUEST       a malformed GraphQL-over-HTTP request (HTTP 4xx)
+    ├── SubscriberTooSlow            SUBSCRIBER_TOO_SLOW  a subscriber fell too far behind; its stream ends
     └── Internal                     INTERNAL          anything unexpected; the message never leaks details
+
+GraphQL's own errors get GRAPHQL_PARSE_FAILED or GRAPHQL_VALIDATION_FAILED (``schema.extensions``).
+Every error body any transport sends is built here (``AtriumError.formatted``, ``error_body``), so
+HTTP, WebSocket and pre-execution refusals look the same.
 
 graphql-core copies ``AtriumError.extensions`` onto the GraphQL error it wraps, so resolvers simply
 ``raise NotFound("deal", id)``; ``schema.extensions.ErrorCoding`` masks everything that is not an
@@ -40,6 +45,7 @@ class ErrorCode(enum.StrEnum):
     INTERNAL = "INTERNAL"
     GRAPHQL_VALIDATION_FAILED = "GRAPHQL_VALIDATION_FAILED"
     GRAPHQL_PARSE_FAILED = "GRAPHQL_PARSE_FAILED"
+    SUBSCRIBER_TOO_SLOW = "SUBSCRIBER_TOO_SLOW"
 
 
 class AtriumError(Exception):
@@ -60,6 +66,15 @@ class AtriumError(Exception):
             ext["field"] = self.field
         ext.update(self.extra)
         return ext
+
+    def formatted(self) -> dict[str, Any]:
+        """The error as a GraphQL response's ``errors`` entry (no location or path: a request error)."""
+        return {"message": self.message, "extensions": self.extensions}
+
+
+def error_body(*errors: AtriumError) -> dict[str, Any]:
+    """A GraphQL response holding only ``errors`` (nothing was executed)."""
+    return {"errors": [error.formatted() for error in errors]}
 
 
 class Unauthenticated(AtriumError):
@@ -144,6 +159,21 @@ class PersistedQueryRequired(AtriumError):
 
     def __init__(self) -> None:
         super().__init__("This credential may only run persisted documents")
+
+
+class ValidationFailed(AtriumError):
+    """The document is not valid for this request (e.g. several operations and no ``operationName``)."""
+
+    code = ErrorCode.GRAPHQL_VALIDATION_FAILED
+
+
+class SubscriberTooSlow(AtriumError):
+    """The subscriber's queue overflowed: events were dropped, so the stream ends."""
+
+    code = ErrorCode.SUBSCRIBER_TOO_SLOW
+
+    def __init__(self) -> None:
+        super().__init__("Subscriber too slow: events were dropped. Subscribe again and refetch.")
 
 
 class Internal(AtriumError):

@@ -45,10 +45,20 @@ class Isolation(enum.StrEnum):
 
 
 class Role(enum.StrEnum):
+    """A member's role, lowest first: each role may do what the ones before it may."""
+
     VIEWER = "viewer"
     MEMBER = "member"
     ADMIN = "admin"
     OWNER = "owner"
+
+    @property
+    def rank(self) -> int:
+        """0 for VIEWER up to 3 for OWNER."""
+        return ROLE_RANK[self]
+
+
+ROLE_RANK = {role: rank for rank, role in enumerate(Role)}
 
 
 class DealStatus(enum.StrEnum):

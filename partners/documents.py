@@ -39,7 +39,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 from sqlalchemy import text
 
-from auth.context import Principal
+from auth.principal import Principal
 from core.errors import BadRequest, PersistedQueryNotFound, PersistedQueryRequired
 from core.settings import Settings
 from models.db import Databases, TenantScope

@@ -9,7 +9,7 @@ constant time.
 
 Each key belongs to one tenant and acts for the member who created it (``created_by``), with a role
 no higher than theirs; the server re-checks that membership on every request (see
-``auth.context.confirm_membership``), so a key also stops working when its creator leaves. Keys
+``auth.principal.confirm_membership``), so a key also stops working when its creator leaves. Keys
 may expire, may be limited to persisted documents of one ``client``, and are revoked, never deleted.
 """
 
@@ -29,7 +29,6 @@ from typing import Any
 from sqlalchemy import Row, Select, func, insert, select, text, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from auth.roles import RANK
 from core.errors import BadUserInput, Forbidden, NotFound, Unauthenticated
 from models.db import Databases
 from models.tables import API_KEYS, Role
@@ -137,7 +136,7 @@ class KeySpec:
         name = self.name.strip()
         if not name or len(name) > 100:
             raise BadUserInput("input.name", "must be 1 to 100 characters")
-        if RANK[self.role] > RANK[creator_role]:
+        if self.role.rank > creator_role.rank:
             raise Forbidden(f"A {creator_role.value} cannot create a key with the {self.role.value} role")
         expires_at = self.expires_at
         if expires_at is not None:

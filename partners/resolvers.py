@@ -13,26 +13,24 @@ import uuid
 from typing import Any
 
 import strawberry
-from sqlalchemy import insert
 from strawberry.scalars import JSON
 
-from auth.context import Principal
-from auth.roles import Can, Permission
+from auth.principal import Principal
+from auth.roles import Permission, requires
+from auth.session import Info
 from core.errors import Forbidden
 from core.ids import decode_id
-from models.tables import AUDIT_EVENTS
 from partners.keys import KeySpec, create_key, keys_query, revoke_key
 from partners.manifests import client_name, documents_query, push_documents, read_manifest, remove_documents
-from resolvers.writes import Change, change
-from schema.types import (
+from partners.types import (
     ApiKey,
     CreateApiKeyInput,
     CreatedApiKey,
-    Info,
     PersistedDocument,
     PushPersistedDocumentsPayload,
     RemovePersistedDocumentsPayload,
 )
+from resolvers.writes import Change, change
 
 MANAGE = Permission.MANAGE_USERS
 
@@ -55,9 +53,7 @@ async def _shared_database_only(info: Info, tenant_id: uuid.UUID) -> None:
 
 async def _audit(w: Change, action: str, entity_type: str, entity_id: uuid.UUID, diff: dict[str, Any]) -> None:
     """An audit row in the change's transaction (these records publish no change events)."""
-    await w.conn.execute(insert(AUDIT_EVENTS).values(
-        tenant_id=w.tenant_id, id=uuid.uuid4(), actor_id=w.principal.user_id, action=action,
-        entity_type=entity_type, entity_id=entity_id, diff=diff, request_id=w.request_id))
+    await w.audit(entity_type, action, entity_id, diff)
 
 
 def _key_summary(row: Any) -> dict[str, Any]:
@@ -67,58 +63,54 @@ def _key_summary(row: Any) -> dict[str, Any]:
 
 @strawberry.type
 class PartnerQuery:
-    @strawberry.field(permission_classes=[Can(MANAGE)], description="The workspace's API keys, newest first.")
+    @strawberry.field(**requires(MANAGE, "The workspace's API keys, newest first."))
     async def api_keys(self, info: Info, include_revoked: bool = False) -> list[ApiKey]:
-        principal, db, _ = info.context.require()
-        rows = await db.fetch(keys_query(principal.tenant_id, include_revoked=include_revoked))
+        session = info.context.session
+        rows = await session.db.fetch(keys_query(session.tenant_id, include_revoked=include_revoked))
         return [ApiKey.from_row(r) for r in rows]
 
-    @strawberry.field(permission_classes=[Can(MANAGE)],
-                      description="Trusted documents pushed for the workspace's clients (or one client).")
+    @strawberry.field(**requires(MANAGE, "Trusted documents pushed for the workspace's clients (or one client)."))
     async def persisted_documents(self, info: Info, client: str | None = None) -> list[PersistedDocument]:
-        principal, db, _ = info.context.require()
-        rows = await db.fetch(documents_query(principal.tenant_id, client_name(client) if client else None))
+        session = info.context.session
+        rows = await session.db.fetch(documents_query(session.tenant_id, client_name(client) if client else None))
         return [PersistedDocument.from_row(r) for r in rows]
 
 
 @strawberry.type
 class PartnerMutation:
-    @strawberry.mutation(permission_classes=[Can(MANAGE)],
-                         description="Create an API key acting for you, with at most your role. The answer holds "
-                                     "the secret; it cannot be shown again.")
+    @strawberry.mutation(**requires(MANAGE, "Create an API key acting for you, with at most your role. The answer holds "
+                                     "the secret; it cannot be shown again."))
     async def create_api_key(self, info: Info, input: CreateApiKeyInput) -> CreatedApiKey:
-        principal = info.context.require()[0]
+        principal = info.context.session.principal
         _users_only(principal)
         await _shared_database_only(info, principal.tenant_id)
         spec = KeySpec(name=input.name, role=input.role, expires_at=input.expires_at,
                        persisted_only=input.persisted_only, client=input.client).checked(principal.role)
-        async with change(info, MANAGE) as w:
+        async with change(info) as w:
             row, key = await create_key(w.conn, w.tenant_id, w.principal.user_id, spec)
             await _audit(w, "create", "ApiKey", row.id, {"after": _key_summary(row)})
         return CreatedApiKey(api_key=ApiKey.from_row(row), secret=key)
 
-    @strawberry.mutation(permission_classes=[Can(MANAGE)],
-                         description="Revoke an API key: its next request is refused. Revoking twice is harmless.")
+    @strawberry.mutation(**requires(MANAGE, "Revoke an API key: its next request is refused. Revoking twice is harmless."))
     async def revoke_api_key(self, info: Info, id: strawberry.ID) -> ApiKey:
-        _users_only(info.context.require()[0])
+        _users_only(info.context.session.principal)
         key_id = decode_id(id, "ApiKey")
-        async with change(info, MANAGE) as w:
+        async with change(info) as w:
             row, revoked = await revoke_key(w.conn, w.tenant_id, key_id)
             if revoked:
                 await _audit(w, "revoke", "ApiKey", row.id, {"after": _key_summary(row)})
         return ApiKey.from_row(row)
 
-    @strawberry.mutation(permission_classes=[Can(MANAGE)],
-                         description="Add a manifest's documents to a client's trusted documents, after validating "
+    @strawberry.mutation(**requires(MANAGE, "Add a manifest's documents to a client's trusted documents, after validating "
                                      "each against the schema (one invalid document refuses the whole push). "
                                      "`manifest` is an Apollo persisted-query manifest or a `{id: document}` map. "
-                                     "Documents missing from the manifest are kept: remove them explicitly.")
+                                     "Documents missing from the manifest are kept: remove them explicitly."))
     async def push_persisted_documents(self, info: Info, client: str, manifest: JSON) -> PushPersistedDocumentsPayload:
-        principal = info.context.require()[0]
+        principal = info.context.session.principal
         name = client_name(client)
         _own_client(principal, name)
         operations = read_manifest(manifest)
-        async with change(info, MANAGE) as w:
+        async with change(info) as w:
             result = await push_documents(w.conn, w.tenant_id, name, info.schema._schema, operations,
                                           w.principal.user_id)
             for row in result.added:
@@ -127,14 +119,13 @@ class PartnerMutation:
         return PushPersistedDocumentsPayload(client=name, added=[PersistedDocument.from_row(r) for r in result.added],
                                              unchanged_count=len(result.unchanged))
 
-    @strawberry.mutation(permission_classes=[Can(MANAGE)],
-                         description="Remove documents from a client's trusted documents, by manifest id.")
+    @strawberry.mutation(**requires(MANAGE, "Remove documents from a client's trusted documents, by manifest id."))
     async def remove_persisted_documents(self, info: Info, client: str,
                                          ids: list[str]) -> RemovePersistedDocumentsPayload:
-        principal = info.context.require()[0]
+        principal = info.context.session.principal
         name = client_name(client)
         _own_client(principal, name)
-        async with change(info, MANAGE) as w:
+        async with change(info) as w:
             removed = await remove_documents(w.conn, w.tenant_id, name, ids)
             for row in removed:
                 await _audit(w, "delete", "PersistedDocument", row.id,

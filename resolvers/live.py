@@ -21,32 +21,25 @@ from __future__ import annotations
 import asyncio
 import base64
 import datetime as dt
-import json
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Hashable
-from contextlib import aclosing, asynccontextmanager
-from functools import lru_cache
-from typing import Any, Literal, TypeVar
+from collections.abc import AsyncGenerator, Callable
+from contextlib import aclosing
+from typing import Any, TypeVar
 
 import strawberry
-from graphql import FieldNode, GraphQLError, OperationType, get_operation_ast, parse
 
-from atrium.http.websocket import TOO_SLOW
-from auth.context import Principal
-from auth.roles import Can, Permission, allows
-from core.errors import AtriumError, BadUserInput, Forbidden, NotFound
+from auth.roles import Permission, allows, requires
+from auth.session import Info, event_session
+from core.errors import BadUserInput, Forbidden, NotFound, SubscriberTooSlow
 from core.ids import decode_id, parse_global_id, to_global_id
-from models.db import TenantScope
+from records.crm import BY_NAME, NOTE
+from records.declare import Record
 from resolvers.deals import require_pipeline, stage_totals
-from resolvers.loaders import Loaders
-from resolvers.viewer import NODE_TYPES
-from schema.types import (
+from schema.live import (
     ActivityChange,
     ActivityFeedEvent,
     DealBoardEvent,
     DealChange,
-    Info,
-    Node,
     NoteEvent,
     NoteUpdate,
     PipelineTotals,
@@ -57,9 +50,12 @@ from schema.types import (
     Resync,
     ResyncReason,
 )
+from schema.objects import RecordObject, load
 from subscriptions.broker import GAP, OVERFLOW
 from subscriptions.events import (
+    DELIVERY,
     ChangeEvent,
+    Delivery,
     presence_channel,
     record_channel,
     scope_channel,
@@ -69,93 +65,22 @@ from subscriptions.presence import PresenceState
 
 T = TypeVar("T")
 
-PER_SUBSCRIBER_FIELDS = frozenset({"presence"})
-"""Root fields with a per-subscriber side effect (joining presence): never share an execution."""
-STATE_FIELDS = frozenset({"pipelineSummary", "presence"})
-"""Root fields whose every result is a full state (a late joiner gets the latest one)."""
 SUMMARY_WINDOW = 0.25
 """Seconds of deal changes coalesced into one ``pipelineSummary`` recalculation."""
-
-Fetch = Callable[[Loaders], Awaitable[Node | None]]
-
-
-class SubscriberTooSlow(AtriumError):
-    """The subscriber's queue overflowed: events were dropped, so the stream ends."""
-
-    def __init__(self) -> None:
-        super().__init__("Subscriber too slow: events were dropped. Subscribe again and refetch.")
-
-    @property
-    def extensions(self) -> dict[str, Any]:
-        return {"code": TOO_SLOW}
-
-
-@lru_cache(maxsize=1024)
-def root_fields(query: str, operation_name: str | None) -> tuple[OperationType, frozenset[str], bool] | None:
-    """(operation type, root field names, whether the root also spreads fragments); None if unparsable."""
-    try:
-        operation = get_operation_ast(parse(query), operation_name)
-    except GraphQLError:
-        return None
-    if operation is None:
-        return None
-    selections = operation.selection_set.selections
-    names = frozenset(s.name.value for s in selections if isinstance(s, FieldNode))
-    return operation.operation, names, len(names) != len(selections)
-
-
-def delivery(principal: Principal, query: str, variables: dict[str, Any] | None,
-             operation_name: str | None) -> tuple[Hashable, Literal["first", "last"]] | None:
-    """Group key and greeting policy of a WebSocket operation (``atrium.http.websocket``).
-
-    Subscriptions with equal tenant, role (so permissions), document, operation name and variables
-    share one execution; queries, mutations, ``presence`` (it joins per subscriber) and documents
-    whose root spreads fragments run alone. None: unparsable (left to Strawberry).
-    """
-    parsed = root_fields(query, operation_name)
-    if parsed is None:
-        return None
-    kind, names, opaque = parsed
-    key: Hashable = object()
-    if kind is OperationType.SUBSCRIPTION and not opaque and not names & PER_SUBSCRIBER_FIELDS:
-        key = (principal.tenant_id, principal.role, query, operation_name,
-               json.dumps(variables or {}, sort_keys=True, default=str))
-    return key, "last" if names and names <= STATE_FIELDS and not opaque else "first"
+STATE = {DELIVERY: Delivery.STATE}
+PRIVATE_STATE = {DELIVERY: Delivery.PRIVATE_STATE}
 
 
 def now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
-@asynccontextmanager
-async def event_scope(info: Info) -> AsyncIterator[None]:
-    """A fresh tenant scope and loaders on the operation's context for one event, closed after it."""
-    context = info.context
-    principal, previous, _ = context.require()
-    await previous.close()
-    scope = TenantScope(context.databases, principal.tenant_id)
-    context.db, context.loaders = scope, Loaders(scope)
-    try:
-        yield
-    finally:
-        await scope.close()
-
-
-async def existing_record(info: Info, global_id: str, *, field: str) -> tuple[str, uuid.UUID, Fetch]:
-    """Type name, key and loader of a record the caller can read; NOT_FOUND otherwise."""
+async def existing_record(info: Info, global_id: str, *, field: str) -> tuple[Record, uuid.UUID]:
+    """The record type and key of a record the caller can read; NOT_FOUND otherwise."""
     type_name, key = parse_global_id(global_id, field=field)
-    fetch: Fetch
-    if type_name in NODE_TYPES:
-        attr, from_row = NODE_TYPES[type_name]
-
-        async def fetch(loaders: Loaders) -> Node | None:
-            row = await getattr(loaders, attr).load(key)
-            return from_row(row) if row else None
-    else:
+    if RecordObject.type_named(type_name) is None or await load(info, BY_NAME[type_name], key) is None:
         raise NotFound(type_name.lower(), key, field=field)
-    if await fetch(info.context.require()[2]) is None:
-        raise NotFound(type_name.lower(), key, field=field)
-    return type_name, key, fetch
+    return BY_NAME[type_name], key
 
 
 def change_fields(event: ChangeEvent) -> dict[str, Any]:
@@ -163,7 +88,7 @@ def change_fields(event: ChangeEvent) -> dict[str, Any]:
         "kind": event.kind, "record_id": strawberry.ID(to_global_id(event.entity_type, event.entity_id)),
         "record_type": event.entity_type, "changed_fields": list(event.fields), "version": event.version,
         "timestamp": event.committed_at or event.occurred_at, "actor_id": event.actor_id,
-        "record_uuid": event.entity_id,
+        "record_key": event.entity_id,
     }
 
 
@@ -171,7 +96,7 @@ async def changes(info: Info, channel: str, build: Callable[[ChangeEvent], T | N
     """``Resync(SUBSCRIBED)``, then ``build(event)`` for each change on ``channel`` (None: skipped)."""
     context = info.context
     async with context.broker.subscribe(channel) as queue:
-        async with event_scope(info):
+        async with event_session(context):
             yield Resync(reason=ResyncReason.SUBSCRIBED, timestamp=now())
         while True:
             item = await queue.get()
@@ -185,7 +110,7 @@ async def changes(info: Info, channel: str, build: Callable[[ChangeEvent], T | N
             else:
                 payload = None
             if payload is not None:
-                async with event_scope(info):
+                async with event_session(context):
                     yield payload
 
 
@@ -198,54 +123,54 @@ def drain(queue: asyncio.Queue[object]) -> None:
 
 @strawberry.type
 class LiveSubscription:
-    @strawberry.subscription(permission_classes=[Can(Permission.READ)],
-                             description="Changes of one record of any type (NOT_FOUND unless you can read it).")
+    @strawberry.subscription(**requires(Permission.READ,
+                                        "Changes of one record of any type (NOT_FOUND unless you can read it)."))
     async def record_changed(self, info: Info, id: strawberry.ID) -> AsyncGenerator[RecordEvent]:
-        principal = info.context.require()[0]
-        _, key, fetch = await existing_record(info, id, field="id")
+        tenant = info.context.session.tenant_id
+        _, key = await existing_record(info, id, field="id")
 
         def build(event: ChangeEvent) -> RecordChange:
-            return RecordChange(**change_fields(event), fetch=fetch)
+            return RecordChange(**change_fields(event))
 
-        async with aclosing(changes(info, record_channel(principal.tenant_id, key), build)) as stream:
+        async with aclosing(changes(info, record_channel(tenant, key), build)) as stream:
             async for item in stream:
                 yield item
 
-    @strawberry.subscription(permission_classes=[Can(Permission.READ)],
-                             description="Deals created, moved, updated or deleted in a pipeline (a deal "
-                                         "moved to another pipeline is sent to both boards).")
+    @strawberry.subscription(**requires(Permission.READ,
+                                        "Deals created, moved, updated or deleted in a pipeline (a deal "
+                                        "moved to another pipeline is sent to both boards)."))
     async def deal_board(self, info: Info, pipeline_id: strawberry.ID) -> AsyncGenerator[DealBoardEvent]:
-        principal = info.context.require()[0]
+        tenant = info.context.session.tenant_id
         pipeline = await require_pipeline(info, pipeline_id)
 
         def build(event: ChangeEvent) -> DealChange | None:
             return DealChange(**change_fields(event)) if event.entity_type == "Deal" else None
 
-        channel = scope_channel(principal.tenant_id, "pipeline", str(pipeline))
+        channel = scope_channel(tenant, "pipeline", str(pipeline))
         async with aclosing(changes(info, channel, build)) as stream:
             async for item in stream:
                 yield item
 
-    @strawberry.subscription(permission_classes=[Can(Permission.READ)],
-                             description="Activities created, updated or deleted anywhere in the workspace.")
+    @strawberry.subscription(**requires(Permission.READ,
+                                        "Activities created, updated or deleted anywhere in the workspace."))
     async def activity_feed(self, info: Info) -> AsyncGenerator[ActivityFeedEvent]:
-        principal = info.context.require()[0]
+        tenant = info.context.session.tenant_id
 
         def build(event: ChangeEvent) -> ActivityChange:
             return ActivityChange(**change_fields(event))
 
-        async with aclosing(changes(info, type_channel(principal.tenant_id, "Activity"), build)) as stream:
+        async with aclosing(changes(info, type_channel(tenant, "Activity"), build)) as stream:
             async for item in stream:
                 yield item
 
-    @strawberry.subscription(permission_classes=[Can(Permission.READ)],
-                             description="Other editors' updates of a note. Updates sent with the same "
-                                         "`origin` as given here are left out (your own echo).")
+    @strawberry.subscription(**requires(Permission.READ,
+                                        "Other editors' updates of a note. Updates sent with the same "
+                                        "`origin` as given here are left out (your own echo)."))
     async def note_updates(self, info: Info, note_id: strawberry.ID,
                            origin: str | None = None) -> AsyncGenerator[NoteEvent]:
-        principal, _, loaders = info.context.require()
+        tenant = info.context.session.tenant_id
         key = decode_id(note_id, "Note", field="noteId")
-        if await loaders.note.load(key) is None:
+        if await load(info, NOTE, key) is None:
             raise NotFound("note", key, field="noteId")
 
         def build(event: ChangeEvent) -> NoteUpdate | None:
@@ -258,20 +183,20 @@ class LiveSubscription:
                               version=event.version, origin=event.detail.get("origin"),
                               timestamp=event.committed_at or event.occurred_at, actor_id=event.actor_id)
 
-        async with aclosing(changes(info, record_channel(principal.tenant_id, key), build)) as stream:
+        async with aclosing(changes(info, record_channel(tenant, key), build)) as stream:
             async for item in stream:
                 yield item
 
-    @strawberry.subscription(permission_classes=[Can(Permission.READ)],
-                             description="Totals per stage and currency: now, then after each burst of "
-                                         "changes (coalesced over a quarter second).")
+    @strawberry.subscription(**requires(Permission.READ,
+                                        "Totals per stage and currency: now, then after each burst of "
+                                        "changes (coalesced over a quarter second)."), metadata=STATE)
     async def pipeline_summary(self, info: Info, pipeline_id: strawberry.ID) -> AsyncGenerator[PipelineTotals]:
-        principal = info.context.require()[0]
+        tenant = info.context.session.tenant_id
         pipeline = await require_pipeline(info, pipeline_id)
-        channel = scope_channel(principal.tenant_id, "pipeline", str(pipeline))
+        channel = scope_channel(tenant, "pipeline", str(pipeline))
         async with info.context.broker.subscribe(channel) as queue:
             while True:
-                async with event_scope(info):
+                async with event_session(info.context):
                     # The same function as Query.pipelineSummary, so live and queried totals never differ.
                     totals = await stage_totals(info, pipeline)
                     yield PipelineTotals(pipeline_id=pipeline_id, totals=totals, timestamp=now())
@@ -279,13 +204,13 @@ class LiveSubscription:
                     await asyncio.sleep(SUMMARY_WINDOW)  # the coalescing window, not a wait for a condition
                 drain(queue)
 
-    @strawberry.subscription(permission_classes=[Can(Permission.READ)],
-                             description="Who is viewing or editing a record. Subscribing joins you as VIEWING "
-                                         "(setPresence changes it); ending the subscription or the connection "
-                                         "leaves.")
+    @strawberry.subscription(**requires(Permission.READ,
+                                        "Who is viewing or editing a record. Subscribing joins you as VIEWING "
+                                        "(setPresence changes it); ending the subscription or the connection "
+                                        "leaves."), metadata=PRIVATE_STATE)
     async def presence(self, info: Info, record_id: strawberry.ID) -> AsyncGenerator[PresenceList]:
-        principal = info.context.require()[0]
-        _, key, _ = await existing_record(info, record_id, field="recordId")
+        principal = info.context.session.principal
+        _, key = await existing_record(info, record_id, field="recordId")
         tenant, registry = principal.tenant_id, info.context.broker.presence
         async with info.context.broker.subscribe(presence_channel(tenant, key)) as queue:
             session = await registry.join(tenant, key, principal.user_id)
@@ -296,7 +221,7 @@ class LiveSubscription:
                     current = [(m.user_id, m.state, m.since) for m in members]
                     if current != last:
                         last = current
-                        async with event_scope(info):
+                        async with event_session(info.context):
                             yield presence_list(record_id, current)
                     await queue.get()
                     drain(queue)  # PresenceChanged, GAP or OVERFLOW: one re-read covers everything queued
@@ -314,14 +239,14 @@ def presence_list(record_id: str, members: list[tuple[uuid.UUID, PresenceState, 
 
 @strawberry.type
 class LiveMutation:
-    @strawberry.mutation(permission_classes=[Can(Permission.READ)],
-                         description="Say whether you are VIEWING or EDITING a record you are present on (through "
-                                     "the presence subscription). EDITING needs write permission.")
+    @strawberry.mutation(**requires(Permission.READ,
+                                    "Say whether you are VIEWING or EDITING a record you are present on (through "
+                                    "the presence subscription). EDITING needs write permission."))
     async def set_presence(self, info: Info, record_id: strawberry.ID, state: PresenceState) -> PresenceList:
-        principal = info.context.require()[0]
+        principal = info.context.session.principal
         if state is PresenceState.EDITING and not allows(principal.role, Permission.WRITE):
             raise Forbidden(f"Your role ({principal.role.value}) does not have {Permission.WRITE.value}")
-        _, key, _ = await existing_record(info, record_id, field="recordId")
+        _, key = await existing_record(info, record_id, field="recordId")
         registry = info.context.broker.presence
         if not await registry.set_state(principal.tenant_id, key, principal.user_id, state):
             raise BadUserInput("recordId", "you are not present on this record: subscribe to presence(recordId) first")

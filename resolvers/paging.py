@@ -1,4 +1,4 @@
-"""Keyset pagination (``first/after``, ``last/before``) from a filtered select to a page of rows.
+"""Keyset pagination (``first/after``, ``last/before``) from a filtered select to a ``Connection``.
 
 Cursors are opaque: base64url JSON of the ordering's name, the sort value and the row id. A page is
 one statement (``LIMIT n + 1`` tells whether there is more). Rows are ordered by (sort value, id),
@@ -9,45 +9,23 @@ from __future__ import annotations
 
 import base64
 import binascii
-import datetime as dt
 import json
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from decimal import Decimal, InvalidOperation
-from typing import Any
+from decimal import InvalidOperation
+from typing import Any, TypeVar
 
 from sqlalchemy import ColumnElement, Row, Select, func, literal, select, tuple_
 
 from core.errors import BadUserInput
 from models.db import TenantScope
+from records.declare import SortKey
+from schema.pagination import Connection, Edge, PageInfo
+
+T = TypeVar("T")
 
 DEFAULT_PAGE = 20
-
-
-@dataclass(frozen=True)
-class SortKey:
-    """A sortable expression and how its cursor value round-trips through a string."""
-
-    name: str
-    expression: ColumnElement[Any]
-    parse: Callable[[str], Any]
-    value: Callable[[Row[Any]], Any]
-
-
-def parse_datetime(text: str) -> dt.datetime:
-    return dt.datetime.fromisoformat(text)
-
-
-def parse_date(text: str) -> dt.date:
-    return dt.date.fromisoformat(text)
-
-
-def parse_decimal(text: str) -> Decimal:
-    value = Decimal(text)
-    if not value.is_finite() or abs(value) >= Decimal("1e18"):
-        raise ValueError(text)
-    return value
 
 
 def encode_cursor(key: SortKey, row: Row[Any]) -> str:
@@ -133,3 +111,34 @@ async def count_rows(db: TenantScope, query: Select[Any]) -> int:
     """The number of rows ``query`` matches (what ``totalCount`` reports)."""
     rows = await db.fetch(select(func.count()).select_from(query.order_by(None).subquery()))
     return int(rows[0][0])
+
+
+async def paginate(
+    db: TenantScope,
+    query: Select[Any],
+    id_column: ColumnElement[Any],
+    key: SortKey,
+    build: Callable[[Row[Any]], T],
+    *,
+    descending: bool,
+    first: int | None,
+    after: str | None,
+    last: int | None,
+    before: str | None,
+    max_page: int,
+) -> Connection[T]:
+    """A page of ``query`` (see ``fetch_page``) as a connection; ``totalCount`` runs only when selected."""
+    page = await fetch_page(db, query, id_column, key, descending=descending, first=first, after=after,
+                            last=last, before=before, max_page=max_page)
+    edges = [Edge(cursor=cursor, node=build(row)) for row, cursor in zip(page.rows, page.cursors, strict=True)]
+
+    async def count() -> int:
+        return await count_rows(db, query)
+
+    return Connection(
+        edges=edges,
+        page_info=PageInfo(has_next_page=page.has_next_page, has_previous_page=page.has_previous_page,
+                           start_cursor=page.cursors[0] if page.cursors else None,
+                           end_cursor=page.cursors[-1] if page.cursors else None),
+        count_rows=count,
+    )

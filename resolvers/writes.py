@@ -1,14 +1,20 @@
-"""The one write path: permission, references, expectedVersion, audit row, events after commit.
+"""The one write path: references, record checks, expectedVersion, dependents, audit rows, events.
 
-A mutation states its change inside ``async with change(info, Permission.WRITE) as w:``::
+A mutation states its change inside ``async with change(info) as w:``::
 
-    async with change(info, Permission.WRITE) as w:
-        stage = await w.require(STAGE, stage_id, field="stageId")
-        row = await w.insert(DEAL, {**values, "pipeline_id": stage.pipeline_id})
+    async with change(info) as w:
+        row = await w.update(DEAL, deal_id, {"stage_id": stage_id}, expected_version)
     return Deal.from_row(row)
+
+What a declaration (``records``) says is applied here for every record type alike: fallbacks of
+fields left out on create, existence in the tenant of every record a key names (NOT_FOUND naming
+the field) and the columns copied from it, record-level checks over the whole resulting row, and on
+delete the effect on every record pointing at the deleted one (refused, cascaded or unlinked).
 
 Everything inside the block is one tenant transaction: the rows, their audit_events rows and the
 version checks commit together or not at all. Change events are published only after the commit.
+The permission was checked once, by the mutation field's own permission (``auth.roles``), before
+the resolver ran.
 """
 
 from __future__ import annotations
@@ -17,32 +23,23 @@ import base64
 import dataclasses
 import datetime as dt
 import uuid
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
-import strawberry
-from sqlalchemy import ColumnElement, Row, Table, delete, func, insert, select, update
+from sqlalchemy import ColumnElement, Row, Select, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from auth.context import Context, Principal
-from auth.roles import Permission, allows
-from core.errors import BadUserInput, Forbidden, NotFound, VersionConflict
+from auth.principal import Principal
+from auth.session import Info, Session
+from core.errors import BadUserInput, NotFound, VersionConflict
 from core.ids import to_global_id
-from models.tables import AUDIT_EVENTS, MEMBERSHIPS, USERS
+from models.tables import AUDIT_EVENTS
+from records.crm import dependents
+from records.declare import AtLeastOne, ExactlyOne, OnDelete, Record, camel
 from subscriptions.events import ChangeEvent, ChangeKind
-
-
-@dataclass(frozen=True)
-class Entity:
-    """A writable record type: its GraphQL name, its table and the event routing keys of a row."""
-
-    name: str
-    table: Table
-    scope: Callable[[Mapping[str, Any]], dict[str, str]] = field(default=lambda row: {})
 
 
 def jsonable(value: Any) -> Any:
@@ -60,19 +57,16 @@ def snapshot(row: Mapping[str, Any], columns: Any = None) -> dict[str, Any]:
     return {k: jsonable(row[k]) for k in keys}
 
 
-REFERENCE_TYPES = {"company_id": "Company", "contact_id": "Contact", "deal_id": "Deal", "stage_id": "Stage",
-                   "pipeline_id": "Pipeline", "owner_id": "User", "actor_id": "User", "user_id": "User"}
-
-
-def public_record(entity: Entity, row: Mapping[str, Any]) -> dict[str, Any]:
+def public_record(record: Record, row: Mapping[str, Any]) -> dict[str, Any]:
     """A row as a client sees it: GraphQL field names and global IDs (``stage_id`` -> ``stageId``)."""
     out: dict[str, Any] = {}
     for column, value in row.items():
         if column == "tenant_id":
             continue
-        type_name = entity.name if column == "id" else REFERENCE_TYPES.get(column)
-        out[strawberry_name(column)] = (to_global_id(type_name, value) if type_name and value is not None
-                                        else jsonable(value))
+        relation = record.relation_by_key(column)
+        type_name = record.name if column == "id" else relation.target().name if relation else None
+        out[camel(column)] = (to_global_id(type_name, value) if type_name and value is not None
+                              else jsonable(value))
     return out
 
 
@@ -89,47 +83,52 @@ class Change:
     def tenant_id(self) -> uuid.UUID:
         return self.principal.tenant_id
 
-    async def require(self, entity: Entity, id: uuid.UUID, *, field: str = "id", lock: bool = False) -> Row[Any]:
-        """The row ``id`` of ``entity`` in this tenant; NOT_FOUND naming ``field`` otherwise."""
-        t = entity.table
-        query = select(t).where(t.c.tenant_id == self.tenant_id, t.c.id == id)
+    @property
+    def user_id(self) -> uuid.UUID:
+        return self.principal.user_id
+
+    async def scalar(self, statement: Select[Any]) -> Any:
+        return (await self.conn.execute(statement)).scalar()
+
+    async def require(self, record: Record, id: uuid.UUID, *, field: str = "id", lock: bool = False) -> Row[Any]:
+        """The record ``id`` in this tenant; NOT_FOUND naming ``field`` otherwise."""
+        query = record.query.where(record.key == id)
         if lock:
             query = query.with_for_update()
-        row = (await self.conn.execute(query)).first()
+        row = (await self.conn.execute(query, {"tenant_id": self.tenant_id})).first()
         if row is None:
-            raise NotFound(entity.name.lower(), id, field=field)
+            raise NotFound(record.singular.lower(), id, field=field)
         return row
 
-    async def require_member(self, user_id: uuid.UUID, *, field: str) -> Row[Any]:
-        """The user ``user_id`` if they belong to this tenant; NOT_FOUND naming ``field`` otherwise."""
-        row = (await self.conn.execute(
-            select(USERS.c.id, MEMBERSHIPS.c.role).join(MEMBERSHIPS, MEMBERSHIPS.c.user_id == USERS.c.id)
-            .where(MEMBERSHIPS.c.tenant_id == self.tenant_id, USERS.c.id == user_id)
-        )).first()
-        if row is None:
-            raise NotFound("user", user_id, field=field)
-        return row
+    # ---- whole records (what the declaration says) ---------------------------------------------
 
-    async def insert(self, entity: Entity, values: Mapping[str, Any]) -> Row[Any]:
-        t = entity.table
-        row = (await self.conn.execute(
-            insert(t).values(tenant_id=self.tenant_id, id=uuid.uuid4(), **values).returning(t)
-        )).one()
-        await self._audit(entity, "create", row.id, {"after": snapshot(row._mapping)})
-        self._event(entity, ChangeKind.CREATED, row, tuple(values))
-        return row
+    async def create(self, record: Record, values: dict[str, Any], *, prefix: str = "") -> Row[Any]:
+        """Insert a record from validated ``values`` (``Record.create_values``): checks, fallbacks of
+        fields left out, references (NOT_FOUND naming the field, with ``prefix``), then the row."""
+        record.check(values)
+        for f in record.fields:
+            if f.fallback is not None and values.get(f.column) is None:
+                values[f.column] = await f.fallback(self, values)
+        await self._references(record, values, prefix)
+        for column in [c for c, v in values.items() if v is None]:
+            if not record.nullable(column):  # left to the column's default (e.g. occurred_at = now())
+                del values[column]
+        return await self.insert(record, values)
 
-    async def update(self, entity: Entity, id: uuid.UUID, changes: Mapping[str, Any],
+    async def update(self, record: Record, id: uuid.UUID, changes: dict[str, Any],
                      expected_version: int | None, *, detail: Mapping[str, Any] | None = None) -> Row[Any]:
-        """Apply ``changes`` to row ``id``; a stale ``expected_version`` raises VERSION_CONFLICT.
+        """Apply ``changes`` to record ``id``; a stale ``expected_version`` raises VERSION_CONFLICT.
 
         A change that alters nothing writes nothing and keeps the version. ``detail`` (JSON data)
         replaces the before/after snapshot in the audit row and travels with the change event, for
         columns too large to snapshot on every change (a note's CRDT document: the update instead).
         """
-        t = entity.table
-        before = await self.require(entity, id, lock=True)
-        self.check_version(entity, before, expected_version)
+        t = record.table
+        before = await self.require(record, id, lock=True)
+        self.check_version(record, before, expected_version)
+        await self._references(record, changes, "")
+        if record.checks:
+            record.check({**before._mapping, **changes})
         changed = {k: v for k, v in changes.items() if before._mapping[k] != v}
         if not changed:
             return before
@@ -137,106 +136,148 @@ class Change:
             update(t).where(t.c.tenant_id == self.tenant_id, t.c.id == id)
             .values(**changed, version=t.c.version + 1, updated_at=func.now()).returning(t)
         )).one()
-        await self._audit(entity, "update", id, dict(detail) if detail is not None else {
+        await self._audit(record, "update", id, dict(detail) if detail is not None else {
             "before": snapshot(before._mapping, changed), "after": snapshot(row._mapping, changed)})
-        self._event(entity, ChangeKind.UPDATED, row, tuple(changed), detail=detail,
-                    previous_scope=entity.scope(before._mapping))
+        self._event(record, ChangeKind.UPDATED, row, tuple(changed), detail=detail,
+                    previous_scope=scope_of(record, before._mapping))
         return row
 
-    async def delete(self, entity: Entity, id: uuid.UUID, expected_version: int | None) -> Row[Any]:
-        t = entity.table
-        before = await self.require(entity, id, lock=True)
-        self.check_version(entity, before, expected_version)
+    async def delete(self, record: Record, id: uuid.UUID, expected_version: int | None) -> Row[Any]:
+        """Delete record ``id`` and apply its dependents' ``OnDelete`` rules first (all audited)."""
+        t = record.table
+        before = await self.require(record, id, lock=True)
+        self.check_version(record, before, expected_version)
+        await self.release(record, id)
         try:
             async with self.conn.begin_nested():
                 await self.conn.execute(delete(t).where(t.c.tenant_id == self.tenant_id, t.c.id == id))
         except IntegrityError:
-            raise BadUserInput("id", f"this {entity.name.lower()} is still in use; move or delete what "
+            raise BadUserInput("id", f"this {record.singular.lower()} is still in use; move or delete what "
                                      "refers to it first") from None
-        await self._audit(entity, "delete", id, {"before": snapshot(before._mapping)})
-        self._event(entity, ChangeKind.DELETED, before, (), version=before.version + 1)
+        await self._audit(record, "delete", id, {"before": snapshot(before._mapping)})
+        self._event(record, ChangeKind.DELETED, before, (), version=before.version + 1)
         return before
 
-    async def update_where(self, entity: Entity, where: ColumnElement[bool], changes: Mapping[str, Any], *,
+    async def release(self, target: Record, id: uuid.UUID) -> None:
+        """What deleting ``target`` ``id`` does to the records pointing at it: RESTRICT refuses while
+        there are any; CASCADE deletes them; SET_NULL unlinks them, deleting those it would leave
+        without any link their ``AtLeastOne``/``ExactlyOne`` check asks for."""
+        relations = dependents(target)
+        for relation in relations:
+            if relation.on_delete is OnDelete.RESTRICT:
+                t = relation.owner.table
+                if await self.scalar(select(t.c.id).where(t.c.tenant_id == self.tenant_id,
+                                                          t.c[relation.key] == id).limit(1)) is not None:
+                    raise BadUserInput("id", f"this {target.singular.lower()} still has "
+                                             f"{relation.owner.plural}; move or delete them first")
+        for relation in relations:
+            owner, column = relation.owner, relation.owner.table.c[relation.key]
+            if relation.on_delete is OnDelete.CASCADE:
+                await self.delete_where(owner, column == id)
+            elif relation.on_delete is OnDelete.SET_NULL:
+                links = [c for check in owner.checks if isinstance(check, AtLeastOne | ExactlyOne)
+                         for c in check.columns if relation.key in check.columns]
+                if links:
+                    alone = func.num_nonnulls(*(owner.table.c[c] for c in dict.fromkeys(links))) == 1
+                    await self.delete_where(owner, (column == id) & alone)
+                await self.update_where(owner, column == id, {relation.key: None}, before={relation.key: id})
+
+    async def _references(self, record: Record, values: dict[str, Any], prefix: str) -> None:
+        for relation in record.relations:
+            target_id = values.get(relation.key)
+            if not isinstance(target_id, uuid.UUID):
+                continue
+            row = await self.require(relation.target(), target_id, field=prefix + camel(relation.key))
+            for column in relation.copies:
+                values[column] = row._mapping[column]
+
+    # ---- rows -----------------------------------------------------------------------------------
+
+    async def insert(self, record: Record, values: Mapping[str, Any]) -> Row[Any]:
+        """Insert one row as given (no declaration rules: ``create`` applies those), audited."""
+        t = record.table
+        row = (await self.conn.execute(
+            insert(t).values(tenant_id=self.tenant_id, id=uuid.uuid4(), **values).returning(t)
+        )).one()
+        await self._audit(record, "create", row.id, {"after": snapshot(row._mapping)})
+        self._event(record, ChangeKind.CREATED, row, tuple(values))
+        return row
+
+    async def update_where(self, record: Record, where: ColumnElement[bool], changes: Mapping[str, Any], *,
                            before: Mapping[str, Any]) -> int:
-        """Apply ``changes`` to every row of ``entity`` matching ``where`` (in this tenant): versioned,
+        """Apply ``changes`` to every row of ``record`` matching ``where`` (in this tenant): versioned,
         audited and published like ``update``, in one statement plus one audit insert. ``where`` must
         pin the changed columns' old values, given as ``before`` for the audit rows."""
-        t = entity.table
+        t = record.table
         rows = (await self.conn.execute(
             update(t).where(t.c.tenant_id == self.tenant_id, where)
             .values(**changes, version=t.c.version + 1, updated_at=func.now()).returning(t)
         )).all()
         diff = {"before": {k: jsonable(v) for k, v in before.items()},
                 "after": {k: jsonable(v) for k, v in changes.items()}}
-        await self._audit_many(entity, "update", [(row.id, diff) for row in rows])
+        await self._audit_many(record, "update", [(row.id, diff) for row in rows])
         for row in rows:
-            self._event(entity, ChangeKind.UPDATED, row, tuple(changes))
+            self._event(record, ChangeKind.UPDATED, row, tuple(changes))
         return len(rows)
 
-    async def delete_where(self, entity: Entity, where: ColumnElement[bool]) -> int:
-        """Delete every row of ``entity`` matching ``where`` (in this tenant), audited and published."""
-        t = entity.table
+    async def delete_where(self, record: Record, where: ColumnElement[bool]) -> int:
+        """Delete every row of ``record`` matching ``where`` (in this tenant), audited and published."""
+        t = record.table
         rows = (await self.conn.execute(
             delete(t).where(t.c.tenant_id == self.tenant_id, where).returning(t))).all()
-        await self._audit_many(entity, "delete", [(row.id, {"before": snapshot(row._mapping)}) for row in rows])
+        await self._audit_many(record, "delete", [(row.id, {"before": snapshot(row._mapping)}) for row in rows])
         for row in rows:
-            self._event(entity, ChangeKind.DELETED, row, (), version=row.version + 1)
+            self._event(record, ChangeKind.DELETED, row, (), version=row.version + 1)
         return len(rows)
 
-    async def _audit_many(self, entity: Entity, action: str, entries: list[tuple[uuid.UUID, dict[str, Any]]]) -> None:
+    async def audit(self, entity_type: str, action: str, entity_id: uuid.UUID, diff: dict[str, Any]) -> None:
+        """The audit row of a change to something that is not a declared record (API keys, documents)."""
+        await self.conn.execute(insert(AUDIT_EVENTS).values(
+            tenant_id=self.tenant_id, id=uuid.uuid4(), actor_id=self.user_id, action=action,
+            entity_type=entity_type, entity_id=entity_id, diff=diff, request_id=self.request_id,
+        ))
+
+    async def _audit(self, record: Record, action: str, entity_id: uuid.UUID, diff: dict[str, Any]) -> None:
+        await self.audit(record.name, action, entity_id, diff)
+
+    async def _audit_many(self, record: Record, action: str, entries: list[tuple[uuid.UUID, dict[str, Any]]]) -> None:
         if entries:
             await self.conn.execute(insert(AUDIT_EVENTS), [
-                {"tenant_id": self.tenant_id, "id": uuid.uuid4(), "actor_id": self.principal.user_id,
-                 "action": action, "entity_type": entity.name, "entity_id": entity_id, "diff": diff,
+                {"tenant_id": self.tenant_id, "id": uuid.uuid4(), "actor_id": self.user_id,
+                 "action": action, "entity_type": record.name, "entity_id": entity_id, "diff": diff,
                  "request_id": self.request_id}
                 for entity_id, diff in entries])
 
     @staticmethod
-    def check_version(entity: Entity, row: Row[Any], expected_version: int | None) -> None:
+    def check_version(record: Record, row: Row[Any], expected_version: int | None) -> None:
         if expected_version is not None and row.version != expected_version:
-            raise VersionConflict(entity.name.lower(), row.version, public_record(entity, row._mapping))
+            raise VersionConflict(record.singular.lower(), row.version, public_record(record, row._mapping))
 
-    async def _audit(self, entity: Entity, action: str, entity_id: uuid.UUID, diff: dict[str, Any]) -> None:
-        await self.conn.execute(insert(AUDIT_EVENTS).values(
-            tenant_id=self.tenant_id, id=uuid.uuid4(), actor_id=self.principal.user_id, action=action,
-            entity_type=entity.name, entity_id=entity_id, diff=diff, request_id=self.request_id,
-        ))
-
-    def _event(self, entity: Entity, kind: ChangeKind, row: Row[Any], fields: tuple[str, ...],
+    def _event(self, record: Record, kind: ChangeKind, row: Row[Any], fields: tuple[str, ...],
                version: int | None = None, detail: Mapping[str, Any] | None = None,
                previous_scope: dict[str, str] | None = None) -> None:
-        scope = entity.scope(row._mapping)
+        scope = scope_of(record, row._mapping)
         self.events.append(ChangeEvent(
-            tenant_id=self.tenant_id, entity_type=entity.name, entity_id=row.id, kind=kind,
-            fields=tuple(strawberry_name(f) for f in fields), actor_id=self.principal.user_id,
+            tenant_id=self.tenant_id, entity_type=record.name, entity_id=row.id, kind=kind,
+            fields=tuple(camel(f) for f in fields), actor_id=self.user_id,
             version=version if version is not None else row.version, occurred_at=dt.datetime.now(dt.UTC),
             scope=scope, previous_scope=previous_scope if previous_scope and previous_scope != scope else {},
             detail=dict(detail or {}),
         ))
 
 
-def strawberry_name(column: str) -> str:
-    """The GraphQL field name of a column (``stage_id`` -> ``stageId``)."""
-    head, *rest = column.split("_")
-    return head + "".join(part.title() for part in rest)
-
-
-def authorize(context: Context, permission: Permission) -> Principal:
-    principal = context.require()[0]
-    if not allows(principal.role, permission):
-        raise Forbidden(f"Your role ({principal.role.value}) does not have {permission.value}")
-    return principal
+def scope_of(record: Record, row: Mapping[str, Any]) -> dict[str, str]:
+    """The change-event routing keys of a row (``Record.routing``)."""
+    return {key: str(row[column]) for key, column in record.routing.items()}
 
 
 @asynccontextmanager
-async def change(info: strawberry.Info[Context, None], permission: Permission) -> AsyncIterator[Change]:
+async def change(info: Info) -> AsyncIterator[Change]:
     """One mutation's transaction; publishes its events (stamped with the commit time) after it commits."""
     context = info.context
-    principal = authorize(context, permission)
-    _, db, _ = context.require()
-    async with db.write() as conn:
-        w = Change(conn, principal, context.request_id)
+    session: Session = context.session
+    async with session.db.write() as conn:
+        w = Change(conn, session.principal, context.request_id)
         yield w
     committed_at = dt.datetime.now(dt.UTC)
     for event in w.events:

@@ -14,21 +14,15 @@ from typing import Any
 
 from graphql import GraphQLError
 from strawberry.extensions import AddValidationRules, ParserCache, SchemaExtension
-from strawberry.extensions.max_aliases import create_validator as alias_rule
-from strawberry.extensions.query_depth_limiter import create_validator as depth_rule
 from strawberry.types.execution import ExecutionContext
 from strawberry.types.graphql import OperationType
 
 from core.errors import AtriumError, ErrorCode
+from schema.limits import LIMIT_RULES
 
 log = logging.getLogger("core.errors")
 
-MAX_DEPTH = 12
-MAX_ALIASES = 30
-MAX_TOKENS = 5000
-# Built once: rule classes made per request would defeat the validation cache (STRAWBERRY.md §5).
 VARIABLE_VALUE_PROBLEMS = ("has invalid value", "got invalid value", "was not provided", "must not be null")
-LIMIT_RULES = [depth_rule(MAX_DEPTH, None, None), alias_rule(MAX_ALIASES)]
 
 
 class CodedParserCache(ParserCache):
@@ -52,7 +46,7 @@ class StaticLimits(AddValidationRules):
     """Depth and alias limits with rule classes shared by every request."""
 
     def __init__(self) -> None:
-        super().__init__(LIMIT_RULES)
+        super().__init__(list(LIMIT_RULES))
 
 
 def is_unexpected(error: GraphQLError) -> bool:

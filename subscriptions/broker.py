@@ -26,6 +26,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.exceptions import RedisError
 
+from core.clock import SYSTEM_CLOCK, Clock
 from subscriptions.events import Event, decode_event, encode_event
 from subscriptions.presence import MemoryPresence, Presence, RedisPresence
 
@@ -133,10 +134,10 @@ class LocalFanout:
 class MemoryBroker:
     """Single-process broker: events reach subscribers of this process only."""
 
-    def __init__(self, maxsize: int = 256) -> None:
+    def __init__(self, maxsize: int = 256, clock: Clock = SYSTEM_CLOCK) -> None:
         self.stats = BrokerStats()
         self.fanout = LocalFanout(maxsize, self.stats)
-        self.presence: Presence = MemoryPresence(self.publish)
+        self.presence: Presence = MemoryPresence(self.publish, clock)
 
     async def start(self) -> None:
         await self.presence.start()
@@ -174,7 +175,7 @@ class RedisBroker:
     """
 
     def __init__(self, url: str, *, prefix: str = "", maxsize: int = 256, presence_ttl: float = 30.0,
-                 backoff_min: float = 0.1, backoff_max: float = 5.0) -> None:
+                 backoff_min: float = 0.1, backoff_max: float = 5.0, clock: Clock = SYSTEM_CLOCK) -> None:
         self.stats = BrokerStats()
         self._prefix = prefix  # of every Redis channel and key (``Settings.redis_prefix``)
         self.fanout = LocalFanout(maxsize, self.stats)
@@ -189,7 +190,7 @@ class RedisBroker:
             url, decode_responses=True, socket_connect_timeout=1.0, socket_keepalive=True,
             retry=Retry(NoBackoff(), 0),
         )
-        self.presence: Presence = RedisPresence(self._client, self.publish, presence_ttl, prefix=prefix)
+        self.presence: Presence = RedisPresence(self._client, self.publish, presence_ttl, prefix=prefix, clock=clock)
         self._backoff_min = backoff_min
         self._backoff_max = backoff_max
         self._lock = asyncio.Lock()  # orders SUBSCRIBE/UNSUBSCRIBE with the bookkeeping and reconnects
@@ -320,8 +321,8 @@ class RedisBroker:
 
 
 def create_broker(redis_url: str | None, *, prefix: str = "", maxsize: int = 256,
-                  presence_ttl: float = 30.0) -> Broker:
+                  presence_ttl: float = 30.0, clock: Clock = SYSTEM_CLOCK) -> Broker:
     """``RedisBroker`` when a Redis URL is configured, else ``MemoryBroker`` (single process)."""
     if redis_url:
-        return RedisBroker(redis_url, prefix=prefix, maxsize=maxsize, presence_ttl=presence_ttl)
-    return MemoryBroker(maxsize)
+        return RedisBroker(redis_url, prefix=prefix, maxsize=maxsize, presence_ttl=presence_ttl, clock=clock)
+    return MemoryBroker(maxsize, clock)

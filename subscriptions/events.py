@@ -152,3 +152,22 @@ def decode_event(raw: str | bytes) -> Event:
     if kind == "presence":
         return PresenceChanged.from_json(data)
     raise ValueError(f"unknown event {kind!r}")
+
+
+class Delivery(enum.StrEnum):
+    """How a subscription field's results reach subscribers: the transport groups subscribers by it.
+
+    Declared on the field as ``metadata={DELIVERY: Delivery.STATE}`` (default ``EVENTS``).
+    """
+
+    EVENTS = "events"
+    """A stream of changes: equal subscriptions share one execution; a late joiner gets the first
+    result (the Resync that says the stream is live)."""
+    STATE = "state"
+    """Every result is a full state: shared too, and a late joiner gets the latest one."""
+    PRIVATE_STATE = "private-state"
+    """Full states with a per-subscriber side effect (presence joins the subscriber): never shared."""
+
+
+DELIVERY = "atrium.delivery"
+"""The field metadata key of ``Delivery``."""

@@ -22,7 +22,6 @@ import asyncio
 import contextlib
 import enum
 import logging
-import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from typing import Any, Protocol
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from core.clock import SYSTEM_CLOCK, Clock
 from subscriptions.events import Event, PresenceChanged, presence_channel
 
 log = logging.getLogger("atrium.presence")
@@ -88,14 +88,15 @@ def entries(sessions: Iterable[tuple[uuid.UUID, float]], states: Mapping[uuid.UU
 class MemoryPresence:
     """Presence for a single process (used with ``MemoryBroker``)."""
 
-    def __init__(self, publish: Publish) -> None:
+    def __init__(self, publish: Publish, clock: Clock = SYSTEM_CLOCK) -> None:
         self._publish = publish
+        self._clock = clock
         self._sessions: dict[tuple[uuid.UUID, uuid.UUID], dict[str, tuple[uuid.UUID, float]]] = {}
         self._states: dict[tuple[uuid.UUID, uuid.UUID], dict[uuid.UUID, str]] = {}
 
     async def join(self, tenant_id: uuid.UUID, record_id: uuid.UUID, user_id: uuid.UUID) -> str:
         session = uuid.uuid4().hex
-        self._sessions.setdefault((tenant_id, record_id), {})[session] = (user_id, time.time())
+        self._sessions.setdefault((tenant_id, record_id), {})[session] = (user_id, self._clock.time())
         await self._publish(PresenceChanged(tenant_id, record_id))
         return session
 
@@ -144,8 +145,10 @@ class _Session:
 class RedisPresence:
     """Presence shared by every process through one Redis hash per record (see module docstring)."""
 
-    def __init__(self, client: Redis, publish: Publish, ttl: float = 30.0, *, prefix: str = "") -> None:
+    def __init__(self, client: Redis, publish: Publish, ttl: float = 30.0, *, prefix: str = "",
+                 clock: Clock = SYSTEM_CLOCK) -> None:
         self._client = client
+        self._clock = clock
         self._prefix = prefix
         self._publish = publish
         self._ttl = ttl
@@ -156,11 +159,12 @@ class RedisPresence:
         return self._prefix + presence_channel(tenant_id, record_id)
 
     def _value(self, session: _Session) -> str:
-        return f"{session.user_id} {time.time() + self._ttl} {session.since}"
+        return f"{session.user_id} {self._clock.time() + self._ttl} {session.since}"
 
     async def join(self, tenant_id: uuid.UUID, record_id: uuid.UUID, user_id: uuid.UUID) -> str:
         name = uuid.uuid4().hex
-        session = _Session(self._key(tenant_id, record_id), tenant_id, record_id, user_id, time.time())
+        session = _Session(self._key(tenant_id, record_id), tenant_id, record_id, user_id,
+                           self._clock.time())
         async with self._client.pipeline(transaction=True) as pipe:
             pipe.hset(session.key, f"s:{name}", self._value(session))
             pipe.hsetnx(session.key, f"u:{user_id}", PresenceState.VIEWING.value)
@@ -192,7 +196,7 @@ class RedisPresence:
                         state: PresenceState) -> bool:
         key = self._key(tenant_id, record_id)
         sessions, _ = self._parse(await self._client.hgetall(key))
-        now = time.time()
+        now = self._clock.time()
         if all(user != user_id or expires < now for user, expires, _ in sessions.values()):
             return False
         await self._client.hset(key, f"u:{user_id}", state.value)
@@ -203,7 +207,7 @@ class RedisPresence:
         """Live users; expired sessions (and states of users without a session) are pruned and announced."""
         key = self._key(tenant_id, record_id)
         sessions, states = self._parse(await self._client.hgetall(key))
-        now = time.time()
+        now = self._clock.time()
         live = [(user, since) for user, expires, since in sessions.values() if expires >= now]
         live_users = {user for user, _ in live}
         stale = [f for f, (_, expires, _) in sessions.items() if expires < now]

@@ -21,7 +21,6 @@ from sqlalchemy import select, text, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from atrium.cli.main import parser
-from auth.roles import RANK
 from core.ids import to_global_id
 from core.settings import Settings
 from models.db import Databases
@@ -231,7 +230,7 @@ async def test_partner_mutations_need_admin(client: httpx.AsyncClient, make_tena
 
     before = await state()
     body = await gql(client, document, variables({"key": key["apiKey"]["id"]}), token=world.token(role))
-    if RANK[role] >= RANK[Role.ADMIN]:
+    if role.rank >= Role.ADMIN.rank:
         assert data_or_fail(body)[field] is not None
         async with admin_engine.connect() as conn:
             actors = set((await conn.execute(select(AUDIT_EVENTS.c.actor_id).where(

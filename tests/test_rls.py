@@ -24,6 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from core.settings import APP_ROLE, Settings
 from models.db import Databases, TenantScope
+from models.loaders import Loaders
 from models.tables import (
     AUDIT_EVENTS,
     COMPANIES,
@@ -35,9 +36,9 @@ from models.tables import (
     USERS,
     Role,
 )
-from resolvers import activities, companies, contacts, deals
-from resolvers.loaders import by_key
-from resolvers.paging import SortKey, count_rows, fetch_page
+from records.crm import RECORDS
+from records.declare import Listing, Sort
+from resolvers.paging import count_rows, fetch_page
 from tests.conftest import TenantWorld
 from tests.crm import Crm, seed_crm, uuid_of
 
@@ -409,15 +410,26 @@ async def test_tenant_scope_fetch_without_a_filter_sees_only_its_tenant(
 async def test_app_queries_naming_the_wrong_tenant_return_nothing(
     make_tenant: MakeTenant, client: httpx.AsyncClient, admin_engine: AsyncEngine, databases: Databases,
 ) -> None:
-    """The resolvers' own list queries, built for B but run in A's scope: RLS wins over the filter."""
+    """The records' own list queries, built for B but run in A's scope: RLS wins over the filter."""
     a, b = await seeded_pair(make_tenant, client, admin_engine)
     scope = TenantScope(databases, a.id)
+    listed = [record for record in RECORDS if record.root.listing is not Listing.NONE]
+    assert {record.name for record in listed} >= {"Deal", "Company", "Contact", "Activity", "Pipeline"}
     try:
-        for module in (deals, companies, contacts, activities):
-            assert len(await scope.fetch(module.filtered(a.id, None))) == 1, module.__name__
-            assert await scope.fetch(module.filtered(b.id, None)) == [], module.__name__
+        for record in listed:
+            assert len(await scope.fetch(record.listing_query(a.id, None))) == 1, record.name
+            assert await scope.fetch(record.listing_query(b.id, None)) == [], record.name
     finally:
         await scope.close()
+
+
+@dataclass(frozen=True, eq=False)
+class Unfiltered:
+    """A loader lookup with no tenant condition at all (``models.loaders.ListLookup``)."""
+
+    query: Any
+    key: Any
+    order_by: tuple[Any, ...] = ()
 
 
 async def test_loaders_and_paging_without_a_filter_see_only_their_tenant(
@@ -427,15 +439,16 @@ async def test_loaders_and_paging_without_a_filter_see_only_their_tenant(
     scope = TenantScope(databases, a.id)
     try:
         # The one loader factory, given a query with no tenant condition.
-        deal_loader = by_key(scope, select(DEALS), DEALS.c.id)
-        own, foreign = await deal_loader.load_many([a.key("deal"), b.key("deal")])
+        loaders = Loaders(scope)
+        own, foreign = await loaders.one(Unfiltered(select(DEALS), DEALS.c.id)).load_many(
+            [a.key("deal"), b.key("deal")])
         assert own is not None and own.tenant_id == a.id and foreign is None
-        children = by_key(scope, select(CONTACTS), CONTACTS.c.company_id, many=True, order_by=(CONTACTS.c.id,))
+        children = loaders.many(Unfiltered(select(CONTACTS), CONTACTS.c.company_id, (CONTACTS.c.id,)), 50)
         own_contacts, foreign_contacts = await children.load_many([a.key("company"), b.key("company")])
         assert [c.id for c in own_contacts] == [a.key("contact")] and foreign_contacts == []
 
         # Keyset paging and totalCount over an unfiltered select.
-        key = SortKey("name", COMPANIES.c.name, str, lambda r: r.name)
+        key = Sort("NAME", "name").key(COMPANIES)
         page = await fetch_page(scope, select(COMPANIES), COMPANIES.c.id, key, descending=False, first=100,
                                 after=None, last=None, before=None, max_page=100)
         assert [r.id for r in page.rows] == [a.key("company")]

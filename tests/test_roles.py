@@ -19,7 +19,6 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from atrium.ops.admin import add_user
 from atrium.schema import build_schema
-from auth.roles import RANK
 from core.ids import to_global_id
 from models.tables import Role
 from tests.conftest import TenantWorld, codes, data_or_fail, gql
@@ -101,7 +100,7 @@ async def audit_actors(engine: AsyncEngine, world: TenantWorld) -> dict[uuid.UUI
 
 
 def allowed(role: Role, minimum: Role) -> bool:
-    return RANK[role] >= RANK[minimum]
+    return role.rank >= minimum.rank
 
 
 # --- the table of mutations ----------------------------------------------------------------------
@@ -282,7 +281,7 @@ async def test_add_member_grants_up_to_own_rank(client: httpx.AsyncClient, make_
     before = await tenant_rows(admin_engine, world)
     email = f"new-{granted.value}@{world.slug}.example"
     body = await gql(client, ADD, {"e": email, "r": granted.name}, token=world.token(caller))
-    if RANK[caller] >= RANK[Role.ADMIN] and RANK[granted] <= RANK[caller]:
+    if caller.rank >= Role.ADMIN.rank and granted.rank <= caller.rank:
         added = data_or_fail(body)["addMember"]
         assert added["role"] == granted.name
         assert (await roles_of(client, world))[added["id"]] == granted.name

@@ -1,31 +1,32 @@
-"""The GraphQL endpoint: credential -> principal -> typed Context, for HTTP and WebSocket alike.
+"""The GraphQL endpoint: credential -> principal -> ``Session`` and ``Context``, for HTTP and WebSocket.
 
 A present but bad credential never degrades to anonymous: over HTTP it is answered with 401 and a
-GraphQL error coded UNAUTHENTICATED before any execution. Each HTTP request's database scope is
-closed when the response is ready.
+GraphQL error coded UNAUTHENTICATED before any execution. Each HTTP request gets one session, made
+once its credential is verified and its membership confirmed, and closed when the response is ready.
 
 WebSocket (graphql-transport-ws only): the credential comes in ``connection_init``; a missing or bad
 one closes the socket with 4403 (Strawberry's ``ConnectionRejectionError``) before any operation,
-and the socket is closed with 4401 when the token expires (one timer task per connection,
-cancelled when it closes). Every operation runs with a context of its own, through
-``atrium.http.websocket``: subscriptions with equal tenant, role, document and variables share one
-execution.
+and the socket is closed with 4401 when the token expires (one timer task per connection, on the
+app's clock, cancelled when it closes). Every operation runs with a context and session of its own,
+through ``atrium.http.websocket``: subscriptions with equal tenant, role, document and variables
+share one execution.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import re
-import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from typing import Any
 
 from starlette.requests import HTTPConnection, Request
 from starlette.responses import Response
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 from starlette.websockets import WebSocket
 from strawberry.exceptions import ConnectionRejectionError
 from strawberry.subscriptions import GRAPHQL_TRANSPORT_WS_PROTOCOL
@@ -33,18 +34,14 @@ from strawberry.types import ExecutionResult
 
 from atrium.http.graphql_http import GraphQLOverHTTP
 from atrium.http.runtime import Runtime
-from atrium.http.websocket import GroupedTransportWSHandler, LiveGroups, OperationSpec
+from atrium.http.websocket import GroupedTransportWSHandler, Grouping, LiveGroups, OperationSpec
 from atrium.schema import build_schema
-from auth.context import Context, Principal, authenticate, confirm_membership
-from core.errors import AtriumError, Unauthenticated
-from core.settings import Settings
-from models.db import TenantScope
-from resolvers.live import delivery
-from resolvers.loaders import Loaders
+from auth.principal import Principal, authenticate, confirm_membership
+from auth.session import Context, Session
+from core.errors import AtriumError, Unauthenticated, error_body
 from schema.extensions import coded
 
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
-CONTEXT_KEY = "atrium.context"
 EXPIRY_KEY = "atrium.expiry"
 TOKEN_EXPIRED = 4401
 
@@ -56,49 +53,49 @@ def request_id_for(conn: HTTPConnection) -> str:
 
 
 def error_response(error: AtriumError, status: int, request_id: str) -> Response:
-    body = {"errors": [{"message": error.message, "extensions": error.extensions}]}
-    return Response(json.dumps(body), status_code=status, media_type="application/json",
+    return Response(json.dumps(error_body(error)), status_code=status, media_type="application/json",
                     headers={"x-request-id": request_id, "www-authenticate": "Bearer"})
 
 
+@dataclass
+class SocketState:
+    """One WebSocket connection as Strawberry keeps it: the ``connection_init`` payload and, once it
+    was accepted, the verified principal. Operations never see this; each gets a ``Context``."""
+
+    request: WebSocket
+    request_id: str
+    connection_params: dict[str, Any] | None = None
+    principal: Principal | None = None
+    expiry: asyncio.Task[None] | None = field(default=None, repr=False)
+
+
 class AtriumGraphQL(GraphQLOverHTTP):
-    runtime: Runtime
-    """Set by the app's lifespan before the first request."""
     graphql_transport_ws_handler_class = GroupedTransportWSHandler
 
-    def __init__(self, settings: Settings, **kwargs: Any) -> None:
-        kwargs.setdefault("subscription_protocols", (GRAPHQL_TRANSPORT_WS_PROTOCOL,))
-        super().__init__(build_schema(production=settings.env == "production"), **kwargs)
+    def __init__(self, runtime: Runtime) -> None:
+        settings = runtime.settings
+        super().__init__(build_schema(production=settings.env == "production"), runtime,
+                         subscription_protocols=(GRAPHQL_TRANSPORT_WS_PROTOCOL,))
         self.live_groups = LiveGroups(self.schema, self.live_result, queue_size=settings.subscriber_queue_size)
+        self.grouping = Grouping(self.schema)
 
-    def make_context(self, conn: HTTPConnection, principal: Principal | None, request_id: str) -> Context:
+    def context(self, conn: HTTPConnection, request_id: str, session: Session | None, response: Any = None) -> Context:
         rt = self.runtime
-        context = Context(settings=rt.settings, databases=rt.databases, broker=rt.broker, request=conn,
-                          request_id=request_id, metrics=rt.metrics)
-        if principal is not None:
-            self.bind(context, principal)
-        return context
+        meter = rt.limiter.meter(session.principal if session else None, conn.client.host if conn.client else None) \
+            if rt.limiter is not None else None
+        return Context(settings=rt.settings, databases=rt.databases, broker=rt.broker, clock=rt.clock,
+                       request=conn, request_id=request_id, principal=session.principal if session else None,
+                       own_session=session, response=response, meter=meter, metrics=rt.metrics)
 
-    async def confirmed(self, principal: Principal) -> Principal:
-        """``principal`` re-checked against its membership in a short transaction of its own
-        (for WebSocket connections, whose context outlives any one transaction)."""
-        scope = TenantScope(self.runtime.databases, principal.tenant_id)
+    async def open_session(self, principal: Principal) -> Session:
+        """A session for ``principal``, its membership confirmed in the session's own transaction (one
+        statement): the role is capped by the current membership, a removed member is refused."""
+        session = Session.open(self.runtime.databases, principal)
         try:
-            return await confirm_membership(scope, principal)
-        finally:
-            await scope.close()
-
-    def attach_meter(self, context: Context, conn: HTTPConnection) -> None:
-        """Charge ``context``'s operations to its principal's (or its address's) rate limits, when on."""
-        if self.runtime.limiter is not None:
-            client = conn.client.host if conn.client else None
-            context.meter = self.runtime.limiter.meter(context.principal, client)
-
-    def bind(self, context: Context, principal: Principal) -> None:
-        """Attach ``principal`` and a fresh tenant scope and loaders to ``context``."""
-        context.principal = principal
-        context.db = TenantScope(self.runtime.databases, principal.tenant_id)
-        context.loaders = Loaders(context.db)
+            return dataclasses.replace(session, principal=await confirm_membership(session.db, principal))
+        except BaseException:
+            await session.close()
+            raise
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -113,88 +110,76 @@ class AtriumGraphQL(GraphQLOverHTTP):
             return
         request = Request(scope, receive)
         request_id = request_id_for(request)
-        context = self.make_context(request, None, request_id)
+        session: Session | None = None
         try:
             principal = await authenticate(self.runtime.verifier, request.headers.get("authorization"),
                                            api_key=request.headers.get("x-api-key"), api_keys=self.runtime.api_keys)
             if principal is not None:
-                self.bind(context, principal)
-                assert context.db is not None
-                context.principal = await confirm_membership(context.db, principal)
+                session = await self.open_session(principal)
         except Unauthenticated as exc:
-            if context.db is not None:
-                await context.db.close()
             await error_response(exc, 401, request_id)(scope, receive, send)
             return
-        self.attach_meter(context, request)
-        scope[CONTEXT_KEY] = context
 
-        async def send_with_id(message: dict[str, Any]) -> None:
+        async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
                 message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
             await send(message)
 
         try:
-            await super().__call__(scope, receive, send_with_id)
+            sub_response = await self.get_sub_response(request)
+            response = await self.serve(request, self.context(request, request_id, session, sub_response),
+                                        sub_response)
+            await response(scope, receive, send_with_id)
         finally:
-            if context.db is not None:
-                await context.db.close()
+            if session is not None:
+                await session.close()
 
-    async def get_context(self, request: Request | WebSocket, response: Any) -> Context:
-        context = request.scope.get(CONTEXT_KEY)
-        if context is None:  # WebSocket: authenticated later, in on_ws_connect
-            context = self.make_context(request, None, request_id_for(request))
-        context.response = response
-        return context  # type: ignore[no-any-return]
+    async def get_context(self, request: Request | WebSocket, response: Any) -> SocketState:  # type: ignore[override]
+        """Strawberry asks this only for WebSocket connections (HTTP requests are served by ``__call__``)."""
+        assert isinstance(request, WebSocket)
+        return SocketState(request=request, request_id=request_id_for(request))
 
-    async def on_ws_connect(self, context: Context) -> dict[str, Any] | None:
+    async def on_ws_connect(self, context: SocketState) -> dict[str, Any] | None:  # type: ignore[override]
         params = context.connection_params or {}
         authorization = params.get("authorization") or params.get("Authorization")
         try:
             principal = await authenticate(self.runtime.verifier, authorization if isinstance(authorization, str)
                                            else None)
+            if principal is None:
+                raise Unauthenticated("connection_init needs authorization")
+            session = await self.open_session(principal)  # the membership, checked once for the connection
+            await session.close()
         except Unauthenticated as exc:
             raise ConnectionRejectionError({"code": "UNAUTHENTICATED", "message": exc.message}) from exc
-        if principal is None:
-            raise ConnectionRejectionError({"code": "UNAUTHENTICATED",
-                                            "message": "connection_init needs authorization"})
-        try:
-            principal = await self.confirmed(principal)
-        except Unauthenticated as exc:
-            raise ConnectionRejectionError({"code": "UNAUTHENTICATED", "message": exc.message}) from exc
-        self.bind(context, principal)
-        if isinstance(context.request, WebSocket):
-            context.request.scope[EXPIRY_KEY] = asyncio.create_task(
-                self.close_when_expired(context.request, principal.expires_at), name="atrium-token-expiry")
+        context.principal = session.principal
+        context.request.scope[EXPIRY_KEY] = asyncio.create_task(
+            self.close_when_expired(context.request, principal.expires_at), name="atrium-token-expiry")
         return None
 
-    @staticmethod
-    async def close_when_expired(websocket: WebSocket, expires_at: float) -> None:
+    async def close_when_expired(self, websocket: WebSocket, expires_at: float) -> None:
         """Close ``websocket`` with 4401 when its token expires (the client re-authenticates)."""
-        await asyncio.sleep(max(0.0, expires_at - time.time()))
+        await self.runtime.clock.sleep_until(expires_at)
         with contextlib.suppress(RuntimeError):  # already closed
             await websocket.close(code=TOKEN_EXPIRED, reason="Token expired")
 
-    def operation_spec(self, context: Context, query: str, variables: dict[str, Any] | None,
+    def operation_spec(self, state: SocketState, query: str, variables: dict[str, Any] | None,
                        operation_name: str | None) -> OperationSpec | None:
-        """How a WebSocket operation runs (``resolvers.live.delivery``), in a context of its own."""
-        if context.principal is None or (plan := delivery(context.principal, query, variables,
-                                                          operation_name)) is None:
+        """How a WebSocket operation runs (``Grouping``), in a context of its own."""
+        if state.principal is None or (plan := self.grouping.spec(state.principal, query, variables,
+                                                                   operation_name)) is None:
             return None  # Strawberry's own handling (it closes the socket for unparsable documents)
-        return OperationSpec(*plan, context=lambda: self.operation_context(context))
+        return OperationSpec(*plan, context=lambda: self.operation_context(state))
 
     @contextlib.asynccontextmanager
-    async def operation_context(self, connection: Context) -> AsyncIterator[Context]:
-        """A context for one operation on a WebSocket: the connection's principal, a scope of its own."""
-        assert connection.principal is not None and connection.request is not None
-        context = self.make_context(connection.request, connection.principal, uuid.uuid4().hex)
-        context.connection_params = connection.connection_params
-        self.attach_meter(context, connection.request)  # the same buckets as HTTP: a socket is no way around them
+    async def operation_context(self, state: SocketState) -> AsyncIterator[Context]:
+        """A context for one operation on a WebSocket: the connection's principal, a session of its own,
+        and the same rate-limit buckets as HTTP (a socket is no way around them)."""
+        assert state.principal is not None
+        session = Session.open(self.runtime.databases, state.principal)
         try:
-            yield context
+            yield self.context(state.request, uuid.uuid4().hex, session)
         finally:
-            if context.db is not None:
-                await context.db.close()
+            await session.close()
 
     def live_result(self, result: ExecutionResult) -> dict[str, Any]:
         """A result as graphql-transport-ws sends it, errors coded and masked as over HTTP."""

@@ -35,18 +35,25 @@ from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.websockets import WebSocket
 from strawberry.asgi import GraphQL
 from strawberry.exceptions import MissingQueryError
+from strawberry.schema import BaseSchema
 from strawberry.schema.exceptions import CannotGetOperationTypeError, InvalidOperationTypeError
 from strawberry.types import ExecutionResult
 from strawberry.types.graphql import OperationType
-from strawberry.types.unset import UNSET
 
 from atrium.http.ratelimit import RequestMeter
 from atrium.http.runtime import Runtime
-from auth.context import Context
-from core.errors import AtriumError, BadRequest, ErrorCode, PersistedQueryNotFound, PersistedQueryRequired
+from auth.session import Context
+from core.errors import (
+    AtriumError,
+    BadRequest,
+    ErrorCode,
+    PersistedQueryNotFound,
+    PersistedQueryRequired,
+    ValidationFailed,
+    error_body,
+)
 from partners.documents import resolve_document
 from schema.extensions import code_of
 
@@ -182,10 +189,6 @@ async def params_of_body(request: Request, *, batching: bool, max_batch: int) ->
     return [params_of(item) for item in data]
 
 
-def error_body(code: ErrorCode | str, message: str, **extensions: Any) -> dict[str, Any]:
-    return {"errors": [{"message": message, "extensions": {"code": str(code), **extensions}}]}
-
-
 def is_request_error(result: ExecutionResult) -> bool:
     """True when nothing was executed: no data and no error attached to a field."""
     return result.data is None and bool(result.errors) and all(not e.path for e in result.errors or ())
@@ -211,30 +214,16 @@ def outcome_of(result: ExecutionResult, media: str) -> Outcome:
 
 
 def refusal(error: AtriumError, status: int, headers: Mapping[str, str] | None = None) -> Outcome:
-    return Outcome({"errors": [{"message": error.message, "extensions": error.extensions}]}, status,
-                   dict(headers or {}))
+    return Outcome(error_body(error), status, dict(headers or {}))
 
 
 class GraphQLOverHTTP(GraphQL[Context, None]):
-    """Strawberry's ASGI view with Atrium's HTTP handling (module docstring)."""
+    """Strawberry's ASGI view with Atrium's HTTP handling (module docstring). Strawberry's own request
+    handling serves WebSockets only; no HTTP stream protocol (SSE, multipart) is enabled."""
 
-    runtime: Runtime
-    """Set by the app's lifespan before the first request."""
-
-    async def run(self, request: Request | WebSocket, context: Any = UNSET,  # type: ignore[override]
-                  root_value: Any = UNSET) -> Response | WebSocket:
-        if self.is_websocket_request(request):
-            return await super().run(request, context, root_value)
-        assert isinstance(request, Request)
-        if self._get_stream_transport_from_headers(request.headers) is not None:
-            # A configured HTTP stream (SSE, multipart subscriptions) is Strawberry's; it runs only documents
-            # sent in full, so it is closed to persisted-only credentials.
-            principal = (await self.get_context(request, response=await self.get_sub_response(request))).principal
-            if principal is not None and principal.persisted_only:
-                refused = refusal(PersistedQueryRequired(), 403)
-                return Response(json.dumps(refused.body), status_code=refused.status, media_type=JSON)
-            return await super().run(request, context, root_value)
-        return await self.serve(request)
+    def __init__(self, schema: BaseSchema, runtime: Runtime, **kwargs: Any) -> None:
+        super().__init__(schema, **kwargs)
+        self.runtime = runtime
 
     def should_render_graphql_ide(self, request: Any) -> bool:
         """GraphiQL for a browser's plain GET only: never for a hash-only or documentId request."""
@@ -243,10 +232,8 @@ class GraphQLOverHTTP(GraphQL[Context, None]):
                 and not any(k in params for k in ("query", "documentId", "extensions"))
                 and "text/html" in request.headers.get("accept", ""))
 
-    async def serve(self, request: Request) -> Response:
-        """Answer one HTTP request on the GraphQL endpoint."""
-        sub_response = await self.get_sub_response(request)
-        context = await self.get_context(request, response=sub_response)
+    async def serve(self, request: Request, context: Context, sub_response: Response) -> Response:
+        """Answer one HTTP request on the GraphQL endpoint (``sub_response``: headers resolvers set)."""
         media = JSON
         try:
             if request.method not in ("GET", "POST"):
@@ -260,7 +247,7 @@ class GraphQLOverHTTP(GraphQL[Context, None]):
                 settings = self.runtime.settings
                 params = await params_of_body(request, batching=settings.batching, max_batch=settings.max_batch)
         except HTTPError as exc:
-            body, status, headers = error_body(ErrorCode.BAD_REQUEST, exc.message), exc.status, exc.headers
+            body, status, headers = error_body(BadRequest(exc.message)), exc.status, exc.headers
         else:
             if isinstance(params, list):
                 outcomes = [await self.execute(request, p, context, media) for p in params]
@@ -290,7 +277,8 @@ class GraphQLOverHTTP(GraphQL[Context, None]):
         try:
             source = await resolve_document(query=params.query, document_id=params.document_id,
                                             extensions=params.extensions, principal=context.principal,
-                                            db=context.db, apq=self.runtime.apq)
+                                            db=context.own_session.db if context.own_session else None,
+                                            apq=self.runtime.apq)
         except BadRequest as exc:
             return refusal(exc, exc.status)
         except PersistedQueryNotFound as exc:
@@ -308,15 +296,15 @@ class GraphQLOverHTTP(GraphQL[Context, None]):
                 operation_extensions=params.extensions)
         except InvalidOperationTypeError as exc:
             if get and exc.operation_type == OperationType.MUTATION:
-                return Outcome(error_body(ErrorCode.BAD_REQUEST, "Mutations are sent by POST, not GET"), 405,
+                return Outcome(error_body(BadRequest("Mutations are sent by POST, not GET")), 405,
                                {"Allow": "POST"})
-            return Outcome(error_body(ErrorCode.BAD_REQUEST, "Subscriptions are served over WebSocket "
-                                                             "(graphql-transport-ws), not HTTP"), 400)
+            return Outcome(error_body(BadRequest("Subscriptions are served over WebSocket "
+                                                 "(graphql-transport-ws), not HTTP")), 400)
         except CannotGetOperationTypeError as exc:
             reason = exc.as_http_error_reason()
-            return Outcome(error_body(ErrorCode.GRAPHQL_VALIDATION_FAILED, reason), 200 if media == JSON else 400)
+            return Outcome(error_body(ValidationFailed(reason)), 200 if media == JSON else 400)
         except MissingQueryError:
-            return Outcome(error_body(ErrorCode.BAD_REQUEST, "The request has no GraphQL document"), 400)
+            return Outcome(error_body(BadRequest("The request has no GraphQL document")), 400)
         if source.register is not None and not any(code_of(e) in NOT_STORED_CODES for e in result.errors or ()):
             await self.runtime.apq.put(source.register, source.query)
         return outcome_of(result, media)

@@ -37,7 +37,7 @@ from typing import Any, Protocol
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from auth.context import Principal
+from auth.principal import Principal
 from core.errors import QueryTooComplex, RateLimited
 from core.settings import PlanLimits, Settings
 
@@ -212,7 +212,7 @@ class RateLimiter:
 
 
 class RequestMeter:
-    """Charges the operations of one HTTP request and reports its headers (``auth.context.Meter``)."""
+    """Charges the operations of one HTTP request and reports its headers (``auth.session.Meter``)."""
 
     def __init__(self, limiter: RateLimiter, principal: Principal | None, client: str | None) -> None:
         self._limiter = limiter

@@ -1,23 +1,29 @@
-"""The long-lived resources of one app instance, owned by its lifespan."""
+"""The long-lived resources of one app instance: built by ``create_app``, started and closed by its lifespan."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from atrium.http.ratelimit import RateLimiter
+from redis.asyncio import Redis
+
+from atrium.http.ratelimit import RateLimiter, rate_limiter
 from atrium.observability.metrics import Metrics
 from auth.tokens import TokenVerifier
+from core.clock import SYSTEM_CLOCK, Clock
 from core.settings import Settings
 from models.db import Databases
-from partners.documents import ApqStore
+from partners.documents import ApqStore, apq_store
 from partners.keys import ApiKeys
-from subscriptions.broker import Broker
+from subscriptions.broker import Broker, create_broker
 
 
 @dataclass(frozen=True)
 class Runtime:
     settings: Settings
+    clock: Clock
     databases: Databases
+    redis: Redis | None
+    """Rate limits and the APQ cache (None without ``REDIS_URL``); the broker has its own connections."""
     broker: Broker
     verifier: TokenVerifier
     api_keys: ApiKeys
@@ -25,3 +31,25 @@ class Runtime:
     limiter: RateLimiter | None
     """None when rate limits are off (``ATRIUM_RATE_LIMITS=off``)."""
     metrics: Metrics
+
+    @classmethod
+    def build(cls, settings: Settings, clock: Clock = SYSTEM_CLOCK) -> Runtime:
+        """Every resource for ``settings`` (whose database URL must be resolved); nothing connects yet."""
+        databases = Databases(settings.app_url, pool_size=settings.pool_size)
+        redis = Redis.from_url(settings.redis_url) if settings.redis_url else None
+        broker = create_broker(settings.redis_url, prefix=settings.redis_prefix,
+                               maxsize=settings.subscriber_queue_size, presence_ttl=settings.presence_ttl_seconds,
+                               clock=clock)
+        return cls(settings=settings, clock=clock, databases=databases, redis=redis, broker=broker,
+                   verifier=TokenVerifier(settings, clock), api_keys=ApiKeys(databases),
+                   apq=apq_store(settings, databases, redis), limiter=rate_limiter(settings, redis),
+                   metrics=Metrics())
+
+    async def start(self) -> None:
+        await self.broker.start()
+
+    async def close(self) -> None:
+        await self.broker.close()
+        if self.redis is not None:
+            await self.redis.aclose()
+        await self.databases.dispose()

@@ -17,6 +17,13 @@ Guarantees:
   (``replay="last"``, for streams whose every result is a full state).
 - The group's execution is cancelled when its last member leaves (``complete``, disconnect).
 Operations for which the view returns no spec (unparsable documents) run as Strawberry runs them.
+
+Grouping (``Grouping.spec``): subscriptions with equal tenant, role (so permissions), document,
+operation name and variables share one execution. How each root field's results may be shared is
+what the field itself declares (``subscriptions.events.Delivery`` in its metadata): a private state
+(presence joins each subscriber) never shares, and a field whose every result is a full state
+greets a late joiner with the latest one. Queries, mutations and documents whose root spreads
+fragments run alone.
 """
 
 from __future__ import annotations
@@ -27,9 +34,10 @@ import logging
 from collections.abc import Callable, Hashable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any, Literal, Protocol, cast
 
-from graphql import GraphQLFormattedError
+from graphql import FieldNode, GraphQLError, GraphQLFormattedError, OperationType, get_operation_ast, parse
 from starlette.websockets import WebSocketDisconnect
 from strawberry.asgi import ASGIWebSocketAdapter
 from strawberry.http.exceptions import WebSocketDisconnected
@@ -42,14 +50,14 @@ from strawberry.subscriptions.protocols.graphql_transport_ws.types import ErrorM
 from strawberry.types.execution import ExecutionResult, PreExecutionError
 from strawberry.utils.aio import aclosing
 
+from auth.principal import Principal
+from core.errors import Internal, SubscriberTooSlow
+from subscriptions.events import DELIVERY, Delivery
+
 log = logging.getLogger("atrium.delivery")
 
-TOO_SLOW = "SUBSCRIBER_TOO_SLOW"
-TOO_SLOW_ERROR = {
-    "message": "Subscriber too slow: events were dropped. Subscribe again and refetch.",
-    "extensions": {"code": TOO_SLOW},
-}
-INTERNAL_ERROR = {"message": "Internal server error", "extensions": {"code": "INTERNAL"}}
+TOO_SLOW_ERROR = SubscriberTooSlow().formatted()
+INTERNAL_ERROR = Internal().formatted()
 
 
 @dataclass(frozen=True)
@@ -76,6 +84,46 @@ class OperationSpec:
 
 
 FormatResult = Callable[[ExecutionResult], dict[str, Any]]
+
+
+class Grouping:
+    """Which WebSocket operations share an execution, from the schema's subscription fields (module docstring)."""
+
+    def __init__(self, schema: BaseSchema) -> None:
+        root = schema.subscription  # type: ignore[attr-defined]
+        fields = root.__strawberry_definition__.fields if root is not None else []
+        names = schema.config.name_converter  # type: ignore[attr-defined]
+        self._delivery = {names.get_graphql_name(f): Delivery(f.metadata.get(DELIVERY, Delivery.EVENTS))
+                          for f in fields}
+
+    def spec(self, principal: Principal, query: str, variables: dict[str, Any] | None,
+             operation_name: str | None) -> tuple[Hashable, Literal["first", "last"]] | None:
+        """Group key and greeting policy of an operation; None when unparsable (left to Strawberry)."""
+        parsed = root_fields(query, operation_name)
+        if parsed is None:
+            return None
+        kind, names, opaque = parsed
+        deliveries = {self._delivery.get(name, Delivery.EVENTS) for name in names}
+        key: Hashable = object()
+        if kind is OperationType.SUBSCRIPTION and not opaque and Delivery.PRIVATE_STATE not in deliveries:
+            key = (principal.tenant_id, principal.role, query, operation_name,
+                   json.dumps(variables or {}, sort_keys=True, default=str))
+        states = names and not opaque and deliveries <= {Delivery.STATE, Delivery.PRIVATE_STATE}
+        return key, "last" if states else "first"
+
+
+@lru_cache(maxsize=1024)
+def root_fields(query: str, operation_name: str | None) -> tuple[OperationType, frozenset[str], bool] | None:
+    """(operation type, root field names, whether the root also spreads fragments); None if unparsable."""
+    try:
+        operation = get_operation_ast(parse(query), operation_name)
+    except GraphQLError:
+        return None
+    if operation is None:
+        return None
+    selections = operation.selection_set.selections
+    names = frozenset(s.name.value for s in selections if isinstance(s, FieldNode))
+    return operation.operation, names, len(names) != len(selections)
 
 
 class Member:

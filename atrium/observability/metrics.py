@@ -27,7 +27,7 @@ from __future__ import annotations
 import hmac
 import time
 from collections.abc import Callable, Iterable, Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -37,13 +37,22 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from auth.context import bearer_token
+from auth.principal import bearer_token
 from core.errors import Unauthenticated
 
 if TYPE_CHECKING:
-    from atrium.http.runtime import Runtime
-    from atrium.http.websocket import LiveGroups
     from core.settings import Settings
+    from models.db import Databases
+    from subscriptions.broker import Broker
+
+
+class LiveCounts(Protocol):
+    """What the subscription transport reports (``atrium.http.websocket.LiveGroups``)."""
+
+    events: int
+    cut_off: int
+
+    def counts(self) -> tuple[int, int]: ...
 
 ROUTES = {"/graphql": "graphql", "/dashboard": "dashboard", "/healthz": "healthz", "/readyz": "readyz",
           "/metrics": "metrics"}
@@ -58,7 +67,7 @@ def route_of(path: str) -> str:
 
 
 class Metrics:
-    """The app's metrics; ``observe_runtime`` adds what is read from the runtime at scrape time."""
+    """The app's metrics; ``observe`` adds what is read from the runtime at scrape time."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -84,11 +93,11 @@ class Metrics:
         for code in codes:
             self.errors.labels(code).inc()
 
-    def observe_runtime(self, runtime: Runtime, live_groups: LiveGroups) -> None:
-        """Read broker, subscription and pool state at every scrape (replacing an earlier runtime)."""
+    def observe(self, broker: Broker, databases: Databases, live: LiveCounts) -> None:
+        """Read broker, subscription and pool state at every scrape (replacing an earlier set)."""
         if self._runtime_collector is not None:
             self.registry.unregister(self._runtime_collector)
-        self._runtime_collector = RuntimeCollector(runtime, live_groups)
+        self._runtime_collector = RuntimeCollector(broker, databases, live)
         self.registry.register(self._runtime_collector)
 
     def endpoint(self, settings: Settings) -> Callable[[Request], Response]:
@@ -140,12 +149,13 @@ class MeasureHttp:
 class RuntimeCollector(Collector):
     """Broker, subscription and connection-pool figures, read when scraped."""
 
-    def __init__(self, runtime: Runtime, live_groups: LiveGroups) -> None:
-        self.runtime = runtime
-        self.live_groups = live_groups
+    def __init__(self, broker: Broker, databases: Databases, live: LiveCounts) -> None:
+        self.broker = broker
+        self.databases = databases
+        self.live_groups = live
 
     def collect(self) -> Iterator[Metric]:
-        stats = self.runtime.broker.stats
+        stats = self.broker.stats
         for name, value, doc in (
             ("atrium_broker_events_published", stats.published, "Events published after their write committed."),
             ("atrium_broker_publish_failures", stats.publish_failures, "Publishes that failed (Redis unreachable)."),
@@ -161,6 +171,6 @@ class RuntimeCollector(Collector):
         yield GaugeMetricFamily("atrium_subscriptions", "Open subscription operations.", value=members)
         yield GaugeMetricFamily("atrium_subscription_groups",
                                 "Distinct subscription executions (shared by equal subscriptions).", value=groups)
-        in_use, size = self.runtime.databases.pool_usage()
+        in_use, size = self.databases.pool_usage()
         yield GaugeMetricFamily("atrium_db_connections_in_use", "Connections checked out of the pools.", value=in_use)
         yield GaugeMetricFamily("atrium_db_pool_size", "Connections the pools keep open.", value=size)

@@ -1,29 +1,18 @@
-"""Who is calling (``Principal``) and the typed Strawberry context built for every operation."""
+"""Who is calling: the verified ``Principal`` of a credential, and its membership re-checked."""
 
 from __future__ import annotations
 
 import dataclasses
 import uuid
-from collections.abc import Iterable
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from dataclasses import dataclass
 
 from sqlalchemy import bindparam, select
 
-from auth.roles import RANK
 from auth.tokens import TokenVerifier
 from core.errors import Unauthenticated
 from models.db import TenantScope
 from models.tables import MEMBERSHIPS, TENANTS, Role
 from partners.keys import ApiKeys, is_api_key
-
-if TYPE_CHECKING:
-    from starlette.requests import HTTPConnection
-
-    from core.settings import Settings
-    from models.db import Databases
-    from resolvers.loaders import Loaders
-    from subscriptions.broker import Broker
 
 
 @dataclass(frozen=True)
@@ -41,46 +30,6 @@ class Principal:
     client: str | None = None
     plan: str | None = None
     """The tenant's plan (rate limits), read by ``confirm_membership``; None until then."""
-
-
-class Meter(Protocol):
-    """Charges each operation's cost to the caller's rate limits before it runs (``atrium/ratelimit.py``)."""
-
-    async def charge(self, cost: int) -> None:
-        """Spend ``cost`` units; raises RATE_LIMITED (or QUERY_TOO_COMPLEX when it can never fit)."""
-
-
-class OperationRecorder(Protocol):
-    """Counts executed operations and their error codes (``atrium/metrics.py``)."""
-
-    def record_operation(self, operation_type: str) -> None: ...
-
-    def record_errors(self, codes: Iterable[str]) -> None: ...
-
-
-@dataclass
-class Context:
-    """Per-operation state. ``db`` and ``loaders`` exist only for an authenticated principal."""
-
-    settings: Settings
-    databases: Databases
-    broker: Broker
-    request: HTTPConnection | None
-    request_id: str
-    principal: Principal | None = None
-    db: TenantScope | None = None
-    loaders: Loaders | None = None
-    connection_params: dict[str, Any] | None = field(default=None)
-    response: Any = None
-    meter: Meter | None = None
-    """Rate limits of the request or WebSocket operation; None where nothing is metered (limits off, scripts)."""
-    metrics: OperationRecorder | None = None
-
-    def require(self) -> tuple[Principal, TenantScope, Loaders]:
-        """The principal, its tenant scope and loaders; UNAUTHENTICATED when anonymous."""
-        if self.principal is None or self.db is None or self.loaders is None:
-            raise Unauthenticated()
-        return self.principal, self.db, self.loaders
 
 
 def bearer_token(authorization: str | None) -> str | None:
@@ -115,7 +64,7 @@ async def confirm_membership(db: TenantScope, principal: Principal) -> Principal
     if not rows:
         raise Unauthenticated("This credential's user is not a member of its workspace")
     current = Role(rows[0].role)
-    role = current if RANK[current] < RANK[principal.role] else principal.role
+    role = current if current.rank < principal.role.rank else principal.role
     return dataclasses.replace(principal, role=role, plan=str(rows[0].plan))
 
 

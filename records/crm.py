@@ -1,0 +1,286 @@
+"""The CRM's record types, each declared once (``records.declare`` says what a declaration holds).
+
+Field order is the order of the fields in the API's input and patch types; filter order the order of
+the filter type's fields. Relations point at records declared anywhere in this module (targets are
+looked up when first used).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from sqlalchemy import func, literal_column, select
+
+from models.loaders import TENANT
+from models.tables import (
+    ACTIVITIES,
+    COMPANIES,
+    CONTACTS,
+    DEALS,
+    MEMBERSHIPS,
+    NOTES,
+    PIPELINES,
+    STAGES,
+    USERS,
+    ActivityKind,
+    DealStatus,
+)
+from records.declare import (
+    NO_ROOT,
+    AnyOf,
+    AtLeastOne,
+    Below,
+    Children,
+    Create,
+    Direction,
+    Equals,
+    ExactlyOne,
+    Field,
+    Listing,
+    OnDelete,
+    OnlyWhen,
+    Range,
+    Record,
+    Root,
+    Search,
+    Sort,
+    ToOne,
+    Writer,
+)
+from records.rules import (
+    Choice,
+    Currency,
+    Day,
+    Domain,
+    Email,
+    Flag,
+    Fraction,
+    Instant,
+    Money,
+    Opaque,
+    Ref,
+    Text,
+    Whole,
+)
+from subscriptions.notes import empty_state
+
+
+async def caller(w: Writer, values: Mapping[str, Any]) -> Any:
+    """The member making the change."""
+    return w.user_id
+
+
+async def after_last_stage(w: Writer, values: Mapping[str, Any]) -> Any:
+    """The position after the last stage of the new stage's pipeline."""
+    return await w.scalar(select(func.coalesce(func.max(STAGES.c.position) + 1, 0)).where(
+        STAGES.c.tenant_id == w.tenant_id, STAGES.c.pipeline_id == values["pipeline_id"]))
+
+
+async def empty_note(w: Writer, values: Mapping[str, Any]) -> Any:
+    return empty_state()
+
+
+USER = Record(
+    "User", USERS, "users",
+    lookup=select(USERS.c.id, USERS.c.email, USERS.c.name, MEMBERSHIPS.c.role,
+                  MEMBERSHIPS.c.id.label("membership_id"))
+    .join(MEMBERSHIPS, MEMBERSHIPS.c.user_id == USERS.c.id).where(MEMBERSHIPS.c.tenant_id == TENANT),
+    lookup_key=USERS.c.id,
+    root=NO_ROOT,
+)
+"""A member of the tenant (a user of another tenant is not found); members are managed by
+``resolvers.viewer``."""
+
+MEMBERSHIP = Record("Membership", MEMBERSHIPS, "memberships", root=NO_ROOT)
+
+COMPANY = Record(
+    "Company", COMPANIES, "companies",
+    fields=(
+        Field("name", Text(200), Create.REQUIRED),
+        Field("domain", Domain()),
+    ),
+    children=(
+        Children("contacts", lambda: CONTACT.relation("company"), ("last_name", "first_name", "id")),
+        Children("deals", lambda: DEAL.relation("company"), ("-created_at", "-id")),
+        Children("activities", lambda: ACTIVITY.relation("company"), ("-occurred_at", "-id"), first=10,
+                 description="Latest activities first."),
+    ),
+    filters=(Search(("name", "domain"), description="Matches name and domain."),),
+    sorts=(Sort("NAME", "name"), Sort("CREATED_AT", "created_at")),
+    default_sort="NAME",
+    root=Root(descriptions={
+        "delete": "Deletes the company and its activities; its contacts and deals are kept, unlinked."}),
+)
+
+CONTACT = Record(
+    "Contact", CONTACTS, "contacts",
+    fields=(
+        Field("first_name", Text(100), Create.REQUIRED),
+        Field("last_name", Text(100), Create.REQUIRED),
+        Field("email", Email()),
+        Field("phone", Text(40, required=False)),
+        Field("title", Text(200, required=False)),
+        Field("company_id", Ref("Company")),
+    ),
+    relations=(ToOne("company", "company_id", lambda: COMPANY, OnDelete.SET_NULL),),
+    children=(
+        Children("deals", lambda: DEAL.relation("contact"), ("-created_at", "-id")),
+        Children("activities", lambda: ACTIVITY.relation("contact"), ("-occurred_at", "-id"), first=10,
+                 description="Latest activities first."),
+    ),
+    filters=(Equals("company_id"), Search(("first_name", "last_name", "email"), description="Matches names and email.")),
+    sorts=(Sort("LAST_NAME", "last_name"), Sort("CREATED_AT", "created_at")),
+    default_sort="LAST_NAME",
+)
+
+PIPELINE = Record(
+    "Pipeline", PIPELINES, "pipelines",
+    fields=(Field("name", Text(200), Create.REQUIRED),),
+    children=(
+        Children("stages", lambda: STAGE.relation("pipeline"), ("position", "id"), maximum=50, nested=True,
+                 first_argument=False, description="Stages in board order."),
+    ),
+    sorts=(Sort("NAME", "name"),),
+    default_sort="NAME",
+    routing={"pipeline": "id"},
+    root=Root(listing=Listing.LIST, descriptions={
+        "list": "All pipelines, by name.",
+        "create": "Create a pipeline with its stages in the given order.",
+        "delete": "Delete an empty pipeline (with its stages); fails while it has deals.",
+    }),
+)
+
+STAGE = Record(
+    "Stage", STAGES, "stages",
+    fields=(
+        Field("name", Text(100), Create.REQUIRED),
+        Field("probability", Fraction(), Create.REQUIRED),
+        Field("position", Whole(), description="Defaults to after the last stage.", fallback=after_last_stage),
+        Field("pipeline_id", Ref("Pipeline"), Create.NEVER, update=False),
+    ),
+    relations=(ToOne("pipeline", "pipeline_id", lambda: PIPELINE, OnDelete.CASCADE),),
+    children=(Children("deals", lambda: DEAL.relation("stage"), ("-created_at", "-id"),
+                       description="Newest deals first."),),
+    routing={"pipeline": "pipeline_id"},
+    root=Root(listing=Listing.NONE, get=False, parent="pipeline", descriptions={
+        "create": "Add a stage; without a position it goes last.",
+        "delete": "Delete a stage that holds no deals.",
+    }),
+)
+
+
+def close_date(table: Any) -> Any:
+    """Deals without an expected close date sort after every date."""
+    return func.coalesce(table.c.expected_close_date, literal_column("'infinity'::date"))
+
+
+DEAL = Record(
+    "Deal", DEALS, "deals",
+    fields=(
+        Field("title", Text(200), Create.REQUIRED),
+        Field("amount", Money(), Create.REQUIRED),
+        Field("currency", Currency(), Create.REQUIRED),
+        Field("stage_id", Ref("Stage"), Create.REQUIRED, update=False),
+        Field("company_id", Ref("Company")),
+        Field("contact_id", Ref("Contact")),
+        Field("owner_id", Ref("User"), description="Defaults to the caller.", fallback=caller),
+        Field("expected_close_date", Day()),
+        Field("status", Choice(DealStatus), Create.NEVER),
+        Field("pipeline_id", Ref("Pipeline"), Create.NEVER, update=False),
+    ),
+    relations=(
+        ToOne("stage", "stage_id", lambda: STAGE, OnDelete.RESTRICT, copies=("pipeline_id",)),
+        ToOne("pipeline", "pipeline_id", lambda: PIPELINE, OnDelete.RESTRICT),
+        ToOne("company", "company_id", lambda: COMPANY, OnDelete.SET_NULL),
+        ToOne("contact", "contact_id", lambda: CONTACT, OnDelete.SET_NULL, description="The primary contact."),
+        ToOne("owner", "owner_id", lambda: USER, OnDelete.SET_NULL),
+    ),
+    children=(Children("activities", lambda: ACTIVITY.relation("deal"), ("-occurred_at", "-id"), first=10,
+                       description="Latest activities first."),),
+    filters=(
+        Equals("pipeline_id"), Equals("stage_id"), Equals("owner_id"), Equals("company_id"), Equals("contact_id"),
+        AnyOf("status"),
+        Range("amount", "amount_min", "amount_max"),
+        Equals("currency"),
+        Range("expected_close_date", "close_date_from", "close_date_to"),
+        Search(("title",), related=(("company", ("name",)), ("contact", ("first_name", "last_name", "email"))),
+               description="Matches the title, the company's name and the contact's name and email."),
+    ),
+    sorts=(
+        Sort("CREATED_AT", "created_at"),
+        Sort("UPDATED_AT", "updated_at"),
+        Sort("AMOUNT", "amount"),
+        Sort("TITLE", "title"),
+        Sort("EXPECTED_CLOSE_DATE", "expected_close_date", cursor="closeDate", expression=close_date),
+    ),
+    default_sort="CREATED_AT",
+    default_direction=Direction.DESC,
+    routing={"pipeline": "pipeline_id"},
+)
+
+ACTIVITY = Record(
+    "Activity", ACTIVITIES, "activities",
+    fields=(
+        Field("kind", Choice(ActivityKind), Create.REQUIRED, update=False),
+        Field("subject", Text(200), Create.REQUIRED),
+        Field("body", Text(20_000, required=False)),
+        Field("deal_id", Ref("Deal"), update=False),
+        Field("contact_id", Ref("Contact"), update=False),
+        Field("company_id", Ref("Company"), update=False),
+        Field("occurred_at", Instant(), description="Defaults to now."),
+        Field("due_date", Day()),
+        Field("done", Flag(), default=False),
+        Field("actor_id", Ref("User"), Create.NEVER, update=False, fallback=caller),
+    ),
+    relations=(
+        ToOne("deal", "deal_id", lambda: DEAL, OnDelete.SET_NULL),
+        ToOne("contact", "contact_id", lambda: CONTACT, OnDelete.SET_NULL),
+        ToOne("company", "company_id", lambda: COMPANY, OnDelete.SET_NULL),
+        ToOne("actor", "actor_id", lambda: USER, OnDelete.SET_NULL),
+    ),
+    checks=(
+        AtLeastOne(("deal_id", "contact_id", "company_id"), "dealId",
+                   "an activity needs a dealId, contactId or companyId"),
+        OnlyWhen("due_date", "kind", (ActivityKind.TASK.value,), "only tasks have a due date"),
+    ),
+    filters=(
+        AnyOf("kind"), Equals("deal_id"), Equals("contact_id"), Equals("company_id"), Equals("done"),
+        Below("due_date", "due_before"),
+    ),
+    sorts=(Sort("OCCURRED_AT", "occurred_at"),),
+    default_sort="OCCURRED_AT",
+    default_direction=Direction.DESC,
+    root=Root(get=False),
+)
+
+NOTE = Record(
+    "Note", NOTES, "notes",
+    fields=(
+        Field("deal_id", Ref("Deal"), update=False),
+        Field("contact_id", Ref("Contact"), update=False),
+        Field("company_id", Ref("Company"), update=False),
+        Field("state", Opaque(), Create.NEVER, update=False, fallback=empty_note),
+    ),
+    relations=(
+        ToOne("deal", "deal_id", lambda: DEAL, OnDelete.CASCADE),
+        ToOne("contact", "contact_id", lambda: CONTACT, OnDelete.CASCADE),
+        ToOne("company", "company_id", lambda: COMPANY, OnDelete.CASCADE),
+    ),
+    checks=(ExactlyOne(("deal_id", "contact_id", "company_id"), "input",
+                       "give exactly one of dealId, contactId, companyId"),),
+    root=Root(listing=Listing.NONE, update=False, delete=False, descriptions={
+        "create": "An empty note on exactly one deal, contact or company.",
+        "input": "Where a new note goes: exactly one of the three.",
+    }),
+)
+
+RECORDS: tuple[Record, ...] = (USER, MEMBERSHIP, COMPANY, CONTACT, PIPELINE, STAGE, DEAL, ACTIVITY, NOTE)
+"""Every record type. Node lookup, dependents on delete and the isolation tests go over this tuple."""
+
+BY_NAME = {record.name: record for record in RECORDS}
+
+
+def dependents(target: Record) -> list[ToOne]:
+    """Every relation (of any record) pointing at ``target``, in declaration order."""
+    return [r for record in RECORDS for r in record.relations if r.target() is target]

@@ -1,0 +1,554 @@
+"""The vocabulary of record declarations: one ``Record`` says everything Atrium knows of a record type.
+
+A declaration (``records/crm.py``) names the table and, for every field the API reads or writes,
+its validation rule (``records.rules``) and whether it is set on create or update; the to-one
+relations (``ToOne``: the key column, the target, what a delete of the target does to this record)
+and child lists (``Children``); the filters, orderings and search of its connection; record-level
+checks; the permission of each operation (``Access``); the routing keys of its change events; and
+which root fields the API derives for it (``Root``).
+
+Everything else is derived from it, nowhere written again: the input, patch, filter and order
+types and the CRUD fields (``resolvers/crud.py``), loaders and node lookup (``models.loaders``,
+``schema/objects.py``), reference checks and the effects of a delete on dependents
+(``resolvers/writes.py``), prefetching of relations, and sort keys and cursors (``resolvers/paging.py``).
+
+This module holds no database access and no GraphQL types: only data and pure functions.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+import uuid
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any, Protocol
+
+from sqlalchemy import ColumnElement, Date, DateTime, Integer, Numeric, Select, Table, exists, or_, select
+from strawberry.types.unset import UNSET
+
+from auth.roles import Permission
+from core.errors import BadUserInput
+from models.loaders import TENANT
+from records.rules import Choice, Rule, Text
+
+
+def camel(column: str) -> str:
+    """The GraphQL name of a column (``stage_id`` -> ``stageId``)."""
+    head, *rest = column.split("_")
+    return head + "".join(part.title() for part in rest)
+
+
+class Create(enum.Enum):
+    REQUIRED = "required"
+    """In the create input, non-null."""
+    OPTIONAL = "optional"
+    """In the create input, nullable (``Field.default`` when left out)."""
+    NEVER = "never"
+    """Not an input on create: derived (``ToOne.copies``) or set by ``Field.fallback``."""
+
+
+class Writer(Protocol):
+    """What a field's fallback may use of the write in progress (``resolvers.writes.Change``)."""
+
+    @property
+    def tenant_id(self) -> uuid.UUID: ...
+
+    @property
+    def user_id(self) -> uuid.UUID: ...
+
+    async def scalar(self, statement: Select[Any]) -> Any: ...
+
+
+Fallback = Callable[[Writer, Mapping[str, Any]], Awaitable[Any]]
+"""Computes a field's value on create when the input gives none (gets the other values)."""
+
+
+@dataclass(frozen=True, eq=False)
+class Field:
+    """One column as the API writes it."""
+
+    column: str
+    rule: Rule
+    create: Create = Create.OPTIONAL
+    update: bool = True
+    """In the patch type (every patch field is optional; null clears a nullable column)."""
+    default: Any = None
+    """The create input's default for an OPTIONAL field (shown in the SDL)."""
+    description: str | None = None
+    fallback: Fallback | None = None
+
+    @property
+    def name(self) -> str:
+        return camel(self.column)
+
+
+class OnDelete(enum.Enum):
+    """What deleting the target of a ``ToOne`` does to the records that point at it (through the
+    write path, so each gets its version, audit row and change event)."""
+
+    RESTRICT = "restrict"
+    """The delete is refused while such records exist."""
+    CASCADE = "cascade"
+    """They are deleted too."""
+    SET_NULL = "set null"
+    """They are unlinked; one left with none of the links an ``AtLeastOne`` needs is deleted."""
+
+
+@dataclass(eq=False)
+class ToOne:
+    """A record's reference to one record of ``target``, through the column ``key``."""
+
+    name: str
+    key: str
+    target: Callable[[], Record]
+    on_delete: OnDelete = OnDelete.RESTRICT
+    copies: tuple[str, ...] = ()
+    """Columns copied from the target's row whenever ``key`` is set (a deal's ``pipeline_id``
+    follows its stage)."""
+    description: str | None = None
+    owner: Record = field(init=False, repr=False)
+    """The record holding the key (set by ``Record``)."""
+
+
+class Direction(enum.Enum):
+    ASC = "asc"
+    DESC = "desc"
+
+
+def ordering(table: Table, spec: Sequence[str]) -> tuple[ColumnElement[Any], ...]:
+    """SQL ordering of ``("-occurred_at", "-id")``-style columns (``-``: descending)."""
+    return tuple(table.c[s[1:]].desc() if s.startswith("-") else table.c[s].asc() for s in spec)
+
+
+@dataclass(eq=False)
+class Children:
+    """A list of the records whose ``via`` relation points at this one (a field with ``first``)."""
+
+    name: str
+    via: Callable[[], ToOne]
+    order: tuple[str, ...]
+    first: int = 20
+    """Default of the field's ``first`` argument."""
+    maximum: int = 50
+    """Largest ``first`` (and, for nested creates, the most children one create may hold)."""
+    nested: bool = False
+    """Created together with the parent, from a list in the parent's create input."""
+    description: str | None = None
+    first_argument: bool = True
+    """The field takes ``first`` (a list without it, like a pipeline's stages, returns up to ``maximum``)."""
+
+    @property
+    def relation(self) -> ToOne:
+        return self.via()
+
+    @property
+    def query(self) -> Select[Any]:
+        return self.relation.owner.query
+
+    @property
+    def key(self) -> ColumnElement[Any]:
+        return self.relation.owner.table.c[self.relation.key]
+
+    @property
+    def order_by(self) -> tuple[ColumnElement[Any], ...]:
+        return ordering(self.relation.owner.table, self.order)
+
+
+# ---- filters --------------------------------------------------------------------------------------
+
+def list_of(annotation: Any) -> Any:
+    """``list[annotation]`` for an annotation known only at run time."""
+    return list[annotation]  # type: ignore[valid-type]
+
+
+@dataclass(frozen=True)
+class FilterField:
+    """One field of a filter input: its GraphQL name, Python annotation and description."""
+
+    python_name: str
+    annotation: Any
+    description: str | None = None
+
+
+@dataclass(frozen=True, eq=False)
+class Equals:
+    """``<name>: T``: the column equals the value (checked by the field's rule)."""
+
+    column: str
+    name: str | None = None
+
+    def fields(self, record: Record) -> list[FilterField]:
+        return [FilterField(self.name or self.column, record.field(self.column).rule.annotation)]
+
+    def apply(self, record: Record, query: Select[Any], values: Mapping[str, Any]) -> Select[Any]:
+        name = self.name or self.column
+        value = values.get(name)
+        if value is None:
+            return query
+        return query.where(record.table.c[self.column] == record.field(self.column).rule(
+            f"filter.{camel(name)}", value))
+
+
+@dataclass(frozen=True, eq=False)
+class AnyOf:
+    """``<name>: [T!]``: the column equals one of the values."""
+
+    column: str
+
+    def fields(self, record: Record) -> list[FilterField]:
+        return [FilterField(self.column, list_of(record.field(self.column).rule.annotation))]
+
+    def apply(self, record: Record, query: Select[Any], values: Mapping[str, Any]) -> Select[Any]:
+        chosen = values.get(self.column)
+        if not chosen:
+            return query
+        rule = record.field(self.column).rule
+        name = f"filter.{camel(self.column)}"
+        return query.where(record.table.c[self.column].in_([rule(name, v) for v in chosen]))
+
+
+@dataclass(frozen=True, eq=False)
+class Range:
+    """``<low>: T`` and ``<high>: T``, both inclusive; ``low`` may not exceed ``high``."""
+
+    column: str
+    low: str
+    high: str
+
+    def fields(self, record: Record) -> list[FilterField]:
+        annotation = record.field(self.column).rule.annotation
+        return [FilterField(self.low, annotation), FilterField(self.high, annotation)]
+
+    def apply(self, record: Record, query: Select[Any], values: Mapping[str, Any]) -> Select[Any]:
+        rule, column = record.field(self.column).rule, record.table.c[self.column]
+        low, high = values.get(self.low), values.get(self.high)
+        if low is not None:
+            low = rule(f"filter.{camel(self.low)}", low)
+            query = query.where(column >= low)
+        if high is not None:
+            high = rule(f"filter.{camel(self.high)}", high)
+            query = query.where(column <= high)
+        if low is not None and high is not None and low > high:
+            raise BadUserInput(f"filter.{camel(self.low)}", f"must not exceed {camel(self.high)}")
+        return query
+
+
+@dataclass(frozen=True, eq=False)
+class Below:
+    """``<name>: T``: the column is strictly less than the value."""
+
+    column: str
+    name: str
+
+    def fields(self, record: Record) -> list[FilterField]:
+        return [FilterField(self.name, record.field(self.column).rule.annotation)]
+
+    def apply(self, record: Record, query: Select[Any], values: Mapping[str, Any]) -> Select[Any]:
+        value = values.get(self.name)
+        if value is None:
+            return query
+        rule = record.field(self.column).rule
+        return query.where(record.table.c[self.column] < rule(f"filter.{camel(self.name)}", value))
+
+
+SEARCH_TERM = Text(100)
+
+
+def contains(column: ColumnElement[Any], term: str) -> ColumnElement[bool]:
+    """Case-insensitive substring match, LIKE wildcards in ``term`` escaped."""
+    escaped = term.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return column.ilike(f"%{escaped}%", escape="\\")
+
+
+@dataclass(frozen=True, eq=False)
+class Search:
+    """``search: String``: a case-insensitive substring of any of ``columns``, or of the columns of
+    records reached through to-one relations (``related``: relation name -> its columns)."""
+
+    columns: tuple[str, ...]
+    related: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    description: str | None = None
+
+    def fields(self, record: Record) -> list[FilterField]:
+        return [FilterField("search", str, self.description)]
+
+    def apply(self, record: Record, query: Select[Any], values: Mapping[str, Any]) -> Select[Any]:
+        raw = values.get("search")
+        if raw is None or not raw.strip():
+            return query
+        term = SEARCH_TERM("filter.search", raw)
+        assert term is not None
+        t = record.table
+        matches: list[ColumnElement[bool]] = [contains(t.c[c], term) for c in self.columns]
+        for name, columns in self.related:
+            relation = record.relation(name)
+            other = relation.target().table
+            matches.append(exists(select(other.c.id).where(
+                other.c.tenant_id == t.c.tenant_id, other.c.id == t.c[relation.key],
+                or_(*(contains(other.c[c], term) for c in columns)))))
+        return query.where(or_(*matches))
+
+
+Filter = Equals | AnyOf | Range | Below | Search
+
+
+# ---- orderings ------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SortKey:
+    """A sortable expression and how its cursor value round-trips through a string."""
+
+    name: str
+    """The ordering's name inside cursors (a cursor of another ordering is refused)."""
+    expression: ColumnElement[Any]
+    label: str
+    """The result column holding the sort value in the connection's query."""
+    parse: Callable[[str], Any]
+
+    def value(self, row: Any) -> Any:
+        return row._mapping[self.label]
+
+
+def parse_decimal(text: str) -> Decimal:
+    value = Decimal(text)
+    if not value.is_finite() or abs(value) >= Decimal("1e18"):
+        raise ValueError(text)
+    return value
+
+
+def parse_for(expression: ColumnElement[Any]) -> Callable[[str], Any]:
+    """How a cursor's text becomes a value of ``expression``'s SQL type."""
+    kind = expression.type
+    if isinstance(kind, DateTime):
+        return dt.datetime.fromisoformat
+    if isinstance(kind, Date):
+        return dt.date.fromisoformat
+    if isinstance(kind, Numeric):
+        return parse_decimal
+    if isinstance(kind, Integer):
+        return int
+    return str
+
+
+@dataclass(frozen=True, eq=False)
+class Sort:
+    """One value of the record's ``<Type>OrderField`` enum."""
+
+    name: str
+    column: str
+    cursor: str | None = None
+    """The ordering's name in cursors (default: the column's GraphQL name)."""
+    expression: Callable[[Table], ColumnElement[Any]] | None = None
+    """Sort by this instead of the bare column (e.g. missing close dates last)."""
+
+    def key(self, table: Table) -> SortKey:
+        expression = self.expression(table) if self.expression else table.c[self.column]
+        label = self.column if self.expression is None else f"sort_{self.column}"
+        return SortKey(self.cursor or camel(self.column), expression, label, parse_for(expression))
+
+
+# ---- record-level checks --------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class AtLeastOne:
+    """At least one of ``columns`` is set (an activity is about a deal, a contact or a company)."""
+
+    columns: tuple[str, ...]
+    field: str
+    message: str
+
+    def __call__(self, row: Mapping[str, Any]) -> None:
+        if all(row.get(c) is None for c in self.columns):
+            raise BadUserInput(self.field, self.message)
+
+
+@dataclass(frozen=True)
+class ExactlyOne:
+    """Exactly one of ``columns`` is set (a note belongs to one deal, contact or company)."""
+
+    columns: tuple[str, ...]
+    field: str
+    message: str
+
+    def __call__(self, row: Mapping[str, Any]) -> None:
+        if sum(row.get(c) is not None for c in self.columns) != 1:
+            raise BadUserInput(self.field, self.message)
+
+
+@dataclass(frozen=True)
+class OnlyWhen:
+    """``column`` may be set only while ``when`` holds one of ``values`` (only tasks have due dates)."""
+
+    column: str
+    when: str
+    values: tuple[str, ...]
+    message: str
+
+    def __call__(self, row: Mapping[str, Any]) -> None:
+        if row.get(self.column) is not None and row.get(self.when) not in self.values:
+            raise BadUserInput(camel(self.column), self.message)
+
+
+Check = AtLeastOne | ExactlyOne | OnlyWhen
+
+
+# ---- access and root fields -----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Access:
+    """The permission each operation on the record needs (shown in the SDL next to each field)."""
+
+    read: Permission = Permission.READ
+    create: Permission = Permission.WRITE
+    update: Permission = Permission.WRITE
+    delete: Permission = Permission.DELETE
+
+
+class Listing(enum.Enum):
+    NONE = "none"
+    CONNECTION = "connection"
+    """``<plural>(filter, orderBy, first, after, last, before)``: a keyset-paged connection."""
+    LIST = "list"
+    """``<plural>``: every record (up to ``Root.limit``) in the default order."""
+
+
+@dataclass(frozen=True)
+class Root:
+    """Which root fields the API derives for the record, and their descriptions."""
+
+    listing: Listing = Listing.CONNECTION
+    get: bool = True
+    create: bool = True
+    update: bool = True
+    delete: bool = True
+    parent: str | None = None
+    """A to-one relation the create mutation takes as an argument of its own (``createStage(pipelineId:)``)
+    instead of inside its input."""
+    limit: int = 500
+    descriptions: Mapping[str, str] = field(default_factory=dict)
+    """By operation: ``list``, ``get``, ``create``, ``update``, ``delete``, ``input``."""
+
+
+NO_ROOT = Root(listing=Listing.NONE, get=False, create=False, update=False, delete=False)
+
+
+@dataclass(eq=False)
+class Record:
+    """A record type (module docstring)."""
+
+    name: str
+    """Its GraphQL type name: also the prefix of its global IDs, its audit ``entity_type`` and its
+    change events' ``recordType``."""
+    table: Table
+    plural: str
+    fields: tuple[Field, ...] = ()
+    relations: tuple[ToOne, ...] = ()
+    children: tuple[Children, ...] = ()
+    filters: tuple[Filter, ...] = ()
+    sorts: tuple[Sort, ...] = ()
+    default_sort: str | None = None
+    default_direction: Direction = Direction.ASC
+    checks: tuple[Check, ...] = ()
+    access: Access = Access()
+    root: Root = Root()
+    routing: Mapping[str, str] = field(default_factory=dict)
+    """Change-event routing keys -> the column holding each (``{"pipeline": "pipeline_id"}``)."""
+    lookup: Select[Any] | None = None
+    """Rows of the tenant (default: the table filtered on the tenant); a user is a joined row."""
+    lookup_key: ColumnElement[Any] | None = None
+
+    def __post_init__(self) -> None:
+        for relation in self.relations:
+            relation.owner = self
+        self._fields = {f.column: f for f in self.fields}
+        self._relations = {r.name: r for r in self.relations}
+
+    # models.loaders.Lookup
+    @property
+    def query(self) -> Select[Any]:
+        if self.lookup is not None:
+            return self.lookup
+        return select(self.table).where(self.table.c.tenant_id == TENANT)
+
+    @property
+    def key(self) -> ColumnElement[Any]:
+        return self.lookup_key if self.lookup_key is not None else self.table.c.id
+
+    @property
+    def singular(self) -> str:
+        return self.name[0].lower() + self.name[1:]
+
+    def field(self, column: str) -> Field:
+        return self._fields[column]
+
+    def relation(self, name: str) -> ToOne:
+        return self._relations[name]
+
+    def relation_by_key(self, column: str) -> ToOne | None:
+        return next((r for r in self.relations if r.key == column), None)
+
+    def child_list(self, name: str) -> Children:
+        return next(c for c in self.children if c.name == name)
+
+    def description(self, operation: str) -> str | None:
+        return self.root.descriptions.get(operation)
+
+    def nullable(self, column: str) -> bool:
+        return bool(self.table.c[column].nullable)
+
+    # ---- inputs -> column values (validated; references are checked by the write path) ----------
+
+    def create_values(self, given: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+        """Column values of a create input (``given``: python field name -> value), rules applied."""
+        out: dict[str, Any] = {}
+        for f in self.fields:
+            if f.create is Create.NEVER:
+                continue
+            value = given.get(f.column)
+            out[f.column] = None if value is None else f.rule(prefix + f.name, value)
+        return out
+
+    def patch_values(self, given: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+        """Column values of a patch: only the fields given (not UNSET); null only where allowed."""
+        out: dict[str, Any] = {}
+        for f in self.fields:
+            if not f.update or (value := given.get(f.column, UNSET)) is UNSET:
+                continue
+            if value is None:
+                if not self.nullable(f.column):
+                    raise BadUserInput(prefix + f.name, "must not be null")
+                out[f.column] = None
+            else:
+                out[f.column] = f.rule(prefix + f.name, value)
+        return out
+
+    def check(self, row: Mapping[str, Any]) -> None:
+        """Every record-level check over a whole row (a new one, or the current one with a patch)."""
+        for check in self.checks:
+            check(row)
+
+    # ---- connections --------------------------------------------------------------------------------
+
+    def sort_keys(self) -> dict[str, SortKey]:
+        return {s.name: s.key(self.table) for s in self.sorts}
+
+    def listing_query(self, tenant_id: uuid.UUID, filters: Mapping[str, Any] | None) -> Select[Any]:
+        """The tenant's records matching ``filters`` (filter input field -> value; AND of all), with
+        the computed sort values as extra columns."""
+        extra = [s.expression(self.table).label(f"sort_{s.column}") for s in self.sorts if s.expression]
+        query = select(self.table, *extra).where(self.table.c.tenant_id == tenant_id)
+        for f in self.filters if filters else ():
+            query = f.apply(self, query, filters or {})
+        return query
+
+    def filter_fields(self) -> list[FilterField]:
+        return [ff for f in self.filters for ff in f.fields(self)]
+
+
+def choice_of(record: Record, column: str) -> type[enum.Enum]:
+    """The enum of a ``Choice`` field."""
+    rule = record.field(column).rule
+    assert isinstance(rule, Choice)
+    return rule.annotation

@@ -1,0 +1,164 @@
+"""The CRM's object types: what clients read. Scalars are plain attributes named after their columns
+(fast to resolve); relations come from the declarations in ``records.crm`` (``schema.objects``)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from decimal import Decimal
+from typing import Any
+
+import strawberry
+from strawberry.scalars import JSON
+
+from auth.session import Info
+from core.ids import to_global_id
+from models.tables import ActivityKind, DealStatus, Plan, Role
+from records.crm import ACTIVITY, COMPANY, CONTACT, DEAL, PIPELINE, STAGE, USER
+from schema import enums as _enums  # noqa: F401 - registers the model enums as GraphQL enums
+from schema.objects import Node, RecordObject, children, load, to_one
+
+
+@strawberry.type
+class Tenant(Node):
+    slug: str
+    name: str
+    plan: Plan
+    created_at: dt.datetime
+
+    @classmethod
+    def from_row(cls, row: Any) -> Tenant:
+        return cls(id=strawberry.ID(to_global_id("Tenant", row.id)), row=row, slug=row.slug, name=row.name,
+                   plan=Plan(row.plan), created_at=row.created_at)
+
+
+@strawberry.type(description="A person who belongs to this workspace, with their role in it.")
+class User(RecordObject, Node, record=USER):
+    email: str
+    name: str
+    role: Role
+
+
+@strawberry.type
+class Company(RecordObject, Node, record=COMPANY):
+    name: str
+    domain: str | None
+    version: int
+    created_at: dt.datetime
+    updated_at: dt.datetime
+    contacts: list[Contact] = children(COMPANY, "contacts")
+    deals: list[Deal] = children(COMPANY, "deals")
+    activities: list[Activity] = children(COMPANY, "activities")
+
+
+@strawberry.type
+class Contact(RecordObject, Node, record=CONTACT):
+    first_name: str
+    last_name: str
+    email: str | None
+    phone: str | None
+    title: str | None
+    version: int
+    created_at: dt.datetime
+    updated_at: dt.datetime
+    name: str = strawberry.field(resolver=lambda self: f"{self.first_name} {self.last_name}")
+    company: Company | None = to_one(CONTACT, "company")
+    deals: list[Deal] = children(CONTACT, "deals")
+    activities: list[Activity] = children(CONTACT, "activities")
+
+
+@strawberry.type
+class Pipeline(RecordObject, Node, record=PIPELINE):
+    name: str
+    version: int
+    created_at: dt.datetime
+    stages: list[Stage] = children(PIPELINE, "stages")
+
+
+@strawberry.type
+class Stage(RecordObject, Node, record=STAGE):
+    name: str
+    position: int
+    probability: Decimal = strawberry.field(description="Win probability between 0 and 1.")
+    version: int
+    pipeline: Pipeline = to_one(STAGE, "pipeline")
+    deals: list[Deal] = children(STAGE, "deals")
+
+
+@strawberry.type
+class Activity(RecordObject, Node, record=ACTIVITY):
+    kind: ActivityKind
+    subject: str
+    body: str | None
+    occurred_at: dt.datetime
+    due_date: dt.date | None = strawberry.field(description="Tasks only.")
+    done: bool
+    version: int
+    created_at: dt.datetime
+    deal: Deal | None = to_one(ACTIVITY, "deal")
+    contact: Contact | None = to_one(ACTIVITY, "contact")
+    company: Company | None = to_one(ACTIVITY, "company")
+    actor: User | None = to_one(ACTIVITY, "actor")
+
+
+@strawberry.type
+class Deal(RecordObject, Node, record=DEAL):
+    title: str
+    amount: Decimal
+    currency: str = strawberry.field(description="ISO 4217 code of `amount`.")
+    status: DealStatus
+    expected_close_date: dt.date | None
+    version: int
+    created_at: dt.datetime
+    updated_at: dt.datetime
+    stage: Stage = to_one(DEAL, "stage")
+    pipeline: Pipeline = to_one(DEAL, "pipeline")
+    company: Company | None = to_one(DEAL, "company")
+    contact: Contact | None = to_one(DEAL, "contact")
+    owner: User | None = to_one(DEAL, "owner")
+    activities: list[Activity] = children(DEAL, "activities")
+
+
+@strawberry.type(description="One change of one record, written in the same transaction as the change.")
+class AuditEvent:
+    id: strawberry.ID
+    occurred_at: dt.datetime
+    action: str
+    entity_type: str
+    entity_id: strawberry.ID
+    diff: JSON
+    request_id: str | None
+    actor_id: strawberry.Private[uuid.UUID | None]
+
+    @classmethod
+    def from_row(cls, row: Any) -> AuditEvent:
+        return cls(id=strawberry.ID(to_global_id("AuditEvent", row.id)), occurred_at=row.occurred_at,
+                   action=row.action, entity_type=row.entity_type,
+                   entity_id=strawberry.ID(to_global_id(row.entity_type, row.entity_id)), diff=row.diff,
+                   request_id=row.request_id, actor_id=row.actor_id)
+
+    @strawberry.field
+    async def actor(self, info: Info) -> User | None:
+        return await load(info, USER, self.actor_id)  # type: ignore[no-any-return]
+
+
+@strawberry.type(description="Deals (of every status) in one stage and one currency.")
+class StageTotal:
+    stage: Stage
+    currency: str
+    count: int
+    total: Decimal
+    weighted_total: Decimal = strawberry.field(description="total x stage win probability.")
+
+
+@strawberry.type
+class DeletePayload:
+    deleted_id: strawberry.ID
+
+
+@strawberry.type
+class LoginPayload:
+    token: str
+    expires_at: dt.datetime
+    user: User
+    tenant: Tenant
