@@ -7,10 +7,11 @@ import os
 
 from sqlalchemy import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
+from sqlmodel import SQLModel
 
+import models.tables  # noqa: F401 - registers every table on SQLModel.metadata
 from alembic import context
 from core.settings import async_url
-from models.tables import SQLModel
 
 config = context.config
 target_metadata = SQLModel.metadata

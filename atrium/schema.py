@@ -21,26 +21,20 @@ from resolvers.viewer import ViewerMutation, ViewerQuery
 from schema.cost import CostLimit, MeteredCostLimit
 from schema.crm import Activity, Company, Contact, Deal, Pipeline, Stage, User
 from schema.extensions import CodedParserCache, ErrorCoding, OperationMetrics, StaticLimits, log_unexpected
-from schema.limits import MAX_TOKENS
+from core.limits import MAX_TOKENS
 from schema.notes import Note
 
 
-@strawberry.type
-class Query(ViewerQuery, DealQuery, queries(COMPANY), queries(CONTACT), queries(PIPELINE),  # type: ignore[misc]
-            queries(ACTIVITY), AuditQuery, PartnerQuery, NoteQuery):
-    pass
+def root(name: str, *parts: type) -> type:
+    """A root type holding the fields of ``parts``, in order (each part a Strawberry type)."""
+    return strawberry.type(type(name, parts, {}))
 
 
-@strawberry.type
-class Mutation(ViewerMutation, DealMutation, mutations(COMPANY), mutations(CONTACT),  # type: ignore[misc]
-               mutations(PIPELINE), mutations(STAGE), mutations(ACTIVITY), PartnerMutation, NoteMutation,
-               LiveMutation):
-    pass
-
-
-@strawberry.type
-class Subscription(LiveSubscription):
-    pass
+Query = root("Query", ViewerQuery, DealQuery, queries(COMPANY), queries(CONTACT), queries(PIPELINE), queries(ACTIVITY),
+             AuditQuery, PartnerQuery, NoteQuery)
+Mutation = root("Mutation", ViewerMutation, DealMutation, mutations(COMPANY), mutations(CONTACT), mutations(PIPELINE),
+                mutations(STAGE), mutations(ACTIVITY), PartnerMutation, NoteMutation, LiveMutation)
+Subscription = root("Subscription", LiveSubscription)
 
 
 class AtriumSchema(strawberry.Schema):

@@ -254,7 +254,9 @@ async def coordinator(args: argparse.Namespace) -> None:
 
     delivered = sum(r["delivered"] for r in results)
     latencies = sorted(x for r in results for x in r["latencies"])
-    q = lambda p: latencies[min(len(latencies) - 1, int(p * len(latencies)))] * 1000 if latencies else float("nan")  # noqa: E731
+    def q(p: float) -> float:
+        return latencies[min(len(latencies) - 1, int(p * len(latencies)))] * 1000 if latencies else float("nan")
+
     rss = sum(a[0] - b[0] for a, b in zip(after_open, before, strict=True))
     cpu = sum(w[1] - a[1] for w, a in zip(after_writes, after_open, strict=True))
     print(f"subscribers={args.subscribers} per_connection={args.per_connection} processes=2 "

@@ -28,8 +28,7 @@ class SystemClock:
         return time.time()
 
     async def sleep_until(self, deadline: float) -> None:
-        while (left := deadline - time.time()) > 0:
-            await asyncio.sleep(left)
+        await asyncio.sleep(max(0.0, deadline - time.time()))
 
 
 SYSTEM_CLOCK = SystemClock()

@@ -21,9 +21,9 @@ from sqlalchemy.dialects.postgresql import ARRAY, UUID
 
 from models.db import TenantScope
 
-KEYS: BindParameter[list[uuid.UUID]] = bindparam("keys", type_=ARRAY(UUID(as_uuid=True)))
-LIMIT: BindParameter[int] = bindparam("limit")
-TENANT: BindParameter[uuid.UUID] = bindparam("tenant_id", type_=UUID(as_uuid=True))
+KEYS: BindParameter[Any] = bindparam("keys", type_=ARRAY(UUID(as_uuid=True)))
+LIMIT: BindParameter[Any] = bindparam("limit")
+TENANT: BindParameter[Any] = bindparam("tenant_id", type_=UUID(as_uuid=True))
 """The tenant parameter every lookup's query filters on (bound from the scope)."""
 
 OneLoader = DataLoader[uuid.UUID, Row[Any] | None]
@@ -60,7 +60,7 @@ class Loaders:
         loader = self._one.get(lookup)
         if loader is None:
             loader = self._one[lookup] = self._load_one(lookup.query.where(lookup.key == any_(KEYS)),
-                                                            lookup.key.key)
+                                                        str(lookup.key.key))
         return loader
 
     def many(self, lookup: ListLookup, limit: int) -> ManyLoader:
@@ -75,10 +75,10 @@ class Loaders:
             inner = lookup.query.where(lookup.key == keyset.c.key).order_by(*lookup.order_by).limit(LIMIT)
             lateral = inner.lateral("child")
             statement = select(lateral).select_from(keyset).join(lateral, true())
-            loader = self._many[(lookup, limit)] = self._load_many(statement, lookup.key.key, limit)
+            loader = self._many[(lookup, limit)] = self._load_many(statement, str(lookup.key.key), limit)
         return loader
 
-    def _load_one(self, statement: Select[Any], key: str | None) -> OneLoader:
+    def _load_one(self, statement: Select[Any], key: str) -> OneLoader:
         db = self.db
 
         async def load(keys: list[uuid.UUID]) -> list[Row[Any] | None]:
@@ -88,7 +88,7 @@ class Loaders:
 
         return DataLoader(load)
 
-    def _load_many(self, statement: Select[Any], key: str | None, limit: int) -> ManyLoader:
+    def _load_many(self, statement: Select[Any], key: str, limit: int) -> ManyLoader:
         db = self.db
 
         async def load(keys: list[uuid.UUID]) -> list[list[Row[Any]]]:

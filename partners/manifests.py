@@ -42,7 +42,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from core.errors import BadUserInput
 from models.db import TenantScope
 from models.tables import PERSISTED_DOCUMENTS
-from schema.limits import LIMIT_RULES, MAX_TOKENS
+from core.limits import LIMIT_RULES, MAX_TOKENS
 
 APOLLO_FORMAT = "apollo-persisted-query-manifest"
 DOCUMENT_ID = re.compile(r"^[A-Za-z0-9._~:-]{1,200}$")

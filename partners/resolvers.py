@@ -78,8 +78,8 @@ class PartnerQuery:
 
 @strawberry.type
 class PartnerMutation:
-    @strawberry.mutation(**requires(MANAGE, "Create an API key acting for you, with at most your role. The answer holds "
-                                     "the secret; it cannot be shown again."))
+    @strawberry.mutation(**requires(MANAGE, "Create an API key acting for you, with at most your role. The answer "
+                                            "holds the secret; it cannot be shown again."))
     async def create_api_key(self, info: Info, input: CreateApiKeyInput) -> CreatedApiKey:
         principal = info.context.session.principal
         _users_only(principal)
@@ -91,7 +91,8 @@ class PartnerMutation:
             await _audit(w, "create", "ApiKey", row.id, {"after": _key_summary(row)})
         return CreatedApiKey(api_key=ApiKey.from_row(row), secret=key)
 
-    @strawberry.mutation(**requires(MANAGE, "Revoke an API key: its next request is refused. Revoking twice is harmless."))
+    @strawberry.mutation(**requires(MANAGE, "Revoke an API key: its next request is refused. Revoking twice is "
+                                            "harmless."))
     async def revoke_api_key(self, info: Info, id: strawberry.ID) -> ApiKey:
         _users_only(info.context.session.principal)
         key_id = decode_id(id, "ApiKey")
@@ -101,10 +102,11 @@ class PartnerMutation:
                 await _audit(w, "revoke", "ApiKey", row.id, {"after": _key_summary(row)})
         return ApiKey.from_row(row)
 
-    @strawberry.mutation(**requires(MANAGE, "Add a manifest's documents to a client's trusted documents, after validating "
-                                     "each against the schema (one invalid document refuses the whole push). "
-                                     "`manifest` is an Apollo persisted-query manifest or a `{id: document}` map. "
-                                     "Documents missing from the manifest are kept: remove them explicitly."))
+    @strawberry.mutation(**requires(MANAGE, "Add a manifest's documents to a client's trusted documents, after "
+                                            "validating each against the schema (one invalid document refuses the "
+                                            "whole push). `manifest` is an Apollo persisted-query manifest or a "
+                                            "`{id: document}` map. Documents missing from the manifest are kept: "
+                                            "remove them explicitly."))
     async def push_persisted_documents(self, info: Info, client: str, manifest: JSON) -> PushPersistedDocumentsPayload:
         principal = info.context.session.principal
         name = client_name(client)

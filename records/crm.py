@@ -81,7 +81,7 @@ async def empty_note(w: Writer, values: Mapping[str, Any]) -> Any:
     return empty_state()
 
 
-USER = Record(
+USER: Record = Record(
     "User", USERS, "users",
     lookup=select(USERS.c.id, USERS.c.email, USERS.c.name, MEMBERSHIPS.c.role,
                   MEMBERSHIPS.c.id.label("membership_id"))
@@ -92,9 +92,9 @@ USER = Record(
 """A member of the tenant (a user of another tenant is not found); members are managed by
 ``resolvers.viewer``."""
 
-MEMBERSHIP = Record("Membership", MEMBERSHIPS, "memberships", root=NO_ROOT)
+MEMBERSHIP: Record = Record("Membership", MEMBERSHIPS, "memberships", root=NO_ROOT)
 
-COMPANY = Record(
+COMPANY: Record = Record(
     "Company", COMPANIES, "companies",
     fields=(
         Field("name", Text(200), Create.REQUIRED),
@@ -113,7 +113,7 @@ COMPANY = Record(
         "delete": "Deletes the company and its activities; its contacts and deals are kept, unlinked."}),
 )
 
-CONTACT = Record(
+CONTACT: Record = Record(
     "Contact", CONTACTS, "contacts",
     fields=(
         Field("first_name", Text(100), Create.REQUIRED),
@@ -129,12 +129,13 @@ CONTACT = Record(
         Children("activities", lambda: ACTIVITY.relation("contact"), ("-occurred_at", "-id"), first=10,
                  description="Latest activities first."),
     ),
-    filters=(Equals("company_id"), Search(("first_name", "last_name", "email"), description="Matches names and email.")),
+    filters=(Equals("company_id"),
+             Search(("first_name", "last_name", "email"), description="Matches names and email.")),
     sorts=(Sort("LAST_NAME", "last_name"), Sort("CREATED_AT", "created_at")),
     default_sort="LAST_NAME",
 )
 
-PIPELINE = Record(
+PIPELINE: Record = Record(
     "Pipeline", PIPELINES, "pipelines",
     fields=(Field("name", Text(200), Create.REQUIRED),),
     children=(
@@ -151,7 +152,7 @@ PIPELINE = Record(
     }),
 )
 
-STAGE = Record(
+STAGE: Record = Record(
     "Stage", STAGES, "stages",
     fields=(
         Field("name", Text(100), Create.REQUIRED),
@@ -175,7 +176,7 @@ def close_date(table: Any) -> Any:
     return func.coalesce(table.c.expected_close_date, literal_column("'infinity'::date"))
 
 
-DEAL = Record(
+DEAL: Record = Record(
     "Deal", DEALS, "deals",
     fields=(
         Field("title", Text(200), Create.REQUIRED),
@@ -219,7 +220,7 @@ DEAL = Record(
     routing={"pipeline": "pipeline_id"},
 )
 
-ACTIVITY = Record(
+ACTIVITY: Record = Record(
     "Activity", ACTIVITIES, "activities",
     fields=(
         Field("kind", Choice(ActivityKind), Create.REQUIRED, update=False),
@@ -254,7 +255,7 @@ ACTIVITY = Record(
     root=Root(get=False),
 )
 
-NOTE = Record(
+NOTE: Record = Record(
     "Note", NOTES, "notes",
     fields=(
         Field("deal_id", Ref("Deal"), update=False),

@@ -160,7 +160,7 @@ class Children:
 
 def list_of(annotation: Any) -> Any:
     """``list[annotation]`` for an annotation known only at run time."""
-    return list[annotation]  # type: ignore[valid-type]
+    return list[annotation]
 
 
 @dataclass(frozen=True)
@@ -223,7 +223,8 @@ class Range:
 
     def apply(self, record: Record, query: Select[Any], values: Mapping[str, Any]) -> Select[Any]:
         rule, column = record.field(self.column).rule, record.table.c[self.column]
-        low, high = values.get(self.low), values.get(self.high)
+        low: Any = values.get(self.low)
+        high: Any = values.get(self.high)
         if low is not None:
             low = rule(f"filter.{camel(self.low)}", low)
             query = query.where(column >= low)

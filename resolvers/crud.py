@@ -91,8 +91,9 @@ def filter_type(record: Record) -> type | None:
 @cache
 def order_types(record: Record) -> tuple[type[enum.Enum], type]:
     """``<Name>OrderField`` (one value per declared ``Sort``) and ``<Name>Order``."""
-    field_enum = strawberry.enum(enum.Enum(f"{record.name}OrderField",  # type: ignore[misc]
-                                           {s.name: s.column for s in record.sorts}))
+    make_enum: Any = enum.Enum
+    field_enum: type[enum.Enum] = strawberry.enum(make_enum(f"{record.name}OrderField",
+                                                            {s.name: s.column for s in record.sorts}))
     default = field_enum[record.default_sort or record.sorts[0].name]
     order = _input(f"{record.name}Order", {
         "field": (field_enum, default), "direction": (Direction, record.default_direction)})
@@ -229,8 +230,8 @@ def update_field(record: Record) -> Any:
             row = await w.update(record, key, changes, expected_version)
         return kind.from_row(row)
 
-    parameters = [("id", strawberry.ID, inspect.Parameter.empty), ("input", patch_type(record), inspect.Parameter.empty),
-                  ("expected_version", int | None, None)]
+    parameters = [("id", strawberry.ID, inspect.Parameter.empty),
+                  ("input", patch_type(record), inspect.Parameter.empty), ("expected_version", int | None, None)]
     return strawberry.mutation(resolver=_resolver(update, parameters, kind),
                                **requires(record.access.update, record.description("update")))
 

@@ -33,14 +33,14 @@ async def stage_totals(info: Info, pipeline: uuid.UUID) -> list[StageTotal]:
     (what both ``Query.pipelineSummary`` and the live ``pipelineSummary`` report)."""
     session = info.context.session
     rows = await session.db.fetch(
-        select(DEALS.c.stage_id, DEALS.c.currency, func.count().label("count"),
+        select(DEALS.c.stage_id, DEALS.c.currency, func.count().label("deals"),
                func.sum(DEALS.c.amount).label("total"))
         .where(DEALS.c.tenant_id == session.tenant_id, DEALS.c.pipeline_id == pipeline)
         .group_by(DEALS.c.stage_id, DEALS.c.currency)
     )
     stages = await session.loaders.one(STAGE).load_many([r.stage_id for r in rows])
     totals = [
-        StageTotal(stage=Stage.from_row(stage), currency=r.currency, count=r.count, total=r.total,
+        StageTotal(stage=Stage.from_row(stage), currency=r.currency, count=r.deals, total=r.total,
                    weighted_total=(r.total * stage.probability).quantize(Decimal("0.01")))
         for r, stage in zip(rows, stages, strict=True) if stage is not None
     ]

@@ -69,7 +69,7 @@ class ViewerQuery:
 
     @strawberry.field(**requires(Permission.READ, "The caller's workspace."))
     async def tenant(self, info: Info) -> Tenant:
-        return Tenant.from_row(await _tenant_row(info))  # type: ignore[arg-type]
+        return Tenant.from_row(await _tenant_row(info))
 
     @strawberry.field(**requires(Permission.READ, "Members of the workspace."))
     async def members(self, info: Info) -> list[User]:
@@ -107,7 +107,8 @@ class ViewerMutation:
         return LoginPayload(token=token, expires_at=expires.replace(microsecond=0), user=User.from_row(user),
                             tenant=Tenant.from_row(tenant_row))
 
-    @strawberry.mutation(**requires(Permission.MANAGE_USERS, "Add a person to the workspace (creating their user if new)."))
+    @strawberry.mutation(**requires(Permission.MANAGE_USERS,
+                                    "Add a person to the workspace (creating their user if new)."))
     async def add_member(self, info: Info, input: MemberInput) -> User:
         values = input.values()
         password_hash = await hash_password_async(values["password"]) if values["password"] else None

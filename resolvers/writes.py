@@ -52,12 +52,12 @@ def jsonable(value: Any) -> Any:
     return value
 
 
-def snapshot(row: Mapping[str, Any], columns: Any = None) -> dict[str, Any]:
+def snapshot(row: Mapping[Any, Any], columns: Any = None) -> dict[str, Any]:
     keys = columns if columns is not None else [k for k in row if k != "tenant_id"]
     return {k: jsonable(row[k]) for k in keys}
 
 
-def public_record(record: Record, row: Mapping[str, Any]) -> dict[str, Any]:
+def public_record(record: Record, row: Mapping[Any, Any]) -> dict[str, Any]:
     """A row as a client sees it: GraphQL field names and global IDs (``stage_id`` -> ``stageId``)."""
     out: dict[str, Any] = {}
     for column, value in row.items():
@@ -95,7 +95,7 @@ class Change:
         query = record.query.where(record.key == id)
         if lock:
             query = query.with_for_update()
-        row = (await self.conn.execute(query, {"tenant_id": self.tenant_id})).first()
+        row: Row[Any] | None = (await self.conn.execute(query, {"tenant_id": self.tenant_id})).first()
         if row is None:
             raise NotFound(record.singular.lower(), id, field=field)
         return row
@@ -132,7 +132,7 @@ class Change:
         changed = {k: v for k, v in changes.items() if before._mapping[k] != v}
         if not changed:
             return before
-        row = (await self.conn.execute(
+        row: Row[Any] = (await self.conn.execute(
             update(t).where(t.c.tenant_id == self.tenant_id, t.c.id == id)
             .values(**changed, version=t.c.version + 1, updated_at=func.now()).returning(t)
         )).one()
@@ -196,7 +196,7 @@ class Change:
     async def insert(self, record: Record, values: Mapping[str, Any]) -> Row[Any]:
         """Insert one row as given (no declaration rules: ``create`` applies those), audited."""
         t = record.table
-        row = (await self.conn.execute(
+        row: Row[Any] = (await self.conn.execute(
             insert(t).values(tenant_id=self.tenant_id, id=uuid.uuid4(), **values).returning(t)
         )).one()
         await self._audit(record, "create", row.id, {"after": snapshot(row._mapping)})
@@ -266,7 +266,7 @@ class Change:
         ))
 
 
-def scope_of(record: Record, row: Mapping[str, Any]) -> dict[str, str]:
+def scope_of(record: Record, row: Mapping[Any, Any]) -> dict[str, str]:
     """The change-event routing keys of a row (``Record.routing``)."""
     return {key: str(row[column]) for key, column in record.routing.items()}
 

@@ -18,7 +18,7 @@ from strawberry.types.execution import ExecutionContext
 from strawberry.types.graphql import OperationType
 
 from core.errors import AtriumError, ErrorCode
-from schema.limits import LIMIT_RULES
+from core.limits import LIMIT_RULES
 
 log = logging.getLogger("core.errors")
 

@@ -298,6 +298,6 @@ async def _attach(info: Info, objects: Sequence[Any], key: Any, relation: Relati
     children_spec = relation.children
     assert children_spec is not None and first is not None
     lists = await loaders.many(children_spec, first).load_many([obj.row.id for obj in objects])
-    build = RecordObject.type_of(children_spec.relation.owner).from_row
-    for obj, rows in zip(objects, lists, strict=True):
-        obj.__dict__.setdefault("prefetched", {})[key] = [build(row) for row in rows]
+    make = RecordObject.type_of(children_spec.relation.owner).from_row
+    for obj, children_rows in zip(objects, lists, strict=True):
+        obj.__dict__.setdefault("prefetched", {})[key] = [make(row) for row in children_rows]

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import httpx
 import pytest
 from sqlalchemy import event, text
-from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from atrium.ops.admin import add_user, create_tenant, tenant_database
 from auth.tokens import issue_token
@@ -34,7 +35,8 @@ async def count(url: str, sql: str, **params: object) -> int:
 
 
 async def test_dedicated_tenant_is_routed_to_its_own_database(
-    client: httpx.AsyncClient, admin_engine, settings: Settings, dedicated_url: str, make_tenant  # type: ignore[no-untyped-def]
+    client: httpx.AsyncClient, admin_engine: AsyncEngine, settings: Settings, dedicated_url: str,
+    make_tenant: Callable[..., Awaitable[Any]],
 ) -> None:
     slug = f"big-{uuid.uuid4().hex[:8]}"
     tenant_id = await create_tenant(admin_engine, slug, "Big Co", isolation=Isolation.DEDICATED,

@@ -20,7 +20,8 @@ from atrium.schema import schema
 from core.settings import PlanLimits, Settings
 from models.tables import TENANTS, Role
 from schema.cost import DEFAULT_PAGE, MAX_COST, UNBOUNDED_LIST, operation_cost
-from schema.extensions import LIMIT_RULES, StaticLimits
+from schema.extensions import StaticLimits
+from core.limits import LIMIT_RULES
 from tests.conftest import TenantWorld, codes, data_or_fail, gql
 from tests.live import error_codes, live, start_atrium
 from tests.partners import bearer, new_key, plans, running, sha256

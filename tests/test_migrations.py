@@ -10,9 +10,10 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import Connection, text
 from sqlalchemy.ext.asyncio import create_async_engine
+from sqlmodel import SQLModel
 
+import models.tables  # noqa: F401 - registers every table on SQLModel.metadata
 from models.migrations import migrate
-from models.tables import SQLModel
 from tests.conftest import scratch_database
 
 

@@ -11,6 +11,7 @@ import asyncio
 import base64
 import uuid
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any
 
 import httpx
@@ -40,6 +41,10 @@ subscription($n: ID!, $o: String) {
 
 def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
+
+
+def insert_word(body: Text, *, word: str, at_start: bool) -> None:
+    body.insert(0 if at_start else len(body), word)
 
 
 def edit(doc: Doc[Any], change: Callable[[Text], None]) -> bytes:
@@ -151,7 +156,7 @@ async def test_concurrent_editors_converge(servers: tuple[AtriumProcess, AtriumP
                 await both_live.wait()
                 for i in range(rounds):
                     word = f"<{mark}{i}>"
-                    update = edit(doc, lambda body, w=word: body.insert(0 if at_start else len(body), w))
+                    update = edit(doc, partial(insert_word, word=word, at_start=at_start))
                     await graphql(client, token, APPLY, n=note, u=b64(update), o=origin)
                 for _ in range(rounds):  # exactly the other editor's updates (own ones are filtered out)
                     event = next(iter((await sub.data(op)).values()))

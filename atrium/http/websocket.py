@@ -90,9 +90,9 @@ class Grouping:
     """Which WebSocket operations share an execution, from the schema's subscription fields (module docstring)."""
 
     def __init__(self, schema: BaseSchema) -> None:
-        root = schema.subscription  # type: ignore[attr-defined]
+        root = schema.subscription
         fields = root.__strawberry_definition__.fields if root is not None else []
-        names = schema.config.name_converter  # type: ignore[attr-defined]
+        names = schema.config.name_converter
         self._delivery = {names.get_graphql_name(f): Delivery(f.metadata.get(DELIVERY, Delivery.EVENTS))
                           for f in fields}
 
