@@ -10,6 +10,7 @@ from strawberry.extensions import DisableIntrospection, MaxTokensLimiter, Schema
 from strawberry.schema.config import StrawberryConfig
 from strawberry.types.execution import ExecutionContext
 
+from core.limits import MAX_TOKENS
 from partners.resolvers import PartnerMutation, PartnerQuery
 from records.crm import ACTIVITY, COMPANY, CONTACT, PIPELINE, STAGE
 from resolvers.audit import AuditQuery
@@ -21,7 +22,6 @@ from resolvers.viewer import ViewerMutation, ViewerQuery
 from schema.cost import CostLimit, MeteredCostLimit
 from schema.crm import Activity, Company, Contact, Deal, Pipeline, Stage, User
 from schema.extensions import CodedParserCache, ErrorCoding, OperationMetrics, StaticLimits, log_unexpected
-from core.limits import MAX_TOKENS
 from schema.notes import Note
 
 

@@ -40,9 +40,9 @@ from sqlalchemy import Row, Select, delete, insert, or_, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from core.errors import BadUserInput
+from core.limits import LIMIT_RULES, MAX_TOKENS
 from models.db import TenantScope
 from models.tables import PERSISTED_DOCUMENTS
-from core.limits import LIMIT_RULES, MAX_TOKENS
 
 APOLLO_FORMAT = "apollo-persisted-query-manifest"
 DOCUMENT_ID = re.compile(r"^[A-Za-z0-9._~:-]{1,200}$")

@@ -42,6 +42,7 @@ from records.declare import (
     OnlyWhen,
     Range,
     Record,
+    Rollup,
     Root,
     Search,
     Sort,
@@ -285,3 +286,9 @@ BY_NAME = {record.name: record for record in RECORDS}
 def dependents(target: Record) -> list[ToOne]:
     """Every relation (of any record) pointing at ``target``, in declaration order."""
     return [r for record in RECORDS for r in record.relations if r.target() is target]
+
+
+def rollups_into(target: Record) -> list[tuple[Record, Rollup]]:
+    """Every rollup (of any record) into ``target``, with the record it rolls up."""
+    return [(record, rollup) for record in RECORDS for rollup in record.rollups
+            if record.relation(rollup.via).target() is target]

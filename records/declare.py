@@ -78,6 +78,8 @@ class Field:
     """The create input's default for an OPTIONAL field (shown in the SDL)."""
     description: str | None = None
     fallback: Fallback | None = None
+    unique: bool = False
+    """No two records of the tenant share a value (BAD_USER_INPUT naming the field otherwise)."""
 
     @property
     def name(self) -> str:
@@ -107,6 +109,9 @@ class ToOne:
     copies: tuple[str, ...] = ()
     """Columns copied from the target's row whenever ``key`` is set (a deal's ``pipeline_id``
     follows its stage)."""
+    requires: tuple[str, Any, str] | None = None
+    """``(column, value, message)``: the target may be referenced only while its ``column`` holds
+    ``value`` (an inactive product cannot be added to a deal); BAD_USER_INPUT ``message`` otherwise."""
     description: str | None = None
     owner: Record = field(init=False, repr=False)
     """The record holding the key (set by ``Record``)."""
@@ -395,6 +400,19 @@ class OnlyWhen:
 Check = AtLeastOne | ExactlyOne | OnlyWhen
 
 
+@dataclass(frozen=True)
+class Rollup:
+    """While a record has children through ``via`` (this record's to-one relation), the parent's
+    ``column`` is the sum of the children's ``total``: recomputed, through the write path, whenever
+    a child is created, changed or deleted. Meanwhile the parent's ``column`` and ``locks`` cannot be
+    set directly. With no children left, the parent keeps its last value and may be set again."""
+
+    via: str
+    column: str
+    total: str
+    locks: tuple[str, ...] = ()
+
+
 # ---- access and root fields -----------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -452,6 +470,7 @@ class Record:
     default_sort: str | None = None
     default_direction: Direction = Direction.ASC
     checks: tuple[Check, ...] = ()
+    rollups: tuple[Rollup, ...] = ()
     access: Access = Access()
     root: Root = Root()
     routing: Mapping[str, str] = field(default_factory=dict)

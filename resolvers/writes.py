@@ -8,8 +8,9 @@ A mutation states its change inside ``async with change(info) as w:``::
 
 What a declaration (``records``) says is applied here for every record type alike: fallbacks of
 fields left out on create, existence in the tenant of every record a key names (NOT_FOUND naming
-the field) and the columns copied from it, record-level checks over the whole resulting row, and on
-delete the effect on every record pointing at the deleted one (refused, cascaded or unlinked).
+the field), the conditions it must meet and the columns copied from it, unique fields, record-level
+checks over the whole resulting row, rollups into a parent (recomputed through this same path), and
+on delete the effect on every record pointing at the deleted one (refused, cascaded or unlinked).
 
 Everything inside the block is one tenant transaction: the rows, their audit_events rows and the
 version checks commit together or not at all. Change events are published only after the commit.
@@ -37,7 +38,7 @@ from auth.session import Info, Session
 from core.errors import BadUserInput, NotFound, VersionConflict
 from core.ids import to_global_id
 from models.tables import AUDIT_EVENTS
-from records.crm import dependents
+from records.crm import dependents, rollups_into
 from records.declare import AtLeastOne, ExactlyOne, OnDelete, Record, camel
 from subscriptions.events import ChangeEvent, ChangeKind
 
@@ -106,22 +107,27 @@ class Change:
         """Insert a record from validated ``values`` (``Record.create_values``): checks, fallbacks of
         fields left out, references (NOT_FOUND naming the field, with ``prefix``), then the row."""
         record.check(values)
+        await self._references(record, values, prefix)
         for f in record.fields:
             if f.fallback is not None and values.get(f.column) is None:
                 values[f.column] = await f.fallback(self, values)
-        await self._references(record, values, prefix)
+        await self._unique(record, values, None, prefix)
         for column in [c for c, v in values.items() if v is None]:
             if not record.nullable(column):  # left to the column's default (e.g. occurred_at = now())
                 del values[column]
-        return await self.insert(record, values)
+        row = await self.insert(record, values)
+        await self._roll_up(record, row._mapping)
+        return row
 
     async def update(self, record: Record, id: uuid.UUID, changes: dict[str, Any],
-                     expected_version: int | None, *, detail: Mapping[str, Any] | None = None) -> Row[Any]:
+                     expected_version: int | None, *, detail: Mapping[str, Any] | None = None,
+                     rolled_up: bool = False) -> Row[Any]:
         """Apply ``changes`` to record ``id``; a stale ``expected_version`` raises VERSION_CONFLICT.
 
         A change that alters nothing writes nothing and keeps the version. ``detail`` (JSON data)
         replaces the before/after snapshot in the audit row and travels with the change event, for
         columns too large to snapshot on every change (a note's CRDT document: the update instead).
+        ``rolled_up``: the change is a rollup's own recomputation (``Rollup``), not a client's.
         """
         t = record.table
         before = await self.require(record, id, lock=True)
@@ -132,6 +138,9 @@ class Change:
         changed = {k: v for k, v in changes.items() if before._mapping[k] != v}
         if not changed:
             return before
+        if not rolled_up:
+            await self._derived_columns(record, id, changed)
+        await self._unique(record, changed, id, "")
         row: Row[Any] = (await self.conn.execute(
             update(t).where(t.c.tenant_id == self.tenant_id, t.c.id == id)
             .values(**changed, version=t.c.version + 1, updated_at=func.now()).returning(t)
@@ -140,6 +149,7 @@ class Change:
             "before": snapshot(before._mapping, changed), "after": snapshot(row._mapping, changed)})
         self._event(record, ChangeKind.UPDATED, row, tuple(changed), detail=detail,
                     previous_scope=scope_of(record, before._mapping))
+        await self._roll_up(record, row._mapping)
         return row
 
     async def delete(self, record: Record, id: uuid.UUID, expected_version: int | None) -> Row[Any]:
@@ -156,6 +166,7 @@ class Change:
                                      "refers to it first") from None
         await self._audit(record, "delete", id, {"before": snapshot(before._mapping)})
         self._event(record, ChangeKind.DELETED, before, (), version=before.version + 1)
+        await self._roll_up(record, before._mapping)
         return before
 
     async def release(self, target: Record, id: uuid.UUID) -> None:
@@ -183,13 +194,57 @@ class Change:
                 await self.update_where(owner, column == id, {relation.key: None}, before={relation.key: id})
 
     async def _references(self, record: Record, values: dict[str, Any], prefix: str) -> None:
+        rolled = {rollup.via for rollup in record.rollups}
         for relation in record.relations:
             target_id = values.get(relation.key)
             if not isinstance(target_id, uuid.UUID):
                 continue
-            row = await self.require(relation.target(), target_id, field=prefix + camel(relation.key))
+            field = prefix + camel(relation.key)
+            # A parent whose column rolls up this record's is locked first: concurrent changes of its
+            # children then recompute it one after another, each seeing the others' rows.
+            row = await self.require(relation.target(), target_id, field=field, lock=relation.name in rolled)
+            if relation.requires is not None:
+                column, value, message = relation.requires
+                if row._mapping[column] != value:
+                    raise BadUserInput(field, message)
             for column in relation.copies:
                 values[column] = row._mapping[column]
+
+    async def _unique(self, record: Record, values: Mapping[str, Any], id: uuid.UUID | None, prefix: str) -> None:
+        t = record.table
+        for f in record.fields:
+            if not f.unique or values.get(f.column) is None:
+                continue
+            query = select(t.c.id).where(t.c.tenant_id == self.tenant_id, t.c[f.column] == values[f.column])
+            if id is not None:
+                query = query.where(t.c.id != id)
+            if await self.scalar(query.limit(1)) is not None:
+                raise BadUserInput(prefix + f.name, f"is already used by another {record.singular.lower()}")
+
+    async def _derived_columns(self, record: Record, id: uuid.UUID, changed: Mapping[str, Any]) -> None:
+        """Refuse a direct change of a column that children roll up (or lock) while there are children."""
+        for child, rollup in rollups_into(record):
+            touched = [c for c in (rollup.column, *rollup.locks) if c in changed]
+            if not touched:
+                continue
+            t = child.table
+            key = t.c[child.relation(rollup.via).key]
+            if await self.scalar(select(t.c.id).where(t.c.tenant_id == self.tenant_id, key == id).limit(1)):
+                raise BadUserInput(camel(touched[0]), f"is derived from the {record.singular.lower()}'s "
+                                                      f"{child.plural}; change those instead")
+
+    async def _roll_up(self, record: Record, row: Mapping[Any, Any]) -> None:
+        """Recompute the parents ``record``'s rollups feed (``Rollup``) after a change of ``row``."""
+        for rollup in record.rollups:
+            relation = record.relation(rollup.via)
+            parent_id = row[relation.key]
+            if parent_id is None:
+                continue
+            t = record.table
+            total = await self.scalar(select(func.sum(t.c[rollup.total])).where(
+                t.c.tenant_id == self.tenant_id, t.c[relation.key] == parent_id))
+            if total is not None:
+                await self.update(relation.target(), parent_id, {rollup.column: total}, None, rolled_up=True)
 
     # ---- rows -----------------------------------------------------------------------------------
 
