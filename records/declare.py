@@ -34,6 +34,11 @@ from models.loaders import TENANT
 from records.rules import Choice, Rule, Text
 
 
+def snake(name: str) -> str:
+    """``DealLineItem`` -> ``deal_line_item``."""
+    return "".join(f"_{c.lower()}" if c.isupper() and i else c.lower() for i, c in enumerate(name))
+
+
 def camel(column: str) -> str:
     """The GraphQL name of a column (``stage_id`` -> ``stageId``)."""
     head, *rest = column.split("_")
@@ -498,7 +503,17 @@ class Record:
 
     @property
     def singular(self) -> str:
-        return self.name[0].lower() + self.name[1:]
+        """The Python name of the record's single-record root field (``deal``, ``deal_line_item``)."""
+        return snake(self.name)
+
+    @property
+    def label(self) -> str:
+        """The record type in words, for messages (``deal line item``)."""
+        return snake(self.name).replace("_", " ")
+
+    @property
+    def plural_label(self) -> str:
+        return self.plural.replace("_", " ")
 
     def field(self, column: str) -> Field:
         return self._fields[column]

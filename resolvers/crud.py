@@ -35,7 +35,7 @@ from auth.roles import requires
 from auth.session import Info
 from core.errors import BadUserInput
 from core.ids import decode_id
-from records.declare import Create, Direction, Listing, Record, camel, ordering
+from records.declare import Create, Direction, Listing, Record, camel, ordering, snake
 from resolvers.paging import paginate
 from resolvers.writes import change
 from schema import enums as _enums  # noqa: F401 - registers the enums inputs refer to
@@ -260,8 +260,3 @@ def mutations(record: Record) -> type:
     if record.root.delete:
         namespace[f"delete_{snake(record.name)}"] = delete_field(record)
     return strawberry.type(type(f"{record.name}Mutation", (), namespace))
-
-
-def snake(name: str) -> str:
-    """``DealLineItem`` -> ``deal_line_item``."""
-    return "".join(f"_{c.lower()}" if c.isupper() and i else c.lower() for i, c in enumerate(name))

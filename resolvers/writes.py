@@ -98,7 +98,7 @@ class Change:
             query = query.with_for_update()
         row: Row[Any] | None = (await self.conn.execute(query, {"tenant_id": self.tenant_id})).first()
         if row is None:
-            raise NotFound(record.singular.lower(), id, field=field)
+            raise NotFound(record.label, id, field=field)
         return row
 
     # ---- whole records (what the declaration says) ---------------------------------------------
@@ -162,7 +162,7 @@ class Change:
             async with self.conn.begin_nested():
                 await self.conn.execute(delete(t).where(t.c.tenant_id == self.tenant_id, t.c.id == id))
         except IntegrityError:
-            raise BadUserInput("id", f"this {record.singular.lower()} is still in use; move or delete what "
+            raise BadUserInput("id", f"this {record.label} is still in use; move or delete what "
                                      "refers to it first") from None
         await self._audit(record, "delete", id, {"before": snapshot(before._mapping)})
         self._event(record, ChangeKind.DELETED, before, (), version=before.version + 1)
@@ -179,8 +179,8 @@ class Change:
                 t = relation.owner.table
                 if await self.scalar(select(t.c.id).where(t.c.tenant_id == self.tenant_id,
                                                           t.c[relation.key] == id).limit(1)) is not None:
-                    raise BadUserInput("id", f"this {target.singular.lower()} still has "
-                                             f"{relation.owner.plural}; move or delete them first")
+                    raise BadUserInput("id", f"this {target.label} still has "
+                                             f"{relation.owner.plural_label}; move or delete them first")
         for relation in relations:
             owner, column = relation.owner, relation.owner.table.c[relation.key]
             if relation.on_delete is OnDelete.CASCADE:
@@ -219,7 +219,7 @@ class Change:
             if id is not None:
                 query = query.where(t.c.id != id)
             if await self.scalar(query.limit(1)) is not None:
-                raise BadUserInput(prefix + f.name, f"is already used by another {record.singular.lower()}")
+                raise BadUserInput(prefix + f.name, f"is already used by another {record.label}")
 
     async def _derived_columns(self, record: Record, id: uuid.UUID, changed: Mapping[str, Any]) -> None:
         """Refuse a direct change of a column that children roll up (or lock) while there are children."""
@@ -230,8 +230,8 @@ class Change:
             t = child.table
             key = t.c[child.relation(rollup.via).key]
             if await self.scalar(select(t.c.id).where(t.c.tenant_id == self.tenant_id, key == id).limit(1)):
-                raise BadUserInput(camel(touched[0]), f"is derived from the {record.singular.lower()}'s "
-                                                      f"{child.plural}; change those instead")
+                raise BadUserInput(camel(touched[0]), f"is derived from the {record.label}'s "
+                                                      f"{child.plural_label}; change those instead")
 
     async def _roll_up(self, record: Record, row: Mapping[Any, Any]) -> None:
         """Recompute the parents ``record``'s rollups feed (``Rollup``) after a change of ``row``."""
@@ -306,7 +306,7 @@ class Change:
     @staticmethod
     def check_version(record: Record, row: Row[Any], expected_version: int | None) -> None:
         if expected_version is not None and row.version != expected_version:
-            raise VersionConflict(record.singular.lower(), row.version, public_record(record, row._mapping))
+            raise VersionConflict(record.label, row.version, public_record(record, row._mapping))
 
     def _event(self, record: Record, kind: ChangeKind, row: Row[Any], fields: tuple[str, ...],
                version: int | None = None, detail: Mapping[str, Any] | None = None,
