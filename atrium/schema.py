@@ -12,7 +12,7 @@ from strawberry.types.execution import ExecutionContext
 
 from core.limits import MAX_TOKENS
 from partners.resolvers import PartnerMutation, PartnerQuery
-from records.crm import ACTIVITY, COMPANY, CONTACT, PIPELINE, STAGE
+from records.crm import ACTIVITY, COMPANY, CONTACT, DEAL_LINE_ITEM, PIPELINE, PRODUCT, STAGE
 from resolvers.audit import AuditQuery
 from resolvers.crud import mutations, queries
 from resolvers.deals import DealMutation, DealQuery
@@ -20,7 +20,7 @@ from resolvers.live import LiveMutation, LiveSubscription
 from resolvers.notes import NoteMutation, NoteQuery
 from resolvers.viewer import ViewerMutation, ViewerQuery
 from schema.cost import CostLimit, MeteredCostLimit
-from schema.crm import Activity, Company, Contact, Deal, Pipeline, Stage, User
+from schema.crm import Activity, Company, Contact, Deal, DealLineItem, Pipeline, Product, Stage, User
 from schema.extensions import CodedParserCache, ErrorCoding, OperationMetrics, StaticLimits, log_unexpected
 from schema.notes import Note
 
@@ -31,9 +31,10 @@ def root(name: str, *parts: type) -> type:
 
 
 Query = root("Query", ViewerQuery, DealQuery, queries(COMPANY), queries(CONTACT), queries(PIPELINE), queries(ACTIVITY),
-             AuditQuery, PartnerQuery, NoteQuery)
+             AuditQuery, PartnerQuery, NoteQuery, queries(PRODUCT), queries(DEAL_LINE_ITEM))
 Mutation = root("Mutation", ViewerMutation, DealMutation, mutations(COMPANY), mutations(CONTACT), mutations(PIPELINE),
-                mutations(STAGE), mutations(ACTIVITY), PartnerMutation, NoteMutation, LiveMutation)
+                mutations(STAGE), mutations(ACTIVITY), PartnerMutation, NoteMutation, LiveMutation,
+                mutations(PRODUCT), mutations(DEAL_LINE_ITEM))
 Subscription = root("Subscription", LiveSubscription)
 
 
@@ -65,7 +66,7 @@ def build_schema(*, production: bool = False) -> AtriumSchema:
         query=Query,
         mutation=Mutation,
         subscription=Subscription,
-        types=[Deal, Company, Contact, Pipeline, Stage, Activity, User, Note],
+        types=[Deal, Company, Contact, Pipeline, Stage, Activity, User, Note, Product, DealLineItem],
         extensions=extensions,
         config=StrawberryConfig(disable_field_suggestions=production),
     )

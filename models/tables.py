@@ -18,12 +18,14 @@ from sqlalchemy import (
     CHAR,
     CheckConstraint,
     Column,
+    Computed,
     DateTime,
     ForeignKeyConstraint,
     LargeBinary,
     Numeric,
     Table,
     Text,
+    UniqueConstraint,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlmodel import Field, SQLModel
@@ -252,6 +254,50 @@ class Note(TenantTable, table=True):
 NOTES = table(Note)
 
 
+class Product(TenantTable, table=True):
+    """Something a tenant sells, at a list price in one currency; its SKU is unique in the tenant."""
+
+    __tablename__ = "products"
+    __table_args__ = (
+        UniqueConstraint("tenant_id", "sku", name="products_sku_key"),
+        CheckConstraint("unit_price >= 0", name="products_unit_price_non_negative"),
+    )
+    name: str = Field(max_length=200)
+    sku: str = Field(max_length=64)
+    unit_price: Decimal = Field(sa_column=Column(Numeric(18, 2), nullable=False))
+    currency: str = Field(sa_column=Column(CHAR(3), nullable=False))
+    active: bool = True
+
+
+LINE_TOTAL = "round(quantity * unit_price * (100 - discount_percent) / 100, 2)"
+
+
+class DealLineItem(TenantTable, table=True):
+    """A quantity of one product on one deal, at a unit price in the deal's currency, less a discount.
+
+    ``line_total`` is computed by PostgreSQL (a stored generated column), so every reader agrees.
+    """
+
+    __tablename__ = "deal_line_items"
+    __table_args__ = (
+        ForeignKeyConstraint(["tenant_id", "deal_id"], ["deals.tenant_id", "deals.id"], ondelete="CASCADE"),
+        ForeignKeyConstraint(["tenant_id", "product_id"], ["products.tenant_id", "products.id"]),
+        CheckConstraint("quantity > 0", name="deal_line_items_quantity_positive"),
+        CheckConstraint("discount_percent >= 0 AND discount_percent <= 100", name="deal_line_items_discount_range"),
+    )
+    deal_id: uuid.UUID
+    product_id: uuid.UUID
+    quantity: int
+    unit_price: Decimal = Field(sa_column=Column(Numeric(18, 2), nullable=False))
+    discount_percent: Decimal = Field(sa_column=Column(Numeric(5, 2), nullable=False, server_default="0"))
+    currency: str = Field(sa_column=Column(CHAR(3), nullable=False))
+    line_total: Decimal = Field(sa_column=Column(Numeric(18, 2), Computed(LINE_TOTAL, persisted=True)))
+
+
+PRODUCTS = table(Product)
+DEAL_LINE_ITEMS = table(DealLineItem)
+
+
 class ApiKey(TenantTable, table=True):
     """A credential for a partner integration, acting for ``created_by`` with at most their role.
 
@@ -300,5 +346,5 @@ PERSISTED_DOCUMENTS = table(PersistedDocument)
 APQ_DOCUMENTS = table(ApqDocument)
 
 TENANT_TABLES = (MEMBERSHIPS, COMPANIES, CONTACTS, PIPELINES, STAGES, DEALS, ACTIVITIES, AUDIT_EVENTS, NOTES,
-                 API_KEYS, PERSISTED_DOCUMENTS)
+                 API_KEYS, PERSISTED_DOCUMENTS, PRODUCTS, DEAL_LINE_ITEMS)
 """Every table holding tenant rows (RLS enabled and forced on each; tests/test_rls.py checks the catalog)."""

@@ -7,20 +7,26 @@ looked up when first used).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
+from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import func, literal_column, select
+from sqlalchemy import case, func, literal_column, select
 
+from auth.roles import Permission
+from core.errors import BadUserInput
 from models.loaders import TENANT
 from models.tables import (
     ACTIVITIES,
     COMPANIES,
     CONTACTS,
+    DEAL_LINE_ITEMS,
     DEALS,
     MEMBERSHIPS,
     NOTES,
     PIPELINES,
+    PRODUCTS,
     STAGES,
     USERS,
     ActivityKind,
@@ -28,6 +34,7 @@ from models.tables import (
 )
 from records.declare import (
     NO_ROOT,
+    Access,
     AnyOf,
     AtLeastOne,
     Below,
@@ -66,6 +73,8 @@ from records.rules import (
 )
 from subscriptions.notes import empty_state
 
+SKU = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
 
 async def caller(w: Writer, values: Mapping[str, Any]) -> Any:
     """The member making the change."""
@@ -80,6 +89,16 @@ async def after_last_stage(w: Writer, values: Mapping[str, Any]) -> Any:
 
 async def empty_note(w: Writer, values: Mapping[str, Any]) -> Any:
     return empty_state()
+
+
+async def list_price(w: Writer, values: Mapping[str, Any]) -> Any:
+    """The product's list price, when it is in the deal's currency (the line item's)."""
+    price = await w.scalar(select(case((PRODUCTS.c.currency == values["currency"], PRODUCTS.c.unit_price))).where(
+        PRODUCTS.c.tenant_id == w.tenant_id, PRODUCTS.c.id == values["product_id"]))
+    if price is None:
+        raise BadUserInput("unitPrice", f"the product's list price is in another currency: give a unit price "
+                                        f"in the deal's currency ({values['currency']})")
+    return price
 
 
 USER: Record = Record(
@@ -198,8 +217,12 @@ DEAL: Record = Record(
         ToOne("contact", "contact_id", lambda: CONTACT, OnDelete.SET_NULL, description="The primary contact."),
         ToOne("owner", "owner_id", lambda: USER, OnDelete.SET_NULL),
     ),
-    children=(Children("activities", lambda: ACTIVITY.relation("deal"), ("-occurred_at", "-id"), first=10,
-                       description="Latest activities first."),),
+    children=(
+        Children("activities", lambda: ACTIVITY.relation("deal"), ("-occurred_at", "-id"), first=10,
+                 description="Latest activities first."),
+        Children("line_items", lambda: DEAL_LINE_ITEM.relation("deal"), ("created_at", "id"), first=50, maximum=100,
+                 description="The products on the deal, in the order they were added."),
+    ),
     filters=(
         Equals("pipeline_id"), Equals("stage_id"), Equals("owner_id"), Equals("company_id"), Equals("contact_id"),
         AnyOf("status"),
@@ -277,7 +300,50 @@ NOTE: Record = Record(
     }),
 )
 
-RECORDS: tuple[Record, ...] = (USER, MEMBERSHIP, COMPANY, CONTACT, PIPELINE, STAGE, DEAL, ACTIVITY, NOTE)
+PRODUCT: Record = Record(
+    "Product", PRODUCTS, "products",
+    fields=(
+        Field("name", Text(200), Create.REQUIRED),
+        Field("sku", Text(64, pattern=SKU, expected="letters, digits, '.', '_' or '-'"), Create.REQUIRED,
+              description="Stock-keeping unit, unique in the workspace.", unique=True),
+        Field("unit_price", Money(), Create.REQUIRED, description="List price, in `currency`."),
+        Field("currency", Currency(), Create.REQUIRED),
+        Field("active", Flag(), default=True, description="Only active products can be added to deals."),
+    ),
+    filters=(Equals("active"), Equals("currency"), Search(("name", "sku"), description="Matches name and SKU.")),
+    sorts=(Sort("NAME", "name"), Sort("SKU", "sku"), Sort("UNIT_PRICE", "unit_price"),
+           Sort("CREATED_AT", "created_at")),
+    default_sort="NAME",
+    root=Root(descriptions={"delete": "Delete a product that is on no deal (deactivate it instead)."}),
+)
+
+DEAL_LINE_ITEM: Record = Record(
+    "DealLineItem", DEAL_LINE_ITEMS, "deal_line_items",
+    fields=(
+        Field("deal_id", Ref("Deal"), Create.REQUIRED, update=False),
+        Field("product_id", Ref("Product"), Create.REQUIRED, update=False),
+        Field("quantity", Whole(minimum=1), Create.REQUIRED),
+        Field("unit_price", Money(), description="In the deal's currency; defaults to the product's list price "
+                                                 "when that is in the deal's currency.", fallback=list_price),
+        Field("discount_percent", Fraction(Decimal(0), Decimal(100), places=2), description="0 to 100 (default 0)."),
+        Field("currency", Currency(), Create.NEVER, update=False),
+    ),
+    relations=(
+        ToOne("deal", "deal_id", lambda: DEAL, OnDelete.CASCADE, copies=("currency",)),
+        ToOne("product", "product_id", lambda: PRODUCT, OnDelete.RESTRICT,
+              requires=("active", True, "this product is not active")),
+    ),
+    rollups=(Rollup("deal", "amount", "line_total", locks=("currency",)),),
+    access=Access(delete=Permission.WRITE),
+    filters=(Equals("deal_id"), Equals("product_id")),
+    sorts=(Sort("CREATED_AT", "created_at"),),
+    default_sort="CREATED_AT",
+    root=Root(descriptions={
+        "create": "Add a product to a deal. While a deal has line items, its amount is their total."}),
+)
+
+RECORDS: tuple[Record, ...] = (USER, MEMBERSHIP, COMPANY, CONTACT, PIPELINE, STAGE, DEAL, ACTIVITY, NOTE, PRODUCT,
+                               DEAL_LINE_ITEM)
 """Every record type. Node lookup, dependents on delete and the isolation tests go over this tuple."""
 
 BY_NAME = {record.name: record for record in RECORDS}

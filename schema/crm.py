@@ -14,7 +14,7 @@ from strawberry.scalars import JSON
 from auth.session import Info
 from core.ids import to_global_id
 from models.tables import ActivityKind, DealStatus, Plan, Role
-from records.crm import ACTIVITY, COMPANY, CONTACT, DEAL, PIPELINE, STAGE, USER
+from records.crm import ACTIVITY, COMPANY, CONTACT, DEAL, DEAL_LINE_ITEM, PIPELINE, PRODUCT, STAGE, USER
 from schema import enums as _enums  # noqa: F401 - registers the model enums as GraphQL enums
 from schema.objects import Node, RecordObject, children, load, to_one
 
@@ -104,7 +104,8 @@ class Activity(RecordObject, Node, record=ACTIVITY):
 @strawberry.type
 class Deal(RecordObject, Node, record=DEAL):
     title: str
-    amount: Decimal
+    amount: Decimal = strawberry.field(description="In `currency`; the total of the deal's line items while it "
+                                                   "has any.")
     currency: str = strawberry.field(description="ISO 4217 code of `amount`.")
     status: DealStatus
     expected_close_date: dt.date | None
@@ -117,6 +118,34 @@ class Deal(RecordObject, Node, record=DEAL):
     contact: Contact | None = to_one(DEAL, "contact")
     owner: User | None = to_one(DEAL, "owner")
     activities: list[Activity] = children(DEAL, "activities")
+    line_items: list[DealLineItem] = children(DEAL, "line_items")
+
+
+@strawberry.type(description="Something the workspace sells, at a list price.")
+class Product(RecordObject, Node, record=PRODUCT):
+    name: str
+    sku: str = strawberry.field(description="Stock-keeping unit, unique in the workspace.")
+    unit_price: Decimal = strawberry.field(description="List price, in `currency`.")
+    currency: str = strawberry.field(description="ISO 4217 code of `unitPrice`.")
+    active: bool = strawberry.field(description="Only active products can be added to deals.")
+    version: int
+    created_at: dt.datetime
+    updated_at: dt.datetime
+
+
+@strawberry.type(description="A quantity of one product on one deal.")
+class DealLineItem(RecordObject, Node, record=DEAL_LINE_ITEM):
+    quantity: int
+    unit_price: Decimal = strawberry.field(description="In `currency`.")
+    discount_percent: Decimal = strawberry.field(description="0 to 100.")
+    currency: str = strawberry.field(description="The deal's currency.")
+    line_total: Decimal = strawberry.field(description="quantity x unitPrice x (1 - discountPercent / 100), "
+                                                       "rounded to the cent.")
+    version: int
+    created_at: dt.datetime
+    updated_at: dt.datetime
+    deal: Deal = to_one(DEAL_LINE_ITEM, "deal")
+    product: Product = to_one(DEAL_LINE_ITEM, "product")
 
 
 @strawberry.type(description="One change of one record, written in the same transaction as the change.")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
@@ -39,7 +39,7 @@ from models.tables import (
 from records.crm import RECORDS
 from records.declare import Listing, Sort
 from resolvers.paging import count_rows, fetch_page
-from tests.conftest import TenantWorld
+from tests.conftest import TenantWorld, data_or_fail, gql
 from tests.crm import Crm, seed_crm, uuid_of
 
 MakeTenant = Callable[..., Awaitable[TenantWorld]]
@@ -63,7 +63,12 @@ class Seeded:
     def id(self) -> uuid.UUID:
         return self.world.id
 
+    products: dict[str, Any] = field(default_factory=dict)
+    """A product and a line item of the tenant's deal (``product``, ``line``), made through the API."""
+
     def key(self, entity: str) -> uuid.UUID:
+        if entity in self.products:
+            return uuid_of(self.products[entity]["id"])
         record: dict[str, Any] = self.crm.stage if entity == "stage" else getattr(self.crm, entity)
         return uuid_of(record["id"])
 
@@ -82,6 +87,15 @@ async def seeded_pair(make_tenant: MakeTenant, client: httpx.AsyncClient,
     a, b = await make_tenant("rls-a"), await make_tenant("rls-b")
     pair = (Seeded(a, await seed_crm(client, a.token(Role.OWNER))),
             Seeded(b, await seed_crm(client, b.token(Role.OWNER))))
+    for tenant in pair:
+        token = tenant.world.token(Role.OWNER)
+        made = data_or_fail(await gql(client, "mutation($i: ProductInput!) { createProduct(input: $i) { id } }", {
+            "i": {"name": "Seeded", "sku": uuid.uuid4().hex, "unitPrice": "1234.50", "currency": "USD"}}, token=token))
+        line = data_or_fail(await gql(client, "mutation($i: DealLineItemInput!) { createDealLineItem(input: $i) "
+                                              "{ id } }", {"i": {"dealId": tenant.crm.deal["id"], "quantity": 1,
+                                                                 "productId": made["createProduct"]["id"]}},
+                                      token=token))
+        tenant.products.update(product=made["createProduct"], line=line["createDealLineItem"])
     async with admin_engine.begin() as conn:
         for tenant in pair:
             rows = rows_for(tenant, uuid.uuid4())
@@ -198,6 +212,11 @@ def rows_for(tenant: Seeded, stranger: uuid.UUID) -> dict[str, dict[str, Any]]:
         "persisted_documents": {"tenant_id": t, "id": uuid.uuid4(), "client": "planted",
                                 "document_id": uuid.uuid4().hex,
                                 "sha256": "0" * 64, "operation_type": "query", "body": "{ __typename }"},
+        "products": {"tenant_id": t, "id": uuid.uuid4(), "name": "Planted", "sku": uuid.uuid4().hex,
+                     "unit_price": Decimal("1.00"), "currency": "USD"},
+        "deal_line_items": {"tenant_id": t, "id": uuid.uuid4(), "deal_id": tenant.key("deal"),
+                            "product_id": tenant.key("product"), "quantity": 1, "unit_price": Decimal("1.00"),
+                            "currency": "USD"},
     })
 
 

@@ -1,8 +1,10 @@
 """Realistic, deterministic demo tenants, bulk-loaded with COPY.
 
-``seed_tenant`` (re)creates one tenant with users, companies, contacts, two pipelines, deals and
-their activities; ``seed_demo`` does it for several tenants. Both connect to the *admin* URL (a
-superuser or the table owner, which bypasses row-level security), so no ``app.tenant_id`` is set.
+``seed_tenant`` (re)creates one tenant with users, companies, contacts, two pipelines, a product
+catalogue, deals, their activities and (for a quarter of the deals) their line items, whose total is
+then the deal's amount as the API derives it; ``seed_demo`` does it for several tenants. Both
+connect to the *admin* URL (a superuser or the table owner, which bypasses row-level security), so
+no ``app.tenant_id`` is set.
 
 Contracts:
 
@@ -29,7 +31,7 @@ import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from decimal import Decimal
+from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
 
 import asyncpg
@@ -218,8 +220,9 @@ _RENEWAL_STAGES = (
 _RENEWAL_SHARE = 0.15
 
 _YEAR_SECONDS = 365 * 24 * 3600
-_LOG_MIN_AMOUNT = math.log(500)
-_LOG_MAX_AMOUNT = math.log(250_000)
+_MIN_AMOUNT, _MAX_AMOUNT = Decimal(500), Decimal(250_000)
+_LOG_MIN_AMOUNT = math.log(_MIN_AMOUNT)
+_LOG_MAX_AMOUNT = math.log(_MAX_AMOUNT)
 
 _COMPANY_COLUMNS = ("tenant_id", "id", "name", "domain", "created_at", "updated_at")
 _CONTACT_COLUMNS = (
@@ -234,10 +237,20 @@ _ACTIVITY_COLUMNS = (
     "tenant_id", "id", "kind", "subject", "body", "deal_id", "contact_id", "company_id", "actor_id",
     "occurred_at", "due_date", "done", "created_at", "updated_at",
 )
+_PRODUCT_COLUMNS = ("tenant_id", "id", "name", "sku", "unit_price", "currency", "active", "created_at", "updated_at")
+_LINE_ITEM_COLUMNS = (
+    "tenant_id", "id", "deal_id", "product_id", "quantity", "unit_price", "discount_percent", "currency",
+    "created_at", "updated_at",
+)
+_CURRENCIES = ("USD", "EUR", "GBP")
+_LINE_ITEM_SHARE = 0.25
+"""Deals that list their products; their amount is then the total of their line items (records.crm)."""
+_DISCOUNTS = (Decimal(0), Decimal(0), Decimal(5), Decimal(10), Decimal(15))
 # Children before parents: deleting them explicitly is much cheaper than letting ON DELETE
 # CASCADE / SET NULL fire row by row. ``DELETE FROM tenants`` then cascades whatever is left.
-_DELETE_ORDER = ("activities", "audit_events", "deals", "contacts", "companies", "stages", "pipelines", "memberships")
-_ANALYZE_TABLES = ("companies", "contacts", "deals", "activities")
+_DELETE_ORDER = ("activities", "audit_events", "deal_line_items", "deals", "products", "contacts", "companies",
+                 "stages", "pipelines", "memberships")
+_ANALYZE_TABLES = ("companies", "contacts", "deals", "activities", "products", "deal_line_items")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -359,13 +372,14 @@ async def _seed_tenant(
                          "updated_at"), stages)
             await _copy(conn, "companies", _COMPANY_COLUMNS, gen.companies())
             await _copy(conn, "contacts", _CONTACT_COLUMNS, gen.contacts())
+            await _copy(conn, "products", _PRODUCT_COLUMNS, gen.products())
             # Generate the next batch in a worker thread while the server ingests the current one.
             # Batches are generated strictly one after another, so the output stays deterministic.
             sizes = [min(CHUNK_DEALS, deals - start) for start in range(0, deals, CHUNK_DEALS)]
             pending = asyncio.ensure_future(asyncio.to_thread(gen.deal_batch, sizes[0])) if sizes else None
             for i, size in enumerate(sizes):
                 assert pending is not None
-                deal_rows, activity_rows = await pending
+                deal_rows, activity_rows, line_rows = await pending
                 pending = (
                     asyncio.ensure_future(asyncio.to_thread(gen.deal_batch, sizes[i + 1]))
                     if i + 1 < len(sizes) else None
@@ -373,6 +387,7 @@ async def _seed_tenant(
                 try:
                     await _copy(conn, "deals", _DEAL_COLUMNS, deal_rows)
                     await _copy(conn, "activities", _ACTIVITY_COLUMNS, activity_rows)
+                    await _copy(conn, "deal_line_items", _LINE_ITEM_COLUMNS, line_rows)
                 except BaseException:
                     if pending is not None:
                         await asyncio.gather(pending, return_exceptions=True)
@@ -450,6 +465,7 @@ class _Generator:
         self._sales_cum: list[int] = []
         self._renewals: list[_Stage] = []
         self._renewals_cum: list[int] = []
+        self._catalogue: dict[str, list[tuple[uuid.UUID, Decimal]]] = {}
 
     def uuid(self) -> uuid.UUID:
         return uuid.UUID(int=self.rng.getrandbits(128), version=4)
@@ -545,6 +561,43 @@ class _Generator:
             self._companies.append(_Company(rows[-1][1], name, domain, created, ()))
         return rows
 
+    def products(self) -> list[Row]:
+        """The catalogue: every product in each currency, at a list price of its own."""
+        rows: list[Row] = []
+        for name in _PRODUCTS:
+            stem = "".join(word[:3].upper() for word in name.split())
+            for currency in _CURRENCIES:
+                price = Decimal(self.rng.randrange(9_000, 1_200_000, 100)).scaleb(-2)
+                created = self.past(_YEAR_SECONDS * 2)
+                product_id = self.uuid()
+                rows.append((self.tenant_id, product_id, name, f"{stem}-{currency}", price, currency,
+                             self.rng.random() < 0.95, created, self.between(created, self.now)))
+                self._catalogue.setdefault(currency, []).append((product_id, price))
+        return rows
+
+    def line_items(self, deal_id: uuid.UUID, currency: str, amount: Decimal,
+                   created: datetime) -> tuple[Decimal, list[Row]]:
+        """1-3 line items of about ``amount`` in all; returns their exact total (the deal's amount)."""
+        rng = self.rng
+        parts = rng.randrange(1, 4)
+        chosen = rng.sample(self._catalogue[currency], parts)
+        lines = []
+        for product_id, price in chosen:
+            quantity = max(1, min(500, int(amount / parts / price)))
+            lines.append([product_id, quantity, price, rng.choice(_DISCOUNTS)])
+
+        def total() -> Decimal:
+            return sum((line_total(q, p, d) for _, q, p, d in lines), Decimal(0))
+
+        while total() < _MIN_AMOUNT:
+            lines[0][1] += 1
+        while total() > _MAX_AMOUNT and any(line[1] > 1 for line in lines):
+            biggest = max(lines, key=lambda line: line[1])
+            biggest[1] -= 1
+        rows = [(self.tenant_id, self.uuid(), deal_id, product_id, quantity, price, discount, currency, created,
+                 created) for product_id, quantity, price, discount in lines]
+        return total(), rows
+
     def phone(self) -> str | None:
         rng = self.rng
         r = rng.random()
@@ -575,8 +628,8 @@ class _Generator:
 
     # -- deals, activities ------------------------------------------------------------------------
 
-    def deal_batch(self, count: int) -> tuple[list[Row], list[Row]]:
-        """The next ``count`` deals and their 3-5 activities each."""
+    def deal_batch(self, count: int) -> tuple[list[Row], list[Row], list[Row]]:
+        """The next ``count`` deals, their 3-5 activities each, and the line items of some."""
         rng = self.rng
         random_ = rng.random
         tenant_id = self.tenant_id
@@ -586,6 +639,7 @@ class _Generator:
         sellers = self._sellers
         deals: list[Row] = []
         activities: list[Row] = []
+        lines: list[Row] = []
         for _ in range(count):
             renewal = random_() < _RENEWAL_SHARE
             if renewal:
@@ -616,6 +670,9 @@ class _Generator:
                 close = start + timedelta(days=rng.randrange((today - start).days + 1))
             updated = created + (now - created) * random_()
             deal_id = self.uuid()
+            if random_() < _LINE_ITEM_SHARE:
+                amount, items = self.line_items(deal_id, currency, amount, created)
+                lines += items
             contact_id = contact[0] if contact else None
             deals.append((tenant_id, deal_id, title, amount, currency, stage.pipeline_id, stage.id, company.id,
                           contact_id, owner, close, stage.status, created, updated))
@@ -643,4 +700,9 @@ class _Generator:
                 activity_contact = contact_id if kind in ("call", "email", "meeting") else None
                 activities.append((tenant_id, self.uuid(), kind, subject, body, deal_id, activity_contact,
                                    company.id, actor, occurred, due, done, occurred, occurred))
-        return deals, activities
+        return deals, activities, lines
+
+
+def line_total(quantity: int, unit_price: Decimal, discount_percent: Decimal) -> Decimal:
+    """What PostgreSQL computes for ``deal_line_items.line_total`` (models.tables.LINE_TOTAL)."""
+    return (quantity * unit_price * (100 - discount_percent) / 100).quantize(Decimal("0.01"), ROUND_HALF_UP)
