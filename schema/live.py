@@ -5,13 +5,14 @@ from __future__ import annotations
 import datetime as dt
 import enum
 import uuid
-from typing import Annotated
+from typing import Annotated, Any
 
 import strawberry
 from strawberry.scalars import Base64
 
 from auth.session import Info
 from records.crm import ACTIVITY, BY_NAME, DEAL, USER
+from records.declare import Record
 from schema.crm import Activity, Deal, StageTotal, User
 from schema.objects import Node, load
 from subscriptions.events import ChangeKind
@@ -54,31 +55,31 @@ class ChangeFields:
         return await load(info, USER, self.actor_id)  # type: ignore[no-any-return]
 
 
-@strawberry.type(description="A change of one record of any type.")
-class RecordChange(ChangeFields):
-    @strawberry.field(description="The record as you may read it now; null when DELETED.")
-    async def record(self, info: Info) -> Node | None:
+def current(record: Record | None, description: str) -> Any:
+    """The changed record as the subscriber may read it now (through the event's session); null when
+    it was deleted. ``record`` None: whatever record type the event names."""
+
+    async def resolve(self: ChangeFields, info: Info) -> Any:
         if self.kind is ChangeKind.DELETED:
             return None
-        return await load(info, BY_NAME[self.record_type], self.record_key)  # type: ignore[no-any-return]
+        return await load(info, record or BY_NAME[self.record_type], self.record_key)
+
+    return strawberry.field(resolver=resolve, description=description)
+
+
+@strawberry.type(description="A change of one record of any type.")
+class RecordChange(ChangeFields):
+    record: Node | None = current(None, "The record as you may read it now; null when DELETED.")
 
 
 @strawberry.type(description="A deal created, moved, updated or deleted on a board.")
 class DealChange(ChangeFields):
-    @strawberry.field(description="The deal as you may read it now; null when DELETED.")
-    async def record(self, info: Info) -> Deal | None:
-        if self.kind is ChangeKind.DELETED:
-            return None
-        return await load(info, DEAL, self.record_key)  # type: ignore[no-any-return]
+    record: Deal | None = current(DEAL, "The deal as you may read it now; null when DELETED.")
 
 
 @strawberry.type(description="An activity created, updated or deleted.")
 class ActivityChange(ChangeFields):
-    @strawberry.field(description="The activity as you may read it now; null when DELETED.")
-    async def record(self, info: Info) -> Activity | None:
-        if self.kind is ChangeKind.DELETED:
-            return None
-        return await load(info, ACTIVITY, self.record_key)  # type: ignore[no-any-return]
+    record: Activity | None = current(ACTIVITY, "The activity as you may read it now; null when DELETED.")
 
 
 @strawberry.type(description="Another editor's change to a note: apply `update` to your Yjs document.")
