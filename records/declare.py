@@ -20,12 +20,27 @@ from __future__ import annotations
 import datetime as dt
 import enum
 import uuid
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any, Protocol
 
-from sqlalchemy import ColumnElement, Date, DateTime, Integer, Numeric, Select, Table, exists, or_, select
+from sqlalchemy import (
+    ColumnElement,
+    Date,
+    DateTime,
+    Integer,
+    Numeric,
+    Select,
+    String,
+    Table,
+    any_,
+    bindparam,
+    exists,
+    or_,
+    select,
+)
+from sqlalchemy.dialects.postgresql import ARRAY
 from strawberry.types.unset import UNSET
 
 from auth.roles import Permission
@@ -182,6 +197,11 @@ class FilterField:
     description: str | None = None
 
 
+def param(name: str) -> str:
+    """The bind parameter carrying filter field ``name`` (``filter_amount_min``)."""
+    return f"filter_{name}"
+
+
 @dataclass(frozen=True, eq=False)
 class Equals:
     """``<name>: T``: the column equals the value (checked by the field's rule)."""
@@ -192,13 +212,16 @@ class Equals:
     def fields(self, record: Record) -> list[FilterField]:
         return [FilterField(self.name or self.column, record.field(self.column).rule.annotation)]
 
-    def apply(self, record: Record, query: Select[Any], values: Mapping[str, Any]) -> Select[Any]:
+    def bind(self, record: Record, values: Mapping[str, Any]) -> dict[str, Any]:
         name = self.name or self.column
         value = values.get(name)
         if value is None:
-            return query
-        return query.where(record.table.c[self.column] == record.field(self.column).rule(
-            f"filter.{camel(name)}", value))
+            return {}
+        return {param(name): record.field(self.column).rule(f"filter.{camel(name)}", value)}
+
+    def where(self, record: Record, source: Any, bound: Collection[str]) -> list[ColumnElement[bool]]:
+        name = param(self.name or self.column)
+        return [source.c[self.column] == bindparam(name, type_=source.c[self.column].type)] if name in bound else []
 
 
 @dataclass(frozen=True, eq=False)
@@ -210,13 +233,18 @@ class AnyOf:
     def fields(self, record: Record) -> list[FilterField]:
         return [FilterField(self.column, list_of(record.field(self.column).rule.annotation))]
 
-    def apply(self, record: Record, query: Select[Any], values: Mapping[str, Any]) -> Select[Any]:
+    def bind(self, record: Record, values: Mapping[str, Any]) -> dict[str, Any]:
         chosen = values.get(self.column)
         if not chosen:
-            return query
+            return {}
         rule = record.field(self.column).rule
         name = f"filter.{camel(self.column)}"
-        return query.where(record.table.c[self.column].in_([rule(name, v) for v in chosen]))
+        return {param(self.column): [rule(name, v) for v in chosen]}
+
+    def where(self, record: Record, source: Any, bound: Collection[str]) -> list[ColumnElement[bool]]:
+        name = param(self.column)
+        column = source.c[self.column]
+        return [column == any_(bindparam(name, type_=ARRAY(column.type)))] if name in bound else []
 
 
 @dataclass(frozen=True, eq=False)
@@ -231,19 +259,25 @@ class Range:
         annotation = record.field(self.column).rule.annotation
         return [FilterField(self.low, annotation), FilterField(self.high, annotation)]
 
-    def apply(self, record: Record, query: Select[Any], values: Mapping[str, Any]) -> Select[Any]:
-        rule, column = record.field(self.column).rule, record.table.c[self.column]
-        low: Any = values.get(self.low)
-        high: Any = values.get(self.high)
-        if low is not None:
-            low = rule(f"filter.{camel(self.low)}", low)
-            query = query.where(column >= low)
-        if high is not None:
-            high = rule(f"filter.{camel(self.high)}", high)
-            query = query.where(column <= high)
+    def bind(self, record: Record, values: Mapping[str, Any]) -> dict[str, Any]:
+        rule = record.field(self.column).rule
+        out: dict[str, Any] = {}
+        for name in (self.low, self.high):
+            if (value := values.get(name)) is not None:
+                out[param(name)] = rule(f"filter.{camel(name)}", value)
+        low, high = out.get(param(self.low)), out.get(param(self.high))
         if low is not None and high is not None and low > high:
             raise BadUserInput(f"filter.{camel(self.low)}", f"must not exceed {camel(self.high)}")
-        return query
+        return out
+
+    def where(self, record: Record, source: Any, bound: Collection[str]) -> list[ColumnElement[bool]]:
+        column = source.c[self.column]
+        out: list[ColumnElement[bool]] = []
+        if param(self.low) in bound:
+            out.append(column >= bindparam(param(self.low), type_=column.type))
+        if param(self.high) in bound:
+            out.append(column <= bindparam(param(self.high), type_=column.type))
+        return out
 
 
 @dataclass(frozen=True, eq=False)
@@ -256,21 +290,24 @@ class Below:
     def fields(self, record: Record) -> list[FilterField]:
         return [FilterField(self.name, record.field(self.column).rule.annotation)]
 
-    def apply(self, record: Record, query: Select[Any], values: Mapping[str, Any]) -> Select[Any]:
+    def bind(self, record: Record, values: Mapping[str, Any]) -> dict[str, Any]:
         value = values.get(self.name)
         if value is None:
-            return query
-        rule = record.field(self.column).rule
-        return query.where(record.table.c[self.column] < rule(f"filter.{camel(self.name)}", value))
+            return {}
+        return {param(self.name): record.field(self.column).rule(f"filter.{camel(self.name)}", value)}
+
+    def where(self, record: Record, source: Any, bound: Collection[str]) -> list[ColumnElement[bool]]:
+        column = source.c[self.column]
+        return [column < bindparam(param(self.name), type_=column.type)] if param(self.name) in bound else []
 
 
 SEARCH_TERM = Text(100)
 
 
-def contains(column: ColumnElement[Any], term: str) -> ColumnElement[bool]:
-    """Case-insensitive substring match, LIKE wildcards in ``term`` escaped."""
+def like_pattern(term: str) -> str:
+    """A case-insensitive substring pattern for ``ILIKE ... ESCAPE '\\'``, wildcards in ``term`` escaped."""
     escaped = term.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-    return column.ilike(f"%{escaped}%", escape="\\")
+    return f"%{escaped}%"
 
 
 @dataclass(frozen=True, eq=False)
@@ -285,21 +322,26 @@ class Search:
     def fields(self, record: Record) -> list[FilterField]:
         return [FilterField("search", str, self.description)]
 
-    def apply(self, record: Record, query: Select[Any], values: Mapping[str, Any]) -> Select[Any]:
+    def bind(self, record: Record, values: Mapping[str, Any]) -> dict[str, Any]:
         raw = values.get("search")
         if raw is None or not raw.strip():
-            return query
+            return {}
         term = SEARCH_TERM("filter.search", raw)
         assert term is not None
-        t = record.table
-        matches: list[ColumnElement[bool]] = [contains(t.c[c], term) for c in self.columns]
+        return {param("search"): like_pattern(term)}
+
+    def where(self, record: Record, source: Any, bound: Collection[str]) -> list[ColumnElement[bool]]:
+        if param("search") not in bound:
+            return []
+        pattern = bindparam(param("search"), type_=String())
+        matches: list[ColumnElement[bool]] = [source.c[c].ilike(pattern, escape="\\") for c in self.columns]
         for name, columns in self.related:
             relation = record.relation(name)
-            other = relation.target().table
+            other = relation.target().table.alias()
             matches.append(exists(select(other.c.id).where(
-                other.c.tenant_id == t.c.tenant_id, other.c.id == t.c[relation.key],
-                or_(*(contains(other.c[c], term) for c in columns)))))
-        return query.where(or_(*matches))
+                other.c.tenant_id == source.c.tenant_id, other.c.id == source.c[relation.key],
+                or_(*(other.c[c].ilike(pattern, escape="\\") for c in columns)))))
+        return [or_(*matches)]
 
 
 Filter = Equals | AnyOf | Range | Below | Search
@@ -569,14 +611,28 @@ class Record:
     def sort_keys(self) -> dict[str, SortKey]:
         return {s.name: s.key(self.table) for s in self.sorts}
 
-    def listing_query(self, tenant_id: uuid.UUID, filters: Mapping[str, Any] | None) -> Select[Any]:
-        """The tenant's records matching ``filters`` (filter input field -> value; AND of all), with
-        the computed sort values as extra columns."""
-        extra = [s.expression(self.table).label(f"sort_{s.column}") for s in self.sorts if s.expression]
-        query = select(self.table, *extra).where(self.table.c.tenant_id == tenant_id)
+    def bind_filters(self, filters: Mapping[str, Any] | None) -> dict[str, Any]:
+        """The validated parameters of a filter input (filter field -> value); BAD_USER_INPUT naming
+        the field when a value breaks its rule."""
+        bound: dict[str, Any] = {}
         for f in self.filters if filters else ():
-            query = f.apply(self, query, filters or {})
+            bound.update(f.bind(self, filters or {}))
+        return bound
+
+    def filtered(self, tenant: Any, bound: Collection[str]) -> Select[Any]:
+        """The tenant's records matching the filters whose parameters are in ``bound`` (AND of all),
+        with the computed sort values as extra columns. ``tenant``: a value or a bind parameter."""
+        extra = [s.expression(self.table).label(f"sort_{s.column}") for s in self.sorts if s.expression]
+        query = select(self.table, *extra).where(self.table.c.tenant_id == tenant)
+        for f in self.filters:
+            query = query.where(*f.where(self, self.table, bound))
         return query
+
+    def listing_query(self, tenant_id: uuid.UUID, filters: Mapping[str, Any] | None) -> Select[Any]:
+        """``filtered`` with the values of ``filters`` bound (what the resolvers run)."""
+        bound = self.bind_filters(filters)
+        query = self.filtered(tenant_id, bound)
+        return query.params(bound) if bound else query
 
     def filter_fields(self) -> list[FilterField]:
         return [ff for f in self.filters for ff in f.fields(self)]
