@@ -3,7 +3,8 @@
 A test browser cannot be downloaded here, so this drives Debian's ``chromium``: ``ATRIUM_BROWSER``
 names it, else the one on PATH. Without one the page tests skip, saying how to install it; when
 ``ATRIUM_BROWSER`` is set (``.ci/run`` installs Chromium and sets it) a browser that does not start
-fails them instead. Import ``browser_fixture`` to use the session-wide ``browser`` fixture.
+fails them instead. The session-wide ``browser`` fixture is shared by every test module
+(``tests/conftest.py`` registers this module as a pytest plugin).
 
 Each ``Page`` lives in a browser context of its own (its own storage) and records the URLs it
 requested, the JavaScript exceptions it threw and the Content-Security-Policy violations it hit.
@@ -229,8 +230,8 @@ def browser_executable() -> str:
     return found
 
 
-@pytest.fixture(scope="session", name="browser")
-async def browser_fixture() -> AsyncIterator[Chromium]:
+@pytest.fixture(scope="session")
+async def browser() -> AsyncIterator[Chromium]:
     browser = await Chromium.launch(browser_executable())
     try:
         yield browser

@@ -1,7 +1,12 @@
-"""Test world: a throwaway database per run on real PostgreSQL, an app per test module, tenant factory.
+"""Test world: a throwaway database per run on real PostgreSQL, the Redis of the run, an app, tenant factory.
 
 PostgreSQL: DATABASE_URL when set, otherwise the embedded server (pgserver) in a temporary dir.
 The database is created, migrated, and dropped at the end; nothing depends on earlier runs.
+Redis: REDIS_URL, else redis://127.0.0.1:6379/0; a test that needs it asks for the ``redis_url``
+fixture and is skipped, saying so, when nothing answers there.
+
+Every fixture is shared from here: those defined below, and those of the plugin modules listed in
+``pytest_plugins`` (the live-update kit and the browser). Test modules import helpers, never fixtures.
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ from typing import Any
 import asyncpg
 import httpx
 import pytest
+from redis import Redis
+from redis.exceptions import RedisError
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from starlette.applications import Starlette
@@ -31,6 +38,8 @@ from auth.tokens import issue_token
 from core.settings import Settings, async_url
 from models.migrations import migrate
 from models.tables import Role
+
+pytest_plugins = ["tests.live", "tests.browser"]
 
 TEST_SECRET = "test-secret-" + secrets.token_hex(16)
 
@@ -77,6 +86,21 @@ async def database_url(server_url: str) -> AsyncIterator[str]:
     """A fresh, migrated database for this test run; dropped afterwards."""
     async with scratch_database(server_url, "atrium_test") as url:
         yield url
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    """The Redis of the test run; a test asking for it is skipped when nothing answers there."""
+    url = os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379/0"
+    client = Redis.from_url(url, socket_connect_timeout=1.0)
+    try:
+        client.ping()
+    except (RedisError, OSError) as exc:
+        pytest.skip(f"this test needs a real Redis at {url} and none answers there ({exc}): "
+                    "start redis-server or set REDIS_URL")
+    finally:
+        client.close()
+    return url
 
 
 @pytest.fixture(scope="session")

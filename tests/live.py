@@ -1,10 +1,15 @@
-"""Live-update test kit. Fixtures are named with ``name=``: import ``*_fixture`` to use them.
+"""Live-update test kit: servers to subscribe to and a graphql-transport-ws client.
 
-- ``redis_url``: the Redis of the test run (``REDIS_URL`` or redis://127.0.0.1:6379/0); tests that
-  need it are skipped, saying so, when it does not answer.
-- ``RedisServer``: a private ``redis-server`` on a free port that a test may kill and restart.
-- ``AtriumProcess`` / ``servers``: real Atrium processes (``uvicorn --factory
-  atrium.asgi:create_from_env``) sharing the test database and Redis, started once per session.
+Its fixtures are shared by every test module (``tests/conftest.py`` registers this module as a
+pytest plugin); the helpers below are imported as usual.
+
+- ``servers`` (fixture): processes A and B, real Atrium servers (``uvicorn --factory
+  atrium.asgi:create_from_env``) sharing the test database and the Redis of the run (``redis_url``),
+  started once per session.
+- ``own_redis`` (fixture): a private ``redis-server`` on a free port (``RedisServer``) that a test
+  may kill and restart.
+- ``clocked_server`` (fixture): an Atrium app served in the test's own event loop, reading time from
+  a ``ManualClock`` that the test moves (token expiry without waiting real seconds).
 - ``Live``: a graphql-transport-ws client on the ``websockets`` library; every wait has a timeout.
 """
 
@@ -26,13 +31,18 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import jwt
 import pytest
-from redis import Redis as SyncRedis
+import uvicorn
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
+from starlette.applications import Starlette
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
+from atrium.app import create_app
+from core.clock import ManualClock
+from core.settings import Settings
 from tests.conftest import TEST_SECRET, data_or_fail, gql
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -55,21 +65,6 @@ async def redis_answers(url: str) -> bool:
         return False
     finally:
         await client.aclose()
-
-
-@pytest.fixture(scope="session", name="redis_url")
-def redis_url_fixture() -> str:
-    url = os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379/0"
-    client = SyncRedis.from_url(url, socket_connect_timeout=1.0)
-    try:
-        answers = bool(client.ping())
-    except (RedisError, OSError):
-        answers = False
-    finally:
-        client.close()
-    if not answers:
-        pytest.skip(f"Redis at {url} does not answer: start redis-server or set REDIS_URL")
-    return url
 
 
 class RedisServer:
@@ -101,8 +96,9 @@ class RedisServer:
         self.process = None
 
 
-@pytest.fixture(name="own_redis")
-async def own_redis_fixture() -> AsyncIterator[RedisServer]:
+@pytest.fixture
+async def own_redis() -> AsyncIterator[RedisServer]:
+    """A private, started ``redis-server`` (skips when none is installed); killed after the test."""
     server = RedisServer()
     await server.start()
     try:
@@ -182,12 +178,13 @@ async def start_atrium(database_url: str, redis_url: str | None, env: Mapping[st
             await asyncio.sleep(0.1)
 
 
-LIVE_ENV = {"ATRIUM_SUBSCRIBER_QUEUE": "16", "ATRIUM_PRESENCE_TTL": "3"}
-"""Small subscriber queues (the slow-consumer test fills one) and a 3 s presence expiry."""
+LIVE_ENV = {"ATRIUM_SUBSCRIBER_QUEUE": "16"}
+"""Small subscriber queues (the slow-consumer test fills one). Presence keeps its default 30 s TTL:
+the expiry test moves a ``ManualClock`` instead of waiting for these processes' heartbeats."""
 
 
-@pytest.fixture(scope="session", name="servers")
-async def servers_fixture(database_url: str, redis_url: str) -> AsyncIterator[tuple[AtriumProcess, AtriumProcess]]:
+@pytest.fixture(scope="session")
+async def servers(database_url: str, redis_url: str) -> AsyncIterator[tuple[AtriumProcess, AtriumProcess]]:
     """Processes A and B: one database, one Redis."""
     a = await start_atrium(database_url, redis_url, LIVE_ENV)
     try:
@@ -200,6 +197,89 @@ async def servers_fixture(database_url: str, redis_url: str) -> AsyncIterator[tu
     finally:
         a.stop()
         b.stop()
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, saying when it listens (``ready``) instead of being polled for it."""
+
+    def __init__(self, config: uvicorn.Config) -> None:
+        super().__init__(config)
+        self.ready = asyncio.Event()
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        self.ready.set()
+
+
+@dataclass
+class InProcessAtrium:
+    """An Atrium app served by uvicorn inside the test's event loop, on a 127.0.0.1 port of its own."""
+
+    app: Starlette
+    clock: ManualClock
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/graphql"
+
+    def client(self) -> httpx.AsyncClient:
+        return httpx.AsyncClient(base_url=self.url, timeout=30.0)
+
+
+@contextlib.asynccontextmanager
+async def serve_in_process(settings: Settings, clock: ManualClock) -> AsyncIterator[InProcessAtrium]:
+    """``create_app(settings, clock=clock)``, its lifespan run, served over real sockets until exit.
+
+    The listening socket is bound before uvicorn starts (no free-port race); the app's lifespan is run
+    here rather than by uvicorn, so that a failing startup raises in the test instead of exiting.
+    """
+    app = create_app(settings, clock=clock)
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port: int = listener.getsockname()[1]
+        async with app.router.lifespan_context(app):
+            config = uvicorn.Config(app, lifespan="off", log_level="warning", log_config=None,
+                                    timeout_graceful_shutdown=5)
+            server = _Server(config)
+            serving = asyncio.create_task(server.serve(sockets=[listener]), name="atrium-in-process")
+            try:
+                ready = asyncio.create_task(server.ready.wait())
+                await asyncio.wait({serving, ready}, timeout=WAIT, return_when=asyncio.FIRST_COMPLETED)
+                ready.cancel()
+                if serving.done():
+                    serving.result()  # raises what stopped it
+                    raise RuntimeError("the in-process server stopped before it was listening")
+                if not server.ready.is_set():
+                    raise RuntimeError(f"the in-process server did not listen within {WAIT:g} s")
+                yield InProcessAtrium(app, clock, port)
+            finally:
+                server.should_exit = True
+                await serving
+    finally:
+        listener.close()
+
+
+def token_expiry(token: str) -> float:
+    """The ``exp`` claim of a token (read, not verified): when a ``clocked_server`` refuses it."""
+    return float(jwt.decode(token, options={"verify_signature": False})["exp"])
+
+
+@pytest.fixture
+async def clocked_server(settings: Settings) -> AsyncIterator[InProcessAtrium]:
+    """An in-process Atrium (the test run's settings: no Redis, so a MemoryBroker) on a ``ManualClock``.
+
+    Its token verifier, WebSocket expiry timers and presence read ``clocked_server.clock``; real time
+    passing changes nothing until the test calls ``clock.advance``.
+    """
+    async with serve_in_process(settings, ManualClock()) as server:
+        yield server
 
 
 @dataclass

@@ -1,24 +1,21 @@
 """Helpers for the partner-API tests: apps of their own (metered, with or without Redis), keys, requests.
 
-Redis is the real server at ``REDIS_URL`` (default ``redis://127.0.0.1:6379/0``); a test that needs it
-is skipped, saying so, when it cannot be reached. Every app made here writes its Redis keys under a
-prefix unique to this test run and to the app, and deletes them when the app stops.
+Redis is the real server of the test run: a test that needs it asks for conftest's ``redis_url``
+fixture (skipped, saying so, when it cannot be reached) and passes it on. Every app made here writes
+its Redis keys under a prefix unique to this test run and to the app, and deletes them when the app stops.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import os
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 import httpx
-import pytest
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
 from starlette.applications import Starlette
 
 from atrium.app import create_app
@@ -26,7 +23,6 @@ from core.settings import PlanLimits, Settings
 from models.tables import Role
 from tests.conftest import TenantWorld, data_or_fail, gql
 
-REDIS_URL = os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379/0"
 RUN_PREFIX = f"atrium-test-{uuid.uuid4().hex[:10]}:"
 """Prefix of every Redis key this test run writes."""
 
@@ -43,20 +39,9 @@ def sha256(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-async def redis_or_skip() -> str:
-    """``REDIS_URL`` when a Redis answers there; skips the test otherwise."""
-    client = Redis.from_url(REDIS_URL)
-    try:
-        await client.ping()
-    except (RedisError, OSError) as exc:
-        pytest.skip(f"these tests need a real Redis at {REDIS_URL} and it is unreachable: {exc}")
-    finally:
-        await client.aclose()
-    return REDIS_URL
-
-
-async def drop_keys(prefix: str) -> None:
-    client = Redis.from_url(REDIS_URL)
+async def drop_keys(redis_url: str, prefix: str) -> None:
+    """Delete every key under ``prefix`` in the Redis at ``redis_url``."""
+    client = Redis.from_url(redis_url)
     try:
         keys = [k async for k in client.scan_iter(match=f"{prefix}*", count=500)]
         if keys:
@@ -73,20 +58,24 @@ def plans(capacity: int, refill: float, key_capacity: int | None = None,
 
 
 @asynccontextmanager
-async def running(settings: Settings, *, redis: bool, **changes: Any) -> AsyncIterator[tuple[Starlette,
-                                                                                              httpx.AsyncClient]]:
-    """An app of its own (lifespan run) and a client for it; Redis keys cleaned up afterwards."""
+async def running(settings: Settings, *, redis: str | None,
+                  **changes: Any) -> AsyncIterator[tuple[Starlette, httpx.AsyncClient]]:
+    """An app of its own (lifespan run) and a client for it.
+
+    ``redis``: the Redis of the run (the ``redis_url`` fixture) for an app using it, its keys cleaned up
+    afterwards; None for an app without (``changes`` may still name a ``redis_url``, say an unreachable one).
+    """
     prefix = f"{RUN_PREFIX}{uuid.uuid4().hex[:8]}:"
-    if redis:
-        changes["redis_url"] = await redis_or_skip()
+    if redis is not None:
+        changes["redis_url"] = redis
     app = create_app(dataclasses.replace(settings, redis_prefix=prefix, **changes))
     try:
         async with app.router.lifespan_context(app):
             async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://atrium.test") as c:
                 yield app, c
     finally:
-        if redis:
-            await drop_keys(prefix)
+        if redis is not None:
+            await drop_keys(redis, prefix)
 
 
 async def new_key(http: httpx.AsyncClient, world: TenantWorld, *, creator: Role = Role.OWNER,

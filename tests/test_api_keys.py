@@ -7,7 +7,6 @@ of a key is HTTP 401 with one UNAUTHENTICATED error. The role table of the partn
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import json
 import re
@@ -20,13 +19,12 @@ import pytest
 from sqlalchemy import select, text, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from atrium.cli.main import parser
 from core.ids import to_global_id
 from core.settings import Settings
 from models.db import Databases
 from models.tables import API_KEYS, AUDIT_EVENTS, PERSISTED_DOCUMENTS, Role
-from partners import cli as partner_cli
 from partners.keys import ApiKeys, digest
+from tests.cli import run_cli
 from tests.conftest import TenantWorld, codes, data_or_fail, gql
 from tests.partners import CREATE_KEY, PUSH, REMOVE, bearer, new_key, push
 
@@ -244,13 +242,6 @@ async def test_partner_mutations_need_admin(client: httpx.AsyncClient, make_tena
 
 
 # ---- the CLI --------------------------------------------------------------------------------------
-
-async def run_cli(monkeypatch: pytest.MonkeyPatch, settings: Settings, *argv: str) -> int:
-    monkeypatch.setenv("DATABASE_URL", str(settings.database_url))
-    monkeypatch.setenv("ATRIUM_JWT_SECRET", settings.jwt_secret)
-    args: argparse.Namespace = parser().parse_args(list(argv))
-    return await partner_cli.run(args)
-
 
 async def test_cli_creates_lists_and_revokes_keys(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
                                                   settings: Settings, client: httpx.AsyncClient,

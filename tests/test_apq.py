@@ -1,7 +1,7 @@
 """Automatic Persisted Queries, exactly as Apollo Client speaks them (request bodies from WIRE.md).
 
-Run against both stores: Redis (an app of its own with ``REDIS_URL``) and PostgreSQL (the shared app,
-which has no Redis). The store-level tests check the bounds: the LRU cap, the age limit, the size limit.
+Run against both stores: Redis (an app of its own on the run's Redis, ``redis_url``) and PostgreSQL (the
+shared app, which has no Redis). The store-level tests check the bounds: the LRU cap, the age limit, the size limit.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from models.db import Databases
 from models.tables import APQ_DOCUMENTS, Role
 from partners.documents import CachedApq, PostgresApq, RedisApq
 from tests.conftest import TenantWorld, codes
-from tests.partners import REDIS_URL, RUN_PREFIX, bearer, drop_keys, redis_or_skip, running, sha256
+from tests.partners import RUN_PREFIX, bearer, drop_keys, running, sha256
 
 MakeTenant = Callable[..., Awaitable[TenantWorld]]
 
@@ -57,7 +57,7 @@ async def apq_client(request: pytest.FixtureRequest, settings: Settings,
     if request.param == "postgres":
         yield client
         return
-    async with running(settings, redis=True) as (_, redis_client):
+    async with running(settings, redis=request.getfixturevalue("redis_url")) as (_, redis_client):
         yield redis_client
 
 
@@ -161,16 +161,15 @@ async def test_postgres_store_evicts_least_recently_used(settings: Settings, adm
 
 
 @pytest.fixture
-async def redis_client() -> AsyncIterator[Redis]:
-    await redis_or_skip()
-    client = Redis.from_url(REDIS_URL)
+async def redis_client(redis_url: str) -> AsyncIterator[Redis]:
+    client = Redis.from_url(redis_url)
     try:
         yield client
     finally:
         await client.aclose()
 
 
-async def test_redis_store_is_bounded_by_count_and_age(redis_client: Redis) -> None:
+async def test_redis_store_is_bounded_by_count_and_age(redis_url: str, redis_client: Redis) -> None:
     prefix = f"{RUN_PREFIX}apq-{uuid.uuid4().hex[:6]}:"
     try:
         store = RedisApq(redis_client, Settings(redis_prefix=prefix, apq_max_documents=3, apq_ttl_seconds=3600))
@@ -185,10 +184,11 @@ async def test_redis_store_is_bounded_by_count_and_age(redis_client: Redis) -> N
         assert await store.get(sha256(documents[2])) is None
         assert not await redis_client.hexists(f"{prefix}{{apq}}:documents", sha256(documents[2]))
     finally:
-        await drop_keys(prefix)
+        await drop_keys(redis_url, prefix)
 
 
-async def test_documents_above_the_size_limit_run_but_are_not_stored(redis_client: Redis) -> None:
+async def test_documents_above_the_size_limit_run_but_are_not_stored(redis_url: str,
+                                                                        redis_client: Redis) -> None:
     prefix = f"{RUN_PREFIX}apq-{uuid.uuid4().hex[:6]}:"
     try:
         store = CachedApq(RedisApq(redis_client, Settings(redis_prefix=prefix)), max_bytes=64)
@@ -199,4 +199,4 @@ async def test_documents_above_the_size_limit_run_but_are_not_stored(redis_clien
         await store.put(sha256(small), small)
         assert await store.get(sha256(small)) == small
     finally:
-        await drop_keys(prefix)
+        await drop_keys(redis_url, prefix)

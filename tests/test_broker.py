@@ -27,7 +27,7 @@ from subscriptions.events import (
     scope_channel,
     type_channel,
 )
-from tests.live import WAIT, RedisServer, free_port, own_redis_fixture, redis_url_fixture  # noqa: F401
+from tests.live import WAIT, RedisServer, free_port
 
 
 def event(tenant: uuid.UUID, *, entity: str = "Deal", record: uuid.UUID | None = None, version: int = 1,

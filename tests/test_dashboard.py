@@ -1,8 +1,9 @@
 """The live dashboard page (``/dashboard``) in headless Chromium, against real Atrium processes.
 
 The page is served by process A; deals are changed over HTTP through process B (same database,
-same Redis), so whatever the page shows has come through the subscriptions. Every wait is on the
-page's own DOM (a MutationObserver in the page), with a timeout.
+same Redis), so whatever the page shows has come through the subscriptions. Session expiry is
+shown against an in-process server whose clock the test moves. Every wait is on the page's own DOM
+(a MutationObserver in the page), with a timeout.
 """
 
 from __future__ import annotations
@@ -15,16 +16,10 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from atrium.ops.admin import add_user
 from models.tables import Role
-from tests.browser import Chromium, Page, browser_fixture  # noqa: F401
+from tests.browser import Chromium, Page
 from tests.conftest import TenantWorld
 from tests.crm import create_deal, create_pipeline
-from tests.live import (  # noqa: F401
-    AtriumProcess,
-    graphql,
-    redis_url_fixture,
-    servers_fixture,
-    start_atrium,
-)
+from tests.live import AtriumProcess, InProcessAtrium, graphql, start_atrium, token_expiry
 
 MakeTenant = Callable[..., Awaitable[TenantWorld]]
 Servers = tuple[AtriumProcess, AtriumProcess]
@@ -151,16 +146,22 @@ async def test_password_sign_in_pipeline_choice_reload_and_sign_out(servers: Ser
         assert not page.exceptions and not page.violations
 
 
-async def test_an_expired_session_goes_back_to_sign_in(servers: Servers, make_tenant: MakeTenant,
+async def test_an_expired_session_goes_back_to_sign_in(clocked_server: InProcessAtrium, make_tenant: MakeTenant,
                                                        browser: Chromium) -> None:
-    a, b = servers
     tenant = await make_tenant("dashexpiry")
-    async with b.client() as client:
-        await create_pipeline(client, tenant.token())
-    async with browser.page() as page:
-        await page.goto(f"{a.url}/dashboard#token={tenant.token(Role.VIEWER, ttl_seconds=4)}")
+    clock = clocked_server.clock
+    viewer = tenant.token(Role.VIEWER, ttl_seconds=600)  # the page's
+    owner = tenant.token(ttl_seconds=3600)  # the test's own changes: outlives the page's token
+    async with clocked_server.client() as client, browser.page() as page:
+        lead = (await create_pipeline(client, owner))["stages"][0]["id"]
+        await page.goto(f"{clocked_server.url}/dashboard#token={viewer}")
         await page.wait_for(signed_in_and_synced(), "the board, live")
-        # The server closes the socket with 4401 when the token expires; the page asks to sign in again.
+        # A second before the token expires the page is still signed in and live: a new deal reaches it.
+        clock.advance(token_expiry(viewer) - clock.time() - 1)
+        deal = (await create_deal(client, owner, lead))["id"]
+        await page.wait_for(f"{signed_in_and_synced()} && {card_in(lead, deal)}", "the new deal, still live")
+        # Once it has expired the server closes the socket with 4401; the page asks to sign in again.
+        clock.advance(2)
         await page.wait_for("document.body.dataset.view === 'sign-in'"
                             " && document.getElementById('notice').textContent.includes('expired')",
                             "the sign-in form saying the session expired")

@@ -1,19 +1,14 @@
-"""atrium.ops.demo against a throwaway database on the test PostgreSQL server (conftest's ``server_url``)."""
+"""atrium.ops.demo against a throwaway database on the test PostgreSQL server (conftest's ``scratch_database``)."""
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-
 import asyncpg
 import pytest
-from sqlalchemy.engine import make_url
 
-import models.migrations
 from atrium.ops.bootstrap import libpq_url
 from atrium.ops.demo import DEMO_PASSWORD, DemoTenant, seed_demo, seed_tenant
 from auth.passwords import verify_password
+from tests.conftest import scratch_database
 
 DEALS = 200
 
@@ -30,25 +25,6 @@ REFERENCES = (
     ("activities", "company_id", "companies"),
 )
 TENANT_TABLES = ("memberships", "companies", "contacts", "pipelines", "stages", "deals", "activities")
-
-
-@asynccontextmanager
-async def scratch_database(admin_dsn: str) -> AsyncIterator[str]:
-    """A migrated, empty database; yields its DSN (``postgresql://``) and drops it afterwards."""
-    admin = await asyncpg.connect(admin_dsn)
-    name = f"atrium_demo_{uuid.uuid4().hex[:12]}"
-    await admin.execute(f'CREATE DATABASE "{name}"')
-    try:
-        dsn = _with_database(admin_dsn, name)
-        await models.migrations.migrate(dsn.replace("postgresql://", "postgresql+asyncpg://", 1))
-        yield dsn
-    finally:
-        await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
-        await admin.close()
-
-
-def _with_database(dsn: str, database: str) -> str:
-    return make_url(dsn).set(database=database).render_as_string(hide_password=False)
 
 
 async def _snapshot(conn: asyncpg.Connection, tenant: DemoTenant) -> list[tuple[object, ...]]:
@@ -154,8 +130,8 @@ async def _check_isolation(conn: asyncpg.Connection) -> None:
 
 
 async def test_seed_demo_tenants_consistent_isolated_and_repeatable(server_url: str) -> None:
-    async with scratch_database(libpq_url(server_url)) as dsn:
-        url = dsn.replace("postgresql://", "postgresql+asyncpg://", 1)
+    async with scratch_database(server_url, "atrium_demo") as url:  # migrated and empty
+        dsn = libpq_url(url)
         steps: dict[str, list[int]] = {"acme": [], "globex": []}
         first = [
             await seed_tenant(url, slug, name, deals=DEALS, progress=steps[slug].append)

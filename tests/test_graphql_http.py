@@ -220,7 +220,7 @@ async def test_batching_is_off_by_default(client: httpx.AsyncClient, auth: dict[
 
 async def test_batching_when_enabled(settings: Settings, make_tenant: MakeTenant) -> None:
     world = await make_tenant("batch")
-    async with running(settings, redis=False, batching=True, max_batch=3) as (_, client):
+    async with running(settings, redis=None, batching=True, max_batch=3) as (_, client):
         headers = bearer(world.token(Role.OWNER))
         response = await client.post("/graphql", json=[{"query": "{ __typename }"}, {"query": "{ tenant { slug } }"},
                                                        {"query": "{ nope }"}], headers=headers)

@@ -17,11 +17,11 @@ from sqlalchemy import update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from atrium.schema import schema
+from core.limits import LIMIT_RULES
 from core.settings import PlanLimits, Settings
 from models.tables import TENANTS, Role
 from schema.cost import DEFAULT_PAGE, MAX_COST, UNBOUNDED_LIST, operation_cost
 from schema.extensions import StaticLimits
-from core.limits import LIMIT_RULES
 from tests.conftest import TenantWorld, codes, data_or_fail, gql
 from tests.live import error_codes, live, start_atrium
 from tests.partners import bearer, new_key, plans, running, sha256
@@ -118,7 +118,7 @@ async def test_depth_alias_and_token_limits_hold(client: httpx.AsyncClient, make
 
 async def test_production_hides_introspection_and_suggestions(settings: Settings, make_tenant: MakeTenant) -> None:
     world = await make_tenant("prod")
-    async with running(settings, redis=False, env="production") as (_, prod):
+    async with running(settings, redis=None, env="production") as (_, prod):
         body = await gql(prod, "{ __schema { types { name } } }", token=world.token(Role.OWNER))
         assert body["errors"] and "introspection" in body["errors"][0]["message"].lower()
         body = await gql(prod, "{ dealz { totalCount } }", token=world.token(Role.OWNER))
@@ -128,20 +128,24 @@ async def test_production_hides_introspection_and_suggestions(settings: Settings
 # ---- rate limits ----------------------------------------------------------------------------------
 
 @pytest.fixture(params=["redis", "memory"])
-def store(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
+def store(request: pytest.FixtureRequest) -> str | None:
+    """Where the buckets live: the Redis of the run (its URL), or the in-process store (None)."""
+    if request.param == "memory":
+        return None
+    url: str = request.getfixturevalue("redis_url")
+    return url
 
 
-def metered(settings: Settings, store: str, capacity: int, **key: Any) -> Any:
-    return running(settings, redis=store == "redis", rate_limits=True, plan_limits=plans(capacity, SLOW, **key))
+def metered(settings: Settings, store: str | None, capacity: int, **key: Any) -> Any:
+    return running(settings, redis=store, rate_limits=True, plan_limits=plans(capacity, SLOW, **key))
 
 
 def remaining(response: httpx.Response) -> int:
     return int(response.headers["ratelimit-remaining"])
 
 
-async def test_one_hundred_concurrent_requests_against_fifty_admit_fifty(settings: Settings, store: str,
-                                                                          make_tenant: MakeTenant) -> None:
+async def test_one_hundred_concurrent_requests_against_fifty_admit_fifty(
+        settings: Settings, store: str | None, make_tenant: MakeTenant) -> None:
     world = await make_tenant("burst")
     async with metered(settings, store, 50) as (_, client):
         auth = bearer(world.token(Role.VIEWER))
@@ -161,7 +165,7 @@ async def test_one_hundred_concurrent_requests_against_fifty_admit_fifty(setting
             assert response.json()["data"]["tenant"]["id"]
 
 
-async def test_an_expensive_query_spends_more_than_a_cheap_one(settings: Settings, store: str,
+async def test_an_expensive_query_spends_more_than_a_cheap_one(settings: Settings, store: str | None,
                                                                make_tenant: MakeTenant) -> None:
     world = await make_tenant("spend")
     async with metered(settings, store, 10_000) as (_, client):
@@ -175,7 +179,7 @@ async def test_an_expensive_query_spends_more_than_a_cheap_one(settings: Setting
     assert int(expensive.headers["ratelimit-reset"]) > int(cheap.headers["ratelimit-reset"])
 
 
-async def test_limits_of_one_tenant_do_not_touch_another(settings: Settings, store: str,
+async def test_limits_of_one_tenant_do_not_touch_another(settings: Settings, store: str | None,
                                                          make_tenant: MakeTenant) -> None:
     a, b = await make_tenant("limit-a"), await make_tenant("limit-b")
     async with metered(settings, store, 5) as (_, client):
@@ -186,7 +190,7 @@ async def test_limits_of_one_tenant_do_not_touch_another(settings: Settings, sto
         assert other.status_code == 200 and remaining(other) == 4
 
 
-async def test_each_key_has_its_own_bucket_inside_its_tenants(settings: Settings, store: str,
+async def test_each_key_has_its_own_bucket_inside_its_tenants(settings: Settings, store: str | None,
                                                               client: httpx.AsyncClient,
                                                               make_tenant: MakeTenant) -> None:
     world = await make_tenant("keybucket")
@@ -207,10 +211,11 @@ async def test_each_key_has_its_own_bucket_inside_its_tenants(settings: Settings
         assert body["errors"][0]["extensions"] == {"code": "QUERY_TOO_COMPLEX", "cost": 151, "maximumCost": 3}
 
 
-async def test_rate_limit_headers_are_on_every_response(settings: Settings, make_tenant: MakeTenant) -> None:
+async def test_rate_limit_headers_are_on_every_response(settings: Settings, redis_url: str,
+                                                        make_tenant: MakeTenant) -> None:
     world = await make_tenant("headers")
     auth = bearer(world.token(Role.VIEWER))
-    async with metered(settings, "redis", 20) as (_, client):
+    async with metered(settings, redis_url, 20) as (_, client):
         answers = [
             await client.post("/graphql", json={"query": CHEAP}, headers=auth),
             await client.post("/graphql", json={"query": "{ nope }"}, headers=auth),
@@ -225,7 +230,7 @@ async def test_rate_limit_headers_are_on_every_response(settings: Settings, make
     assert [remaining(a) for a in answers[:4]] == [19, 19, 19, 19]
 
 
-async def test_anonymous_callers_are_limited_per_address(settings: Settings, store: str) -> None:
+async def test_anonymous_callers_are_limited_per_address(settings: Settings, store: str | None) -> None:
     async with metered(settings, store, 3) as (_, client):
         statuses = [(await client.post("/graphql", json={"query": "{ __typename }"})).status_code for _ in range(4)]
     assert statuses == [200, 200, 200, 429]
@@ -245,7 +250,7 @@ async def test_limits_and_apq_fail_open_when_redis_is_down(settings: Settings, m
     """Nothing listens on port 1: operations run uncharged and without headers; APQ degrades to misses."""
     world = await make_tenant("redisdown")
     auth = bearer(world.token(Role.VIEWER))
-    async with running(settings, redis=False, redis_url="redis://127.0.0.1:1/0", rate_limits=True) as (_, client):
+    async with running(settings, redis=None, redis_url="redis://127.0.0.1:1/0", rate_limits=True) as (_, client):
         answer = await client.post("/graphql", json={"query": CHEAP}, headers=auth)
         assert answer.status_code == 200 and answer.json()["data"]["tenant"]["id"]
         assert "ratelimit-limit" not in answer.headers
@@ -260,7 +265,7 @@ async def test_a_plan_change_applies_from_the_next_request(settings: Settings, m
     world = await make_tenant("upgrade")
     limits = (PlanLimits("free", 5, SLOW, 5, SLOW), PlanLimits("pro", 500, SLOW, 500, SLOW),
               PlanLimits("enterprise", 5000, SLOW, 5000, SLOW), PlanLimits("anonymous", 5, SLOW, 5, SLOW))
-    async with running(settings, redis=False, rate_limits=True, plan_limits=limits) as (_, client):
+    async with running(settings, redis=None, rate_limits=True, plan_limits=limits) as (_, client):
         auth = bearer(world.token(Role.VIEWER))
         async with admin_engine.begin() as conn:
             await conn.execute(update(TENANTS).where(TENANTS.c.id == world.id).values(plan="free"))

@@ -16,7 +16,7 @@ from core.settings import Settings
 from models.tables import Role
 from tests.conftest import TenantWorld, codes, data_or_fail, gql
 from tests.crm import create_pipeline
-from tests.live import AtriumProcess, graphql, live, redis_url_fixture, servers_fixture  # noqa: F401
+from tests.live import AtriumProcess, graphql, live
 
 MakeTenant = Callable[..., Awaitable[TenantWorld]]
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]

@@ -24,7 +24,7 @@ from models.tables import AUDIT_EVENTS, Role
 from subscriptions.notes import BODY
 from tests.conftest import TenantWorld, codes, data_or_fail, gql
 from tests.crm import seed_crm, uuid_of
-from tests.live import AtriumProcess, graphql, live, redis_url_fixture, servers_fixture  # noqa: F401
+from tests.live import AtriumProcess, graphql, live
 
 MakeTenant = Callable[..., Awaitable[TenantWorld]]
 CREATE = "mutation($input: NoteInput!) { createNote(input: $input) { id version text deal { id } } }"

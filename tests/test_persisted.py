@@ -6,7 +6,6 @@ operation; documents belong to their tenant.
 
 from __future__ import annotations
 
-import argparse
 import json
 import urllib.parse
 from collections.abc import Awaitable, Callable
@@ -18,10 +17,9 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from atrium.cli.main import parser
 from core.settings import Settings
 from models.tables import PERSISTED_DOCUMENTS, Role
-from partners import cli as partner_cli
+from tests.cli import run_cli
 from tests.conftest import TenantWorld, codes, data_or_fail, gql
 from tests.partners import REMOVE, bearer, new_key, push, sha256
 
@@ -190,13 +188,6 @@ async def test_documents_belong_to_their_tenant(client: httpx.AsyncClient, make_
 
 
 # ---- the CLI --------------------------------------------------------------------------------------
-
-async def run_cli(monkeypatch: pytest.MonkeyPatch, settings: Settings, *argv: str) -> int:
-    monkeypatch.setenv("DATABASE_URL", str(settings.database_url))
-    monkeypatch.setenv("ATRIUM_JWT_SECRET", settings.jwt_secret)
-    args: argparse.Namespace = parser().parse_args(list(argv))
-    return await partner_cli.run(args)
-
 
 async def test_cli_pushes_both_formats_lists_and_removes(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
                                                          capsys: pytest.CaptureFixture[str], settings: Settings,

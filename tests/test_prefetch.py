@@ -52,7 +52,7 @@ def planned(query: str, **variables: Any) -> set[Any]:
 
 
 def test_deal_relations_are_the_declared_ones() -> None:
-    assert set(relations_of(Deal)) == {"stage", "pipeline", "company", "contact", "owner", "activities"}
+    assert set(relations_of(Deal)) == {"stage", "pipeline", "company", "contact", "owner", "activities", "lineItems"}
 
 
 def test_literal_variable_and_default_limits_are_all_loaded_ahead() -> None:

@@ -2,7 +2,8 @@
 
 A subscription joins its user as VIEWING; ``setPresence`` switches them to EDITING; leaving the
 subscription or the connection removes them; and a process that dies without leaving is forgotten
-once its entries expire (another process's heartbeat prunes them and tells the subscribers).
+once its entries expire (the next process to read the record, its heartbeat included, prunes them
+and tells the subscribers). Expiry is driven by a ``ManualClock``: nothing waits for real seconds.
 """
 
 from __future__ import annotations
@@ -16,18 +17,23 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
+from core.clock import ManualClock
 from models.tables import Role
 from subscriptions.broker import Broker, MemoryBroker, RedisBroker
 from subscriptions.events import PresenceChanged, presence_channel
 from subscriptions.presence import PresenceState
 from tests.conftest import TenantWorld, codes, gql
 from tests.crm import gid, seed_crm, uuid_of
-from tests.live import WAIT, AtriumProcess, live, redis_url_fixture, servers_fixture  # noqa: F401
+from tests.live import WAIT, AtriumProcess, live
 
 MakeTenant = Callable[..., Awaitable[TenantWorld]]
 PRESENCE = """
 subscription($r: ID!) { presence(recordId: $r) { recordId users { state since user { id name } } } }"""
 SET = "mutation($r: ID!, $s: PresenceState!) { setPresence(recordId: $r, state: $s) { users { state } } }"
+CRASHED_TTL = 10.0
+"""Presence TTL of the crashed process, on its ManualClock. Measured on the real clock it outlasts the
+test, so that process A (the real clock) never prunes the entry first; and the ManualClock moved just
+past it is still before the expiry of the entries A keeps refreshing (a 30 s TTL, refreshed every 10 s)."""
 
 
 @pytest.fixture(params=["memory", "redis"])
@@ -126,11 +132,29 @@ async def test_presence_across_processes(servers: tuple[AtriumProcess, AtriumPro
             # Bob's connection closed: he is gone.
             assert users(await on_a.data(watch)) == [(alice, "VIEWING")]
 
-            # A process that dies without leaving: its entry expires and A's heartbeat prunes it.
-            crashed = RedisBroker(redis_url, prefix="atrium:", presence_ttl=1.0)  # never started: no heartbeat
+            # A process that dies without leaving: its entry expires, and the next process to read the
+            # record prunes it and tells A. The crashed process and that reader (a process of the same
+            # deployment: same Redis, same prefix) share a ManualClock, which alone decides the expiry.
+            clock = ManualClock()
+            crashed = RedisBroker(redis_url, prefix="atrium:", presence_ttl=CRASHED_TTL, clock=clock)  # no heartbeat
+            reader = RedisBroker(redis_url, prefix="atrium:", clock=clock)
+            redis = Redis.from_url(redis_url, decode_responses=True)
+            key = "atrium:" + presence_channel(tenant.id, uuid_of(deal))
             try:
                 await crashed.presence.join(tenant.id, uuid_of(deal), tenant.users[Role.ADMIN])
                 assert users(await on_a.data(watch)) == [(alice, "VIEWING"), (carol, "VIEWING")]
+                # Until the TTL has passed, reading the record keeps the entry.
+                clock.advance(CRASHED_TTL - 1)
+                assert [e.user_id for e in await reader.presence.members(tenant.id, uuid_of(deal))] == [
+                    tenant.users[Role.OWNER], tenant.users[Role.ADMIN]]
+                assert str(tenant.users[Role.ADMIN]) in str(await redis.hgetall(key))
+                # Past it, the read prunes the entry and publishes PresenceChanged, which A's subscribers get.
+                clock.advance(2)
+                assert [e.user_id for e in await reader.presence.members(tenant.id, uuid_of(deal))] == [
+                    tenant.users[Role.OWNER]]
+                assert str(tenant.users[Role.ADMIN]) not in str(await redis.hgetall(key))
                 assert users(await on_a.data(watch)) == [(alice, "VIEWING")]
             finally:
+                await redis.aclose()
+                await reader.close()
                 await crashed.close()

@@ -43,6 +43,9 @@ class Seed:
     contact: str
     deal: str
     activity: str
+    product: str
+    unused_product: str
+    line_item: str
 
     def user(self, role: Role) -> str:
         return to_global_id("User", self.world.users[role])
@@ -74,8 +77,17 @@ async def seed(client: httpx.AsyncClient, world: TenantWorld) -> Seed:
     activity = (await ok(client, owner, """
         mutation($d: ID!) { createActivity(input: {kind: NOTE, subject: "Kick-off", dealId: $d}) { id } }""",
                          {"d": deal}))["createActivity"]["id"]
+    products: list[str] = [
+        (await ok(client, owner, """mutation($sku: String!) { createProduct(input: {name: "Widget", sku: $sku,
+            unitPrice: "5.00", currency: "EUR"}) { id } }""", {"sku": sku}))["createProduct"]["id"]
+        for sku in ("W-1", "W-2")]
+    product, unused_product = products
+    line_item = (await ok(client, owner, """
+        mutation($d: ID!, $p: ID!) { createDealLineItem(input: {dealId: $d, productId: $p, quantity: 1}) { id } }""",
+                          {"d": deal, "p": product}))["createDealLineItem"]["id"]
     return Seed(world=world, pipeline=pipeline["id"], stage=stages[0], other_stage=stages[1], empty_stage=stages[2],
-                empty_pipeline=empty["id"], company=company, contact=contact, deal=deal, activity=activity)
+                empty_pipeline=empty["id"], company=company, contact=contact, deal=deal, activity=activity,
+                product=product, unused_product=unused_product, line_item=line_item)
 
 
 async def tenant_rows(engine: AsyncEngine, world: TenantWorld) -> dict[str, list[tuple[Any, ...]]]:
@@ -142,6 +154,18 @@ RULES = [
          lambda s: {"d": s.deal}, Role.MEMBER),
     Rule("updateActivity", """mutation($id: ID!) { updateActivity(id: $id, input: {subject: "Changed"}) { id } }""",
          lambda s: {"id": s.activity}, Role.MEMBER),
+    Rule("createProduct", """mutation { createProduct(input: {name: "Seat", sku: "SEAT", unitPrice: "10",
+            currency: "EUR"}) { id } }""", lambda s: {}, Role.MEMBER),
+    Rule("updateProduct", """mutation($id: ID!) { updateProduct(id: $id, input: {name: "Renamed"}) { id } }""",
+         lambda s: {"id": s.product}, Role.MEMBER),
+    Rule("createDealLineItem", """mutation($d: ID!, $p: ID!) { createDealLineItem(input: {dealId: $d, productId: $p,
+            quantity: 2}) { id } }""", lambda s: {"d": s.deal, "p": s.product}, Role.MEMBER),
+    Rule("updateDealLineItem", """mutation($id: ID!) { updateDealLineItem(id: $id, input: {quantity: 3}) { id } }""",
+         lambda s: {"id": s.line_item}, Role.MEMBER),
+    Rule("deleteDealLineItem", """mutation($id: ID!) { deleteDealLineItem(id: $id) { deletedId } }""",
+         lambda s: {"id": s.line_item}, Role.MEMBER),
+    Rule("deleteProduct", """mutation($id: ID!) { deleteProduct(id: $id) { deletedId } }""",
+         lambda s: {"id": s.unused_product}, Role.ADMIN),
     Rule("deleteDeal", """mutation($id: ID!) { deleteDeal(id: $id) { deletedId } }""",
          lambda s: {"id": s.deal}, Role.ADMIN),
     Rule("deleteCompany", """mutation($id: ID!) { deleteCompany(id: $id) { deletedId } }""",
@@ -244,11 +268,12 @@ async def test_audit_events_need_admin(client: httpx.AsyncClient, make_tenant: A
     body = await gql(client, AUDIT, token=world.token(role))
     if may:
         events = data_or_fail(body)["auditEvents"]
-        # One row per created record: 2 pipelines, their 4 stages, a company, a contact, a deal, an activity.
-        assert events["totalCount"] == 10
-        assert sorted(n["entityType"] for n in events["nodes"]) == sorted(
-            ["Pipeline"] * 2 + ["Stage"] * 4 + ["Company", "Contact", "Deal", "Activity"])
-        assert {n["action"] for n in events["nodes"]} == {"create"}
+        # One row per created record (2 pipelines, their 4 stages, a company, a contact, a deal, an activity,
+        # 2 products and a line item) and the deal's amount, which its line item set.
+        assert events["totalCount"] == 14
+        assert sorted((n["entityType"], n["action"]) for n in events["nodes"]) == sorted(
+            [(t, "create") for t in ["Pipeline"] * 2 + ["Stage"] * 4 + ["Company", "Contact", "Deal", "Activity"]
+             + ["Product"] * 2 + ["DealLineItem"]] + [("Deal", "update")])
         assert {n["actor"]["id"] for n in events["nodes"]} == {s.user(Role.OWNER)}
     else:
         assert codes(body) == ["FORBIDDEN"], body

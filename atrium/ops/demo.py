@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
+from uuid import UUID
 
 import asyncpg
 
@@ -575,27 +576,23 @@ class _Generator:
                 self._catalogue.setdefault(currency, []).append((product_id, price))
         return rows
 
-    def line_items(self, deal_id: uuid.UUID, currency: str, amount: Decimal,
+    def line_items(self, deal_id: UUID, currency: str, amount: Decimal,
                    created: datetime) -> tuple[Decimal, list[Row]]:
         """1-3 line items of about ``amount`` in all; returns their exact total (the deal's amount)."""
         rng = self.rng
         parts = rng.randrange(1, 4)
-        chosen = rng.sample(self._catalogue[currency], parts)
-        lines = []
-        for product_id, price in chosen:
-            quantity = max(1, min(500, int(amount / parts / price)))
-            lines.append([product_id, quantity, price, rng.choice(_DISCOUNTS)])
+        lines = [_Line(product_id, max(1, min(500, int(amount / parts / price))), price, rng.choice(_DISCOUNTS))
+                 for product_id, price in rng.sample(self._catalogue[currency], parts)]
 
         def total() -> Decimal:
-            return sum((line_total(q, p, d) for _, q, p, d in lines), Decimal(0))
+            return sum((line_total(line.quantity, line.price, line.discount) for line in lines), Decimal(0))
 
         while total() < _MIN_AMOUNT:
-            lines[0][1] += 1
-        while total() > _MAX_AMOUNT and any(line[1] > 1 for line in lines):
-            biggest = max(lines, key=lambda line: line[1])
-            biggest[1] -= 1
-        rows = [(self.tenant_id, self.uuid(), deal_id, product_id, quantity, price, discount, currency, created,
-                 created) for product_id, quantity, price, discount in lines]
+            lines[0].quantity += 1
+        while total() > _MAX_AMOUNT and any(line.quantity > 1 for line in lines):
+            max(lines, key=lambda line: line.quantity).quantity -= 1
+        rows: list[Row] = [(self.tenant_id, self.uuid(), deal_id, line.product_id, line.quantity, line.price,
+                            line.discount, currency, created, created) for line in lines]
         return total(), rows
 
     def phone(self) -> str | None:
@@ -701,6 +698,14 @@ class _Generator:
                 activities.append((tenant_id, self.uuid(), kind, subject, body, deal_id, activity_contact,
                                    company.id, actor, occurred, due, done, occurred, occurred))
         return deals, activities, lines
+
+
+@dataclass
+class _Line:
+    product_id: UUID
+    quantity: int
+    price: Decimal
+    discount: Decimal
 
 
 def line_total(quantity: int, unit_price: Decimal, discount_percent: Decimal) -> Decimal:
