@@ -12,6 +12,8 @@ COPY auth ./auth
 COPY core ./core
 COPY models ./models
 COPY partners ./partners
+COPY planner ./planner
+COPY records ./records
 COPY resolvers ./resolvers
 COPY schema ./schema
 COPY subscriptions ./subscriptions
@@ -31,6 +33,8 @@ COPY --chown=root:root auth ./auth
 COPY --chown=root:root core ./core
 COPY --chown=root:root models ./models
 COPY --chown=root:root partners ./partners
+COPY --chown=root:root planner ./planner
+COPY --chown=root:root records ./records
 COPY --chown=root:root resolvers ./resolvers
 COPY --chown=root:root schema ./schema
 COPY --chown=root:root subscriptions ./subscriptions

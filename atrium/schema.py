@@ -12,6 +12,8 @@ from strawberry.types.execution import ExecutionContext
 
 from core.limits import MAX_TOKENS
 from partners.resolvers import PartnerMutation, PartnerQuery
+from planner.execution import PlanCache, PlannedQueries
+from planner.plan import Planner
 from records.crm import ACTIVITY, COMPANY, CONTACT, DEAL_LINE_ITEM, PIPELINE, PRODUCT, STAGE
 from resolvers.audit import AuditQuery
 from resolvers.crud import mutations, queries
@@ -39,6 +41,9 @@ Subscription = root("Subscription", LiveSubscription)
 
 
 class AtriumSchema(strawberry.Schema):
+    plans: PlanCache
+    """The plans of this schema's queries (``planner``)."""
+
     def process_errors(self, errors: list[GraphQLError], execution_context: ExecutionContext | None = None) -> None:
         """Log only unexpected errors (with the request id); client errors are not server faults."""
         log_unexpected(errors, execution_context)
@@ -59,10 +64,11 @@ def build_schema(*, production: bool = False) -> AtriumSchema:
         OperationMetrics,
         ErrorCoding,
         MeteredCostLimit,
+        PlannedQueries,  # last: runs once the operation is admitted and charged
     ]
     if production:
         extensions.append(DisableIntrospection)
-    return AtriumSchema(
+    built = AtriumSchema(
         query=Query,
         mutation=Mutation,
         subscription=Subscription,
@@ -70,6 +76,8 @@ def build_schema(*, production: bool = False) -> AtriumSchema:
         extensions=extensions,
         config=StrawberryConfig(disable_field_suggestions=production),
     )
+    built.plans = PlanCache(Planner(built._schema, {"Query": Query}, built.config.name_converter))
+    return built
 
 
 schema = build_schema()

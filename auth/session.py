@@ -99,6 +99,8 @@ class Context:
     meter: Meter | None = None
     """Rate limits of the request or WebSocket operation; None where nothing is metered (limits off, scripts)."""
     metrics: OperationRecorder | None = None
+    planned: bool = False
+    """Queries may be answered through plans (``planner``): HTTP requests, when ``Settings.plans``."""
 
     @property
     def session(self) -> Session:

@@ -97,6 +97,9 @@ class Settings:
     """A presence entry not refreshed for this long (its process died) disappears."""
     metrics_token: str | None = None
     """Bearer token ``/metrics`` requires; without one, production does not serve metrics."""
+    plans: bool = True
+    """Answer queries through plans pushed down into PostgreSQL (``planner``); ``ATRIUM_PLANS=off``
+    runs every query through the executor (the same answers, slower)."""
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -137,6 +140,7 @@ class Settings:
             batching=env.get("ATRIUM_BATCHING", "off").strip().lower() in ("1", "on", "true", "yes"),
             subscriber_queue_size=int(env.get("ATRIUM_SUBSCRIBER_QUEUE", "256")),
             presence_ttl_seconds=float(env.get("ATRIUM_PRESENCE_TTL", "30")),
+            plans=env.get("ATRIUM_PLANS", "on").strip().lower() not in ("0", "off", "false", "no"),
         )
 
     def with_database(self, database_url: str) -> Settings:

@@ -124,6 +124,17 @@ class TenantScope:
             conn = self._read_conn or await self._begin_read()
             return (await conn.execute(statement, params)).all()
 
+    async def fetch_raw(self, sql: str, args: Sequence[Any]) -> Any:
+        """Run compiled SQL (asyncpg placeholders ``$1``...) in the request's tenant transaction on the
+        driver connection directly, and return its one row: no SQLAlchemy result processing. asyncpg
+        prepares each statement text once per connection and reuses it."""
+        if self._writing:
+            raise RuntimeError("fetch_raw() inside write(): use the write's connection")
+        async with self._lock:
+            conn = self._read_conn or await self._begin_read()
+            raw = await conn.get_raw_connection()
+            return await raw.driver_connection.fetchrow(sql, *args)  # type: ignore[union-attr]
+
     async def _begin_read(self) -> AsyncConnection:
         stack = AsyncExitStack()
         self._read_conn = await stack.enter_async_context(self._databases.tenant_transaction(self.tenant_id))

@@ -219,9 +219,11 @@ class Equals:
             return {}
         return {param(name): record.field(self.column).rule(f"filter.{camel(name)}", value)}
 
-    def where(self, record: Record, source: Any, bound: Collection[str]) -> list[ColumnElement[bool]]:
+    def where(self, record: Record, source: Any, bound: Collection[str],
+              prefix: str = "") -> list[ColumnElement[bool]]:
         name = param(self.name or self.column)
-        return [source.c[self.column] == bindparam(name, type_=source.c[self.column].type)] if name in bound else []
+        column = source.c[self.column]
+        return [column == bindparam(prefix + name, type_=column.type)] if name in bound else []
 
 
 @dataclass(frozen=True, eq=False)
@@ -241,10 +243,11 @@ class AnyOf:
         name = f"filter.{camel(self.column)}"
         return {param(self.column): [rule(name, v) for v in chosen]}
 
-    def where(self, record: Record, source: Any, bound: Collection[str]) -> list[ColumnElement[bool]]:
+    def where(self, record: Record, source: Any, bound: Collection[str],
+              prefix: str = "") -> list[ColumnElement[bool]]:
         name = param(self.column)
         column = source.c[self.column]
-        return [column == any_(bindparam(name, type_=ARRAY(column.type)))] if name in bound else []
+        return [column == any_(bindparam(prefix + name, type_=ARRAY(column.type)))] if name in bound else []
 
 
 @dataclass(frozen=True, eq=False)
@@ -270,13 +273,14 @@ class Range:
             raise BadUserInput(f"filter.{camel(self.low)}", f"must not exceed {camel(self.high)}")
         return out
 
-    def where(self, record: Record, source: Any, bound: Collection[str]) -> list[ColumnElement[bool]]:
+    def where(self, record: Record, source: Any, bound: Collection[str],
+              prefix: str = "") -> list[ColumnElement[bool]]:
         column = source.c[self.column]
         out: list[ColumnElement[bool]] = []
         if param(self.low) in bound:
-            out.append(column >= bindparam(param(self.low), type_=column.type))
+            out.append(column >= bindparam(prefix + param(self.low), type_=column.type))
         if param(self.high) in bound:
-            out.append(column <= bindparam(param(self.high), type_=column.type))
+            out.append(column <= bindparam(prefix + param(self.high), type_=column.type))
         return out
 
 
@@ -296,9 +300,11 @@ class Below:
             return {}
         return {param(self.name): record.field(self.column).rule(f"filter.{camel(self.name)}", value)}
 
-    def where(self, record: Record, source: Any, bound: Collection[str]) -> list[ColumnElement[bool]]:
+    def where(self, record: Record, source: Any, bound: Collection[str],
+              prefix: str = "") -> list[ColumnElement[bool]]:
         column = source.c[self.column]
-        return [column < bindparam(param(self.name), type_=column.type)] if param(self.name) in bound else []
+        name = param(self.name)
+        return [column < bindparam(prefix + name, type_=column.type)] if name in bound else []
 
 
 SEARCH_TERM = Text(100)
@@ -330,10 +336,11 @@ class Search:
         assert term is not None
         return {param("search"): like_pattern(term)}
 
-    def where(self, record: Record, source: Any, bound: Collection[str]) -> list[ColumnElement[bool]]:
+    def where(self, record: Record, source: Any, bound: Collection[str],
+              prefix: str = "") -> list[ColumnElement[bool]]:
         if param("search") not in bound:
             return []
-        pattern = bindparam(param("search"), type_=String())
+        pattern = bindparam(prefix + param("search"), type_=String())
         matches: list[ColumnElement[bool]] = [source.c[c].ilike(pattern, escape="\\") for c in self.columns]
         for name, columns in self.related:
             relation = record.relation(name)
@@ -619,13 +626,14 @@ class Record:
             bound.update(f.bind(self, filters or {}))
         return bound
 
-    def filtered(self, tenant: Any, bound: Collection[str]) -> Select[Any]:
+    def filtered(self, tenant: Any, bound: Collection[str], prefix: str = "") -> Select[Any]:
         """The tenant's records matching the filters whose parameters are in ``bound`` (AND of all),
-        with the computed sort values as extra columns. ``tenant``: a value or a bind parameter."""
+        with the computed sort values as extra columns. ``tenant``: a value or a bind parameter;
+        ``prefix`` is put before every filter parameter's name."""
         extra = [s.expression(self.table).label(f"sort_{s.column}") for s in self.sorts if s.expression]
         query = select(self.table, *extra).where(self.table.c.tenant_id == tenant)
         for f in self.filters:
-            query = query.where(*f.where(self, self.table, bound))
+            query = query.where(*f.where(self, self.table, bound, prefix))
         return query
 
     def listing_query(self, tenant_id: uuid.UUID, filters: Mapping[str, Any] | None) -> Select[Any]:

@@ -40,7 +40,7 @@ from resolvers.paging import paginate
 from resolvers.writes import change
 from schema import enums as _enums  # noqa: F401 - registers the enums inputs refer to
 from schema.crm import DeletePayload
-from schema.objects import RecordObject, prefetch
+from schema.objects import RecordObject, planned, prefetch
 from schema.pagination import Connection
 
 KEYWORD = inspect.Parameter.KEYWORD_ONLY
@@ -133,6 +133,7 @@ def list_field(record: Record) -> Any:
             await prefetch(info, objects, ())
             return objects
 
+        planned(listed, "list", record, record.access.read)
         return strawberry.field(resolver=_resolver(listed, [], list[kind]), **permission)  # type: ignore[valid-type]
 
     filter_input = filter_type(record)
@@ -151,6 +152,7 @@ def list_field(record: Record) -> Any:
         await prefetch(info, [edge.node for edge in page.edges], ("edges", "node"))
         return page
 
+    planned(connection, "connection", record, record.access.read)
     parameters: list[tuple[str, Any, Any]] = []
     if filter_input is not None:
         parameters.append(("filter", filter_input | None, None))
@@ -168,6 +170,7 @@ def get_field(record: Record) -> Any:
         row = await info.context.session.loaders.one(record).load(decode_id(id, record.name))
         return kind.from_row(row) if row is not None else None
 
+    planned(get, "get", record, record.access.read)
     return strawberry.field(resolver=_resolver(get, [("id", strawberry.ID, inspect.Parameter.empty)], kind | None),
                             **requires(record.access.read, record.description("get")))
 

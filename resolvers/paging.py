@@ -28,9 +28,15 @@ T = TypeVar("T")
 DEFAULT_PAGE = 20
 
 
+def cursor_text(value: Any) -> str:
+    """A sort value as cursors hold it: ISO 8601 for dates and times, the text form otherwise."""
+    return value.isoformat() if hasattr(value, "isoformat") else str(value)
+
+
 def encode_cursor(key: SortKey, row: Row[Any]) -> str:
-    value = key.value(row)
-    raw = json.dumps([key.name, value.isoformat() if hasattr(value, "isoformat") else str(value), str(row.id)])
+    """``base64url('["<ordering>","<sort value>","<id>"]')`` (compact JSON, UTF-8, unpadded): the
+    plan path writes the same bytes in SQL (``planner.formats.cursor``)."""
+    raw = json.dumps([key.name, cursor_text(key.value(row)), str(row.id)], ensure_ascii=False, separators=(",", ":"))
     return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
 
 

@@ -20,7 +20,7 @@ from records.crm import BY_NAME, MEMBERSHIP, USER
 from records.rules import Email, Text
 from resolvers.writes import Change, change
 from schema.crm import DeletePayload, LoginPayload, Tenant, User
-from schema.objects import Node, RecordObject, load
+from schema.objects import Node, RecordObject, load, planned
 
 LOGIN_CANDIDATES = text("SELECT * FROM atrium_login_candidates(:slug, :email)")
 ENSURE_USER = text("SELECT atrium_ensure_user(:email, :name, :password_hash)")
@@ -85,6 +85,8 @@ class ViewerQuery:
         if RecordObject.type_named(type_name) is None:
             raise BadUserInput("id", f"objects of type {type_name} cannot be fetched by id")
         return await load(info, BY_NAME[type_name], key)  # type: ignore[no-any-return]
+
+    planned(node, "node", None, Permission.READ)
 
 
 @strawberry.type

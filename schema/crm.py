@@ -16,7 +16,7 @@ from core.ids import to_global_id
 from models.tables import ActivityKind, DealStatus, Plan, Role
 from records.crm import ACTIVITY, COMPANY, CONTACT, DEAL, DEAL_LINE_ITEM, PIPELINE, PRODUCT, STAGE, USER
 from schema import enums as _enums  # noqa: F401 - registers the model enums as GraphQL enums
-from schema.objects import Node, RecordObject, children, load, to_one
+from schema.objects import SQL, Node, RecordObject, children, load, to_one
 
 
 @strawberry.type
@@ -61,7 +61,8 @@ class Contact(RecordObject, Node, record=CONTACT):
     version: int
     created_at: dt.datetime
     updated_at: dt.datetime
-    name: str = strawberry.field(resolver=lambda self: f"{self.first_name} {self.last_name}")
+    name: str = strawberry.field(resolver=lambda self: f"{self.first_name} {self.last_name}",
+                                 metadata={SQL: lambda t: t.c.first_name + " " + t.c.last_name})
     company: Company | None = to_one(CONTACT, "company")
     deals: list[Deal] = children(CONTACT, "deals")
     activities: list[Activity] = children(CONTACT, "activities")

@@ -22,11 +22,13 @@ import asyncio
 import enum
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
 import strawberry
 from strawberry.types.nodes import SelectedField, Selection
 
+from auth.roles import Permission
 from auth.session import Info
 from core.errors import BadUserInput
 from core.ids import to_global_id
@@ -35,6 +37,24 @@ from records.declare import Children, Record, ToOne, camel
 T = TypeVar("T", bound="RecordObject")
 
 MISSING = object()
+SQL = "atrium.sql"
+"""Field metadata key: how to compute a computed field in SQL, ``(source) -> column expression``
+(the planner pushes such a field down; without it the field runs its resolver)."""
+
+
+@dataclass(frozen=True)
+class Planned:
+    """What a root field's resolver answers, for the planner (``planner``): ``kind`` is
+    ``connection``, ``list`` or ``get`` of ``record``, or ``node`` (any record by global ID)."""
+
+    kind: str
+    record: Record | None
+    permission: Permission
+
+
+def planned(resolver: Callable[..., Any], kind: str, record: Record | None, permission: Permission) -> None:
+    """Mark ``resolver`` as answering ``kind`` (it must behave exactly as the plan does)."""
+    resolver.planned = Planned(kind, record, permission)  # type: ignore[attr-defined]
 
 
 @strawberry.interface(description="An object with a globally unique, opaque ID.")
@@ -83,9 +103,7 @@ def _builder(cls: type[RecordObject]) -> Callable[[Any], Any]:
     for f in definition.fields:
         if f.base_resolver is not None or f.python_name in ("id", "row"):
             continue
-        kind = f.type_annotation.resolve() if f.type_annotation else None
-        enum_type = next((t for t in _unwrap(kind) if isinstance(t, type) and issubclass(t, enum.Enum)), None)
-        plain.append((f.python_name, enum_type))
+        plain.append((f.python_name, enum_of(f)))
 
     def build(row: Any) -> Any:
         obj = object.__new__(cls)
@@ -100,8 +118,16 @@ def _builder(cls: type[RecordObject]) -> Callable[[Any], Any]:
     return build
 
 
+def enum_of(field: Any) -> type[enum.Enum] | None:
+    """The Python enum a Strawberry field's values belong to, if they are enum values."""
+    kind = field.type_annotation.resolve() if field.type_annotation else None
+    return next((t for t in _unwrap(kind) if isinstance(t, type) and issubclass(t, enum.Enum)), None)
+
+
 def _unwrap(kind: Any) -> Iterator[Any]:
     yield kind
+    if (wrapped := getattr(kind, "wrapped_cls", None)) is not None:  # an enum's definition
+        yield wrapped
     of_type = getattr(kind, "of_type", None)
     if of_type is not None:
         yield from _unwrap(of_type)

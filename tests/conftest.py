@@ -107,8 +107,9 @@ def redis_url() -> str:
 def settings(database_url: str) -> Settings:
     # Functional tests run unmetered (their broad queries would exhaust a plan); tests/test_limits.py
     # builds apps with rate limits on.
+    # ATRIUM_PLANS=off runs the whole suite through the executor alone (.ci/run does both).
     return Settings(env="test", database_url=database_url, jwt_secret=TEST_SECRET, data_dir=Path(tempfile.gettempdir()),
-                    rate_limits=False)
+                    rate_limits=False, plans=os.environ.get("ATRIUM_PLANS", "on").lower() != "off")
 
 
 @pytest.fixture(scope="session")

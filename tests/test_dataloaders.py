@@ -1,7 +1,9 @@
-"""Nested relations are batched: the number of SQL statements of a page does not grow with its size.
+"""The executor batches nested relations: the number of SQL statements of a page does not grow with its size.
 
-Statements are counted with a ``before_cursor_execute`` listener on the app's own engine (every
-statement the server sends, including the tenant ``set_config``), removed after each measurement.
+These tests describe the executor's loaders, so they run on an app with plans off (with plans, a
+query of record fields is one statement whatever its shape: tests/test_plans.py). Statements are
+counted with a ``before_cursor_execute`` listener on the app's own engine (every statement the
+server sends, including the tenant ``set_config``), removed after each measurement.
 """
 
 from __future__ import annotations
@@ -9,21 +11,39 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import re
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 from sqlalchemy import event, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.applications import Starlette
 
+from atrium.app import create_app
+from core.settings import Settings
 from models.tables import DEALS, Role
 from tests.conftest import TenantWorld, data_or_fail, gql
 from tests.crm import create_company, create_contact, create_pipeline, gid
 
 MakeTenant = Callable[..., Awaitable[TenantWorld]]
+
+
+@pytest.fixture(scope="module")
+async def app(settings: Settings) -> AsyncIterator[Starlette]:
+    """The executor's app: plans off, so every field resolves through the loaders."""
+    application = create_app(replace(settings, plans=False))
+    async with application.router.lifespan_context(application):
+        yield application
+
+
+@pytest.fixture
+async def client(app: Starlette) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://atrium.test") as c:
+        yield c
 
 DASHBOARD = """
 query Dashboard($n: Int!) {

@@ -49,8 +49,8 @@ def test_every_root_field_requires_a_permission_and_says_which(root: str) -> Non
         assert description.endswith(described(None, permissions[0])), f"{root}.{name}: {description!r}"
 
 
-@pytest.mark.parametrize("package", ["atrium", "auth", "core", "models", "partners", "records", "resolvers",
-                                     "schema", "subscriptions"])
+@pytest.mark.parametrize("package", ["atrium", "auth", "core", "models", "partners", "planner", "records",
+                                     "resolvers", "schema", "subscriptions"])
 def test_packages_come_from_the_repository(package: str) -> None:
     module = importlib.import_module(package)
     assert module.__file__ is not None

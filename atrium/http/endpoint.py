@@ -79,13 +79,14 @@ class AtriumGraphQL(GraphQLOverHTTP):
         self.live_groups = LiveGroups(self.schema, self.live_result, queue_size=settings.subscriber_queue_size)
         self.grouping = Grouping(self.schema)
 
-    def context(self, conn: HTTPConnection, request_id: str, session: Session | None, response: Any = None) -> Context:
+    def context(self, conn: HTTPConnection, request_id: str, session: Session | None, response: Any = None,
+                *, planned: bool = False) -> Context:
         rt = self.runtime
         meter = rt.limiter.meter(session.principal if session else None, conn.client.host if conn.client else None) \
             if rt.limiter is not None else None
         return Context(settings=rt.settings, databases=rt.databases, broker=rt.broker, clock=rt.clock,
                        request=conn, request_id=request_id, principal=session.principal if session else None,
-                       own_session=session, response=response, meter=meter, metrics=rt.metrics)
+                       own_session=session, response=response, meter=meter, metrics=rt.metrics, planned=planned)
 
     async def open_session(self, principal: Principal) -> Session:
         """A session for ``principal``, its membership confirmed in the session's own transaction (one
@@ -127,8 +128,8 @@ class AtriumGraphQL(GraphQLOverHTTP):
 
         try:
             sub_response = await self.get_sub_response(request)
-            response = await self.serve(request, self.context(request, request_id, session, sub_response),
-                                        sub_response)
+            context = self.context(request, request_id, session, sub_response, planned=self.runtime.settings.plans)
+            response = await self.serve(request, context, sub_response)
             await response(scope, receive, send_with_id)
         finally:
             if session is not None:

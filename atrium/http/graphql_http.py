@@ -54,6 +54,7 @@ from core.errors import (
     ValidationFailed,
     error_body,
 )
+from core.jsontext import dumps
 from partners.documents import resolve_document
 from schema.extensions import code_of
 
@@ -261,7 +262,7 @@ class GraphQLOverHTTP(GraphQL[Context, None]):
     async def respond(self, body: Any, status: int, headers: dict[str, str], media: str, sub_response: Response,
                       context: Context) -> Response:
         content_type = f"{GRAPHQL_RESPONSE_JSON}; charset=utf-8" if media == GRAPHQL_RESPONSE_JSON else JSON
-        response = Response(json.dumps(body, separators=(",", ":")), status_code=status, media_type=content_type)
+        response = Response(dumps(body), status_code=status, media_type=content_type)
         response.headers.raw.extend(sub_response.headers.raw)
         if isinstance(context.meter, RequestMeter):
             headers = {**await context.meter.headers(), **headers}

@@ -1,0 +1,181 @@
+"""Running plans: the schema extension that answers a query's planned root fields with one statement.
+
+``PlannedQueries.on_execute`` runs after the operation has been parsed, validated, costed and
+charged (it is listed after those extensions) and before graphql-core would execute it. For an HTTP
+query whose context allows plans (``Context.planned``, from ``Settings.plans``), it builds or reuses
+the operation's ``Plan``, binds the request's arguments, runs the one statement in the request's
+tenant transaction, and sets the operation's result: planned root fields as JSON text from
+PostgreSQL, the other root fields executed by graphql-core over a document holding only them (their
+errors are the executor's own, with their paths and locations). When binding says the executor must
+answer (a bad argument, a missing permission), it leaves the result unset and the executor answers
+the whole operation, as it would without plans.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from typing import Any
+
+import asyncpg
+from graphql import (
+    DirectiveNode,
+    DocumentNode,
+    ExecutionResult,
+    FieldNode,
+    FragmentDefinitionNode,
+    GraphQLSchema,
+    OperationDefinitionNode,
+    SelectionSetNode,
+    VariableNode,
+    execute,
+    visit,
+)
+from graphql.execution.executor import Executor
+from graphql.language import Visitor
+from sqlalchemy.exc import SQLAlchemyError
+from strawberry.execution import optimized_is_awaitable
+from strawberry.extensions import SchemaExtension
+from strawberry.types.graphql import OperationType
+
+from auth.session import Context
+from core.jsontext import PlannedData, RawJSON
+from planner.plan import Fallback, Plan, Planner
+
+log = logging.getLogger("atrium.planner")
+
+MAX_PLANS = 512
+
+
+class DirectiveVariables(Visitor):
+    """The variables ``@skip``/``@include`` read (the plan depends on their values)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: set[str] = set()
+
+    def enter_directive(self, node: DirectiveNode, *_: Any) -> None:
+        if node.name.value in ("skip", "include"):
+            for argument in node.arguments or ():
+                if isinstance(argument.value, VariableNode):
+                    self.names.add(argument.value.name.value)
+
+
+class PlanCache:
+    """The plans of one schema, bounded (least recently used out), beside the validation cache."""
+
+    def __init__(self, planner: Planner, maxsize: int = MAX_PLANS) -> None:
+        self.planner = planner
+        self.maxsize = maxsize
+        self._directives: OrderedDict[tuple[str, str | None], tuple[str, ...]] = OrderedDict()
+        self._plans: OrderedDict[tuple[Any, ...], Plan] = OrderedDict()
+
+    def get(self, query: str, operation_name: str | None, executor: Executor[Any]) -> Plan:
+        operation = executor.operation
+        directive_key = (query, operation_name)
+        names = self._directives.get(directive_key)
+        if names is None:
+            collector = DirectiveVariables()
+            visit(operation, collector)
+            for fragment in executor.fragments.values():
+                visit(fragment.definition, collector)
+            names = self._directives[directive_key] = tuple(sorted(collector.names))
+            _bound(self._directives, self.maxsize)
+        coerced = executor.variable_values.coerced
+        key = (query, operation_name, tuple(coerced.get(n) for n in names))
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._plans[key] = self.planner.plan(operation, executor.fragments, executor.variable_values)
+            _bound(self._plans, self.maxsize)
+        else:
+            self._plans.move_to_end(key)
+        return plan
+
+
+def _bound(cache: OrderedDict[Any, Any], size: int) -> None:
+    while len(cache) > size:
+        cache.popitem(last=False)
+
+
+async def answer(schema: GraphQLSchema, plans: PlanCache, execution_context: Any, executor_class: Any) -> Any:
+    """The operation's result through its plan, or None when the executor must answer it whole."""
+    ec = execution_context
+    context = ec.context
+    if not isinstance(context, Context) or not context.planned or context.own_session is None:
+        return None
+    document = ec.graphql_document
+    if document is None or ec.operation_type is not OperationType.QUERY:
+        return None
+    executor = Executor.build(schema, document, raw_variable_values=ec.variables, operation_name=ec.operation_name)
+    if isinstance(executor, list):
+        return None  # variables the executor rejects: it reports them
+    plan = plans.get(ec.query, ec.operation_name, executor)
+    if not plan.planned:
+        return None
+    session = context.own_session
+    try:
+        binding = plan.bind(executor.variable_values, session.principal, context.settings.max_page_size)
+    except Fallback:
+        return None
+    compiled = plan.compiled(binding)
+    row = await session.db.fetch_raw(compiled.sql, plan.arguments(compiled, binding))
+    rest: ExecutionResult | None = None
+    if plan.fallback_keys:
+        rest = await _execute_rest(schema, document, executor.operation, plan, ec, executor_class)
+        if rest.data is None:
+            return rest
+    data = PlannedData()
+    values = iter(row)
+    for root in plan.roots:
+        if isinstance(root, str):
+            assert rest is not None and rest.data is not None
+            data[root] = rest.data[root]
+        else:
+            value = next(values)
+            data[root.key] = RawJSON(value if value is not None else "null")
+    return ExecutionResult(data=data, errors=rest.errors if rest is not None else None)
+
+
+async def _execute_rest(schema: GraphQLSchema, document: DocumentNode, operation: OperationDefinitionNode,
+                        plan: Plan, ec: Any, executor_class: Any) -> ExecutionResult:
+    """The root fields the plan leaves to the executor, executed over a document holding only them."""
+    nodes: list[FieldNode] = [node for key, group in zip(plan.keys, plan.all_nodes, strict=True)
+                              if key in plan.fallback_keys for node in group]
+    only = OperationDefinitionNode(operation=operation.operation, name=operation.name,
+                                   variable_definitions=operation.variable_definitions, directives=operation.directives,
+                                   selection_set=SelectionSetNode(selections=tuple(nodes)))
+    fragments = [d for d in document.definitions if isinstance(d, FragmentDefinitionNode)]
+    kwargs = {"executor_class": executor_class} if executor_class is not None else {}
+    result = execute(schema, DocumentNode(definitions=(only, *fragments)), root_value=ec.root_value,
+                     context_value=ec.context, variable_values=ec.variables, operation_name=ec.operation_name,
+                     is_awaitable=optimized_is_awaitable, **kwargs)  # type: ignore[arg-type]
+    if not isinstance(result, ExecutionResult):
+        result = await result
+    assert isinstance(result, ExecutionResult)
+    return result
+
+
+class PlannedQueries(SchemaExtension):
+    """Answers queries through their plans (module docstring). The schema carries the plan cache.
+
+    A plan that fails unexpectedly is logged and the executor answers instead: a planner fault
+    costs speed, never an answer.
+    """
+
+    async def on_execute(self) -> AsyncIterator[None]:
+        ec = self.execution_context
+        if ec.result is None:
+            schema = ec.schema
+            plans = getattr(schema, "plans", None)
+            if plans is not None:
+                try:
+                    result = await answer(schema._schema, plans, ec, schema.execution_context_class)
+                except (OSError, SQLAlchemyError, asyncpg.PostgresError):
+                    raise  # the database itself failed: the executor would fail the same way
+                except Exception:
+                    log.exception("plan failed; the executor answers %s", ec.operation_name or "the query")
+                    result = None
+                if result is not None:
+                    ec.result = result
+        yield
