@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Coroutine, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import Executable, Row, text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
@@ -98,11 +98,37 @@ class Databases:
             await engine.dispose()
 
 
+T = TypeVar("T")
+
+
+async def _uninterrupted(work: Coroutine[Any, Any, T]) -> T:
+    """``work`` run to its end even if the caller is cancelled (its outcome is then discarded)."""
+    task = asyncio.ensure_future(work)
+    task.add_done_callback(_retrieve)
+    return await asyncio.shield(task)
+
+
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()  # seen: a failure nobody waits for any more is not logged as unretrieved
+
+
+class ScopeClosed(RuntimeError):
+    """A statement was asked of a request scope that has been closed."""
+
+
 class TenantScope:
     """One request's database access for one tenant.
 
     Reads share one lazily begun tenant transaction; ``write()`` ends it and runs a transaction of
     its own that commits when the block exits. Only one statement runs at a time.
+
+    A read is never interrupted half way: when its caller is cancelled (the executor drops the
+    siblings of a field whose error nulls their parent), the statement still runs to its end under
+    the lock, so the connection is never left with a statement in progress, and ``close`` waits
+    for it. After ``close`` no read begins a transaction again: a load still queued when the request
+    ended (a batch whose waiters were all cancelled) fails with ``ScopeClosed`` instead of taking a
+    connection nobody would give back.
     """
 
     def __init__(self, databases: Databases, tenant_id: uuid.UUID) -> None:
@@ -112,6 +138,7 @@ class TenantScope:
         self._read: AsyncExitStack | None = None
         self._read_conn: AsyncConnection | None = None
         self._writing = False
+        self._closed = False
 
     async def fetch(self, statement: Executable, params: dict[str, Any] | None = None) -> Sequence[Row[Any]]:
         """Run a read statement in the request's tenant transaction and return all rows.
@@ -120,6 +147,9 @@ class TenantScope:
         """
         if self._writing:
             raise RuntimeError("fetch() inside write(): use the write's connection")
+        return await _uninterrupted(self._fetch(statement, params))
+
+    async def _fetch(self, statement: Executable, params: dict[str, Any] | None) -> Sequence[Row[Any]]:
         async with self._lock:
             conn = self._read_conn or await self._begin_read()
             return (await conn.execute(statement, params)).all()
@@ -130,12 +160,17 @@ class TenantScope:
         prepares each statement text once per connection and reuses it."""
         if self._writing:
             raise RuntimeError("fetch_raw() inside write(): use the write's connection")
+        return await _uninterrupted(self._fetch_raw(sql, args))
+
+    async def _fetch_raw(self, sql: str, args: Sequence[Any]) -> Any:
         async with self._lock:
             conn = self._read_conn or await self._begin_read()
             raw = await conn.get_raw_connection()
             return await raw.driver_connection.fetchrow(sql, *args)  # type: ignore[union-attr]
 
     async def _begin_read(self) -> AsyncConnection:
+        if self._closed:
+            raise ScopeClosed("the request's database access has ended")
         stack = AsyncExitStack()
         self._read_conn = await stack.enter_async_context(self._databases.tenant_transaction(self.tenant_id))
         self._read = stack
@@ -151,6 +186,8 @@ class TenantScope:
         """A tenant transaction for one change: committed on normal exit, rolled back on error."""
         async with self._lock:
             await self._end_read()
+            if self._closed:
+                raise ScopeClosed("the request's database access has ended")
             async with self._databases.tenant_transaction(self.tenant_id) as conn:
                 self._writing = True
                 try:
@@ -159,6 +196,7 @@ class TenantScope:
                     self._writing = False
 
     async def close(self) -> None:
-        """Release the connection (idempotent)."""
+        """Release the connection (idempotent); no statement runs after this."""
         async with self._lock:
+            self._closed = True
             await self._end_read()

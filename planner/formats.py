@@ -46,7 +46,8 @@ def instant(value: ColumnElement[Any]) -> ColumnElement[str]:
 
 def day(value: ColumnElement[Any]) -> ColumnElement[str]:
     """``YYYY-MM-DD``; an infinite date is what asyncpg makes of it (``date.max``)."""
-    return case((func.isfinite(value), func.to_char(value, text("YYYY-MM-DD"))), else_=text("9999-12-31"))
+    return case((value.is_(None), None), (func.isfinite(value), func.to_char(value, text("YYYY-MM-DD"))),
+                else_=text("9999-12-31"))
 
 
 def decimal(value: ColumnElement[Any]) -> ColumnElement[str]:

@@ -341,3 +341,38 @@ async def test_a_board_of_stage_lists_costs_the_same_whatever_their_length(
             assert [a["subject"] for a in deal["activities"]] == [f"Call {number}-{k}" for k in (3, 2)]
             assert deal["owner"]["name"]
     assert [len(s["deals"]) for s in small["pipeline"]["stages"]] == [2, 2]
+
+
+async def test_loads_left_queued_by_an_error_take_no_connection(
+        client: httpx.AsyncClient, app: Starlette, make_tenant: MakeTenant) -> None:
+    """An error at a non-null position cancels its siblings while their loads are still queued; those
+    loads run after the request has closed its scope and must not begin a transaction again (that
+    connection would never go back to the pool)."""
+    tenant = await make_tenant("queued")
+    await seed(client, tenant, 3)
+    token = tenant.token(Role.OWNER)
+    companies = data_or_fail(await gql(client, "{ companies { nodes { id } } }", token=token))["companies"]["nodes"]
+    databases = app.state.runtime.databases
+    for company in companies:
+        body = await gql(client, """query($id: ID!) { node(id: $id) { ... on Company {
+            contacts(first: 2) { id } deals(first: 3) { title } activities(first: -1) { id } } } }""",
+                         {"id": company["id"]}, token=token)
+        assert body["data"] == {"node": None} and body["errors"][0]["path"] == ["node", "activities"]
+        for _ in range(10):  # let the queued batches run
+            await asyncio.sleep(0)
+        assert databases.pool_usage()[0] == 0
+
+
+async def test_a_statement_whose_field_is_cancelled_runs_to_its_end(
+        client: httpx.AsyncClient, app: Starlette, make_tenant: MakeTenant) -> None:
+    """When an error nulls the whole data, graphql-core cancels the other root fields; one whose
+    statement is on the wire must not leave the connection mid-statement (the request's close would
+    fail with "another operation is in progress" or a pending rollback)."""
+    tenant = await make_tenant("cancelled")
+    await seed(client, tenant, 3)
+    for _ in range(5):
+        body = await gql(client, "{ auditEvents(first: 3) { nodes { action } } deals(first: 1) { nodes { id } } }",
+                         token=tenant.token(Role.VIEWER))
+        assert body["data"] is None, body
+        assert [e["extensions"]["code"] for e in body["errors"]] == ["FORBIDDEN"]
+        assert app.state.runtime.databases.pool_usage()[0] == 0
