@@ -32,7 +32,7 @@ def create_app(settings: Settings, *, clock: Clock = SYSTEM_CLOCK) -> Starlette:
     runtime = Runtime.build(settings, clock)
     view = AtriumGraphQL(runtime)
     metrics = runtime.metrics
-    metrics.observe(runtime.broker, runtime.databases, view.live_groups)
+    metrics.observe(runtime.broker, runtime.databases, view.live_groups, runtime.answers)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

@@ -6,12 +6,10 @@ import dataclasses
 import uuid
 from dataclasses import dataclass
 
-from sqlalchemy import bindparam, select
-
 from auth.tokens import TokenVerifier
 from core.errors import Unauthenticated
 from models.db import TenantScope
-from models.tables import MEMBERSHIPS, TENANTS, Role
+from models.tables import Role
 from partners.keys import ApiKeys, is_api_key
 
 
@@ -45,27 +43,21 @@ def bearer_token(authorization: str | None) -> str | None:
     return token.strip()
 
 
-MEMBERSHIP = (
-    select(MEMBERSHIPS.c.role, TENANTS.c.plan)
-    .join(TENANTS, TENANTS.c.id == MEMBERSHIPS.c.tenant_id)
-    .where(MEMBERSHIPS.c.tenant_id == bindparam("tenant_id"), MEMBERSHIPS.c.user_id == bindparam("user_id"))
-)
-
-
 async def confirm_membership(db: TenantScope, principal: Principal) -> Principal:
     """``principal`` checked against the database: its user must still be a member of its tenant,
     and its role is capped by the membership's current role (a token never outranks the member).
     The result also carries the tenant's current plan (what its rate limits follow).
 
-    Raises UNAUTHENTICATED when the membership is gone. Runs in the request's read transaction,
-    so it costs one statement (and no other connection: a request never waits for a second one).
+    Raises UNAUTHENTICATED when the membership is gone. It is the first statement of the request's
+    read transaction, the one that sets the tenant (``TenantScope.enter``): it costs no statement
+    of its own, and no other connection (a request never waits for a second one).
     """
-    rows = await db.fetch(MEMBERSHIP, {"tenant_id": principal.tenant_id, "user_id": principal.user_id})
-    if not rows:
+    entry = await db.enter(principal.user_id)
+    if entry.role is None:
         raise Unauthenticated("This credential's user is not a member of its workspace")
-    current = Role(rows[0].role)
+    current = Role(entry.role)
     role = current if current.rank < principal.role.rank else principal.role
-    return dataclasses.replace(principal, role=role, plan=str(rows[0].plan))
+    return dataclasses.replace(principal, role=role, plan=entry.plan)
 
 
 async def authenticate(verifier: TokenVerifier, authorization: str | None, *, api_key: str | None = None,

@@ -33,6 +33,7 @@ from models.loaders import Loaders
 if TYPE_CHECKING:
     from starlette.requests import HTTPConnection
 
+    from planner.answers import AnswerCache
     from subscriptions.broker import Broker
 
 
@@ -101,6 +102,8 @@ class Context:
     metrics: OperationRecorder | None = None
     planned: bool = False
     """Queries may be answered through plans (``planner``): HTTP requests, when ``Settings.plans``."""
+    answers: AnswerCache | None = None
+    """Where this operation's planned answer may be cached (None: it is not)."""
 
     @property
     def session(self) -> Session:

@@ -64,6 +64,19 @@ def parse_plan_limits(text: str) -> tuple[PlanLimits, ...]:
     return tuple(plans.values())
 
 
+def switch(env: Mapping[str, str], name: str, *, default: bool) -> bool:
+    """An on/off setting: ``on``/``1``/``true``/``yes`` or ``off``/``0``/``false``/``no``; unset or
+    empty is ``default``."""
+    value = env.get(name, "").strip().lower()
+    if not value:
+        return default
+    if value in ("1", "on", "true", "yes"):
+        return True
+    if value in ("0", "off", "false", "no"):
+        return False
+    raise ValueError(f"{name}: expected on or off, not {value!r}")
+
+
 @dataclass(frozen=True)
 class Settings:
     env: Environment = "development"
@@ -97,6 +110,15 @@ class Settings:
     """A presence entry not refreshed for this long (its process died) disappears."""
     metrics_token: str | None = None
     """Bearer token ``/metrics`` requires; without one, production does not serve metrics."""
+    answer_cache: bool = True
+    """Cache answers of planned queries until a write (``planner.answers``): persisted documents by
+    default, others when asked (``Atrium-Cache: on``). ``ATRIUM_ANSWER_CACHE=off`` turns it off."""
+    answer_cache_entries: int = 10_000
+    answer_cache_bytes: int = 64 * 1024 * 1024
+    """Bounds of each process's own copy of cached answers."""
+    answer_cache_ttl_seconds: int = 3600
+    """How long Redis keeps an answer after it was stored (answers of old data versions are never
+    asked for again; this is when they go)."""
     plans: bool = True
     """Answer queries through plans pushed down into PostgreSQL (``planner``); ``ATRIUM_PLANS=off``
     runs every query through the executor (the same answers, slower)."""
@@ -133,14 +155,17 @@ class Settings:
             data_dir=data_dir,
             pool_size=int(env.get("ATRIUM_DB_POOL_SIZE", "10")),
             redis_prefix=env.get("ATRIUM_REDIS_PREFIX", "atrium:"),
-            rate_limits=env.get("ATRIUM_RATE_LIMITS", "").strip().lower() != "off",
+            rate_limits=env.get("ATRIUM_RATE_LIMITS", "").strip().lower() != "off",  # or plan limits
             metrics_token=env.get("ATRIUM_METRICS_TOKEN") or None,
             plan_limits=parse_plan_limits(limits) if (limits := env.get("ATRIUM_RATE_LIMITS", "").strip())
             and limits.lower() != "off" else DEFAULT_PLAN_LIMITS,
-            batching=env.get("ATRIUM_BATCHING", "off").strip().lower() in ("1", "on", "true", "yes"),
+            batching=switch(env, "ATRIUM_BATCHING", default=False),
             subscriber_queue_size=int(env.get("ATRIUM_SUBSCRIBER_QUEUE", "256")),
             presence_ttl_seconds=float(env.get("ATRIUM_PRESENCE_TTL", "30")),
-            plans=env.get("ATRIUM_PLANS", "on").strip().lower() not in ("0", "off", "false", "no"),
+            plans=switch(env, "ATRIUM_PLANS", default=True),
+            answer_cache=switch(env, "ATRIUM_ANSWER_CACHE", default=True),
+            answer_cache_entries=int(env.get("ATRIUM_ANSWER_CACHE_ENTRIES", "10000")),
+            answer_cache_bytes=int(env.get("ATRIUM_ANSWER_CACHE_BYTES", str(64 * 1024 * 1024))),
         )
 
     def with_database(self, database_url: str) -> Settings:

@@ -2,7 +2,9 @@
 
 ``Databases.tenant_transaction(tenant_id)`` is the only code that sets tenant state in PostgreSQL:
 it begins a transaction and runs ``set_config('app.tenant_id', $1, true)`` (transaction-local, so
-it can never leak through the pool). ``TenantScope`` is a request's view of it: one connection at a
+it can never leak through the pool), or, for a request of a member, ``atrium_enter(tenant, user)``,
+which does the same and returns the caller's membership and the tenant's data versions in that one
+statement (``Entry``). ``TenantScope`` is a request's view of it: one connection at a
 time, statements serialised by a lock because Strawberry resolves sibling fields (and their loader
 batches) concurrently.
 """
@@ -11,8 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Coroutine, Sequence
+from collections.abc import AsyncIterator, Coroutine, Mapping, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from sqlalchemy import Executable, Row, text
@@ -22,7 +25,21 @@ from sqlalchemy.pool import QueuePool
 from core.settings import async_url
 
 SET_TENANT = text("SELECT set_config('app.tenant_id', :tenant_id, true)")
+ENTER = text("SELECT role, plan, tables, versions FROM atrium_enter(:tenant_id, :user_id)")
 TENANT_ROUTE = text("SELECT isolation, database_url FROM tenants WHERE id = :tenant_id")
+
+
+@dataclass(frozen=True)
+class Entry:
+    """What entering a tenant as a user found: the membership's role and the tenant's plan (None when
+    the user is not a member), and the tenant's data versions (a table never written is absent)."""
+
+    role: str | None
+    plan: str | None
+    versions: Mapping[str, int]
+
+    def version(self, table: str) -> int:
+        return self.versions.get(table, 0)
 
 
 class Databases:
@@ -93,6 +110,20 @@ class Databases:
             await conn.execute(SET_TENANT, {"tenant_id": str(tenant_id)})
             yield conn
 
+    @asynccontextmanager
+    async def entered_transaction(self, tenant_id: uuid.UUID,
+                                  user_id: uuid.UUID) -> AsyncIterator[tuple[AsyncConnection, Entry]]:
+        """``tenant_transaction`` whose first statement also reads ``user_id``'s membership and the
+        tenant's data versions (``atrium_enter``): one statement, not two."""
+        engine = await self.engine_for(tenant_id)
+        async with engine.connect() as conn, conn.begin():
+            row = (await conn.execute(ENTER, {"tenant_id": tenant_id, "user_id": user_id})).first()
+            if row is None:
+                # Not a member: the tenant is set all the same, but its versions are not read.
+                yield conn, Entry(None, None, {})
+            else:
+                yield conn, Entry(row.role, row.plan, dict(zip(row.tables, row.versions, strict=True)))
+
     async def dispose(self) -> None:
         for engine in self._engines.values():
             await engine.dispose()
@@ -139,6 +170,8 @@ class TenantScope:
         self._read_conn: AsyncConnection | None = None
         self._writing = False
         self._closed = False
+        self.entry: Entry | None = None
+        """What ``enter`` found (None until then)."""
 
     async def fetch(self, statement: Executable, params: dict[str, Any] | None = None) -> Sequence[Row[Any]]:
         """Run a read statement in the request's tenant transaction and return all rows.
@@ -167,6 +200,22 @@ class TenantScope:
             conn = self._read_conn or await self._begin_read()
             raw = await conn.get_raw_connection()
             return await raw.driver_connection.fetchrow(sql, *args)  # type: ignore[union-attr]
+
+    async def enter(self, user_id: uuid.UUID) -> Entry:
+        """Begin the read transaction as ``user_id``: its first statement sets the tenant and returns
+        the membership and the data versions (``Entry``, kept as ``entry``). Must come first."""
+        async with self._lock:
+            if self._read_conn is not None or self._closed:
+                raise RuntimeError("enter() must be the scope's first statement")
+            stack = AsyncExitStack()
+            try:
+                self._read_conn, entry = await stack.enter_async_context(
+                    self._databases.entered_transaction(self.tenant_id, user_id))
+            except BaseException:
+                await stack.aclose()
+                raise
+            self._read, self.entry = stack, entry
+            return entry
 
     async def _begin_read(self) -> AsyncConnection:
         if self._closed:

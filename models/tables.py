@@ -16,6 +16,7 @@ from typing import Any
 
 from sqlalchemy import (
     CHAR,
+    BigInteger,
     CheckConstraint,
     Column,
     Computed,
@@ -341,9 +342,20 @@ class ApqDocument(SQLModel, table=True):
     last_used_at: datetime = _ts()
 
 
+class DataVersion(SQLModel, table=True):
+    """How many writes a tenant's table has seen: bumped by triggers in every write's transaction
+    (migration 0005), read by ``atrium_enter``; answers are cached under them (``planner.answers``)."""
+
+    __tablename__ = "data_versions"
+    tenant_id: uuid.UUID = Field(primary_key=True)
+    table_name: str = Field(sa_column=Column(Text, primary_key=True))
+    version: int = Field(sa_type=BigInteger)
+
+
 API_KEYS = table(ApiKey)
 PERSISTED_DOCUMENTS = table(PersistedDocument)
 APQ_DOCUMENTS = table(ApqDocument)
+DATA_VERSIONS = table(DataVersion)
 
 TENANT_TABLES = (MEMBERSHIPS, COMPANIES, CONTACTS, PIPELINES, STAGES, DEALS, ACTIVITIES, AUDIT_EVENTS, NOTES,
                  API_KEYS, PERSISTED_DOCUMENTS, PRODUCTS, DEAL_LINE_ITEMS)

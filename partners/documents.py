@@ -217,6 +217,8 @@ class Source:
     query: str
     register: str | None = None
     """The APQ hash to store ``query`` under once it has validated (an APQ registration)."""
+    persisted: bool = False
+    """Named by a persisted document id or an APQ hash (its answers are cached by default)."""
 
 
 async def resolve_document(*, query: str | None, document_id: str | None, extensions: dict[str, Any] | None,
@@ -243,7 +245,7 @@ async def resolve_document(*, query: str | None, document_id: str | None, extens
             found = await apq.get(sha)
         if found is None:
             raise PersistedQueryNotFound()
-        return Source(found)
+        return Source(found, persisted=True)
 
     if pq is not None:
         if not isinstance(pq, dict) or pq.get("version") != 1:
@@ -256,7 +258,7 @@ async def resolve_document(*, query: str | None, document_id: str | None, extens
                 raise PersistedQueryRequired()
             if sha256_of(query) != sha:
                 raise BadRequest(HASH_MISMATCH)
-            return Source(query, register=sha)
+            return Source(query, register=sha, persisted=True)
         found = None
         if db is not None:
             found = await find_document(db, client=client, document_id=sha,
@@ -265,7 +267,7 @@ async def resolve_document(*, query: str | None, document_id: str | None, extens
             found = await apq.get(sha)
         if found is None:
             raise PersistedQueryNotFound()
-        return Source(found)
+        return Source(found, persisted=True)
 
     if query is None:
         raise BadRequest("Send a query, a documentId or extensions.persistedQuery")

@@ -13,6 +13,7 @@ the whole operation, as it would without plans.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections import OrderedDict
 from collections.abc import AsyncIterator
@@ -41,6 +42,7 @@ from strawberry.types.graphql import OperationType
 
 from auth.session import Context
 from core.jsontext import PlannedData, RawJSON
+from planner.answers import answer_key
 from planner.plan import Fallback, Plan, Planner
 
 log = logging.getLogger("atrium.planner")
@@ -119,6 +121,21 @@ async def answer(schema: GraphQLSchema, plans: PlanCache, execution_context: Any
     except Fallback:
         return None
     compiled = plan.compiled(binding)
+    answers, key = context.answers, None
+    if answers is not None:
+        entry = session.db.entry
+        if plan.fallback_keys or entry is None:
+            _tell(context, "uncacheable")
+            answers = None
+        else:
+            versions = ",".join(f"{table}={entry.version(table)}" for table in compiled.tables)
+            operation = f"{hashlib.sha256(ec.query.encode()).hexdigest()}:{ec.operation_name or ''}"
+            key = answer_key(session.principal.tenant_id, session.principal.role.value, operation, ec.variables,
+                             versions)
+            cached = await answers.get(key)
+            _tell(context, "hit" if cached is not None else "miss")
+            if cached is not None:
+                return ExecutionResult(data=cached, errors=None)
     row = await session.db.fetch_raw(compiled.sql, plan.arguments(compiled, binding))
     rest: ExecutionResult | None = None
     if plan.fallback_keys:
@@ -134,7 +151,15 @@ async def answer(schema: GraphQLSchema, plans: PlanCache, execution_context: Any
         else:
             value = next(values)
             data[root.key] = RawJSON(value if value is not None else "null")
+    if answers is not None and key is not None:
+        await answers.put(key, data)  # wholly planned: no executor field, so no error either
     return ExecutionResult(data=data, errors=rest.errors if rest is not None else None)
+
+
+def _tell(context: Context, outcome: str) -> None:
+    """The ``Atrium-Cache`` response header of an HTTP request."""
+    if context.response is not None:
+        context.response.headers["Atrium-Cache"] = outcome
 
 
 async def _execute_rest(schema: GraphQLSchema, document: DocumentNode, operation: OperationDefinitionNode,
@@ -178,4 +203,6 @@ class PlannedQueries(SchemaExtension):
                     result = None
                 if result is not None:
                     ec.result = result
+                elif isinstance(ec.context, Context) and ec.context.answers is not None:
+                    _tell(ec.context, "uncacheable")  # the executor answers it
         yield

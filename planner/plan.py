@@ -44,9 +44,11 @@ from graphql import (
 )
 from graphql.execution.collect_fields import FieldDetails, FragmentDetails, collect_fields, collect_subfields
 from graphql.execution.values import VariableValues, get_argument_values
-from sqlalchemy import ColumnElement, Select, Text, bindparam, cast, func, literal_column, select, tuple_
+from sqlalchemy import ColumnElement, Select, Table, Text, bindparam, cast, func, literal_column, select, tuple_
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.dialects.postgresql import aggregate_order_by
+from sqlalchemy.sql import visitors
+from sqlalchemy.sql.elements import ClauseElement
 
 from auth.principal import Principal
 from auth.roles import allows
@@ -604,12 +606,19 @@ class ConnectionPlan(RootPlan):
 
 # ---- the plan of an operation ---------------------------------------------------------------------
 
+READS_THROUGH_POLICY = {"users": ("memberships",)}
+"""Tables whose row-level security policy reads another table: a user is visible while a membership
+of the tenant names them (migration 0001; tests/test_rls.py checks this against the catalog)."""
+
+
 @dataclass
 class Compiled:
     sql: str
     names: tuple[str, ...]
     constants: dict[str, Any]
     """Values of the statement's own bind parameters (literals of computed fields)."""
+    tables: tuple[str, ...]
+    """Every table the statement reads, directly or through a policy (what its answer depends on)."""
 
 
 class Plan:
@@ -638,7 +647,7 @@ class Plan:
             statement = select(*(cast(root.sql(b), Text).label(f"r{i}") for i, root in enumerate(self.planned)))
             compiled = statement.compile(dialect=DIALECT)
             found = Compiled(compiled.string, tuple(compiled.positiontup or ()),
-                             {k: v for k, v in compiled.params.items() if v is not None})
+                             {k: v for k, v in compiled.params.items() if v is not None}, tables_of(statement))
             if len(self._compiled) < 64:
                 self._compiled[shape] = found
         return found
@@ -647,3 +656,9 @@ class Plan:
         params, constants = b.params, compiled.constants
         return [params[name] if name in params else constants[name] for name in compiled.names]
 
+
+
+def tables_of(statement: ClauseElement) -> tuple[str, ...]:
+    """The tables ``statement`` reads (in any subquery, CTE or alias), and those their policies read."""
+    direct = {element.name for element in visitors.iterate(statement) if isinstance(element, Table)}
+    return tuple(sorted(direct.union(*(READS_THROUGH_POLICY.get(name, ()) for name in direct))))

@@ -35,7 +35,7 @@ from atrium.ops.admin import add_user, create_tenant
 from atrium.ops.bootstrap import libpq_url
 from atrium.ops.embedded_pg import start_embedded_postgres, stop_embedded_postgres
 from auth.tokens import issue_token
-from core.settings import Settings, async_url
+from core.settings import Settings, async_url, switch
 from models.migrations import migrate
 from models.tables import Role
 
@@ -109,7 +109,7 @@ def settings(database_url: str) -> Settings:
     # builds apps with rate limits on.
     # ATRIUM_PLANS=off runs the whole suite through the executor alone (.ci/run does both).
     return Settings(env="test", database_url=database_url, jwt_secret=TEST_SECRET, data_dir=Path(tempfile.gettempdir()),
-                    rate_limits=False, plans=os.environ.get("ATRIUM_PLANS", "on").lower() != "off")
+                    rate_limits=False, plans=switch(os.environ, "ATRIUM_PLANS", default=True))
 
 
 @pytest.fixture(scope="session")

@@ -58,14 +58,15 @@ def plans(capacity: int, refill: float, key_capacity: int | None = None,
 
 
 @asynccontextmanager
-async def running(settings: Settings, *, redis: str | None,
+async def running(settings: Settings, *, redis: str | None, prefix: str | None = None,
                   **changes: Any) -> AsyncIterator[tuple[Starlette, httpx.AsyncClient]]:
     """An app of its own (lifespan run) and a client for it.
 
     ``redis``: the Redis of the run (the ``redis_url`` fixture) for an app using it, its keys cleaned up
     afterwards; None for an app without (``changes`` may still name a ``redis_url``, say an unreachable one).
+    ``prefix``: its Redis keys' prefix (by default one of its own; another app's to share its keys).
     """
-    prefix = f"{RUN_PREFIX}{uuid.uuid4().hex[:8]}:"
+    prefix = prefix or f"{RUN_PREFIX}{uuid.uuid4().hex[:8]}:"
     if redis is not None:
         changes["redis_url"] = redis
     app = create_app(dataclasses.replace(settings, redis_prefix=prefix, **changes))

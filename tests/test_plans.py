@@ -36,7 +36,7 @@ import pytest
 from graphql import ArgumentNode, IntValueNode, StringValueNode, Visitor, parse, print_ast, visit
 from hypothesis import HealthCheck, given, settings
 from hypothesis_graphql import nodes
-from sqlalchemy import event
+from sqlalchemy.engine import make_url
 from starlette.applications import Starlette
 
 from atrium.app import create_app
@@ -44,6 +44,7 @@ from atrium.schema import schema
 from core.settings import Settings
 from models.tables import Role
 from tests.conftest import TenantWorld, data_or_fail, gql
+from tests.wire import WireCounter
 
 MakeTenant = Callable[..., Awaitable[TenantWorld]]
 ROOT_QUERIES = list(schema._schema.query_type.fields) if schema._schema.query_type else []
@@ -346,24 +347,28 @@ async def test_pages_of_a_connection_walk_alike(clients: tuple[httpx.AsyncClient
                     cursor = page["pageInfo"]["endCursor" if forward else "startCursor"]
 
 
-async def test_a_planned_dashboard_is_one_statement(apps: tuple[Starlette, Starlette],
-                                                    clients: tuple[httpx.AsyncClient, httpx.AsyncClient],
-                                                    world: World) -> None:
-    """The plan path is taken: the whole dashboard is one SELECT after the tenant and membership statements."""
-    engine = apps[0].state.runtime.databases.default.sync_engine
-    seen: list[str] = []
-
-    def on_execute(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
-        seen.append(statement)
-
-    dashboard = RECORD + "{ deals(first: 50) { totalCount edges { cursor node { ...D } } } }"
-    await both(clients, world.token, dashboard)  # warm
-    event.listen(engine, "before_cursor_execute", on_execute)
+async def test_a_planned_dashboard_is_four_statements_on_the_wire(settings: Settings, world: World) -> None:
+    """The plan path is taken and lean: BEGIN, the statement that sets the tenant and checks the
+    membership, the one plan statement, COMMIT, whatever the page size (counted on the wire)."""
+    app_url = make_url(settings.app_url)
+    wire = WireCounter((app_url.host or "127.0.0.1", app_url.port or 5432))
+    await wire.start()
+    app = create_app(replace(settings, plans=True, app_database_url=wire.url(settings.app_url)))
     try:
-        planned = await clients[0].post("/graphql", json={"query": dashboard},
-                                        headers={"authorization": f"Bearer {world.token}"})
+        async with app.router.lifespan_context(app), httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=app), base_url="http://p.test") as client:
+            counts = []
+            for size in (1, 5, 50):
+                dashboard = RECORD + f"{{ deals(first: {size}) {{ totalCount edges {{ cursor node {{ ...D }} }} }} }}"
+                body = await gql(client, dashboard, token=world.token)  # warm: types, route, prepared statements
+                assert not body.get("errors"), body
+                with wire.recording() as statements:
+                    body = await gql(client, dashboard, token=world.token)
+                assert len(body["data"]["deals"]["edges"]) == min(size, 14)
+                assert statements[0] == "BEGIN;" and "atrium_enter" in statements[1], statements
+                assert "json_build_object" in statements[2] and statements[2].endswith("AS r0"), statements
+                assert statements[3] == "COMMIT;", statements
+                counts.append(len(statements))
+            assert counts == [4, 4, 4], counts
     finally:
-        event.remove(engine, "before_cursor_execute", on_execute)
-    assert planned.status_code == 200 and not planned.json().get("errors")
-    # set_config and the membership check go through SQLAlchemy; the plan statement runs on the driver.
-    assert len(seen) == 2, seen
+        await wire.close()

@@ -10,6 +10,7 @@ Both tenants are seeded through the API first, so every table holds rows of both
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ from models.tables import (
     AUDIT_EVENTS,
     COMPANIES,
     CONTACTS,
+    DATA_VERSIONS,
     DEALS,
     MEMBERSHIPS,
     TENANT_TABLES,
@@ -36,6 +38,7 @@ from models.tables import (
     USERS,
     Role,
 )
+from planner.plan import READS_THROUGH_POLICY
 from records.crm import RECORDS
 from records.declare import Listing, Sort
 from resolvers.paging import count_rows, fetch_page
@@ -497,7 +500,8 @@ async def test_every_tenant_table_has_rls_enabled_and_forced(admin_engine: Async
         FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
         WHERE n.nspname = 'public' AND c.relkind IN ('r', 'p')""")
     with_tenant = {t.relname for t in tables if t.has_tenant}
-    assert with_tenant == {t.name for t in TENANT_TABLES}, "a table with tenant_id is missing from TENANT_TABLES"
+    assert with_tenant == {t.name for t in (*TENANT_TABLES, DATA_VERSIONS)}, \
+        "a table with tenant_id is missing from TENANT_TABLES"
     for t in tables:
         if t.has_tenant or t.relname in ("tenants", "users"):
             assert t.relrowsecurity and t.relforcerowsecurity, t.relname
@@ -586,3 +590,29 @@ async def test_nothing_the_app_role_can_read_sidesteps_rls(admin_engine: AsyncEn
                              role=APP_ROLE)
     assert sorted(d.proname for d in definers) == ["atrium_api_key", "atrium_apq_get", "atrium_apq_put",
                                                    "atrium_ensure_user", "atrium_login_candidates"]
+
+
+async def test_policies_reading_other_tables_are_known_to_the_answer_cache(admin_engine: AsyncEngine) -> None:
+    """A cached answer depends on every table its rows' visibility reads: ``READS_THROUGH_POLICY``
+    must name each table a policy's condition reads (users: memberships)."""
+    names = {r.relname for r in await catalog(admin_engine, """
+        SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+        WHERE n.nspname = 'public' AND c.relkind IN ('r', 'p')""")}
+    for policy in await catalog(admin_engine, "SELECT tablename, qual FROM pg_policies WHERE schemaname = 'public'"):
+        read = {name for name in names - {policy.tablename} if re.search(rf"\b{name}\b", policy.qual or "")}
+        assert read == set(READS_THROUGH_POLICY.get(policy.tablename, ())), (policy.tablename, read)
+
+
+async def test_every_table_a_record_reads_has_its_writes_versioned(admin_engine: AsyncEngine) -> None:
+    """Answers are cached under the data versions of the tables they read: each such table must bump
+    its version on insert, update and delete."""
+    triggers = await catalog(admin_engine, """
+        SELECT event_object_table AS table_name, event_manipulation AS event FROM information_schema.triggers
+        WHERE trigger_schema = 'public' AND action_statement = 'EXECUTE FUNCTION atrium_bump_versions()'""")
+    versioned: dict[str, set[str]] = {}
+    for t in triggers:
+        versioned.setdefault(t.table_name, set()).add(t.event)
+    read = {record.table.name for record in RECORDS}
+    read |= {dependency for name in read for dependency in READS_THROUGH_POLICY.get(name, ())}
+    for name in read:
+        assert versioned.get(name) == {"INSERT", "UPDATE", "DELETE"}, name

@@ -24,10 +24,20 @@ credentials are refused there):
 - A document with several operations and no ``operationName`` is refused (``schema.cost``), not
   run as its first operation.
 - Every response to a GraphQL request carries the ``RateLimit-*`` headers of its meter.
+- Cached answers (``planner.answers``): a persisted document's answer (``documentId`` or an APQ
+  hash) may be cached unless the request says ``Atrium-Cache: off``; any other query's only when it
+  says ``Atrium-Cache: on`` (another value is a 400). The response's ``Atrium-Cache`` header says
+  ``hit`` or ``miss`` when the cache was consulted, ``uncacheable`` when the operation cannot be
+  cached (a mutation, a field the executor answers, an error).
+- A successful GET answer carries an ``ETag`` (the SHA-256 of its body) and ``Cache-Control:
+  private, no-cache``; a GET whose ``If-None-Match`` names the current one is answered ``304 Not
+  Modified`` without a body.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -214,6 +224,18 @@ def outcome_of(result: ExecutionResult, media: str) -> Outcome:
     return Outcome(body, status)
 
 
+def cache_asked(request: Request) -> bool | None:
+    """What ``Atrium-Cache: on|off`` asks (None: the default, caching persisted documents only).
+    HTTPError 400 for another value."""
+    asked = request.headers.get("atrium-cache")
+    if asked is None:
+        return None
+    value = asked.strip().lower()
+    if value not in ("on", "off"):
+        raise HTTPError(400, "Atrium-Cache must be on or off")
+    return value == "on"
+
+
 def refusal(error: AtriumError, status: int, headers: Mapping[str, str] | None = None) -> Outcome:
     return Outcome(error_body(error), status, dict(headers or {}))
 
@@ -242,6 +264,7 @@ class GraphQLOverHTTP(GraphQL[Context, None]):
             if self.should_render_graphql_ide(request):
                 return await self.render_graphql_ide(request)
             media = negotiate(request.headers.get("accept"))
+            cache = cache_asked(request)
             if request.method == "GET":
                 params: Params | list[Params] = params_of_url(request.query_params)
             else:
@@ -251,18 +274,27 @@ class GraphQLOverHTTP(GraphQL[Context, None]):
             body, status, headers = error_body(BadRequest(exc.message)), exc.status, exc.headers
         else:
             if isinstance(params, list):
-                outcomes = [await self.execute(request, p, context, media) for p in params]
+                outcomes = [await self.execute(request, p, context, media, cache) for p in params]
                 body_list = [o.body for o in outcomes]
                 headers = {k: v for o in outcomes for k, v in o.headers.items()}
-                return await self.respond(body_list, 200, headers, media, sub_response, context)
-            outcome = await self.execute(request, params, context, media)
+                return await self.respond(request, body_list, 200, headers, media, sub_response, context)
+            outcome = await self.execute(request, params, context, media, cache)
             body, status, headers = outcome.body, outcome.status, outcome.headers
-        return await self.respond(body, status, headers, media, sub_response, context)
+        return await self.respond(request, body, status, headers, media, sub_response, context)
 
-    async def respond(self, body: Any, status: int, headers: dict[str, str], media: str, sub_response: Response,
-                      context: Context) -> Response:
+    async def respond(self, request: Request, body: Any, status: int, headers: dict[str, str], media: str,
+                      sub_response: Response, context: Context) -> Response:
         content_type = f"{GRAPHQL_RESPONSE_JSON}; charset=utf-8" if media == GRAPHQL_RESPONSE_JSON else JSON
-        response = Response(dumps(body), status_code=status, media_type=content_type)
+        text = dumps(body)
+        if request.method == "GET" and status == 200 and isinstance(body, dict) and "errors" not in body:
+            etag = f'"{hashlib.sha256(text.encode()).hexdigest()[:40]}"'
+            headers = {**headers, "ETag": etag, "Cache-Control": "private, no-cache"}
+            if etag in (request.headers.get("if-none-match") or "").replace("W/", "").split(", "):
+                response = Response(status_code=304)
+            else:
+                response = Response(text, status_code=status, media_type=content_type)
+        else:
+            response = Response(text, status_code=status, media_type=content_type)
         response.headers.raw.extend(sub_response.headers.raw)
         if isinstance(context.meter, RequestMeter):
             headers = {**await context.meter.headers(), **headers}
@@ -273,8 +305,10 @@ class GraphQLOverHTTP(GraphQL[Context, None]):
             response.background = sub_response.background
         return response
 
-    async def execute(self, request: Request, params: Params, context: Context, media: str) -> Outcome:
-        """Resolve the document of ``params``, run it, and shape the answer for ``media``."""
+    async def execute(self, request: Request, params: Params, context: Context, media: str,
+                      cache: bool | None) -> Outcome:
+        """Resolve the document of ``params``, run it (its answer cached when ``cache`` says so, or by
+        default for a persisted document), and shape the answer for ``media``."""
         try:
             source = await resolve_document(query=params.query, document_id=params.document_id,
                                             extensions=params.extensions, principal=context.principal,
@@ -289,6 +323,8 @@ class GraphQLOverHTTP(GraphQL[Context, None]):
         except PersistedQueryRequired as exc:
             return refusal(exc, 200 if media == JSON else 403)
         get = request.method == "GET"
+        if self.runtime.answers is not None and (source.persisted if cache is None else cache):
+            context = dataclasses.replace(context, answers=self.runtime.answers)
         try:
             result = await self.schema.execute(
                 source.query, variable_values=params.variables, context_value=context,

@@ -14,6 +14,7 @@ from core.settings import Settings
 from models.db import Databases
 from partners.documents import ApqStore, apq_store
 from partners.keys import ApiKeys
+from planner.answers import AnswerCache
 from subscriptions.broker import Broker, create_broker
 
 
@@ -31,6 +32,8 @@ class Runtime:
     limiter: RateLimiter | None
     """None when rate limits are off (``ATRIUM_RATE_LIMITS=off``)."""
     metrics: Metrics
+    answers: AnswerCache | None
+    """Cached answers of planned queries (None when ``ATRIUM_ANSWER_CACHE=off`` or plans are off)."""
 
     @classmethod
     def build(cls, settings: Settings, clock: Clock = SYSTEM_CLOCK) -> Runtime:
@@ -43,7 +46,7 @@ class Runtime:
         return cls(settings=settings, clock=clock, databases=databases, redis=redis, broker=broker,
                    verifier=TokenVerifier(settings, clock), api_keys=ApiKeys(databases),
                    apq=apq_store(settings, databases, redis), limiter=rate_limiter(settings, redis),
-                   metrics=Metrics())
+                   metrics=Metrics(), answers=answer_cache(settings, redis))
 
     async def start(self) -> None:
         await self.broker.start()
@@ -53,3 +56,11 @@ class Runtime:
         if self.redis is not None:
             await self.redis.aclose()
         await self.databases.dispose()
+
+
+def answer_cache(settings: Settings, redis: Redis | None) -> AnswerCache | None:
+    """The answer cache ``settings`` ask for: in process, in front of Redis when there is one."""
+    if not (settings.answer_cache and settings.plans):
+        return None
+    return AnswerCache(redis, prefix=settings.redis_prefix, ttl_seconds=settings.answer_cache_ttl_seconds,
+                       max_entries=settings.answer_cache_entries, max_bytes=settings.answer_cache_bytes)

@@ -13,6 +13,8 @@ What is measured (per process; a registry of the app's own, so two apps in one p
 - ``atrium_broker_*_total``: events published, failed publishes, events received from Redis,
   reconnects and subscriber overflows, read from the broker's own counters at scrape time.
 - ``atrium_db_connections_in_use`` and ``atrium_db_pool_size``: over every engine (shared and dedicated).
+- ``atrium_answer_cache_total{outcome}`` (``hit``, ``miss``, ``failure``: Redis unreachable) and
+  ``atrium_answer_cache_entries`` (answers held in this process): the answer cache, when it is on.
 
 No label holds a tenant, user, record or operation name: metrics never reveal one tenant's
 activity to whoever reads them, and their cardinality stays fixed.
@@ -44,6 +46,17 @@ if TYPE_CHECKING:
     from core.settings import Settings
     from models.db import Databases
     from subscriptions.broker import Broker
+
+
+class AnswerCounts(Protocol):
+    """What the answer cache reports (``planner.answers.AnswerCache``)."""
+
+    hits: int
+    misses: int
+    failures: int
+
+    @property
+    def entries(self) -> int: ...
 
 
 class LiveCounts(Protocol):
@@ -93,11 +106,12 @@ class Metrics:
         for code in codes:
             self.errors.labels(code).inc()
 
-    def observe(self, broker: Broker, databases: Databases, live: LiveCounts) -> None:
-        """Read broker, subscription and pool state at every scrape (replacing an earlier set)."""
+    def observe(self, broker: Broker, databases: Databases, live: LiveCounts,
+                answers: AnswerCounts | None = None) -> None:
+        """Read broker, subscription, pool and answer-cache state at every scrape (replacing an earlier set)."""
         if self._runtime_collector is not None:
             self.registry.unregister(self._runtime_collector)
-        self._runtime_collector = RuntimeCollector(broker, databases, live)
+        self._runtime_collector = RuntimeCollector(broker, databases, live, answers)
         self.registry.register(self._runtime_collector)
 
     def endpoint(self, settings: Settings) -> Callable[[Request], Response]:
@@ -149,10 +163,12 @@ class MeasureHttp:
 class RuntimeCollector(Collector):
     """Broker, subscription and connection-pool figures, read when scraped."""
 
-    def __init__(self, broker: Broker, databases: Databases, live: LiveCounts) -> None:
+    def __init__(self, broker: Broker, databases: Databases, live: LiveCounts,
+                 answers: AnswerCounts | None = None) -> None:
         self.broker = broker
         self.databases = databases
         self.live_groups = live
+        self.answers = answers
 
     def collect(self) -> Iterator[Metric]:
         stats = self.broker.stats
@@ -174,3 +190,12 @@ class RuntimeCollector(Collector):
         in_use, size = self.databases.pool_usage()
         yield GaugeMetricFamily("atrium_db_connections_in_use", "Connections checked out of the pools.", value=in_use)
         yield GaugeMetricFamily("atrium_db_pool_size", "Connections the pools keep open.", value=size)
+        if self.answers is not None:
+            outcomes = CounterMetricFamily("atrium_answer_cache", "Answer cache lookups by outcome.",
+                                           labels=("outcome",))
+            for outcome, value in (("hit", self.answers.hits), ("miss", self.answers.misses),
+                                   ("failure", self.answers.failures)):
+                outcomes.add_metric((outcome,), value)
+            yield outcomes
+            yield GaugeMetricFamily("atrium_answer_cache_entries", "Cached answers held in this process.",
+                                    value=self.answers.entries)
