@@ -4,6 +4,10 @@ Development: HS256 with ``ATRIUM_JWT_SECRET``. External identity provider: RS256
 ``ATRIUM_JWKS_URL``. Claims: ``sub`` (user id), ``tenant`` (tenant id), ``role``, ``exp``, ``aud``,
 ``iat``, ``iss``. Every failure (missing claim, bad signature, expired, wrong audience or issuer,
 unknown role) raises ``Unauthenticated``.
+
+A verified token is remembered (bounded, least recently used out) for at most ``REVERIFY_SECONDS``:
+a client sends the same token with every request, and checking its signature again each time would
+cost more than the rest of a cached answer. Expiry is checked on every use all the same.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,6 +53,12 @@ def issue_token(settings: Settings, *, user_id: uuid.UUID, tenant_id: uuid.UUID,
     return jwt.encode(payload, settings.jwt_secret, algorithm="HS256")
 
 
+REVERIFY_SECONDS = 300.0
+"""How long a verified token is trusted before its signature is checked again (as long as the JWKS
+client keeps keys): a key withdrawn from the JWKS stops working within this time."""
+REMEMBERED_TOKENS = 10_000
+
+
 class TokenVerifier:
     """Verifies bearer tokens against the secret (HS256) and/or the JWKS (RS256)."""
 
@@ -55,8 +66,26 @@ class TokenVerifier:
         self._settings = settings
         self._clock = clock
         self._jwks = jwt.PyJWKClient(settings.jwks_url, cache_keys=True, lifespan=300) if settings.jwks_url else None
+        self._verified: OrderedDict[str, tuple[Claims, float]] = OrderedDict()
 
     async def verify(self, token: str) -> Claims:
+        """The token's claims; UNAUTHENTICATED when it is malformed, badly signed or expired."""
+        now = self._clock.time()
+        remembered = self._verified.get(token)
+        if remembered is not None and remembered[1] > now:
+            claims = remembered[0]
+            if claims.expires_at <= now:
+                raise Unauthenticated("Token expired")
+            self._verified.move_to_end(token)
+            return claims
+        claims = await self._verify(token)
+        self._verified[token] = (claims, now + REVERIFY_SECONDS)
+        self._verified.move_to_end(token)
+        if len(self._verified) > REMEMBERED_TOKENS:
+            self._verified.popitem(last=False)
+        return claims
+
+    async def _verify(self, token: str) -> Claims:
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError as exc:

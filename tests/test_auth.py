@@ -29,6 +29,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from atrium.app import create_app
 from atrium.ops.admin import add_user
+from auth.tokens import TokenVerifier, issue_token
+from core.clock import ManualClock
+from core.errors import Unauthenticated
 from core.ids import to_global_id
 from core.settings import Settings
 from models.tables import Role
@@ -422,3 +425,21 @@ async def test_resolver_errors_do_not_leak_internals(client: httpx.AsyncClient, 
     assert body["errors"], body
     assert all(e["extensions"]["code"] in {"BAD_USER_INPUT", "NOT_FOUND"} for e in body["errors"]), body
     assert_no_internals(response.text)
+
+
+async def test_a_remembered_token_still_expires_and_a_forged_one_is_never_remembered(settings: Settings) -> None:
+    """The verifier remembers verified tokens (their signature is not checked on every request); the
+    expiry still is, on the verifier's clock, and a token it refused is refused again."""
+    clock = ManualClock()
+    verifier = TokenVerifier(settings, clock)
+    user, tenant = uuid.uuid4(), uuid.uuid4()
+    token = issue_token(settings, user_id=user, tenant_id=tenant, role=Role.MEMBER, ttl_seconds=60)
+    assert (await verifier.verify(token)).user_id == user
+    assert (await verifier.verify(token)).tenant_id == tenant  # remembered
+    forged = token[:-2] + ("AA" if not token.endswith("AA") else "BB")
+    for _ in range(2):
+        with pytest.raises(Unauthenticated):
+            await verifier.verify(forged)
+    clock.advance(61)
+    with pytest.raises(Unauthenticated, match="expired"):
+        await verifier.verify(token)
