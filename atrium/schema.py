@@ -9,10 +9,12 @@ from graphql import GraphQLError
 from strawberry.extensions import DisableIntrospection, MaxTokensLimiter, SchemaExtension, ValidationCache
 from strawberry.schema.config import StrawberryConfig
 from strawberry.types.execution import ExecutionContext
+from strawberry.types.execution import ExecutionResult as StrawberryResult
 
+from auth.session import Context
 from core.limits import MAX_TOKENS
 from partners.resolvers import PartnerMutation, PartnerQuery
-from planner.execution import PlanCache, PlannedQueries
+from planner.execution import PlanCache, PlannedQueries, answer_prepared
 from planner.plan import Planner
 from records.crm import ACTIVITY, COMPANY, CONTACT, DEAL_LINE_ITEM, PIPELINE, PRODUCT, STAGE
 from resolvers.audit import AuditQuery
@@ -47,6 +49,13 @@ class AtriumSchema(strawberry.Schema):
     def process_errors(self, errors: list[GraphQLError], execution_context: ExecutionContext | None = None) -> None:
         """Log only unexpected errors (with the request id); client errors are not server faults."""
         log_unexpected(errors, execution_context)
+
+    async def answer_prepared(self, context: Context, query: str, operation_name: str | None,
+                              variables: dict[str, Any] | None) -> StrawberryResult | None:
+        """A query its plan answered wholly before, answered again without the pipeline
+        (``planner.execution.answer_prepared``), or None."""
+        result = await answer_prepared(self._schema, self.plans, context, query, operation_name, variables)
+        return None if result is None else StrawberryResult(data=result.data, errors=result.errors)
 
     def get_extensions(self, sync: bool = False) -> list[SchemaExtension]:
         """Synchronous execution cannot await a meter: it gets the unmetered cost limit."""

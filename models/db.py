@@ -25,7 +25,8 @@ from sqlalchemy.pool import QueuePool
 from core.settings import async_url
 
 SET_TENANT = text("SELECT set_config('app.tenant_id', :tenant_id, true)")
-ENTER = text("SELECT role, plan, tables, versions FROM atrium_enter(:tenant_id, :user_id)")
+SET_TENANT_SQL = "SELECT set_config('app.tenant_id', $1, true)"
+ENTER_SQL = "SELECT role, plan, tables, versions FROM atrium_enter($1, $2)"
 TENANT_ROUTE = text("SELECT isolation, database_url FROM tenants WHERE id = :tenant_id")
 
 
@@ -55,10 +56,15 @@ class Databases:
         self._engines: dict[str, AsyncEngine] = {app_url: self.default}
         self._routes: dict[uuid.UUID, AsyncEngine] = {}
         self._lookups: dict[uuid.UUID, asyncio.Future[AsyncEngine]] = {}
+        self._readers: dict[AsyncEngine, AsyncEngine] = {}
+        """Each engine in autocommit mode (same pool): what read transactions run SQLAlchemy statements on."""
 
     def _make_engine(self, url: str) -> AsyncEngine:
+        # Last in, first out: requests reuse the connections used last, whose prepared statements and
+        # introspected types are warm, and the ones left idle are the ones to let go.
         return create_async_engine(
-            async_url(url), pool_size=self._pool_size, max_overflow=self._pool_size, pool_pre_ping=False
+            async_url(url), pool_size=self._pool_size, max_overflow=self._pool_size, pool_pre_ping=False,
+            pool_use_lifo=True,
         )
 
     def pool_usage(self) -> tuple[int, int]:
@@ -111,18 +117,39 @@ class Databases:
             yield conn
 
     @asynccontextmanager
-    async def entered_transaction(self, tenant_id: uuid.UUID,
-                                  user_id: uuid.UUID) -> AsyncIterator[tuple[AsyncConnection, Entry]]:
-        """``tenant_transaction`` whose first statement also reads ``user_id``'s membership and the
-        tenant's data versions (``atrium_enter``): one statement, not two."""
+    async def read_transaction(self, tenant_id: uuid.UUID,
+                               user_id: uuid.UUID | None) -> AsyncIterator[tuple[AsyncConnection, Any, Entry | None]]:
+        """A request's read transaction for ``tenant_id``: ``(conn, driver, entry)``.
+
+        The transaction is the asyncpg driver's own (``BEGIN``/``COMMIT`` sent by the driver, not
+        through SQLAlchemy's per-statement machinery, which shows in a request's profile); ``conn``
+        runs SQLAlchemy statements inside it (in autocommit mode, so it begins no transaction of its
+        own). With ``user_id`` the first statement is ``atrium_enter``: it sets the tenant and returns
+        the user's membership and the tenant's data versions (``entry``); without, ``set_config``.
+        Committed on normal exit (reads change nothing), rolled back when the block raises.
+        """
         engine = await self.engine_for(tenant_id)
-        async with engine.connect() as conn, conn.begin():
-            row = (await conn.execute(ENTER, {"tenant_id": tenant_id, "user_id": user_id})).first()
-            if row is None:
-                # Not a member: the tenant is set all the same, but its versions are not read.
-                yield conn, Entry(None, None, {})
-            else:
-                yield conn, Entry(row.role, row.plan, dict(zip(row.tables, row.versions, strict=True)))
+        reader = self._readers.get(engine)
+        if reader is None:
+            reader = self._readers[engine] = engine.execution_options(isolation_level="AUTOCOMMIT")
+        async with reader.connect() as conn:
+            driver = (await conn.get_raw_connection()).driver_connection
+            transaction = driver.transaction()  # type: ignore[union-attr]
+            await transaction.start()
+            try:
+                entry = None
+                if user_id is None:
+                    await driver.execute(SET_TENANT_SQL, str(tenant_id))  # type: ignore[union-attr]
+                else:
+                    row = await driver.fetchrow(ENTER_SQL, tenant_id, user_id)  # type: ignore[union-attr]
+                    # Not a member: the tenant is set all the same, but its versions are not read.
+                    entry = Entry(None, None, {}) if row is None else \
+                        Entry(row["role"], row["plan"], dict(zip(row["tables"], row["versions"], strict=True)))
+                yield conn, driver, entry
+            except BaseException:
+                await transaction.rollback()
+                raise
+            await transaction.commit()
 
     async def dispose(self) -> None:
         for engine in self._engines.values():
@@ -168,6 +195,7 @@ class TenantScope:
         self._lock = asyncio.Lock()
         self._read: AsyncExitStack | None = None
         self._read_conn: AsyncConnection | None = None
+        self._driver: Any = None
         self._writing = False
         self._closed = False
         self.entry: Entry | None = None
@@ -184,8 +212,10 @@ class TenantScope:
 
     async def _fetch(self, statement: Executable, params: dict[str, Any] | None) -> Sequence[Row[Any]]:
         async with self._lock:
-            conn = self._read_conn or await self._begin_read()
-            return (await conn.execute(statement, params)).all()
+            if self._read_conn is None:
+                await self._begin_read()
+            assert self._read_conn is not None
+            return (await self._read_conn.execute(statement, params)).all()
 
     async def fetch_raw(self, sql: str, args: Sequence[Any]) -> Any:
         """Run compiled SQL (asyncpg placeholders ``$1``...) in the request's tenant transaction on the
@@ -197,9 +227,9 @@ class TenantScope:
 
     async def _fetch_raw(self, sql: str, args: Sequence[Any]) -> Any:
         async with self._lock:
-            conn = self._read_conn or await self._begin_read()
-            raw = await conn.get_raw_connection()
-            return await raw.driver_connection.fetchrow(sql, *args)  # type: ignore[union-attr]
+            if self._read_conn is None:
+                await self._begin_read()
+            return await self._driver.fetchrow(sql, *args)
 
     async def enter(self, user_id: uuid.UUID) -> Entry:
         """Begin the read transaction as ``user_id``: its first statement sets the tenant and returns
@@ -207,26 +237,27 @@ class TenantScope:
         async with self._lock:
             if self._read_conn is not None or self._closed:
                 raise RuntimeError("enter() must be the scope's first statement")
-            stack = AsyncExitStack()
-            try:
-                self._read_conn, entry = await stack.enter_async_context(
-                    self._databases.entered_transaction(self.tenant_id, user_id))
-            except BaseException:
-                await stack.aclose()
-                raise
-            self._read, self.entry = stack, entry
+            entry = await self._begin_read(user_id)
+            assert entry is not None
+            self.entry = entry
             return entry
 
-    async def _begin_read(self) -> AsyncConnection:
+    async def _begin_read(self, user_id: uuid.UUID | None = None) -> Entry | None:
+        """Begin the read transaction (``Databases.read_transaction``); its entry when ``user_id`` is given."""
         if self._closed:
             raise ScopeClosed("the request's database access has ended")
         stack = AsyncExitStack()
-        self._read_conn = await stack.enter_async_context(self._databases.tenant_transaction(self.tenant_id))
+        try:
+            self._read_conn, self._driver, entry = await stack.enter_async_context(
+                self._databases.read_transaction(self.tenant_id, user_id))
+        except BaseException:
+            await stack.aclose()
+            raise
         self._read = stack
-        return self._read_conn
+        return entry
 
     async def _end_read(self) -> None:
-        stack, self._read, self._read_conn = self._read, None, None
+        stack, self._read, self._read_conn, self._driver = self._read, None, None, None
         if stack is not None:
             await stack.aclose()
 

@@ -16,7 +16,8 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
@@ -26,6 +27,7 @@ from graphql import (
     ExecutionResult,
     FieldNode,
     FragmentDefinitionNode,
+    GraphQLError,
     GraphQLSchema,
     OperationDefinitionNode,
     SelectionSetNode,
@@ -33,6 +35,7 @@ from graphql import (
     execute,
     visit,
 )
+from graphql import OperationType as GraphQLOperation
 from graphql.execution.executor import Executor
 from graphql.language import Visitor
 from sqlalchemy.exc import SQLAlchemyError
@@ -41,9 +44,12 @@ from strawberry.extensions import SchemaExtension
 from strawberry.types.graphql import OperationType
 
 from auth.session import Context
+from core.errors import AtriumError
 from core.jsontext import PlannedData, RawJSON
 from planner.answers import answer_key
 from planner.plan import Fallback, Plan, Planner
+from schema.cost import operation_cost
+from schema.extensions import code_of
 
 log = logging.getLogger("atrium.planner")
 
@@ -72,6 +78,18 @@ class PlanCache:
         self.maxsize = maxsize
         self._directives: OrderedDict[tuple[str, str | None], tuple[str, ...]] = OrderedDict()
         self._plans: OrderedDict[tuple[Any, ...], Plan] = OrderedDict()
+        self._prepared: OrderedDict[tuple[str, str | None], DocumentNode] = OrderedDict()
+
+    def prepare(self, operation: Operation) -> None:
+        """Remember that ``operation`` (valid: it was answered) is wholly answered by its plan."""
+        key = (operation.query, operation.operation_name)
+        if key not in self._prepared:
+            self._prepared[key] = operation.document
+            _bound(self._prepared, self.maxsize)
+
+    def prepared(self, query: str, operation_name: str | None) -> DocumentNode | None:
+        """The parsed document of an operation ``prepare`` remembered, or None."""
+        return self._prepared.get((query, operation_name))
 
     def get(self, query: str, operation_name: str | None, executor: Executor[Any]) -> Plan:
         operation = executor.operation
@@ -100,19 +118,33 @@ def _bound(cache: OrderedDict[Any, Any], size: int) -> None:
         cache.popitem(last=False)
 
 
-async def answer(schema: GraphQLSchema, plans: PlanCache, execution_context: Any, executor_class: Any) -> Any:
+@dataclass(frozen=True)
+class Operation:
+    """One request's operation, as answering it through a plan needs it."""
+
+    query: str
+    operation_name: str | None
+    variables: dict[str, Any] | None
+    document: DocumentNode
+
+
+Admit = Callable[[], Awaitable[None]]
+"""Called once the plan has bound the request's arguments, before anything runs (the fast path
+charges the operation's cost there)."""
+
+
+async def answer(schema: GraphQLSchema, plans: PlanCache, context: Any, operation: Operation,
+                 executor_class: Any, admit: Admit | None = None) -> ExecutionResult | None:
     """The operation's result through its plan, or None when the executor must answer it whole."""
-    ec = execution_context
-    context = ec.context
     if not isinstance(context, Context) or not context.planned or context.own_session is None:
         return None
-    document = ec.graphql_document
-    if document is None or ec.operation_type is not OperationType.QUERY:
-        return None
-    executor = Executor.build(schema, document, raw_variable_values=ec.variables, operation_name=ec.operation_name)
+    executor = Executor.build(schema, operation.document, raw_variable_values=operation.variables,
+                              operation_name=operation.operation_name)
     if isinstance(executor, list):
         return None  # variables the executor rejects: it reports them
-    plan = plans.get(ec.query, ec.operation_name, executor)
+    if executor.operation.operation is not GraphQLOperation.QUERY:
+        return None
+    plan = plans.get(operation.query, operation.operation_name, executor)
     if not plan.planned:
         return None
     session = context.own_session
@@ -120,6 +152,10 @@ async def answer(schema: GraphQLSchema, plans: PlanCache, execution_context: Any
         binding = plan.bind(executor.variable_values, session.principal, context.settings.max_page_size)
     except Fallback:
         return None
+    if admit is not None:
+        await admit()
+    if not plan.fallback_keys:
+        plans.prepare(operation)
     compiled = plan.compiled(binding)
     answers, key = context.answers, None
     if answers is not None:
@@ -129,8 +165,8 @@ async def answer(schema: GraphQLSchema, plans: PlanCache, execution_context: Any
             answers = None
         else:
             versions = ",".join(f"{table}={entry.version(table)}" for table in compiled.tables)
-            operation = f"{hashlib.sha256(ec.query.encode()).hexdigest()}:{ec.operation_name or ''}"
-            key = answer_key(session.principal.tenant_id, session.principal.role.value, operation, ec.variables,
+            digest = f"{hashlib.sha256(operation.query.encode()).hexdigest()}:{operation.operation_name or ''}"
+            key = answer_key(session.principal.tenant_id, session.principal.role.value, digest, operation.variables,
                              versions)
             cached = await answers.get(key)
             _tell(context, "hit" if cached is not None else "miss")
@@ -139,7 +175,7 @@ async def answer(schema: GraphQLSchema, plans: PlanCache, execution_context: Any
     row = await session.db.fetch_raw(compiled.sql, plan.arguments(compiled, binding))
     rest: ExecutionResult | None = None
     if plan.fallback_keys:
-        rest = await _execute_rest(schema, document, executor.operation, plan, ec, executor_class)
+        rest = await _execute_rest(schema, operation, executor.operation, plan, context, executor_class)
         if rest.data is None:
             return rest
     data = PlannedData()
@@ -156,24 +192,58 @@ async def answer(schema: GraphQLSchema, plans: PlanCache, execution_context: Any
     return ExecutionResult(data=data, errors=rest.errors if rest is not None else None)
 
 
+async def answer_prepared(schema: GraphQLSchema, plans: PlanCache, context: Context, query: str,
+                          operation_name: str | None, variables: dict[str, Any] | None) -> ExecutionResult | None:
+    """The fast path: an operation wholly answered by its plan before (``PlanCache.prepare``) is
+    answered again without Strawberry's pipeline, or None (the pipeline then runs as usual).
+
+    What the pipeline would do for it is done here: its document parsed and validated once already
+    (validation depends on nothing else), the cost computed from the variables and charged to the
+    meter once the arguments bound (a refusal is answered as the pipeline answers it), the operation
+    counted. Anything else (a bad variable or argument, a missing permission) goes the usual way.
+    """
+    document = plans.prepared(query, operation_name)
+    if document is None or not context.planned:
+        return None
+    operation = Operation(query, operation_name, variables, document)
+
+    async def admit() -> None:
+        if context.meter is not None:
+            definition = next(d for d in document.definitions if isinstance(d, OperationDefinitionNode)
+                              and (operation_name is None or (d.name is not None and d.name.value == operation_name)))
+            await context.meter.charge(operation_cost(schema, document, definition, variables))
+
+    try:
+        result = await answer(schema, plans, context, operation, None, admit)
+    except AtriumError as refused:  # the meter's RATE_LIMITED or QUERY_TOO_COMPLEX
+        error = GraphQLError(refused.message, original_error=refused, extensions=refused.extensions)
+        if context.metrics is not None:
+            context.metrics.record_operation(OperationType.QUERY.value)
+            context.metrics.record_errors([code_of(error) or "UNKNOWN"])
+        return ExecutionResult(data=None, errors=[error])
+    if result is not None and context.metrics is not None:
+        context.metrics.record_operation(OperationType.QUERY.value)
+    return result
+
+
 def _tell(context: Context, outcome: str) -> None:
     """The ``Atrium-Cache`` response header of an HTTP request."""
     if context.response is not None:
         context.response.headers["Atrium-Cache"] = outcome
 
 
-async def _execute_rest(schema: GraphQLSchema, document: DocumentNode, operation: OperationDefinitionNode,
-                        plan: Plan, ec: Any, executor_class: Any) -> ExecutionResult:
+async def _execute_rest(schema: GraphQLSchema, request: Operation, operation: OperationDefinitionNode,
+                        plan: Plan, context: Context, executor_class: Any) -> ExecutionResult:
     """The root fields the plan leaves to the executor, executed over a document holding only them."""
     nodes: list[FieldNode] = [node for key, group in zip(plan.keys, plan.all_nodes, strict=True)
                               if key in plan.fallback_keys for node in group]
     only = OperationDefinitionNode(operation=operation.operation, name=operation.name,
                                    variable_definitions=operation.variable_definitions, directives=operation.directives,
                                    selection_set=SelectionSetNode(selections=tuple(nodes)))
-    fragments = [d for d in document.definitions if isinstance(d, FragmentDefinitionNode)]
+    fragments = [d for d in request.document.definitions if isinstance(d, FragmentDefinitionNode)]
     kwargs = {"executor_class": executor_class} if executor_class is not None else {}
-    result = execute(schema, DocumentNode(definitions=(only, *fragments)), root_value=ec.root_value,
-                     context_value=ec.context, variable_values=ec.variables, operation_name=ec.operation_name,
+    result = execute(schema, DocumentNode(definitions=(only, *fragments)), context_value=context,
+                     variable_values=request.variables, operation_name=request.operation_name,
                      is_awaitable=optimized_is_awaitable, **kwargs)  # type: ignore[arg-type]
     if not isinstance(result, ExecutionResult):
         result = await result
@@ -195,7 +265,13 @@ class PlannedQueries(SchemaExtension):
             plans = getattr(schema, "plans", None)
             if plans is not None:
                 try:
-                    result = await answer(schema._schema, plans, ec, schema.execution_context_class)
+                    result = None
+                    if ec.graphql_document is not None and ec.query is not None:
+                        # The name as the request gave it (None for a single operation), as the fast path sees it.
+                        provided: str | None = getattr(ec, "_provided_operation_name", None)
+                        operation = Operation(ec.query, provided, ec.variables, ec.graphql_document)
+                        result = await answer(schema._schema, plans, ec.context, operation,
+                                              schema.execution_context_class)
                 except (OSError, SQLAlchemyError, asyncpg.PostgresError):
                     raise  # the database itself failed: the executor would fail the same way
                 except Exception:

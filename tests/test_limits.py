@@ -144,6 +144,30 @@ def remaining(response: httpx.Response) -> int:
     return int(response.headers["ratelimit-remaining"])
 
 
+async def test_a_planned_query_answered_again_is_charged_its_cost_every_time(
+        settings: Settings, store: str | None, make_tenant: MakeTenant) -> None:
+    """Once its plan has answered it, a query is answered without Strawberry's pipeline: the cost is
+    still charged on every request, and a refusal is answered as the pipeline answers it."""
+    query = "query($n: Int!) { deals(first: $n) { nodes { id } } }"
+    each = cost(query, {"n": 4})  # 1 + 4
+    world = await make_tenant("prepared")
+    async with metered(settings, store, 3 * each + 2) as (app, client):
+        auth = bearer(world.token(Role.VIEWER))
+        left = []
+        for _ in range(3):
+            response = await client.post("/graphql", json={"query": query, "variables": {"n": 4}}, headers=auth)
+            assert response.status_code == 200 and "errors" not in response.json()
+            left.append(remaining(response))
+        view = next(r for r in app.routes if getattr(r, "path", None) == "/graphql").endpoint
+        assert not settings.plans or view.schema.plans.prepared(query, None) is not None  # the fast path was taken
+        assert left == [2 * each + 2, each + 2, 2]
+        refused = await client.post("/graphql", json={"query": query, "variables": {"n": 4}}, headers=auth)
+        assert refused.status_code == 429 and codes(refused.json()) == ["RATE_LIMITED"]
+        assert "data" not in refused.json() and refused.headers["retry-after"]
+        cheaper = await client.post("/graphql", json={"query": query, "variables": {"n": 1}}, headers=auth)
+        assert cheaper.status_code == 200 and remaining(cheaper) == 0
+
+
 async def test_one_hundred_concurrent_requests_against_fifty_admit_fifty(
         settings: Settings, store: str | None, make_tenant: MakeTenant) -> None:
     world = await make_tenant("burst")

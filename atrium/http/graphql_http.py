@@ -47,13 +47,13 @@ from starlette.requests import Request
 from starlette.responses import Response
 from strawberry.asgi import GraphQL
 from strawberry.exceptions import MissingQueryError
-from strawberry.schema import BaseSchema
 from strawberry.schema.exceptions import CannotGetOperationTypeError, InvalidOperationTypeError
 from strawberry.types import ExecutionResult
 from strawberry.types.graphql import OperationType
 
 from atrium.http.ratelimit import RequestMeter
 from atrium.http.runtime import Runtime
+from atrium.schema import AtriumSchema
 from auth.session import Context
 from core.errors import (
     AtriumError,
@@ -244,7 +244,9 @@ class GraphQLOverHTTP(GraphQL[Context, None]):
     """Strawberry's ASGI view with Atrium's HTTP handling (module docstring). Strawberry's own request
     handling serves WebSockets only; no HTTP stream protocol (SSE, multipart) is enabled."""
 
-    def __init__(self, schema: BaseSchema, runtime: Runtime, **kwargs: Any) -> None:
+    schema: AtriumSchema
+
+    def __init__(self, schema: AtriumSchema, runtime: Runtime, **kwargs: Any) -> None:
         super().__init__(schema, **kwargs)
         self.runtime = runtime
 
@@ -325,6 +327,9 @@ class GraphQLOverHTTP(GraphQL[Context, None]):
         get = request.method == "GET"
         if self.runtime.answers is not None and (source.persisted if cache is None else cache):
             context = dataclasses.replace(context, answers=self.runtime.answers)
+        prepared = await self.schema.answer_prepared(context, source.query, params.operation_name, params.variables)
+        if prepared is not None:
+            return outcome_of(prepared, media)
         try:
             result = await self.schema.execute(
                 source.query, variable_values=params.variables, context_value=context,
