@@ -43,7 +43,7 @@ from auth.principal import Principal
 from core.errors import BadRequest, PersistedQueryNotFound, PersistedQueryRequired
 from core.settings import Settings
 from models.db import Databases, TenantScope
-from partners.manifests import find_document
+from partners.manifests import TrustedDocuments
 
 log = logging.getLogger("partners.documents")
 
@@ -222,7 +222,8 @@ class Source:
 
 
 async def resolve_document(*, query: str | None, document_id: str | None, extensions: dict[str, Any] | None,
-                           principal: Principal | None, db: TenantScope | None, apq: ApqStore) -> Source:
+                           principal: Principal | None, db: TenantScope | None, apq: ApqStore,
+                           trusted: TrustedDocuments) -> Source:
     """The document to run for these request parameters (see the module docstring).
 
     Raises BadRequest (HTTP 400: malformed persisted-query parameters), PersistedQueryNotFound and
@@ -240,7 +241,7 @@ async def resolve_document(*, query: str | None, document_id: str | None, extens
             raise BadRequest("A sha256: documentId is followed by 64 lower-case hex digits")
         found = None
         if db is not None:
-            found = await find_document(db, client=client, document_id=None if sha else document_id, sha256=sha)
+            found = await trusted.find(db, client=client, document_id=None if sha else document_id, sha256=sha)
         if found is None and sha is not None and not persisted_only:
             found = await apq.get(sha)
         if found is None:
@@ -261,7 +262,7 @@ async def resolve_document(*, query: str | None, document_id: str | None, extens
             return Source(query, register=sha, persisted=True)
         found = None
         if db is not None:
-            found = await find_document(db, client=client, document_id=sha,
+            found = await trusted.find(db, client=client, document_id=sha,
                                         sha256=sha if SHA256_HEX.match(sha) else None)
         if found is None and not persisted_only and SHA256_HEX.match(sha):
             found = await apq.get(sha)

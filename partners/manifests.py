@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import re
 import uuid
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -266,3 +267,27 @@ async def find_document(db: TenantScope, *, client: str | None, document_id: str
         query = query.where(table.c.client == client)
     rows = await db.fetch(query)
     return rows[0].body if len(rows) == 1 else None
+
+
+class TrustedDocuments:
+    """``find_document`` with its answers remembered (bounded) while the tenant's trusted documents
+    are unchanged: the key holds the ``persisted_documents`` data version the request read when it
+    entered the tenant (``TenantScope.entry``), which every change to them bumps (migration 0006).
+    Not-found answers are remembered too: a document pushed later bumps the version."""
+
+    def __init__(self, size: int = 4096) -> None:
+        self._size = size
+        self._found: OrderedDict[tuple[Any, ...], str | None] = OrderedDict()
+
+    async def find(self, db: TenantScope, *, client: str | None, document_id: str | None = None,
+                   sha256: str | None = None) -> str | None:
+        if db.entry is None:
+            return await find_document(db, client=client, document_id=document_id, sha256=sha256)
+        key = (db.tenant_id, db.entry.version(PERSISTED_DOCUMENTS.name), client, document_id, sha256)
+        if key in self._found:
+            self._found.move_to_end(key)
+            return self._found[key]
+        found = self._found[key] = await find_document(db, client=client, document_id=document_id, sha256=sha256)
+        if len(self._found) > self._size:
+            self._found.popitem(last=False)
+        return found

@@ -187,6 +187,24 @@ async def test_documents_belong_to_their_tenant(client: httpx.AsyncClient, make_
     assert codes((await call(client, {"documentId": "a-only"}, {})).json()) == ["PERSISTED_QUERY_NOT_FOUND"]
 
 
+
+async def test_remembered_lookups_follow_every_change_to_the_documents(client: httpx.AsyncClient,
+                                                                       make_tenant: MakeTenant) -> None:
+    """Lookups are remembered per process until the tenant's documents change: a document pushed
+    after a miss is found at once, a removed one is gone at once, another tenant's never appears."""
+    world, other = await make_tenant("mflook"), await make_tenant("mflookb")
+    auth = bearer(world.token(Role.VIEWER))
+    for _ in range(2):
+        assert codes((await call(client, {"documentId": "later"}, auth)).json()) == ["PERSISTED_QUERY_NOT_FOUND"]
+    assert not (await push(client, other, "web", {"later": TENANT_QUERY})).get("errors")
+    assert codes((await call(client, {"documentId": "later"}, auth)).json()) == ["PERSISTED_QUERY_NOT_FOUND"]
+    assert not (await push(client, world, "web", {"later": TENANT_QUERY})).get("errors")
+    for _ in range(2):
+        found = await call(client, {"documentId": "later"}, auth)
+        assert found.json() == {"data": {"tenant": {"slug": world.slug}}}, found.text
+    data_or_fail(await gql(client, REMOVE, {"client": "web", "ids": ["later"]}, token=world.token(Role.ADMIN)))
+    assert codes((await call(client, {"documentId": "later"}, auth)).json()) == ["PERSISTED_QUERY_NOT_FOUND"]
+
 # ---- the CLI --------------------------------------------------------------------------------------
 
 async def test_cli_pushes_both_formats_lists_and_removes(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,

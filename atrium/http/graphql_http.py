@@ -315,7 +315,7 @@ class GraphQLOverHTTP(GraphQL[Context, None]):
             source = await resolve_document(query=params.query, document_id=params.document_id,
                                             extensions=params.extensions, principal=context.principal,
                                             db=context.own_session.db if context.own_session else None,
-                                            apq=self.runtime.apq)
+                                            apq=self.runtime.apq, trusted=self.runtime.trusted)
         except BadRequest as exc:
             return refusal(exc, exc.status)
         except PersistedQueryNotFound as exc:

@@ -14,6 +14,7 @@ from core.settings import Settings
 from models.db import Databases
 from partners.documents import ApqStore, apq_store
 from partners.keys import ApiKeys
+from partners.manifests import TrustedDocuments
 from planner.answers import AnswerCache
 from subscriptions.broker import Broker, create_broker
 
@@ -33,6 +34,8 @@ class Runtime:
     """None when rate limits are off (``ATRIUM_RATE_LIMITS=off``)."""
     metrics: Metrics
     answers: AnswerCache | None
+    trusted: TrustedDocuments
+    """Trusted-document lookups remembered until the tenant's documents change."""
     """Cached answers of planned queries (None when ``ATRIUM_ANSWER_CACHE=off`` or plans are off)."""
 
     @classmethod
@@ -46,7 +49,8 @@ class Runtime:
         return cls(settings=settings, clock=clock, databases=databases, redis=redis, broker=broker,
                    verifier=TokenVerifier(settings, clock), api_keys=ApiKeys(databases),
                    apq=apq_store(settings, databases, redis), limiter=rate_limiter(settings, redis),
-                   metrics=Metrics(), answers=answer_cache(settings, redis))
+                   metrics=Metrics(), answers=answer_cache(settings, redis),
+                   trusted=TrustedDocuments())
 
     async def start(self) -> None:
         await self.broker.start()
