@@ -58,6 +58,16 @@ def _member(user_id: uuid.UUID) -> Any:
     return USER.query.where(USER.key == user_id)
 
 
+async def _node(self: Any, info: Info, id: strawberry.ID) -> Node | None:
+    type_name, key = parse_global_id(id)
+    if RecordObject.type_named(type_name) is None:
+        raise BadUserInput("id", f"objects of type {type_name} cannot be fetched by id")
+    return await load(info, BY_NAME[type_name], key)  # type: ignore[no-any-return]
+
+
+planned(_node, "node", None, Permission.READ)
+
+
 @strawberry.type
 class ViewerQuery:
     @strawberry.field(**requires(Permission.READ, "The signed-in user."))
@@ -78,15 +88,8 @@ class ViewerQuery:
                                       {"tenant_id": session.tenant_id})
         return [User.from_row(r) for r in rows]
 
-    @strawberry.field(**requires(Permission.READ,
-                                 "Any object by its global ID; null when it does not exist in this workspace."))
-    async def node(self, info: Info, id: strawberry.ID) -> Node | None:
-        type_name, key = parse_global_id(id)
-        if RecordObject.type_named(type_name) is None:
-            raise BadUserInput("id", f"objects of type {type_name} cannot be fetched by id")
-        return await load(info, BY_NAME[type_name], key)  # type: ignore[no-any-return]
-
-    planned(node, "node", None, Permission.READ)
+    node = strawberry.field(resolver=_node, **requires(
+        Permission.READ, "Any object by its global ID; null when it does not exist in this workspace."))
 
 
 @strawberry.type

@@ -377,3 +377,31 @@ async def test_a_planned_dashboard_is_four_statements_on_the_wire(settings: Sett
             assert counts == [4, 4, 4], counts
     finally:
         await wire.close()
+
+
+def test_every_root_field_of_records_is_planned() -> None:
+    """Every root query field answering records (a record, a list or connection of them, or ``node``)
+    is marked for the planner where the planner looks (a marker on the wrong object plans nothing)."""
+    from graphql import get_named_type
+    from strawberry.types.base import get_object_definition
+
+    from atrium.schema import Query
+    from records.crm import BY_NAME
+
+    query_type = schema._schema.query_type
+    assert query_type is not None
+    definition = get_object_definition(Query)
+    assert definition is not None
+    converter = schema.config.name_converter
+    marked = {converter.get_graphql_name(f) for f in definition.fields
+              if getattr(getattr(f.base_resolver, "wrapped_func", None), "planned", None) is not None}
+    records = {name for name in BY_NAME if name != "Membership"}
+    answering = set()
+    for name, graphql_field in query_type.fields.items():
+        named = get_named_type(graphql_field.type).name  # a record, a list of them, or <Record>Connection
+        if named == "Node" or named.removesuffix("Connection") in records:
+            answering.add(name)
+    assert "node" in answering and "deals" in answering and "deal" in answering
+    # Answered by resolvers of their own: the caller, the member list (users through memberships) and
+    # notes (their text is computed from the CRDT state in Python).
+    assert answering - {"me", "members", "notes"} == marked, answering ^ marked

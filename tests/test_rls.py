@@ -10,6 +10,7 @@ Both tenants are seeded through the API first, so every table holds rows of both
 
 from __future__ import annotations
 
+import json
 import re
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -484,6 +485,45 @@ async def test_loaders_and_paging_without_a_filter_see_only_their_tenant(
     finally:
         await scope.close()
 
+
+
+PLANNED = """{ deals(first: 10) { totalCount nodes { id title company { name } contact { email } owner { name }
+  stage { name pipeline { name } } activities { subject } lineItems { lineTotal product { name } } } }
+  companies { nodes { name contacts { email } deals { title } } } products { nodes { sku } }
+  node(id: "%s") { ... on Deal { title } } }"""
+
+
+async def test_a_plan_naming_another_tenant_sees_nothing_of_it(
+    make_tenant: MakeTenant, client: httpx.AsyncClient, admin_engine: AsyncEngine, databases: Databases,
+) -> None:
+    """A plan's statement carries the tenant filter as well as running under RLS: with its filter
+    made to name tenant B while the transaction is A's, it answers nothing of either."""
+    from graphql import parse
+    from graphql.execution.executor import Executor
+
+    from atrium.schema import schema
+    from auth.principal import Principal
+    from models.loaders import TENANT
+
+    a, b = await seeded_pair(make_tenant, client, admin_engine)
+    query = PLANNED % b.crm.deal["id"]
+    executor = Executor.build(schema._schema, parse(query))
+    assert not isinstance(executor, list)
+    plan = schema.plans.get(query, None, executor)
+    assert len(plan.planned) == 4 and not plan.fallback_keys
+    for own, other in ((a, b), (b, a)):
+        binding = plan.bind(executor.variable_values, Principal(own.id, own.world.users[Role.OWNER], Role.OWNER, 0),
+                            100)
+        binding.params[TENANT.key] = other.id  # the application's filter says the other tenant
+        compiled = plan.compiled(binding)
+        scope = TenantScope(databases, own.id)
+        try:
+            row = await scope.fetch_raw(compiled.sql, plan.arguments(compiled, binding))
+        finally:
+            await scope.close()
+        deals, companies, products, node = (json.loads(value) if value else None for value in row)
+        assert deals == {"totalCount": 0, "nodes": []} and companies == {"nodes": []}
+        assert products == {"nodes": []} and node is None
 
 # ---- the catalog: what the policies rely on -----------------------------------------------------
 
