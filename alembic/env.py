@@ -6,12 +6,11 @@ import asyncio
 import os
 
 from sqlalchemy import Connection
-from sqlalchemy.ext.asyncio import create_async_engine
 from sqlmodel import SQLModel
 
 import models.tables  # noqa: F401 - registers every table on SQLModel.metadata
 from alembic import context
-from core.settings import async_url
+from models.db import create_engine
 
 config = context.config
 target_metadata = SQLModel.metadata
@@ -24,7 +23,7 @@ def _run(connection: Connection) -> None:
 
 
 async def _run_from_url(url: str) -> None:
-    engine = create_async_engine(async_url(url))
+    engine = create_engine(url)
     async with engine.connect() as conn:
         await conn.run_sync(_run)
         await conn.commit()

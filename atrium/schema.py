@@ -25,8 +25,16 @@ from resolvers.notes import NoteMutation, NoteQuery
 from resolvers.viewer import ViewerMutation, ViewerQuery
 from schema.cost import CostLimit, MeteredCostLimit
 from schema.crm import Activity, Company, Contact, Deal, DealLineItem, Pipeline, Product, Stage, User
-from schema.extensions import CodedParserCache, ErrorCoding, OperationMetrics, StaticLimits, log_unexpected
+from schema.extensions import (
+    CodedParserCache,
+    CodedValueChecks,
+    ErrorCoding,
+    OperationMetrics,
+    StaticLimits,
+    log_unexpected,
+)
 from schema.notes import Note
+from schema.values import SCALARS
 
 
 def root(name: str, *parts: type) -> type:
@@ -67,6 +75,7 @@ def build_schema(*, production: bool = False) -> AtriumSchema:
     """The schema; ``production`` turns off introspection and "did you mean" suggestions."""
     extensions: list[Any] = [
         lambda: CodedParserCache(maxsize=512),
+        CodedValueChecks,
         lambda: ValidationCache(maxsize=512),
         StaticLimits,
         lambda: MaxTokensLimiter(max_token_count=MAX_TOKENS),
@@ -84,6 +93,7 @@ def build_schema(*, production: bool = False) -> AtriumSchema:
         types=[Deal, Company, Contact, Pipeline, Stage, Activity, User, Note, Product, DealLineItem],
         extensions=extensions,
         config=StrawberryConfig(disable_field_suggestions=production),
+        scalar_overrides=SCALARS,
     )
     built.plans = PlanCache(Planner(built._schema, {"Query": Query}, built.config.name_converter))
     return built

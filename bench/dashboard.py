@@ -28,9 +28,10 @@ from sqlalchemy import event
 from sqlalchemy.engine import make_url
 
 from atrium.app import create_app
-from atrium.ops.bootstrap import libpq_url, resolve_database
+from atrium.ops.bootstrap import resolve_database
 from atrium.ops.demo import DEMO_PASSWORD, DemoTenant, DemoUser, demo_password_hash, seed_tenant
 from auth.tokens import issue_token
+from core.pgurl import libpq_url
 from core.settings import Settings
 from models.migrations import migrate
 from models.tables import Role

@@ -41,9 +41,9 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from websockets.asyncio.client import ClientConnection, connect
 
 from atrium.ops.admin import add_user, create_tenant
-from atrium.ops.bootstrap import libpq_url
 from auth.tokens import issue_token
-from core.settings import Settings, async_url
+from core.pgurl import async_url, libpq_url
+from core.settings import Settings
 from models.migrations import migrate
 from models.tables import Role
 

@@ -45,9 +45,9 @@ import asyncpg
 import httpx
 import jwt
 
-from atrium.ops.bootstrap import libpq_url
 from auth.tokens import issue_token
 from bench.dashboard import DASHBOARD, SECRET, seeded_tenants
+from core.pgurl import libpq_url
 from core.settings import Settings
 from models.tables import Role
 

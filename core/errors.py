@@ -13,6 +13,8 @@ The tree::
     ├── PersistedQueryNotFound       PERSISTED_QUERY_NOT_FOUND
     ├── PersistedQueryRequired       PERSISTED_QUERY_REQUIRED
     ├── BadRequest                   BAD_REQUEST       a malformed GraphQL-over-HTTP request (HTTP 4xx)
+    ├── IdempotencyKeyInUse          IDEMPOTENCY_KEY_IN_USE  its first request still runs (HTTP 409)
+    ├── IdempotencyKeyReused         IDEMPOTENCY_KEY_REUSED  the key came with another request (HTTP 422)
     ├── SubscriberTooSlow            SUBSCRIBER_TOO_SLOW  a subscriber fell too far behind; its stream ends
     └── Internal                     INTERNAL          anything unexpected; the message never leaks details
 
@@ -46,6 +48,8 @@ class ErrorCode(enum.StrEnum):
     GRAPHQL_VALIDATION_FAILED = "GRAPHQL_VALIDATION_FAILED"
     GRAPHQL_PARSE_FAILED = "GRAPHQL_PARSE_FAILED"
     SUBSCRIBER_TOO_SLOW = "SUBSCRIBER_TOO_SLOW"
+    IDEMPOTENCY_KEY_IN_USE = "IDEMPOTENCY_KEY_IN_USE"
+    IDEMPOTENCY_KEY_REUSED = "IDEMPOTENCY_KEY_REUSED"
 
 
 class AtriumError(Exception):
@@ -145,6 +149,25 @@ class BadRequest(AtriumError):
     def __init__(self, message: str, status: int = 400) -> None:
         super().__init__(message)
         self.status = status
+
+
+class IdempotencyKeyInUse(AtriumError):
+    """Another request with the same ``Idempotency-Key`` has not finished: retry it later (HTTP 409)."""
+
+    code = ErrorCode.IDEMPOTENCY_KEY_IN_USE
+
+    def __init__(self) -> None:
+        super().__init__("A request with this Idempotency-Key is still being processed; retry it shortly",
+                         retryAfter=1)
+
+
+class IdempotencyKeyReused(AtriumError):
+    """The ``Idempotency-Key`` was first sent with another request body (HTTP 422): use a new key."""
+
+    code = ErrorCode.IDEMPOTENCY_KEY_REUSED
+
+    def __init__(self) -> None:
+        super().__init__("This Idempotency-Key was used for a different request; send a new key")
 
 
 class PersistedQueryNotFound(AtriumError):

@@ -1,19 +1,23 @@
 """Typed, frozen settings read once from the environment at the edge (CLI, app factory, tests).
 
-Nothing reads the environment after ``Settings.from_env`` returns; everything else receives a
-``Settings`` instance.
+Every environment variable Atrium reads is read here, by ``Settings.from_env``, through ``Environ``:
+a bad value raises ``SettingError`` naming the variable and what it expects
+(``ATRIUM_TOKEN_TTL must be a whole number of seconds of at least 1, not 'abc'``). Nothing reads the
+environment after ``from_env`` returns; everything else receives a ``Settings`` instance.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
-from sqlalchemy.engine import make_url
+from core.pgurl import PgUrl, async_url, with_user
 
 Environment = Literal["development", "test", "production"]
 
@@ -48,7 +52,7 @@ DEFAULT_PLAN_LIMITS = (
 def parse_plan_limits(text: str) -> tuple[PlanLimits, ...]:
     """``free=5000/100:2500/50,pro=...``: per plan, tenant capacity/refill, then key capacity/refill.
 
-    Plans not named keep their defaults. Raises ``ValueError`` on anything else.
+    Plans not named keep their defaults. Raises ``SettingError`` on anything else.
     """
     plans = {p.plan: p for p in DEFAULT_PLAN_LIMITS}
     for item in filter(None, (part.strip() for part in text.split(","))):
@@ -59,22 +63,93 @@ def parse_plan_limits(text: str) -> tuple[PlanLimits, ...]:
             k_cap, k_rate = (key or tenant).split("/")
             plans[name.strip()] = PlanLimits(name.strip(), int(t_cap), float(t_rate), int(k_cap), float(k_rate))
         except ValueError:
-            raise ValueError(f"ATRIUM_RATE_LIMITS: cannot read {item!r} (expected plan=capacity/refill"
-                             "[:keycapacity/keyrefill])") from None
+            raise SettingError(f"ATRIUM_RATE_LIMITS: cannot read {item!r} (expected plan=capacity/refill"
+                               "[:keycapacity/keyrefill], or off)") from None
     return tuple(plans.values())
+
+
+class SettingError(ValueError):
+    """An environment variable's value is not what its setting expects; the message names the
+    variable, what it expects and what it got (never a secret's value)."""
+
+
+ON, OFF = ("1", "on", "true", "yes"), ("0", "off", "false", "no")
+
+
+@dataclass(frozen=True)
+class Environ:
+    """Typed reads of environment variables: each says what it expects in its error (``SettingError``).
+
+    An unset or empty variable is its default.
+    """
+
+    values: Mapping[str, str]
+
+    def text(self, name: str, default: str = "") -> str:
+        return self.values.get(name, "").strip() or default
+
+    def optional(self, name: str) -> str | None:
+        return self.values.get(name, "").strip() or None
+
+    def whole(self, name: str, default: int, *, minimum: int = 0, unit: str = "") -> int:
+        raw = self.text(name)
+        if not raw:
+            return default
+        try:
+            value = int(raw.replace("_", ""))
+        except ValueError:
+            value = minimum - 1
+        if value < minimum:
+            raise SettingError(f"{name} must be a whole number{unit}, at least {minimum}, not {raw!r}")
+        return value
+
+    def number(self, name: str, default: float, *, minimum: float = 0.0, unit: str = "") -> float:
+        raw = self.text(name)
+        if not raw:
+            return default
+        try:
+            value = float(raw)
+        except ValueError:
+            value = math.nan
+        if not value >= minimum or math.isinf(value):
+            raise SettingError(f"{name} must be a number{unit}, at least {minimum:g}, not {raw!r}")
+        return value
+
+    def switch(self, name: str, default: bool) -> bool:
+        raw = self.text(name).lower()
+        if not raw:
+            return default
+        if raw in ON or raw in OFF:
+            return raw in ON
+        raise SettingError(f"{name} must be on or off, not {raw!r}")
+
+    def choice(self, name: str, default: str, choices: tuple[str, ...]) -> str:
+        raw = self.text(name, default)
+        if raw not in choices:
+            raise SettingError(f"{name} must be {', '.join(choices[:-1])} or {choices[-1]}, not {raw!r}")
+        return raw
+
+    def postgres_url(self, name: str) -> str | None:
+        raw = self.optional(name)
+        if raw is not None:
+            try:
+                PgUrl.parse(raw)
+            except ValueError as exc:
+                raise SettingError(f"{name}: {exc}") from None
+        return raw
+
+    def url(self, name: str, schemes: tuple[str, ...], example: str) -> str | None:
+        raw = self.optional(name)
+        if raw is not None and (urlsplit(raw).scheme not in schemes or not urlsplit(raw).netloc + urlsplit(raw).path):
+            spelled = ", ".join(f"{scheme}://" for scheme in schemes)
+            raise SettingError(f"{name} must be a URL such as {example} (one of {spelled})")
+        return raw
 
 
 def switch(env: Mapping[str, str], name: str, *, default: bool) -> bool:
     """An on/off setting: ``on``/``1``/``true``/``yes`` or ``off``/``0``/``false``/``no``; unset or
     empty is ``default``."""
-    value = env.get(name, "").strip().lower()
-    if not value:
-        return default
-    if value in ("1", "on", "true", "yes"):
-        return True
-    if value in ("0", "off", "false", "no"):
-        return False
-    raise ValueError(f"{name}: expected on or off, not {value!r}")
+    return Environ(env).switch(name, default)
 
 
 @dataclass(frozen=True)
@@ -119,6 +194,8 @@ class Settings:
     answer_cache_ttl_seconds: int = 3600
     """How long Redis keeps an answer after it was stored (answers of old data versions are never
     asked for again; this is when they go)."""
+    idempotency_ttl_seconds: int = 24 * 3600
+    """How long the answer of a mutation sent with an ``Idempotency-Key`` is kept for its retries."""
     plans: bool = True
     """Answer queries through plans pushed down into PostgreSQL (``planner``); ``ATRIUM_PLANS=off``
     runs every query through the executor (the same answers, slower)."""
@@ -131,41 +208,41 @@ class Settings:
         ``<data_dir>/jwt-secret`` so that the server and ``atrium token`` agree; in production it
         is required.
         """
-        env = dict(os.environ if environ is None else environ)
-        mode = env.get("ATRIUM_ENV", "development")
-        if mode not in ("development", "test", "production"):
-            raise ValueError(f"ATRIUM_ENV must be development, test or production, not {mode!r}")
-        data_dir = Path(env.get("ATRIUM_DATA_DIR", ".atrium"))
-        secret = env.get("ATRIUM_JWT_SECRET", "")
-        jwks_url = env.get("ATRIUM_JWKS_URL") or None
+        env = Environ(dict(os.environ if environ is None else environ))
+        mode = env.choice("ATRIUM_ENV", "development", ("development", "test", "production"))
+        data_dir = Path(env.text("ATRIUM_DATA_DIR", ".atrium"))
+        secret = env.text("ATRIUM_JWT_SECRET")
+        jwks_url = env.url("ATRIUM_JWKS_URL", ("https", "http"), "https://idp.example/.well-known/jwks.json")
         if not secret and not jwks_url:
             if mode == "production":
-                raise ValueError("ATRIUM_JWT_SECRET or ATRIUM_JWKS_URL must be set in production")
+                raise SettingError("ATRIUM_JWT_SECRET or ATRIUM_JWKS_URL must be set in production")
             secret = _dev_secret(data_dir)
+        limits = env.text("ATRIUM_RATE_LIMITS")
+        rate_limits = limits.lower() not in OFF
         return cls(
             env=mode,  # type: ignore[arg-type]
-            database_url=env.get("DATABASE_URL") or None,
-            app_database_url=env.get("ATRIUM_APP_DATABASE_URL") or None,
-            redis_url=env.get("REDIS_URL") or None,
+            database_url=env.postgres_url("DATABASE_URL"),
+            app_database_url=env.postgres_url("ATRIUM_APP_DATABASE_URL"),
+            redis_url=env.url("REDIS_URL", ("redis", "rediss", "unix"), "redis://localhost:6379/0"),
             jwt_secret=secret,
-            jwt_audience=env.get("ATRIUM_JWT_AUDIENCE", "atrium"),
-            jwt_issuer=env.get("ATRIUM_JWT_ISSUER", "atrium"),
+            jwt_audience=env.text("ATRIUM_JWT_AUDIENCE", "atrium"),
+            jwt_issuer=env.text("ATRIUM_JWT_ISSUER", "atrium"),
             jwks_url=jwks_url,
-            token_ttl_seconds=int(env.get("ATRIUM_TOKEN_TTL", "3600")),
+            token_ttl_seconds=env.whole("ATRIUM_TOKEN_TTL", 3600, minimum=1, unit=" of seconds"),
             data_dir=data_dir,
-            pool_size=int(env.get("ATRIUM_DB_POOL_SIZE", "10")),
-            redis_prefix=env.get("ATRIUM_REDIS_PREFIX", "atrium:"),
-            rate_limits=env.get("ATRIUM_RATE_LIMITS", "").strip().lower() != "off",  # or plan limits
-            metrics_token=env.get("ATRIUM_METRICS_TOKEN") or None,
-            plan_limits=parse_plan_limits(limits) if (limits := env.get("ATRIUM_RATE_LIMITS", "").strip())
-            and limits.lower() != "off" else DEFAULT_PLAN_LIMITS,
-            batching=switch(env, "ATRIUM_BATCHING", default=False),
-            subscriber_queue_size=int(env.get("ATRIUM_SUBSCRIBER_QUEUE", "256")),
-            presence_ttl_seconds=float(env.get("ATRIUM_PRESENCE_TTL", "30")),
-            plans=switch(env, "ATRIUM_PLANS", default=True),
-            answer_cache=switch(env, "ATRIUM_ANSWER_CACHE", default=True),
-            answer_cache_entries=int(env.get("ATRIUM_ANSWER_CACHE_ENTRIES", "10000")),
-            answer_cache_bytes=int(env.get("ATRIUM_ANSWER_CACHE_BYTES", str(64 * 1024 * 1024))),
+            pool_size=env.whole("ATRIUM_DB_POOL_SIZE", 10, minimum=1, unit=" of connections"),
+            redis_prefix=env.text("ATRIUM_REDIS_PREFIX", "atrium:"),
+            rate_limits=rate_limits,
+            metrics_token=env.optional("ATRIUM_METRICS_TOKEN"),
+            plan_limits=parse_plan_limits(limits) if limits and rate_limits else DEFAULT_PLAN_LIMITS,
+            batching=env.switch("ATRIUM_BATCHING", False),
+            subscriber_queue_size=env.whole("ATRIUM_SUBSCRIBER_QUEUE", 256, minimum=1, unit=" of events"),
+            presence_ttl_seconds=env.number("ATRIUM_PRESENCE_TTL", 30.0, minimum=1.0, unit=" of seconds"),
+            plans=env.switch("ATRIUM_PLANS", True),
+            answer_cache=env.switch("ATRIUM_ANSWER_CACHE", True),
+            answer_cache_entries=env.whole("ATRIUM_ANSWER_CACHE_ENTRIES", 10_000, minimum=0, unit=" of entries"),
+            answer_cache_bytes=env.whole("ATRIUM_ANSWER_CACHE_BYTES", 64 * 1024 * 1024, minimum=0, unit=" of bytes"),
+            idempotency_ttl_seconds=env.whole("ATRIUM_IDEMPOTENCY_TTL", 24 * 3600, minimum=1, unit=" of seconds"),
         )
 
     def with_database(self, database_url: str) -> Settings:
@@ -185,17 +262,10 @@ class Settings:
         return app_role_url(self.admin_url)
 
 
-def async_url(url: str) -> str:
-    """Normalise a PostgreSQL URL to the SQLAlchemy asyncpg dialect."""
-    parsed = make_url(url)
-    if parsed.drivername in ("postgres", "postgresql", "postgresql+psycopg", "postgresql+psycopg2"):
-        parsed = parsed.set(drivername="postgresql+asyncpg")
-    return parsed.render_as_string(hide_password=False)
-
-
 def app_role_url(admin_url: str) -> str:
-    """``admin_url`` with the user switched to the application role (no password: trust/peer or .pgpass)."""
-    return make_url(admin_url).set(username=APP_ROLE, password=None).render_as_string(hide_password=False)
+    """``admin_url`` with the user switched to the application role (no password: trust/peer or .pgpass);
+    everything else (hosts, TLS parameters) as it was."""
+    return with_user(admin_url, APP_ROLE)
 
 
 def _dev_secret(data_dir: Path) -> str:

@@ -1,33 +1,51 @@
 """Database access: engines per URL and the one tenant-scoped transaction.
 
-``Databases.tenant_transaction(tenant_id)`` is the only code that sets tenant state in PostgreSQL:
-it begins a transaction and runs ``set_config('app.tenant_id', $1, true)`` (transaction-local, so
-it can never leak through the pool), or, for a request of a member, ``atrium_enter(tenant, user)``,
-which does the same and returns the caller's membership and the tenant's data versions in that one
-statement (``Entry``). ``TenantScope`` is a request's view of it: one connection at a
-time, statements serialised by a lock because Strawberry resolves sibling fields (and their loader
-batches) concurrently.
+``Databases.tenant_transaction(tenant_id)`` (writes) and ``Databases.read_transaction(tenant_id,
+user_id)`` (a request's reads) are the only code that sets tenant state in PostgreSQL: each begins a
+transaction and runs ``set_config('app.tenant_id', $1, true)`` (transaction-local, so it can never
+leak through the pool), or, for a request of a member, ``atrium_enter(tenant, user)``, which does
+the same and returns the caller's membership and the tenant's data versions in that one statement
+(``Entry``). ``TenantScope`` is a request's view of them: one connection at a time, statements
+serialised by a lock because Strawberry resolves sibling fields (and their loader batches)
+concurrently.
 """
 
 from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Coroutine, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from sqlalchemy import Executable, Row, text
+import asyncpg
+from sqlalchemy import URL, Executable, Row, text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import QueuePool
 
-from core.settings import async_url
+from core.pgurl import ASYNCPG, PgUrl, async_url
 
 SET_TENANT = text("SELECT set_config('app.tenant_id', :tenant_id, true)")
 SET_TENANT_SQL = "SELECT set_config('app.tenant_id', $1, true)"
 ENTER_SQL = "SELECT role, plan, tables, versions FROM atrium_enter($1, $2)"
 TENANT_ROUTE = text("SELECT isolation, database_url FROM tenants WHERE id = :tenant_id")
+
+
+def create_engine(url: str, **options: Any) -> AsyncEngine:
+    """An asyncpg engine for a PostgreSQL URL as libpq reads it (``core.pgurl``): each connection is
+    made by ``asyncpg.connect`` from the URL as written, TLS parameters and several hosts included.
+    ``engine.url`` shows the first host and the credentials (for deriving other URLs)."""
+    parsed = PgUrl.parse(url)
+    (host, port), *_ = parsed.endpoints()
+    shown = URL.create(ASYNCPG, username=parsed.user, password=parsed.password,
+                       host=None if host.startswith("/") else host, port=port, database=parsed.database)
+    dsn = parsed.dsn()
+
+    async def connect() -> Any:
+        return await asyncpg.connect(dsn)
+
+    return create_async_engine(shown, async_creator=connect, **options)
 
 
 @dataclass(frozen=True)
@@ -62,10 +80,8 @@ class Databases:
     def _make_engine(self, url: str) -> AsyncEngine:
         # Last in, first out: requests reuse the connections used last, whose prepared statements and
         # introspected types are warm, and the ones left idle are the ones to let go.
-        return create_async_engine(
-            async_url(url), pool_size=self._pool_size, max_overflow=self._pool_size, pool_pre_ping=False,
-            pool_use_lifo=True,
-        )
+        return create_engine(url, pool_size=self._pool_size, max_overflow=self._pool_size, pool_pre_ping=False,
+                             pool_use_lifo=True)
 
     def pool_usage(self) -> tuple[int, int]:
         """(connections checked out, connections kept open) over every engine's pool."""
@@ -181,6 +197,12 @@ class TenantScope:
     Reads share one lazily begun tenant transaction; ``write()`` ends it and runs a transaction of
     its own that commits when the block exits. Only one statement runs at a time.
 
+    ``hold()`` makes the whole request one transaction instead (what exactly-once retries need: a
+    change and the answer stored for its retries commit together): each ``write()`` is then a
+    savepoint of the read transaction (a failed one undoes only itself), and nothing commits before
+    ``commit()``. Work that must follow a commit (publishing change events) is handed to
+    ``after_commit`` and runs after the commit that makes the change durable, whichever it is.
+
     A read is never interrupted half way: when its caller is cancelled (the executor drops the
     siblings of a field whose error nulls their parent), the statement still runs to its end under
     the lock, so the connection is never left with a statement in progress, and ``close`` waits
@@ -198,6 +220,7 @@ class TenantScope:
         self._driver: Any = None
         self._writing = False
         self._closed = False
+        self._held: list[Callable[[], Awaitable[None]]] | None = None
         self.entry: Entry | None = None
         """What ``enter`` found (None until then)."""
 
@@ -263,8 +286,21 @@ class TenantScope:
 
     @asynccontextmanager
     async def write(self) -> AsyncIterator[AsyncConnection]:
-        """A tenant transaction for one change: committed on normal exit, rolled back on error."""
+        """A tenant transaction for one change: committed on normal exit, rolled back on error (held:
+        a savepoint, released or rolled back, committed by ``commit()``)."""
         async with self._lock:
+            if self._held is not None:
+                if self._read_conn is None:
+                    await self._begin_read()
+                conn = self._read_conn
+                assert conn is not None
+                async with conn.begin_nested():
+                    self._writing = True
+                    try:
+                        yield conn
+                    finally:
+                        self._writing = False
+                return
             await self._end_read()
             if self._closed:
                 raise ScopeClosed("the request's database access has ended")
@@ -274,6 +310,26 @@ class TenantScope:
                     yield conn
                 finally:
                     self._writing = False
+
+    def hold(self) -> None:
+        """From now on, one transaction for the whole request, committed by ``commit()`` (class docstring)."""
+        if self._held is None:
+            self._held = []
+
+    async def after_commit(self, work: Callable[[], Awaitable[None]]) -> None:
+        """Run ``work`` once what was written so far has committed: now, or after ``commit()`` when held."""
+        if self._held is None:
+            await work()
+        else:
+            self._held.append(work)
+
+    async def commit(self) -> None:
+        """Commit the held transaction and run the work waiting for it; the scope reads on in a new one."""
+        async with self._lock:
+            await self._end_read()
+        waiting, self._held = self._held or [], None
+        for work in waiting:
+            await work()
 
     async def close(self) -> None:
         """Release the connection (idempotent); no statement runs after this."""

@@ -6,9 +6,9 @@ from pathlib import Path
 
 from alembic.config import Config
 from sqlalchemy import Connection
-from sqlalchemy.ext.asyncio import create_async_engine
 
 from alembic import command
+from models.db import create_engine
 
 ALEMBIC_DIR = Path(__file__).resolve().parent.parent / "alembic"
 
@@ -32,7 +32,7 @@ async def migrate(admin_url: str, revision: str = "head", *, downgrade: bool = F
         else:
             command.upgrade(cfg, revision)
 
-    engine = create_async_engine(admin_url)
+    engine = create_engine(admin_url)
     try:
         async with engine.connect() as conn:
             await conn.run_sync(run)

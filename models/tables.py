@@ -24,6 +24,7 @@ from sqlalchemy import (
     ForeignKeyConstraint,
     LargeBinary,
     Numeric,
+    SmallInteger,
     Table,
     Text,
     UniqueConstraint,
@@ -352,11 +353,30 @@ class DataVersion(SQLModel, table=True):
     version: int = Field(sa_type=BigInteger)
 
 
+class IdempotencyKey(TenantTable, table=True):
+    """The stored answer of a mutation sent with an ``Idempotency-Key`` (``atrium.http.idempotency``),
+    written in the transaction of its change, replayed to its retries until ``expires_at``.
+
+    ``principal`` is who sent it (``user:<id>`` or ``key:<api key id>``): a key is scoped to its
+    tenant and principal; ``fingerprint`` is the SHA-256 of the request's parameters.
+    """
+
+    __tablename__ = "idempotency_keys"
+    __table_args__ = (UniqueConstraint("tenant_id", "principal", "key", name="idempotency_keys_key"),)
+    principal: str = Field(max_length=64)
+    key: str = Field(max_length=255)
+    fingerprint: str = Field(sa_column=Column(CHAR(64), nullable=False))
+    status: int = Field(sa_type=SmallInteger)
+    body: str = Field(sa_type=Text)
+    expires_at: datetime = Field(sa_type=DateTime(timezone=True))
+
+
 API_KEYS = table(ApiKey)
 PERSISTED_DOCUMENTS = table(PersistedDocument)
 APQ_DOCUMENTS = table(ApqDocument)
 DATA_VERSIONS = table(DataVersion)
+IDEMPOTENCY_KEYS = table(IdempotencyKey)
 
 TENANT_TABLES = (MEMBERSHIPS, COMPANIES, CONTACTS, PIPELINES, STAGES, DEALS, ACTIVITIES, AUDIT_EVENTS, NOTES,
-                 API_KEYS, PERSISTED_DOCUMENTS, PRODUCTS, DEAL_LINE_ITEMS)
+                 API_KEYS, PERSISTED_DOCUMENTS, PRODUCTS, DEAL_LINE_ITEMS, IDEMPOTENCY_KEYS)
 """Every table holding tenant rows (RLS enabled and forced on each; tests/test_rls.py checks the catalog)."""

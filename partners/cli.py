@@ -19,12 +19,13 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import func, insert, select
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from atrium.ops.admin import tenant_database, tenant_id_by_slug
 from atrium.ops.bootstrap import resolve_database
 from core.errors import AtriumError
 from core.settings import Settings
+from models.db import create_engine
 from models.tables import AUDIT_EVENTS, MEMBERSHIPS, TENANTS, USERS, Role
 from partners.keys import KeySpec, create_key, keys_query, revoke_key
 from partners.manifests import InvalidManifest, client_name, documents_query, push_documents, read_manifest
@@ -53,10 +54,10 @@ async def _audit(conn: AsyncConnection, tenant_id: uuid.UUID, action: str, entit
 async def _with_tenant(slug: str, work: Callable[[AsyncEngine, AsyncEngine, uuid.UUID], Awaitable[int]]) -> int:
     """Run ``work(registry, home, tenant_id)``: the admin engines of the shared and the tenant's database."""
     settings = await resolve_database(Settings.from_env())
-    registry = create_async_engine(settings.admin_url)
+    registry = create_engine(settings.admin_url)
     try:
         tenant_id = await tenant_id_by_slug(registry, slug)
-        home = await tenant_database(registry, tenant_id)
+        home = await tenant_database(registry, settings.admin_url, tenant_id)
         try:
             return await work(registry, home, tenant_id)
         except AtriumError as exc:

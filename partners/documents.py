@@ -43,7 +43,7 @@ from auth.principal import Principal
 from core.errors import BadRequest, PersistedQueryNotFound, PersistedQueryRequired
 from core.settings import Settings
 from models.db import Databases, TenantScope
-from partners.manifests import TrustedDocuments
+from partners.manifests import DOCUMENT_ID, TrustedDocuments
 
 log = logging.getLogger("partners.documents")
 
@@ -239,6 +239,8 @@ async def resolve_document(*, query: str | None, document_id: str | None, extens
         sha = document_id[7:] if document_id.startswith("sha256:") else None
         if sha is not None and not SHA256_HEX.match(sha):
             raise BadRequest("A sha256: documentId is followed by 64 lower-case hex digits")
+        if not DOCUMENT_ID.match(document_id):
+            raise BadRequest("A documentId is 1-200 letters, digits or ._~:-")
         found = None
         if db is not None:
             found = await trusted.find(db, client=client, document_id=None if sha else document_id, sha256=sha)
@@ -261,7 +263,7 @@ async def resolve_document(*, query: str | None, document_id: str | None, extens
                 raise BadRequest(HASH_MISMATCH)
             return Source(query, register=sha, persisted=True)
         found = None
-        if db is not None:
+        if db is not None and DOCUMENT_ID.match(sha):  # no other id can name a document
             found = await trusted.find(db, client=client, document_id=sha,
                                         sha256=sha if SHA256_HEX.match(sha) else None)
         if found is None and not persisted_only and SHA256_HEX.match(sha):

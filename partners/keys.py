@@ -134,14 +134,18 @@ class KeySpec:
     def checked(self, creator_role: Role) -> KeySpec:
         """This spec cleaned up; BAD_USER_INPUT or FORBIDDEN (a role above ``creator_role``)."""
         name = self.name.strip()
-        if not name or len(name) > 100:
-            raise BadUserInput("input.name", "must be 1 to 100 characters")
+        if not name or len(name) > 100 or "\x00" in name:
+            raise BadUserInput("input.name", "must be 1 to 100 characters, without NUL")
         if self.role.rank > creator_role.rank:
             raise Forbidden(f"A {creator_role.value} cannot create a key with the {self.role.value} role")
         expires_at = self.expires_at
         if expires_at is not None:
             if expires_at.tzinfo is None:
                 raise BadUserInput("input.expiresAt", "must include a time zone")
+            try:
+                expires_at = expires_at.astimezone(dt.UTC)
+            except OverflowError:
+                raise BadUserInput("input.expiresAt", "must be between the years 1 and 9999 in UTC") from None
             if expires_at <= dt.datetime.now(dt.UTC):
                 raise BadUserInput("input.expiresAt", "must be in the future")
         client = self.client.strip() if self.client and self.client.strip() else None

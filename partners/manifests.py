@@ -124,6 +124,8 @@ def read_manifest(data: Any) -> list[Operation]:
         operations = [Operation(k, v) for k, v in data.items()]
     else:
         raise BadUserInput("manifest", "must be a JSON object")
+    if any("\x00" in (text or "") for op in operations for text in (op.document_id, op.body, op.name, op.type)):
+        raise BadUserInput("manifest", "must not contain NUL characters")
     if not operations:
         raise BadUserInput("manifest", "holds no operations")
     if len(operations) > MAX_OPERATIONS:

@@ -18,10 +18,17 @@ from strawberry.scalars import JSON
 from auth.principal import Principal
 from auth.roles import Permission, requires
 from auth.session import Info
-from core.errors import Forbidden
+from core.errors import BadUserInput, Forbidden
 from core.ids import decode_id
 from partners.keys import KeySpec, create_key, keys_query, revoke_key
-from partners.manifests import client_name, documents_query, push_documents, read_manifest, remove_documents
+from partners.manifests import (
+    DOCUMENT_ID,
+    client_name,
+    documents_query,
+    push_documents,
+    read_manifest,
+    remove_documents,
+)
 from partners.types import (
     ApiKey,
     CreateApiKeyInput,
@@ -127,6 +134,9 @@ class PartnerMutation:
         principal = info.context.session.principal
         name = client_name(client)
         _own_client(principal, name)
+        for index, document_id in enumerate(ids):
+            if not DOCUMENT_ID.match(document_id):
+                raise BadUserInput(f"ids.{index}", "an id is 1-200 letters, digits or ._~:-")
         async with change(info) as w:
             removed = await remove_documents(w.conn, w.tenant_id, name, ids)
             for row in removed:

@@ -191,7 +191,10 @@ class Instant:
     def __call__(self, field: str, value: dt.datetime) -> dt.datetime:
         if value.tzinfo is None:
             raise BadUserInput(field, "must include a time zone offset")
-        return value.astimezone(dt.UTC)
+        try:
+            return value.astimezone(dt.UTC)
+        except OverflowError:
+            raise BadUserInput(field, "must be between the years 1 and 9999 in UTC") from None
 
 
 @dataclass(frozen=True)

@@ -58,6 +58,8 @@ class NoteMutation:
         key = decode_id(note_id, "Note", field="noteId")
         if origin is not None and len(origin) > MAX_ORIGIN:
             raise BadUserInput("origin", f"must be at most {MAX_ORIGIN} characters")
+        if origin is not None and "\x00" in origin:
+            raise BadUserInput("origin", "must not contain NUL characters")
         async with change(info) as w:
             before = await w.require(NOTE, key, field="noteId", lock=True)
             try:

@@ -22,6 +22,8 @@ from resolvers.writes import Change, change
 from schema.crm import DeletePayload, LoginPayload, Tenant, User
 from schema.objects import Node, RecordObject, load, planned
 
+MAX_LOGIN_TEXT = 1000
+
 LOGIN_CANDIDATES = text("SELECT * FROM atrium_login_candidates(:slug, :email)")
 ENSURE_USER = text("SELECT atrium_ensure_user(:email, :name, :password_hash)")
 NAME = Text(200)
@@ -97,6 +99,9 @@ class ViewerMutation:
     @strawberry.mutation(description="Exchange a password for a bearer token of one workspace (by its slug).")
     async def login(self, info: Info, email: str, password: str, tenant: str) -> LoginPayload:
         context = info.context
+        for field, value in (("email", email), ("password", password), ("tenant", tenant)):
+            if "\x00" in value or len(value) > MAX_LOGIN_TEXT:  # text PostgreSQL cannot compare, or absurd
+                raise BadUserInput(field, f"must be at most {MAX_LOGIN_TEXT} characters, without NUL")
         async with context.databases.default.connect() as conn:
             candidate = (await conn.execute(LOGIN_CANDIDATES, {"slug": tenant.strip().lower(),
                                                                "email": email.strip()})).first()

@@ -328,12 +328,17 @@ def scope_of(record: Record, row: Mapping[Any, Any]) -> dict[str, str]:
 
 @asynccontextmanager
 async def change(info: Info) -> AsyncIterator[Change]:
-    """One mutation's transaction; publishes its events (stamped with the commit time) after it commits."""
+    """One mutation's transaction; publishes its events (stamped with the commit time) after it commits
+    (after the request's, when the request is one transaction: ``TenantScope.hold``)."""
     context = info.context
     session: Session = context.session
     async with session.db.write() as conn:
         w = Change(conn, session.principal, context.request_id)
         yield w
-    committed_at = dt.datetime.now(dt.UTC)
-    for event in w.events:
-        await context.broker.publish(dataclasses.replace(event, committed_at=committed_at))
+
+    async def publish() -> None:
+        committed_at = dt.datetime.now(dt.UTC)
+        for event in w.events:
+            await context.broker.publish(dataclasses.replace(event, committed_at=committed_at))
+
+    await session.db.after_commit(publish)

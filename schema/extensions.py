@@ -1,8 +1,9 @@
 """Schema extensions: error coding and masking, and the per-request limits.
 
 ``ErrorCoding`` gives every error a stable ``extensions.code``: an ``AtriumError`` keeps its own;
-parse and validation errors get GRAPHQL_PARSE_FAILED / GRAPHQL_VALIDATION_FAILED; a variable that
-fails coercion gets BAD_USER_INPUT; anything else becomes INTERNAL with no message, traceback or
+parse and validation errors get GRAPHQL_PARSE_FAILED / GRAPHQL_VALIDATION_FAILED; a value that does
+not fit its type, as a literal or as a variable, gets BAD_USER_INPUT naming the field
+(``schema.values``); anything else becomes INTERNAL with no message, traceback or
 SQL from the original (``AtriumSchema.process_errors`` logs that one with the request id).
 """
 
@@ -12,17 +13,17 @@ import logging
 from collections.abc import Iterator
 from typing import Any
 
-from graphql import GraphQLError
+from graphql import DocumentNode, GraphQLError
+from graphql.validation import ValuesOfCorrectTypeRule
 from strawberry.extensions import AddValidationRules, ParserCache, SchemaExtension
 from strawberry.types.execution import ExecutionContext
 from strawberry.types.graphql import OperationType
 
 from core.errors import AtriumError, ErrorCode
 from core.limits import LIMIT_RULES
+from schema.values import CodedValues, field_of_variable
 
 log = logging.getLogger("core.errors")
-
-VARIABLE_VALUE_PROBLEMS = ("has invalid value", "got invalid value", "was not provided", "must not be null")
 
 
 class CodedParserCache(ParserCache):
@@ -39,6 +40,17 @@ class CodedParserCache(ParserCache):
             context.graphql_document = self.cached_parse_document(context.query, **context.parse_options)
         except GraphQLError:
             context.graphql_document = None
+        yield
+
+
+class CodedValueChecks(SchemaExtension):
+    """Value literals are checked by ``schema.values.CodedValues`` instead of graphql-core's own rule
+    (the same check, answering BAD_USER_INPUT naming the field)."""
+
+    def on_operation(self) -> Iterator[None]:
+        context = self.execution_context
+        context.validation_rules = tuple(CodedValues if rule is ValuesOfCorrectTypeRule else rule
+                                         for rule in context.validation_rules)
         yield
 
 
@@ -68,7 +80,9 @@ def log_unexpected(errors: list[GraphQLError], execution_context: ExecutionConte
                       exc_info=error.original_error, extra={"request_id": request_id})
 
 
-def coded(error: GraphQLError, request_id: str | None) -> GraphQLError:
+def coded(error: GraphQLError, request_id: str | None, document: DocumentNode | None = None) -> GraphQLError:
+    """``error`` with its ``extensions.code`` (module docstring); ``document``: the operation's, to name the
+    field a bad variable value is used for."""
     original = error.original_error
     if isinstance(original, AtriumError):
         return error
@@ -82,8 +96,8 @@ def coded(error: GraphQLError, request_id: str | None) -> GraphQLError:
         return error
     if error.message.startswith("Syntax Error"):
         code = ErrorCode.GRAPHQL_PARSE_FAILED
-    elif error.message.startswith("Variable '$") and any(p in error.message for p in VARIABLE_VALUE_PROBLEMS):
-        code = ErrorCode.BAD_USER_INPUT
+    elif (bad_value := field_of_variable(error, document)) is not None:
+        return bad_value
     else:
         code = ErrorCode.GRAPHQL_VALIDATION_FAILED
     return GraphQLError(error.message, nodes=error.nodes, positions=error.positions, path=error.path,
@@ -133,4 +147,5 @@ class ErrorCoding(SchemaExtension):
         errors = getattr(result, "errors", None)
         if errors:
             request_id = request_id_of(self.execution_context)
-            result.errors = [coded(e, request_id) for e in errors]  # type: ignore[union-attr]
+            document = self.execution_context.graphql_document
+            result.errors = [coded(e, request_id, document) for e in errors]  # type: ignore[union-attr]

@@ -32,10 +32,10 @@ from starlette.applications import Starlette
 
 from atrium.app import create_app
 from atrium.ops.admin import add_user, create_tenant
-from atrium.ops.bootstrap import libpq_url
 from atrium.ops.embedded_pg import start_embedded_postgres, stop_embedded_postgres
 from auth.tokens import issue_token
-from core.settings import Settings, async_url, switch
+from core.pgurl import async_url, libpq_url
+from core.settings import Settings, switch
 from models.migrations import migrate
 from models.tables import Role
 
@@ -145,16 +145,21 @@ class TenantWorld:
         return issue_token(self.settings, user_id=self.users[role], tenant_id=self.id, role=role, **kw)
 
 
+async def make_tenant_world(admin_engine: AsyncEngine, settings: Settings, prefix: str = "t") -> TenantWorld:
+    """A new tenant with one user per role (what ``make_tenant`` makes; for fixtures of a wider scope)."""
+    slug = f"{prefix}-{uuid.uuid4().hex[:10]}"
+    tenant_id = await create_tenant(admin_engine, slug, f"Tenant {slug}")
+    world = TenantWorld(slug=slug, id=tenant_id, settings=settings)
+    for role in Role:
+        world.users[role] = await add_user(admin_engine, tenant_id, f"{role.value}@{slug}.example",
+                                           f"{role.value.title()} of {slug}", role)
+    return world
+
+
 @pytest.fixture
 def make_tenant(admin_engine: AsyncEngine, settings: Settings):  # type: ignore[no-untyped-def]
     async def make(prefix: str = "t") -> TenantWorld:
-        slug = f"{prefix}-{uuid.uuid4().hex[:10]}"
-        tenant_id = await create_tenant(admin_engine, slug, f"Tenant {slug}")
-        world = TenantWorld(slug=slug, id=tenant_id, settings=settings)
-        for role in Role:
-            world.users[role] = await add_user(admin_engine, tenant_id, f"{role.value}@{slug}.example",
-                                               f"{role.value.title()} of {slug}", role)
-        return world
+        return await make_tenant_world(admin_engine, settings, prefix)
 
     return make
 

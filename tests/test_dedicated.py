@@ -41,7 +41,7 @@ async def test_dedicated_tenant_is_routed_to_its_own_database(
     slug = f"big-{uuid.uuid4().hex[:8]}"
     tenant_id = await create_tenant(admin_engine, slug, "Big Co", isolation=Isolation.DEDICATED,
                                     database_url=dedicated_url)
-    home = await tenant_database(admin_engine, tenant_id)
+    home = await tenant_database(admin_engine, settings.database_url or "", tenant_id)
     try:
         owner = await add_user(home, tenant_id, f"owner@{slug}.example", "Big Owner", Role.OWNER)
     finally:

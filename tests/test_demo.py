@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncpg
 import pytest
 
-from atrium.ops.bootstrap import libpq_url
 from atrium.ops.demo import DEMO_PASSWORD, DemoTenant, seed_demo, seed_tenant
 from auth.passwords import verify_password
+from core.pgurl import libpq_url
 from tests.conftest import scratch_database
 
 DEALS = 200

@@ -10,6 +10,7 @@ Both tenants are seeded through the API first, so every table holds rows of both
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import re
 import uuid
@@ -221,6 +222,9 @@ def rows_for(tenant: Seeded, stranger: uuid.UUID) -> dict[str, dict[str, Any]]:
         "deal_line_items": {"tenant_id": t, "id": uuid.uuid4(), "deal_id": tenant.key("deal"),
                             "product_id": tenant.key("product"), "quantity": 1, "unit_price": Decimal("1.00"),
                             "currency": "USD"},
+        "idempotency_keys": {"tenant_id": t, "id": uuid.uuid4(), "principal": f"user:{stranger}",
+                             "key": uuid.uuid4().hex, "fingerprint": "0" * 64, "status": 200, "body": "{}",
+                             "expires_at": dt.datetime.now(dt.UTC) + dt.timedelta(days=1)},
     })
 
 

@@ -1,21 +1,32 @@
-"""The ``atrium`` command: serve, migrate, tenant, user, token, seed-demo, export-schema."""
+"""The ``atrium`` command: serve, migrate, tenant, user, token, seed-demo, export-schema, db.
+
+Every command reads its settings first and reaches its database before doing anything else: a bad
+setting (``core.settings.SettingError``), an unreachable database (``DatabaseUnreachable``) or, for
+``serve``, a port in use is one line on stderr and a non-zero exit (2 for usage and settings, 1 for
+the rest), never a traceback. ``serve`` stops the embedded PostgreSQL it started when it stops;
+``atrium db stop`` stops one left running.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import logging
 import os
+import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from sqlalchemy import func, select
-from sqlalchemy.ext.asyncio import create_async_engine
 
 from atrium.ops.admin import add_user, create_tenant, list_tenants, tenant_database, tenant_id_by_slug
-from atrium.ops.bootstrap import resolve_database
-from core.settings import Settings, async_url
+from atrium.ops.bootstrap import DatabaseUnreachable, resolve_database
+from atrium.ops.embedded_pg import embedded_running, stop_embedded_postgres
+from core.pgurl import async_url
+from core.settings import Settings
+from models.db import create_engine
 from models.migrations import migrate
 from models.tables import MEMBERSHIPS, USERS, Isolation, Plan, Role
 from partners import cli as partner_cli
@@ -58,7 +69,7 @@ async def cmd_migrate(args: argparse.Namespace) -> int:
 
 async def cmd_tenant(args: argparse.Namespace) -> int:
     settings = await _settings(args)
-    engine = create_async_engine(settings.admin_url)
+    engine = create_engine(settings.admin_url)
     try:
         if args.action == "create":
             if args.database_url:
@@ -76,10 +87,10 @@ async def cmd_tenant(args: argparse.Namespace) -> int:
 
 async def cmd_user(args: argparse.Namespace) -> int:
     settings = await _settings(args)
-    engine = create_async_engine(settings.admin_url)
+    engine = create_engine(settings.admin_url)
     try:
         tenant_id = await tenant_id_by_slug(engine, args.tenant)
-        home = await tenant_database(engine, tenant_id)
+        home = await tenant_database(engine, settings.admin_url, tenant_id)
         try:
             user_id = await add_user(home, tenant_id, args.email, args.name or args.email.split("@")[0],
                                      Role(args.role), args.password)
@@ -95,10 +106,10 @@ async def mint_token(settings: Settings, tenant: str, email: str, role: Role, tt
     """A development token for ``email``'s membership of ``tenant`` (which must exist)."""
     from auth.tokens import issue_token
 
-    engine = create_async_engine(settings.admin_url)
+    engine = create_engine(settings.admin_url)
     try:
         tenant_id = await tenant_id_by_slug(engine, tenant)
-        home = await tenant_database(engine, tenant_id)
+        home = await tenant_database(engine, settings.admin_url, tenant_id)
         try:
             async with home.connect() as conn:
                 user_id = (await conn.execute(
@@ -141,14 +152,35 @@ def cmd_export_schema(args: argparse.Namespace) -> int:
     return 0
 
 
-async def prepare_serve(args: argparse.Namespace) -> Settings:
+class PortInUse(Exception):
+    """The address ``serve`` was asked to listen on is taken (or not ours to take)."""
+
+
+def check_port(host: str, port: int) -> None:
+    """Bind ``host:port`` as uvicorn will (SO_REUSEADDR) and let go; ``PortInUse`` when that fails."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise PortInUse(f"cannot listen on {host}:{port}: unknown host ({exc.strerror})") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            reason = "is already in use" if exc.errno == errno.EADDRINUSE else f"cannot be used ({exc.strerror})"
+            raise PortInUse(f"port {port} on {host} {reason}: stop what holds it or choose another with "
+                            "--port") from None
+
+
+async def prepare_serve(args: argparse.Namespace, settings: Settings) -> Settings:
     """Resolve the database, migrate in development, seed demo data when empty, print how to start."""
     from atrium.ops.demo import DEMO_PASSWORD, seed_demo
 
-    settings = await _settings(args)
+    settings = await resolve_database(settings)
     if settings.env != "production":
         await migrate(settings.admin_url)
-        engine = create_async_engine(settings.admin_url)
+        engine = create_engine(settings.admin_url)
         try:
             empty = not await list_tenants(engine)
         finally:
@@ -168,16 +200,38 @@ async def prepare_serve(args: argparse.Namespace) -> Settings:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    """Check the settings and the port, then the database, then print the banner and serve; the
+    embedded PostgreSQL this started is stopped when serving ends (Ctrl+C, SIGTERM)."""
     import uvicorn
 
-    settings = asyncio.run(prepare_serve(args))
-    # Worker processes rebuild settings from the environment: hand them the resolved database.
-    assert settings.database_url is not None
-    os.environ["DATABASE_URL"] = settings.database_url
-    os.environ.setdefault("ATRIUM_DATA_DIR", str(settings.data_dir))
-    uvicorn.run("atrium.asgi:create_from_env", factory=True, host=args.host, port=args.port,
-                workers=None if args.reload else args.workers, reload=args.reload, log_level=args.log_level,
-                proxy_headers=True)
+    settings = Settings.from_env()
+    check_port(args.host, args.port)
+    embedded = settings.data_dir.resolve() / "pg"
+    ours = settings.database_url is None and not embedded_running(embedded)
+    try:
+        settings = asyncio.run(prepare_serve(args, settings))
+        # Worker processes rebuild settings from the environment: hand them the resolved database.
+        assert settings.database_url is not None
+        os.environ["DATABASE_URL"] = settings.database_url
+        os.environ.setdefault("ATRIUM_DATA_DIR", str(settings.data_dir))
+        uvicorn.run("atrium.asgi:create_from_env", factory=True, host=args.host, port=args.port,
+                    workers=None if args.reload else args.workers, reload=args.reload, log_level=args.log_level,
+                    proxy_headers=True)
+    finally:
+        if ours and embedded_running(embedded):
+            stop_embedded_postgres(embedded)
+            log.info("stopped the embedded PostgreSQL in %s", embedded)
+    return 0
+
+
+def cmd_db(args: argparse.Namespace) -> int:
+    """``atrium db stop``: stop the embedded PostgreSQL of ``ATRIUM_DATA_DIR`` (one left running)."""
+    embedded = Settings.from_env().data_dir.resolve() / "pg"
+    if not embedded_running(embedded):
+        out(f"no embedded PostgreSQL is running in {embedded}")
+        return 0
+    stop_embedded_postgres(embedded)
+    out(f"stopped the embedded PostgreSQL in {embedded}")
     return 0
 
 
@@ -229,6 +283,10 @@ def parser() -> argparse.ArgumentParser:
     e = sub.add_parser("export-schema", help="print the SDL to a file")
     e.add_argument("--output", default="schema.graphql")
 
+    b = sub.add_parser("db", help="the embedded PostgreSQL (in ATRIUM_DATA_DIR/pg)")
+    bsub = b.add_subparsers(dest="action", required=True)
+    bsub.add_parser("stop", help="stop it (atrium serve stops the one it started by itself)")
+
     partner_cli.add_parsers(sub)
     return p
 
@@ -245,7 +303,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_serve(args)
         if args.command == "export-schema":
             return cmd_export_schema(args)
+        if args.command == "db":
+            return cmd_db(args)
         return asyncio.run(handlers[args.command](args))
     except ValueError as exc:
         sys.stderr.write(f"atrium: {exc}\n")
         return 2
+    except (DatabaseUnreachable, PortInUse) as exc:
+        sys.stderr.write(f"atrium: {exc}\n")
+        return 1

@@ -9,8 +9,9 @@ credentials are refused there):
   ``*/*``, ``application/*`` or no ``Accept`` header (what legacy clients and Apollo Client 3
   send); 406 when nothing acceptable is named.
 - Requests: POST with ``Content-Type: application/json`` (else 415) whose body is a JSON object
-  (invalid JSON or another shape: 400; a JSON array only when ``Settings.batching`` is on), or GET
-  with URL parameters (``variables`` and ``extensions`` JSON-encoded). ``query`` and
+  (invalid JSON, JSON nested deeper than ``core.jsontext.MAX_DEPTH`` or another shape: 400; a
+  JSON array only when ``Settings.batching`` is on), or GET with URL parameters (``variables`` and
+  ``extensions`` JSON-encoded, read within the same bounds). ``query`` and
   ``operationName`` must be strings, ``variables`` and ``extensions`` objects; ``documentId``
   names a persisted document (``partners.documents``). GET runs queries only: a mutation by GET is
   answered 405 with ``Allow: POST``. Other methods: 405 with ``Allow: GET, POST``.
@@ -29,6 +30,10 @@ credentials are refused there):
   says ``Atrium-Cache: on`` (another value is a 400). The response's ``Atrium-Cache`` header says
   ``hit`` or ``miss`` when the cache was consulted, ``uncacheable`` when the operation cannot be
   cached (a mutation, a field the executor answers, an error).
+- A mutation POSTed with an ``Idempotency-Key`` runs exactly once (``atrium.http.idempotency``): a
+  retry gets the stored answer (``Idempotent-Replayed: true``); a retry while the first still runs
+  is 409 IDEMPOTENCY_KEY_IN_USE (``Retry-After``), the same key with another body 422
+  IDEMPOTENCY_KEY_REUSED, under either media type. A malformed key, or one on a batch, is a 400.
 - A successful GET answer carries an ``ETag`` (the SHA-256 of its body) and ``Cache-Control:
   private, no-cache``; a GET whose ``If-None-Match`` names the current one is answered ``304 Not
   Modified`` without a body.
@@ -37,6 +42,7 @@ credentials are refused there):
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import hashlib
 import json
 from collections.abc import Mapping
@@ -51,6 +57,7 @@ from strawberry.schema.exceptions import CannotGetOperationTypeError, InvalidOpe
 from strawberry.types import ExecutionResult
 from strawberry.types.graphql import OperationType
 
+from atrium.http.idempotency import HEADER, REPLAYED, Conflict, Once, fingerprint, is_mutation, key_of, principal_of
 from atrium.http.ratelimit import RequestMeter
 from atrium.http.runtime import Runtime
 from atrium.schema import AtriumSchema
@@ -59,13 +66,15 @@ from core.errors import (
     AtriumError,
     BadRequest,
     ErrorCode,
+    IdempotencyKeyInUse,
+    IdempotencyKeyReused,
     PersistedQueryNotFound,
     PersistedQueryRequired,
     ValidationFailed,
     error_body,
 )
-from core.jsontext import dumps
-from partners.documents import resolve_document
+from core.jsontext import UnreadableJSON, dumps, loads
+from partners.documents import Source, resolve_document
 from schema.extensions import code_of
 
 GRAPHQL_RESPONSE_JSON = "application/graphql-response+json"
@@ -175,9 +184,9 @@ def params_of_url(query_params: Mapping[str, str]) -> Params:
     for name in ("variables", "extensions"):
         if raw := query_params.get(name):
             try:
-                data[name] = json.loads(raw)
-            except ValueError:
-                raise HTTPError(400, f"{name} must be a JSON object") from None
+                data[name] = loads(raw)
+            except UnreadableJSON as exc:
+                raise HTTPError(400, f"{name} must be a JSON object: {exc}") from None
     return params_of(data)
 
 
@@ -188,9 +197,11 @@ async def params_of_body(request: Request, *, batching: bool, max_batch: int) ->
     if content_type != JSON or charset != "utf-8":
         raise HTTPError(415, f"POST a body of Content-Type {JSON} (UTF-8)")
     try:
-        data = json.loads((await request.body()).decode())
-    except (ValueError, UnicodeDecodeError):
-        raise HTTPError(400, "The request body is not valid JSON") from None
+        data = loads((await request.body()).decode())
+    except UnicodeDecodeError:
+        raise HTTPError(400, "The request body is not valid JSON: not UTF-8") from None
+    except UnreadableJSON as exc:
+        raise HTTPError(400, f"The request body is not valid JSON: {exc}") from None
     if not isinstance(data, list):
         return params_of(data)
     if not batching:
@@ -236,6 +247,16 @@ def cache_asked(request: Request) -> bool | None:
     return value == "on"
 
 
+def idempotency_key(request: Request) -> str | None:
+    """The ``Idempotency-Key`` of a POST (None for GET: queries only); HTTPError 400 when malformed."""
+    if request.method != "POST":
+        return None
+    try:
+        return key_of(request.headers.get(HEADER))
+    except ValueError as exc:
+        raise HTTPError(400, str(exc)) from None
+
+
 def refusal(error: AtriumError, status: int, headers: Mapping[str, str] | None = None) -> Outcome:
     return Outcome(error_body(error), status, dict(headers or {}))
 
@@ -249,6 +270,14 @@ class GraphQLOverHTTP(GraphQL[Context, None]):
     def __init__(self, schema: AtriumSchema, runtime: Runtime, **kwargs: Any) -> None:
         super().__init__(schema, **kwargs)
         self.runtime = runtime
+
+    def decode_json(self, data: str | bytes) -> object:
+        """WebSocket messages are read within the bounds of request bodies (``core.jsontext.loads``);
+        one that is not (too deep, not JSON) closes the socket with 4400, as unparsable JSON does."""
+        try:
+            return loads(data if isinstance(data, str) else data.decode())
+        except (UnreadableJSON, UnicodeDecodeError) as exc:
+            raise json.JSONDecodeError(str(exc), "", 0) from None
 
     def should_render_graphql_ide(self, request: Any) -> bool:
         """GraphiQL for a browser's plain GET only: never for a hash-only or documentId request."""
@@ -267,11 +296,14 @@ class GraphQLOverHTTP(GraphQL[Context, None]):
                 return await self.render_graphql_ide(request)
             media = negotiate(request.headers.get("accept"))
             cache = cache_asked(request)
+            key = idempotency_key(request)
             if request.method == "GET":
                 params: Params | list[Params] = params_of_url(request.query_params)
             else:
                 settings = self.runtime.settings
                 params = await params_of_body(request, batching=settings.batching, max_batch=settings.max_batch)
+            if isinstance(params, list) and key is not None:
+                raise HTTPError(400, "An Idempotency-Key belongs to one operation: send a batch without it")
         except HTTPError as exc:
             body, status, headers = error_body(BadRequest(exc.message)), exc.status, exc.headers
         else:
@@ -280,7 +312,7 @@ class GraphQLOverHTTP(GraphQL[Context, None]):
                 body_list = [o.body for o in outcomes]
                 headers = {k: v for o in outcomes for k, v in o.headers.items()}
                 return await self.respond(request, body_list, 200, headers, media, sub_response, context)
-            outcome = await self.execute(request, params, context, media, cache)
+            outcome = await self.execute(request, params, context, media, cache, key)
             body, status, headers = outcome.body, outcome.status, outcome.headers
         return await self.respond(request, body, status, headers, media, sub_response, context)
 
@@ -308,9 +340,10 @@ class GraphQLOverHTTP(GraphQL[Context, None]):
         return response
 
     async def execute(self, request: Request, params: Params, context: Context, media: str,
-                      cache: bool | None) -> Outcome:
+                      cache: bool | None, key: str | None = None) -> Outcome:
         """Resolve the document of ``params``, run it (its answer cached when ``cache`` says so, or by
-        default for a persisted document), and shape the answer for ``media``."""
+        default for a persisted document; a mutation with an idempotency ``key`` exactly once), and
+        shape the answer for ``media``."""
         try:
             source = await resolve_document(query=params.query, document_id=params.document_id,
                                             extensions=params.extensions, principal=context.principal,
@@ -324,6 +357,41 @@ class GraphQLOverHTTP(GraphQL[Context, None]):
             return refusal(exc, 200 if media == JSON else 404)
         except PersistedQueryRequired as exc:
             return refusal(exc, 200 if media == JSON else 403)
+        if key is not None and context.own_session is not None and is_mutation(source.query, params.operation_name):
+            return await self.execute_once(key, request, params, source, context, media)
+        return await self.run_operation(request, params, source, context, media, cache)
+
+    async def execute_once(self, key: str, request: Request, params: Params, source: Source, context: Context,
+                           media: str) -> Outcome:
+        """A mutation sent with an Idempotency-Key (``atrium.http.idempotency``): its stored answer, or
+        it runs and its answer is stored in the same transaction, committed before it is sent."""
+        assert context.own_session is not None
+        scope = context.own_session.db
+        scope.hold()
+        once = Once(scope, principal_of(context.own_session.principal), key,
+                    fingerprint({"query": params.query, "documentId": params.document_id,
+                                 "operationName": params.operation_name, "variables": params.variables,
+                                 "extensions": params.extensions}),
+                    dt.datetime.fromtimestamp(self.runtime.clock.time(), dt.UTC),
+                    self.runtime.settings.idempotency_ttl_seconds)
+        try:
+            stored = await once.claim()
+        except Conflict as exc:
+            if exc.in_use:
+                return refusal(IdempotencyKeyInUse(), 409, {"Retry-After": "1"})
+            return refusal(IdempotencyKeyReused(), 422)
+        if stored is not None:
+            await scope.commit()
+            return Outcome(json.loads(stored.body), stored.status, {REPLAYED: "true"})  # our own JSON
+        outcome = await self.run_operation(request, params, source, context, media, None)
+        if "data" in outcome.body:  # something ran: its answer is the one every retry gets
+            await once.store(outcome.status, dumps(outcome.body))
+        await scope.commit()
+        return outcome
+
+    async def run_operation(self, request: Request, params: Params, source: Source, context: Context, media: str,
+                  cache: bool | None) -> Outcome:
+        """Execute ``source`` for ``params`` and shape the answer for ``media``."""
         get = request.method == "GET"
         if self.runtime.answers is not None and (source.persisted if cache is None else cache):
             context = dataclasses.replace(context, answers=self.runtime.answers)

@@ -11,11 +11,12 @@ from collections.abc import Sequence
 from typing import Any
 
 from sqlalchemy import Row, select, text
-from sqlalchemy.engine import make_url
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from auth.passwords import hash_password_async
-from core.settings import app_role_url, async_url
+from core.pgurl import PgUrl, with_user
+from core.settings import app_role_url
+from models.db import create_engine
 from models.tables import TENANTS, Isolation, Plan, Role
 
 UPSERT_USER = text(
@@ -41,10 +42,10 @@ async def create_tenant(engine: AsyncEngine, slug: str, name: str, *, plan: Plan
         exists = (await conn.execute(select(TENANTS.c.id).where(TENANTS.c.slug == slug))).first()
         if exists is not None:
             raise ValueError(f"tenant {slug!r} already exists")
-        route = app_role_url(async_url(database_url)) if database_url else None
+        route = app_role_url(database_url) if database_url else None
         await conn.execute(TENANTS.insert().values(**values, database_url=route))
         if database_url is not None:
-            dedicated = create_async_engine(async_url(database_url))
+            dedicated = create_engine(database_url)
             try:
                 async with dedicated.begin() as own:
                     await own.execute(TENANTS.insert().values(**values, database_url=route))
@@ -53,17 +54,18 @@ async def create_tenant(engine: AsyncEngine, slug: str, name: str, *, plan: Plan
     return tenant_id
 
 
-async def tenant_database(engine: AsyncEngine, tenant_id: uuid.UUID) -> AsyncEngine:
-    """An admin engine on the database holding ``tenant_id``'s rows (the caller disposes it).
+async def tenant_database(engine: AsyncEngine, admin_url: str, tenant_id: uuid.UUID) -> AsyncEngine:
+    """An admin engine on the database holding ``tenant_id``'s rows (the caller disposes it);
+    ``engine`` is one on ``admin_url``, the shared database.
 
-    For a dedicated tenant: its registered URL with the admin credentials of ``engine``.
+    For a dedicated tenant: its registered URL with the admin credentials of ``admin_url``.
     """
     async with engine.connect() as conn:
         route = (await conn.execute(select(TENANTS.c.database_url).where(TENANTS.c.id == tenant_id))).scalar()
     if route is None:
-        return create_async_engine(engine.url)
-    admin = make_url(route).set(username=engine.url.username, password=engine.url.password)
-    return create_async_engine(admin)
+        return create_engine(admin_url)
+    admin = PgUrl.parse(admin_url)
+    return create_engine(with_user(route, admin.user or "", admin.password))
 
 
 async def list_tenants(engine: AsyncEngine) -> Sequence[Row[Any]]:

@@ -38,6 +38,7 @@ from uuid import UUID
 import asyncpg
 
 from auth.passwords import hash_password
+from core.pgurl import libpq_url
 
 __all__ = ["DEMO_PASSWORD", "DemoTenant", "DemoUser", "seed_demo", "seed_tenant"]
 
@@ -336,14 +337,6 @@ def _tenant_name(slug: str) -> str:
     return DEMO_TENANT_NAMES.get(slug) or slug.replace("-", " ").title()
 
 
-def _asyncpg_dsn(url: str) -> str:
-    """``postgresql+asyncpg://...`` -> ``postgresql://...``; the rest (``?host=`` sockets too) is kept."""
-    scheme, sep, rest = url.partition("://")
-    if not sep or scheme.split("+", 1)[0] not in ("postgresql", "postgres"):
-        raise ValueError("admin_url must be a postgresql:// URL")
-    return f"postgresql://{rest}"
-
-
 async def _seed_tenant(
     admin_url: str,
     slug: str,
@@ -355,7 +348,7 @@ async def _seed_tenant(
     progress: Callable[[int], None] | None,
 ) -> DemoTenant:
     gen = _Generator(slug, seed, deals)
-    conn = await asyncpg.connect(_asyncpg_dsn(admin_url))
+    conn = await asyncpg.connect(libpq_url(admin_url))
     try:
         async with conn.transaction():
             await _delete_tenant(conn, slug)

@@ -69,6 +69,11 @@ def start_embedded_postgres(data_dir: Path) -> str:
     return _url_when_ready(data_dir)
 
 
+def embedded_running(data_dir: Path) -> bool:
+    """Whether a server for ``data_dir`` is running (whoever started it)."""
+    return _postmaster_lines(Path(data_dir).expanduser().resolve()) is not None
+
+
 def stop_embedded_postgres(data_dir: Path) -> None:
     """Stop (fast shutdown, waiting) the server for ``data_dir``; no-op if not running.
 
