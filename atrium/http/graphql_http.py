@@ -45,10 +45,11 @@ import dataclasses
 import datetime as dt
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from graphql import GraphQLError
 from starlette.requests import Request
 from starlette.responses import Response
 from strawberry.asgi import GraphQL
@@ -397,6 +398,7 @@ class GraphQLOverHTTP(GraphQL[Context, None]):
             context = dataclasses.replace(context, answers=self.runtime.answers)
         prepared = await self.schema.answer_prepared(context, source.query, params.operation_name, params.variables)
         if prepared is not None:
+            await self.register(source, prepared.errors)  # a prepared document parsed and validated
             return outcome_of(prepared, media)
         try:
             result = await self.schema.execute(
@@ -415,6 +417,10 @@ class GraphQLOverHTTP(GraphQL[Context, None]):
             return Outcome(error_body(ValidationFailed(reason)), 200 if media == JSON else 400)
         except MissingQueryError:
             return Outcome(error_body(BadRequest("The request has no GraphQL document")), 400)
-        if source.register is not None and not any(code_of(e) in NOT_STORED_CODES for e in result.errors or ()):
-            await self.runtime.apq.put(source.register, source.query)
+        await self.register(source, result.errors)
         return outcome_of(result, media)
+
+    async def register(self, source: Source, errors: Sequence[GraphQLError] | None) -> None:
+        """Store an APQ registration's document once it has parsed and validated."""
+        if source.register is not None and not any(code_of(e) in NOT_STORED_CODES for e in errors or ()):
+            await self.runtime.apq.put(source.register, source.query)
