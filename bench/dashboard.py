@@ -12,6 +12,8 @@ request (its process's user + system time over the measurement). Not a test: num
 ``--tracing on`` serves with traces exported over OTLP/HTTP (``OTEL_EXPORTER_OTLP_ENDPOINT``) to a
 receiver this script runs on 127.0.0.1, which counts the spans it is sent; ``--tracing both``
 alternates servers without and with tracing for ``--rounds`` rounds and prints the medians of each.
+The standard ``OTEL_TRACES_SAMPLER``/``OTEL_TRACES_SAMPLER_ARG`` reach the server (sampling).
+``--access-log on`` turns on the server's access log (off by default here, as in earlier runs).
 """
 
 from __future__ import annotations
@@ -243,7 +245,7 @@ async def serve_and_load(args: argparse.Namespace, url: str, tokens: list[str], 
     port = free_port()
     # Rate limits off: this measures raw throughput, not the plans' budgets.
     env = {**os.environ, "DATABASE_URL": url, "ATRIUM_JWT_SECRET": SECRET, "ATRIUM_ENV": "production",
-           "ATRIUM_RATE_LIMITS": "off"}
+           "ATRIUM_RATE_LIMITS": "off", "ATRIUM_ACCESS_LOG": args.access_log}
     for name in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
         env.pop(name, None)
     with span_sink() as sink:
@@ -316,6 +318,8 @@ def main() -> None:
     parser.add_argument("--tracing", choices=("off", "on", "both"), default="off",
                         help="serve with traces exported over OTLP to a local receiver (both: alternate)")
     parser.add_argument("--rounds", type=int, default=3, help="with --tracing both: runs of each")
+    parser.add_argument("--access-log", choices=("on", "off"), default="off",
+                        help="the server's access log (one JSON line per request on its stderr)")
     asyncio.run(main_async(parser.parse_args()))
 
 

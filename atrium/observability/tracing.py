@@ -5,7 +5,9 @@ Spans (each a child of the one before it in the list when they nest):
 - one per HTTP request (``POST /graphql``), from the official ASGI instrumentation, continuing the
   caller's W3C ``traceparent`` (the propagators of ``OTEL_PROPAGATORS``, Trace Context and Baggage
   by default); ``/healthz``, ``/readyz`` and ``/metrics`` are not traced (probes and scrapes).
-  WebSocket connections get no span of their own (one would last as long as the socket);
+  WebSocket connections get no span of their own (one would last as long as the socket), and what
+  runs on one outside a subscription execution (the connection's membership check, a query sent
+  over it) is not traced;
 - one per GraphQL operation over HTTP, the fast path (``planner.execution.answer_prepared``)
   included, named as the semantic conventions name it (``query Dashboard``), with
   ``graphql.operation.type``/``name``, ``atrium.operation.cost``, ``atrium.document.id`` and
@@ -233,9 +235,9 @@ def _span_details(scope: Scope) -> tuple[str, dict[str, str]]:
 
 
 class TraceRequests:
-    """ASGI middleware: this app's spans routed to it; a span per HTTP request (the official ASGI
-    instrumentation, without its per-message send/receive spans and with no metrics of its own:
-    ``/metrics`` has those)."""
+    """ASGI middleware: a span per HTTP request (the official ASGI instrumentation, without its
+    per-message send/receive spans and with no metrics of its own: ``/metrics`` has those), and the
+    request's instrumentation spans routed to this app."""
 
     def __init__(self, app: ASGIApp, tracing: Tracing) -> None:
         self.app = app
@@ -245,12 +247,12 @@ class TraceRequests:
                                               exclude_spans=["receive", "send"])
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":  # a WebSocket's spans are its subscriptions' executions (``event_span``)
+            await self.app(scope, receive, send)
+            return
         token = _CURRENT.set(self.tracing)
         try:
-            if scope["type"] == "http":
-                await self.traced(scope, receive, send)
-            else:
-                await self.app(scope, receive, send)
+            await self.traced(scope, receive, send)
         finally:
             _CURRENT.reset(token)
 
