@@ -14,6 +14,8 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route, WebSocketRoute
 
 from atrium.dashboard.routes import dashboard_routes
+from atrium.graphiql.routes import GraphiQL
+from atrium.http.cors import cors_middleware
 from atrium.http.endpoint import AtriumGraphQL
 from atrium.http.runtime import Runtime
 from atrium.observability.metrics import MeasureHttp
@@ -27,10 +29,12 @@ def create_app(settings: Settings, *, clock: Clock = SYSTEM_CLOCK) -> Starlette:
     """An Atrium app for ``settings`` (whose database URL must be resolved), reading time from ``clock``.
 
     Building it connects to nothing; its lifespan starts the broker and, on exit, closes the broker,
-    Redis and every database engine.
+    Redis and every database engine. Pages on other origins reach it as ``settings.cors_origins``
+    allows (``atrium.http.cors``); GraphiQL is served when ``settings.graphiql_enabled``.
     """
     runtime = Runtime.build(settings, clock)
-    view = AtriumGraphQL(runtime)
+    graphiql = GraphiQL() if settings.graphiql_enabled else None
+    view = AtriumGraphQL(runtime, ide=graphiql.page if graphiql else None)
     metrics = runtime.metrics
     metrics.observe(runtime.broker, runtime.databases, view.live_groups, runtime.answers)
 
@@ -61,8 +65,9 @@ def create_app(settings: Settings, *, clock: Clock = SYSTEM_CLOCK) -> Starlette:
             Route("/readyz", readyz),
             Route("/metrics", metrics.endpoint(settings)),
             *dashboard_routes(),
+            *(graphiql.routes() if graphiql else ()),
         ],
-        middleware=[Middleware(MeasureHttp, metrics=metrics)],
+        middleware=[Middleware(MeasureHttp, metrics=metrics), cors_middleware(settings)],
         lifespan=lifespan,
         max_body_size=MAX_BODY,
     )
