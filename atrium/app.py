@@ -21,6 +21,7 @@ from atrium.http.runtime import Runtime
 from atrium.observability.metrics import MeasureHttp
 from core.clock import SYSTEM_CLOCK, Clock
 from core.settings import Settings
+from core.version import VERSION
 
 MAX_BODY = 1 << 20
 
@@ -47,7 +48,7 @@ def create_app(settings: Settings, *, clock: Clock = SYSTEM_CLOCK) -> Starlette:
             await runtime.close()
 
     async def healthz(request: Request) -> JSONResponse:
-        return JSONResponse({"status": "ok"})
+        return JSONResponse({"status": "ok", "version": VERSION})
 
     async def readyz(request: Request) -> JSONResponse:
         try:
