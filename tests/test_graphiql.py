@@ -20,7 +20,7 @@ from core.settings import SettingError, Settings
 from tests.browser import Chromium, Page
 from tests.conftest import TenantWorld
 from tests.crm import create_company
-from tests.live import serve_in_process
+from tests.live import WAIT, serve_in_process
 
 MakeTenant = Callable[..., Awaitable[TenantWorld]]
 HTML = {"accept": "text/html,application/xhtml+xml,*/*;q=0.8"}
@@ -133,10 +133,24 @@ async def test_production_serves_no_ide_unless_told_to(settings: Settings, graph
             assert script.status_code == 404
 
 
-async def run_in_graphiql(page: Page, document: str | None = None) -> None:
-    """Put ``document`` in the query editor (or keep the one shown) and press the run button."""
-    if document is not None:
-        await page.evaluate(f"{EDITOR}.CodeMirror.setValue({json.dumps(document)})")
+async def run_in_graphiql(page: Page, document: str | None = None, kind: str = "query") -> None:
+    """Put ``document`` in the query editor (or keep the one shown) and press the run button once
+    GraphiQL has parsed it: it parses 100 ms after an edit, into the editor's ``documentAST``, and
+    sends what it last parsed (a subscription over WebSocket, anything else over HTTP). The wait is
+    on that assignment itself (a setter put on the editor before the edit), not on a timer."""
+    await page.evaluate(f"""new Promise((resolve, reject) => {{
+      const editor = {EDITOR}.CodeMirror;
+      const wanted = (ast) => Boolean(ast && ast.definitions[0] && ast.definitions[0].operation === {json.dumps(kind)});
+      let parsed = editor.documentAST;
+      const timer = setTimeout(() => reject(new Error('GraphiQL did not parse a {kind}')), {int(WAIT * 1000)});
+      Object.defineProperty(editor, 'documentAST', {{configurable: true, get: () => parsed, set: (ast) => {{
+        parsed = ast;
+        if (wanted(ast)) {{ clearTimeout(timer); resolve(true); }}
+      }}}});
+      const text = {json.dumps(document)};
+      if (text !== null) {{ editor.setValue(text); }}
+      else if (wanted(parsed)) {{ clearTimeout(timer); resolve(true); }}
+    }})""")
     await page.evaluate("document.querySelector('.graphiql-execute-button').click()")
 
 
@@ -157,7 +171,7 @@ async def test_graphiql_runs_queries_and_subscriptions_with_nothing_from_elsewhe
             # A subscription, over graphql-transport-ws with the same header in connection_init.
             # (The operation keeps the example's name: GraphiQL sends the name it last parsed.)
             await run_in_graphiql(page, f'subscription Me {{ presence(recordId: "{company["id"]}") '
-                                        "{ recordId users { state } } }")
+                                        "{ recordId users { state } } }", kind="subscription")
             shown = await page.wait_for(f"{RESULT}.includes('VIEWING') && {RESULT}", "the presence list")
             assert company["id"] in shown
         ws_origin = server.url.replace("http://", "ws://", 1)
