@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -138,12 +139,49 @@ class Environ:
                 raise SettingError(f"{name}: {exc}") from None
         return raw
 
+    def origins(self, name: str) -> tuple[str, ...]:
+        """Browser origins, comma- or space-separated (``https://app.example``, ``http://localhost:3000``),
+        each as a browser sends it in ``Origin`` (lower case, no default port); or ``*`` alone: any."""
+        raw = self.text(name)
+        items = [item for item in re.split(r"[\s,]+", raw) if item]
+        if items == ["*"]:
+            return ("*",)
+        found: list[str] = []
+        for item in items:
+            origin = browser_origin(item)
+            if origin is None:
+                raise SettingError(f"{name} must be * or origins such as https://app.example or "
+                                   f"http://localhost:3000 (scheme, host, optional port; no path), not {item!r}")
+            if origin not in found:
+                found.append(origin)
+        return tuple(found)
+
     def url(self, name: str, schemes: tuple[str, ...], example: str) -> str | None:
         raw = self.optional(name)
         if raw is not None and (urlsplit(raw).scheme not in schemes or not urlsplit(raw).netloc + urlsplit(raw).path):
             spelled = ", ".join(f"{scheme}://" for scheme in schemes)
             raise SettingError(f"{name} must be a URL such as {example} (one of {spelled})")
         return raw
+
+
+DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def browser_origin(text: str) -> str | None:
+    """``text`` as the origin a browser would send (``https://App.example:443/`` is
+    ``https://app.example``), or None when it is not an http(s) origin (a path, a query, a user,
+    ``null``)."""
+    try:
+        parts = urlsplit(text.strip())
+        port = parts.port
+    except ValueError:
+        return None
+    if parts.scheme.lower() not in DEFAULT_PORTS or not parts.hostname or parts.path not in ("", "/") \
+            or parts.query or parts.fragment or parts.username is not None or parts.password is not None:
+        return None
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    scheme = parts.scheme.lower()
+    return f"{scheme}://{host}" + (f":{port}" if port is not None and port != DEFAULT_PORTS[scheme] else "")
 
 
 def switch(env: Mapping[str, str], name: str, *, default: bool) -> bool:
@@ -209,6 +247,19 @@ class Settings:
     """Spans carry the caller's tenant id (``atrium.tenant.id``); ``ATRIUM_TRACE_TENANT=off`` leaves it out."""
     access_log: bool = True
     """One log line per HTTP request (``atrium.access``); ``ATRIUM_ACCESS_LOG=off`` turns it off."""
+    cors_origins: tuple[str, ...] = ()
+    """Browser origins other than Atrium's own whose pages may call it (CORS over HTTP, the
+    ``Origin`` check of WebSocket handshakes); ``("*",)`` is any origin. Empty: none."""
+    cors_credentials: bool = False
+    """Let those pages send cookies and HTTP authentication (``Access-Control-Allow-Credentials``).
+    Never with ``*`` (``from_env`` refuses it, and so does the app). Bearer tokens in an
+    ``Authorization`` header need no credentials mode."""
+    graphiql: bool | None = None
+    """Serve GraphiQL at ``/graphql`` to browsers; None: on, except in production."""
+
+    @property
+    def graphiql_enabled(self) -> bool:
+        return self.env != "production" if self.graphiql is None else self.graphiql
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -229,6 +280,11 @@ class Settings:
             secret = _dev_secret(data_dir)
         limits = env.text("ATRIUM_RATE_LIMITS")
         rate_limits = limits.lower() not in OFF
+        cors_origins = env.origins("ATRIUM_CORS_ORIGINS")
+        cors_credentials = env.switch("ATRIUM_CORS_CREDENTIALS", False)
+        if cors_credentials and cors_origins == ("*",):
+            raise SettingError("ATRIUM_CORS_CREDENTIALS cannot be on while ATRIUM_CORS_ORIGINS is *: "
+                               "list the origins allowed to send credentials")
         return cls(
             env=mode,  # type: ignore[arg-type]
             database_url=env.postgres_url("DATABASE_URL"),
@@ -256,6 +312,9 @@ class Settings:
             tracing=tracing_asked(env),
             trace_tenant=env.switch("ATRIUM_TRACE_TENANT", True),
             access_log=env.switch("ATRIUM_ACCESS_LOG", True),
+            cors_origins=cors_origins,
+            cors_credentials=cors_credentials,
+            graphiql=env.switch("ATRIUM_GRAPHIQL", mode != "production"),
         )
 
     def with_database(self, database_url: str) -> Settings:

@@ -1,4 +1,4 @@
-"""The ``atrium`` command: serve, migrate, tenant, user, token, seed-demo, export-schema, db.
+"""The ``atrium`` command: serve, migrate, tenant, user, token, seed-demo, export-schema, schema, db.
 
 Every command reads its settings first and reaches its database before doing anything else: a bad
 setting (``core.settings.SettingError``), an unreachable database (``DatabaseUnreachable``) or, for
@@ -27,6 +27,7 @@ from atrium.ops.bootstrap import DatabaseUnreachable, resolve_database
 from atrium.ops.embedded_pg import embedded_running, stop_embedded_postgres
 from core.pgurl import async_url
 from core.settings import Settings
+from core.version import VERSION
 from models.db import create_engine
 from models.migrations import migrate
 from models.tables import MEMBERSHIPS, USERS, Isolation, Plan, Role
@@ -153,6 +154,37 @@ def cmd_export_schema(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_schema_check(args: argparse.Namespace) -> int:
+    """``atrium schema check``: the code's schema against the last release's SDL and CHANGELOG.md
+    (``atrium.ops.contract``); 0 when the contract holds, 1 with each problem otherwise."""
+    from graphql import build_schema
+
+    from atrium.ops.contract import changelog_entry, check
+    from atrium.schema import schema
+
+    try:
+        release = build_schema(Path(args.release).read_text())
+        changelog = Path(args.changelog).read_text()
+    except OSError as exc:
+        raise ValueError(f"cannot read {exc.filename}: {exc.strerror}") from None
+    report = check(release, build_schema(schema.as_str()), changelog, VERSION)
+    counts = {kind: sum(c.kind == kind for c in report.changes) for kind in ("breaking", "dangerous")}
+    out(f"{args.release} -> the code's schema ({VERSION}): {counts['breaking']} breaking, "
+        f"{counts['dangerous']} dangerous changes")
+    for change in report.changes:
+        out(f"  {change.kind:<9} {change.type} {change.coordinate}: {change.description}")
+    if report.ok:
+        out("the contract holds")
+        return 0
+    for problem in report.problems:
+        sys.stderr.write(f"atrium: {problem}\n")
+    if report.unlisted:
+        sys.stderr.write(f"List them in {args.changelog} under ## [Unreleased] / ### Schema changes:\n")
+        for change in report.unlisted:
+            sys.stderr.write(changelog_entry(change) + "\n")
+    return 1
+
+
 class PortInUse(Exception):
     """The address ``serve`` was asked to listen on is taken (or not ours to take)."""
 
@@ -192,7 +224,8 @@ async def prepare_serve(args: argparse.Namespace, settings: Settings) -> Setting
         if not args.no_demo:
             token = await mint_token(settings, "acme", "owner@acme.example", Role.OWNER, ttl=7 * 24 * 3600)
             host = "localhost" if args.host in ("0.0.0.0", "127.0.0.1", "::") else args.host  # noqa: S104
-            out(f"\nAtrium: GraphiQL at http://{host}:{args.port}/graphql")
+            ide = "GraphiQL" if settings.graphiql_enabled else "GraphQL (GraphiQL is off: ATRIUM_GRAPHIQL)"
+            out(f"\nAtrium: {ide} at http://{host}:{args.port}/graphql")
             out("Demo tenant 'acme' (also 'globex'); owner token, valid 7 days (paste as an HTTP header):")
             out(f'  {{"Authorization": "Bearer {token}"}}')
             out(f'Or sign in: login(email: "owner@acme.example", password: "{DEMO_PASSWORD}", tenant: "acme")')
@@ -239,6 +272,7 @@ def cmd_db(args: argparse.Namespace) -> int:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="atrium", description="Atrium, a multi-tenant CRM GraphQL API")
+    p.add_argument("--version", action="version", version=f"atrium {VERSION}")
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("serve", help="run the API (embedded PostgreSQL and demo data when nothing is configured)")
@@ -285,6 +319,12 @@ def parser() -> argparse.ArgumentParser:
     e = sub.add_parser("export-schema", help="print the SDL to a file")
     e.add_argument("--output", default="schema.graphql")
 
+    c = sub.add_parser("schema", help="the schema contract (docs/contract.md)")
+    csub = c.add_subparsers(dest="action", required=True)
+    cc = csub.add_parser("check", help="the code's schema against the last release's SDL and CHANGELOG.md")
+    cc.add_argument("--release", default="schema.release.graphql", help="the SDL of the last release")
+    cc.add_argument("--changelog", default="CHANGELOG.md")
+
     b = sub.add_parser("db", help="the embedded PostgreSQL (in ATRIUM_DATA_DIR/pg)")
     bsub = b.add_subparsers(dest="action", required=True)
     bsub.add_parser("stop", help="stop it (atrium serve stops the one it started by itself)")
@@ -305,6 +345,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_serve(args)
         if args.command == "export-schema":
             return cmd_export_schema(args)
+        if args.command == "schema":
+            return cmd_schema_check(args)
         if args.command == "db":
             return cmd_db(args)
         return asyncio.run(handlers[args.command](args))

@@ -31,7 +31,7 @@ from strawberry.exceptions import ConnectionRejectionError
 from strawberry.subscriptions import GRAPHQL_TRANSPORT_WS_PROTOCOL
 from strawberry.types import ExecutionResult
 
-from atrium.http.graphql_http import GraphQLOverHTTP
+from atrium.http.graphql_http import GraphQLOverHTTP, Page
 from atrium.http.runtime import Runtime
 from atrium.http.websocket import GroupedTransportWSHandler, Grouping, LiveGroups, OperationSpec
 from atrium.observability.logs import request_id_for as request_id_of_headers
@@ -73,10 +73,14 @@ class SocketState:
 class AtriumGraphQL(GraphQLOverHTTP):
     graphql_transport_ws_handler_class = GroupedTransportWSHandler
 
-    def __init__(self, runtime: Runtime) -> None:
+    def __init__(self, runtime: Runtime, *, ide: Page | None = None) -> None:
+        """The endpoint for ``runtime``; ``ide``: the page a browser's plain GET gets (GraphiQL), or
+        none. WebSocket handshakes from other origins are accepted from ``Settings.cors_origins``
+        only (``atrium.http.cors``)."""
         settings = runtime.settings
-        super().__init__(build_schema(production=settings.env == "production"), runtime,
-                         subscription_protocols=(GRAPHQL_TRANSPORT_WS_PROTOCOL,))
+        super().__init__(build_schema(production=settings.env == "production"), runtime, ide=ide,
+                         subscription_protocols=(GRAPHQL_TRANSPORT_WS_PROTOCOL,),
+                         allowed_origins=settings.cors_origins)
         self.live_groups = LiveGroups(self.schema, self.live_result, queue_size=settings.subscriber_queue_size)
         self.grouping = Grouping(self.schema)
 

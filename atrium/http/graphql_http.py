@@ -45,7 +45,7 @@ import dataclasses
 import datetime as dt
 import hashlib
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -83,6 +83,8 @@ JSON = "application/json"
 QUERIES_ONLY = frozenset({OperationType.QUERY})
 QUERIES_AND_MUTATIONS = frozenset({OperationType.QUERY, OperationType.MUTATION})
 APQ_MISS_HEADERS = {"Cache-Control": "private, no-cache, must-revalidate"}
+Page = Callable[[Request], Awaitable[Response]]
+"""An HTML page answering a request (the IDE served at the endpoint)."""
 NOT_STORED_CODES = (ErrorCode.GRAPHQL_PARSE_FAILED.value, ErrorCode.GRAPHQL_VALIDATION_FAILED.value)
 
 REQUEST_ERROR_STATUS = {
@@ -279,9 +281,10 @@ class GraphQLOverHTTP(GraphQL[Context, None]):
 
     schema: AtriumSchema
 
-    def __init__(self, schema: AtriumSchema, runtime: Runtime, **kwargs: Any) -> None:
-        super().__init__(schema, **kwargs)
+    def __init__(self, schema: AtriumSchema, runtime: Runtime, *, ide: Page | None = None, **kwargs: Any) -> None:
+        super().__init__(schema, graphql_ide=None, **kwargs)  # never Strawberry's page (it loads from a CDN)
         self.runtime = runtime
+        self.ide = ide
 
     def decode_json(self, data: str | bytes) -> object:
         """WebSocket messages are read within the bounds of request bodies (``core.jsontext.loads``);
@@ -292,11 +295,17 @@ class GraphQLOverHTTP(GraphQL[Context, None]):
             raise json.JSONDecodeError(str(exc), "", 0) from None
 
     def should_render_graphql_ide(self, request: Any) -> bool:
-        """GraphiQL for a browser's plain GET only: never for a hash-only or documentId request."""
+        """The IDE page (when there is one) for a browser's plain GET only: never for a hash-only or
+        documentId request."""
         params = request.query_params
-        return (request.method == "GET" and self.graphql_ide is not None
+        return (request.method == "GET" and self.ide is not None
                 and not any(k in params for k in ("query", "documentId", "extensions"))
                 and "text/html" in request.headers.get("accept", ""))
+
+    async def render_graphql_ide(self, request: Request) -> Response:
+        """The IDE page the view was given (Strawberry's own would load its scripts from a CDN)."""
+        assert self.ide is not None
+        return await self.ide(request)
 
     async def serve(self, request: Request, context: Context, sub_response: Response) -> Response:
         """Answer one HTTP request on the GraphQL endpoint (``sub_response``: headers resolvers set)."""
