@@ -80,7 +80,7 @@ class Change:
         self.principal = principal
         self.request_id = request_id
         self.events: list[ChangeEvent] = []
-        self.rows: list[Mapping[str, Any]] = []
+        self.rows: list[Mapping[Any, Any]] = []
         """Each event's row (after the change; as it was, for a delete): what webhooks send."""
 
     @property

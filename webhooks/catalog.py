@@ -42,7 +42,7 @@ ENDPOINT_DISABLED = "webhook_endpoint.disabled"
 MAX_FILTER_KEYS = 20
 MAX_FILTER_VALUES = 50
 
-Render = Callable[[Record, Mapping[str, Any]], dict[str, Any]]
+Render = Callable[[Record, Mapping[Any, Any]], dict[str, Any]]
 """How a row becomes the record a client sees (``resolvers.writes.public_record``)."""
 
 OPERATION_OF = {ChangeKind.CREATED: Operation.CREATE, ChangeKind.UPDATED: Operation.UPDATE,
@@ -121,7 +121,7 @@ def shown_columns(record: Record) -> list[str]:
     return [c.name for c in record.table.columns if c.name != "tenant_id" and c.name not in hidden]
 
 
-def record_data(record: Record, row: Mapping[str, Any], render: Render, event: ChangeEvent) -> dict[str, Any]:
+def record_data(record: Record, row: Mapping[Any, Any], render: Render, event: ChangeEvent) -> dict[str, Any]:
     hidden = {f.column for f in record.fields if isinstance(f.rule, Opaque)}
     shown = render(record, {k: v for k, v in row.items() if k not in hidden})
     actor = None if event.actor_id is None else render(USER, {"id": event.actor_id})["id"]

@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import functools
 import json
 import logging
 import secrets
@@ -68,6 +69,9 @@ RESPONSE_BYTES = 4096
 """At most this much of a receiver's answer is read (and none of it is kept)."""
 MAX_TENANTS = 4
 """Tenants one dispatcher drains at once."""
+LANES = 2
+"""Batches of one tenant a dispatcher has in flight at once (one is sent while another is claimed or
+recorded); ``SKIP LOCKED`` keeps them apart and a record's next delivery waits for its first."""
 
 DUE = text("SELECT tenant_id FROM atrium_webhook_due(:now, :limit)")
 NEXT_DUE = text("SELECT atrium_webhook_next_due(:now)")
@@ -78,13 +82,17 @@ FROM webhook_deliveries d
 JOIN webhook_endpoints e ON e.tenant_id = d.tenant_id AND e.id = d.endpoint_id
 WHERE d.tenant_id = :tenant AND d.status = 'pending' AND e.enabled
   AND (d.next_attempt_at IS NULL OR d.next_attempt_at <= :now)
-  AND NOT EXISTS (
-      SELECT FROM webhook_deliveries p
+  AND d.seq = (
+      SELECT p.seq FROM webhook_deliveries p
       WHERE p.tenant_id = d.tenant_id AND p.endpoint_id = d.endpoint_id AND p.ordering_key = d.ordering_key
-        AND p.status = 'pending' AND p.seq < d.seq)
+        AND p.status = 'pending'
+      ORDER BY p.seq LIMIT 1)
 ORDER BY d.seq
 LIMIT :limit
 FOR UPDATE OF d SKIP LOCKED FOR KEY SHARE OF e SKIP LOCKED""")
+"""A record's first pending delivery to an endpoint, only: a correlated subquery (one probe of
+``webhook_deliveries_order_idx`` per candidate, walked in ``seq`` order by ``_pending_idx``), which
+the planner cannot turn into a join whose cost grows with the square of the backlog."""
 RECORD = text("""
 UPDATE webhook_deliveries SET status = :status, attempts = :attempts, first_attempt_at = :first,
     last_attempt_at = :at, next_attempt_at = :next, response_status = :code, latency_ms = :latency,
@@ -178,8 +186,8 @@ class Dispatcher:
         running = list(self._drains.values())
         if running:
             _, late = await asyncio.wait(running, timeout=self.settings.webhook_timeout_seconds + 5)
-            for task in late:
-                task.cancel()
+            for drain in late:
+                drain.cancel()
             await asyncio.gather(*running, return_exceptions=True)
         await self._client.aclose()
 
@@ -251,7 +259,7 @@ class Dispatcher:
                     self._notified.add(tenant)
                 else:
                     self._drains[tenant] = task = asyncio.create_task(self._drain(tenant))
-                    task.add_done_callback(lambda done, t=tenant: self._drained(t, done))
+                    task.add_done_callback(functools.partial(self._drained, tenant))
             deadline = self.clock.time() + self.settings.webhook_poll_seconds
             if after is not None:
                 deadline = min(deadline, after.timestamp())
@@ -284,13 +292,18 @@ class Dispatcher:
     # ---- one tenant -----------------------------------------------------------------------------
 
     async def _drain(self, tenant: uuid.UUID) -> int:
-        """Send the tenant's claimable deliveries, batch after batch, until none is left; how many."""
-        total = 0
-        while True:
-            claimed = await self._batch_of(tenant)
-            if not claimed:
-                return total
-            total += claimed
+        """Send the tenant's claimable deliveries, batch after batch in ``LANES`` lanes, until none is
+        left; how many."""
+
+        async def lane() -> int:
+            total = 0
+            while claimed := await self._batch_of(tenant):
+                total += claimed
+            return total
+
+        async with asyncio.TaskGroup() as group:
+            lanes = [group.create_task(lane()) for _ in range(LANES)]
+        return sum(task.result() for task in lanes)
 
     async def _batch_of(self, tenant: uuid.UUID) -> int:
         async with self.databases.tenant_transaction(tenant) as conn:
@@ -356,7 +369,7 @@ class Dispatcher:
     def _backoff(self, attempts: int) -> float:
         """Seconds until the retry after ``attempts`` attempts: exponential, capped, with jitter."""
         base, cap = self.settings.webhook_backoff_base_seconds, self.settings.webhook_backoff_max_seconds
-        delay = min(cap, base * 2 ** min(attempts - 1, 40))
+        delay = min(cap, base * 2.0 ** min(attempts - 1, 40))
         return delay / 2 + delay / 2 * secrets.randbelow(10_001) / 10_000
 
     async def _record(self, conn: AsyncConnection, tenant: uuid.UUID, rows: Sequence[Any],

@@ -39,7 +39,7 @@ async def _endpoints(conn: AsyncConnection, tenant_id: uuid.UUID) -> list[Any]:
 
 
 async def enqueue(conn: AsyncConnection, tenant_id: uuid.UUID,
-                  changes: Iterable[tuple[ChangeEvent, Mapping[str, Any]]], render: Render) -> int:
+                  changes: Iterable[tuple[ChangeEvent, Mapping[Any, Any]]], render: Render) -> int:
     """Write the deliveries of a change's events (each with its row) to the outbox; how many."""
     pending = list(changes)
     if not pending:

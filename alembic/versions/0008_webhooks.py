@@ -82,6 +82,7 @@ CREATE TABLE webhook_deliveries (
     CONSTRAINT webhook_deliveries_status CHECK (status IN ('pending', 'delivered', 'failed'))
 );
 CREATE INDEX webhook_deliveries_endpoint_idx ON webhook_deliveries (tenant_id, endpoint_id, created_at, id);
+CREATE INDEX webhook_deliveries_pending_idx ON webhook_deliveries (tenant_id, seq) WHERE status = 'pending';
 CREATE INDEX webhook_deliveries_order_idx ON webhook_deliveries (tenant_id, endpoint_id, ordering_key, seq)
     WHERE status = 'pending';
 CREATE INDEX webhook_deliveries_due_idx ON webhook_deliveries (next_attempt_at NULLS FIRST)
