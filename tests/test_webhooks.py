@@ -608,6 +608,21 @@ async def test_a_filter_picks_the_records_sent(
     assert {row.ordering_key for row in rows} == {uuid_of(deal["id"])}
 
 
+async def test_a_retried_mutation_is_sent_once(
+    api: httpx.AsyncClient, world: TenantWorld, hook_admin: AsyncEngine, receiver: Receiver,
+) -> None:
+    """With an Idempotency-Key the request is one transaction (its answer stored with the change):
+    the deliveries join it, and a retry that replays the answer writes none."""
+    hook = await register(api, world, receiver.url, ["company.created"])
+    request = {"query": 'mutation { createCompany(input: {name: "Once"}) { id } }'}
+    headers = {"authorization": f"Bearer {world.token(Role.MEMBER)}", "idempotency-key": uuid.uuid4().hex}
+    first = await api.post("/graphql", json=request, headers=headers)
+    again = await api.post("/graphql", json=request, headers=headers)
+    assert again.headers.get("idempotent-replayed") == "true" and again.json() == first.json()
+    [row] = await outbox(hook_admin, hook["endpoint"]["id"])
+    assert row.ordering_key == uuid_of(first.json()["data"]["createCompany"]["id"])
+
+
 # ---- the command line ----------------------------------------------------------------------------
 
 async def cli(monkeypatch: pytest.MonkeyPatch, settings: Settings, *argv: str) -> int:
