@@ -38,7 +38,7 @@ from models.db import Databases
 from models.tables import AUDIT_EVENTS, WEBHOOK_DELIVERIES, WEBHOOK_ENDPOINTS, Role
 from tests.cli import ROOT, environment
 from tests.conftest import TEST_WEBHOOK_KEY, TenantWorld, codes, data_or_fail, gql, make_tenant_world, scratch_database
-from tests.crm import create_company, create_deal, create_pipeline, uuid_of
+from tests.crm import create_company, create_deal, create_pipeline, gid, uuid_of
 from tests.receiver import WAIT, Receiver
 from webhooks import cli as webhook_cli
 from webhooks.addresses import networks, refusal
@@ -513,6 +513,23 @@ async def test_a_delivery_can_be_replayed(
     assert codes(member) == ["FORBIDDEN"]
 
 
+async def test_a_rotated_secret_signs_from_then_on(
+    api: httpx.AsyncClient, world: TenantWorld, hook_settings: Settings, receiver: Receiver,
+) -> None:
+    hook = await register(api, world, receiver.url, ["company.created"])
+    rotated = data_or_fail(await gql(api, "mutation($id: ID!) { rotateWebhookEndpointSecret(id: $id) "
+                                          "{ secret endpoint { version } } }", {"id": hook["endpoint"]["id"]},
+                                     token=world.token(Role.ADMIN)))["rotateWebhookEndpointSecret"]
+    assert rotated["secret"] != hook["secret"] and rotated["endpoint"]["version"] == hook["endpoint"]["version"] + 1
+    async with dispatching(hook_settings):
+        await create_company(api, world.token(Role.MEMBER))
+        await receiver.until(lambda r: len(r.ids()) == 1)
+    [request] = receiver.received
+    Webhook(rotated["secret"]).verify(request.body, request.headers)
+    with pytest.raises(WebhookVerificationError):
+        Webhook(hook["secret"]).verify(request.body, request.headers)
+
+
 # ---- where endpoints may point ----------------------------------------------------------------
 
 @pytest.mark.parametrize(("address", "allowed"), [
@@ -580,15 +597,39 @@ async def test_endpoints_and_deliveries_stay_in_their_tenant(
     assert len(await outbox(hook_admin, mine["endpoint"]["id"])) == 1  # untouched
 
 
-async def test_who_may_manage_webhooks(api: httpx.AsyncClient, world: TenantWorld, receiver: Receiver) -> None:
+async def test_who_may_manage_webhooks(
+    api: httpx.AsyncClient, world: TenantWorld, hook_admin: AsyncEngine, receiver: Receiver,
+) -> None:
+    """Admins and owners, signed in; every webhook field refuses viewers and members and leaves
+    nothing written; input errors name their field."""
     variables = {"i": {"url": receiver.url, "eventTypes": ["deal.moved"]}}
+    hook = await register(api, world, receiver.url, ["company.created"])
+    await create_company(api, world.token(Role.MEMBER))
+    [delivery] = await outbox(hook_admin, hook["endpoint"]["id"])
+    endpoint, delivery_id = hook["endpoint"]["id"], gid("WebhookDelivery", delivery.id)
+    fields = [
+        (CREATE, variables), (UPDATE, {"id": endpoint, "i": {"enabled": False}}), (REPLAY, {"id": delivery_id}),
+        ("mutation($id: ID!) { rotateWebhookEndpointSecret(id: $id) { secret } }", {"id": endpoint}),
+        ("mutation($id: ID!) { deleteWebhookEndpoint(id: $id) { deletedId } }", {"id": endpoint}),
+        ("{ webhookEndpoints { id } }", None), ("{ webhookEventTypes { name } }", None),
+        (DELIVERIES, {"e": endpoint, "s": None}),
+    ]
     for role in (Role.VIEWER, Role.MEMBER):
-        assert codes(await gql(api, CREATE, variables, token=world.token(role))) == ["FORBIDDEN"]
+        for query, given in fields:
+            assert codes(await gql(api, query, given, token=world.token(role))) == ["FORBIDDEN"], (role, query)
+    assert len(await outbox(hook_admin, endpoint)) == 1
+    assert [e["id"] for e in data_or_fail(await gql(api, "{ webhookEndpoints { id enabled } }",
+                                                    token=world.token(Role.OWNER)))["webhookEndpoints"]] == [endpoint]
     for role in (Role.ADMIN, Role.OWNER):
         assert not (await gql(api, CREATE, variables, token=world.token(role))).get("errors")
+    # Not with an API key, whatever its role: a leaked key must not send the workspace's data away.
+    key = data_or_fail(await gql(api, 'mutation { createApiKey(input: {name: "ci", role: ADMIN}) { secret } }',
+                                 token=world.token(Role.ADMIN)))["createApiKey"]["secret"]
+    assert codes(await gql(api, CREATE, variables, token=key)) == ["FORBIDDEN"]
     for bad, field in (({"eventTypes": ["deal.exploded"]}, "input.eventTypes.0"),
                        ({"eventTypes": []}, "input.eventTypes"),
-                       ({"filter": {"nope": 1}}, "input.filter.nope"), ({"filter": [1]}, "input.filter")):
+                       ({"filter": {"nope": 1}}, "input.filter.nope"), ({"filter": [1]}, "input.filter"),
+                       ({"description": "x" * 201}, "input.description")):
         body = await gql(api, CREATE, {"i": {**variables["i"], **bad}}, token=world.token(Role.ADMIN))
         assert codes(body) == ["BAD_USER_INPUT"] and body["errors"][0]["extensions"]["field"] == field
 

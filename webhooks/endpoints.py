@@ -44,6 +44,13 @@ async def checked_url(url: str, settings: Settings, field: str) -> str:
     return url
 
 
+def checked_description(description: str | None, field: str) -> str | None:
+    text = description.strip() if description else None
+    if text is not None and (len(text) > 200 or "\x00" in text):
+        raise BadUserInput(field, "at most 200 characters, without NUL")
+    return text or None
+
+
 @dataclass(frozen=True)
 class EndpointSpec:
     """A new endpoint as given: checked by ``checked``."""
@@ -56,9 +63,7 @@ class EndpointSpec:
     async def checked(self, settings: Settings, prefix: str = "input.") -> EndpointSpec:
         types = check_event_types(self.event_types, f"{prefix}eventTypes")
         filter = check_filter(self.filter, types, f"{prefix}filter")
-        description = self.description.strip() if self.description else None
-        if description is not None and (len(description) > 200 or "\x00" in description):
-            raise BadUserInput(f"{prefix}description", "at most 200 characters, without NUL")
+        description = checked_description(self.description, f"{prefix}description")
         url = await checked_url(self.url, settings, f"{prefix}url")
         return EndpointSpec(url, types, filter, description)
 
@@ -106,6 +111,8 @@ async def update_endpoint(conn: AsyncConnection, tenant_id: uuid.UUID, endpoint_
     if expected_version is not None and before.version != expected_version:
         raise VersionConflict("webhook endpoint", before.version)
     values = dict(changes)
+    if "description" in values:
+        values["description"] = checked_description(values["description"], "input.description")
     if "url" in values:
         values["url"] = await checked_url(values["url"], settings, "input.url")
     if "event_types" in values or "filter" in values:
