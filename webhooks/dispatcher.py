@@ -174,6 +174,8 @@ class Dispatcher:
     # ---- life ---------------------------------------------------------------------------------
 
     async def start(self) -> None:
+        # httpx logs every request at INFO: one line per attempt is what webhook_deliveries is for.
+        logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger("httpx").level))
         self._tasks = [asyncio.create_task(self._listen(), name="webhooks-listen"),
                        asyncio.create_task(self._dispatch(), name="webhooks-dispatch")]
 
