@@ -247,6 +247,16 @@ class Settings:
     webhook_poll_seconds: float = 30.0
     """The longest a dispatcher waits without a notification before it looks for due deliveries
     (retries another process scheduled before it stopped)."""
+    tracing: bool = False
+    """Record traces and export them over OTLP/HTTP (``atrium.observability.tracing``): on when the
+    standard ``OTEL_EXPORTER_OTLP_ENDPOINT`` (or ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT``) is set, unless
+    ``OTEL_SDK_DISABLED=true`` or ``OTEL_TRACES_EXPORTER=none``. The exporter reads the other standard
+    variables itself (headers, timeout, compression, certificates; ``OTEL_SERVICE_NAME``,
+    ``OTEL_RESOURCE_ATTRIBUTES``, ``OTEL_PROPAGATORS``, ``OTEL_TRACES_SAMPLER``, ``OTEL_BSP_*``)."""
+    trace_tenant: bool = True
+    """Spans carry the caller's tenant id (``atrium.tenant.id``); ``ATRIUM_TRACE_TENANT=off`` leaves it out."""
+    access_log: bool = True
+    """One log line per HTTP request (``atrium.access``); ``ATRIUM_ACCESS_LOG=off`` turns it off."""
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -303,6 +313,9 @@ class Settings:
                                                    unit=" of seconds"),
             webhook_concurrency=env.whole("ATRIUM_WEBHOOK_CONCURRENCY", 16, minimum=1, unit=" of deliveries"),
             webhook_poll_seconds=env.number("ATRIUM_WEBHOOK_POLL", 30.0, minimum=0.1, unit=" of seconds"),
+            tracing=tracing_asked(env),
+            trace_tenant=env.switch("ATRIUM_TRACE_TENANT", True),
+            access_log=env.switch("ATRIUM_ACCESS_LOG", True),
         )
 
     def with_database(self, database_url: str) -> Settings:
@@ -320,6 +333,29 @@ class Settings:
         if self.app_database_url:
             return async_url(self.app_database_url)
         return app_role_url(self.admin_url)
+
+
+OTLP_ENDPOINTS = ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT")
+OTLP_PROTOCOLS = ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL")
+
+
+def tracing_asked(env: Environ) -> bool:
+    """Whether the standard OpenTelemetry variables ask for traces (``Settings.tracing``); a value
+    Atrium cannot honour (another exporter or protocol, an endpoint that is not a URL) is a
+    ``SettingError`` rather than traces silently going nowhere."""
+    if env.text("OTEL_SDK_DISABLED").lower() == "true":
+        return False
+    exporters = {e.strip() for e in env.text("OTEL_TRACES_EXPORTER", "otlp").lower().split(",")}
+    if exporters == {"none"}:
+        return False
+    if exporters != {"otlp"}:
+        raise SettingError(f"OTEL_TRACES_EXPORTER must be otlp or none, not {env.text('OTEL_TRACES_EXPORTER')!r}")
+    for name in OTLP_PROTOCOLS:
+        protocol = env.text(name)
+        if protocol and protocol != "http/protobuf":
+            raise SettingError(f"{name} must be http/protobuf (Atrium exports OTLP over HTTP), not {protocol!r}")
+    endpoints = [env.url(name, ("http", "https"), "http://collector:4318") for name in OTLP_ENDPOINTS]
+    return any(endpoints)
 
 
 def app_role_url(admin_url: str) -> str:
