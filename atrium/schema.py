@@ -35,6 +35,7 @@ from schema.extensions import (
 )
 from schema.notes import Note
 from schema.values import SCALARS
+from webhooks.resolvers import WebhookMutation, WebhookQuery
 
 
 def root(name: str, *parts: type) -> type:
@@ -43,10 +44,10 @@ def root(name: str, *parts: type) -> type:
 
 
 Query = root("Query", ViewerQuery, DealQuery, queries(COMPANY), queries(CONTACT), queries(PIPELINE), queries(ACTIVITY),
-             AuditQuery, PartnerQuery, NoteQuery, queries(PRODUCT), queries(DEAL_LINE_ITEM))
+             AuditQuery, PartnerQuery, NoteQuery, queries(PRODUCT), queries(DEAL_LINE_ITEM), WebhookQuery)
 Mutation = root("Mutation", ViewerMutation, DealMutation, mutations(COMPANY), mutations(CONTACT), mutations(PIPELINE),
                 mutations(STAGE), mutations(ACTIVITY), PartnerMutation, NoteMutation, LiveMutation,
-                mutations(PRODUCT), mutations(DEAL_LINE_ITEM))
+                mutations(PRODUCT), mutations(DEAL_LINE_ITEM), WebhookMutation)
 Subscription = root("Subscription", LiveSubscription)
 
 

@@ -20,13 +20,14 @@ class Permission(enum.StrEnum):
     MANAGE_USERS = "users:manage"
     READ_AUDIT = "audit:read"
     MANAGE_TENANT = "tenant:manage"
+    MANAGE_WEBHOOKS = "webhooks:manage"
 
 
 GRANTS: dict[Role, frozenset[Permission]] = {
     Role.VIEWER: frozenset({Permission.READ}),
     Role.MEMBER: frozenset({Permission.READ, Permission.WRITE}),
     Role.ADMIN: frozenset({Permission.READ, Permission.WRITE, Permission.DELETE, Permission.MANAGE_USERS,
-                             Permission.READ_AUDIT}),
+                             Permission.READ_AUDIT, Permission.MANAGE_WEBHOOKS}),
     Role.OWNER: frozenset(Permission),
 }
 

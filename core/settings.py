@@ -8,6 +8,9 @@ environment after ``from_env`` returns; everything else receives a ``Settings`` 
 
 from __future__ import annotations
 
+import base64
+import binascii
+import ipaddress
 import math
 import os
 import re
@@ -130,6 +133,32 @@ class Environ:
             raise SettingError(f"{name} must be {', '.join(choices[:-1])} or {choices[-1]}, not {raw!r}")
         return raw
 
+    def networks(self, name: str) -> tuple[str, ...]:
+        """Comma-separated IP networks (``127.0.0.1/32,10.1.0.0/16``; a bare address is one host)."""
+        out: list[str] = []
+        for item in filter(None, (part.strip() for part in self.text(name).split(","))):
+            try:
+                out.append(str(ipaddress.ip_network(item, strict=False)))
+            except ValueError:
+                raise SettingError(f"{name} must be IP networks separated by commas (such as 127.0.0.1/32), "
+                                   f"not {item!r}") from None
+        return tuple(out)
+
+    def keys(self, name: str) -> str | None:
+        """Comma-separated base64 keys of 32 bytes each (the first encrypts, every one decrypts)."""
+        raw = self.optional(name)
+        if raw is None:
+            return None
+        for item in raw.split(","):
+            try:
+                valid = len(base64.b64decode(item.strip(), validate=True)) == 32
+            except (binascii.Error, ValueError):
+                valid = False
+            if not valid:
+                raise SettingError(f"{name} must be keys of 32 bytes in base64 (openssl rand -base64 32), "
+                                   "separated by commas")
+        return raw
+
     def postgres_url(self, name: str) -> str | None:
         raw = self.optional(name)
         if raw is not None:
@@ -237,6 +266,25 @@ class Settings:
     plans: bool = True
     """Answer queries through plans pushed down into PostgreSQL (``planner``); ``ATRIUM_PLANS=off``
     runs every query through the executor (the same answers, slower)."""
+    webhook_dispatcher: bool = True
+    """Send webhook deliveries from this server process (``webhooks.dispatcher``, in the lifespan);
+    ``atrium worker`` sends them from a process of its own."""
+    webhook_key: str | None = None
+    """Keys (base64, 32 bytes; comma-separated, the first encrypts) that encrypt webhook signing
+    secrets at rest. Generated once into ``<data_dir>/webhook-key`` outside production; without one
+    in production, endpoints cannot be registered."""
+    webhook_allowed_networks: tuple[str, ...] = ()
+    """Networks endpoints may point at although they are loopback, private or link-local."""
+    webhook_timeout_seconds: float = 10.0
+    webhook_retry_window_seconds: float = 24 * 3600.0
+    """How long a delivery is retried after its first attempt before it fails for good."""
+    webhook_backoff_base_seconds: float = 5.0
+    webhook_backoff_max_seconds: float = 3600.0
+    webhook_concurrency: int = 16
+    """Deliveries one process sends at once."""
+    webhook_poll_seconds: float = 30.0
+    """The longest a dispatcher waits without a notification before it looks for due deliveries
+    (retries another process scheduled before it stopped)."""
     tracing: bool = False
     """Record traces and export them over OTLP/HTTP (``atrium.observability.tracing``): on when the
     standard ``OTEL_EXPORTER_OTLP_ENDPOINT`` (or ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT``) is set, unless
@@ -309,6 +357,18 @@ class Settings:
             answer_cache_entries=env.whole("ATRIUM_ANSWER_CACHE_ENTRIES", 10_000, minimum=0, unit=" of entries"),
             answer_cache_bytes=env.whole("ATRIUM_ANSWER_CACHE_BYTES", 64 * 1024 * 1024, minimum=0, unit=" of bytes"),
             idempotency_ttl_seconds=env.whole("ATRIUM_IDEMPOTENCY_TTL", 24 * 3600, minimum=1, unit=" of seconds"),
+            webhook_dispatcher=env.switch("ATRIUM_WEBHOOK_DISPATCHER", True),
+            webhook_key=env.keys("ATRIUM_WEBHOOK_KEY") or (None if mode == "production" else _dev_key(data_dir)),
+            webhook_allowed_networks=env.networks("ATRIUM_WEBHOOK_ALLOWED_NETWORKS"),
+            webhook_timeout_seconds=env.number("ATRIUM_WEBHOOK_TIMEOUT", 10.0, minimum=0.1, unit=" of seconds"),
+            webhook_retry_window_seconds=env.number("ATRIUM_WEBHOOK_RETRY_WINDOW", 24 * 3600.0, minimum=0.0,
+                                                    unit=" of seconds"),
+            webhook_backoff_base_seconds=env.number("ATRIUM_WEBHOOK_BACKOFF_BASE", 5.0, minimum=0.001,
+                                                    unit=" of seconds"),
+            webhook_backoff_max_seconds=env.number("ATRIUM_WEBHOOK_BACKOFF_MAX", 3600.0, minimum=0.001,
+                                                   unit=" of seconds"),
+            webhook_concurrency=env.whole("ATRIUM_WEBHOOK_CONCURRENCY", 16, minimum=1, unit=" of deliveries"),
+            webhook_poll_seconds=env.number("ATRIUM_WEBHOOK_POLL", 30.0, minimum=0.1, unit=" of seconds"),
             tracing=tracing_asked(env),
             trace_tenant=env.switch("ATRIUM_TRACE_TENANT", True),
             access_log=env.switch("ATRIUM_ACCESS_LOG", True),
@@ -361,6 +421,18 @@ def app_role_url(admin_url: str) -> str:
     """``admin_url`` with the user switched to the application role (no password: trust/peer or .pgpass);
     everything else (hosts, TLS parameters) as it was."""
     return with_user(admin_url, APP_ROLE)
+
+
+def _dev_key(data_dir: Path) -> str:
+    """The development key of webhook secrets, made once into ``<data_dir>/webhook-key``."""
+    path = data_dir / "webhook-key"
+    if path.exists():
+        return path.read_text().strip()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    key = base64.b64encode(secrets.token_bytes(32)).decode()
+    path.write_text(key)
+    path.chmod(0o600)
+    return key
 
 
 def _dev_secret(data_dir: Path) -> str:

@@ -22,6 +22,7 @@ from sqlalchemy import (
     Computed,
     DateTime,
     ForeignKeyConstraint,
+    Identity,
     LargeBinary,
     Numeric,
     SmallInteger,
@@ -29,7 +30,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
 )
-from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlmodel import Field, SQLModel
 
 
@@ -371,12 +372,69 @@ class IdempotencyKey(TenantTable, table=True):
     expires_at: datetime = Field(sa_type=DateTime(timezone=True))
 
 
+class WebhookEndpoint(TenantTable, table=True):
+    """Where a tenant wants its events POSTed (``webhooks``): a URL, the event types it wants and an
+    optional filter on their data. ``secret`` is the signing secret encrypted with AES-256-GCM under
+    the server's webhook key (``webhooks.signing``); the secret itself is shown once, on creation.
+    An endpoint that keeps failing is disabled (``enabled`` false, ``disabled_reason``)."""
+
+    __tablename__ = "webhook_endpoints"
+    url: str = Field(sa_type=Text)
+    description: str | None = Field(default=None, max_length=200)
+    event_types: list[str] = Field(sa_column=Column(ARRAY(Text), nullable=False))
+    filter: dict[str, Any] | None = Field(default=None, sa_column=Column(JSONB, nullable=True))
+    secret: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    enabled: bool = True
+    disabled_reason: str | None = Field(default=None, sa_type=Text)
+    disabled_at: datetime | None = Field(default=None, sa_type=DateTime(timezone=True))
+    failing_since: datetime | None = Field(default=None, sa_type=DateTime(timezone=True))
+    """When the endpoint's current run of failed attempts began (None after a success)."""
+    created_by: uuid.UUID | None = None
+
+
+class WebhookDelivery(TenantTable, table=True):
+    """One message for one endpoint: the outbox row, written in the transaction of the change.
+
+    ``body`` is the exact JSON text sent (and signed) on every attempt; ``message_id`` is its
+    ``webhook-id`` (shared by the endpoints that get the same event, and by replays). ``seq`` orders
+    the deliveries of one record (``ordering_key``) to one endpoint: one is sent only once every
+    earlier pending one has been delivered or has failed.
+    """
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (
+        ForeignKeyConstraint(["tenant_id", "endpoint_id"], ["webhook_endpoints.tenant_id", "webhook_endpoints.id"],
+                             ondelete="CASCADE"),
+        CheckConstraint("status IN ('pending', 'delivered', 'failed')", name="webhook_deliveries_status"),
+    )
+    seq: int = Field(sa_column=Column(BigInteger, Identity(always=True), nullable=False))
+    endpoint_id: uuid.UUID
+    message_id: uuid.UUID
+    event_type: str = Field(max_length=100)
+    ordering_key: uuid.UUID
+    body: str = Field(sa_type=Text)
+    status: str = Field(default="pending", max_length=10)
+    attempts: int = 0
+    next_attempt_at: datetime | None = Field(default=None, sa_type=DateTime(timezone=True))
+    """None: as soon as possible."""
+    first_attempt_at: datetime | None = Field(default=None, sa_type=DateTime(timezone=True))
+    last_attempt_at: datetime | None = Field(default=None, sa_type=DateTime(timezone=True))
+    response_status: int | None = Field(default=None, sa_type=SmallInteger)
+    latency_ms: int | None = None
+    last_error: str | None = Field(default=None, sa_type=Text)
+    delivered_at: datetime | None = Field(default=None, sa_type=DateTime(timezone=True))
+    replay_of: uuid.UUID | None = None
+
+
 API_KEYS = table(ApiKey)
 PERSISTED_DOCUMENTS = table(PersistedDocument)
 APQ_DOCUMENTS = table(ApqDocument)
 DATA_VERSIONS = table(DataVersion)
 IDEMPOTENCY_KEYS = table(IdempotencyKey)
+WEBHOOK_ENDPOINTS = table(WebhookEndpoint)
+WEBHOOK_DELIVERIES = table(WebhookDelivery)
 
 TENANT_TABLES = (MEMBERSHIPS, COMPANIES, CONTACTS, PIPELINES, STAGES, DEALS, ACTIVITIES, AUDIT_EVENTS, NOTES,
-                 API_KEYS, PERSISTED_DOCUMENTS, PRODUCTS, DEAL_LINE_ITEMS, IDEMPOTENCY_KEYS)
+                 API_KEYS, PERSISTED_DOCUMENTS, PRODUCTS, DEAL_LINE_ITEMS, IDEMPOTENCY_KEYS, WEBHOOK_ENDPOINTS,
+                 WEBHOOK_DELIVERIES)
 """Every table holding tenant rows (RLS enabled and forced on each; tests/test_rls.py checks the catalog)."""

@@ -47,6 +47,7 @@ from records.declare import (
     Listing,
     OnDelete,
     OnlyWhen,
+    Operation,
     Range,
     Record,
     Rollup,
@@ -54,6 +55,7 @@ from records.declare import (
     Search,
     Sort,
     ToOne,
+    Transition,
     Writer,
 )
 from records.rules import (
@@ -112,7 +114,8 @@ USER: Record = Record(
 """A member of the tenant (a user of another tenant is not found); members are managed by
 ``resolvers.viewer``."""
 
-MEMBERSHIP: Record = Record("Membership", MEMBERSHIPS, "memberships", root=NO_ROOT)
+MEMBERSHIP: Record = Record("Membership", MEMBERSHIPS, "memberships", root=NO_ROOT,
+                            by_hand=frozenset({Operation.CREATE, Operation.UPDATE, Operation.DELETE}))
 
 COMPANY: Record = Record(
     "Company", COMPANIES, "companies",
@@ -242,6 +245,7 @@ DEAL: Record = Record(
     default_sort="CREATED_AT",
     default_direction=Direction.DESC,
     routing={"pipeline": "pipeline_id"},
+    transitions=(Transition("moved", "stage_id", "A deal moved to another stage (`moveDeal`)."),),
 )
 
 ACTIVITY: Record = Record(
@@ -298,6 +302,7 @@ NOTE: Record = Record(
         "create": "An empty note on exactly one deal, contact or company.",
         "input": "Where a new note goes: exactly one of the three.",
     }),
+    by_hand=frozenset({Operation.UPDATE}),  # applyNoteUpdate (resolvers.notes)
 )
 
 PRODUCT: Record = Record(

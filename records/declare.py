@@ -507,6 +507,22 @@ class Root:
 NO_ROOT = Root(listing=Listing.NONE, get=False, create=False, update=False, delete=False)
 
 
+class Operation(enum.Enum):
+    CREATE = "create"
+    UPDATE = "update"
+    DELETE = "delete"
+
+
+@dataclass(frozen=True)
+class Transition:
+    """An update that changes ``column`` is also the event ``<record>.<name>`` (a deal ``moved``
+    when its stage changes): what webhooks offer besides ``created``/``updated``/``deleted``."""
+
+    name: str
+    column: str
+    description: str
+
+
 @dataclass(eq=False)
 class Record:
     """A record type (module docstring)."""
@@ -532,6 +548,10 @@ class Record:
     lookup: Select[Any] | None = None
     """Rows of the tenant (default: the table filtered on the tenant); a user is a joined row."""
     lookup_key: ColumnElement[Any] | None = None
+    transitions: tuple[Transition, ...] = ()
+    by_hand: frozenset[Operation] = frozenset()
+    """Operations hand-written mutations perform on the record through the write path, beyond its
+    derived root fields (members are added, changed and removed by ``resolvers.viewer``)."""
 
     def __post_init__(self) -> None:
         for relation in self.relations:

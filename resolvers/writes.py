@@ -41,6 +41,7 @@ from models.tables import AUDIT_EVENTS
 from records.crm import dependents, rollups_into
 from records.declare import AtLeastOne, ExactlyOne, OnDelete, Record, camel
 from subscriptions.events import ChangeEvent, ChangeKind
+from webhooks.outbox import enqueue
 
 
 def jsonable(value: Any) -> Any:
@@ -79,6 +80,8 @@ class Change:
         self.principal = principal
         self.request_id = request_id
         self.events: list[ChangeEvent] = []
+        self.rows: list[Mapping[Any, Any]] = []
+        """Each event's row (after the change; as it was, for a delete): what webhooks send."""
 
     @property
     def tenant_id(self) -> uuid.UUID:
@@ -312,6 +315,7 @@ class Change:
                version: int | None = None, detail: Mapping[str, Any] | None = None,
                previous_scope: dict[str, str] | None = None) -> None:
         scope = scope_of(record, row._mapping)
+        self.rows.append(row._mapping)
         self.events.append(ChangeEvent(
             tenant_id=self.tenant_id, entity_type=record.name, entity_id=row.id, kind=kind,
             fields=tuple(camel(f) for f in fields), actor_id=self.user_id,
@@ -335,6 +339,8 @@ async def change(info: Info) -> AsyncIterator[Change]:
     async with session.db.write() as conn:
         w = Change(conn, session.principal, context.request_id)
         yield w
+        # Webhook deliveries join the outbox in the change's own transaction (webhooks.outbox).
+        await enqueue(conn, w.tenant_id, zip(w.events, w.rows, strict=True), public_record)
 
     async def publish() -> None:
         committed_at = dt.datetime.now(dt.UTC)

@@ -11,6 +11,7 @@ Every fixture is shared from here: those defined below, and those of the plugin 
 
 from __future__ import annotations
 
+import base64
 import os
 import secrets
 import tempfile
@@ -42,6 +43,8 @@ from models.tables import Role
 pytest_plugins = ["tests.live", "tests.browser"]
 
 TEST_SECRET = "test-secret-" + secrets.token_hex(16)
+TEST_WEBHOOK_KEY = base64.b64encode(secrets.token_bytes(32)).decode()
+"""The key sealing webhook signing secrets in this run (``ATRIUM_WEBHOOK_KEY`` of its worker processes)."""
 
 
 @pytest.fixture(scope="session")
@@ -108,8 +111,12 @@ def settings(database_url: str) -> Settings:
     # Functional tests run unmetered (their broad queries would exhaust a plan); tests/test_limits.py
     # builds apps with rate limits on.
     # ATRIUM_PLANS=off runs the whole suite through the executor alone (.ci/run does both).
+    # Webhooks: endpoints may point at 127.0.0.1 (the tests' receivers); no dispatcher runs in the
+    # shared app (tests/test_webhooks.py starts its own, on a database of its own).
     return Settings(env="test", database_url=database_url, jwt_secret=TEST_SECRET, data_dir=Path(tempfile.gettempdir()),
-                    rate_limits=False, plans=switch(os.environ, "ATRIUM_PLANS", default=True))
+                    rate_limits=False, plans=switch(os.environ, "ATRIUM_PLANS", default=True),
+                    webhook_key=TEST_WEBHOOK_KEY, webhook_dispatcher=False,
+                    webhook_allowed_networks=("127.0.0.1/32",))
 
 
 @pytest.fixture(scope="session")

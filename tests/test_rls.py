@@ -100,7 +100,14 @@ async def seeded_pair(make_tenant: MakeTenant, client: httpx.AsyncClient,
                                               "{ id } }", {"i": {"dealId": tenant.crm.deal["id"], "quantity": 1,
                                                                  "productId": made["createProduct"]["id"]}},
                                       token=token))
-        tenant.products.update(product=made["createProduct"], line=line["createDealLineItem"])
+        # A disabled endpoint: nothing is ever sent to it.
+        hook = data_or_fail(await gql(client, "mutation($i: WebhookEndpointInput!) { createWebhookEndpoint(input: $i) "
+                                              "{ endpoint { id } } }", {"i": {"url": "http://127.0.0.1:9/rls",
+                                                                              "eventTypes": ["company.created"]}},
+                                      token=token))["createWebhookEndpoint"]["endpoint"]
+        data_or_fail(await gql(client, "mutation($id: ID!) { updateWebhookEndpoint(id: $id, input: {enabled: false}) "
+                                       "{ enabled } }", {"id": hook["id"]}, token=token))
+        tenant.products.update(product=made["createProduct"], line=line["createDealLineItem"], endpoint=hook)
     async with admin_engine.begin() as conn:
         for tenant in pair:
             rows = rows_for(tenant, uuid.uuid4())
@@ -225,6 +232,12 @@ def rows_for(tenant: Seeded, stranger: uuid.UUID) -> dict[str, dict[str, Any]]:
         "idempotency_keys": {"tenant_id": t, "id": uuid.uuid4(), "principal": f"user:{stranger}",
                              "key": uuid.uuid4().hex, "fingerprint": "0" * 64, "status": 200, "body": "{}",
                              "expires_at": dt.datetime.now(dt.UTC) + dt.timedelta(days=1)},
+        "webhook_endpoints": {"tenant_id": t, "id": uuid.uuid4(), "url": "http://127.0.0.1:9/planted",
+                              "event_types": ["deal.created"], "secret": b"\x00", "enabled": False},
+        # Failed: never claimed by a dispatcher.
+        "webhook_deliveries": {"tenant_id": t, "id": uuid.uuid4(), "endpoint_id": tenant.key("endpoint"),
+                               "message_id": uuid.uuid4(), "event_type": "deal.created",
+                               "ordering_key": tenant.key("deal"), "body": "{}", "status": "failed"},
     })
 
 
@@ -633,7 +646,8 @@ async def test_nothing_the_app_role_can_read_sidesteps_rls(admin_engine: AsyncEn
         WHERE n.nspname = 'public' AND p.prosecdef AND has_function_privilege(:role, p.oid, 'EXECUTE')""",
                              role=APP_ROLE)
     assert sorted(d.proname for d in definers) == ["atrium_api_key", "atrium_apq_get", "atrium_apq_put",
-                                                   "atrium_ensure_user", "atrium_login_candidates"]
+                                                   "atrium_ensure_user", "atrium_login_candidates",
+                                                   "atrium_webhook_due", "atrium_webhook_next_due"]
 
 
 async def test_policies_reading_other_tables_are_known_to_the_answer_cache(admin_engine: AsyncEngine) -> None:

@@ -41,7 +41,7 @@ def test_every_root_field_requires_a_permission_and_says_which(root: str) -> Non
 
 
 @pytest.mark.parametrize("package", ["atrium", "auth", "core", "models", "partners", "planner", "records",
-                                     "resolvers", "schema", "subscriptions"])
+                                     "resolvers", "schema", "subscriptions", "webhooks"])
 def test_packages_come_from_the_repository(package: str) -> None:
     module = importlib.import_module(package)
     assert module.__file__ is not None

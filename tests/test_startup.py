@@ -34,6 +34,9 @@ from tests.live import ROOT, free_port
     ("DATABASE_URL", "mysql://db/crm", "DATABASE_URL: expected a PostgreSQL URL"),
     ("REDIS_URL", "localhost:6379", "REDIS_URL must be a URL such as redis://localhost:6379/0"),
     ("ATRIUM_RATE_LIMITS", "free=lots", "ATRIUM_RATE_LIMITS: cannot read 'free=lots'"),
+    ("ATRIUM_WEBHOOK_KEY", "c2hvcnQ=", "ATRIUM_WEBHOOK_KEY must be keys of 32 bytes in base64"),
+    ("ATRIUM_WEBHOOK_ALLOWED_NETWORKS", "10.0.0.0/8,intranet",
+     "ATRIUM_WEBHOOK_ALLOWED_NETWORKS must be IP networks separated by commas (such as 127.0.0.1/32), not 'intranet'"),
 ])
 async def test_a_bad_setting_names_the_variable(variable: str, value: str, expected: str) -> None:
     ran = await atrium("tenant", "list", env=environment(**{variable: value}))

@@ -1,4 +1,5 @@
-"""The ``atrium`` command: serve, migrate, tenant, user, token, seed-demo, export-schema, schema, db.
+"""The ``atrium`` command: serve, migrate, tenant, user, token, seed-demo, export-schema, schema, db (and
+the partner and webhook commands: apikey, persisted, webhooks, worker).
 
 Every command reads its settings first and reaches its database before doing anything else: a bad
 setting (``core.settings.SettingError``), an unreachable database (``DatabaseUnreachable``) or, for
@@ -32,6 +33,7 @@ from models.db import create_engine
 from models.migrations import migrate
 from models.tables import MEMBERSHIPS, USERS, Isolation, Plan, Role
 from partners import cli as partner_cli
+from webhooks import cli as webhook_cli
 
 log = logging.getLogger("atrium")
 
@@ -330,6 +332,7 @@ def parser() -> argparse.ArgumentParser:
     bsub.add_parser("stop", help="stop it (atrium serve stops the one it started by itself)")
 
     partner_cli.add_parsers(sub)
+    webhook_cli.add_parsers(sub)
     return p
 
 
@@ -339,7 +342,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "seed-demo" and not 1 <= args.deals <= 100_000:
         parser().error("--deals must be between 1 and 100000")
     handlers = {"migrate": cmd_migrate, "tenant": cmd_tenant, "user": cmd_user, "token": cmd_token,
-                "seed-demo": cmd_seed_demo, **dict.fromkeys(partner_cli.COMMANDS, partner_cli.run)}
+                "seed-demo": cmd_seed_demo, **dict.fromkeys(partner_cli.COMMANDS, partner_cli.run),
+                **dict.fromkeys(webhook_cli.COMMANDS, webhook_cli.run)}
     try:
         if args.command == "serve":
             return cmd_serve(args)

@@ -19,6 +19,7 @@ from partners.keys import ApiKeys
 from partners.manifests import TrustedDocuments
 from planner.answers import AnswerCache
 from subscriptions.broker import Broker, RedisBroker, create_broker
+from webhooks.dispatcher import Dispatcher
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider
@@ -44,6 +45,8 @@ class Runtime:
     """Trusted-document lookups remembered until the tenant's documents change."""
     tracing: Tracing | None = None
     """Traces (``atrium.observability.tracing``); None when tracing is off."""
+    dispatcher: Dispatcher | None = None
+    """Sends webhook deliveries from this process (None when ``ATRIUM_WEBHOOK_DISPATCHER=off``)."""
 
     @classmethod
     def build(cls, settings: Settings, clock: Clock = SYSTEM_CLOCK,
@@ -63,12 +66,17 @@ class Runtime:
                    verifier=TokenVerifier(settings, clock), api_keys=ApiKeys(databases),
                    apq=apq_store(settings, databases, redis), limiter=rate_limiter(settings, redis),
                    metrics=Metrics(), answers=answer_cache(settings, redis),
-                   trusted=TrustedDocuments(), tracing=tracing)
+                   trusted=TrustedDocuments(), tracing=tracing,
+                   dispatcher=Dispatcher(databases, settings, clock) if settings.webhook_dispatcher else None)
 
     async def start(self) -> None:
         await self.broker.start()
+        if self.dispatcher is not None:
+            await self.dispatcher.start()
 
     async def close(self) -> None:
+        if self.dispatcher is not None:
+            await self.dispatcher.close()
         await self.broker.close()
         if self.redis is not None:
             await self.redis.aclose()
