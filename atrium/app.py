@@ -15,6 +15,7 @@ from starlette.routing import Route, WebSocketRoute
 
 from atrium.dashboard.routes import dashboard_routes
 from atrium.http.endpoint import AtriumGraphQL
+from atrium.http.exports import export_download
 from atrium.http.runtime import Runtime
 from atrium.observability.metrics import MeasureHttp
 from core.clock import SYSTEM_CLOCK, Clock
@@ -60,6 +61,7 @@ def create_app(settings: Settings, *, clock: Clock = SYSTEM_CLOCK) -> Starlette:
             Route("/healthz", healthz),
             Route("/readyz", readyz),
             Route("/metrics", metrics.endpoint(settings)),
+            Route("/exports/{job_id}", export_download(runtime)),
             *dashboard_routes(),
         ],
         middleware=[Middleware(MeasureHttp, metrics=metrics)],

@@ -33,6 +33,7 @@ from models.loaders import Loaders
 if TYPE_CHECKING:
     from starlette.requests import HTTPConnection
 
+    from core.tasks import BackgroundTasks
     from planner.answers import AnswerCache
     from subscriptions.broker import Broker
 
@@ -104,6 +105,8 @@ class Context:
     """Queries may be answered through plans (``planner``): HTTP requests, when ``Settings.plans``."""
     answers: AnswerCache | None = None
     """Where this operation's planned answer may be cached (None: it is not)."""
+    tasks: BackgroundTasks | None = None
+    """The app's background tasks (exports), which outlive the request; None outside an app."""
 
     @property
     def session(self) -> Session:

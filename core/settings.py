@@ -199,6 +199,15 @@ class Settings:
     plans: bool = True
     """Answer queries through plans pushed down into PostgreSQL (``planner``); ``ATRIUM_PLANS=off``
     runs every query through the executor (the same answers, slower)."""
+    export_secret: str = ""
+    """Signs export download links (``ATRIUM_EXPORT_SECRET``; by default the JWT secret)."""
+    export_link_ttl_seconds: int = 900
+    """How long a download link ``exportJob`` hands out stays valid."""
+    export_keep_seconds: int = 7 * 24 * 3600
+    """How long a finished export's archive is kept for its one download."""
+    retention_interval_seconds: int = 3600
+    """How often each server process applies the tenants' retention policies (0: never; then run
+    ``atrium retention run`` from a scheduler)."""
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -243,11 +252,23 @@ class Settings:
             answer_cache_entries=env.whole("ATRIUM_ANSWER_CACHE_ENTRIES", 10_000, minimum=0, unit=" of entries"),
             answer_cache_bytes=env.whole("ATRIUM_ANSWER_CACHE_BYTES", 64 * 1024 * 1024, minimum=0, unit=" of bytes"),
             idempotency_ttl_seconds=env.whole("ATRIUM_IDEMPOTENCY_TTL", 24 * 3600, minimum=1, unit=" of seconds"),
+            export_secret=env.text("ATRIUM_EXPORT_SECRET", secret),
+            export_link_ttl_seconds=env.whole("ATRIUM_EXPORT_LINK_TTL", 900, minimum=1, unit=" of seconds"),
+            export_keep_seconds=env.whole("ATRIUM_EXPORT_KEEP", 7 * 24 * 3600, minimum=1, unit=" of seconds"),
+            retention_interval_seconds=env.whole("ATRIUM_RETENTION_INTERVAL", 3600, minimum=0, unit=" of seconds"),
         )
 
     def with_database(self, database_url: str) -> Settings:
         """The same settings pointed at another admin database URL."""
         return replace(self, database_url=database_url, app_database_url=None)
+
+    @property
+    def download_secret(self) -> str:
+        """The key export download links are signed with (``export_secret``, else the JWT secret)."""
+        key = self.export_secret or self.jwt_secret
+        if not key:
+            raise RuntimeError("set ATRIUM_EXPORT_SECRET to sign export download links")
+        return key
 
     @property
     def admin_url(self) -> str:

@@ -2,21 +2,28 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import datetime as dt
+import logging
+from dataclasses import dataclass, field
 
 from redis.asyncio import Redis
+from sqlalchemy.exc import SQLAlchemyError
 
 from atrium.http.ratelimit import RateLimiter, rate_limiter
 from atrium.observability.metrics import Metrics
 from auth.tokens import TokenVerifier
 from core.clock import SYSTEM_CLOCK, Clock
 from core.settings import Settings
+from core.tasks import BackgroundTasks
 from models.db import Databases
+from models.retention import apply_retention
 from partners.documents import ApqStore, apq_store
 from partners.keys import ApiKeys
 from partners.manifests import TrustedDocuments
 from planner.answers import AnswerCache
 from subscriptions.broker import Broker, create_broker
+
+log = logging.getLogger("atrium.retention")
 
 
 @dataclass(frozen=True)
@@ -37,6 +44,8 @@ class Runtime:
     trusted: TrustedDocuments
     """Trusted-document lookups remembered until the tenant's documents change."""
     """Cached answers of planned queries (None when ``ATRIUM_ANSWER_CACHE=off`` or plans are off)."""
+    tasks: BackgroundTasks = field(default_factory=BackgroundTasks)
+    """Work outliving its request (exports) and the retention schedule; cancelled on close."""
 
     @classmethod
     def build(cls, settings: Settings, clock: Clock = SYSTEM_CLOCK) -> Runtime:
@@ -54,8 +63,24 @@ class Runtime:
 
     async def start(self) -> None:
         await self.broker.start()
+        if self.settings.retention_interval_seconds > 0:
+            self.tasks.spawn(self._retention_schedule(), name="retention")
+
+    async def _retention_schedule(self) -> None:
+        """Apply the tenants' retention policies every ``retention_interval_seconds`` (the first time
+        one interval after start); a failed round is logged and the next one runs as planned."""
+        interval = self.settings.retention_interval_seconds
+        deadline = self.clock.time()
+        while True:
+            deadline += interval
+            await self.clock.sleep_until(deadline)
+            try:
+                await apply_retention(self.databases, dt.datetime.fromtimestamp(self.clock.time(), dt.UTC))
+            except (TimeoutError, OSError, SQLAlchemyError) as exc:
+                log.warning("retention round failed (%s); next in %d s", exc, interval)
 
     async def close(self) -> None:
+        await self.tasks.close()
         await self.broker.close()
         if self.redis is not None:
             await self.redis.aclose()
