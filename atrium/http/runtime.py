@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import logging
 from dataclasses import dataclass, field
@@ -45,7 +46,11 @@ class Runtime:
     """Trusted-document lookups remembered until the tenant's documents change."""
     """Cached answers of planned queries (None when ``ATRIUM_ANSWER_CACHE=off`` or plans are off)."""
     tasks: BackgroundTasks = field(default_factory=BackgroundTasks)
-    """Work outliving its request (exports) and the retention schedule; cancelled on close."""
+    """Work outliving its request (exports); cancelled on close."""
+    schedule: BackgroundTasks = field(default_factory=BackgroundTasks)
+    """What runs for the app's whole life (the retention schedule); cancelled on close."""
+    retention_rounds: asyncio.Queue[int] = field(default_factory=asyncio.Queue)
+    """The number of each retention round the schedule completed, in order (what tests wait on)."""
 
     @classmethod
     def build(cls, settings: Settings, clock: Clock = SYSTEM_CLOCK) -> Runtime:
@@ -64,13 +69,14 @@ class Runtime:
     async def start(self) -> None:
         await self.broker.start()
         if self.settings.retention_interval_seconds > 0:
-            self.tasks.spawn(self._retention_schedule(), name="retention")
+            self.schedule.spawn(self._retention_schedule(), name="retention")
 
     async def _retention_schedule(self) -> None:
         """Apply the tenants' retention policies every ``retention_interval_seconds`` (the first time
         one interval after start); a failed round is logged and the next one runs as planned."""
         interval = self.settings.retention_interval_seconds
         deadline = self.clock.time()
+        rounds = 0
         while True:
             deadline += interval
             await self.clock.sleep_until(deadline)
@@ -78,8 +84,12 @@ class Runtime:
                 await apply_retention(self.databases, dt.datetime.fromtimestamp(self.clock.time(), dt.UTC))
             except (TimeoutError, OSError, SQLAlchemyError) as exc:
                 log.warning("retention round failed (%s); next in %d s", exc, interval)
+            rounds += 1
+            if self.retention_rounds.qsize() < 100:  # nobody may be reading: keep it bounded
+                self.retention_rounds.put_nowait(rounds)
 
     async def close(self) -> None:
+        await self.schedule.close()
         await self.tasks.close()
         await self.broker.close()
         if self.redis is not None:
