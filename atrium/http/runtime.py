@@ -69,13 +69,13 @@ class Runtime:
     async def start(self) -> None:
         await self.broker.start()
         if self.settings.retention_interval_seconds > 0:
-            self.schedule.spawn(self._retention_schedule(), name="retention")
+            self.schedule.spawn(self._retention_schedule(self.clock.time()), name="retention")
 
-    async def _retention_schedule(self) -> None:
+    async def _retention_schedule(self, started: float) -> None:
         """Apply the tenants' retention policies every ``retention_interval_seconds`` (the first time
         one interval after start); a failed round is logged and the next one runs as planned."""
         interval = self.settings.retention_interval_seconds
-        deadline = self.clock.time()
+        deadline = started
         rounds = 0
         while True:
             deadline += interval
