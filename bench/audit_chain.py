@@ -7,7 +7,7 @@ for ``--seconds`` each round. Each round runs with the chain trigger on and off 
 table owner), with every client writing to one tenant (they serialise on its chain head) and with
 each client on its own tenant. Prints transactions per second and p50/p99 latency.
 
-    .venv/bin/python -m bench.audit_chain --clients 1,8,32 --seconds 5
+    .venv/bin/python -m bench.audit_chain --clients 1,8,32 --seconds 5 --repeat 3
 """
 
 from __future__ import annotations
@@ -88,13 +88,19 @@ async def main(args: argparse.Namespace) -> None:
         for i, tenant in enumerate(tenants):
             await owner.execute("INSERT INTO tenants (id, slug, name) VALUES ($1, $2, 'Bench')", tenant, f"bench-{i}")
         app_dsn = libpq_url(with_user(url, APP_ROLE))
+        print(f"medians of {args.repeat} rounds of {args.seconds:g} s, chain on and off interleaved")
         print(f"{'clients':>7} {'tenants':>8} {'chain':>5} {'tx/s':>8} {'p50 ms':>7} {'p99 ms':>7}")
         for count in clients:
             for shared in (True, False):
+                results: dict[bool, list[tuple[float, float, float]]] = {True: [], False: []}
+                for _ in range(args.repeat):
+                    for chain in (True, False):
+                        state = "ENABLE" if chain else "DISABLE"
+                        await owner.execute(f"ALTER TABLE audit_events {state} TRIGGER audit_events_chain")
+                        results[chain].append(
+                            await round_(app_dsn, tenants, count, shared, args.seconds, args.extra, chain))
                 for chain in (True, False):
-                    state = "ENABLE" if chain else "DISABLE"
-                    await owner.execute(f"ALTER TABLE audit_events {state} TRIGGER audit_events_chain")
-                    rate, p50, p99 = await round_(app_dsn, tenants, count, shared, args.seconds, args.extra, chain)
+                    rate, p50, p99 = (statistics.median(r[i] for r in results[chain]) for i in range(3))
                     print(f"{count:>7} {'one' if shared else 'own':>8} {'on' if chain else 'off':>5} "
                           f"{rate:>8.0f} {p50:>7.2f} {p99:>7.2f}", flush=True)
         await owner.execute("ALTER TABLE audit_events ENABLE TRIGGER audit_events_chain")
@@ -110,4 +116,5 @@ if __name__ == "__main__":
     parser.add_argument("--clients", default="1,8,32", help="comma-separated client counts")
     parser.add_argument("--seconds", type=float, default=5.0, help="per round")
     parser.add_argument("--extra", type=int, default=2, help="statements after the audit row, before COMMIT")
+    parser.add_argument("--repeat", type=int, default=3, help="rounds per configuration (medians are printed)")
     asyncio.run(main(parser.parse_args()))

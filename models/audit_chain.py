@@ -199,11 +199,12 @@ class ChainVerifier:
         return None
 
 
-EVENT_COLUMNS: tuple[ColumnElement[Any], ...] = (AUDIT_EVENTS.c.tenant_id, AUDIT_EVENTS.c.id, AUDIT_EVENTS.c.seq, AUDIT_EVENTS.c.occurred_at,
-                 AUDIT_EVENTS.c.actor_id, AUDIT_EVENTS.c.action, AUDIT_EVENTS.c.entity_type,
-                 AUDIT_EVENTS.c.entity_id, AUDIT_EVENTS.c.request_id, AUDIT_EVENTS.c.salt,
-                 AUDIT_EVENTS.c.diff_sha256, AUDIT_EVENTS.c.prev_hash, AUDIT_EVENTS.c.hash,
-                 literal_column("audit_events.diff::text").label("diff_text"))
+EVENT_COLUMNS: tuple[ColumnElement[Any], ...] = (
+    *(AUDIT_EVENTS.c[name] for name in ("tenant_id", "id", "seq", "occurred_at", "actor_id", "action", "entity_type",
+                                        "entity_id", "request_id", "salt", "diff_sha256", "prev_hash", "hash")),
+    literal_column("audit_events.diff::text").label("diff_text"),
+)
+"""Everything the chain covers, the diff as the JSON text its digest was taken of."""
 
 
 async def verify_chain(conn: AsyncConnection, tenant_id: uuid.UUID, *, batch: int = 1000) -> Verification:

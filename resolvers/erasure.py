@@ -53,6 +53,7 @@ from schema.governance import ContactErasure
 from subscriptions.notes import BODY
 
 ERASED = "[erased]"
+SUBJECT_MAX = 200  # activities.subject is varchar(200); "[erased]" may be longer than what it replaces
 REDACT = text("SELECT atrium_audit_redact(:ids, :erasure)")
 
 PayloadStore = Callable[[AsyncConnection, uuid.UUID, Sequence[str]], Awaitable[int]]
@@ -93,8 +94,8 @@ async def _rewrite_activities(w: Change, terms: Sequence[str], pattern: re.Patte
     rows = (await w.conn.execute(select(t.c.id, t.c.subject, t.c.body).where(
         t.c.tenant_id == w.tenant_id, or_(_like_any(t.c.subject, terms), _like_any(t.c.body, terms))))).all()
     for row in rows:
-        await w.update(ACTIVITY, row.id, {"subject": scrub(row.subject, pattern), "body": scrub(row.body, pattern)},
-                       None)
+        subject = scrub(row.subject, pattern) or ""
+        await w.update(ACTIVITY, row.id, {"subject": subject[:SUBJECT_MAX], "body": scrub(row.body, pattern)}, None)
     return [row.id for row in rows]
 
 

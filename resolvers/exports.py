@@ -33,7 +33,7 @@ from sqlalchemy import Select, delete, func, insert, select, update
 from auth.roles import Permission, requires
 from auth.session import Info
 from core.errors import BadUserInput, NotFound
-from core.ids import decode_id, to_global_id
+from core.ids import decode_id
 from models.archive import ArchiveWriter, sign_download
 from models.audit_chain import verify_chain
 from models.db import Databases
@@ -206,12 +206,12 @@ async def run_export(databases: Databases, tenant_id: uuid.UUID, job_id: uuid.UU
 
 def download_url(info: Info, row: Any) -> str | None:
     """A fresh signed link for ``row``'s archive while it can be downloaded, else None."""
-    if row.status != "done" or row.downloaded_at is not None:
-        return None
     context = info.context
-    expires = int(context.clock.time()) + context.settings.export_link_ttl_seconds
-    if row.expires_at is not None:
-        expires = min(expires, int(row.expires_at.timestamp()))
+    now = int(context.clock.time())
+    if row.status != "done" or row.downloaded_at is not None or row.expires_at is None \
+            or row.expires_at.timestamp() <= now:
+        return None
+    expires = min(now + context.settings.export_link_ttl_seconds, int(row.expires_at.timestamp()))
     query = sign_download(context.settings.download_secret, row.tenant_id, row.id, expires)
     base = str(context.request.base_url).rstrip("/") if context.request is not None else ""
     return f"{base}/exports/{row.id}?{query}"
@@ -292,6 +292,3 @@ class ExportMutation:
                               {"target": target, "before": {"keepDays": before}, "after": {"keepDays": keep_days}})
         return RetentionPolicy(target=target, description=RETENTION[target].description, keep_days=keep_days)
 
-
-def export_job_id(job_id: uuid.UUID) -> str:
-    return to_global_id("ExportJob", job_id)

@@ -47,7 +47,8 @@ class Filled:
 
 async def write_note(client: httpx.AsyncClient, token: str, deal_id: str, words: str) -> dict[str, Any]:
     """A note on ``deal_id`` whose text is ``words``."""
-    note = data_or_fail(await gql(client, CREATE_NOTE, {"input": {"dealId": deal_id}}, token=token))["createNote"]
+    body = await gql(client, CREATE_NOTE, {"input": {"dealId": deal_id}}, token=token)
+    note: dict[str, Any] = data_or_fail(body)["createNote"]
     doc: Doc[Any] = Doc()
     doc.apply_update(base64.b64decode(note["state"]))
     before = doc.get_state()

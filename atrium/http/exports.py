@@ -33,7 +33,8 @@ def export_download(runtime: Runtime) -> Callable[[Request], Awaitable[Response]
         async with databases.tenant_transaction(grant.tenant_id) as conn:
             claimed = (await conn.execute(
                 update(jobs).where(jobs.c.tenant_id == grant.tenant_id, jobs.c.id == grant.job_id,
-                                   jobs.c.status == "done", jobs.c.downloaded_at.is_(None))
+                                   jobs.c.status == "done", jobs.c.downloaded_at.is_(None),
+                                   jobs.c.expires_at > func.now())
                 .values(status="downloaded", downloaded_at=func.now(), updated_at=func.now())
                 .returning(jobs.c.archive_bytes, jobs.c.sha256))).first()
             count = (await conn.execute(select(func.count()).where(
