@@ -1,8 +1,10 @@
 """Work that outlives the request that started it (an export), owned by the app's lifespan.
 
 ``BackgroundTasks.spawn`` starts a task and keeps a reference to it (asyncio keeps only weak ones);
-a task that fails is logged, never raised into anyone; ``close`` cancels what still runs and waits
-for it (the lifespan's exit). ``idle`` waits until every task started so far has ended (tests).
+at most ``concurrency`` run at once, the others wait their turn (background work must not take
+every database connection from requests); a task that fails is logged, never raised into anyone;
+``close`` cancels what still runs or waits and waits for it (the lifespan's exit). ``idle`` waits
+until every task started so far has ended (tests).
 """
 
 from __future__ import annotations
@@ -16,20 +18,28 @@ log = logging.getLogger("atrium.tasks")
 
 
 class BackgroundTasks:
-    def __init__(self) -> None:
+    def __init__(self, concurrency: int = 2) -> None:
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
+        self._slots = asyncio.Semaphore(concurrency)
 
     def spawn(self, work: Coroutine[Any, Any, None], *, name: str) -> asyncio.Task[None]:
         """Run ``work`` in the background; refused (``RuntimeError``) once closed."""
         if self._closed:
             work.close()
             raise RuntimeError("background tasks are closed")
-        task = asyncio.ensure_future(work)
+        task = asyncio.ensure_future(self._in_turn(work))
         task.set_name(name)
         self._tasks.add(task)
         task.add_done_callback(self._ended)
         return task
+
+    async def _in_turn(self, work: Coroutine[Any, Any, None]) -> None:
+        try:
+            async with self._slots:
+                await work
+        finally:
+            work.close()  # never started (cancelled while waiting its turn): no "never awaited" warning
 
     def _ended(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)

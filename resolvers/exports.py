@@ -17,6 +17,7 @@ rows and a chunk, whatever the tenant's size.
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import datetime as dt
 import io
@@ -59,6 +60,8 @@ log = logging.getLogger("atrium.exports")
 
 FORMAT = "atrium-export-v1"
 BATCH = 500
+STALE = dt.timedelta(minutes=10)
+"""A pending or running export not updated for this long is taken to be dead (its process stopped)."""
 MAX_KEEP_DAYS = 36_500
 
 NOT_EXPORTED = {
@@ -191,9 +194,12 @@ async def run_export(databases: Databases, tenant_id: uuid.UUID, job_id: uuid.UU
         await _set(databases, tenant_id, job_id, status="done", rows_done=done, finished_at=func.now(),
                    expires_at=func.now() + dt.timedelta(seconds=keep_seconds), archive_bytes=archive.size,
                    sha256=archive.sha256)
-    except BaseException:
+    except BaseException as exc:
         # Cancelled (the process is stopping) or failed: what was stored goes, the job says why.
-        log.exception("export %s of tenant %s failed", job_id, tenant_id)
+        if isinstance(exc, asyncio.CancelledError):
+            log.warning("export %s of tenant %s interrupted (the process is stopping)", job_id, tenant_id)
+        else:
+            log.exception("export %s of tenant %s failed", job_id, tenant_id)
         async with databases.tenant_transaction(tenant_id) as conn:
             await conn.execute(delete(EXPORT_CHUNKS).where(EXPORT_CHUNKS.c.tenant_id == tenant_id,
                                                            EXPORT_CHUNKS.c.job_id == job_id))
@@ -250,9 +256,18 @@ class ExportMutation:
         context = info.context
         session = context.session
         job_id = uuid.uuid4()
+        jobs = EXPORT_JOBS
         async with change(info) as w:
-            row = (await w.conn.execute(insert(EXPORT_JOBS).values(
-                tenant_id=session.tenant_id, id=job_id, requested_by=session.user_id).returning(EXPORT_JOBS))).one()
+            # One export of a workspace at a time: while one is under way (and alive), asking again
+            # answers that one. A job whose process died stops counting once it has been silent a while.
+            await w.conn.execute(select(func.pg_advisory_xact_lock(func.hashtext(f"export:{session.tenant_id}"))))
+            running = (await w.conn.execute(select(jobs).where(
+                jobs.c.tenant_id == session.tenant_id, jobs.c.status.in_(("pending", "running")),
+                jobs.c.updated_at > func.now() - STALE).order_by(jobs.c.created_at.desc()).limit(1))).first()
+            if running is not None:
+                return ExportJob.from_row(running, None)
+            row = (await w.conn.execute(insert(jobs).values(
+                tenant_id=session.tenant_id, id=job_id, requested_by=session.user_id).returning(jobs))).one()
             await w.audit("ExportJob", "export", job_id, {})
         tasks, databases = context.tasks, context.databases
         if tasks is None:
@@ -269,7 +284,7 @@ class ExportMutation:
     @strawberry.mutation(**requires(Permission.MANAGE_TENANT,
                                     "Keep `target`'s rows for `keepDays` days (null: for ever); the retention job "
                                     "applies it (docs/export.md#retention)."))
-    async def set_retention_policy(self, info: Info, target: str, keep_days: int | None) -> RetentionPolicy:
+    async def set_retention_policy(self, info: Info, target: str, keep_days: int | None = None) -> RetentionPolicy:
         if target not in RETENTION:
             raise BadUserInput("target", f"must be one of {', '.join(RETENTION)}")
         if keep_days is not None and not 0 <= keep_days <= MAX_KEEP_DAYS:
