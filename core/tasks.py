@@ -32,14 +32,13 @@ class BackgroundTasks:
         task.set_name(name)
         self._tasks.add(task)
         task.add_done_callback(self._ended)
+        # A task cancelled before it ever ran never started ``work``: close it (no "never awaited").
+        task.add_done_callback(lambda _: work.close())
         return task
 
     async def _in_turn(self, work: Coroutine[Any, Any, None]) -> None:
-        try:
-            async with self._slots:
-                await work
-        finally:
-            work.close()  # never started (cancelled while waiting its turn): no "never awaited" warning
+        async with self._slots:
+            await work
 
     def _ended(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
