@@ -18,6 +18,7 @@ from atrium.dashboard.routes import dashboard_routes
 from atrium.graphiql.routes import GraphiQL
 from atrium.http.cors import cors_middleware
 from atrium.http.endpoint import AtriumGraphQL
+from atrium.http.exports import export_download
 from atrium.http.runtime import Runtime
 from atrium.observability.logs import RequestLogging
 from atrium.observability.metrics import MeasureHttp
@@ -73,6 +74,7 @@ def create_app(settings: Settings, *, clock: Clock = SYSTEM_CLOCK,
             Route("/healthz", healthz),
             Route("/readyz", readyz),
             Route("/metrics", metrics.endpoint(settings)),
+            Route("/exports/{job_id}", export_download(runtime)),
             *dashboard_routes(),
             *(graphiql.routes() if graphiql else ()),
         ],

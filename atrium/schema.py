@@ -20,6 +20,8 @@ from records.crm import ACTIVITY, COMPANY, CONTACT, DEAL_LINE_ITEM, PIPELINE, PR
 from resolvers.audit import AuditQuery
 from resolvers.crud import mutations, queries
 from resolvers.deals import DealMutation, DealQuery
+from resolvers.erasure import ErasureMutation
+from resolvers.exports import ExportMutation, ExportQuery
 from resolvers.live import LiveMutation, LiveSubscription
 from resolvers.notes import NoteMutation, NoteQuery
 from resolvers.viewer import ViewerMutation, ViewerQuery
@@ -44,10 +46,11 @@ def root(name: str, *parts: type) -> type:
 
 
 Query = root("Query", ViewerQuery, DealQuery, queries(COMPANY), queries(CONTACT), queries(PIPELINE), queries(ACTIVITY),
-             AuditQuery, PartnerQuery, NoteQuery, queries(PRODUCT), queries(DEAL_LINE_ITEM), WebhookQuery)
+             AuditQuery, PartnerQuery, NoteQuery, queries(PRODUCT), queries(DEAL_LINE_ITEM), WebhookQuery,
+             ExportQuery)
 Mutation = root("Mutation", ViewerMutation, DealMutation, mutations(COMPANY), mutations(CONTACT), mutations(PIPELINE),
                 mutations(STAGE), mutations(ACTIVITY), PartnerMutation, NoteMutation, LiveMutation,
-                mutations(PRODUCT), mutations(DEAL_LINE_ITEM), WebhookMutation)
+                mutations(PRODUCT), mutations(DEAL_LINE_ITEM), WebhookMutation, ExportMutation, ErasureMutation)
 Subscription = root("Subscription", LiveSubscription)
 
 

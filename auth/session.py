@@ -33,6 +33,7 @@ from models.loaders import Loaders
 if TYPE_CHECKING:
     from starlette.requests import HTTPConnection
 
+    from core.tasks import BackgroundTasks
     from planner.answers import AnswerCache
     from subscriptions.broker import Broker
 
@@ -106,6 +107,8 @@ class Context:
     """Where this operation's planned answer may be cached (None: it is not)."""
     trace_event: Callable[[], AbstractContextManager[None]] | None = None
     """A subscription's: what each of its events runs in (a span, when tracing is on)."""
+    tasks: BackgroundTasks | None = None
+    """The app's background tasks (exports), which outlive the request; None outside an app."""
 
     @property
     def session(self) -> Session:

@@ -308,6 +308,15 @@ class Settings:
     @property
     def graphiql_enabled(self) -> bool:
         return self.env != "production" if self.graphiql is None else self.graphiql
+    export_secret: str = ""
+    """Signs export download links (``ATRIUM_EXPORT_SECRET``; by default the JWT secret)."""
+    export_link_ttl_seconds: int = 900
+    """How long a download link ``exportJob`` hands out stays valid."""
+    export_keep_seconds: int = 7 * 24 * 3600
+    """How long a finished export's archive is kept for its one download."""
+    retention_interval_seconds: int = 3600
+    """How often each server process applies the tenants' retention policies (0: never; then run
+    ``atrium retention run`` from a scheduler)."""
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -375,11 +384,23 @@ class Settings:
             cors_origins=cors_origins,
             cors_credentials=cors_credentials,
             graphiql=env.switch("ATRIUM_GRAPHIQL", mode != "production"),
+            export_secret=env.text("ATRIUM_EXPORT_SECRET", secret),
+            export_link_ttl_seconds=env.whole("ATRIUM_EXPORT_LINK_TTL", 900, minimum=1, unit=" of seconds"),
+            export_keep_seconds=env.whole("ATRIUM_EXPORT_KEEP", 7 * 24 * 3600, minimum=1, unit=" of seconds"),
+            retention_interval_seconds=env.whole("ATRIUM_RETENTION_INTERVAL", 3600, minimum=0, unit=" of seconds"),
         )
 
     def with_database(self, database_url: str) -> Settings:
         """The same settings pointed at another admin database URL."""
         return replace(self, database_url=database_url, app_database_url=None)
+
+    @property
+    def download_secret(self) -> str:
+        """The key export download links are signed with (``export_secret``, else the JWT secret)."""
+        key = self.export_secret or self.jwt_secret
+        if not key:
+            raise RuntimeError("set ATRIUM_EXPORT_SECRET to sign export download links")
+        return key
 
     @property
     def admin_url(self) -> str:

@@ -122,15 +122,20 @@ class Databases:
         return engine
 
     @asynccontextmanager
-    async def tenant_transaction(self, tenant_id: uuid.UUID) -> AsyncIterator[AsyncConnection]:
+    async def tenant_transaction(self, tenant_id: uuid.UUID, *,
+                                 isolation: str | None = None) -> AsyncIterator[AsyncConnection]:
         """A transaction in which PostgreSQL sees only ``tenant_id``'s rows.
 
-        Commits when the block exits normally, rolls back when it raises.
+        Commits when the block exits normally, rolls back when it raises. ``isolation`` (e.g.
+        ``"REPEATABLE READ"``: one snapshot for every statement) replaces the server's default.
         """
         engine = await self.engine_for(tenant_id)
-        async with engine.connect() as conn, conn.begin():
-            await conn.execute(SET_TENANT, {"tenant_id": str(tenant_id)})
-            yield conn
+        async with engine.connect() as conn:
+            if isolation is not None:
+                await conn.execution_options(isolation_level=isolation)
+            async with conn.begin():
+                await conn.execute(SET_TENANT, {"tenant_id": str(tenant_id)})
+                yield conn
 
     @asynccontextmanager
     async def read_transaction(self, tenant_id: uuid.UUID,

@@ -213,6 +213,27 @@ class AuditEvent(SQLModel, table=True):
     entity_id: uuid.UUID
     diff: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSONB, nullable=False))
     request_id: str | None = None
+    # The hash chain (migration 0009, ``models.audit_chain``): set by the database's insert trigger,
+    # whatever a writer gives; ``salt`` is None once the diff has been redacted (an erasure).
+    seq: int | None = Field(default=None, sa_column=Column(BigInteger, nullable=False))
+    salt: bytes | None = Field(default=None, sa_type=LargeBinary)
+    diff_sha256: bytes | None = Field(default=None, sa_column=Column(LargeBinary, nullable=False))
+    prev_hash: bytes | None = Field(default=None, sa_column=Column(LargeBinary, nullable=False))
+    hash: bytes | None = Field(default=None, sa_column=Column(LargeBinary, nullable=False))
+
+
+class AuditChainHead(SQLModel, table=True):
+    """Where a tenant's audit chain ends (``seq``, ``hash``) and where its verification starts (the
+    anchor: the last row retention deleted, or 0 and 32 zero bytes). Written only by the database's
+    audit trigger and retention function (migrations 0009, 0010)."""
+
+    __tablename__ = "audit_chain_heads"
+    tenant_id: uuid.UUID = Field(primary_key=True, foreign_key="tenants.id", ondelete="CASCADE")
+    seq: int = Field(sa_type=BigInteger)
+    hash: bytes = Field(sa_type=LargeBinary)
+    anchor_seq: int = Field(default=0, sa_type=BigInteger)
+    anchor_hash: bytes = Field(default=bytes(32), sa_type=LargeBinary)
+    updated_at: datetime = _ts()
 
 
 def table(model: type[SQLModel]) -> Table:
@@ -232,6 +253,7 @@ STAGES = table(Stage)
 DEALS = table(Deal)
 ACTIVITIES = table(Activity)
 AUDIT_EVENTS = table(AuditEvent)
+AUDIT_CHAIN_HEADS = table(AuditChainHead)
 
 
 class Note(TenantTable, table=True):
@@ -426,6 +448,49 @@ class WebhookDelivery(TenantTable, table=True):
     replay_of: uuid.UUID | None = None
 
 
+class ExportJob(TenantTable, table=True):
+    """A tenant's export (``resolvers.exports``): its progress, then its archive (``export_chunks``),
+    downloadable once through a signed link until ``expires_at``."""
+
+    __tablename__ = "export_jobs"
+    requested_by: uuid.UUID | None = None
+    status: str = Field(default="pending")
+    rows_done: int = Field(default=0, sa_type=BigInteger)
+    rows_total: int = Field(default=0, sa_type=BigInteger)
+    archive_bytes: int = Field(default=0, sa_type=BigInteger)
+    sha256: str | None = Field(default=None, sa_column=Column(CHAR(64)))
+    error: str | None = Field(default=None, sa_type=Text)
+    started_at: datetime | None = Field(default=None, sa_type=DateTime(timezone=True))
+    finished_at: datetime | None = Field(default=None, sa_type=DateTime(timezone=True))
+    expires_at: datetime | None = Field(default=None, sa_type=DateTime(timezone=True))
+    downloaded_at: datetime | None = Field(default=None, sa_type=DateTime(timezone=True))
+
+
+class ExportChunk(TenantTable, table=True):
+    """Part ``n`` (from 0) of an export's zip archive."""
+
+    __tablename__ = "export_chunks"
+    __table_args__ = (
+        ForeignKeyConstraint(["tenant_id", "job_id"], ["export_jobs.tenant_id", "export_jobs.id"], ondelete="CASCADE"),
+        UniqueConstraint("tenant_id", "job_id", "n"),
+    )
+    job_id: uuid.UUID
+    n: int
+    data: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+
+
+class RetentionPolicy(TenantTable, table=True):
+    """Keep ``target``'s rows (a ``models.retention`` target) for ``keep_days`` days."""
+
+    __tablename__ = "retention_policies"
+    __table_args__ = (UniqueConstraint("tenant_id", "target", name="retention_policies_target_key"),)
+    target: str = Field(max_length=64)
+    keep_days: int
+
+
+EXPORT_JOBS = table(ExportJob)
+EXPORT_CHUNKS = table(ExportChunk)
+RETENTION_POLICIES = table(RetentionPolicy)
 API_KEYS = table(ApiKey)
 PERSISTED_DOCUMENTS = table(PersistedDocument)
 APQ_DOCUMENTS = table(ApqDocument)
@@ -436,5 +501,10 @@ WEBHOOK_DELIVERIES = table(WebhookDelivery)
 
 TENANT_TABLES = (MEMBERSHIPS, COMPANIES, CONTACTS, PIPELINES, STAGES, DEALS, ACTIVITIES, AUDIT_EVENTS, NOTES,
                  API_KEYS, PERSISTED_DOCUMENTS, PRODUCTS, DEAL_LINE_ITEMS, IDEMPOTENCY_KEYS, WEBHOOK_ENDPOINTS,
-                 WEBHOOK_DELIVERIES)
+                 WEBHOOK_DELIVERIES, EXPORT_JOBS, EXPORT_CHUNKS, RETENTION_POLICIES)
 """Every table holding tenant rows (RLS enabled and forced on each; tests/test_rls.py checks the catalog)."""
+
+DATABASE_WRITTEN_TABLES = (DATA_VERSIONS, AUDIT_CHAIN_HEADS)
+"""Tables holding tenant rows that only the database's own triggers and functions write (RLS enabled
+and forced, read-only to the application role); not record tables, so not in ``TENANT_TABLES``."""
+

@@ -1,4 +1,4 @@
-"""The audit log: every change, newest first, readable by admins and owners."""
+"""The audit log: every change, newest first, readable by admins and owners; its hash chain's verification."""
 
 from __future__ import annotations
 
@@ -7,11 +7,12 @@ from sqlalchemy import select
 
 from auth.roles import Permission, requires
 from auth.session import Info
-from core.ids import parse_global_id
+from core.ids import parse_global_id, to_global_id
+from models.audit_chain import Verification, verify_chain
 from models.tables import AUDIT_EVENTS
 from records.declare import Sort
 from resolvers.paging import paginate
-from schema.crm import AuditEvent
+from schema.crm import AuditChainBreak, AuditChainVerification, AuditEvent
 from schema.pagination import Connection
 
 OCCURRED = Sort("OCCURRED_AT", "occurred_at").key(AUDIT_EVENTS)
@@ -33,3 +34,23 @@ class AuditQuery:
         return await paginate(session.db, query, AUDIT_EVENTS.c.id, OCCURRED, AuditEvent.from_row, descending=True,
                               first=first, after=after, last=last, before=before,
                               max_page=info.context.settings.max_page_size)
+
+    @strawberry.field(**requires(Permission.READ_AUDIT,
+                                 "Verify the workspace's audit hash chain: every event's hash recomputed from "
+                                 "its content and linked to the one before, from the anchor to the head; "
+                                 "reports the first broken link."))
+    async def audit_chain(self, info: Info) -> AuditChainVerification:
+        session = info.context.session
+        async with info.context.databases.tenant_transaction(session.tenant_id, isolation="REPEATABLE READ") as conn:
+            found = await verify_chain(conn, session.tenant_id)
+        return verification_object(found)
+
+
+def verification_object(found: Verification) -> AuditChainVerification:
+    broken = found.broken
+    return AuditChainVerification(
+        ok=found.ok, checked=found.checked, first_seq=found.first_seq, last_seq=found.last_seq,
+        head_seq=found.head_seq, head_hash=found.head_hash.hex(), anchor_seq=found.anchor_seq,
+        broken=None if broken is None else AuditChainBreak(
+            seq=broken.seq, reason=broken.reason,
+            event_id=None if broken.event_id is None else strawberry.ID(to_global_id("AuditEvent", broken.event_id))))

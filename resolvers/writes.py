@@ -288,10 +288,12 @@ class Change:
             self._event(record, ChangeKind.DELETED, row, (), version=row.version + 1)
         return len(rows)
 
-    async def audit(self, entity_type: str, action: str, entity_id: uuid.UUID, diff: dict[str, Any]) -> None:
-        """The audit row of a change to something that is not a declared record (API keys, documents)."""
+    async def audit(self, entity_type: str, action: str, entity_id: uuid.UUID, diff: dict[str, Any], *,
+                    id: uuid.UUID | None = None) -> None:
+        """The audit row of a change to something that is not a declared record (API keys, documents);
+        ``id``: the event's own id when the caller must know it (an erasure's markers name it)."""
         await self.conn.execute(insert(AUDIT_EVENTS).values(
-            tenant_id=self.tenant_id, id=uuid.uuid4(), actor_id=self.user_id, action=action,
+            tenant_id=self.tenant_id, id=id or uuid.uuid4(), actor_id=self.user_id, action=action,
             entity_type=entity_type, entity_id=entity_id, diff=diff, request_id=self.request_id,
         ))
 

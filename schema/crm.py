@@ -172,6 +172,28 @@ class AuditEvent:
         return await load(info, USER, self.actor_id)  # type: ignore[no-any-return]
 
 
+@strawberry.type(description="The first broken link of a workspace's audit chain.")
+class AuditChainBreak:
+    seq: int | None = strawberry.field(description="The event's sequence number; null when the break is at "
+                                                   "the chain's end or anchor rather than at one event.")
+    event_id: strawberry.ID | None = strawberry.field(description="The event's id (an AuditEvent global id).")
+    reason: str
+
+
+@strawberry.type(description="The result of verifying a workspace's audit hash chain (docs/audit.md).")
+class AuditChainVerification:
+    ok: bool
+    checked: int = strawberry.field(description="Events read and checked.")
+    first_seq: int | None
+    last_seq: int | None
+    head_seq: int = strawberry.field(description="Where the chain's head says it ends.")
+    head_hash: str = strawberry.field(description="SHA-256 of the last event, hex: publish it to detect a "
+                                                  "rewrite of the whole chain later.")
+    anchor_seq: int = strawberry.field(description="The last event retention removed (0: none); "
+                                                   "verification starts after it.")
+    broken: AuditChainBreak | None
+
+
 @strawberry.type(description="Deals (of every status) in one stage and one currency.")
 class StageTotal:
     stage: Stage

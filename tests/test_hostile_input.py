@@ -232,4 +232,5 @@ async def test_hostile_values_never_answer_internal(client: httpx.AsyncClient, a
             assert response.headers["content-type"].startswith("application/json"), (body, response.text)
             errors = response.json().get("errors") or []
             assert not [e for e in errors if e.get("extensions", {}).get("code") == "INTERNAL"], (body, errors)
+    await app.state.runtime.tasks.idle()  # background work a mutation started (an export) holds connections
     assert app.state.runtime.databases.pool_usage()[0] == 0

@@ -32,8 +32,9 @@ from models.tables import (
     AUDIT_EVENTS,
     COMPANIES,
     CONTACTS,
-    DATA_VERSIONS,
+    DATABASE_WRITTEN_TABLES,
     DEALS,
+    EXPORT_JOBS,
     MEMBERSHIPS,
     TENANT_TABLES,
     TENANTS,
@@ -70,6 +71,8 @@ class Seeded:
 
     products: dict[str, Any] = field(default_factory=dict)
     """A product and a line item of the tenant's deal (``product``, ``line``), made through the API."""
+    export_job: uuid.UUID = field(default_factory=uuid.uuid4)
+    """The id of the tenant's export job (planted by ``seeded_pair``), which its export chunk names."""
 
     def key(self, entity: str) -> uuid.UUID:
         if entity in self.products:
@@ -115,7 +118,10 @@ async def seeded_pair(make_tenant: MakeTenant, client: httpx.AsyncClient,
                 count = (await conn.execute(select(func.count()).select_from(table)
                                             .where(table.c.tenant_id == tenant.id))).scalar_one()
                 if count == 0:
-                    await conn.execute(insert(table).values(rows[table.name]))
+                    row = rows[table.name]
+                    if table is EXPORT_JOBS:
+                        row = {**row, "id": tenant.export_job}
+                    await conn.execute(insert(table).values(row))
     return pair
 
 
@@ -229,6 +235,11 @@ def rows_for(tenant: Seeded, stranger: uuid.UUID) -> dict[str, dict[str, Any]]:
         "deal_line_items": {"tenant_id": t, "id": uuid.uuid4(), "deal_id": tenant.key("deal"),
                             "product_id": tenant.key("product"), "quantity": 1, "unit_price": Decimal("1.00"),
                             "currency": "USD"},
+        "export_jobs": {"tenant_id": t, "id": uuid.uuid4(), "requested_by": tenant.world.users[Role.OWNER]},
+        "export_chunks": {"tenant_id": t, "id": uuid.uuid4(), "job_id": tenant.export_job,
+                          "n": uuid.uuid4().int % (1 << 31), "data": b"PK"},
+        "retention_policies": {"tenant_id": t, "id": uuid.uuid4(), "target": f"planted-{uuid.uuid4().hex[:8]}",
+                               "keep_days": 30},
         "idempotency_keys": {"tenant_id": t, "id": uuid.uuid4(), "principal": f"user:{stranger}",
                              "key": uuid.uuid4().hex, "fingerprint": "0" * 64, "status": 200, "body": "{}",
                              "expires_at": dt.datetime.now(dt.UTC) + dt.timedelta(days=1)},
@@ -557,7 +568,7 @@ async def test_every_tenant_table_has_rls_enabled_and_forced(admin_engine: Async
         FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
         WHERE n.nspname = 'public' AND c.relkind IN ('r', 'p')""")
     with_tenant = {t.relname for t in tables if t.has_tenant}
-    assert with_tenant == {t.name for t in (*TENANT_TABLES, DATA_VERSIONS)}, \
+    assert with_tenant == {t.name for t in (*TENANT_TABLES, *DATABASE_WRITTEN_TABLES)}, \
         "a table with tenant_id is missing from TENANT_TABLES"
     for t in tables:
         if t.has_tenant or t.relname in ("tenants", "users"):
@@ -645,9 +656,13 @@ async def test_nothing_the_app_role_can_read_sidesteps_rls(admin_engine: AsyncEn
         SELECT p.proname FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
         WHERE n.nspname = 'public' AND p.prosecdef AND has_function_privilege(:role, p.oid, 'EXECUTE')""",
                              role=APP_ROLE)
+    # The audit functions act only on the transaction's tenant: redaction of its events (an erasure),
+    # the trim its own retention policy allows; retention_due lists policies (no tenant data).
     assert sorted(d.proname for d in definers) == ["atrium_api_key", "atrium_apq_get", "atrium_apq_put",
+                                                   "atrium_audit_redact", "atrium_audit_trim",
                                                    "atrium_ensure_user", "atrium_login_candidates",
-                                                   "atrium_webhook_due", "atrium_webhook_next_due"]
+                                                   "atrium_retention_due", "atrium_webhook_due",
+                                                   "atrium_webhook_next_due"]
 
 
 async def test_policies_reading_other_tables_are_known_to_the_answer_cache(admin_engine: AsyncEngine) -> None:

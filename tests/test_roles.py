@@ -185,6 +185,11 @@ RULES = [
          lambda s: {"u": s.user(Role.VIEWER)}, Role.ADMIN),
     Rule("removeMember", """mutation($u: ID!) { removeMember(userId: $u) { deletedId } }""",
          lambda s: {"u": s.user(Role.VIEWER)}, Role.ADMIN),
+    Rule("exportTenant", """mutation { exportTenant { id status } }""", lambda s: {}, Role.OWNER),
+    Rule("eraseContact", """mutation($id: ID!) { eraseContact(id: $id) { contactId } }""",
+         lambda s: {"id": s.contact}, Role.OWNER),
+    Rule("setRetentionPolicy", """mutation { setRetentionPolicy(target: "activities", keepDays: 365) { keepDays } }""",
+         lambda s: {}, Role.OWNER),
 ]
 
 

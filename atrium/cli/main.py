@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime as dt
 import errno
 import logging
 import os
@@ -21,9 +22,19 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from atrium.observability.logs import uvicorn_log_config
-from atrium.ops.admin import add_user, create_tenant, list_tenants, tenant_database, tenant_id_by_slug
+from atrium.ops.admin import (
+    add_user,
+    create_tenant,
+    delete_tenant,
+    has_export,
+    list_tenants,
+    rows_of_tenant,
+    tenant_database,
+    tenant_id_by_slug,
+)
 from atrium.ops.bootstrap import DatabaseUnreachable, resolve_database
 from atrium.ops.embedded_pg import embedded_running, stop_embedded_postgres
 from core.pgurl import async_url
@@ -81,11 +92,70 @@ async def cmd_tenant(args: argparse.Namespace) -> int:
             tenant_id = await create_tenant(engine, args.slug, args.name or args.slug.title(), plan=Plan(args.plan),
                                             isolation=Isolation(args.isolation), database_url=args.database_url)
             out(f"created tenant {args.slug} ({tenant_id})")
+        elif args.action == "delete":
+            return await delete_tenant_command(engine, settings, args)
         else:
             for row in await list_tenants(engine):
                 out(f"{row.slug:<24} {row.plan:<11} {row.isolation:<10} {row.members:>4} members  {row.name}")
     finally:
         await engine.dispose()
+    return 0
+
+
+async def delete_tenant_command(registry: AsyncEngine, settings: Settings, args: argparse.Namespace) -> int:
+    """``atrium tenant delete SLUG [--yes]``: only once the tenant has a finished export, and only when
+    confirmed (``--yes``, or the slug typed again); then every row of the tenant in every table."""
+    tenant_id = await tenant_id_by_slug(registry, args.slug)
+    home = await tenant_database(registry, settings.admin_url, tenant_id)
+    try:
+        if not await has_export(home, tenant_id):
+            raise ValueError(f"tenant {args.slug!r} has no finished export: run exportTenant first "
+                             "(docs/export.md), then delete")
+        if not args.yes:
+            sys.stderr.write(f"This deletes every row of tenant {args.slug!r} ({tenant_id}) in every table, "
+                             "for good.\nType the tenant's slug to confirm: ")
+            sys.stderr.flush()
+            answer = await asyncio.to_thread(sys.stdin.readline)
+            if answer.strip() != args.slug:
+                raise ValueError("not confirmed; nothing was deleted")
+        deleted = await delete_tenant(registry, home, tenant_id)
+        left = {name: n for name, n in (await rows_of_tenant(home, tenant_id)).items() if n}
+    finally:
+        await home.dispose()
+    if left:
+        sys.stderr.write(f"atrium: rows of {args.slug} remain in {left}\n")
+        return 1
+    out(f"deleted tenant {args.slug} ({tenant_id}): {sum(deleted.values())} rows in "
+        f"{sum(1 for n in deleted.values() if n)} tables")
+    return 0
+
+
+async def cmd_retention(args: argparse.Namespace) -> int:
+    """``atrium retention run [--tenant SLUG]``: apply the retention policies now (shared database and
+    every dedicated one); prints what each removed."""
+    from models.db import Databases
+    from models.retention import apply_retention
+
+    settings = await _settings(args)
+    engine = create_engine(settings.admin_url)
+    try:
+        only = await tenant_id_by_slug(engine, args.tenant) if args.tenant else None
+        homes = {settings.admin_url}
+        for row in await list_tenants(engine):
+            if row.isolation == Isolation.DEDICATED.value and (only is None or row.id == only):
+                home = await tenant_database(engine, settings.admin_url, row.id)
+                homes.add(home.url.render_as_string(hide_password=False))
+                await home.dispose()
+    finally:
+        await engine.dispose()
+    now = dt.datetime.now(dt.UTC)
+    for url in sorted(homes):
+        databases = Databases(url, pool_size=2)
+        try:
+            for applied in await apply_retention(databases, now, tenant_id=only):
+                out(f"{applied.tenant_id} {applied.target}: kept {applied.keep_days} days, removed {applied.removed}")
+        finally:
+            await databases.dispose()
     return 0
 
 
@@ -103,6 +173,33 @@ async def cmd_user(args: argparse.Namespace) -> int:
     finally:
         await engine.dispose()
     out(f"{args.email} is {args.role} of {args.tenant} (user {user_id})")
+    return 0
+
+
+async def cmd_audit(args: argparse.Namespace) -> int:
+    """``atrium audit verify --tenant SLUG``: 0 when the chain is intact, 1 with its first broken link."""
+    from models.audit_chain import verify_chain
+
+    settings = await _settings(args)
+    engine = create_engine(settings.admin_url)
+    try:
+        tenant_id = await tenant_id_by_slug(engine, args.tenant)
+        home = await tenant_database(engine, settings.admin_url, tenant_id)
+        try:
+            async with home.connect() as conn:
+                await conn.execution_options(isolation_level="REPEATABLE READ")
+                async with conn.begin():
+                    found = await verify_chain(conn, tenant_id)
+        finally:
+            await home.dispose()
+    finally:
+        await engine.dispose()
+    span = f"events {found.first_seq}..{found.last_seq}" if found.first_seq is not None else "no events"
+    if found.broken is not None:
+        sys.stderr.write(f"atrium: audit chain of {args.tenant} is BROKEN at {found.broken.describe()}\n")
+        return 1
+    out(f"audit chain of {args.tenant} intact: {found.checked} events checked ({span}, anchor {found.anchor_seq}); "
+        f"head {found.head_seq} sha256 {found.head_hash.hex()}")
     return 0
 
 
@@ -289,7 +386,7 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("revision", nargs="?", default="head")
     m.add_argument("--downgrade", action="store_true")
 
-    t = sub.add_parser("tenant", help="create or list tenants")
+    t = sub.add_parser("tenant", help="create, list or delete tenants")
     tsub = t.add_subparsers(dest="action", required=True)
     tc = tsub.add_parser("create")
     tc.add_argument("slug")
@@ -298,6 +395,9 @@ def parser() -> argparse.ArgumentParser:
     tc.add_argument("--isolation", default="shared", choices=[x.value for x in Isolation])
     tc.add_argument("--database-url", help="dedicated tenants: the tenant's own (migrated) database")
     tsub.add_parser("list")
+    td = tsub.add_parser("delete", help="delete every row of a tenant (after an export; asks to confirm)")
+    td.add_argument("slug")
+    td.add_argument("--yes", action="store_true", help="do not ask: confirmed")
 
     u = sub.add_parser("user", help="add a user to a tenant")
     usub = u.add_subparsers(dest="action", required=True)
@@ -331,6 +431,16 @@ def parser() -> argparse.ArgumentParser:
     bsub = b.add_subparsers(dest="action", required=True)
     bsub.add_parser("stop", help="stop it (atrium serve stops the one it started by itself)")
 
+    a = sub.add_parser("audit", help="the tamper-evident audit log (docs/audit.md)")
+    asub = a.add_subparsers(dest="action", required=True)
+    av = asub.add_parser("verify", help="recompute a tenant's audit hash chain and report its first broken link")
+    av.add_argument("--tenant", required=True)
+
+    r = sub.add_parser("retention", help="apply the tenants' retention policies now (docs/export.md)")
+    rsub = r.add_subparsers(dest="action", required=True)
+    rr = rsub.add_parser("run")
+    rr.add_argument("--tenant", help="only this tenant")
+
     partner_cli.add_parsers(sub)
     webhook_cli.add_parsers(sub)
     return p
@@ -342,7 +452,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "seed-demo" and not 1 <= args.deals <= 100_000:
         parser().error("--deals must be between 1 and 100000")
     handlers = {"migrate": cmd_migrate, "tenant": cmd_tenant, "user": cmd_user, "token": cmd_token,
-                "seed-demo": cmd_seed_demo, **dict.fromkeys(partner_cli.COMMANDS, partner_cli.run),
+                "seed-demo": cmd_seed_demo, "audit": cmd_audit, "retention": cmd_retention,
+                **dict.fromkeys(partner_cli.COMMANDS, partner_cli.run),
                 **dict.fromkeys(webhook_cli.COMMANDS, webhook_cli.run)}
     try:
         if args.command == "serve":

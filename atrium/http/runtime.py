@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import asyncio
+import datetime as dt
+import logging
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from redis.asyncio import Redis
+from sqlalchemy.exc import SQLAlchemyError
 
 from atrium.http.ratelimit import RateLimiter, rate_limiter
 from atrium.observability.metrics import Metrics
@@ -13,7 +17,9 @@ from atrium.observability.tracing import TracedBroker, Tracing, tracing_for
 from auth.tokens import TokenVerifier
 from core.clock import SYSTEM_CLOCK, Clock
 from core.settings import Settings
+from core.tasks import BackgroundTasks
 from models.db import Databases
+from models.retention import apply_retention
 from partners.documents import ApqStore, apq_store
 from partners.keys import ApiKeys
 from partners.manifests import TrustedDocuments
@@ -23,6 +29,8 @@ from webhooks.dispatcher import Dispatcher
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider
+
+log = logging.getLogger("atrium.retention")
 
 
 @dataclass(frozen=True)
@@ -47,6 +55,12 @@ class Runtime:
     """Traces (``atrium.observability.tracing``); None when tracing is off."""
     dispatcher: Dispatcher | None = None
     """Sends webhook deliveries from this process (None when ``ATRIUM_WEBHOOK_DISPATCHER=off``)."""
+    tasks: BackgroundTasks = field(default_factory=BackgroundTasks)
+    """Work outliving its request (exports); cancelled on close."""
+    schedule: BackgroundTasks = field(default_factory=BackgroundTasks)
+    """What runs for the app's whole life (the retention schedule); cancelled on close."""
+    retention_rounds: asyncio.Queue[int] = field(default_factory=asyncio.Queue)
+    """The number of each retention round the schedule completed, in order (what tests wait on)."""
 
     @classmethod
     def build(cls, settings: Settings, clock: Clock = SYSTEM_CLOCK,
@@ -73,10 +87,31 @@ class Runtime:
         await self.broker.start()
         if self.dispatcher is not None:
             await self.dispatcher.start()
+        if self.settings.retention_interval_seconds > 0:
+            self.schedule.spawn(self._retention_schedule(self.clock.time()), name="retention")
+
+    async def _retention_schedule(self, started: float) -> None:
+        """Apply the tenants' retention policies every ``retention_interval_seconds`` (the first time
+        one interval after start); a failed round is logged and the next one runs as planned."""
+        interval = self.settings.retention_interval_seconds
+        deadline = started
+        rounds = 0
+        while True:
+            deadline += interval
+            await self.clock.sleep_until(deadline)
+            try:
+                await apply_retention(self.databases, dt.datetime.fromtimestamp(self.clock.time(), dt.UTC))
+            except (TimeoutError, OSError, SQLAlchemyError) as exc:
+                log.warning("retention round failed (%s); next in %d s", exc, interval)
+            rounds += 1
+            if self.retention_rounds.qsize() < 100:  # nobody may be reading: keep it bounded
+                self.retention_rounds.put_nowait(rounds)
 
     async def close(self) -> None:
         if self.dispatcher is not None:
             await self.dispatcher.close()
+        await self.schedule.close()
+        await self.tasks.close()
         await self.broker.close()
         if self.redis is not None:
             await self.redis.aclose()

@@ -10,14 +10,15 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import Row, select, text
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy import Row, column, delete, func, select, text
+from sqlalchemy import table as sa_table
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from auth.passwords import hash_password_async
 from core.pgurl import PgUrl, with_user
 from core.settings import app_role_url
 from models.db import create_engine
-from models.tables import TENANTS, Isolation, Plan, Role
+from models.tables import EXPORT_JOBS, MEMBERSHIPS, TENANTS, USERS, Isolation, Plan, Role
 
 UPSERT_USER = text(
     "INSERT INTO users (id, email, name, password_hash) VALUES (:id, :email, :name, :password_hash) "
@@ -97,3 +98,83 @@ async def add_user(engine: AsyncEngine, tenant_id: uuid.UUID, email: str, name: 
     return user_id  # type: ignore[no-any-return]
 
 
+
+
+TENANT_COLUMN_TABLES = text("""
+    SELECT c.relname FROM pg_attribute a
+    JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+    WHERE n.nspname = 'public' AND c.relkind IN ('r', 'p') AND a.attname = 'tenant_id' AND NOT a.attisdropped
+    ORDER BY c.relname""")
+FOREIGN_KEYS = text("""
+    SELECT child.relname AS child, parent.relname AS parent FROM pg_constraint k
+    JOIN pg_class child ON child.oid = k.conrelid JOIN pg_class parent ON parent.oid = k.confrelid
+    JOIN pg_namespace n ON n.oid = child.relnamespace
+    WHERE k.contype = 'f' AND n.nspname = 'public' AND child.oid <> parent.oid""")
+
+
+async def tenant_tables(conn: AsyncConnection) -> list[str]:
+    """Every table with a ``tenant_id`` column, from the catalog, each before the tables it references."""
+    names = list((await conn.execute(TENANT_COLUMN_TABLES)).scalars())
+    parents: dict[str, set[str]] = {name: set() for name in names}
+    for fk in (await conn.execute(FOREIGN_KEYS)).all():
+        if fk.child in parents and fk.parent in parents:
+            parents[fk.child].add(fk.parent)
+    referenced_by = {name: {c for c, ps in parents.items() if name in ps} for name in names}
+    ordered: list[str] = []
+    while referenced_by:
+        free = sorted(name for name, children in referenced_by.items() if not children)
+        if not free:
+            raise RuntimeError(f"foreign keys form a cycle among {sorted(referenced_by)}")
+        for name in free:
+            ordered.append(name)
+            del referenced_by[name]
+            for children in referenced_by.values():
+                children.discard(name)
+    return ordered
+
+
+async def has_export(engine: AsyncEngine, tenant_id: uuid.UUID) -> bool:
+    """Whether the tenant has a finished export (downloaded or waiting to be)."""
+    async with engine.connect() as conn:
+        return bool((await conn.execute(select(func.count()).where(
+            EXPORT_JOBS.c.tenant_id == tenant_id, EXPORT_JOBS.c.status.in_(("done", "downloaded"))))).scalar_one())
+
+
+async def delete_tenant(registry: AsyncEngine, home: AsyncEngine, tenant_id: uuid.UUID) -> dict[str, int]:
+    """Delete every row of ``tenant_id`` from every table that has a ``tenant_id`` column (found in the
+    catalog, so a table added later is covered), children first, then the tenant itself (in its home
+    database and the registry) and the users who were its members and belong to no other tenant.
+    One transaction per database. Returns the rows deleted per table."""
+    deleted: dict[str, int] = {}
+    async with home.begin() as conn:
+        names = await tenant_tables(conn)
+        members = list((await conn.execute(select(MEMBERSHIPS.c.user_id).where(
+            MEMBERSHIPS.c.tenant_id == tenant_id))).scalars())
+        for name in names:
+            rows = sa_table(name, column("tenant_id"))
+            deleted[name] = (await conn.execute(delete(rows).where(rows.c.tenant_id == tenant_id))).rowcount
+        deleted["tenants"] = (await conn.execute(delete(TENANTS).where(TENANTS.c.id == tenant_id))).rowcount
+        for name in names:  # what triggers wrote while the tenant still existed (data versions)
+            rows = sa_table(name, column("tenant_id"))
+            deleted[name] += (await conn.execute(delete(rows).where(rows.c.tenant_id == tenant_id))).rowcount
+        if members:
+            deleted["users"] = (await conn.execute(delete(USERS).where(
+                USERS.c.id.in_(members),
+                ~select(MEMBERSHIPS.c.id).where(MEMBERSHIPS.c.user_id == USERS.c.id).exists()))).rowcount
+    if registry is not home:
+        async with registry.begin() as conn:
+            await conn.execute(delete(TENANTS).where(TENANTS.c.id == tenant_id))
+    return deleted
+
+
+async def rows_of_tenant(engine: AsyncEngine, tenant_id: uuid.UUID) -> dict[str, int]:
+    """How many rows each table with a ``tenant_id`` column (and ``tenants``) holds of ``tenant_id``."""
+    async with engine.connect() as conn:
+        counts = {}
+        for name in await tenant_tables(conn):
+            rows = sa_table(name, column("tenant_id"))
+            counts[name] = (await conn.execute(select(func.count()).select_from(rows)
+                                               .where(rows.c.tenant_id == tenant_id))).scalar_one()
+        counts["tenants"] = (await conn.execute(select(func.count()).select_from(TENANTS)
+                                                .where(TENANTS.c.id == tenant_id))).scalar_one()
+    return counts

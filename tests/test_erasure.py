@@ -1,0 +1,152 @@
+"""eraseContact: a person's personal data leaves every table of the database (the contact, activities'
+text naming them, note text and CRDT state, audit diffs, stored mutation answers), the audit chain
+still verifies, and one chained ``erase`` event says it happened, without the data."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Awaitable, Callable
+
+import httpx
+from sqlalchemy import select, text
+from sqlalchemy.ext.asyncio import AsyncEngine
+from starlette.applications import Starlette
+
+from core.ids import to_global_id
+from models.audit_chain import verify_chain
+from models.tables import AUDIT_EVENTS, CONTACTS, EXPORT_JOBS, NOTES, Role
+from subscriptions.notes import text_of
+from tests.conftest import TenantWorld, codes, data_or_fail, gql
+from tests.crm import uuid_of
+from tests.governance import Filled, fill, finished_export
+
+MakeTenant = Callable[..., Awaitable[TenantWorld]]
+ERASE = """mutation($id: ID!) { eraseContact(id: $id) {
+  contactId erasureEventId auditEventsRedacted activitiesRewritten notesRewritten storedAnswersRemoved exportsPurged
+} }"""
+UPDATE_CONTACT = "mutation($id: ID!, $p: String) { updateContact(id: $id, input: {phone: $p}) { id phone } }"
+CREATE_ACTIVITY = "mutation($i: ActivityInput!) { createActivity(input: $i) { id subject } }"
+
+ALL_TABLES = text("SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+                  "WHERE n.nspname = 'public' AND c.relkind = 'r' ORDER BY 1")
+
+
+async def rows_mentioning(engine: AsyncEngine, *terms: str) -> dict[str, int]:
+    """Per table of the whole database, the rows whose text (every column, bytea as hex) contains a term."""
+    found: dict[str, int] = {}
+    async with engine.connect() as conn:
+        for name in (await conn.execute(ALL_TABLES)).scalars():
+            for term in terms:
+                count = (await conn.execute(text(
+                    f'SELECT count(*) FROM "{name}" t WHERE t::text ILIKE :pattern'), {"pattern": f"%{term}%"})
+                ).scalar_one()
+                if count:
+                    found[name] = found.get(name, 0) + count
+    return found
+
+
+async def personal(client: httpx.AsyncClient, filled: Filled) -> None:
+    """More places the person ends up: a change of their phone (audited before/after) and a mutation
+    answer stored for retries (Idempotency-Key) that names them."""
+    token = filled.world.token()
+    data_or_fail(await gql(client, UPDATE_CONTACT, {"id": filled.crm.contact["id"], "p": "+44 20 7946 0999"},
+                           token=token))
+    response = await client.post("/graphql", json={"query": CREATE_ACTIVITY, "variables": {"i": {
+        "kind": "EMAIL", "subject": f"Mail to {filled.email}", "contactId": filled.crm.contact["id"]}}},
+        headers={"authorization": f"Bearer {token}", "idempotency-key": f'"{uuid.uuid4()}"'})
+    assert response.status_code == 200 and filled.email in response.text
+
+
+async def test_erasure_removes_the_person_from_every_table(
+    client: httpx.AsyncClient, app: Starlette, make_tenant: MakeTenant, admin_engine: AsyncEngine,
+) -> None:
+    world = await make_tenant("erase")
+    filled = await fill(client, world)
+    await personal(client, filled)
+    bystander = await fill(client, await make_tenant("erase-other"))
+    pending_export = await finished_export(client, app, world)
+    terms = (filled.person, filled.email, "7946 0999", filled.crm.contact["lastName"])
+    assert {"contacts", "activities", "audit_events", "idempotency_keys"} <= set(await rows_mentioning(
+        admin_engine, *terms))
+
+    body = await gql(client, ERASE, {"id": filled.crm.contact["id"]}, token=world.token())
+    erased = data_or_fail(body)["eraseContact"]
+    assert erased["contactId"] == filled.crm.contact["id"]
+    assert erased["activitiesRewritten"] >= 1 and erased["notesRewritten"] == 1
+    assert erased["storedAnswersRemoved"] >= 1 and erased["exportsPurged"] == 1
+    assert erased["auditEventsRedacted"] > 0
+
+    # Nowhere in the database, in any table, is the person any more; the bystander is untouched.
+    assert await rows_mentioning(admin_engine, *terms) == {}
+    assert await rows_mentioning(admin_engine, bystander.person, bystander.email)
+    async with admin_engine.connect() as conn:
+        assert (await conn.execute(select(CONTACTS.c.id).where(
+            CONTACTS.c.id == uuid_of(filled.crm.contact["id"])))).first() is None
+        (state,) = (await conn.execute(select(NOTES.c.state).where(
+            NOTES.c.id == uuid_of(filled.note["id"])))).one()
+        status = (await conn.execute(select(EXPORT_JOBS.c.status).where(
+            EXPORT_JOBS.c.id == uuid_of(pending_export["id"])))).scalar_one()
+    # The note keeps its other words; its CRDT state holds nothing of the erased text (not even deleted).
+    assert text_of(bytes(state)) == filled.note_text.replace(filled.person, "[erased]").replace(filled.email,
+                                                                                               "[erased]")
+    for term in terms:
+        assert term.encode() not in bytes(state)
+    assert status == "purged"
+    # The activity that named them is kept, rewritten.
+    mention = data_or_fail(await gql(client, "query($id: ID!) { node(id: $id) { ... on Activity { subject body } } }",
+                                     {"id": filled.mention["id"]}, token=world.token()))["node"]
+    assert mention == {"subject": "Call [erased]", "body": "Follow up with [erased] tomorrow"}
+
+    # The chain still verifies, and one chained event records the erasure, without the data.
+    async with admin_engine.connect() as conn:
+        await conn.execution_options(isolation_level="REPEATABLE READ")
+        async with conn.begin():
+            chain = await verify_chain(conn, world.id)
+            event = (await conn.execute(select(AUDIT_EVENTS).where(
+                AUDIT_EVENTS.c.id == uuid_of(erased["erasureEventId"])))).one()
+            redacted = (await conn.execute(select(AUDIT_EVENTS.c.id, AUDIT_EVENTS.c.diff).where(
+                AUDIT_EVENTS.c.tenant_id == world.id, AUDIT_EVENTS.c.salt.is_(None)))).all()
+    assert chain.ok, chain.broken
+    assert (event.action, event.entity_type, event.entity_id) == ("erase", "Contact",
+                                                                  uuid_of(filled.crm.contact["id"]))
+    assert event.actor_id == world.users[Role.OWNER]
+    assert sorted(event.diff["redacted"]) == sorted(str(r.id) for r in redacted)
+    assert len(redacted) == erased["auditEventsRedacted"]
+    assert all(r.diff == {"redacted": True, "erasure": str(event.id)} for r in redacted)
+    assert not any(term in json.dumps(event.diff) for term in terms)
+
+
+async def test_another_tenants_owner_cannot_erase(
+    client: httpx.AsyncClient, make_tenant: MakeTenant, admin_engine: AsyncEngine,
+) -> None:
+    world, other = await make_tenant("erase-a"), await make_tenant("erase-b")
+    filled = await fill(client, world)
+    assert codes(await gql(client, ERASE, {"id": filled.crm.contact["id"]}, token=other.token())) == ["NOT_FOUND"]
+    for role in (Role.VIEWER, Role.MEMBER, Role.ADMIN):
+        assert codes(await gql(client, ERASE, {"id": filled.crm.contact["id"]}, token=world.token(role))) == \
+            ["FORBIDDEN"]
+    assert codes(await gql(client, ERASE, {"id": to_global_id("Contact", uuid.uuid4())},
+                           token=world.token())) == ["NOT_FOUND"]
+    assert codes(await gql(client, ERASE, {"id": filled.crm.deal["id"]}, token=world.token())) == ["BAD_USER_INPUT"]
+    assert (await rows_mentioning(admin_engine, filled.email)).get("contacts") == 1
+
+
+async def test_a_redacted_event_changed_afterwards_breaks_the_chain(
+    client: httpx.AsyncClient, make_tenant: MakeTenant, admin_engine: AsyncEngine,
+) -> None:
+    world = await make_tenant("erase-tamper")
+    filled = await fill(client, world)
+    erased = data_or_fail(await gql(client, ERASE, {"id": filled.crm.contact["id"]}, token=world.token()))
+    erasure = uuid_of(erased["eraseContact"]["erasureEventId"])
+    async with admin_engine.begin() as conn:
+        # Someone marks another, unredacted event as redacted by the same erasure: it is not on its list.
+        victim = (await conn.execute(select(AUDIT_EVENTS.c.id, AUDIT_EVENTS.c.seq).where(
+            AUDIT_EVENTS.c.tenant_id == world.id, AUDIT_EVENTS.c.salt.is_not(None),
+            AUDIT_EVENTS.c.action == "create").order_by(AUDIT_EVENTS.c.seq).limit(1))).one()
+        await conn.execute(AUDIT_EVENTS.update().where(AUDIT_EVENTS.c.id == victim.id).values(
+            salt=None, diff={"redacted": True, "erasure": str(erasure)}))
+    async with admin_engine.connect() as conn:
+        chain = await verify_chain(conn, world.id)
+    assert chain.broken is not None and chain.broken.seq == victim.seq
+    assert "the erasure" in chain.broken.reason and "does not list it" in chain.broken.reason
