@@ -318,7 +318,9 @@ class Change:
 
     async def _audit_many(self, record: Record, action: str, entries: list[tuple[uuid.UUID, dict[str, Any]]]) -> None:
         if entries:
-            await self.conn.execute(insert(AUDIT_EVENTS), [
+            # With RETURNING, SQLAlchemy sends the rows as multi-row INSERTs (up to 1,000 rows each)
+            # instead of one statement per row.
+            await self.conn.execute(insert(AUDIT_EVENTS).returning(AUDIT_EVENTS.c.id), [
                 {"tenant_id": self.tenant_id, "id": uuid.uuid4(), "actor_id": self.user_id,
                  "action": action, "entity_type": record.name, "entity_id": entity_id, "diff": diff,
                  "request_id": self.request_id}

@@ -6,6 +6,7 @@ the application's filters and with RLS alone)."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
@@ -31,6 +32,7 @@ from resolvers.writes import Change
 from subscriptions.events import ChangeEvent, ChangeKind, type_channel
 from tests.conftest import TenantWorld, codes, data_or_fail, gql
 from tests.crm import create_company, create_deal, create_pipeline, gid, uuid_of
+from tests.wire import wired_app
 
 MakeTenant = Callable[..., Awaitable[TenantWorld]]
 
@@ -433,3 +435,34 @@ async def test_rls_alone_keeps_batch_statements_in_the_transactions_tenant(
                                    .where(DEALS.c.tenant_id == a.id))).all()
     assert [(r.id, r.version) for r in rows] == [(uuid_of(theirs["id"]), 1)]
     assert await deal_count(admin_engine, b.id) == 0
+
+
+# ---- statements -----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+async def wired(settings: Settings) -> AsyncIterator[Starlette]:
+    async with wired_app(settings) as application:
+        yield application
+
+
+async def test_a_batch_of_creates_costs_the_same_statements_whatever_its_size(
+        wired: Starlette, make_tenant: MakeTenant) -> None:
+    """Set-based: references, unique fields, the rows and their audit rows are one statement each
+    for the whole batch; 5 deals and 200 deals send the same statements."""
+    world = await make_tenant("bwire")
+    token = world.token()
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=wired), base_url="http://atrium.test") as client:
+        stage = await stage_of(client, token)
+        company = await create_company(client, token)
+        sent: list[list[str]] = []
+        for n in (5, 200):
+            with wired.state.wire.recording() as statements:
+                data_or_fail(await gql(client, CREATE, {"input": deal_inputs(
+                    stage, n, companyId=company["id"], ownerId=gid("User", world.users[Role.ADMIN]))},
+                    token=token))
+            sent.append(statements)
+    small, large = sent
+    assert len(small) == len(large), collections.Counter(s[:60] for s in large)
+    assert sum("INSERT INTO deals" in s for s in large) == 1, large
+    assert sum("INSERT INTO audit_events" in s for s in large) == 1, large
+    assert len(large) <= 17, "\n".join(s[:70] for s in large)
