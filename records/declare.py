@@ -23,6 +23,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
+from functools import cache
 from typing import Any, Protocol
 
 from sqlalchemy import (
@@ -51,11 +52,13 @@ from models.loaders import TENANT
 from records.rules import Choice, Rule, Text
 
 
+@cache
 def snake(name: str) -> str:
     """``DealLineItem`` -> ``deal_line_item``."""
     return "".join(f"_{c.lower()}" if c.isupper() and i else c.lower() for i, c in enumerate(name))
 
 
+@cache
 def camel(column: str) -> str:
     """The GraphQL name of a column (``stage_id`` -> ``stageId``)."""
     head, *rest = column.split("_")
@@ -650,9 +653,9 @@ class Record:
 
     @property
     def sequential(self) -> bool:
-        """Batch creates insert this record's rows one at a time (``resolvers.batch``): it has nested
-        children, rollups or a sequential fallback, each of which needs the rows created before."""
-        return bool(self.rollups) or any(c.nested for c in self.children) or any(f.sequential for f in self.fields)
+        """Batch creates insert this record's rows one at a time (``resolvers.batch``): it has rollups
+        (each row recomputes its parent) or a sequential fallback (each needs the rows before it)."""
+        return bool(self.rollups) or any(f.sequential for f in self.fields)
 
     # ---- inputs -> column values (validated; references are checked by the write path) ----------
 
