@@ -15,11 +15,13 @@ from typing import Any
 
 import httpx
 import pytest
+from graphql import OperationDefinitionNode, parse
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.applications import Starlette
 
 from atrium.app import create_app
+from atrium.schema import schema
 from auth.principal import Principal
 from core.errors import NotFound
 from core.limits import MAX_BATCH
@@ -29,6 +31,7 @@ from models.tables import AUDIT_EVENTS, COMPANIES, DEALS, STAGES, Role
 from records.crm import DEAL
 from resolvers import batch
 from resolvers.writes import Change
+from schema.cost import operation_cost
 from subscriptions.events import ChangeEvent, ChangeKind, type_channel
 from tests.conftest import TenantWorld, codes, data_or_fail, gql
 from tests.crm import create_company, create_deal, create_pipeline, gid, uuid_of
@@ -466,3 +469,28 @@ async def test_a_batch_of_creates_costs_the_same_statements_whatever_its_size(
     assert sum("INSERT INTO deals" in s for s in large) == 1, large
     assert sum("INSERT INTO audit_events" in s for s in large) == 1, large
     assert len(large) <= 17, "\n".join(s[:70] for s in large)
+
+
+# ---- cost -----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("document", "variables", "cost"), [
+    ("mutation($input: [DealInput!]!) { createDeals(input: $input) { id } }", {"input": [{}] * 7}, 7),
+    ("mutation($input: [DealInput!]!) { createDeals(input: $input) { id stage { name } } }", {"input": [{}] * 7}, 14),
+    ("mutation { deleteDeals(input: [{id: \"a\"}, {id: \"b\"}, {id: \"c\"}]) { deletedIds } }", {}, 3),
+    ("mutation($input: [DealUpsert!]!) { upsertDeals(input: $input) { record { id } } }", {"input": [{}] * 4}, 8),
+    ("mutation($input: DealInput!) { createDeal(input: $input) { id stage { name } } }", {"input": {}}, 2),
+])
+def test_a_batch_costs_its_records_times_one(document: str, variables: dict[str, Any], cost: int) -> None:
+    parsed = parse(document)
+    operation = next(d for d in parsed.definitions if isinstance(d, OperationDefinitionNode))
+    assert operation_cost(schema._schema, parsed, operation, variables) == cost
+
+
+async def test_a_batch_too_costly_to_answer_is_refused_before_it_writes(
+        client: httpx.AsyncClient, make_tenant: MakeTenant, admin_engine: AsyncEngine) -> None:
+    world = await make_tenant("bcost")
+    token = world.token()
+    heavy = "mutation($input: [DealInput!]!) { createDeals(input: $input) { stage { deals(first: 100) { id } } } }"
+    body = await gql(client, heavy, {"input": deal_inputs(await stage_of(client, token), MAX_BATCH)}, token=token)
+    assert codes(body) == ["QUERY_TOO_COMPLEX"] and body["errors"][0]["extensions"]["cost"] == MAX_BATCH * 102
+    assert await deal_count(admin_engine, world.id) == 0
