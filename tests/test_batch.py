@@ -35,6 +35,7 @@ from schema.cost import operation_cost
 from subscriptions.events import ChangeEvent, ChangeKind, type_channel
 from tests.conftest import TenantWorld, codes, data_or_fail, gql
 from tests.crm import create_company, create_deal, create_pipeline, gid, uuid_of
+from tests.live import AtriumProcess, live
 from tests.wire import wired_app
 
 MakeTenant = Callable[..., Awaitable[TenantWorld]]
@@ -494,3 +495,35 @@ async def test_a_batch_too_costly_to_answer_is_refused_before_it_writes(
     body = await gql(client, heavy, {"input": deal_inputs(await stage_of(client, token), MAX_BATCH)}, token=token)
     assert codes(body) == ["QUERY_TOO_COMPLEX"] and body["errors"][0]["extensions"]["cost"] == MAX_BATCH * 102
     assert await deal_count(admin_engine, world.id) == 0
+
+
+# ---- subscriptions --------------------------------------------------------------------------------
+
+BOARD = """
+subscription($p: ID!) {
+  dealBoard(pipelineId: $p) {
+    __typename ... on Resync { reason } ... on DealChange { kind recordId version record { id title } }
+  }
+}"""
+
+
+async def test_board_subscribers_get_one_event_per_record_across_processes(
+        servers: tuple[AtriumProcess, AtriumProcess], make_tenant: MakeTenant) -> None:
+    """A batch written through process B reaches a board subscriber on process A (through Redis) as
+    one change per record, in input order, after the commit."""
+    a, b = servers
+    world = await make_tenant("blive")
+    token = world.token(Role.MEMBER)
+    async with b.client() as client:
+        pipeline = await create_pipeline(client, token)
+        stage = pipeline["stages"][0]["id"]
+        async with live(a.ws_url, token) as subscriber:
+            board = await subscriber.live(BOARD, {"p": pipeline["id"]})
+            made = data_or_fail(await gql(client, CREATE, {"input": deal_inputs(stage, 4)}, token=token))["createDeals"]
+            created = [(await subscriber.data(board))["dealBoard"] for _ in made]
+            data_or_fail(await gql(client, UPDATE, {"input": [{"id": d["id"], "title": f"T{i}"}
+                                                              for i, d in enumerate(made)]}, token=token))
+            updated = [(await subscriber.data(board))["dealBoard"] for _ in made]
+    assert [(c["kind"], c["recordId"], c["version"]) for c in created] == [("CREATED", d["id"], 1) for d in made]
+    assert [(u["kind"], u["recordId"], u["record"]["title"]) for u in updated] == [
+        ("UPDATED", d["id"], f"T{i}") for i, d in enumerate(made)]
