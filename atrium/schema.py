@@ -16,9 +16,9 @@ from core.limits import MAX_TOKENS
 from partners.resolvers import PartnerMutation, PartnerQuery
 from planner.execution import PlanCache, PlannedQueries, answer_prepared
 from planner.plan import Planner
-from records.crm import ACTIVITY, COMPANY, CONTACT, DEAL_LINE_ITEM, PIPELINE, PRODUCT, STAGE
+from records.crm import ACTIVITY, COMPANY, CONTACT, DEAL, DEAL_LINE_ITEM, PIPELINE, PRODUCT, STAGE
 from resolvers.audit import AuditQuery
-from resolvers.crud import mutations, queries
+from resolvers.crud import batch_mutations, mutations, queries
 from resolvers.deals import DealMutation, DealQuery
 from resolvers.erasure import ErasureMutation
 from resolvers.exports import ExportMutation, ExportQuery
@@ -48,9 +48,10 @@ def root(name: str, *parts: type) -> type:
 Query = root("Query", ViewerQuery, DealQuery, queries(COMPANY), queries(CONTACT), queries(PIPELINE), queries(ACTIVITY),
              AuditQuery, PartnerQuery, NoteQuery, queries(PRODUCT), queries(DEAL_LINE_ITEM), WebhookQuery,
              ExportQuery)
-Mutation = root("Mutation", ViewerMutation, DealMutation, mutations(COMPANY), mutations(CONTACT), mutations(PIPELINE),
-                mutations(STAGE), mutations(ACTIVITY), PartnerMutation, NoteMutation, LiveMutation,
-                mutations(PRODUCT), mutations(DEAL_LINE_ITEM), WebhookMutation, ExportMutation, ErasureMutation)
+Mutation = root("Mutation", ViewerMutation, DealMutation, batch_mutations(DEAL), mutations(COMPANY),
+                mutations(CONTACT), mutations(PIPELINE), mutations(STAGE), mutations(ACTIVITY), PartnerMutation,
+                NoteMutation, LiveMutation, mutations(PRODUCT), mutations(DEAL_LINE_ITEM), WebhookMutation,
+                ExportMutation, ErasureMutation)
 Subscription = root("Subscription", LiveSubscription)
 
 

@@ -71,6 +71,21 @@ class AtriumError(Exception):
         ext.update(self.extra)
         return ext
 
+    def within(self, prefix: str, **extra: Any) -> AtriumError:
+        """This error about a place inside ``prefix``: its field (and the message naming it) gets the
+        prefix (``amount`` -> ``input.3.amount``; no field: ``input.3``), so does the message
+        (``input.3.amount: must not be negative``, ``input.3: No deal with this id``), and ``extra``
+        joins the extensions (``index=3``). Changes the error in place and returns it, to re-raise."""
+        old = self.field
+        self.field = prefix + old if old is not None else prefix.rstrip(".")
+        if old is not None and self.message.startswith(f"{old}: "):
+            self.message = f"{self.field}: {self.message[len(old) + 2:]}"
+        else:
+            self.message = f"{prefix.rstrip('.')}: {self.message}"
+        self.args = (self.message,)
+        self.extra.update(extra)
+        return self
+
     def formatted(self) -> dict[str, Any]:
         """The error as a GraphQL response's ``errors`` entry (no location or path: a request error)."""
         return {"message": self.message, "extensions": self.extensions}

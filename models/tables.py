@@ -80,6 +80,16 @@ class ActivityKind(enum.StrEnum):
     TASK = "task"
 
 
+def external_id_key(table: str) -> UniqueConstraint:
+    """The tenant-unique constraint of a table's ``external_id`` (NULLs never collide)."""
+    return UniqueConstraint("tenant_id", "external_id", name=f"{table}_external_id_key")
+
+
+def _external_id() -> Any:
+    """A client's own key of the record (its id in another system), unique in the tenant; optional."""
+    return Field(default=None, max_length=200)
+
+
 def _ts(**kw: Any) -> Any:
     return Field(default_factory=utcnow, sa_type=DateTime(timezone=True), nullable=False, **kw)
 
@@ -125,14 +135,17 @@ class Membership(TenantTable, table=True):
 
 class Company(TenantTable, table=True):
     __tablename__ = "companies"
+    __table_args__ = (external_id_key("companies"),)
     name: str = Field(max_length=200)
     domain: str | None = Field(default=None, max_length=253)
+    external_id: str | None = _external_id()
 
 
 class Contact(TenantTable, table=True):
     __tablename__ = "contacts"
     __table_args__ = (
         ForeignKeyConstraint(["tenant_id", "company_id"], ["companies.tenant_id", "companies.id"]),
+        external_id_key("contacts"),
     )
     company_id: uuid.UUID | None = None
     first_name: str = Field(max_length=100)
@@ -140,11 +153,14 @@ class Contact(TenantTable, table=True):
     email: str | None = Field(default=None, max_length=320)
     phone: str | None = Field(default=None, max_length=40)
     title: str | None = Field(default=None, max_length=200)
+    external_id: str | None = _external_id()
 
 
 class Pipeline(TenantTable, table=True):
     __tablename__ = "pipelines"
+    __table_args__ = (external_id_key("pipelines"),)
     name: str = Field(max_length=200)
+    external_id: str | None = _external_id()
 
 
 class Stage(TenantTable, table=True):
@@ -152,11 +168,13 @@ class Stage(TenantTable, table=True):
     __table_args__ = (
         ForeignKeyConstraint(["tenant_id", "pipeline_id"], ["pipelines.tenant_id", "pipelines.id"], ondelete="CASCADE"),
         CheckConstraint("probability >= 0 and probability <= 1", name="stages_probability_range"),
+        external_id_key("stages"),
     )
     pipeline_id: uuid.UUID
     name: str = Field(max_length=100)
     position: int
     probability: Decimal = Field(sa_column=Column(Numeric(5, 4), nullable=False))
+    external_id: str | None = _external_id()
 
 
 class Deal(TenantTable, table=True):
@@ -169,6 +187,7 @@ class Deal(TenantTable, table=True):
         ForeignKeyConstraint(["tenant_id", "contact_id"], ["contacts.tenant_id", "contacts.id"]),
         ForeignKeyConstraint(["tenant_id", "owner_id"], ["memberships.tenant_id", "memberships.user_id"]),
         CheckConstraint("amount >= 0", name="deals_amount_non_negative"),
+        external_id_key("deals"),
     )
     title: str = Field(max_length=200)
     amount: Decimal = Field(sa_column=Column(Numeric(18, 2), nullable=False))
@@ -180,6 +199,7 @@ class Deal(TenantTable, table=True):
     owner_id: uuid.UUID | None = None
     expected_close_date: date | None = None
     status: str = Field(default=DealStatus.OPEN.value)
+    external_id: str | None = _external_id()
 
 
 class Activity(TenantTable, table=True):
@@ -189,6 +209,7 @@ class Activity(TenantTable, table=True):
         ForeignKeyConstraint(["tenant_id", "contact_id"], ["contacts.tenant_id", "contacts.id"], ondelete="CASCADE"),
         ForeignKeyConstraint(["tenant_id", "company_id"], ["companies.tenant_id", "companies.id"], ondelete="CASCADE"),
         ForeignKeyConstraint(["tenant_id", "actor_id"], ["memberships.tenant_id", "memberships.user_id"]),
+        external_id_key("activities"),
     )
     kind: str
     subject: str = Field(max_length=200)
@@ -200,6 +221,7 @@ class Activity(TenantTable, table=True):
     occurred_at: datetime = _ts()
     due_date: date | None = None
     done: bool = False
+    external_id: str | None = _external_id()
 
 
 class AuditEvent(SQLModel, table=True):
@@ -286,12 +308,14 @@ class Product(TenantTable, table=True):
     __table_args__ = (
         UniqueConstraint("tenant_id", "sku", name="products_sku_key"),
         CheckConstraint("unit_price >= 0", name="products_unit_price_non_negative"),
+        external_id_key("products"),
     )
     name: str = Field(max_length=200)
     sku: str = Field(max_length=64)
     unit_price: Decimal = Field(sa_column=Column(Numeric(18, 2), nullable=False))
     currency: str = Field(sa_column=Column(CHAR(3), nullable=False))
     active: bool = True
+    external_id: str | None = _external_id()
 
 
 LINE_TOTAL = "round(quantity * unit_price * (100 - discount_percent) / 100, 2)"
@@ -309,6 +333,7 @@ class DealLineItem(TenantTable, table=True):
         ForeignKeyConstraint(["tenant_id", "product_id"], ["products.tenant_id", "products.id"]),
         CheckConstraint("quantity > 0", name="deal_line_items_quantity_positive"),
         CheckConstraint("discount_percent >= 0 AND discount_percent <= 100", name="deal_line_items_discount_range"),
+        external_id_key("deal_line_items"),
     )
     deal_id: uuid.UUID
     product_id: uuid.UUID
@@ -317,6 +342,7 @@ class DealLineItem(TenantTable, table=True):
     discount_percent: Decimal = Field(sa_column=Column(Numeric(5, 2), nullable=False, server_default="0"))
     currency: str = Field(sa_column=Column(CHAR(3), nullable=False))
     line_total: Decimal = Field(sa_column=Column(Numeric(18, 2), Computed(LINE_TOTAL, persisted=True)))
+    external_id: str | None = _external_id()
 
 
 PRODUCTS = table(Product)

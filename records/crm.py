@@ -35,6 +35,7 @@ from models.tables import (
 from records.declare import (
     NO_ROOT,
     Access,
+    Aggregation,
     AnyOf,
     AtLeastOne,
     Below,
@@ -44,7 +45,9 @@ from records.declare import (
     Equals,
     ExactlyOne,
     Field,
+    Group,
     Listing,
+    Measure,
     OnDelete,
     OnlyWhen,
     Operation,
@@ -76,6 +79,11 @@ from records.rules import (
 from subscriptions.notes import empty_state
 
 SKU = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+EXTERNAL_ID = Field("external_id", Text(200, required=False), unique=True,
+                    description="Your own key of the record (its id in another system), unique in the workspace; "
+                                "`upsert…` mutations find records by it.")
+"""Every record type the API creates and updates has one (migration ``0011_external_ids``)."""
 
 
 async def caller(w: Writer, values: Mapping[str, Any]) -> Any:
@@ -122,6 +130,7 @@ COMPANY: Record = Record(
     fields=(
         Field("name", Text(200), Create.REQUIRED),
         Field("domain", Domain()),
+        EXTERNAL_ID,
     ),
     children=(
         Children("contacts", lambda: CONTACT.relation("company"), ("last_name", "first_name", "id")),
@@ -132,6 +141,7 @@ COMPANY: Record = Record(
     filters=(Search(("name", "domain"), description="Matches name and domain."),),
     sorts=(Sort("NAME", "name"), Sort("CREATED_AT", "created_at")),
     default_sort="NAME",
+    aggregation=Aggregation(groups=(Group("CREATED_MONTH", "created_at", month=True),)),
     root=Root(descriptions={
         "delete": "Deletes the company and its activities; its contacts and deals are kept, unlinked."}),
 )
@@ -145,6 +155,7 @@ CONTACT: Record = Record(
         Field("phone", Text(40, required=False)),
         Field("title", Text(200, required=False)),
         Field("company_id", Ref("Company")),
+        EXTERNAL_ID,
     ),
     relations=(ToOne("company", "company_id", lambda: COMPANY, OnDelete.SET_NULL),),
     children=(
@@ -156,11 +167,12 @@ CONTACT: Record = Record(
              Search(("first_name", "last_name", "email"), description="Matches names and email.")),
     sorts=(Sort("LAST_NAME", "last_name"), Sort("CREATED_AT", "created_at")),
     default_sort="LAST_NAME",
+    aggregation=Aggregation(groups=(Group("COMPANY", "company_id"), Group("CREATED_MONTH", "created_at", month=True))),
 )
 
 PIPELINE: Record = Record(
     "Pipeline", PIPELINES, "pipelines",
-    fields=(Field("name", Text(200), Create.REQUIRED),),
+    fields=(Field("name", Text(200), Create.REQUIRED), EXTERNAL_ID),
     children=(
         Children("stages", lambda: STAGE.relation("pipeline"), ("position", "id"), maximum=50, nested=True,
                  first_argument=False, description="Stages in board order."),
@@ -180,8 +192,10 @@ STAGE: Record = Record(
     fields=(
         Field("name", Text(100), Create.REQUIRED),
         Field("probability", Fraction(), Create.REQUIRED),
-        Field("position", Whole(), description="Defaults to after the last stage.", fallback=after_last_stage),
+        Field("position", Whole(), description="Defaults to after the last stage.", fallback=after_last_stage,
+              sequential=True),
         Field("pipeline_id", Ref("Pipeline"), Create.NEVER, update=False),
+        EXTERNAL_ID,
     ),
     relations=(ToOne("pipeline", "pipeline_id", lambda: PIPELINE, OnDelete.CASCADE),),
     children=(Children("deals", lambda: DEAL.relation("stage"), ("-created_at", "-id"),
@@ -212,6 +226,7 @@ DEAL: Record = Record(
         Field("expected_close_date", Day()),
         Field("status", Choice(DealStatus), Create.NEVER),
         Field("pipeline_id", Ref("Pipeline"), Create.NEVER, update=False),
+        EXTERNAL_ID,
     ),
     relations=(
         ToOne("stage", "stage_id", lambda: STAGE, OnDelete.RESTRICT, copies=("pipeline_id",)),
@@ -246,6 +261,13 @@ DEAL: Record = Record(
     default_direction=Direction.DESC,
     routing={"pipeline": "pipeline_id"},
     transitions=(Transition("moved", "stage_id", "A deal moved to another stage (`moveDeal`)."),),
+    aggregation=Aggregation(
+        groups=(Group("PIPELINE", "pipeline_id"), Group("STAGE", "stage_id"), Group("OWNER", "owner_id"),
+                Group("COMPANY", "company_id"), Group("STATUS", "status"), Group("CURRENCY", "currency"),
+                Group("CLOSE_MONTH", "expected_close_date", month=True),
+                Group("CREATED_MONTH", "created_at", month=True)),
+        measures=(Measure("amount", currency="currency"),),
+    ),
 )
 
 ACTIVITY: Record = Record(
@@ -261,6 +283,7 @@ ACTIVITY: Record = Record(
         Field("due_date", Day()),
         Field("done", Flag(), default=False),
         Field("actor_id", Ref("User"), Create.NEVER, update=False, fallback=caller),
+        EXTERNAL_ID,
     ),
     relations=(
         ToOne("deal", "deal_id", lambda: DEAL, OnDelete.SET_NULL),
@@ -280,6 +303,10 @@ ACTIVITY: Record = Record(
     sorts=(Sort("OCCURRED_AT", "occurred_at"),),
     default_sort="OCCURRED_AT",
     default_direction=Direction.DESC,
+    aggregation=Aggregation(groups=(Group("KIND", "kind"), Group("DONE", "done"), Group("ACTOR", "actor_id"),
+                                    Group("DEAL", "deal_id"), Group("CONTACT", "contact_id"),
+                                    Group("COMPANY", "company_id"),
+                                    Group("OCCURRED_MONTH", "occurred_at", month=True))),
     root=Root(get=False),
 )
 
@@ -314,11 +341,14 @@ PRODUCT: Record = Record(
         Field("unit_price", Money(), Create.REQUIRED, description="List price, in `currency`."),
         Field("currency", Currency(), Create.REQUIRED),
         Field("active", Flag(), default=True, description="Only active products can be added to deals."),
+        EXTERNAL_ID,
     ),
     filters=(Equals("active"), Equals("currency"), Search(("name", "sku"), description="Matches name and SKU.")),
     sorts=(Sort("NAME", "name"), Sort("SKU", "sku"), Sort("UNIT_PRICE", "unit_price"),
            Sort("CREATED_AT", "created_at")),
     default_sort="NAME",
+    aggregation=Aggregation(groups=(Group("ACTIVE", "active"), Group("CURRENCY", "currency")),
+                            measures=(Measure("unit_price", currency="currency"),)),
     root=Root(descriptions={"delete": "Delete a product that is on no deal (deactivate it instead)."}),
 )
 
@@ -332,6 +362,7 @@ DEAL_LINE_ITEM: Record = Record(
                                                  "when that is in the deal's currency.", fallback=list_price),
         Field("discount_percent", Fraction(Decimal(0), Decimal(100), places=2), description="0 to 100 (default 0)."),
         Field("currency", Currency(), Create.NEVER, update=False),
+        EXTERNAL_ID,
     ),
     relations=(
         ToOne("deal", "deal_id", lambda: DEAL, OnDelete.CASCADE, copies=("currency",)),
@@ -341,6 +372,9 @@ DEAL_LINE_ITEM: Record = Record(
     rollups=(Rollup("deal", "amount", "line_total", locks=("currency",)),),
     access=Access(delete=Permission.WRITE),
     filters=(Equals("deal_id"), Equals("product_id")),
+    aggregation=Aggregation(groups=(Group("PRODUCT", "product_id"), Group("DEAL", "deal_id"),
+                                    Group("CURRENCY", "currency")),
+                            measures=(Measure("quantity"), Measure("line_total", currency="currency"))),
     sorts=(Sort("CREATED_AT", "created_at"),),
     default_sort="CREATED_AT",
     root=Root(descriptions={

@@ -23,6 +23,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
+from functools import cache
 from typing import Any, Protocol
 
 from sqlalchemy import (
@@ -36,7 +37,9 @@ from sqlalchemy import (
     Table,
     any_,
     bindparam,
+    cast,
     exists,
+    func,
     or_,
     select,
 )
@@ -49,11 +52,13 @@ from models.loaders import TENANT
 from records.rules import Choice, Rule, Text
 
 
+@cache
 def snake(name: str) -> str:
     """``DealLineItem`` -> ``deal_line_item``."""
     return "".join(f"_{c.lower()}" if c.isupper() and i else c.lower() for i, c in enumerate(name))
 
 
+@cache
 def camel(column: str) -> str:
     """The GraphQL name of a column (``stage_id`` -> ``stageId``)."""
     head, *rest = column.split("_")
@@ -100,6 +105,9 @@ class Field:
     fallback: Fallback | None = None
     unique: bool = False
     """No two records of the tenant share a value (BAD_USER_INPUT naming the field otherwise)."""
+    sequential: bool = False
+    """Its fallback depends on the records created before it (a stage's position after the last
+    one): a batch create of this record type inserts its records one at a time."""
 
     @property
     def name(self) -> str:
@@ -500,6 +508,10 @@ class Root:
     """A to-one relation the create mutation takes as an argument of its own (``createStage(pipelineId:)``)
     instead of inside its input."""
     limit: int = 500
+    batch: bool = True
+    """Batch mutations beside each single one: ``create<Plural>``, ``update<Plural>``,
+    ``delete<Plural>``, and ``upsert<Plural>`` when the record has an ``external_id`` field
+    (``resolvers.batch``)."""
     descriptions: Mapping[str, str] = field(default_factory=dict)
     """By operation: ``list``, ``get``, ``create``, ``update``, ``delete``, ``input``."""
 
@@ -521,6 +533,57 @@ class Transition:
     name: str
     column: str
     description: str
+
+
+# ---- aggregations ---------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Group:
+    """One value of the record's ``<Name>GroupBy`` enum: group by ``column`` (by its calendar month,
+    the first day of it in UTC, with ``month``). A key column of a to-one relation shows as the related
+    record in each group (``stage``); any other as its value (``status``, ``closeMonth``)."""
+
+    name: str
+    column: str
+    month: bool = False
+
+    @property
+    def field_name(self) -> str:
+        """The Python name of the group's key field (``close_month``; a relation's name for a key)."""
+        return self.name.lower()
+
+    def expression(self, source: Any) -> ColumnElement[Any]:
+        column = source.c[self.column]
+        if not self.month:
+            return column  # type: ignore[no-any-return]
+        if isinstance(column.type, DateTime):
+            column = func.timezone("UTC", column)
+        return cast(func.date_trunc("month", column), Date)
+
+
+@dataclass(frozen=True)
+class Measure:
+    """A numeric column aggregated per group (count, sum, avg, min, max). With ``currency`` (the
+    column holding its currency) it is money: aggregated per currency, never across currencies."""
+
+    column: str
+    currency: str | None = None
+
+    @property
+    def name(self) -> str:
+        return camel(self.column)
+
+
+@dataclass(frozen=True)
+class Aggregation:
+    """What ``<plural>Aggregate(filter:, groupBy:, first:)`` may group by and what it aggregates.
+
+    Groups and measures are columns (or expressions of the record's row): a custom field becomes one
+    more ``Group``/``Measure`` over its value, and record visibility applies through the same
+    ``Record.filtered`` every list uses."""
+
+    groups: tuple[Group, ...]
+    measures: tuple[Measure, ...] = ()
 
 
 @dataclass(eq=False)
@@ -552,6 +615,8 @@ class Record:
     by_hand: frozenset[Operation] = frozenset()
     """Operations hand-written mutations perform on the record through the write path, beyond its
     derived root fields (members are added, changed and removed by ``resolvers.viewer``)."""
+    aggregation: Aggregation | None = None
+    """Groupable and aggregatable fields; None: the record has no aggregate root field."""
 
     def __post_init__(self) -> None:
         for relation in self.relations:
@@ -601,6 +666,16 @@ class Record:
 
     def nullable(self, column: str) -> bool:
         return bool(self.table.c[column].nullable)
+
+    def has(self, column: str) -> bool:
+        """Whether the API writes ``column`` (a declared ``Field``)."""
+        return column in self._fields
+
+    @property
+    def sequential(self) -> bool:
+        """Batch creates insert this record's rows one at a time (``resolvers.batch``): it has rollups
+        (each row recomputes its parent) or a sequential fallback (each needs the rows before it)."""
+        return bool(self.rollups) or any(f.sequential for f in self.fields)
 
     # ---- inputs -> column values (validated; references are checked by the write path) ----------
 

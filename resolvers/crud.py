@@ -14,6 +14,13 @@ and says so in the SDL. Values go through the fields' rules (``Record.create_val
 ``patch_values``), then the write path (``resolvers.writes``), which checks references, record
 checks and dependents.
 
+Beside each single mutation, the batch ones (``Root.batch``; ``resolvers.batch`` says what they
+guarantee): ``createDeals(input: [DealInput!]!): [Deal!]!``, ``updateDeals(input: [DealUpdate!]!):
+[Deal!]!`` (``DealUpdate``: ``id``, ``expectedVersion`` and the patch's fields), ``deleteDeals(input:
+[DeleteInput!]!): BatchDeletePayload!`` and, for records with an ``externalId``, ``upsertDeals(input:
+[DealUpsert!]!): [DealUpserted!]!`` (``DealUpsert``: the create input with ``externalId`` required and
+every optional field left unchanged when not given). ``<plural>Aggregate`` is ``resolvers.aggregates``'.
+
 ``queries(record)`` and ``mutations(record)`` are Strawberry types holding a record's derived root
 fields, to compose into the root types; records with fields of their own (``resolvers/deals.py``)
 take the single fields (``list_field``, ``get_field``...) instead, to place them in order.
@@ -34,12 +41,15 @@ from strawberry.types.unset import UNSET
 from auth.roles import requires
 from auth.session import Info
 from core.errors import BadUserInput
-from core.ids import decode_id
-from records.declare import Create, Direction, Listing, Record, camel, ordering, snake
+from core.ids import decode_id, to_global_id
+from core.limits import MAX_BATCH
+from records.declare import Children, Create, Direction, Listing, Record, camel, ordering, snake
+from resolvers import batch
+from resolvers.aggregates import aggregate_field
 from resolvers.paging import paginate
-from resolvers.writes import change
+from resolvers.writes import Change, change
 from schema import enums as _enums  # noqa: F401 - registers the enums inputs refer to
-from schema.crm import DeletePayload
+from schema.crm import BatchDeletePayload, DeleteInput, DeletePayload
 from schema.objects import RecordObject, planned, prefetch
 from schema.pagination import Connection
 
@@ -78,6 +88,39 @@ def patch_type(record: Record) -> type:
     """``<Name>Patch``: the fields that may change, each optional."""
     fields = {f.column: (f.rule.annotation | None, UNSET) for f in record.fields if f.update}
     return _input(f"{record.name}Patch", fields)
+
+
+@cache
+def update_item_type(record: Record) -> type:
+    """``<Name>Update``: one record of a batch update, its ``id``, ``expectedVersion`` and the patch."""
+    fields: dict[str, tuple[Any, Any]] = {
+        "id": (strawberry.ID, inspect.Parameter.empty), "expected_version": (int | None, None),
+        **{f.column: (f.rule.annotation | None, UNSET) for f in record.fields if f.update}}
+    return _input(f"{record.name}Update", fields, f"One {record.label} of `update{title(record)}`.")
+
+
+@cache
+def upsert_type(record: Record) -> type:
+    """``<Name>Upsert``: the create input (no nested children) with ``externalId`` required; optional
+    fields not given keep their value on an existing record (their default on a new one)."""
+    fields: dict[str, tuple[Any, Any]] = {"external_id": (str, inspect.Parameter.empty)}
+    for f in record.fields:
+        if f.column == batch.EXTERNAL_ID or f.create is Create.NEVER:
+            continue
+        required = f.create is Create.REQUIRED
+        fields[f.column] = (f.rule.annotation if required else f.rule.annotation | None,
+                            inspect.Parameter.empty if required else UNSET)
+    return _input(f"{record.name}Upsert", fields,
+                  f"One {record.label} of `upsert{title(record)}`: created, or updated when the workspace has a "
+                  f"{record.label} with its `externalId`.")
+
+
+@cache
+def upserted_type(record: Record) -> type:
+    """``<Name>Upserted``: a record an upsert wrote and whether it created it."""
+    namespace = {"__annotations__": {"record": object_type(record), "created": bool}}
+    return strawberry.type(type(f"{record.name}Upserted", (), namespace),
+                           description="`created`: the record is new; otherwise it was updated.")
 
 
 @cache
@@ -182,42 +225,72 @@ def queries(record: Record) -> type:
         namespace[record.plural] = list_field(record)
     if record.root.get:
         namespace[record.singular] = get_field(record)
+    if record.aggregation is not None:
+        namespace[f"{record.plural}_aggregate"] = aggregate_field(record, filter_type(record))
     return strawberry.type(type(f"{record.name}Query", (), namespace))
 
 
 # ---- mutations ------------------------------------------------------------------------------------
 
+def title(record: Record) -> str:
+    """The record's plural as in root field names (``deal_line_items`` -> ``DealLineItems``)."""
+    return "".join(part.title() for part in record.plural.split("_"))
+
+
+Nested = list[tuple[Children, list[dict[str, Any]]]]
+
+
+def create_values(record: Record, given: Any) -> tuple[dict[str, Any], Nested]:
+    """The validated values of one create input, and of its nested children."""
+    values = record.create_values(vars(given))
+    children: Nested = []
+    for spec in record.children:
+        if not spec.nested:
+            continue
+        items = getattr(given, spec.name)
+        if len(items) > spec.maximum:
+            raise BadUserInput(spec.name, f"at most {spec.maximum} {spec.name}")
+        children.append((spec, [spec.relation.owner.create_values(vars(item), prefix=f"{spec.name}.{i}.")
+                                for i, item in enumerate(items)]))
+    return values, children
+
+
+async def create_children(w: Change, parent: Any, children: Nested) -> None:
+    for spec, items in children:
+        for i, item in enumerate(items):
+            await w.create(spec.relation.owner, {**item, spec.relation.key: parent.id}, prefix=f"{spec.name}.{i}.")
+
+
+async def parent_key(w: Change, record: Record, arguments: dict[str, Any]) -> tuple[str, Any] | None:
+    """For a record with ``Root.parent``: its key column and the parent's key (locked; NOT_FOUND naming it)."""
+    if record.root.parent is None:
+        return None
+    parent = record.relation(record.root.parent)
+    key = decode_id(arguments[parent.key], parent.target().name, field=camel(parent.key))
+    await w.require(parent.target(), key, field=camel(parent.key), lock=True)
+    return parent.key, key
+
+
+def parent_parameters(record: Record) -> list[tuple[str, Any, Any]]:
+    if record.root.parent is None:
+        return []
+    return [(record.relation(record.root.parent).key, strawberry.ID, inspect.Parameter.empty)]
+
+
 def create_field(record: Record) -> Any:
     """``create<Name>(input:)`` (and the parent's id first, for a record with ``Root.parent``)."""
     kind = object_type(record)
-    parent = record.relation(record.root.parent) if record.root.parent else None
-    nested = [spec for spec in record.children if spec.nested]
 
     async def create(info: Info, input: Any, **arguments: Any) -> Any:
-        values = record.create_values(vars(input))
-        children: list[tuple[Any, list[dict[str, Any]]]] = []
-        for spec in nested:
-            given = getattr(input, spec.name)
-            if len(given) > spec.maximum:
-                raise BadUserInput(spec.name, f"at most {spec.maximum} {spec.name}")
-            children.append((spec, [spec.relation.owner.create_values(vars(item), prefix=f"{spec.name}.{i}.")
-                                    for i, item in enumerate(given)]))
+        values, children = create_values(record, input)
         async with change(info) as w:
-            if parent is not None:
-                key = decode_id(arguments[parent.key], parent.target().name, field=camel(parent.key))
-                await w.require(parent.target(), key, field=camel(parent.key), lock=True)
-                values[parent.key] = key
+            if (parent := await parent_key(w, record, arguments)) is not None:
+                values[parent[0]] = parent[1]
             row = await w.create(record, values)
-            for spec, items in children:
-                for i, item in enumerate(items):
-                    await w.create(spec.relation.owner, {**item, spec.relation.key: row.id},
-                                   prefix=f"{spec.name}.{i}.")
+            await create_children(w, row, children)
         return kind.from_row(row)
 
-    parameters: list[tuple[str, Any, Any]] = []
-    if parent is not None:
-        parameters.append((parent.key, strawberry.ID, inspect.Parameter.empty))
-    parameters.append(("input", input_type(record), inspect.Parameter.empty))
+    parameters = [*parent_parameters(record), ("input", input_type(record), inspect.Parameter.empty)]
     return strawberry.mutation(resolver=_resolver(create, parameters, kind),
                                **requires(record.access.create, record.description("create")))
 
@@ -253,8 +326,132 @@ def delete_field(record: Record) -> Any:
                                **requires(record.access.delete, record.description("delete")))
 
 
+# ---- batch mutations (resolvers.batch) ----------------------------------------------------------
+
+BATCH = (f"At most {MAX_BATCH}, all or none: an error names the record as `input.<index>.<field>` "
+         "(and `extensions.index`).")
+
+
+def create_many_field(record: Record) -> Any:
+    """``create<Plural>(input: [<Name>Input!]!)`` (the parent's id first, for ``Root.parent``)."""
+    kind = object_type(record)
+
+    async def create_many(info: Info, input: list[Any], **arguments: Any) -> list[Any]:
+        batch.bounded(input)
+        values: list[dict[str, Any]] = []
+        children: list[Nested] = []
+        for i, given in enumerate(input):
+            with batch.item(i):
+                one, nested = create_values(record, given)
+            values.append(one)
+            children.append(nested)
+        async with change(info) as w:
+            if (parent := await parent_key(w, record, arguments)) is not None:
+                for one in values:
+                    one[parent[0]] = parent[1]
+            rows = await batch.create_many(w, record, values)
+            for i, (row, nested) in enumerate(zip(rows, children, strict=True)):
+                with batch.item(i):
+                    await create_children(w, row, nested)
+        return [kind.from_row(row) for row in rows]
+
+    parameters = [*parent_parameters(record), ("input", list[input_type(record)],  # type: ignore[misc]
+                                               inspect.Parameter.empty)]
+    return strawberry.mutation(resolver=_resolver(create_many, parameters, list[kind]),  # type: ignore[valid-type]
+                               **requires(record.access.create, f"Create {record.plural_label}. {BATCH}"))
+
+
+def update_many_field(record: Record) -> Any:
+    """``update<Plural>(input: [<Name>Update!]!)``."""
+    kind = object_type(record)
+
+    async def update_many(info: Info, input: list[Any]) -> list[Any]:
+        batch.bounded(input)
+        changes: list[tuple[Any, dict[str, Any], int | None]] = []
+        for i, given in enumerate(input):
+            with batch.item(i):
+                changes.append((decode_id(given.id, record.name), record.patch_values(vars(given)),
+                                given.expected_version))
+        async with change(info) as w:
+            rows = await batch.update_many(w, record, changes)
+        return [kind.from_row(row) for row in rows]
+
+    parameters = [("input", list[update_item_type(record)], inspect.Parameter.empty)]  # type: ignore[misc]
+    return strawberry.mutation(resolver=_resolver(update_many, parameters, list[kind]),  # type: ignore[valid-type]
+                               **requires(record.access.update, f"Update {record.plural_label}. {BATCH}"))
+
+
+def delete_many_field(record: Record) -> Any:
+    """``delete<Plural>(input: [DeleteInput!]!)``: each as ``delete<Name>`` (dependents as declared)."""
+
+    async def delete_many(info: Info, input: list[DeleteInput]) -> BatchDeletePayload:
+        batch.bounded(input)
+        targets: list[tuple[Any, int | None]] = []
+        for i, given in enumerate(input):
+            with batch.item(i):
+                targets.append((decode_id(given.id, record.name), given.expected_version))
+        async with change(info) as w:
+            rows = await batch.delete_many(w, record, targets)
+        return BatchDeletePayload(deleted_ids=[strawberry.ID(to_global_id(record.name, row.id)) for row in rows])
+
+    parameters = [("input", list[DeleteInput], inspect.Parameter.empty)]
+    return strawberry.mutation(resolver=_resolver(delete_many, parameters, BatchDeletePayload),
+                               **requires(record.access.delete, f"Delete {record.plural_label}. {BATCH}"))
+
+
+def upsert_many_field(record: Record) -> Any:
+    """``upsert<Plural>(input: [<Name>Upsert!]!)``: by ``externalId``, created or updated."""
+    kind = object_type(record)
+    payload = upserted_type(record)
+    defaults = {f.column: f.default for f in record.fields if f.create is Create.OPTIONAL and f.default is not None}
+
+    async def upsert_many(info: Info, input: list[Any]) -> list[Any]:
+        batch.bounded(input)
+        items: list[tuple[dict[str, Any], dict[str, Any]]] = []
+        for i, given in enumerate(input):
+            with batch.item(i):
+                stated = {k: v for k, v in vars(given).items() if v is not UNSET}
+                values = record.create_values({**defaults, **stated})
+                if values.get(batch.EXTERNAL_ID) is None:
+                    raise BadUserInput(camel(batch.EXTERNAL_ID), "must not be empty")
+                items.append((values, record.patch_values(stated)))
+        async with change(info) as w:
+            written = await batch.upsert_many(w, record, items)
+        return [payload(record=kind.from_row(row), created=created) for row, created in written]
+
+    parameters = [("input", list[upsert_type(record)], inspect.Parameter.empty)]  # type: ignore[misc]
+    return strawberry.mutation(resolver=_resolver(upsert_many, parameters, list[payload]),  # type: ignore[valid-type]
+                               **requires(record.access.update,
+                                          f"Create or update {record.plural_label} by `externalId`. {BATCH}"))
+
+
+def batch_fields(record: Record) -> dict[str, Any]:
+    """The record's batch mutations by Python name (module docstring), as its ``Root`` allows."""
+    root = record.root
+    if not root.batch:
+        return {}
+    fields: dict[str, Any] = {}
+    if root.create:
+        fields[f"create_{record.plural}"] = create_many_field(record)
+    if root.update:
+        fields[f"update_{record.plural}"] = update_many_field(record)
+    if root.delete:
+        fields[f"delete_{record.plural}"] = delete_many_field(record)
+    # An upsert creates and updates: derived where one permission allows both.
+    if (root.create and root.update and root.parent is None and record.has(batch.EXTERNAL_ID)
+            and record.access.create is record.access.update):
+        fields[f"upsert_{record.plural}"] = upsert_many_field(record)
+    return fields
+
+
+def batch_mutations(record: Record) -> type:
+    """A Strawberry type holding only the record's batch mutations (for records whose single
+    mutations are placed by hand, like deals')."""
+    return strawberry.type(type(f"{record.name}BatchMutation", (), {"__annotations__": {}, **batch_fields(record)}))
+
+
 def mutations(record: Record) -> type:
-    """A Strawberry type holding the record's derived mutations (create, update, delete)."""
+    """A Strawberry type holding the record's derived mutations (create, update, delete, then the batches)."""
     namespace: dict[str, Any] = {"__annotations__": {}}
     if record.root.create:
         namespace[f"create_{snake(record.name)}"] = create_field(record)
@@ -262,4 +459,5 @@ def mutations(record: Record) -> type:
         namespace[f"update_{snake(record.name)}"] = update_field(record)
     if record.root.delete:
         namespace[f"delete_{snake(record.name)}"] = delete_field(record)
+    namespace.update(batch_fields(record))
     return strawberry.type(type(f"{record.name}Mutation", (), namespace))

@@ -14,6 +14,7 @@ from core.errors import NotFound
 from core.ids import decode_id
 from records.crm import DEAL, PIPELINE, STAGE
 from resolvers import crud
+from resolvers.aggregates import aggregate_field
 from resolvers.writes import change
 from schema.crm import Deal, Stage, StageTotal
 
@@ -51,6 +52,7 @@ async def stage_totals(info: Info, pipeline: uuid.UUID) -> list[StageTotal]:
 class DealQuery:
     deals = crud.list_field(DEAL)
     deal = crud.get_field(DEAL)
+    deals_aggregate = aggregate_field(DEAL, crud.filter_type(DEAL))
 
     @strawberry.field(**requires(DEAL.access.read, "Deal count and amount per stage and currency (every status)."))
     async def pipeline_summary(self, info: Info, pipeline_id: strawberry.ID) -> list[StageTotal]:

@@ -261,6 +261,27 @@ class Change:
         self._event(record, ChangeKind.CREATED, row, tuple(values))
         return row
 
+    async def insert_many(self, record: Record, rows: list[dict[str, Any]]) -> list[Row[Any]]:
+        """Insert rows as given, like ``insert`` each (audit row and change event per row), set-based:
+        one INSERT per set of columns given (rows leaving a column to its default form their own),
+        one audit insert. Returns the rows in the order given."""
+        t = record.table
+        ids = [uuid.uuid4() for _ in rows]
+        shapes: dict[tuple[str, ...], list[int]] = {}
+        for i, values in enumerate(rows):
+            shapes.setdefault(tuple(sorted(values)), []).append(i)
+        inserted: dict[int, Row[Any]] = {}
+        for positions in shapes.values():
+            returned = (await self.conn.execute(
+                insert(t).returning(t, sort_by_parameter_order=True),
+                [{"tenant_id": self.tenant_id, "id": ids[i], **rows[i]} for i in positions])).all()
+            inserted.update(zip(positions, returned, strict=True))
+        out = [inserted[i] for i in range(len(rows))]
+        await self._audit_many(record, "create", [(row.id, {"after": snapshot(row._mapping)}) for row in out])
+        for row, values in zip(out, rows, strict=True):
+            self._event(record, ChangeKind.CREATED, row, tuple(values))
+        return out
+
     async def update_where(self, record: Record, where: ColumnElement[bool], changes: Mapping[str, Any], *,
                            before: Mapping[str, Any]) -> int:
         """Apply ``changes`` to every row of ``record`` matching ``where`` (in this tenant): versioned,
@@ -302,7 +323,9 @@ class Change:
 
     async def _audit_many(self, record: Record, action: str, entries: list[tuple[uuid.UUID, dict[str, Any]]]) -> None:
         if entries:
-            await self.conn.execute(insert(AUDIT_EVENTS), [
+            # With RETURNING, SQLAlchemy sends the rows as multi-row INSERTs (up to 1,000 rows each)
+            # instead of one statement per row.
+            await self.conn.execute(insert(AUDIT_EVENTS).returning(AUDIT_EVENTS.c.id), [
                 {"tenant_id": self.tenant_id, "id": uuid.uuid4(), "actor_id": self.user_id,
                  "action": action, "entity_type": record.name, "entity_id": entity_id, "diff": diff,
                  "request_id": self.request_id}

@@ -10,6 +10,11 @@ The model is an upper bound of the objects an operation can return:
 - a connection field (an object field taking ``first``/``last``) costs 1 plus its selection, and hands
   its page size (``first``/``last``, or ``DEFAULT_PAGE`` when neither is given) to its ``edges`` and
   ``nodes``; so ``deals(first: 50) { edges { node { company { name } } } }`` costs 1 + 50 x 3 = 151;
+- a batch field (one whose ``input`` argument is a list: ``createDeals(input: [...])``) costs
+  ``n x (1 + its selection)`` whatever it returns, ``n`` the number of records sent (the list
+  literal's length or the variable's), so 500 created deals cost 500 times one;
+- an aggregate's ``first`` sizes its ``groups`` like a connection's page (an object field taking
+  ``first``, below);
 - fragments, named or inline, count where they are spread (inline fragments on different types of
   an interface are all counted: an over-estimate); a selection that ``@skip``/``@include`` leaves out
   costs 0; introspection fields cost 1 and are not walked (introspection is off in production).
@@ -38,6 +43,7 @@ from graphql import (
     GraphQLSchema,
     InlineFragmentNode,
     IntValueNode,
+    ListValueNode,
     OperationDefinitionNode,
     SelectionSetNode,
     ValueNode,
@@ -59,6 +65,7 @@ MAX_COST = 50_000
 DEFAULT_PAGE = 20
 """The page size of a connection asked for without ``first``/``last`` (``resolvers/paging.py``)."""
 UNBOUNDED_LIST = 10
+BATCH_ARGUMENT = "input"
 SIZE_ARGUMENTS = ("first", "last")
 MULTIPLE_OPERATIONS = "Must provide operation name if query contains multiple operations."
 
@@ -120,6 +127,9 @@ class _Walk:
         named = get_named_type(field.type)
         if is_leaf_type(named):
             return 0
+        records = self.batch(node, field)
+        if records is not None:
+            return records * (1 + self.selection(named, node.selection_set, page=None, spreading=spreading))
         size = self.size(node, field)
         if is_list_type(get_nullable_type(field.type)):
             n = size if size is not None else page if page is not None else UNBOUNDED_LIST
@@ -143,6 +153,19 @@ class _Walk:
             if isinstance(value, int) and not isinstance(value, bool):
                 sizes.append(max(0, value))
         return max(sizes) if sizes else None
+
+    def batch(self, node: FieldNode, field: GraphQLField) -> int | None:
+        """The records a batch field is sent (at least 1); None for a field that is not a batch."""
+        argument = field.args.get(BATCH_ARGUMENT)
+        if argument is None or not is_list_type(get_nullable_type(argument.type)):
+            return None
+        sent = next((a.value for a in node.arguments or () if a.name.value == BATCH_ARGUMENT), None)
+        if isinstance(sent, ListValueNode):
+            return max(1, len(sent.values))
+        if isinstance(sent, VariableNode):
+            value = self.variables.get(sent.name.value)
+            return max(1, len(value)) if isinstance(value, list) else 1
+        return 1
 
     def value(self, node: ValueNode) -> Any:
         if isinstance(node, VariableNode):

@@ -44,6 +44,7 @@ class Company(RecordObject, Node, record=COMPANY):
     name: str
     domain: str | None
     version: int
+    external_id: str | None = strawberry.field(description="Your own key of the record, unique in the workspace.")
     created_at: dt.datetime
     updated_at: dt.datetime
     contacts: list[Contact] = children(COMPANY, "contacts")
@@ -59,6 +60,7 @@ class Contact(RecordObject, Node, record=CONTACT):
     phone: str | None
     title: str | None
     version: int
+    external_id: str | None = strawberry.field(description="Your own key of the record, unique in the workspace.")
     created_at: dt.datetime
     updated_at: dt.datetime
     name: str = strawberry.field(resolver=lambda self: f"{self.first_name} {self.last_name}",
@@ -72,6 +74,7 @@ class Contact(RecordObject, Node, record=CONTACT):
 class Pipeline(RecordObject, Node, record=PIPELINE):
     name: str
     version: int
+    external_id: str | None = strawberry.field(description="Your own key of the record, unique in the workspace.")
     created_at: dt.datetime
     stages: list[Stage] = children(PIPELINE, "stages")
 
@@ -82,6 +85,7 @@ class Stage(RecordObject, Node, record=STAGE):
     position: int
     probability: Decimal = strawberry.field(description="Win probability between 0 and 1.")
     version: int
+    external_id: str | None = strawberry.field(description="Your own key of the record, unique in the workspace.")
     pipeline: Pipeline = to_one(STAGE, "pipeline")
     deals: list[Deal] = children(STAGE, "deals")
 
@@ -95,6 +99,7 @@ class Activity(RecordObject, Node, record=ACTIVITY):
     due_date: dt.date | None = strawberry.field(description="Tasks only.")
     done: bool
     version: int
+    external_id: str | None = strawberry.field(description="Your own key of the record, unique in the workspace.")
     created_at: dt.datetime
     deal: Deal | None = to_one(ACTIVITY, "deal")
     contact: Contact | None = to_one(ACTIVITY, "contact")
@@ -111,6 +116,7 @@ class Deal(RecordObject, Node, record=DEAL):
     status: DealStatus
     expected_close_date: dt.date | None
     version: int
+    external_id: str | None = strawberry.field(description="Your own key of the record, unique in the workspace.")
     created_at: dt.datetime
     updated_at: dt.datetime
     stage: Stage = to_one(DEAL, "stage")
@@ -130,6 +136,7 @@ class Product(RecordObject, Node, record=PRODUCT):
     currency: str = strawberry.field(description="ISO 4217 code of `unitPrice`.")
     active: bool = strawberry.field(description="Only active products can be added to deals.")
     version: int
+    external_id: str | None = strawberry.field(description="Your own key of the record, unique in the workspace.")
     created_at: dt.datetime
     updated_at: dt.datetime
 
@@ -143,6 +150,7 @@ class DealLineItem(RecordObject, Node, record=DEAL_LINE_ITEM):
     line_total: Decimal = strawberry.field(description="quantity x unitPrice x (1 - discountPercent / 100), "
                                                        "rounded to the cent.")
     version: int
+    external_id: str | None = strawberry.field(description="Your own key of the record, unique in the workspace.")
     created_at: dt.datetime
     updated_at: dt.datetime
     deal: Deal = to_one(DEAL_LINE_ITEM, "deal")
@@ -206,6 +214,17 @@ class StageTotal:
 @strawberry.type
 class DeletePayload:
     deleted_id: strawberry.ID
+
+
+@strawberry.input(description="One record of a batch delete (`deleteDeals`, ...).")
+class DeleteInput:
+    id: strawberry.ID
+    expected_version: int | None = None
+
+
+@strawberry.type
+class BatchDeletePayload:
+    deleted_ids: list[strawberry.ID] = strawberry.field(description="In the order given.")
 
 
 @strawberry.type

@@ -130,16 +130,23 @@ SCALARS: dict[object, ScalarDefinition] = {
 
 def field_name(path: list[str | int]) -> str:
     """The field a path from an argument names: ``["filter", "amountMin"]`` -> ``filter.amountMin``;
-    a mutation's ``input`` argument is left out (``["input", "stages", 2]`` -> ``stages.2``)."""
-    if len(path) > 1 and path[0] == "input":
+    a mutation's ``input`` argument is left out (``["input", "stages", 2]`` -> ``stages.2``), except
+    where it is a batch's list of records: ``["input", 3, "amount"]`` -> ``input.3.amount``."""
+    if len(path) > 1 and path[0] == "input" and not isinstance(path[1], int):
         path = path[1:]
     return ".".join(str(part) for part in path)
 
 
+BATCH_ITEM = re.compile(r"^input\.(\d+)(?:\.|$)")
+
+
 def bad_value(field: str, detail: str, nodes: Any = None) -> GraphQLError:
-    """The error answering a bad input value at ``field``."""
-    return GraphQLError(f"{field}: {detail}", nodes, extensions={"code": ErrorCode.BAD_USER_INPUT.value,
-                                                                  "field": field})
+    """The error answering a bad input value at ``field`` (with the record's ``index`` inside a batch,
+    as the batch mutations' own errors have it)."""
+    extensions: dict[str, Any] = {"code": ErrorCode.BAD_USER_INPUT.value, "field": field}
+    if (item := BATCH_ITEM.match(field)) is not None:
+        extensions["index"] = int(item[1])
+    return GraphQLError(f"{field}: {detail}", nodes, extensions=extensions)
 
 
 def detail_of(error: GraphQLError) -> str:

@@ -13,8 +13,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import struct
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 from sqlalchemy.engine import make_url
 
@@ -113,3 +114,21 @@ async def _copy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
         pass
     finally:
         writer.close()
+
+
+@contextlib.asynccontextmanager
+async def wired_app(settings: Any, **changes: Any) -> AsyncIterator[Any]:
+    """An app (``create_app``) whose connections go through a ``WireCounter`` (``app.state.wire``),
+    with ``changes`` to its settings."""
+    from atrium.app import create_app  # the app is what is measured; imported only when asked for
+
+    url = make_url(settings.app_url)
+    wire = WireCounter((url.host or "127.0.0.1", url.port or 5432))
+    await wire.start()
+    application = create_app(replace(settings, app_database_url=wire.url(settings.app_url), **changes))
+    application.state.wire = wire
+    try:
+        async with application.router.lifespan_context(application):
+            yield application
+    finally:
+        await wire.close()

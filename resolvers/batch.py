@@ -1,0 +1,242 @@
+"""Batch writes: many records of one type in one mutation, all or nothing, through the one write path.
+
+The batch mutations (``createDeals``, ``updateDeals``, ``deleteDeals``, ``upsertDeals``, and the
+same for every declared record: ``resolvers.crud``) call these inside one ``change(info)`` block.
+What they guarantee:
+
+- **Bounded**: at most ``core.limits.MAX_BATCH`` records (BAD_USER_INPUT on ``input`` otherwise).
+- **All or nothing**: one transaction; the first record that fails fails the mutation, and nothing
+  of it is written (rows, audit rows, events: events are published only after the commit).
+- **Errors name the record**: a record's error is the one its single mutation would raise, about
+  ``input.<index>.<field>`` (``input.3.amount``, ``input.3.id``) with ``extensions.index``
+  (``AtriumError.within``); the input's own type errors are named the same way (``schema.values``).
+- **Per record audit and events**: every record gets its own audit row and change event, written by
+  ``Change`` (``insert_many``, ``create``, ``update``, ``delete``) exactly as for single writes, so
+  whatever the write path does per record applies to batches as well.
+- **Set-based creates**: unless the record is ``sequential`` (rollups, or a fallback that depends on
+  the rows before it), creates check each record in Python as ``Change.create`` does, but look up
+  each relation's references in one statement for the whole batch, each unique field in one
+  statement, and insert the rows in one INSERT with one audit insert. Sequential records are created
+  one at a time through ``Change.create``.
+- **Updates and deletes** lock their rows first in one statement (in key order, so two batches
+  touching the same records wait for each other instead of deadlocking; an id not in the tenant is
+  NOT_FOUND naming its index), then go through ``Change.update`` / ``Change.delete`` per record:
+  version checks, references, dependents and rollups as for single writes.
+- **External ids**: a batch that sets ``externalId`` values first takes a transaction-scoped
+  advisory lock on each (tenant, type, external id), so concurrent batches with the same external
+  id run one after the other and the second sees the first's rows. ``upsert_many`` finds records by
+  external id in the tenant: those found are updated with the fields given, the others created.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+from sqlalchemy import Row, Text, any_, bindparam, func, select
+from sqlalchemy.dialects.postgresql import ARRAY, UUID
+
+from core.errors import AtriumError, BadUserInput, NotFound
+from core.limits import MAX_BATCH
+from records.declare import Create, Record, camel
+from resolvers.writes import Change
+
+EXTERNAL_ID = "external_id"
+
+
+def bounded(items: Sequence[Any]) -> None:
+    """BAD_USER_INPUT on ``input`` when a batch holds more than ``MAX_BATCH`` records."""
+    if len(items) > MAX_BATCH:
+        raise BadUserInput("input", f"at most {MAX_BATCH} records per request (got {len(items)})")
+
+
+def at(index: int, error: AtriumError) -> AtriumError:
+    """``error`` about the record at ``index`` of the batch's ``input``."""
+    return error.within(f"input.{index}.", index=index)
+
+
+@contextmanager
+def item(index: int) -> Iterator[None]:
+    """Errors raised inside are about the record at ``index`` (``at``)."""
+    try:
+        yield
+    except AtriumError as error:
+        raise at(index, error) from None
+
+
+def distinct(keys: Sequence[Any], field: str, positions: Sequence[int] | None = None) -> None:
+    """Each key (not None) at most once in the batch; BAD_USER_INPUT naming the repeat otherwise."""
+    where = positions or range(len(keys))
+    seen: dict[Any, int] = {}
+    for position, key in zip(where, keys, strict=True):
+        if key is None:
+            continue
+        if key in seen:
+            raise at(position, BadUserInput(field, f"is also given at input.{seen[key]}"))
+        seen[key] = position
+
+
+# ---- creates --------------------------------------------------------------------------------------
+
+async def create_many(w: Change, record: Record, items: list[dict[str, Any]],
+                      positions: Sequence[int] | None = None) -> list[Row[Any]]:
+    """Create a record from each of ``items`` (validated values, ``Record.create_values``), as
+    ``Change.create`` would one after the other; ``positions``: each item's index in the input
+    (default: its own). Returns the rows in the order of ``items``."""
+    where = list(positions) if positions is not None else list(range(len(items)))
+    if record.has(EXTERNAL_ID):
+        distinct([v.get(EXTERNAL_ID) for v in items], camel(EXTERNAL_ID), where)
+        await lock_external_ids(w, record, [v.get(EXTERNAL_ID) for v in items])
+    if record.sequential:
+        rows = []
+        for position, values in zip(where, items, strict=True):
+            with item(position):
+                rows.append(await w.create(record, values))
+        return rows
+    for position, values in zip(where, items, strict=True):
+        with item(position):
+            record.check(values)
+    await _references(w, record, items, where)
+    for position, values in zip(where, items, strict=True):
+        for f in record.fields:
+            if f.fallback is not None and values.get(f.column) is None:
+                with item(position):
+                    values[f.column] = await f.fallback(w, values)
+    await _unique(w, record, items, where)
+    for values in items:
+        for column in [c for c, v in values.items() if v is None and not record.nullable(c)]:
+            del values[column]  # left to the column's default, as Change.create does
+    return await w.insert_many(record, items)
+
+
+async def _references(w: Change, record: Record, items: list[dict[str, Any]], where: Sequence[int]) -> None:
+    """``Change.create``'s reference checks for every item, one statement per relation."""
+    for relation in record.relations:
+        wanted = {v[relation.key] for v in items if isinstance(v.get(relation.key), uuid.UUID)}
+        if not wanted:
+            continue
+        target = relation.target()
+        query = target.query.where(target.key == any_(bindparam("keys", type_=ARRAY(UUID(as_uuid=True)))))
+        found = {row._mapping[target.key]: row for row in (await w.conn.execute(
+            query, {"tenant_id": w.tenant_id, "keys": list(wanted)})).all()}
+        field = camel(relation.key)
+        for position, values in zip(where, items, strict=True):
+            key = values.get(relation.key)
+            if not isinstance(key, uuid.UUID):
+                continue
+            row = found.get(key)
+            if row is None:
+                raise at(position, NotFound(target.label, key, field=field))
+            if relation.requires is not None:
+                column, value, message = relation.requires
+                if row._mapping[column] != value:
+                    raise at(position, BadUserInput(field, message))
+            for column in relation.copies:
+                values[column] = row._mapping[column]
+
+
+async def _unique(w: Change, record: Record, items: list[dict[str, Any]], where: Sequence[int]) -> None:
+    """Unique fields: not repeated in the batch, not used by a record of the tenant (one statement each)."""
+    t = record.table
+    for f in record.fields:
+        if not f.unique:
+            continue
+        given = [v.get(f.column) for v in items]
+        distinct(given, f.name, where)
+        wanted = [g for g in given if g is not None]
+        if not wanted:
+            continue
+        column = t.c[f.column]
+        taken = set((await w.conn.execute(
+            select(column).where(t.c.tenant_id == w.tenant_id,
+                                 column == any_(bindparam("values", type_=ARRAY(column.type)))),
+            {"values": wanted})).scalars())
+        for position, value in zip(where, given, strict=True):
+            if value in taken:
+                raise at(position, BadUserInput(f.name, f"is already used by another {record.label}"))
+
+
+async def lock_external_ids(w: Change, record: Record, keys: Sequence[str | None]) -> None:
+    """Transaction-scoped advisory locks on the tenant's ``record`` external ids ``keys``, taken in
+    one statement, in one order (module docstring)."""
+    wanted = sorted({f"{w.tenant_id}:{record.name}:{k}" for k in keys if k is not None})
+    if not wanted:
+        return
+    names = select(func.unnest(bindparam("keys", type_=ARRAY(Text()))).label("k")).subquery()
+    ordered = select(names.c.k).order_by(names.c.k).subquery()
+    await w.conn.execute(select(func.pg_advisory_xact_lock(func.hashtextextended(ordered.c.k, 0))),
+                         {"keys": wanted})
+
+
+# ---- updates and deletes --------------------------------------------------------------------------
+
+async def lock_rows(w: Change, record: Record, keys: Sequence[uuid.UUID]) -> None:
+    """Lock the rows of ``keys`` in key order, in one statement; NOT_FOUND (``id``) naming the first
+    index whose record the tenant does not have. Each key at most once."""
+    distinct(keys, "id")
+    t = record.table
+    found = set((await w.conn.execute(
+        select(t.c.id).where(t.c.tenant_id == w.tenant_id,
+                             t.c.id == any_(bindparam("keys", type_=ARRAY(UUID(as_uuid=True)))))
+        .order_by(t.c.id).with_for_update(), {"keys": list(keys)})).scalars())
+    for position, key in enumerate(keys):
+        if key not in found:
+            raise at(position, NotFound(record.label, key))
+
+
+async def update_many(w: Change, record: Record,
+                      changes: Sequence[tuple[uuid.UUID, dict[str, Any], int | None]]) -> list[Row[Any]]:
+    """Apply each ``(id, changes, expected_version)`` as ``Change.update`` does (module docstring)."""
+    await lock_rows(w, record, [key for key, _, _ in changes])
+    if record.has(EXTERNAL_ID):
+        await lock_external_ids(w, record, [c.get(EXTERNAL_ID) for _, c, _ in changes])
+    rows = []
+    for position, (key, values, expected_version) in enumerate(changes):
+        with item(position):
+            rows.append(await w.update(record, key, values, expected_version))
+    return rows
+
+
+async def delete_many(w: Change, record: Record, targets: Sequence[tuple[uuid.UUID, int | None]]) -> list[Row[Any]]:
+    """Delete each ``(id, expected_version)`` as ``Change.delete`` does (module docstring)."""
+    await lock_rows(w, record, [key for key, _ in targets])
+    rows = []
+    for position, (key, expected_version) in enumerate(targets):
+        with item(position):
+            rows.append(await w.delete(record, key, expected_version))
+    return rows
+
+
+# ---- upserts --------------------------------------------------------------------------------------
+
+async def upsert_many(w: Change, record: Record,
+                      items: Sequence[tuple[dict[str, Any], dict[str, Any]]]) -> list[tuple[Row[Any], bool]]:
+    """For each ``(create values, patch values)``: update the tenant's record with the item's external
+    id with the patch, or create one from the create values when the tenant has none. Fields that
+    cannot change (``Field.update`` false) must equal the existing record's. Returns each row and
+    whether it was created, in input order."""
+    keys = [values[EXTERNAL_ID] for values, _ in items]
+    distinct(keys, camel(EXTERNAL_ID))
+    await lock_external_ids(w, record, keys)
+    t = record.table
+    existing = {row.external_id: row for row in (await w.conn.execute(
+        select(t).where(t.c.tenant_id == w.tenant_id,
+                        t.c.external_id == any_(bindparam("keys", type_=ARRAY(t.c.external_id.type))))
+        .order_by(t.c.id).with_for_update(), {"keys": keys})).all()}
+    fixed = [f for f in record.fields if not f.update and f.create is not Create.NEVER]
+    out: dict[int, tuple[Row[Any], bool]] = {}
+    creates = [position for position, key in enumerate(keys) if key not in existing]
+    created = await create_many(w, record, [items[p][0] for p in creates], creates)
+    out.update((p, (row, True)) for p, row in zip(creates, created, strict=True))
+    for position, (values, patch) in enumerate(items):
+        current = existing.get(keys[position])
+        if current is None:
+            continue
+        with item(position):
+            for f in fixed:
+                if values.get(f.column) is not None and values[f.column] != current._mapping[f.column]:
+                    raise BadUserInput(f.name, f"cannot be changed once the {record.label} exists")
+            out[position] = (await w.update(record, current.id, patch, None), False)
+    return [out[p] for p in range(len(items))]

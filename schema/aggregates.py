@@ -1,0 +1,121 @@
+"""Aggregate types, derived from a record's ``Aggregation`` (``records.declare``).
+
+For deals: ``DealGroupBy`` (one value per declared ``Group``: ``STAGE``, ``OWNER``, ``CLOSE_MONTH``...),
+``DealGroup`` (``count``; one key field per group, null unless grouped by it: a to-one relation's
+key as the related record, ``stage: Stage``, any other as its value, ``status: DealStatus``,
+``closeMonth: Date``; one field per ``Measure``: money as ``[MoneyAggregate!]!``, one entry per
+currency, a plain number as ``NumberAggregate``) and ``DealAggregate`` (``groupCount`` and
+``groups``). Related records are read through the session's loaders, like every relation.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+from decimal import Decimal
+from functools import cache
+from typing import Any
+
+import strawberry
+
+from auth.session import Info
+from records.declare import Group, Record
+from schema import enums as _enums  # noqa: F401 - registers the model enums as GraphQL enums
+from schema.objects import RecordObject, load
+
+
+@strawberry.type(description="An amount in one currency over a group's records: never summed across currencies. "
+                             "`avg` is rounded to the cent.")
+class MoneyAggregate:
+    currency: str
+    count: int
+    sum: Decimal
+    avg: Decimal
+    min: Decimal
+    max: Decimal
+
+
+@strawberry.type(description="A number over a group's records (`count`: those with a value; the rest are null "
+                             "when none has one). `avg` is rounded to 4 decimal places.")
+class NumberAggregate:
+    count: int
+    sum: Decimal | None
+    avg: Decimal | None
+    min: Decimal | None
+    max: Decimal | None
+
+
+class GroupObject:
+    """Base of the derived group types: the relation keys of the group stay in ``keys``."""
+
+    keys: dict[str, Any]
+
+
+def key_field(record: Record, group: Group) -> tuple[str, Any, Any]:
+    """The group's key field of ``record``'s group type: Python name, annotation, Strawberry field."""
+    relation = record.relation_by_key(group.column)
+    if relation is not None:
+        target = relation.target()
+        name = relation.name
+
+        async def resolve(self: GroupObject, info: Info) -> Any:
+            return await load(info, target, self.keys.get(name))
+
+        return name, RecordObject.type_of(target) | None, strawberry.field(resolver=resolve)
+    annotation: Any
+    if group.month:
+        annotation = dt.date
+    elif record.has(group.column):
+        annotation = record.field(group.column).rule.annotation
+    else:
+        annotation = str
+    return group.field_name, annotation | None, None
+
+
+@cache
+def group_by_enum(record: Record) -> type[enum.Enum]:
+    """``<Name>GroupBy``: one value per declared ``Group``."""
+    assert record.aggregation is not None
+    make_enum: Any = enum.Enum
+    return strawberry.enum(make_enum(f"{record.name}GroupBy", {g.name: g.name for g in record.aggregation.groups}))  # type: ignore[no-any-return]
+
+
+@cache
+def group_type(record: Record) -> type:
+    """``<Name>Group`` (module docstring)."""
+    assert record.aggregation is not None
+    annotations: dict[str, Any] = {"count": int}
+    namespace: dict[str, Any] = {"__annotations__": annotations}
+    for group in record.aggregation.groups:
+        name, annotation, field = key_field(record, group)
+        annotations[name] = annotation
+        namespace[name] = field if field is not None else strawberry.field(
+            default=None, description=f"The group's value when grouped by {group.name}.")
+    for measure in record.aggregation.measures:
+        annotations[measure.column] = list[MoneyAggregate] if measure.currency else NumberAggregate
+    annotations["keys"] = strawberry.Private[dict[str, Any]]
+    return strawberry.type(type(f"{record.name}Group", (GroupObject,), namespace),
+                           description=f"{record.plural_label.capitalize()} sharing the values of the fields grouped "
+                                       "by (a key field not grouped by is null).")
+
+
+@cache
+def aggregate_type(record: Record) -> type:
+    """``<Name>Aggregate``: the groups (largest first) and how many there are in all."""
+    namespace = {"__annotations__": {
+        "group_count": int, "groups": list[group_type(record)]},  # type: ignore[misc]
+        "group_count": strawberry.field(description="Groups in all (`groups` holds at most `first`).")}
+    return strawberry.type(type(f"{record.name}Aggregate", (), namespace))
+
+
+def build_group(record: Record, values: dict[str, Any], keys: dict[str, Any]) -> Any:
+    """A group object of ``record`` from its field values (every key field not given is null)."""
+    cls = group_type(record)
+    obj: Any = object.__new__(cls)
+    assert record.aggregation is not None
+    for group in record.aggregation.groups:
+        if record.relation_by_key(group.column) is None:
+            obj.__dict__[group.field_name] = None
+    obj.__dict__.update(values)
+    obj.keys = keys
+    return obj
