@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
@@ -14,6 +15,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route, WebSocketRoute
 
 from atrium.dashboard.routes import dashboard_routes
+from atrium.http.deadline import STATE_KEY as READ_DEADLINE
 from atrium.http.endpoint import AtriumGraphQL
 from atrium.http.runtime import Runtime
 from atrium.observability.metrics import MeasureHttp
@@ -35,10 +37,10 @@ def create_app(settings: Settings, *, clock: Clock = SYSTEM_CLOCK) -> Starlette:
     metrics.observe(runtime.broker, runtime.databases, view.live_groups, runtime.answers)
 
     @asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+    async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
         await runtime.start()
         try:
-            yield
+            yield {READ_DEADLINE: settings.request_read_timeout_seconds}  # uvicorn's protocols read it
         finally:
             await runtime.close()
 
@@ -46,6 +48,9 @@ def create_app(settings: Settings, *, clock: Clock = SYSTEM_CLOCK) -> Starlette:
         return JSONResponse({"status": "ok"})
 
     async def readyz(request: Request) -> JSONResponse:
+        if runtime.admission.saturated:  # a load balancer should send new work elsewhere for now
+            return JSONResponse({"status": "unavailable", "saturated": True}, status_code=503,
+                                headers={"retry-after": str(settings.retry_after_seconds)})
         try:
             async with runtime.databases.default.connect() as conn:
                 await conn.execute(text("SELECT 1"))

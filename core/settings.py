@@ -14,7 +14,7 @@ import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from core.pgurl import PgUrl, async_url, with_user
@@ -196,6 +196,23 @@ class Settings:
     asked for again; this is when they go)."""
     idempotency_ttl_seconds: int = 24 * 3600
     """How long the answer of a mutation sent with an ``Idempotency-Key`` is kept for its retries."""
+    max_in_flight: int = 16
+    """GraphQL requests over HTTP that one process runs at once (``atrium.http.admission``)."""
+    tenant_in_flight: int = 8
+    """Of those, how many one tenant may run at once (the rest stay free for the other tenants)."""
+    admission_queue: int = 32
+    """Requests that may wait for a place in the process; one more is answered 503 at once."""
+    tenant_queue: int = 8
+    """Of those, how many one tenant may have waiting."""
+    admission_wait_seconds: float = 1.0
+    """How long a request may wait for its place before it is answered 503."""
+    retry_after_seconds: int = 1
+    """What a 503 SERVICE_UNAVAILABLE answer's ``Retry-After`` says."""
+    request_read_timeout_seconds: float = 10.0
+    """Time a client has, from connecting (or from the first byte of its next request on a kept-alive
+    connection), to send a request's headers and body; then the connection is closed (``atrium.http.deadline``)."""
+    ws_init_timeout_seconds: float = 10.0
+    """Time a WebSocket has to send ``connection_init`` after it is accepted; then it is closed with 4408."""
     plans: bool = True
     """Answer queries through plans pushed down into PostgreSQL (``planner``); ``ATRIUM_PLANS=off``
     runs every query through the executor (the same answers, slower)."""
@@ -243,6 +260,7 @@ class Settings:
             answer_cache_entries=env.whole("ATRIUM_ANSWER_CACHE_ENTRIES", 10_000, minimum=0, unit=" of entries"),
             answer_cache_bytes=env.whole("ATRIUM_ANSWER_CACHE_BYTES", 64 * 1024 * 1024, minimum=0, unit=" of bytes"),
             idempotency_ttl_seconds=env.whole("ATRIUM_IDEMPOTENCY_TTL", 24 * 3600, minimum=1, unit=" of seconds"),
+            **admission_settings(env),
         )
 
     def with_database(self, database_url: str) -> Settings:
@@ -260,6 +278,25 @@ class Settings:
         if self.app_database_url:
             return async_url(self.app_database_url)
         return app_role_url(self.admin_url)
+
+
+def admission_settings(env: Environ) -> dict[str, Any]:
+    """The admission bounds and client timeouts of ``Settings`` (README, "Overload"): a tenant's
+    shares default to half of the process's in-flight bound and a quarter of its queue."""
+    max_in_flight = env.whole("ATRIUM_MAX_IN_FLIGHT", 16, minimum=1, unit=" of requests")
+    queue = env.whole("ATRIUM_ADMISSION_QUEUE", 32, minimum=0, unit=" of requests")
+    return {
+        "max_in_flight": max_in_flight,
+        "tenant_in_flight": env.whole("ATRIUM_TENANT_IN_FLIGHT", max(1, max_in_flight // 2), minimum=1,
+                                      unit=" of requests"),
+        "admission_queue": queue,
+        "tenant_queue": env.whole("ATRIUM_TENANT_QUEUE", queue // 4, minimum=0, unit=" of requests"),
+        "admission_wait_seconds": env.number("ATRIUM_ADMISSION_WAIT", 1.0, minimum=0.0, unit=" of seconds"),
+        "retry_after_seconds": env.whole("ATRIUM_RETRY_AFTER", 1, minimum=1, unit=" of seconds"),
+        "request_read_timeout_seconds": env.number("ATRIUM_REQUEST_READ_TIMEOUT", 10.0, minimum=0.1,
+                                                   unit=" of seconds"),
+        "ws_init_timeout_seconds": env.number("ATRIUM_WS_INIT_TIMEOUT", 10.0, minimum=0.1, unit=" of seconds"),
+    }
 
 
 def app_role_url(admin_url: str) -> str:

@@ -108,8 +108,11 @@ def settings(database_url: str) -> Settings:
     # Functional tests run unmetered (their broad queries would exhaust a plan); tests/test_limits.py
     # builds apps with rate limits on.
     # ATRIUM_PLANS=off runs the whole suite through the executor alone (.ci/run does both).
+    # Functional tests also send bursts of one tenant's requests at once: admission bounds are wide
+    # here, and tests/test_overload.py builds apps with narrow ones.
     return Settings(env="test", database_url=database_url, jwt_secret=TEST_SECRET, data_dir=Path(tempfile.gettempdir()),
-                    rate_limits=False, plans=switch(os.environ, "ATRIUM_PLANS", default=True))
+                    rate_limits=False, plans=switch(os.environ, "ATRIUM_PLANS", default=True),
+                    max_in_flight=1024, tenant_in_flight=1024, admission_queue=1024, tenant_queue=1024)
 
 
 @pytest.fixture(scope="session")

@@ -232,8 +232,9 @@ class InProcessAtrium:
 
 
 @contextlib.asynccontextmanager
-async def serve_in_process(settings: Settings, clock: ManualClock) -> AsyncIterator[InProcessAtrium]:
-    """``create_app(settings, clock=clock)``, its lifespan run, served over real sockets until exit.
+async def serve_in_process(settings: Settings, clock: ManualClock, **options: Any) -> AsyncIterator[InProcessAtrium]:
+    """``create_app(settings, clock=clock)``, its lifespan run, served over real sockets until exit
+    (``options``: more ``uvicorn.Config`` options, such as ``http``).
 
     The listening socket is bound before uvicorn starts (no free-port race); the app's lifespan is run
     here rather than by uvicorn, so that a failing startup raises in the test instead of exiting.
@@ -246,7 +247,7 @@ async def serve_in_process(settings: Settings, clock: ManualClock) -> AsyncItera
         port: int = listener.getsockname()[1]
         async with app.router.lifespan_context(app):
             config = uvicorn.Config(app, lifespan="off", log_level="warning", log_config=None,
-                                    timeout_graceful_shutdown=5)
+                                    timeout_graceful_shutdown=5, **options)
             server = _Server(config)
             serving = asyncio.create_task(server.serve(sockets=[listener]), name="atrium-in-process")
             try:

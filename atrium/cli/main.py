@@ -216,7 +216,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         os.environ.setdefault("ATRIUM_DATA_DIR", str(settings.data_dir))
         uvicorn.run("atrium.asgi:create_from_env", factory=True, host=args.host, port=args.port,
                     workers=None if args.reload else args.workers, reload=args.reload, log_level=args.log_level,
-                    proxy_headers=True)
+                    proxy_headers=True, http="atrium.http.deadline:HttpProtocol")  # slow clients cut off
     finally:
         if ours and embedded_running(embedded):
             stop_embedded_postgres(embedded)

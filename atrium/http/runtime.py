@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from redis.asyncio import Redis
 
+from atrium.http.admission import Admission, Limits
 from atrium.http.ratelimit import RateLimiter, rate_limiter
 from atrium.observability.metrics import Metrics
 from auth.tokens import TokenVerifier
@@ -37,6 +38,8 @@ class Runtime:
     trusted: TrustedDocuments
     """Trusted-document lookups remembered until the tenant's documents change."""
     """Cached answers of planned queries (None when ``ATRIUM_ANSWER_CACHE=off`` or plans are off)."""
+    admission: Admission
+    """Places for HTTP requests in this process, shared fairly between tenants (``atrium.http.admission``)."""
 
     @classmethod
     def build(cls, settings: Settings, clock: Clock = SYSTEM_CLOCK) -> Runtime:
@@ -50,7 +53,7 @@ class Runtime:
                    verifier=TokenVerifier(settings, clock), api_keys=ApiKeys(databases),
                    apq=apq_store(settings, databases, redis), limiter=rate_limiter(settings, redis),
                    metrics=Metrics(), answers=answer_cache(settings, redis),
-                   trusted=TrustedDocuments())
+                   trusted=TrustedDocuments(), admission=Admission(Limits.of(settings), clock))
 
     async def start(self) -> None:
         await self.broker.start()
