@@ -10,7 +10,8 @@ atrium.http.deadline:HttpProtocol`` as deployed) on 127.0.0.1, and runs, in orde
    request's wait): p50/p99 unloaded.
 2. Two identical bursts: ``--flood`` clients of ``flood`` sending the same query in a closed loop
    from a process of their own, while ``calm`` is measured as in 1. Each flood client either sleeps
-   what ``Retry-After`` says after a 503 (``--flood-retry after``, what a well-behaved client does) or
+   what ``Retry-After`` says after a 503, times 1 to 2 at random (``--flood-retry after``, what a
+   well-behaved client does: retry libraries add jitter so that refused clients do not return together) or
    sends its next request at once (``immediate``, a hostile one). Printed: calm's p50/p99, the flood's
    answers by status with the latency of each, and the server's RSS before, between and after.
 3. ``--websockets`` idle graphql-transport-ws connections (initialised, then silent) opened and
@@ -29,6 +30,7 @@ import asyncio
 import json
 import multiprocessing
 import os
+import random
 import resource
 import subprocess
 import sys
@@ -152,18 +154,20 @@ def flood_process(port: int, token: str, clients: int, seconds: float, retry: st
         deadline = time.perf_counter() + seconds
         results: list[tuple[int, float]] = []
 
-        async def client() -> None:
+        async def client(seed: int) -> None:
+            rng = random.Random(seed)
             conn = Connection(port, token)
             while time.perf_counter() < deadline:
                 answer = await conn.send()
                 results.append((answer.status, answer.seconds))
-                if answer.status == 503 and retry == "after":
-                    await asyncio.sleep(min(answer.retry_after, max(0.0, deadline - time.perf_counter())))
+                if answer.status == 503 and retry == "after":  # with jitter, as retry libraries do
+                    pause = answer.retry_after * (1 + rng.random())
+                    await asyncio.sleep(min(pause, max(0.0, deadline - time.perf_counter())))
                 elif answer.status == 0:
                     await asyncio.sleep(0.05)  # refused connection: do not spin
             conn.close()
 
-        await asyncio.gather(*(client() for _ in range(clients)))
+        await asyncio.gather(*(client(i) for i in range(clients)))
         return results
 
     out.put(asyncio.run(run()))
@@ -352,7 +356,7 @@ def main() -> None:
     parser.add_argument("--flood", type=int, default=200, help="flooding clients (one tenant)")
     parser.add_argument("--flood-retry", choices=("after", "immediate"), default="after",
                         help="after a 503: sleep Retry-After (after) or send again at once (immediate)")
-    parser.add_argument("--rate", type=float, default=20.0, help="requests/s of the measured tenant")
+    parser.add_argument("--rate", type=float, default=40.0, help="requests/s of the measured tenant")
     parser.add_argument("--seconds", type=float, default=15.0, help="length of each phase")
     parser.add_argument("--websockets", type=int, default=2000)
     parser.add_argument("--slowloris", type=int, default=10)

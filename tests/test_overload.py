@@ -5,6 +5,7 @@
   while another tenant is served; free places go to the waiting tenants in turn; ``/readyz`` says
   not ready while the process is saturated. Every test holds places itself (the gate), or lets real
   requests wait, and waits on the admission's own state (``Admission.until``), never on time.
+- Memory: the heap is trimmed (glibc's ``malloc_trim``) once after the load drops.
 - Slow clients: headers dribbled past the read deadline close the connection
   (``atrium.http.deadline``, under both of uvicorn's HTTP implementations); a WebSocket that never
   sends ``connection_init`` is closed with 4408.
@@ -28,6 +29,7 @@ from websockets.exceptions import ConnectionClosed
 from atrium.app import create_app
 from atrium.http.admission import SATURATED_FOR, Admission, Limits
 from atrium.http.deadline import STATE_KEY, H11WithDeadline, HttpProtocol, with_deadline
+from atrium.observability.memory import MemoryTrimmer, malloc_trim
 from core.clock import ManualClock
 from core.errors import Overloaded
 from core.settings import Settings
@@ -335,3 +337,31 @@ async def test_a_websocket_that_never_sends_connection_init_is_closed_4408(setti
             with pytest.raises(ConnectionClosed):
                 await asyncio.wait_for(ws.recv(), WAIT)
             assert ws.close_code == 4408
+
+
+# ---- memory -------------------------------------------------------------------------------------
+
+
+async def test_memory_is_trimmed_once_after_the_load_drops() -> None:
+    load = [0.0]
+    trims: list[float] = []
+    clock = ManualClock()
+    trimmer = MemoryTrimmer(lambda: load[0], clock, drop=32, trim=lambda: trims.append(load[0]))
+    for value in (10, 500, 2000, 2000, 1000):  # up, then falling: not yet
+        load[0] = value
+        assert not await trimmer.check()
+    load[0] = 3
+    assert not await trimmer.check()  # still falling
+    assert await trimmer.check()  # fallen by 1,997 and holding still: trimmed
+    assert not await trimmer.check()  # once
+    load[0] = 20
+    assert not await trimmer.check()
+    load[0] = 0
+    assert not await trimmer.check() and not await trimmer.check()  # a small swing is no reason
+    assert trims == [3]
+
+
+def test_this_platform_can_trim() -> None:
+    trim = malloc_trim()
+    assert trim is not None, "glibc's malloc_trim is missing: memory freed after load stays resident"
+    trim()

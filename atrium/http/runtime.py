@@ -8,6 +8,7 @@ from redis.asyncio import Redis
 
 from atrium.http.admission import Admission, Limits
 from atrium.http.ratelimit import RateLimiter, rate_limiter
+from atrium.observability.memory import MemoryTrimmer
 from atrium.observability.metrics import Metrics
 from auth.tokens import TokenVerifier
 from core.clock import SYSTEM_CLOCK, Clock
@@ -40,6 +41,8 @@ class Runtime:
     """Cached answers of planned queries (None when ``ATRIUM_ANSWER_CACHE=off`` or plans are off)."""
     admission: Admission
     """Places for HTTP requests in this process, shared fairly between tenants (``atrium.http.admission``)."""
+    trimmer: MemoryTrimmer
+    """Gives freed memory back to the system after load drops (``atrium.observability.memory``)."""
 
     @classmethod
     def build(cls, settings: Settings, clock: Clock = SYSTEM_CLOCK) -> Runtime:
@@ -49,16 +52,23 @@ class Runtime:
         broker = create_broker(settings.redis_url, prefix=settings.redis_prefix,
                                maxsize=settings.subscriber_queue_size, presence_ttl=settings.presence_ttl_seconds,
                                clock=clock)
+        metrics, admission = Metrics(), Admission(Limits.of(settings), clock)
+
+        def load() -> float:  # what holds memory: open WebSockets, requests running and waiting
+            return metrics.open_websockets() + admission.in_flight + admission.waiting
+
         return cls(settings=settings, clock=clock, databases=databases, redis=redis, broker=broker,
                    verifier=TokenVerifier(settings, clock), api_keys=ApiKeys(databases),
                    apq=apq_store(settings, databases, redis), limiter=rate_limiter(settings, redis),
-                   metrics=Metrics(), answers=answer_cache(settings, redis),
-                   trusted=TrustedDocuments(), admission=Admission(Limits.of(settings), clock))
+                   metrics=metrics, answers=answer_cache(settings, redis),
+                   trusted=TrustedDocuments(), admission=admission, trimmer=MemoryTrimmer(load, clock))
 
     async def start(self) -> None:
         await self.broker.start()
+        self.trimmer.start()
 
     async def close(self) -> None:
+        await self.trimmer.close()
         await self.broker.close()
         if self.redis is not None:
             await self.redis.aclose()
