@@ -196,9 +196,10 @@ class Settings:
     asked for again; this is when they go)."""
     idempotency_ttl_seconds: int = 24 * 3600
     """How long the answer of a mutation sent with an ``Idempotency-Key`` is kept for its retries."""
-    max_in_flight: int = 16
-    """GraphQL requests over HTTP that one process runs at once (``atrium.http.admission``)."""
-    tenant_in_flight: int = 8
+    max_in_flight: int = 10
+    """GraphQL requests over HTTP that one process runs at once (``atrium.http.admission``); by
+    default as many as the pool has connections, so that an admitted request never waits for one."""
+    tenant_in_flight: int = 5
     """Of those, how many one tenant may run at once (the rest stay free for the other tenants)."""
     admission_queue: int = 32
     """Requests that may wait for a place in the process; one more is answered 503 at once."""
@@ -281,9 +282,11 @@ class Settings:
 
 
 def admission_settings(env: Environ) -> dict[str, Any]:
-    """The admission bounds and client timeouts of ``Settings`` (README, "Overload"): a tenant's
-    shares default to half of the process's in-flight bound and a quarter of its queue."""
-    max_in_flight = env.whole("ATRIUM_MAX_IN_FLIGHT", 16, minimum=1, unit=" of requests")
+    """The admission bounds and client timeouts of ``Settings`` (README, "Overload"): the in-flight
+    bound defaults to the pool size, a tenant's shares to half of it and a quarter of the queue."""
+    # As many as the pool has connections: an admitted request never waits for one.
+    max_in_flight = env.whole("ATRIUM_MAX_IN_FLIGHT", env.whole("ATRIUM_DB_POOL_SIZE", 10, minimum=1), minimum=1,
+                              unit=" of requests")
     queue = env.whole("ATRIUM_ADMISSION_QUEUE", 32, minimum=0, unit=" of requests")
     return {
         "max_in_flight": max_in_flight,

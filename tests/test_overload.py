@@ -32,7 +32,7 @@ from atrium.http.deadline import STATE_KEY, H11WithDeadline, HttpProtocol, with_
 from atrium.observability.memory import MemoryTrimmer, malloc_trim
 from core.clock import ManualClock
 from core.errors import Overloaded
-from core.settings import Settings
+from core.settings import SettingError, Settings
 from models.tables import Role
 from tests.conftest import TenantWorld, codes
 from tests.live import WAIT, serve_in_process
@@ -365,3 +365,19 @@ def test_this_platform_can_trim() -> None:
     trim = malloc_trim()
     assert trim is not None, "glibc's malloc_trim is missing: memory freed after load stays resident"
     trim()
+
+
+# ---- settings -----------------------------------------------------------------------------------
+
+
+def test_admission_settings_default_to_the_pool_and_name_a_bad_value() -> None:
+    base = {"ATRIUM_JWT_SECRET": "s" * 40}
+    defaults = Settings.from_env(base)
+    assert (defaults.max_in_flight, defaults.tenant_in_flight) == (10, 5)
+    assert (defaults.admission_queue, defaults.tenant_queue) == (32, 8)
+    assert (defaults.admission_wait_seconds, defaults.retry_after_seconds) == (1.0, 1)
+    assert (defaults.request_read_timeout_seconds, defaults.ws_init_timeout_seconds) == (10.0, 10.0)
+    sized = Settings.from_env({**base, "ATRIUM_DB_POOL_SIZE": "24", "ATRIUM_ADMISSION_QUEUE": "100"})
+    assert (sized.max_in_flight, sized.tenant_in_flight, sized.tenant_queue) == (24, 12, 25)
+    with pytest.raises(SettingError, match="ATRIUM_MAX_IN_FLIGHT must be a whole number of requests, at least 1"):
+        Settings.from_env({**base, "ATRIUM_MAX_IN_FLIGHT": "0"})
