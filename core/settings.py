@@ -203,7 +203,7 @@ class Settings:
     """Of those, how many one tenant may run at once (the rest stay free for the other tenants)."""
     admission_queue: int = 32
     """Requests that may wait for a place in the process; one more is answered 503 at once."""
-    tenant_queue: int = 8
+    tenant_queue: int = 16
     """Of those, how many one tenant may have waiting."""
     admission_wait_seconds: float = 1.0
     """How long a request may wait for its place before it is answered 503."""
@@ -283,7 +283,7 @@ class Settings:
 
 def admission_settings(env: Environ) -> dict[str, Any]:
     """The admission bounds and client timeouts of ``Settings`` (README, "Overload"): the in-flight
-    bound defaults to the pool size, a tenant's shares to half of it and a quarter of the queue."""
+    bound defaults to the pool size, a tenant's shares to half of it and half of the queue."""
     # As many as the pool has connections: an admitted request never waits for one.
     max_in_flight = env.whole("ATRIUM_MAX_IN_FLIGHT", env.whole("ATRIUM_DB_POOL_SIZE", 10, minimum=1), minimum=1,
                               unit=" of requests")
@@ -293,7 +293,7 @@ def admission_settings(env: Environ) -> dict[str, Any]:
         "tenant_in_flight": env.whole("ATRIUM_TENANT_IN_FLIGHT", max(1, max_in_flight // 2), minimum=1,
                                       unit=" of requests"),
         "admission_queue": queue,
-        "tenant_queue": env.whole("ATRIUM_TENANT_QUEUE", queue // 4, minimum=0, unit=" of requests"),
+        "tenant_queue": env.whole("ATRIUM_TENANT_QUEUE", queue // 2, minimum=0, unit=" of requests"),
         "admission_wait_seconds": env.number("ATRIUM_ADMISSION_WAIT", 1.0, minimum=0.0, unit=" of seconds"),
         "retry_after_seconds": env.whole("ATRIUM_RETRY_AFTER", 1, minimum=1, unit=" of seconds"),
         "request_read_timeout_seconds": env.number("ATRIUM_REQUEST_READ_TIMEOUT", 10.0, minimum=0.1,

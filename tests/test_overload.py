@@ -339,6 +339,42 @@ async def test_a_websocket_that_never_sends_connection_init_is_closed_4408(setti
             assert ws.close_code == 4408
 
 
+async def read_response(reader: asyncio.StreamReader) -> tuple[int, dict[str, Any]]:
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), WAIT)
+    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                      if line.lower().startswith(b"content-length")))
+    return int(head.split()[1]), json.loads(await asyncio.wait_for(reader.readexactly(length), WAIT))
+
+
+async def test_a_refused_connection_is_not_read_again_before_its_retry_after(
+        settings: Settings, make_tenant: MakeTenant) -> None:
+    world = await make_tenant("hold")
+    body = json.dumps({"query": ME}).encode()
+    request = (b"POST /graphql HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\nauthorization: Bearer "
+               + world.token().encode() + b"\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
+    narrowed = narrow(settings, max_in_flight=1, retry_after_seconds=1)
+    async with serve_in_process(narrowed, ManualClock(), http=with_deadline(HttpProtocol, 10)) as server:
+        admission: Admission = server.app.state.runtime.admission
+        held_reader, held = await asyncio.open_connection("127.0.0.1", server.port)
+        other_reader, other = await asyncio.open_connection("127.0.0.1", server.port)
+        try:
+            async with admission.place("someone"):
+                held.write(request)
+                status, answer = await read_response(held_reader)
+                assert status == 503 and codes(answer) == ["SERVICE_UNAVAILABLE"]
+                held.write(request)  # again at once, ignoring Retry-After
+                other.write(request)  # sent later, on another connection: read and refused
+                status, _ = await read_response(other_reader)
+                assert status == 503
+                assert admission.refused == 2  # the held connection's second request was not read
+            status, answer = await read_response(held_reader)  # read once the hold is over
+            assert status == 200 and answer["data"]["tenant"]["id"]
+            assert admission.refused == 2
+        finally:
+            held.close()
+            other.close()
+
+
 # ---- memory -------------------------------------------------------------------------------------
 
 
@@ -374,10 +410,10 @@ def test_admission_settings_default_to_the_pool_and_name_a_bad_value() -> None:
     base = {"ATRIUM_JWT_SECRET": "s" * 40}
     defaults = Settings.from_env(base)
     assert (defaults.max_in_flight, defaults.tenant_in_flight) == (10, 5)
-    assert (defaults.admission_queue, defaults.tenant_queue) == (32, 8)
+    assert (defaults.admission_queue, defaults.tenant_queue) == (32, 16)
     assert (defaults.admission_wait_seconds, defaults.retry_after_seconds) == (1.0, 1)
     assert (defaults.request_read_timeout_seconds, defaults.ws_init_timeout_seconds) == (10.0, 10.0)
     sized = Settings.from_env({**base, "ATRIUM_DB_POOL_SIZE": "24", "ATRIUM_ADMISSION_QUEUE": "100"})
-    assert (sized.max_in_flight, sized.tenant_in_flight, sized.tenant_queue) == (24, 12, 25)
+    assert (sized.max_in_flight, sized.tenant_in_flight, sized.tenant_queue) == (24, 12, 50)
     with pytest.raises(SettingError, match="ATRIUM_MAX_IN_FLIGHT must be a whole number of requests, at least 1"):
         Settings.from_env({**base, "ATRIUM_MAX_IN_FLIGHT": "0"})

@@ -1,4 +1,5 @@
-"""A deadline for reading each request, in uvicorn's HTTP protocol: slow clients are cut off.
+"""A deadline for reading each request, in uvicorn's HTTP protocol: slow clients are cut off; and
+connections whose request was refused are not read again before their ``Retry-After``.
 
 Why here and not in the ASGI app: uvicorn calls the app only once a request's headers are complete,
 so a client that dribbles its headers a byte at a time (slowloris) is invisible to any middleware,
@@ -13,6 +14,14 @@ So the guard sits in the protocol, as a small mixin over uvicorn's two HTTP impl
   ``Settings.ws_init_timeout_seconds``).
 - Past it the connection is closed: with ``408 Request Timeout`` if part of a request had arrived,
   silently if nothing had. A request whose headers were read by then sees ``http.disconnect``.
+
+A refused request's connection is also held: when the app marks the request (``HOLD_KEY`` in its
+scope, seconds: what its 503's ``Retry-After`` said), nothing more is read from that connection for
+that long once the response is sent. A client that honours ``Retry-After`` never notices; one that
+sends again at once waits out the hint with its request in the socket's buffer, where it costs the
+process nothing, instead of making the process refuse it over and over (the refusals of a flood that
+ignores the hint would otherwise take the CPU the admitted requests need). The hold is shorter than
+the keep-alive timeout, so the connection is not closed meanwhile.
 
 The deadline is ``Settings.request_read_timeout_seconds``: the app's lifespan hands it to uvicorn in
 the lifespan state (``STATE_KEY``), which uvicorn gives every protocol it creates; a protocol class
@@ -30,6 +39,7 @@ from typing import Any
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 STATE_KEY = "atrium.request_read_timeout"
+HOLD_KEY = "atrium.hold_reading"
 DEFAULT_SECONDS = 10.0
 _TIMEOUT_TEXT = b"Request not received in time"
 TIMEOUT_RESPONSE = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: text/plain; charset=utf-8\r\n"
@@ -44,6 +54,7 @@ class ReadDeadline:
     loop: asyncio.AbstractEventLoop
     app_state: dict[str, Any]
     cycle: Any
+    timeout_keep_alive: int
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)  # type: ignore[misc]
@@ -67,6 +78,19 @@ class ReadDeadline:
         """The transport still speaks HTTP through this protocol (not upgraded to a WebSocket)."""
         protocol: object = self.transport.get_protocol()
         return protocol is self
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()  # type: ignore[misc]
+        cycle = self.cycle
+        hold = cycle.scope.get(HOLD_KEY) if cycle is not None else None
+        if hold and not self.transport.is_closing() and self._ours():
+            self.transport.pause_reading()
+            seconds = min(float(hold), 0.8 * float(self.timeout_keep_alive))
+            self.loop.call_later(seconds, self._end_hold)
+
+    def _end_hold(self) -> None:
+        if not self.transport.is_closing() and self._ours():
+            self.transport.resume_reading()
 
     def _between_requests(self) -> bool:
         return self.cycle is None or bool(self.cycle.response_complete)

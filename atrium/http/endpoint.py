@@ -38,6 +38,7 @@ from strawberry.subscriptions import GRAPHQL_TRANSPORT_WS_PROTOCOL
 from strawberry.types import ExecutionResult
 
 from atrium.http.admission import admission_key
+from atrium.http.deadline import HOLD_KEY
 from atrium.http.graphql_http import GRAPHQL_RESPONSE_JSON, JSON, GraphQLOverHTTP, HTTPError, negotiate
 from atrium.http.runtime import Runtime
 from atrium.http.websocket import GroupedTransportWSHandler, Grouping, LiveGroups, OperationSpec
@@ -140,6 +141,7 @@ class AtriumGraphQL(GraphQLOverHTTP):
             async with self.runtime.admission.place(admission_key(principal, request)):
                 await self.answer(request, request_id, principal, send)
         except Overloaded as exc:
+            scope[HOLD_KEY] = exc.extra["retryAfter"]  # this connection is not read again before then
             await overloaded_response(exc, request_id, request.headers.get("accept"))(scope, receive, send)
 
     async def answer(self, request: Request, request_id: str, principal: Principal | None, send: Send) -> None:
