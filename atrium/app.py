@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
@@ -18,20 +18,26 @@ from atrium.dashboard.routes import dashboard_routes
 from atrium.http.deadline import STATE_KEY as READ_DEADLINE
 from atrium.http.endpoint import AtriumGraphQL
 from atrium.http.runtime import Runtime
+from atrium.observability.logs import RequestLogging
 from atrium.observability.metrics import MeasureHttp
 from core.clock import SYSTEM_CLOCK, Clock
 from core.settings import Settings
 
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace import TracerProvider
+
 MAX_BODY = 1 << 20
 
 
-def create_app(settings: Settings, *, clock: Clock = SYSTEM_CLOCK) -> Starlette:
+def create_app(settings: Settings, *, clock: Clock = SYSTEM_CLOCK,
+               tracer_provider: TracerProvider | None = None) -> Starlette:
     """An Atrium app for ``settings`` (whose database URL must be resolved), reading time from ``clock``.
 
     Building it connects to nothing; its lifespan starts the broker and, on exit, closes the broker,
-    Redis and every database engine.
+    Redis and every database engine, and flushes traces. Spans go to ``tracer_provider`` when one is
+    given (tests), else over OTLP when ``settings.tracing`` is on (``atrium.observability.tracing``).
     """
-    runtime = Runtime.build(settings, clock)
+    runtime = Runtime.build(settings, clock, tracer_provider)
     view = AtriumGraphQL(runtime)
     metrics = runtime.metrics
     metrics.observe(runtime.broker, runtime.databases, view.live_groups, runtime.answers)
@@ -67,7 +73,13 @@ def create_app(settings: Settings, *, clock: Clock = SYSTEM_CLOCK) -> Starlette:
             Route("/metrics", metrics.endpoint(settings)),
             *dashboard_routes(),
         ],
-        middleware=[Middleware(MeasureHttp, metrics=metrics)],
+        # Outermost first: the request's span, then its log record (so every line has its trace id),
+        # then its metrics.
+        middleware=[
+            *([Middleware(runtime.tracing.middleware)] if runtime.tracing is not None else []),
+            Middleware(RequestLogging, access_log=settings.access_log),
+            Middleware(MeasureHttp, metrics=metrics),
+        ],
         lifespan=lifespan,
         max_body_size=MAX_BODY,
     )

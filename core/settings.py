@@ -217,6 +217,16 @@ class Settings:
     plans: bool = True
     """Answer queries through plans pushed down into PostgreSQL (``planner``); ``ATRIUM_PLANS=off``
     runs every query through the executor (the same answers, slower)."""
+    tracing: bool = False
+    """Record traces and export them over OTLP/HTTP (``atrium.observability.tracing``): on when the
+    standard ``OTEL_EXPORTER_OTLP_ENDPOINT`` (or ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT``) is set, unless
+    ``OTEL_SDK_DISABLED=true`` or ``OTEL_TRACES_EXPORTER=none``. The exporter reads the other standard
+    variables itself (headers, timeout, compression, certificates; ``OTEL_SERVICE_NAME``,
+    ``OTEL_RESOURCE_ATTRIBUTES``, ``OTEL_PROPAGATORS``, ``OTEL_TRACES_SAMPLER``, ``OTEL_BSP_*``)."""
+    trace_tenant: bool = True
+    """Spans carry the caller's tenant id (``atrium.tenant.id``); ``ATRIUM_TRACE_TENANT=off`` leaves it out."""
+    access_log: bool = True
+    """One log line per HTTP request (``atrium.access``); ``ATRIUM_ACCESS_LOG=off`` turns it off."""
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -262,6 +272,9 @@ class Settings:
             answer_cache_bytes=env.whole("ATRIUM_ANSWER_CACHE_BYTES", 64 * 1024 * 1024, minimum=0, unit=" of bytes"),
             idempotency_ttl_seconds=env.whole("ATRIUM_IDEMPOTENCY_TTL", 24 * 3600, minimum=1, unit=" of seconds"),
             **admission_settings(env),
+            tracing=tracing_asked(env),
+            trace_tenant=env.switch("ATRIUM_TRACE_TENANT", True),
+            access_log=env.switch("ATRIUM_ACCESS_LOG", True),
         )
 
     def with_database(self, database_url: str) -> Settings:
@@ -300,6 +313,27 @@ def admission_settings(env: Environ) -> dict[str, Any]:
                                                    unit=" of seconds"),
         "ws_init_timeout_seconds": env.number("ATRIUM_WS_INIT_TIMEOUT", 10.0, minimum=0.1, unit=" of seconds"),
     }
+OTLP_ENDPOINTS = ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT")
+OTLP_PROTOCOLS = ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL")
+
+
+def tracing_asked(env: Environ) -> bool:
+    """Whether the standard OpenTelemetry variables ask for traces (``Settings.tracing``); a value
+    Atrium cannot honour (another exporter or protocol, an endpoint that is not a URL) is a
+    ``SettingError`` rather than traces silently going nowhere."""
+    if env.text("OTEL_SDK_DISABLED").lower() == "true":
+        return False
+    exporters = {e.strip() for e in env.text("OTEL_TRACES_EXPORTER", "otlp").lower().split(",")}
+    if exporters == {"none"}:
+        return False
+    if exporters != {"otlp"}:
+        raise SettingError(f"OTEL_TRACES_EXPORTER must be otlp or none, not {env.text('OTEL_TRACES_EXPORTER')!r}")
+    for name in OTLP_PROTOCOLS:
+        protocol = env.text(name)
+        if protocol and protocol != "http/protobuf":
+            raise SettingError(f"{name} must be http/protobuf (Atrium exports OTLP over HTTP), not {protocol!r}")
+    endpoints = [env.url(name, ("http", "https"), "http://collector:4318") for name in OTLP_ENDPOINTS]
+    return any(endpoints)
 
 
 def app_role_url(admin_url: str) -> str:

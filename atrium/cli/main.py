@@ -21,6 +21,7 @@ from pathlib import Path
 
 from sqlalchemy import func, select
 
+from atrium.observability.logs import uvicorn_log_config
 from atrium.ops.admin import add_user, create_tenant, list_tenants, tenant_database, tenant_id_by_slug
 from atrium.ops.bootstrap import DatabaseUnreachable, resolve_database
 from atrium.ops.embedded_pg import embedded_running, stop_embedded_postgres
@@ -214,9 +215,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         assert settings.database_url is not None
         os.environ["DATABASE_URL"] = settings.database_url
         os.environ.setdefault("ATRIUM_DATA_DIR", str(settings.data_dir))
+        # Atrium writes the access log (atrium.access); uvicorn's lines are formatted as Atrium's.
         uvicorn.run("atrium.asgi:create_from_env", factory=True, host=args.host, port=args.port,
                     workers=None if args.reload else args.workers, reload=args.reload, log_level=args.log_level,
-                    proxy_headers=True, http="atrium.http.deadline:HttpProtocol")  # slow clients cut off
+                    proxy_headers=True, access_log=False, log_config=uvicorn_log_config(settings),
+                    http="atrium.http.deadline:HttpProtocol")  # slow clients cut off
     finally:
         if ours and embedded_running(embedded):
             stop_embedded_postgres(embedded)

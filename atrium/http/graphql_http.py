@@ -45,10 +45,11 @@ import dataclasses
 import datetime as dt
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from graphql import GraphQLError
 from starlette.requests import Request
 from starlette.responses import Response
 from strawberry.asgi import GraphQL
@@ -257,6 +258,17 @@ def idempotency_key(request: Request) -> str | None:
         raise HTTPError(400, str(exc)) from None
 
 
+def document_id_of(params: Params, source: Source) -> str | None:
+    """The id a persisted document was asked for by (``documentId``, or the APQ hash), else None."""
+    if not source.persisted:
+        return None
+    if params.document_id is not None:
+        return params.document_id
+    pq = (params.extensions or {}).get("persistedQuery")
+    sha = pq.get("sha256Hash") if isinstance(pq, dict) else None
+    return f"sha256:{sha}" if isinstance(sha, str) else None
+
+
 def refusal(error: AtriumError, status: int, headers: Mapping[str, str] | None = None) -> Outcome:
     return Outcome(error_body(error), status, dict(headers or {}))
 
@@ -390,13 +402,24 @@ class GraphQLOverHTTP(GraphQL[Context, None]):
         return outcome
 
     async def run_operation(self, request: Request, params: Params, source: Source, context: Context, media: str,
-                  cache: bool | None) -> Outcome:
-        """Execute ``source`` for ``params`` and shape the answer for ``media``."""
+                            cache: bool | None) -> Outcome:
+        """Execute ``source`` for ``params`` and shape the answer for ``media``: in the operation's span
+        when tracing is on (``atrium.observability.tracing``), the fast path and the pipeline alike."""
+        tracing = self.runtime.tracing
+        if tracing is None:
+            return await self.answer_operation(request, params, source, context, media, cache)
+        tenant = context.principal.tenant_id if context.principal is not None else None
+        with tracing.operation_span(tenant, source.query, document_id_of(params, source)):
+            return await self.answer_operation(request, params, source, context, media, cache)
+
+    async def answer_operation(self, request: Request, params: Params, source: Source, context: Context, media: str,
+                               cache: bool | None) -> Outcome:
         get = request.method == "GET"
         if self.runtime.answers is not None and (source.persisted if cache is None else cache):
             context = dataclasses.replace(context, answers=self.runtime.answers)
         prepared = await self.schema.answer_prepared(context, source.query, params.operation_name, params.variables)
         if prepared is not None:
+            await self.register(source, prepared.errors)  # a prepared document parsed and validated
             return outcome_of(prepared, media)
         try:
             result = await self.schema.execute(
@@ -415,6 +438,10 @@ class GraphQLOverHTTP(GraphQL[Context, None]):
             return Outcome(error_body(ValidationFailed(reason)), 200 if media == JSON else 400)
         except MissingQueryError:
             return Outcome(error_body(BadRequest("The request has no GraphQL document")), 400)
-        if source.register is not None and not any(code_of(e) in NOT_STORED_CODES for e in result.errors or ()):
-            await self.runtime.apq.put(source.register, source.query)
+        await self.register(source, result.errors)
         return outcome_of(result, media)
+
+    async def register(self, source: Source, errors: Sequence[GraphQLError] | None) -> None:
+        """Store an APQ registration's document once it has parsed and validated."""
+        if source.register is not None and not any(code_of(e) in NOT_STORED_CODES for e in errors or ()):
+            await self.runtime.apq.put(source.register, source.query)
