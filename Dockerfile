@@ -36,4 +36,4 @@ EXPOSE 8000
 HEALTHCHECK --interval=10s --timeout=3s CMD python -c "import urllib.request,sys; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/healthz').status != 200)"
 # DATABASE_URL (migrations), ATRIUM_APP_DATABASE_URL (the atrium_app role), REDIS_URL and
 # ATRIUM_JWT_SECRET or ATRIUM_JWKS_URL come from the environment. Run `python -m atrium migrate` as a job.
-CMD ["python", "-m", "uvicorn", "--factory", "atrium.asgi:create_from_env", "--host", "0.0.0.0", "--port", "8000", "--proxy-headers", "--no-access-log"]
+CMD ["python", "-m", "uvicorn", "--factory", "atrium.asgi:create_from_env", "--host", "0.0.0.0", "--port", "8000", "--proxy-headers", "--no-access-log", "--http", "atrium.http.deadline:HttpProtocol"]

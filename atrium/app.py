@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
@@ -17,6 +17,7 @@ from starlette.routing import Route, WebSocketRoute
 from atrium.dashboard.routes import dashboard_routes
 from atrium.graphiql.routes import GraphiQL
 from atrium.http.cors import cors_middleware
+from atrium.http.deadline import STATE_KEY as READ_DEADLINE
 from atrium.http.endpoint import AtriumGraphQL
 from atrium.http.exports import export_download
 from atrium.http.runtime import Runtime
@@ -49,10 +50,10 @@ def create_app(settings: Settings, *, clock: Clock = SYSTEM_CLOCK,
     metrics.observe(runtime.broker, runtime.databases, view.live_groups, runtime.answers)
 
     @asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+    async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
         await runtime.start()
         try:
-            yield
+            yield {READ_DEADLINE: settings.request_read_timeout_seconds}  # uvicorn's protocols read it
         finally:
             await runtime.close()
 
@@ -60,6 +61,9 @@ def create_app(settings: Settings, *, clock: Clock = SYSTEM_CLOCK,
         return JSONResponse({"status": "ok", "version": VERSION})
 
     async def readyz(request: Request) -> JSONResponse:
+        if runtime.admission.saturated:  # a load balancer should send new work elsewhere for now
+            return JSONResponse({"status": "unavailable", "saturated": True}, status_code=503,
+                                headers={"retry-after": str(settings.retry_after_seconds)})
         try:
             async with runtime.databases.default.connect() as conn:
                 await conn.execute(text("SELECT 1"))

@@ -16,6 +16,7 @@ The tree::
     ├── IdempotencyKeyInUse          IDEMPOTENCY_KEY_IN_USE  its first request still runs (HTTP 409)
     ├── IdempotencyKeyReused         IDEMPOTENCY_KEY_REUSED  the key came with another request (HTTP 422)
     ├── SubscriberTooSlow            SUBSCRIBER_TOO_SLOW  a subscriber fell too far behind; its stream ends
+    ├── Overloaded                   SERVICE_UNAVAILABLE  the process is at capacity (HTTP 503, ``Retry-After``)
     └── Internal                     INTERNAL          anything unexpected; the message never leaks details
 
 GraphQL's own errors get GRAPHQL_PARSE_FAILED or GRAPHQL_VALIDATION_FAILED (``schema.extensions``).
@@ -50,6 +51,7 @@ class ErrorCode(enum.StrEnum):
     SUBSCRIBER_TOO_SLOW = "SUBSCRIBER_TOO_SLOW"
     IDEMPOTENCY_KEY_IN_USE = "IDEMPOTENCY_KEY_IN_USE"
     IDEMPOTENCY_KEY_REUSED = "IDEMPOTENCY_KEY_REUSED"
+    SERVICE_UNAVAILABLE = "SERVICE_UNAVAILABLE"
 
 
 class AtriumError(Exception):
@@ -212,6 +214,16 @@ class SubscriberTooSlow(AtriumError):
 
     def __init__(self) -> None:
         super().__init__("Subscriber too slow: events were dropped. Subscribe again and refetch.")
+
+
+class Overloaded(AtriumError):
+    """This process has as many operations running and waiting as it may (``atrium.http.admission``):
+    nothing ran; retry after ``retryAfter`` seconds, or on another process (HTTP 503)."""
+
+    code = ErrorCode.SERVICE_UNAVAILABLE
+
+    def __init__(self, retry_after: int) -> None:
+        super().__init__("The server is at capacity; retry shortly", retryAfter=retry_after)
 
 
 class Internal(AtriumError):

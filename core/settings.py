@@ -18,7 +18,7 @@ import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from core.pgurl import PgUrl, async_url, with_user
@@ -263,6 +263,24 @@ class Settings:
     asked for again; this is when they go)."""
     idempotency_ttl_seconds: int = 24 * 3600
     """How long the answer of a mutation sent with an ``Idempotency-Key`` is kept for its retries."""
+    max_in_flight: int = 10
+    """GraphQL requests over HTTP that one process runs at once (``atrium.http.admission``); by
+    default as many as the pool has connections, so that an admitted request never waits for one."""
+    tenant_in_flight: int = 5
+    """Of those, how many one tenant may run at once (the rest stay free for the other tenants)."""
+    admission_queue: int = 32
+    """Requests that may wait for a place in the process; one more is answered 503 at once."""
+    tenant_queue: int = 16
+    """Of those, how many one tenant may have waiting."""
+    admission_wait_seconds: float = 1.0
+    """How long a request may wait for its place before it is answered 503."""
+    retry_after_seconds: int = 1
+    """What a 503 SERVICE_UNAVAILABLE answer's ``Retry-After`` says."""
+    request_read_timeout_seconds: float = 10.0
+    """Time a client has, from connecting (or from the first byte of its next request on a kept-alive
+    connection), to send a request's headers and body; then the connection is closed (``atrium.http.deadline``)."""
+    ws_init_timeout_seconds: float = 10.0
+    """Time a WebSocket has to send ``connection_init`` after it is accepted; then it is closed with 4408."""
     plans: bool = True
     """Answer queries through plans pushed down into PostgreSQL (``planner``); ``ATRIUM_PLANS=off``
     runs every query through the executor (the same answers, slower)."""
@@ -378,6 +396,7 @@ class Settings:
                                                    unit=" of seconds"),
             webhook_concurrency=env.whole("ATRIUM_WEBHOOK_CONCURRENCY", 16, minimum=1, unit=" of deliveries"),
             webhook_poll_seconds=env.number("ATRIUM_WEBHOOK_POLL", 30.0, minimum=0.1, unit=" of seconds"),
+            **admission_settings(env),
             tracing=tracing_asked(env),
             trace_tenant=env.switch("ATRIUM_TRACE_TENANT", True),
             access_log=env.switch("ATRIUM_ACCESS_LOG", True),
@@ -415,6 +434,25 @@ class Settings:
         return app_role_url(self.admin_url)
 
 
+def admission_settings(env: Environ) -> dict[str, Any]:
+    """The admission bounds and client timeouts of ``Settings`` (README, "Overload"): the in-flight
+    bound defaults to the pool size, a tenant's shares to half of it and half of the queue."""
+    # As many as the pool has connections: an admitted request never waits for one.
+    max_in_flight = env.whole("ATRIUM_MAX_IN_FLIGHT", env.whole("ATRIUM_DB_POOL_SIZE", 10, minimum=1), minimum=1,
+                              unit=" of requests")
+    queue = env.whole("ATRIUM_ADMISSION_QUEUE", 32, minimum=0, unit=" of requests")
+    return {
+        "max_in_flight": max_in_flight,
+        "tenant_in_flight": env.whole("ATRIUM_TENANT_IN_FLIGHT", max(1, max_in_flight // 2), minimum=1,
+                                      unit=" of requests"),
+        "admission_queue": queue,
+        "tenant_queue": env.whole("ATRIUM_TENANT_QUEUE", queue // 2, minimum=0, unit=" of requests"),
+        "admission_wait_seconds": env.number("ATRIUM_ADMISSION_WAIT", 1.0, minimum=0.0, unit=" of seconds"),
+        "retry_after_seconds": env.whole("ATRIUM_RETRY_AFTER", 1, minimum=1, unit=" of seconds"),
+        "request_read_timeout_seconds": env.number("ATRIUM_REQUEST_READ_TIMEOUT", 10.0, minimum=0.1,
+                                                   unit=" of seconds"),
+        "ws_init_timeout_seconds": env.number("ATRIUM_WS_INIT_TIMEOUT", 10.0, minimum=0.1, unit=" of seconds"),
+    }
 OTLP_ENDPOINTS = ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT")
 OTLP_PROTOCOLS = ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL")
 

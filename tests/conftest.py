@@ -112,11 +112,14 @@ def settings(database_url: str) -> Settings:
     # builds apps with rate limits on.
     # ATRIUM_PLANS=off runs the whole suite through the executor alone (.ci/run does both).
     # Webhooks: endpoints may point at 127.0.0.1 (the tests' receivers); no dispatcher runs in the
-    # shared app (tests/test_webhooks.py starts its own, on a database of its own).
+    # shared app (tests/test_webhooks.py starts its own, on a database of its own). Functional tests
+    # also send bursts of one tenant's requests at once: admission bounds are wide here, and
+    # tests/test_overload.py builds apps with narrow ones.
     return Settings(env="test", database_url=database_url, jwt_secret=TEST_SECRET, data_dir=Path(tempfile.gettempdir()),
                     rate_limits=False, plans=switch(os.environ, "ATRIUM_PLANS", default=True),
                     webhook_key=TEST_WEBHOOK_KEY, webhook_dispatcher=False,
-                    webhook_allowed_networks=("127.0.0.1/32",))
+                    webhook_allowed_networks=("127.0.0.1/32",),
+                    max_in_flight=1024, tenant_in_flight=1024, admission_queue=1024, tenant_queue=1024)
 
 
 @pytest.fixture(scope="session")

@@ -233,10 +233,10 @@ class InProcessAtrium:
 
 
 @contextlib.asynccontextmanager
-async def serve_in_process(settings: Settings, clock: ManualClock,
-                           tracer_provider: TracerProvider | None = None) -> AsyncIterator[InProcessAtrium]:
+async def serve_in_process(settings: Settings, clock: ManualClock, tracer_provider: TracerProvider | None = None,
+                           **options: Any) -> AsyncIterator[InProcessAtrium]:
     """``create_app(settings, clock=clock, tracer_provider=...)``, its lifespan run, served over real
-    sockets until exit.
+    sockets until exit (``options``: more ``uvicorn.Config`` options, such as ``http``).
 
     The listening socket is bound before uvicorn starts (no free-port race); the app's lifespan is run
     here rather than by uvicorn, so that a failing startup raises in the test instead of exiting.
@@ -249,7 +249,7 @@ async def serve_in_process(settings: Settings, clock: ManualClock,
         port: int = listener.getsockname()[1]
         async with app.router.lifespan_context(app):
             config = uvicorn.Config(app, lifespan="off", log_level="warning", log_config=None,
-                                    timeout_graceful_shutdown=5)
+                                    timeout_graceful_shutdown=5, **options)
             server = _Server(config)
             serving = asyncio.create_task(server.serve(sockets=[listener]), name="atrium-in-process")
             try:

@@ -350,7 +350,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # Atrium writes the access log (atrium.access); uvicorn's lines are formatted as Atrium's.
         uvicorn.run("atrium.asgi:create_from_env", factory=True, host=args.host, port=args.port,
                     workers=None if args.reload else args.workers, reload=args.reload, log_level=args.log_level,
-                    proxy_headers=True, access_log=False, log_config=uvicorn_log_config(settings))
+                    proxy_headers=True, access_log=False, log_config=uvicorn_log_config(settings),
+                    http="atrium.http.deadline:HttpProtocol")  # slow clients cut off
     finally:
         if ours and embedded_running(embedded):
             stop_embedded_postgres(embedded)

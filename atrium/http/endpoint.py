@@ -1,15 +1,19 @@
 """The GraphQL endpoint: credential -> principal -> ``Session`` and ``Context``, for HTTP and WebSocket.
 
 A present but bad credential never degrades to anonymous: over HTTP it is answered with 401 and a
-GraphQL error coded UNAUTHENTICATED before any execution. Each HTTP request gets one session, made
-once its credential is verified and its membership confirmed, and closed when the response is ready.
+GraphQL error coded UNAUTHENTICATED before any execution. Once its credential is verified (cheaply:
+tokens are remembered, ``auth.tokens``), a request takes its place in the process
+(``atrium.http.admission``: per-tenant shares of a bound on requests in flight) or is answered 503
+SERVICE_UNAVAILABLE with ``Retry-After`` at once. Each admitted request gets one session, made once
+its membership is confirmed, and closed when the response is ready; its place is given back then.
 
-WebSocket (graphql-transport-ws only): the credential comes in ``connection_init``; a missing or bad
-one closes the socket with 4403 (Strawberry's ``ConnectionRejectionError``) before any operation,
-and the socket is closed with 4401 when the token expires (one timer task per connection, on the
-app's clock, cancelled when it closes). Every operation runs with a context and session of its own,
-through ``atrium.http.websocket``: subscriptions with equal tenant, role, document and variables
-share one execution.
+WebSocket (graphql-transport-ws only): the credential comes in ``connection_init``, which must arrive
+within ``Settings.ws_init_timeout_seconds`` of the socket's opening (else Strawberry closes it with
+4408, the protocol's ``connectionInitWaitTimeout``); a missing or bad one closes the socket with 4403
+(Strawberry's ``ConnectionRejectionError``) before any operation, and the socket is closed with 4401
+when the token expires (one timer task per connection, on the app's clock, cancelled when it closes).
+Every operation runs with a context and session of its own, through ``atrium.http.websocket``:
+subscriptions with equal tenant, role, document and variables share one execution.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import datetime as dt
 import json
 import uuid
 from collections.abc import AsyncIterator
@@ -31,14 +36,16 @@ from strawberry.exceptions import ConnectionRejectionError
 from strawberry.subscriptions import GRAPHQL_TRANSPORT_WS_PROTOCOL
 from strawberry.types import ExecutionResult
 
-from atrium.http.graphql_http import GraphQLOverHTTP, Page
+from atrium.http.admission import admission_key
+from atrium.http.deadline import HOLD_KEY
+from atrium.http.graphql_http import GRAPHQL_RESPONSE_JSON, JSON, GraphQLOverHTTP, HTTPError, Page, negotiate
 from atrium.http.runtime import Runtime
 from atrium.http.websocket import GroupedTransportWSHandler, Grouping, LiveGroups, OperationSpec
 from atrium.observability.logs import request_id_for as request_id_of_headers
 from atrium.schema import build_schema
 from auth.principal import Principal, authenticate, confirm_membership
 from auth.session import Context, Session
-from core.errors import AtriumError, Unauthenticated, error_body
+from core.errors import AtriumError, Overloaded, Unauthenticated, error_body
 from core.telemetry import current_request, identify
 from schema.extensions import coded
 
@@ -56,6 +63,18 @@ def request_id_for(conn: HTTPConnection) -> str:
 def error_response(error: AtriumError, status: int, request_id: str) -> Response:
     return Response(json.dumps(error_body(error)), status_code=status, media_type="application/json",
                     headers={"x-request-id": request_id, "www-authenticate": "Bearer"})
+
+
+def overloaded_response(error: Overloaded, request_id: str, accept: str | None) -> Response:
+    """The 503 answer to a request refused by admission: a GraphQL error body (in the media type
+    ``Accept`` asks for), ``Retry-After`` and the request id."""
+    try:
+        media = negotiate(accept)
+    except HTTPError:
+        media = JSON
+    content_type = f"{GRAPHQL_RESPONSE_JSON}; charset=utf-8" if media == GRAPHQL_RESPONSE_JSON else JSON
+    return Response(json.dumps(error_body(error)), status_code=503, media_type=content_type,
+                    headers={"retry-after": str(error.extra["retryAfter"]), "x-request-id": request_id})
 
 
 @dataclass
@@ -80,7 +99,8 @@ class AtriumGraphQL(GraphQLOverHTTP):
         settings = runtime.settings
         super().__init__(build_schema(production=settings.env == "production"), runtime, ide=ide,
                          subscription_protocols=(GRAPHQL_TRANSPORT_WS_PROTOCOL,),
-                         allowed_origins=settings.cors_origins)
+                         allowed_origins=settings.cors_origins,
+                         connection_init_wait_timeout=dt.timedelta(seconds=settings.ws_init_timeout_seconds))
         self.live_groups = LiveGroups(self.schema, self.live_result, queue_size=settings.subscriber_queue_size)
         self.grouping = Grouping(self.schema)
 
@@ -117,10 +137,24 @@ class AtriumGraphQL(GraphQLOverHTTP):
             return
         request = Request(scope, receive)
         request_id = request_id_for(request)
-        session: Session | None = None
         try:
             principal = await authenticate(self.runtime.verifier, request.headers.get("authorization"),
                                            api_key=request.headers.get("x-api-key"), api_keys=self.runtime.api_keys)
+        except Unauthenticated as exc:
+            await error_response(exc, 401, request_id)(scope, receive, send)
+            return
+        try:
+            async with self.runtime.admission.place(admission_key(principal, request)):
+                await self.answer(request, request_id, principal, send)
+        except Overloaded as exc:
+            scope[HOLD_KEY] = exc.extra["retryAfter"]  # this connection is not read again before then
+            await overloaded_response(exc, request_id, request.headers.get("accept"))(scope, receive, send)
+
+    async def answer(self, request: Request, request_id: str, principal: Principal | None, send: Send) -> None:
+        """Serve an admitted HTTP request: its session opened (the membership confirmed), then its answer."""
+        scope, receive = request.scope, request.receive
+        session: Session | None = None
+        try:
             if principal is not None:
                 identify(str(principal.tenant_id), trace=self.runtime.settings.trace_tenant)
                 session = await self.open_session(principal)

@@ -11,7 +11,9 @@ from typing import TYPE_CHECKING
 from redis.asyncio import Redis
 from sqlalchemy.exc import SQLAlchemyError
 
+from atrium.http.admission import Admission, Limits
 from atrium.http.ratelimit import RateLimiter, rate_limiter
+from atrium.observability.memory import MemoryTrimmer
 from atrium.observability.metrics import Metrics
 from atrium.observability.tracing import TracedBroker, Tracing, tracing_for
 from auth.tokens import TokenVerifier
@@ -51,6 +53,11 @@ class Runtime:
     """Cached answers of planned queries (None when ``ATRIUM_ANSWER_CACHE=off`` or plans are off)."""
     trusted: TrustedDocuments
     """Trusted-document lookups remembered until the tenant's documents change."""
+    """Cached answers of planned queries (None when ``ATRIUM_ANSWER_CACHE=off`` or plans are off)."""
+    admission: Admission
+    """Places for HTTP requests in this process, shared fairly between tenants (``atrium.http.admission``)."""
+    trimmer: MemoryTrimmer
+    """Gives freed memory back to the system after load drops (``atrium.observability.memory``)."""
     tracing: Tracing | None = None
     """Traces (``atrium.observability.tracing``); None when tracing is off."""
     dispatcher: Dispatcher | None = None
@@ -76,15 +83,22 @@ class Runtime:
         if tracing is not None:
             tracing.instrument_redis(redis, broker.commands if isinstance(broker, RedisBroker) else None)
             broker = TracedBroker(broker, tracing)
+        metrics, admission = Metrics(), Admission(Limits.of(settings), clock)
+
+        def load() -> float:  # what holds memory: open WebSockets, requests running and waiting
+            return metrics.open_websockets() + admission.in_flight + admission.waiting
+
         return cls(settings=settings, clock=clock, databases=databases, redis=redis, broker=broker,
                    verifier=TokenVerifier(settings, clock), api_keys=ApiKeys(databases),
                    apq=apq_store(settings, databases, redis), limiter=rate_limiter(settings, redis),
-                   metrics=Metrics(), answers=answer_cache(settings, redis),
-                   trusted=TrustedDocuments(), tracing=tracing,
+                   metrics=metrics, answers=answer_cache(settings, redis),
+                   trusted=TrustedDocuments(), admission=admission, trimmer=MemoryTrimmer(load, clock),
+                   tracing=tracing,
                    dispatcher=Dispatcher(databases, settings, clock) if settings.webhook_dispatcher else None)
 
     async def start(self) -> None:
         await self.broker.start()
+        self.trimmer.start()
         if self.dispatcher is not None:
             await self.dispatcher.start()
         if self.settings.retention_interval_seconds > 0:
@@ -108,6 +122,7 @@ class Runtime:
                 self.retention_rounds.put_nowait(rounds)
 
     async def close(self) -> None:
+        await self.trimmer.close()
         if self.dispatcher is not None:
             await self.dispatcher.close()
         await self.schedule.close()

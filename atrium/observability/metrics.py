@@ -97,6 +97,10 @@ class Metrics:
                                 registry=self.registry)
         self._runtime_collector: RuntimeCollector | None = None
 
+    def open_websockets(self) -> float:
+        """The ``atrium_websocket_connections`` gauge's value."""
+        return next(iter(self.websockets.collect())).samples[0].value
+
     def record_operation(self, operation_type: str) -> None:
         """Count one executed operation."""
         self.operations.labels(operation_type).inc()

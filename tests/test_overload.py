@@ -1,0 +1,420 @@
+"""Overload: a bound on requests in flight, fair between tenants; slow and idle clients cut off.
+
+- Admission (``atrium.http.admission``): the excess is answered at once with 503
+  SERVICE_UNAVAILABLE, ``Retry-After`` and the request id; a tenant over its share waits or is refused
+  while another tenant is served; free places go to the waiting tenants in turn; ``/readyz`` says
+  not ready while the process is saturated. Every test holds places itself (the gate), or lets real
+  requests wait, and waits on the admission's own state (``Admission.until``), never on time.
+- Memory: the heap is trimmed (glibc's ``malloc_trim``) once after the load drops.
+- Slow clients: headers dribbled past the read deadline close the connection
+  (``atrium.http.deadline``, under both of uvicorn's HTTP implementations); a WebSocket that never
+  sends ``connection_init`` is closed with 4408.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import httpx
+import pytest
+from starlette.applications import Starlette
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
+
+from atrium.app import create_app
+from atrium.http.admission import SATURATED_FOR, Admission, Limits
+from atrium.http.deadline import STATE_KEY, H11WithDeadline, HttpProtocol, with_deadline
+from atrium.observability.memory import MemoryTrimmer, malloc_trim
+from core.clock import ManualClock
+from core.errors import Overloaded
+from core.settings import SettingError, Settings
+from core.version import VERSION
+from models.tables import Role
+from tests.conftest import TenantWorld, codes
+from tests.live import WAIT, serve_in_process
+
+MakeTenant = Callable[..., Awaitable[TenantWorld]]
+
+ME = "{ tenant { id } }"
+
+
+def limits(max_in_flight: int = 1, tenant_in_flight: int = 1, queue: int = 0, tenant_queue: int = 0,
+           wait_seconds: float = 1.0) -> Limits:
+    return Limits(max_in_flight=max_in_flight, tenant_in_flight=tenant_in_flight, queue=queue,
+                  tenant_queue=tenant_queue, wait_seconds=wait_seconds, retry_after=3)
+
+
+def narrow(settings: Settings, **bounds: Any) -> Settings:
+    defaults = {"max_in_flight": 2, "tenant_in_flight": 1, "admission_queue": 0, "tenant_queue": 0,
+                "retry_after_seconds": 3}
+    return dataclasses.replace(settings, **{**defaults, **bounds})
+
+
+@dataclasses.dataclass
+class Served:
+    app: Starlette
+    admission: Admission
+    clock: ManualClock
+    client: httpx.AsyncClient
+
+
+@pytest.fixture
+def serve(settings: Settings):  # type: ignore[no-untyped-def]
+    """An app with narrow admission bounds on a ``ManualClock``, and an ASGI client for it."""
+
+    @contextlib.asynccontextmanager
+    async def make(**bounds: Any) -> AsyncIterator[Served]:
+        clock = ManualClock()
+        app = create_app(narrow(settings, **bounds), clock=clock)
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://atrium.test") as client:
+                yield Served(app, app.state.runtime.admission, clock, client)
+
+    return make
+
+
+async def ask(client: httpx.AsyncClient, world: TenantWorld, request_id: str | None = None) -> httpx.Response:
+    headers = {"authorization": f"Bearer {world.token(Role.VIEWER)}"}
+    if request_id:
+        headers["x-request-id"] = request_id
+    return await client.post("/graphql", json={"query": ME}, headers=headers)
+
+
+def assert_refused(response: httpx.Response, retry_after: int = 3) -> None:
+    body = response.json()
+    assert response.status_code == 503, response.text
+    assert codes(body) == ["SERVICE_UNAVAILABLE"] and "data" not in body
+    assert body["errors"][0]["extensions"]["retryAfter"] == retry_after
+    assert response.headers["retry-after"] == str(retry_after)
+    assert response.headers["content-type"].startswith("application/json")
+
+
+def answered(response: httpx.Response, world: TenantWorld) -> bool:
+    return response.status_code == 200 and response.json()["data"]["tenant"]["id"] is not None
+
+
+# ---- the bound ----------------------------------------------------------------------------------
+
+
+async def test_a_request_over_the_bound_is_answered_503_at_once(serve, make_tenant: MakeTenant) -> None:  # type: ignore[no-untyped-def]
+    world, other = await make_tenant("busy"), await make_tenant("calm")
+    async with serve(max_in_flight=1) as served:
+        async with served.admission.place(other.id):  # the one place is taken
+            refused = await ask(served.client, world, "overload-1")
+            assert_refused(refused)
+            assert refused.headers["x-request-id"] == "overload-1"
+            graphql_json = await served.client.post(
+                "/graphql", json={"query": ME}, headers={"authorization": f"Bearer {world.token()}",
+                                                       "accept": "application/graphql-response+json"})
+            assert graphql_json.status_code == 503
+            assert graphql_json.headers["content-type"].startswith("application/graphql-response+json")
+            assert served.admission.in_flight == 1 and served.admission.waiting == 0
+        response = await ask(served.client, world)
+        assert answered(response, world)
+        assert served.admission.in_flight == 0
+
+
+async def test_a_mutation_refused_by_admission_did_not_run(serve, make_tenant: MakeTenant) -> None:  # type: ignore[no-untyped-def]
+    world = await make_tenant("norun")
+    create = "mutation { createCompany(input: {name: \"Never\"}) { id } }"
+    count = "query { companies(first: 10) { totalCount } }"
+    auth = {"authorization": f"Bearer {world.token()}"}
+    async with serve(max_in_flight=1) as served:
+        async with served.admission.place(world.id):
+            refused = await served.client.post("/graphql", json={"query": create}, headers=auth)
+            assert_refused(refused)
+        after = await served.client.post("/graphql", json={"query": count}, headers=auth)
+        assert after.json()["data"]["companies"]["totalCount"] == 0
+
+
+async def test_a_request_waits_in_the_queue_then_runs_or_times_out(serve, make_tenant: MakeTenant) -> None:  # type: ignore[no-untyped-def]
+    world = await make_tenant("queue")
+    async with serve(max_in_flight=1, tenant_in_flight=1, admission_queue=1, tenant_queue=1,
+                     admission_wait_seconds=2.0) as served:
+        admission = served.admission
+        async with admission.place(world.id):
+            waiting = asyncio.create_task(ask(served.client, world))
+            await admission.until(lambda a: a.waiting == 1)
+            assert_refused(await ask(served.client, world))  # the queue is full: refused at once
+        assert answered(await waiting, world)  # the freed place went to it
+
+        async with admission.place(world.id):
+            late = asyncio.create_task(ask(served.client, world))
+            await admission.until(lambda a: a.waiting == 1)
+            served.clock.advance(2.0)  # its wait is over
+            assert_refused(await late)
+            assert admission.waiting == 0
+
+
+# ---- fairness -----------------------------------------------------------------------------------
+
+
+async def test_one_tenants_flood_does_not_keep_another_tenant_out(serve, make_tenant: MakeTenant) -> None:  # type: ignore[no-untyped-def]
+    flood, other = await make_tenant("flood"), await make_tenant("other")
+    async with serve(max_in_flight=3, tenant_in_flight=2, admission_queue=8, tenant_queue=2) as served:
+        admission = served.admission
+        async with admission.place(flood.id), admission.place(flood.id):  # the flood holds its whole share
+            queued = [asyncio.create_task(ask(served.client, flood)) for _ in range(2)]
+            await admission.until(lambda a: a.waiting == 2)
+            refused = await asyncio.gather(*(ask(served.client, flood) for _ in range(5)))
+            for response in refused:
+                assert_refused(response)  # over its share and its line: refused at once
+            assert answered(await ask(served.client, other), other)  # the other tenant is served meanwhile
+            assert admission.waiting == 2 and all(not task.done() for task in queued)
+            assert not admission.saturated  # refusals of one tenant's excess are not the process's
+        for task in queued:
+            assert answered(await task, flood)
+
+
+async def test_free_places_go_to_the_waiting_tenants_in_turn() -> None:
+    admission = Admission(limits(max_in_flight=1, tenant_in_flight=1, queue=10, tenant_queue=10), ManualClock())
+    order: list[str] = []
+    release = asyncio.Event()
+
+    async def request(tenant: str, name: str) -> None:
+        async with admission.place(tenant):
+            order.append(name)
+            await release.wait()
+
+    gate = asyncio.Event()
+
+    async def hold() -> None:
+        async with admission.place("gate"):
+            await gate.wait()
+
+    holder = asyncio.create_task(hold())
+    await admission.until(lambda a: a.in_flight == 1)
+    tasks = []
+    for tenant, name in [("a", "a1"), ("a", "a2"), ("a", "a3"), ("b", "b1"), ("c", "c1"), ("b", "b2")]:
+        tasks.append(asyncio.create_task(request(tenant, name)))
+        queued = len(tasks)
+        await admission.until(lambda a: a.waiting == queued)  # noqa: B023  (awaited before the next turn)
+    release.set()  # each request, once it has its place, ends at once and hands the place on
+    gate.set()
+    await asyncio.gather(holder, *tasks)
+    assert order == ["a1", "b1", "c1", "a2", "b2", "a3"]
+    assert (admission.in_flight, admission.waiting) == (0, 0)
+
+
+async def test_a_tenant_at_its_share_leaves_free_places_to_others() -> None:
+    admission = Admission(limits(max_in_flight=3, tenant_in_flight=1, queue=4, tenant_queue=4), ManualClock())
+    async with admission.place("a"):
+        waiting = asyncio.create_task(admission.place("a").__aenter__())
+        await admission.until(lambda a: a.waiting == 1)
+        async with admission.place("b"), admission.place("c"):  # admitted beside a's waiting request
+            assert (admission.in_flight, admission.waiting) == (3, 1)
+        assert not waiting.done()
+    await waiting
+    assert admission.running("a") == 1
+
+
+async def test_a_cancelled_waiter_gives_up_its_turn() -> None:
+    admission = Admission(limits(max_in_flight=1, tenant_in_flight=1, queue=4, tenant_queue=4), ManualClock())
+    async with admission.place("a"):
+        gone = asyncio.create_task(admission.place("b").__aenter__())
+        await admission.until(lambda a: a.waiting == 1)
+        gone.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await gone
+        assert admission.waiting == 0
+    assert admission.in_flight == 0
+    full = Admission(limits(queue=0), ManualClock())
+    async with full.place("x"):
+        with pytest.raises(Overloaded):  # no place and no queue: refused at once
+            async with full.place("y"):
+                pass
+
+
+# ---- readiness ----------------------------------------------------------------------------------
+
+
+async def test_readyz_says_not_ready_while_saturated(serve, make_tenant: MakeTenant) -> None:  # type: ignore[no-untyped-def]
+    world = await make_tenant("ready")
+    async with serve(max_in_flight=1, admission_queue=0) as served:
+        assert (await served.client.get("/readyz")).status_code == 200
+        async with served.admission.place("someone"):
+            ready = await served.client.get("/readyz")
+            assert ready.status_code == 503 and ready.json() == {"status": "unavailable", "saturated": True}
+            assert ready.headers["retry-after"] == "3"
+            assert_refused(await ask(served.client, world))
+        assert (await served.client.get("/readyz")).status_code == 503  # it refused work a moment ago
+        served.clock.advance(SATURATED_FOR)
+        assert (await served.client.get("/readyz")).status_code == 200
+
+
+# ---- slow and idle clients ----------------------------------------------------------------------
+
+
+async def test_the_lifespan_hands_the_read_deadline_to_uvicorn(settings: Settings) -> None:
+    app = create_app(dataclasses.replace(settings, request_read_timeout_seconds=7.5))
+    async with app.router.lifespan_context(app) as given:
+        assert given == {STATE_KEY: 7.5}
+
+
+@pytest.fixture(params=[HttpProtocol, H11WithDeadline], ids=["httptools", "h11"])
+async def deadline_server(request: pytest.FixtureRequest, settings: Settings) -> AsyncIterator[int]:
+    protocol = with_deadline(request.param, 0.5)
+    async with serve_in_process(settings, ManualClock(), http=protocol) as server:
+        yield server.port
+
+
+async def closed_by_server(reader: asyncio.StreamReader) -> bytes:
+    """Everything the server sends until it closes the connection (fails after ``WAIT`` seconds)."""
+    return await asyncio.wait_for(reader.read(), WAIT)
+
+
+async def test_headers_dribbled_past_the_deadline_are_cut_off(deadline_server: int) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", deadline_server)
+    try:
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")  # and never the blank line
+        await writer.drain()
+        answer = await closed_by_server(reader)
+        assert answer.startswith(b"HTTP/1.1 408 ")
+    finally:
+        writer.close()
+
+
+async def test_a_connection_that_sends_nothing_is_closed(deadline_server: int) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", deadline_server)
+    try:
+        assert await closed_by_server(reader) == b""
+    finally:
+        writer.close()
+
+
+async def test_a_kept_alive_connection_is_cut_off_when_its_next_request_dribbles(deadline_server: int) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", deadline_server)
+    try:
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        await writer.drain()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), WAIT)
+        assert head.startswith(b"HTTP/1.1 200 ")
+        length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                          if line.lower().startswith(b"content-length")))
+        assert json.loads(await reader.readexactly(length)) == {"status": "ok", "version": VERSION}
+        writer.write(b"GET /healthz HTTP/1.1\r\n")  # the next request never ends its headers
+        await writer.drain()
+        assert (await closed_by_server(reader)).startswith(b"HTTP/1.1 408 ")
+    finally:
+        writer.close()
+
+
+async def test_a_body_that_never_arrives_is_cut_off(deadline_server: int) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", deadline_server)
+    try:
+        writer.write(b"POST /graphql HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\n"
+                     b"content-length: 100\r\n\r\n{\"query\":")
+        await writer.drain()
+        await closed_by_server(reader)  # the app saw the client go; the socket is closed
+    finally:
+        writer.close()
+
+
+async def test_a_websocket_outlives_the_read_deadline(deadline_server: int, make_tenant: MakeTenant) -> None:
+    world = await make_tenant("wsok")
+    url = f"ws://127.0.0.1:{deadline_server}/graphql"
+    async with connect(url, subprotocols=["graphql-transport-ws"]) as ws:  # type: ignore[list-item]
+        await ws.send(json.dumps({"type": "connection_init", "payload": {"authorization": f"Bearer {world.token()}"}}))
+        assert json.loads(await asyncio.wait_for(ws.recv(), WAIT))["type"] == "connection_ack"
+        reader, writer = await asyncio.open_connection("127.0.0.1", deadline_server)
+        try:  # a connection opened later than the WebSocket's is cut off by its deadline ...
+            assert await closed_by_server(reader) == b""
+        finally:
+            writer.close()
+        await ws.send(json.dumps({"type": "ping"}))  # ... while the WebSocket still answers
+        assert json.loads(await asyncio.wait_for(ws.recv(), WAIT))["type"] == "pong"
+
+
+async def test_a_websocket_that_never_sends_connection_init_is_closed_4408(settings: Settings) -> None:
+    quick = dataclasses.replace(settings, ws_init_timeout_seconds=0.3)
+    async with serve_in_process(quick, ManualClock()) as server:
+        async with connect(server.ws_url, subprotocols=["graphql-transport-ws"]) as ws:  # type: ignore[list-item]
+            with pytest.raises(ConnectionClosed):
+                await asyncio.wait_for(ws.recv(), WAIT)
+            assert ws.close_code == 4408
+
+
+async def read_response(reader: asyncio.StreamReader) -> tuple[int, dict[str, Any]]:
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), WAIT)
+    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                      if line.lower().startswith(b"content-length")))
+    return int(head.split()[1]), json.loads(await asyncio.wait_for(reader.readexactly(length), WAIT))
+
+
+async def test_a_refused_connection_is_not_read_again_before_its_retry_after(
+        settings: Settings, make_tenant: MakeTenant) -> None:
+    world = await make_tenant("hold")
+    body = json.dumps({"query": ME}).encode()
+    request = (b"POST /graphql HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\nauthorization: Bearer "
+               + world.token().encode() + b"\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
+    narrowed = narrow(settings, max_in_flight=1, retry_after_seconds=1)
+    async with serve_in_process(narrowed, ManualClock(), http=with_deadline(HttpProtocol, 10)) as server:
+        admission: Admission = server.app.state.runtime.admission
+        held_reader, held = await asyncio.open_connection("127.0.0.1", server.port)
+        other_reader, other = await asyncio.open_connection("127.0.0.1", server.port)
+        try:
+            async with admission.place("someone"):
+                held.write(request)
+                status, answer = await read_response(held_reader)
+                assert status == 503 and codes(answer) == ["SERVICE_UNAVAILABLE"]
+                held.write(request)  # again at once, ignoring Retry-After
+                other.write(request)  # sent later, on another connection: read and refused
+                status, _ = await read_response(other_reader)
+                assert status == 503
+                assert admission.refused == 2  # the held connection's second request was not read
+            status, answer = await read_response(held_reader)  # read once the hold is over
+            assert status == 200 and answer["data"]["tenant"]["id"]
+            assert admission.refused == 2
+        finally:
+            held.close()
+            other.close()
+
+
+# ---- memory -------------------------------------------------------------------------------------
+
+
+async def test_memory_is_trimmed_once_after_the_load_drops() -> None:
+    load = [0.0]
+    trims: list[float] = []
+    clock = ManualClock()
+    trimmer = MemoryTrimmer(lambda: load[0], clock, drop=32, trim=lambda: trims.append(load[0]))
+    for value in (10, 500, 2000, 2000, 1000):  # up, then falling: not yet
+        load[0] = value
+        assert not await trimmer.check()
+    load[0] = 3
+    assert not await trimmer.check()  # still falling
+    assert await trimmer.check()  # fallen by 1,997 and holding still: trimmed
+    assert not await trimmer.check()  # once
+    load[0] = 20
+    assert not await trimmer.check()
+    load[0] = 0
+    assert not await trimmer.check() and not await trimmer.check()  # a small swing is no reason
+    assert trims == [3]
+
+
+def test_this_platform_can_trim() -> None:
+    trim = malloc_trim()
+    assert trim is not None, "glibc's malloc_trim is missing: memory freed after load stays resident"
+    trim()
+
+
+# ---- settings -----------------------------------------------------------------------------------
+
+
+def test_admission_settings_default_to_the_pool_and_name_a_bad_value() -> None:
+    base = {"ATRIUM_JWT_SECRET": "s" * 40}
+    defaults = Settings.from_env(base)
+    assert (defaults.max_in_flight, defaults.tenant_in_flight) == (10, 5)
+    assert (defaults.admission_queue, defaults.tenant_queue) == (32, 16)
+    assert (defaults.admission_wait_seconds, defaults.retry_after_seconds) == (1.0, 1)
+    assert (defaults.request_read_timeout_seconds, defaults.ws_init_timeout_seconds) == (10.0, 10.0)
+    sized = Settings.from_env({**base, "ATRIUM_DB_POOL_SIZE": "24", "ATRIUM_ADMISSION_QUEUE": "100"})
+    assert (sized.max_in_flight, sized.tenant_in_flight, sized.tenant_queue) == (24, 12, 50)
+    with pytest.raises(SettingError, match="ATRIUM_MAX_IN_FLIGHT must be a whole number of requests, at least 1"):
+        Settings.from_env({**base, "ATRIUM_MAX_IN_FLIGHT": "0"})
