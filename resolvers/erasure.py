@@ -46,7 +46,15 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from auth.roles import Permission, requires
 from auth.session import Info
 from core.ids import decode_id, to_global_id
-from models.tables import ACTIVITIES, AUDIT_EVENTS, EXPORT_CHUNKS, EXPORT_JOBS, IDEMPOTENCY_KEYS, NOTES
+from models.tables import (
+    ACTIVITIES,
+    AUDIT_EVENTS,
+    EXPORT_CHUNKS,
+    EXPORT_JOBS,
+    IDEMPOTENCY_KEYS,
+    NOTES,
+    WEBHOOK_DELIVERIES,
+)
 from records.crm import ACTIVITY, CONTACT, NOTE
 from resolvers.writes import Change, change
 from schema.governance import ContactErasure
@@ -76,6 +84,14 @@ def _like_any(column: ColumnElement[str], terms: Sequence[str]) -> ColumnElement
 async def _stored_answers(conn: AsyncConnection, tenant_id: uuid.UUID, terms: Sequence[str]) -> int:
     return (await conn.execute(delete(IDEMPOTENCY_KEYS).where(
         IDEMPOTENCY_KEYS.c.tenant_id == tenant_id, _like_any(IDEMPOTENCY_KEYS.c.body, terms)))).rowcount
+
+
+@payload_store
+async def _webhook_deliveries(conn: AsyncConnection, tenant_id: uuid.UUID, terms: Sequence[str]) -> int:
+    # Sent or not: a message naming the person must not leave after their erasure (a pending one is
+    # dropped rather than sent; its endpoint gets the erasure's own events instead).
+    return (await conn.execute(delete(WEBHOOK_DELIVERIES).where(
+        WEBHOOK_DELIVERIES.c.tenant_id == tenant_id, _like_any(WEBHOOK_DELIVERIES.c.body, terms)))).rowcount
 
 
 def terms_of(contact: dict[str, object]) -> list[str]:
@@ -144,6 +160,10 @@ class ErasureMutation:
                 .union_all(select(NOTES.c.id).where(NOTES.c.tenant_id == w.tenant_id, NOTES.c.contact_id == key))
             )).all()]
             await w.delete(CONTACT, key, None)
+            # The deletion's own event (webhooks) carries the erased row: every text of it goes.
+            w.rows[:] = [{k: ERASED if isinstance(v, str) else v for k, v in row.items()}
+                         if row.get("id") == key and event.entity_type == CONTACT.name else row
+                         for row, event in zip(w.rows, w.events, strict=True)]
             removed = 0
             if terms:
                 for store in PAYLOAD_STORES:

@@ -15,7 +15,7 @@ from starlette.applications import Starlette
 
 from core.ids import to_global_id
 from models.audit_chain import verify_chain
-from models.tables import AUDIT_EVENTS, CONTACTS, EXPORT_JOBS, NOTES, Role
+from models.tables import AUDIT_EVENTS, CONTACTS, EXPORT_JOBS, NOTES, WEBHOOK_DELIVERIES, Role
 from subscriptions.notes import text_of
 from tests.conftest import TenantWorld, codes, data_or_fail, gql
 from tests.crm import uuid_of
@@ -27,6 +27,7 @@ ERASE = """mutation($id: ID!) { eraseContact(id: $id) {
 } }"""
 UPDATE_CONTACT = "mutation($id: ID!, $p: String) { updateContact(id: $id, input: {phone: $p}) { id phone } }"
 CREATE_ACTIVITY = "mutation($i: ActivityInput!) { createActivity(input: $i) { id subject } }"
+CREATE_ENDPOINT = "mutation($i: WebhookEndpointInput!) { createWebhookEndpoint(input: $i) { secret } }"
 
 ALL_TABLES = text("SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
                   "WHERE n.nspname = 'public' AND c.relkind = 'r' ORDER BY 1")
@@ -62,13 +63,17 @@ async def test_erasure_removes_the_person_from_every_table(
     client: httpx.AsyncClient, app: Starlette, make_tenant: MakeTenant, admin_engine: AsyncEngine,
 ) -> None:
     world = await make_tenant("erase")
+    # A webhook endpoint: every change below also waits in the outbox (no dispatcher runs here).
+    data_or_fail(await gql(client, CREATE_ENDPOINT, {"i": {"url": "http://127.0.0.1:9/hooks", "eventTypes": [
+        "contact.created", "contact.updated", "contact.deleted", "activity.created", "activity.updated"]}},
+        token=world.token(Role.ADMIN)))
     filled = await fill(client, world)
     await personal(client, filled)
     bystander = await fill(client, await make_tenant("erase-other"))
     pending_export = await finished_export(client, app, world)
     terms = (filled.person, filled.email, "7946 0999", filled.crm.contact["lastName"])
-    assert {"contacts", "activities", "audit_events", "idempotency_keys"} <= set(await rows_mentioning(
-        admin_engine, *terms))
+    assert {"contacts", "activities", "audit_events", "idempotency_keys", "webhook_deliveries"} <= set(
+        await rows_mentioning(admin_engine, *terms))
 
     body = await gql(client, ERASE, {"id": filled.crm.contact["id"]}, token=world.token())
     erased = data_or_fail(body)["eraseContact"]
@@ -93,6 +98,11 @@ async def test_erasure_removes_the_person_from_every_table(
     for term in terms:
         assert term.encode() not in bytes(state)
     assert status == "purged"
+    # Their endpoint still hears of the erasure: the contact's deletion, without the person in it.
+    async with admin_engine.connect() as conn:
+        kinds = (await conn.execute(select(WEBHOOK_DELIVERIES.c.event_type).where(
+            WEBHOOK_DELIVERIES.c.tenant_id == world.id))).scalars().all()
+    assert "contact.deleted" in kinds and "activity.updated" in kinds
     # The activity that named them is kept, rewritten.
     mention = data_or_fail(await gql(client, "query($id: ID!) { node(id: $id) { ... on Activity { subject body } } }",
                                      {"id": filled.mention["id"]}, token=world.token()))["node"]
