@@ -5,8 +5,6 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from sqlalchemy import text
-from sqlalchemy.exc import SQLAlchemyError
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
@@ -15,9 +13,11 @@ from starlette.routing import Route, WebSocketRoute
 
 from atrium.dashboard.routes import dashboard_routes
 from atrium.http.endpoint import AtriumGraphQL
+from atrium.http.failures import AnswerFailures
 from atrium.http.runtime import Runtime
 from atrium.observability.metrics import MeasureHttp
 from core.clock import SYSTEM_CLOCK, Clock
+from core.errors import OUTAGE_RETRY_AFTER
 from core.settings import Settings
 
 MAX_BODY = 1 << 20
@@ -46,16 +46,14 @@ def create_app(settings: Settings, *, clock: Clock = SYSTEM_CLOCK) -> Starlette:
         return JSONResponse({"status": "ok"})
 
     async def readyz(request: Request) -> JSONResponse:
-        try:
-            async with runtime.databases.default.connect() as conn:
-                await conn.execute(text("SELECT 1"))
-        except (OSError, SQLAlchemyError):
-            return JSONResponse({"status": "unavailable", "database": "down"}, status_code=503)
+        if not await runtime.databases.reachable():
+            return JSONResponse({"status": "unavailable", "database": "down"}, status_code=503,
+                                headers={"retry-after": str(OUTAGE_RETRY_AFTER)})
         return JSONResponse({"status": "ready"})
 
     app = Starlette(
         routes=[
-            Route("/graphql", view, methods=["GET", "POST"]),
+            Route("/graphql", AnswerFailures(view), methods=["GET", "POST"]),
             WebSocketRoute("/graphql", view),
             Route("/healthz", healthz),
             Route("/readyz", readyz),

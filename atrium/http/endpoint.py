@@ -43,13 +43,18 @@ from schema.extensions import coded
 
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 EXPIRY_KEY = "atrium.expiry"
+REQUEST_ID_KEY = "atrium.request_id"
 TOKEN_EXPIRED = 4401
 
 
 def request_id_for(conn: HTTPConnection) -> str:
-    """The caller's ``X-Request-ID`` when it is a sane token, else a fresh one."""
-    given = conn.headers.get("x-request-id", "")
-    return given if REQUEST_ID.match(given) else uuid.uuid4().hex
+    """The caller's ``X-Request-ID`` when it is a sane token, else a fresh one; the same for the
+    whole request, whoever asks (kept in its scope)."""
+    known = conn.scope.get(REQUEST_ID_KEY)
+    if not isinstance(known, str):
+        given = conn.headers.get("x-request-id", "")
+        known = conn.scope[REQUEST_ID_KEY] = given if REQUEST_ID.match(given) else uuid.uuid4().hex
+    return known
 
 
 def error_response(error: AtriumError, status: int, request_id: str) -> Response:
