@@ -1,24 +1,15 @@
 # syntax=docker/dockerfile:1
-# Build: dependencies into a virtualenv. Run: slim image, non-root user, source on PYTHONPATH
-# (alembic/ is found next to models/, so the project runs from its source tree, not site-packages).
+# Build: the locked runtime dependencies into a virtualenv. Run: slim image, non-root user, source on
+# PYTHONPATH (alembic/ is found next to models/, so the project runs from its source tree, not site-packages).
 FROM python:3.11-slim AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
-WORKDIR /src
-COPY pyproject.toml README.md ./
-COPY atrium ./atrium
-COPY auth ./auth
-COPY core ./core
-COPY models ./models
-COPY partners ./partners
-COPY planner ./planner
-COPY records ./records
-COPY resolvers ./resolvers
-COPY schema ./schema
-COPY subscriptions ./subscriptions
-# Install the dependencies the project declares, then drop the project itself (it runs from /app).
-RUN pip install . && pip uninstall -y atrium-crm
+# Exactly what requirements/runtime.txt pins, hashes checked and nothing else (--no-deps): the
+# dependencies of pyproject.toml without its extras, so no pgserver and no test or lint tools.
+# ./dev lock regenerates the lock.
+COPY requirements/runtime.txt /tmp/runtime.txt
+RUN pip install --require-hashes --no-deps -r /tmp/runtime.txt
 
 FROM python:3.11-slim AS runtime
 ENV PATH=/opt/venv/bin:$PATH PYTHONPATH=/app PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 \

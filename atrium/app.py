@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -12,25 +13,37 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route, WebSocketRoute
 
 from atrium.dashboard.routes import dashboard_routes
+from atrium.graphiql.routes import GraphiQL
+from atrium.http.cors import cors_middleware
 from atrium.http.endpoint import AtriumGraphQL
 from atrium.http.failures import AnswerFailures
 from atrium.http.runtime import Runtime
+from atrium.observability.logs import RequestLogging
 from atrium.observability.metrics import MeasureHttp
 from core.clock import SYSTEM_CLOCK, Clock
 from core.errors import OUTAGE_RETRY_AFTER
 from core.settings import Settings
+from core.version import VERSION
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace import TracerProvider
 
 MAX_BODY = 1 << 20
 
 
-def create_app(settings: Settings, *, clock: Clock = SYSTEM_CLOCK) -> Starlette:
+def create_app(settings: Settings, *, clock: Clock = SYSTEM_CLOCK,
+               tracer_provider: TracerProvider | None = None) -> Starlette:
     """An Atrium app for ``settings`` (whose database URL must be resolved), reading time from ``clock``.
 
     Building it connects to nothing; its lifespan starts the broker and, on exit, closes the broker,
-    Redis and every database engine.
+    Redis and every database engine, and flushes traces. Spans go to ``tracer_provider`` when one is
+    given (tests), else over OTLP when ``settings.tracing`` is on (``atrium.observability.tracing``).
+    Pages on other origins reach it as ``settings.cors_origins`` allows (``atrium.http.cors``);
+    GraphiQL is served when ``settings.graphiql_enabled``.
     """
-    runtime = Runtime.build(settings, clock)
-    view = AtriumGraphQL(runtime)
+    runtime = Runtime.build(settings, clock, tracer_provider)
+    graphiql = GraphiQL() if settings.graphiql_enabled else None
+    view = AtriumGraphQL(runtime, ide=graphiql.page if graphiql else None)
     metrics = runtime.metrics
     metrics.observe(runtime.broker, runtime.databases, view.live_groups, runtime.answers)
 
@@ -43,7 +56,7 @@ def create_app(settings: Settings, *, clock: Clock = SYSTEM_CLOCK) -> Starlette:
             await runtime.close()
 
     async def healthz(request: Request) -> JSONResponse:
-        return JSONResponse({"status": "ok"})
+        return JSONResponse({"status": "ok", "version": VERSION})
 
     async def readyz(request: Request) -> JSONResponse:
         if not await runtime.databases.reachable():
@@ -59,8 +72,16 @@ def create_app(settings: Settings, *, clock: Clock = SYSTEM_CLOCK) -> Starlette:
             Route("/readyz", readyz),
             Route("/metrics", metrics.endpoint(settings)),
             *dashboard_routes(),
+            *(graphiql.routes() if graphiql else ()),
         ],
-        middleware=[Middleware(MeasureHttp, metrics=metrics)],
+        # Outermost first: the request's span, then its log record (so every line has its trace id),
+        # then its metrics.
+        middleware=[
+            *([Middleware(runtime.tracing.middleware)] if runtime.tracing is not None else []),
+            Middleware(RequestLogging, access_log=settings.access_log),
+            Middleware(MeasureHttp, metrics=metrics),
+            cors_middleware(settings),
+        ],
         lifespan=lifespan,
         max_body_size=MAX_BODY,
     )

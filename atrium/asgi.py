@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import sys
+from typing import NoReturn
+
 from starlette.applications import Starlette
 
 from atrium.app import create_app
 from atrium.observability.logs import configure_logging
-from core.settings import Settings
+from core.settings import SettingError, Settings
 
 
 def create_from_env() -> Starlette:
@@ -15,9 +18,21 @@ def create_from_env() -> Starlette:
     The server connects only as the application role: ``ATRIUM_APP_DATABASE_URL`` is enough (what a
     production deployment gives it, keeping the table owner's URL to the migration job), or
     ``DATABASE_URL``, from which that role's URL is derived (``atrium serve`` sets it).
+
+    A bad or missing setting ends the process with one line naming it (exit status 2), as
+    ``atrium serve`` does, rather than a traceback from inside uvicorn.
     """
-    settings = Settings.from_env()
+    try:
+        settings = Settings.from_env()
+    except SettingError as exc:
+        refuse(str(exc))
     if not settings.database_url and not settings.app_database_url:
-        raise RuntimeError("Set ATRIUM_APP_DATABASE_URL or DATABASE_URL, or start Atrium with `atrium serve`")
+        refuse("set ATRIUM_APP_DATABASE_URL or DATABASE_URL, or start Atrium with `atrium serve`")
     configure_logging(settings)
     return create_app(settings)
+
+
+def refuse(reason: str) -> NoReturn:
+    sys.stderr.write(f"atrium: {reason}\n")
+    sys.stderr.flush()
+    raise SystemExit(2)

@@ -15,8 +15,8 @@ event, so the event's session travels in a context variable set for exactly the 
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Iterable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterable
+from contextlib import AbstractContextManager, asynccontextmanager, nullcontext
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
@@ -104,6 +104,8 @@ class Context:
     """Queries may be answered through plans (``planner``): HTTP requests, when ``Settings.plans``."""
     answers: AnswerCache | None = None
     """Where this operation's planned answer may be cached (None: it is not)."""
+    trace_event: Callable[[], AbstractContextManager[None]] | None = None
+    """A subscription's: what each of its events runs in (a span, when tracing is on)."""
 
     @property
     def session(self) -> Session:
@@ -118,22 +120,25 @@ class Context:
 
 @asynccontextmanager
 async def event_session(context: Context) -> AsyncIterator[Session]:
-    """A fresh session for one subscription event, which ``context.session`` is while the block runs.
+    """A fresh session for one subscription event, which ``context.session`` is while the block runs
+    (the event's execution: the block yields the event to the executor), inside the context's
+    ``trace_event`` (its span).
 
     The operation's own session is closed first, so no connection is held between events.
     """
     principal = context.session.principal
     if context.own_session is not None:
         await context.own_session.close()
-    session = Session.open(context.databases, principal)
-    outer = _EVENT_SESSION.get()
-    _EVENT_SESSION.set(session)
-    try:
-        yield session
-    finally:
-        # set(), not reset(token): a generator closed from another task runs this in another context.
-        _EVENT_SESSION.set(outer)
-        await session.close()
+    with context.trace_event() if context.trace_event is not None else nullcontext():
+        session = Session.open(context.databases, principal)
+        outer = _EVENT_SESSION.get()
+        _EVENT_SESSION.set(session)
+        try:
+            yield session
+        finally:
+            # set(), not reset(token): a generator closed from another task runs this in another context.
+            _EVENT_SESSION.set(outer)
+            await session.close()
 
 
 Info = strawberry.Info[Context, None]

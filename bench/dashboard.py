@@ -4,9 +4,16 @@ Seeds T tenants x D deals (companies, contacts, 3-5 activities per deal) into a 
 starts Atrium under uvicorn in a subprocess (as the non-owner application role, RLS on), then runs
 the dashboard query (first 50 deals with company, contact, owner, stage and latest 3 activities)
 from C concurrent clients, each request for a random tenant. Prints requests/s, p50/p99 latency and
-SQL statements per request (counted in-process on the same query). Not a test: numbers only.
+SQL statements per request (counted in-process on the same query), and the server's CPU time per
+request (its process's user + system time over the measurement). Not a test: numbers only.
 
     python -m bench.dashboard --tenants 50 --deals 1000 --clients 8 --seconds 20
+
+``--tracing on`` serves with traces exported over OTLP/HTTP (``OTEL_EXPORTER_OTLP_ENDPOINT``) to a
+receiver this script runs on 127.0.0.1, which counts the spans it is sent; ``--tracing both``
+alternates servers without and with tracing for ``--rounds`` rounds and prints the medians of each.
+The standard ``OTEL_TRACES_SAMPLER``/``OTEL_TRACES_SAMPLER_ARG`` reach the server (sampling).
+``--access-log on`` turns on the server's access log (off by default here, as in earlier runs).
 """
 
 from __future__ import annotations
@@ -19,11 +26,17 @@ import socket
 import statistics
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import asyncpg
 import httpx
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from sqlalchemy import event
 from sqlalchemy.engine import make_url
 
@@ -160,43 +173,134 @@ async def load(port: int, tokens: list[str], clients: int, seconds: float, first
     return latencies
 
 
+@dataclass
+class SpanSink:
+    """An OTLP/HTTP receiver that counts the spans it is sent (and answers 200)."""
+
+    port: int = 0
+    spans: int = 0
+    exports: int = 0
+
+
+@contextmanager
+def span_sink() -> Iterator[SpanSink]:
+    sink = SpanSink()
+    lock = threading.Lock()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            request = ExportTraceServiceRequest()
+            request.ParseFromString(self.rfile.read(int(self.headers.get("content-length", "0"))))
+            with lock:
+                sink.exports += 1
+                sink.spans += sum(len(s.spans) for r in request.resource_spans for s in r.scope_spans)
+            self.send_response(200)
+            self.send_header("content-length", "0")
+            self.end_headers()
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    sink.port = server.server_address[1]
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield sink
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class Run:
+    tracing: bool
+    latencies: list[float]
+    seconds: float
+    cpu: float
+    spans: int
+
+    def p(self, q: float) -> float:
+        ordered = sorted(self.latencies)
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
+
+    @property
+    def rps(self) -> float:
+        return len(self.latencies) / self.seconds
+
+    @property
+    def cpu_ms(self) -> float:
+        """Server CPU per request, in milliseconds."""
+        return self.cpu / max(1, len(self.latencies)) * 1000
+
+
+async def serve_and_load(args: argparse.Namespace, url: str, tokens: list[str], tracing: bool) -> Run:
+    port = free_port()
+    # Rate limits off: this measures raw throughput, not the plans' budgets.
+    env = {**os.environ, "DATABASE_URL": url, "ATRIUM_JWT_SECRET": SECRET, "ATRIUM_ENV": "production",
+           "ATRIUM_RATE_LIMITS": "off", "ATRIUM_ACCESS_LOG": args.access_log}
+    for name in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
+        env.pop(name, None)
+    with span_sink() as sink:
+        if tracing:
+            env["OTEL_EXPORTER_OTLP_ENDPOINT"] = f"http://127.0.0.1:{sink.port}"
+        server = subprocess.Popen(  # noqa: ASYNC220 - started once, before the measurement
+            [sys.executable, "-m", "uvicorn", "--factory", "atrium.asgi:create_from_env", "--host", "127.0.0.1",
+             "--port", str(port), "--workers", str(args.workers), "--log-level", "warning", "--no-access-log"],
+            env=env, cwd=ROOT,
+        )
+        try:
+            async with httpx.AsyncClient() as probe:
+                for _ in range(200):
+                    try:
+                        if (await probe.get(f"http://127.0.0.1:{port}/healthz")).status_code == 200:
+                            break
+                    except httpx.TransportError:
+                        await asyncio.sleep(0.05)
+            await load(port, tokens, 2, 2.0, args.first)  # warm-up
+            cpu_before, started = cpu_seconds(server.pid), time.perf_counter()
+            latencies = await load(port, tokens, args.clients, args.seconds, args.first)
+            elapsed, cpu = time.perf_counter() - started, cpu_seconds(server.pid) - cpu_before
+        finally:
+            server.terminate()
+            server.wait(timeout=10)  # its lifespan flushes the last spans before it exits
+        return Run(tracing, latencies, elapsed, cpu, sink.spans)
+
+
+def describe(run: Run) -> str:
+    traced = f" spans_exported={run.spans}" if run.tracing else ""
+    return (f"tracing={'on' if run.tracing else 'off'} requests={len(run.latencies)} rps={run.rps:.1f} "
+            f"p50={run.p(0.50):.1f}ms p99={run.p(0.99):.1f}ms mean={statistics.fmean(run.latencies) * 1000:.1f}ms "
+            f"server_cpu_per_request={run.cpu_ms:.2f}ms{traced}")
+
+
 async def main_async(args: argparse.Namespace) -> None:
     url, tenants = await prepare(args)
     settings = Settings(env="production", database_url=url, jwt_secret=SECRET, pool_size=10, rate_limits=False)
     tokens = tokens_for(settings, tenants[:args.active] if args.active else tenants)
     statements = await statements_per_request(settings, tokens[0], args.first)
-    port = free_port()
-    # Rate limits off: this measures raw throughput, not the plans' budgets.
-    env = {**os.environ, "DATABASE_URL": url, "ATRIUM_JWT_SECRET": SECRET, "ATRIUM_ENV": "production",
-           "ATRIUM_RATE_LIMITS": "off"}
-    server = subprocess.Popen(  # noqa: ASYNC220 - started once, before the measurement
-        [sys.executable, "-m", "uvicorn", "--factory", "atrium.asgi:create_from_env", "--port", str(port),
-         "--workers", str(args.workers), "--log-level", "warning", "--no-access-log"],
-        env=env, cwd=ROOT,
-    )
-    try:
-        async with httpx.AsyncClient() as probe:
-            for _ in range(200):
-                try:
-                    if (await probe.get(f"http://127.0.0.1:{port}/healthz")).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    await asyncio.sleep(0.05)
-        await load(port, tokens, 2, 2.0, args.first)  # warm-up
-        latencies = await load(port, tokens, args.clients, args.seconds, args.first)
-    finally:
-        server.terminate()
-        server.wait(timeout=10)
-    latencies.sort()
-
-    def p(q: float) -> float:
-        return latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1000
-
+    modes = {"off": [False], "on": [True], "both": [False, True] * args.rounds}[args.tracing]
     print(f"tenants={args.tenants} active={len(tokens)} deals/tenant={args.deals} page={args.first} "
           f"clients={args.clients} "
           f"workers={args.workers} seconds={args.seconds}")
-    print(f"requests={len(latencies)} rps={len(latencies) / args.seconds:.1f} p50={p(0.50):.1f}ms "
-          f"p99={p(0.99):.1f}ms mean={statistics.fmean(latencies) * 1000:.1f}ms")
+    runs = []
+    for tracing in modes:
+        runs.append(await serve_and_load(args, url, tokens, tracing))
+        print(describe(runs[-1]), flush=True)
+    if args.tracing == "both":
+        for tracing in (False, True):
+            mine = [r for r in runs if r.tracing is tracing]
+            print(f"median tracing={'on' if tracing else 'off'}: rps={statistics.median(r.rps for r in mine):.1f} "
+                  f"p50={statistics.median(r.p(0.5) for r in mine):.1f}ms "
+                  f"p99={statistics.median(r.p(0.99) for r in mine):.1f}ms "
+                  f"server_cpu_per_request={statistics.median(r.cpu_ms for r in mine):.2f}ms")
     print(f"sql_statements_per_request={statements}")
 
 
@@ -211,6 +315,11 @@ def main() -> None:
     parser.add_argument("--active", type=int, default=0,
                         help="draw requests from the first N tenants only (default: all of them)")
     parser.add_argument("--reuse", action="store_true", help="keep an already seeded benchmark database")
+    parser.add_argument("--tracing", choices=("off", "on", "both"), default="off",
+                        help="serve with traces exported over OTLP to a local receiver (both: alternate)")
+    parser.add_argument("--rounds", type=int, default=3, help="with --tracing both: runs of each")
+    parser.add_argument("--access-log", choices=("on", "off"), default="off",
+                        help="the server's access log (one JSON line per request on its stderr)")
     asyncio.run(main_async(parser.parse_args()))
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -138,12 +139,49 @@ class Environ:
                 raise SettingError(f"{name}: {exc}") from None
         return raw
 
+    def origins(self, name: str) -> tuple[str, ...]:
+        """Browser origins, comma- or space-separated (``https://app.example``, ``http://localhost:3000``),
+        each as a browser sends it in ``Origin`` (lower case, no default port); or ``*`` alone: any."""
+        raw = self.text(name)
+        items = [item for item in re.split(r"[\s,]+", raw) if item]
+        if items == ["*"]:
+            return ("*",)
+        found: list[str] = []
+        for item in items:
+            origin = browser_origin(item)
+            if origin is None:
+                raise SettingError(f"{name} must be * or origins such as https://app.example or "
+                                   f"http://localhost:3000 (scheme, host, optional port; no path), not {item!r}")
+            if origin not in found:
+                found.append(origin)
+        return tuple(found)
+
     def url(self, name: str, schemes: tuple[str, ...], example: str) -> str | None:
         raw = self.optional(name)
         if raw is not None and (urlsplit(raw).scheme not in schemes or not urlsplit(raw).netloc + urlsplit(raw).path):
             spelled = ", ".join(f"{scheme}://" for scheme in schemes)
             raise SettingError(f"{name} must be a URL such as {example} (one of {spelled})")
         return raw
+
+
+DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def browser_origin(text: str) -> str | None:
+    """``text`` as the origin a browser would send (``https://App.example:443/`` is
+    ``https://app.example``), or None when it is not an http(s) origin (a path, a query, a user,
+    ``null``)."""
+    try:
+        parts = urlsplit(text.strip())
+        port = parts.port
+    except ValueError:
+        return None
+    if parts.scheme.lower() not in DEFAULT_PORTS or not parts.hostname or parts.path not in ("", "/") \
+            or parts.query or parts.fragment or parts.username is not None or parts.password is not None:
+        return None
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    scheme = parts.scheme.lower()
+    return f"{scheme}://{host}" + (f":{port}" if port is not None and port != DEFAULT_PORTS[scheme] else "")
 
 
 def switch(env: Mapping[str, str], name: str, *, default: bool) -> bool:
@@ -199,6 +237,29 @@ class Settings:
     plans: bool = True
     """Answer queries through plans pushed down into PostgreSQL (``planner``); ``ATRIUM_PLANS=off``
     runs every query through the executor (the same answers, slower)."""
+    tracing: bool = False
+    """Record traces and export them over OTLP/HTTP (``atrium.observability.tracing``): on when the
+    standard ``OTEL_EXPORTER_OTLP_ENDPOINT`` (or ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT``) is set, unless
+    ``OTEL_SDK_DISABLED=true`` or ``OTEL_TRACES_EXPORTER=none``. The exporter reads the other standard
+    variables itself (headers, timeout, compression, certificates; ``OTEL_SERVICE_NAME``,
+    ``OTEL_RESOURCE_ATTRIBUTES``, ``OTEL_PROPAGATORS``, ``OTEL_TRACES_SAMPLER``, ``OTEL_BSP_*``)."""
+    trace_tenant: bool = True
+    """Spans carry the caller's tenant id (``atrium.tenant.id``); ``ATRIUM_TRACE_TENANT=off`` leaves it out."""
+    access_log: bool = True
+    """One log line per HTTP request (``atrium.access``); ``ATRIUM_ACCESS_LOG=off`` turns it off."""
+    cors_origins: tuple[str, ...] = ()
+    """Browser origins other than Atrium's own whose pages may call it (CORS over HTTP, the
+    ``Origin`` check of WebSocket handshakes); ``("*",)`` is any origin. Empty: none."""
+    cors_credentials: bool = False
+    """Let those pages send cookies and HTTP authentication (``Access-Control-Allow-Credentials``).
+    Never with ``*`` (``from_env`` refuses it, and so does the app). Bearer tokens in an
+    ``Authorization`` header need no credentials mode."""
+    graphiql: bool | None = None
+    """Serve GraphiQL at ``/graphql`` to browsers; None: on, except in production."""
+
+    @property
+    def graphiql_enabled(self) -> bool:
+        return self.env != "production" if self.graphiql is None else self.graphiql
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -219,6 +280,11 @@ class Settings:
             secret = _dev_secret(data_dir)
         limits = env.text("ATRIUM_RATE_LIMITS")
         rate_limits = limits.lower() not in OFF
+        cors_origins = env.origins("ATRIUM_CORS_ORIGINS")
+        cors_credentials = env.switch("ATRIUM_CORS_CREDENTIALS", False)
+        if cors_credentials and cors_origins == ("*",):
+            raise SettingError("ATRIUM_CORS_CREDENTIALS cannot be on while ATRIUM_CORS_ORIGINS is *: "
+                               "list the origins allowed to send credentials")
         return cls(
             env=mode,  # type: ignore[arg-type]
             database_url=env.postgres_url("DATABASE_URL"),
@@ -243,6 +309,12 @@ class Settings:
             answer_cache_entries=env.whole("ATRIUM_ANSWER_CACHE_ENTRIES", 10_000, minimum=0, unit=" of entries"),
             answer_cache_bytes=env.whole("ATRIUM_ANSWER_CACHE_BYTES", 64 * 1024 * 1024, minimum=0, unit=" of bytes"),
             idempotency_ttl_seconds=env.whole("ATRIUM_IDEMPOTENCY_TTL", 24 * 3600, minimum=1, unit=" of seconds"),
+            tracing=tracing_asked(env),
+            trace_tenant=env.switch("ATRIUM_TRACE_TENANT", True),
+            access_log=env.switch("ATRIUM_ACCESS_LOG", True),
+            cors_origins=cors_origins,
+            cors_credentials=cors_credentials,
+            graphiql=env.switch("ATRIUM_GRAPHIQL", mode != "production"),
         )
 
     def with_database(self, database_url: str) -> Settings:
@@ -260,6 +332,29 @@ class Settings:
         if self.app_database_url:
             return async_url(self.app_database_url)
         return app_role_url(self.admin_url)
+
+
+OTLP_ENDPOINTS = ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT")
+OTLP_PROTOCOLS = ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL")
+
+
+def tracing_asked(env: Environ) -> bool:
+    """Whether the standard OpenTelemetry variables ask for traces (``Settings.tracing``); a value
+    Atrium cannot honour (another exporter or protocol, an endpoint that is not a URL) is a
+    ``SettingError`` rather than traces silently going nowhere."""
+    if env.text("OTEL_SDK_DISABLED").lower() == "true":
+        return False
+    exporters = {e.strip() for e in env.text("OTEL_TRACES_EXPORTER", "otlp").lower().split(",")}
+    if exporters == {"none"}:
+        return False
+    if exporters != {"otlp"}:
+        raise SettingError(f"OTEL_TRACES_EXPORTER must be otlp or none, not {env.text('OTEL_TRACES_EXPORTER')!r}")
+    for name in OTLP_PROTOCOLS:
+        protocol = env.text(name)
+        if protocol and protocol != "http/protobuf":
+            raise SettingError(f"{name} must be http/protobuf (Atrium exports OTLP over HTTP), not {protocol!r}")
+    endpoints = [env.url(name, ("http", "https"), "http://collector:4318") for name in OTLP_ENDPOINTS]
+    return any(endpoints)
 
 
 def app_role_url(admin_url: str) -> str:

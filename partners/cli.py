@@ -1,9 +1,11 @@
-"""``atrium apikey create|list|revoke`` and ``atrium persisted push|list|remove`` (operator commands).
+"""``atrium apikey create|list|revoke`` and ``atrium persisted push|list|remove|check`` (operator commands).
 
 They run over the admin connection, like ``atrium tenant`` and ``atrium user``, and do what the
 admin mutations do (same validation, same audit rows, with no actor): a key is shown once and acts
 for the member named by ``--user`` with at most their role; a pushed manifest is validated as a
-whole against the schema and only adds documents; removal is its own command.
+whole against the schema and only adds documents; removal is its own command. ``persisted check``
+re-validates what every tenant has stored against the schema (the code's, or a release's SDL) before
+a deploy, and fails when a document would break.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from graphql import GraphQLError
+from graphql import build_schema as graphql_build_schema
 from sqlalchemy import func, insert, select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -28,7 +32,16 @@ from core.settings import Settings
 from models.db import create_engine
 from models.tables import AUDIT_EVENTS, MEMBERSHIPS, TENANTS, USERS, Role
 from partners.keys import KeySpec, create_key, keys_query, revoke_key
-from partners.manifests import InvalidManifest, client_name, documents_query, push_documents, read_manifest
+from partners.manifests import (
+    InvalidManifest,
+    Operation,
+    Problem,
+    client_name,
+    documents_query,
+    push_documents,
+    read_manifest,
+    recheck,
+)
 from partners.manifests import remove_documents as remove_manifest_documents
 
 Handler = Callable[[argparse.Namespace], Awaitable[int]]
@@ -191,6 +204,64 @@ async def cmd_persisted_remove(args: argparse.Namespace) -> int:
     return await _with_tenant(args.tenant, work)
 
 
+async def cmd_persisted_check(args: argparse.Namespace) -> int:
+    """Re-validate every tenant's trusted documents (or one tenant's) against the schema: the code's,
+    or the SDL in ``--schema`` (a release about to be deployed). Each document that would break is
+    printed with its tenant, client, id and the reason, and so is each use of something deprecated;
+    exit status 1 when any would break."""
+    from atrium.schema import build_schema
+
+    if args.schema:
+        try:
+            schema = graphql_build_schema(await asyncio.to_thread(Path(args.schema).read_text))
+        except (OSError, GraphQLError, TypeError) as exc:
+            return fail(f"cannot read the schema {args.schema}: {exc}")
+    else:
+        schema = build_schema(production=Settings.from_env().env == "production")._schema
+    settings = await resolve_database(Settings.from_env())
+    registry = create_engine(settings.admin_url)
+    checked: dict[str, tuple[list[Problem], list[Problem]]] = {}  # by sha256: partners share documents
+    documents = tenants = breaking = deprecated = 0
+    try:
+        query = select(TENANTS.c.id, TENANTS.c.slug, TENANTS.c.database_url).order_by(TENANTS.c.slug)
+        if args.tenant:
+            query = query.where(TENANTS.c.slug == args.tenant)
+        async with registry.connect() as conn:
+            found = (await conn.execute(query)).all()
+        if args.tenant and not found:
+            return fail(f"no tenant {args.tenant!r}")
+        for tenant in found:
+            if tenant.database_url is None:  # shared: the registry's database holds its documents
+                async with registry.connect() as conn:
+                    rows = (await conn.execute(documents_query(tenant.id))).all()
+            else:
+                home = await tenant_database(registry, settings.admin_url, tenant.id)
+                try:
+                    async with home.connect() as conn:
+                        rows = (await conn.execute(documents_query(tenant.id))).all()
+                finally:
+                    await home.dispose()
+            tenants += 1
+            for row in rows:
+                documents += 1
+                if row.sha256 not in checked:
+                    checked[row.sha256] = recheck(schema, Operation(row.document_id, row.body))
+                problems, uses = checked[row.sha256]
+                label = f"{tenant.slug} {row.client} {row.name or '-'} {row.document_id}"
+                for problem in problems:
+                    out(f"breaks      {label}: {problem.located()}")
+                for use in uses:
+                    out(f"deprecated  {label}: {use.located()}")
+                breaking += bool(problems)
+                deprecated += bool(uses)
+    finally:
+        await registry.dispose()
+    against = args.schema or "the code's schema"
+    out(f"{documents} documents of {tenants} tenants checked against {against}: {breaking} would break, "
+        f"{deprecated} use something deprecated")
+    return 1 if breaking else 0
+
+
 COMMANDS = ("apikey", "persisted")
 
 
@@ -241,3 +312,8 @@ def add_parsers(sub: Any) -> None:
     pr.add_argument("--client", required=True)
     pr.add_argument("--tenant", required=True)
     pr.set_defaults(handler=cmd_persisted_remove)
+    pk = psub.add_parser("check", help="re-validate every tenant's documents against the schema (exit 1 if any "
+                                       "would break)")
+    pk.add_argument("--tenant", help="only this tenant's documents")
+    pk.add_argument("--schema", help="an SDL file to check against (default: the code's schema)")
+    pk.set_defaults(handler=cmd_persisted_check)

@@ -32,6 +32,7 @@ from typing import Any
 from graphql import (
     GraphQLError,
     GraphQLSchema,
+    NoDeprecatedCustomRule,
     OperationDefinitionNode,
     parse,
     specified_rules,
@@ -78,8 +79,15 @@ class Problem:
         return {"documentId": self.document_id, "message": self.message, "line": self.line, "column": self.column}
 
     def __str__(self) -> str:
-        where = f" (line {self.line}, column {self.column})" if self.line is not None else ""
-        return f"{self.document_id}{where}: {self.message}"
+        return f"{self.document_id}{self.where}: {self.message}"
+
+    @property
+    def where(self) -> str:
+        return f" (line {self.line}, column {self.column})" if self.line is not None else ""
+
+    def located(self) -> str:
+        """The message and where in the document (without the id)."""
+        return f"{self.message}{self.where}"
 
 
 class InvalidManifest(BadUserInput):
@@ -171,6 +179,17 @@ def _document_problems(schema: GraphQLSchema, op: Operation) -> list[Problem]:
         problems.append(Problem(op.document_id,
                                 f"declared type {op.type!r} but the operation is a {operation.operation.value}"))
     return problems
+
+
+def recheck(schema: GraphQLSchema, op: Operation) -> tuple[list[Problem], list[Problem]]:
+    """A stored document against ``schema`` (a new release's): the problems that would refuse it now
+    (so the partner's calls would fail), then, when there are none, its uses of deprecated fields,
+    arguments, input fields and enum values (which a later release may remove)."""
+    problems = _document_problems(schema, op)
+    if problems:
+        return problems, []
+    document = parse(op.body, max_tokens=MAX_TOKENS)
+    return [], [_problem(op, e) for e in validate(schema, document, [NoDeprecatedCustomRule])]
 
 
 def _problem(op: Operation, error: GraphQLError) -> Problem:

@@ -46,6 +46,7 @@ from strawberry.types.graphql import OperationType
 from auth.session import Context
 from core.errors import AtriumError, Internal
 from core.jsontext import PlannedData, RawJSON
+from core.telemetry import ANSWER_CACHE, ANSWERED_BY, FAST_PATH, OPERATION_COST, annotate, name_operation, recording
 from planner.answers import answer_key
 from planner.plan import Fallback, Plan, Planner
 from schema.cost import operation_cost
@@ -171,7 +172,9 @@ async def answer(schema: GraphQLSchema, plans: PlanCache, context: Any, operatio
             cached = await answers.get(key)
             _tell(context, "hit" if cached is not None else "miss")
             if cached is not None:
+                annotate(ANSWERED_BY, "cache")
                 return ExecutionResult(data=cached, errors=None)
+    annotate(ANSWERED_BY, "plan")
     row = await session.db.fetch_raw(compiled.sql, plan.arguments(compiled, binding))
     rest: ExecutionResult | None = None
     if plan.fallback_keys:
@@ -200,18 +203,24 @@ async def answer_prepared(schema: GraphQLSchema, plans: PlanCache, context: Cont
     What the pipeline would do for it is done here: its document parsed and validated once already
     (validation depends on nothing else), the cost computed from the variables and charged to the
     meter once the arguments bound (a refusal is answered as the pipeline answers it), the operation
-    counted. Anything else (a bad variable or argument, a missing permission) goes the usual way.
+    counted, named to the request's log record and span. Anything else (a bad variable or argument,
+    a missing permission) goes the usual way.
     """
     document = plans.prepared(query, operation_name)
     if document is None or not context.planned:
         return None
     operation = Operation(query, operation_name, variables, document)
+    definition = next(d for d in document.definitions if isinstance(d, OperationDefinitionNode)
+                      and (operation_name is None or (d.name is not None and d.name.value == operation_name)))
+    name_operation(OperationType.QUERY.value, definition.name.value if definition.name else None)
 
     async def admit() -> None:
+        if context.meter is None and not recording():
+            return
+        cost = operation_cost(schema, document, definition, variables)
+        annotate(OPERATION_COST, cost)
         if context.meter is not None:
-            definition = next(d for d in document.definitions if isinstance(d, OperationDefinitionNode)
-                              and (operation_name is None or (d.name is not None and d.name.value == operation_name)))
-            await context.meter.charge(operation_cost(schema, document, definition, variables))
+            await context.meter.charge(cost)
 
     try:
         result = await answer(schema, plans, context, operation, None, admit)
@@ -221,13 +230,16 @@ async def answer_prepared(schema: GraphQLSchema, plans: PlanCache, context: Cont
             context.metrics.record_operation(OperationType.QUERY.value)
             context.metrics.record_errors([code_of(error) or "UNKNOWN"])
         return ExecutionResult(data=None, errors=[error])
-    if result is not None and context.metrics is not None:
-        context.metrics.record_operation(OperationType.QUERY.value)
+    if result is not None:
+        annotate(FAST_PATH, True)
+        if context.metrics is not None:
+            context.metrics.record_operation(OperationType.QUERY.value)
     return result
 
 
 def _tell(context: Context, outcome: str) -> None:
-    """The ``Atrium-Cache`` response header of an HTTP request."""
+    """The ``Atrium-Cache`` response header of an HTTP request (and the operation's span attribute)."""
+    annotate(ANSWER_CACHE, outcome)
     if context.response is not None:
         context.response.headers["Atrium-Cache"] = outcome
 
@@ -284,6 +296,8 @@ class PlannedQueries(SchemaExtension):
                     result = None
                 if result is not None:
                     ec.result = result
-                elif isinstance(ec.context, Context) and ec.context.answers is not None:
-                    _tell(ec.context, "uncacheable")  # the executor answers it
+                else:
+                    annotate(ANSWERED_BY, "executor")
+                    if isinstance(ec.context, Context) and ec.context.answers is not None:
+                        _tell(ec.context, "uncacheable")  # the executor answers it
         yield

@@ -53,6 +53,7 @@ from strawberry.types import ExecutionResult
 from strawberry.types.execution import ExecutionContext
 
 from core.errors import AtriumError, ErrorCode, QueryTooComplex
+from core.telemetry import OPERATION_COST, annotate
 
 MAX_COST = 50_000
 DEFAULT_PAGE = 20
@@ -192,6 +193,7 @@ def _admit(execution_context: ExecutionContext) -> int | None:
     if operation is None:
         return None
     cost = operation_cost(execution_context.schema._schema, document, operation, execution_context.variables)
+    annotate(OPERATION_COST, cost)
     if cost > MAX_COST:
         _refuse_atrium(execution_context, QueryTooComplex(cost, MAX_COST))
         return None

@@ -22,6 +22,7 @@ from strawberry.types.graphql import OperationType
 
 from core.errors import AtriumError, ErrorCode, ServiceUnavailable
 from core.limits import LIMIT_RULES
+from core.telemetry import name_operation
 from models.outages import is_outage
 from schema.values import CodedValues, field_of_variable
 
@@ -126,13 +127,16 @@ class OperationMetrics(SchemaExtension):
     An operation counts once it executes (it parsed and validated); errors count for every query,
     mutation or rejected document, coded as the client sees them (this is listed before
     ``ErrorCoding``, so it runs after it). A subscription counts once per execution (equal
-    subscriptions share one) and the errors of its events are not counted here.
+    subscriptions share one) and the errors of its events are not counted here. The operation is
+    also named to the request's log record and span (``core.telemetry.name_operation``).
     """
 
     def on_execute(self) -> Iterator[None]:
-        recorder = getattr(self.execution_context.context, "metrics", None)
+        ec = self.execution_context
+        recorder = getattr(ec.context, "metrics", None)
         if recorder is not None:
-            recorder.record_operation(self.execution_context.operation_type.value)
+            recorder.record_operation(ec.operation_type.value)
+        name_operation(ec.operation_type.value, ec.operation_name)
         yield
 
     def on_operation(self) -> Iterator[None]:

@@ -199,6 +199,12 @@ class RedisBroker:
         self._gap_pending: set[str] = set()
         self._reader: asyncio.Task[None] | None = None
 
+    @property
+    def commands(self) -> Redis:
+        """The client of publishes and presence (what tracing instruments; the subscription
+        connection is the reader's own)."""
+        return self._client
+
     async def start(self) -> None:
         if self._reader is None:
             self._reader = asyncio.create_task(self._run(), name="atrium-redis-broker")

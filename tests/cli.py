@@ -54,8 +54,13 @@ def environment(**overrides: str) -> dict[str, str]:
 
 async def atrium(*argv: str, env: Mapping[str, str]) -> Ran:
     """``python -m atrium <argv>`` in a process of its own, with ``env``; its status and output."""
+    return await python_module("atrium", *argv, env=env)
+
+
+async def python_module(module: str, *argv: str, env: Mapping[str, str]) -> Ran:
+    """``python -m <module> <argv>`` in a process of its own, with ``env``; its status and output."""
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "atrium", *argv, cwd=ROOT, env=dict(env), stdin=asyncio.subprocess.DEVNULL,
+        sys.executable, "-m", module, *argv, cwd=ROOT, env=dict(env), stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     stdout, stderr = await asyncio.wait_for(process.communicate(), COMMAND_TIMEOUT)
     assert process.returncode is not None

@@ -34,6 +34,7 @@ import httpx
 import jwt
 import pytest
 import uvicorn
+from opentelemetry.sdk.trace import TracerProvider
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 from starlette.applications import Starlette
@@ -144,12 +145,12 @@ class AtriumProcess:
 
 
 async def start_atrium(database_url: str, redis_url: str | None, env: Mapping[str, str] | None = None, *,
-                       port: int | None = None) -> AtriumProcess:
+                       port: int | None = None, log_level: str = "warning") -> AtriumProcess:
     """Start ``uvicorn --factory atrium.asgi:create_from_env`` and wait until ``/healthz`` answers.
 
     ``database_url`` is the admin URL of the migrated test database: the app derives its
     ``atrium_app`` role URL from it. ``env``: more environment variables. ``port``: a free one unless
-    given (to restart a server in place).
+    given (to restart a server in place). Its stdout and stderr go to ``AtriumProcess.log``.
     """
     port = port or free_port()
     environment = {**os.environ, "DATABASE_URL": database_url, "ATRIUM_JWT_SECRET": TEST_SECRET,
@@ -162,7 +163,7 @@ async def start_atrium(database_url: str, redis_url: str | None, env: Mapping[st
     with log.open("wb") as out:
         process = subprocess.Popen(  # noqa: ASYNC220 - a server process, awaited through /healthz
             [sys.executable, "-m", "uvicorn", "--factory", "atrium.asgi:create_from_env", "--host", "127.0.0.1",
-             "--port", str(port), "--log-level", "warning"], cwd=ROOT, env=environment, stdout=out, stderr=out)
+             "--port", str(port), "--log-level", log_level], cwd=ROOT, env=environment, stdout=out, stderr=out)
     server = AtriumProcess(port, process, log)
     deadline = time.monotonic() + 60
     async with httpx.AsyncClient(base_url=server.url, timeout=2.0) as client:
@@ -232,13 +233,15 @@ class InProcessAtrium:
 
 
 @contextlib.asynccontextmanager
-async def serve_in_process(settings: Settings, clock: ManualClock) -> AsyncIterator[InProcessAtrium]:
-    """``create_app(settings, clock=clock)``, its lifespan run, served over real sockets until exit.
+async def serve_in_process(settings: Settings, clock: ManualClock,
+                           tracer_provider: TracerProvider | None = None) -> AsyncIterator[InProcessAtrium]:
+    """``create_app(settings, clock=clock, tracer_provider=...)``, its lifespan run, served over real
+    sockets until exit.
 
     The listening socket is bound before uvicorn starts (no free-port race); the app's lifespan is run
     here rather than by uvicorn, so that a failing startup raises in the test instead of exiting.
     """
-    app = create_app(settings, clock=clock)
+    app = create_app(settings, clock=clock, tracer_provider=tracer_provider)
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
         listener.bind(("127.0.0.1", 0))

@@ -85,6 +85,27 @@ async def test_apollo_flow_miss_register_then_hash_only_by_post_and_get(apq_clie
     assert by_get.status_code == 200 and by_get.json() == expected, by_get.text
 
 
+async def test_a_document_the_fast_path_answers_is_still_registered(apq_client: httpx.AsyncClient,
+                                                                     make_tenant: MakeTenant) -> None:
+    # Run as a plain query first, the document is prepared (planner.execution): its registering
+    # request is then answered by the fast path, which must store it all the same, or every later
+    # hash-only request misses and Apollo Client re-sends the text forever.
+    world = await make_tenant("apq-fast")
+    auth = bearer(world.token(Role.MEMBER))
+    query = "query Few($n: Int) { deals(first: $n) { totalCount edges { node { id } } } }"
+    hash_only, register = apollo_bodies(query, "Few", {"n": 3})
+    expected = {"data": {"deals": {"totalCount": 0, "edges": []}}}
+    for _ in range(2):
+        plain = await apq_client.post("/graphql", json={"query": query, "operationName": "Few", "variables": {"n": 3}},
+                                      headers=auth)
+        assert plain.json() == expected
+    assert codes((await apq_client.post("/graphql", json=hash_only, headers=auth)).json()) == [
+        "PERSISTED_QUERY_NOT_FOUND"]
+    assert (await apq_client.post("/graphql", json=register, headers=auth)).json() == expected
+    hit = await apq_client.post("/graphql", json=hash_only, headers=auth)
+    assert hit.json() == expected, hit.text
+
+
 async def test_wire_fixtures(apq_client: httpx.AsyncClient, make_tenant: MakeTenant) -> None:
     world = await make_tenant("wire")
     auth = bearer(world.token(Role.MEMBER))

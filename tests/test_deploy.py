@@ -99,7 +99,8 @@ async def test_probes_ask_routes_the_app_serves(client: httpx.AsyncClient) -> No
 
 
 async def test_the_server_needs_only_the_application_role(database_url: str, tmp_path: Path,
-                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+                                                          monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
     """What the API pods get: ATRIUM_APP_DATABASE_URL and no owner URL."""
     monkeypatch.delenv("DATABASE_URL", raising=False)
     monkeypatch.setenv("ATRIUM_APP_DATABASE_URL", app_role_url(database_url))
@@ -117,5 +118,8 @@ async def test_the_server_needs_only_the_application_role(database_url: str, tmp
     finally:
         root.handlers[:], root.level = handlers, level
     monkeypatch.delenv("ATRIUM_APP_DATABASE_URL")
-    with pytest.raises(RuntimeError, match="ATRIUM_APP_DATABASE_URL or DATABASE_URL"):
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exited:  # one line naming what is missing (atrium.asgi.refuse)
         create_from_env()
+    assert exited.value.code == 2
+    assert "ATRIUM_APP_DATABASE_URL or DATABASE_URL" in capsys.readouterr().err

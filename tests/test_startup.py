@@ -22,7 +22,7 @@ import pytest
 
 from atrium.ops.embedded_pg import _find_system_bindir, embedded_running, start_embedded_postgres
 from core.pgurl import PgUrl
-from tests.cli import atrium, environment, one_line
+from tests.cli import atrium, environment, one_line, python_module
 from tests.live import ROOT, free_port
 
 
@@ -43,6 +43,13 @@ async def test_a_bad_setting_names_the_variable(variable: str, value: str, expec
 
 async def test_serve_names_a_bad_setting_before_anything_else() -> None:
     ran = await atrium("serve", "--port", str(free_port()), env=environment(ATRIUM_TOKEN_TTL="abc"))
+    assert ran.status == 2
+    assert one_line(ran) == "atrium: ATRIUM_TOKEN_TTL must be a whole number of seconds, at least 1, not 'abc'"
+
+
+async def test_uvicorn_started_directly_names_a_bad_setting(database_url: str) -> None:
+    ran = await python_module("uvicorn", "--factory", "atrium.asgi:create_from_env", "--port", str(free_port()),
+                              env=environment(DATABASE_URL=database_url, ATRIUM_TOKEN_TTL="abc"))
     assert ran.status == 2
     assert one_line(ran) == "atrium: ATRIUM_TOKEN_TTL must be a whole number of seconds, at least 1, not 'abc'"
 

@@ -1,4 +1,4 @@
-"""The ``atrium`` command: serve, migrate, tenant, user, token, seed-demo, export-schema, db.
+"""The ``atrium`` command: serve, migrate, tenant, user, token, seed-demo, export-schema, schema, db.
 
 Every command reads its settings first and reaches its database before doing anything else: a bad
 setting (``core.settings.SettingError``), an unreachable database (``DatabaseUnreachable``) or, for
@@ -21,11 +21,13 @@ from pathlib import Path
 
 from sqlalchemy import func, select
 
+from atrium.observability.logs import uvicorn_log_config
 from atrium.ops.admin import add_user, create_tenant, list_tenants, tenant_database, tenant_id_by_slug
 from atrium.ops.bootstrap import DatabaseUnreachable, resolve_database
 from atrium.ops.embedded_pg import embedded_running, stop_embedded_postgres
 from core.pgurl import async_url
 from core.settings import Settings
+from core.version import VERSION
 from models.db import create_engine
 from models.migrations import migrate
 from models.tables import MEMBERSHIPS, USERS, Isolation, Plan, Role
@@ -152,6 +154,37 @@ def cmd_export_schema(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_schema_check(args: argparse.Namespace) -> int:
+    """``atrium schema check``: the code's schema against the last release's SDL and CHANGELOG.md
+    (``atrium.ops.contract``); 0 when the contract holds, 1 with each problem otherwise."""
+    from graphql import build_schema
+
+    from atrium.ops.contract import changelog_entry, check
+    from atrium.schema import schema
+
+    try:
+        release = build_schema(Path(args.release).read_text())
+        changelog = Path(args.changelog).read_text()
+    except OSError as exc:
+        raise ValueError(f"cannot read {exc.filename}: {exc.strerror}") from None
+    report = check(release, build_schema(schema.as_str()), changelog, VERSION)
+    counts = {kind: sum(c.kind == kind for c in report.changes) for kind in ("breaking", "dangerous")}
+    out(f"{args.release} -> the code's schema ({VERSION}): {counts['breaking']} breaking, "
+        f"{counts['dangerous']} dangerous changes")
+    for change in report.changes:
+        out(f"  {change.kind:<9} {change.type} {change.coordinate}: {change.description}")
+    if report.ok:
+        out("the contract holds")
+        return 0
+    for problem in report.problems:
+        sys.stderr.write(f"atrium: {problem}\n")
+    if report.unlisted:
+        sys.stderr.write(f"List them in {args.changelog} under ## [Unreleased] / ### Schema changes:\n")
+        for change in report.unlisted:
+            sys.stderr.write(changelog_entry(change) + "\n")
+    return 1
+
+
 class PortInUse(Exception):
     """The address ``serve`` was asked to listen on is taken (or not ours to take)."""
 
@@ -191,7 +224,8 @@ async def prepare_serve(args: argparse.Namespace, settings: Settings) -> Setting
         if not args.no_demo:
             token = await mint_token(settings, "acme", "owner@acme.example", Role.OWNER, ttl=7 * 24 * 3600)
             host = "localhost" if args.host in ("0.0.0.0", "127.0.0.1", "::") else args.host  # noqa: S104
-            out(f"\nAtrium: GraphiQL at http://{host}:{args.port}/graphql")
+            ide = "GraphiQL" if settings.graphiql_enabled else "GraphQL (GraphiQL is off: ATRIUM_GRAPHIQL)"
+            out(f"\nAtrium: {ide} at http://{host}:{args.port}/graphql")
             out("Demo tenant 'acme' (also 'globex'); owner token, valid 7 days (paste as an HTTP header):")
             out(f'  {{"Authorization": "Bearer {token}"}}')
             out(f'Or sign in: login(email: "owner@acme.example", password: "{DEMO_PASSWORD}", tenant: "acme")')
@@ -214,9 +248,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         assert settings.database_url is not None
         os.environ["DATABASE_URL"] = settings.database_url
         os.environ.setdefault("ATRIUM_DATA_DIR", str(settings.data_dir))
+        # Atrium writes the access log (atrium.access); uvicorn's lines are formatted as Atrium's.
         uvicorn.run("atrium.asgi:create_from_env", factory=True, host=args.host, port=args.port,
                     workers=None if args.reload else args.workers, reload=args.reload, log_level=args.log_level,
-                    proxy_headers=True)
+                    proxy_headers=True, access_log=False, log_config=uvicorn_log_config(settings))
     finally:
         if ours and embedded_running(embedded):
             stop_embedded_postgres(embedded)
@@ -237,6 +272,7 @@ def cmd_db(args: argparse.Namespace) -> int:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="atrium", description="Atrium, a multi-tenant CRM GraphQL API")
+    p.add_argument("--version", action="version", version=f"atrium {VERSION}")
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("serve", help="run the API (embedded PostgreSQL and demo data when nothing is configured)")
@@ -283,6 +319,12 @@ def parser() -> argparse.ArgumentParser:
     e = sub.add_parser("export-schema", help="print the SDL to a file")
     e.add_argument("--output", default="schema.graphql")
 
+    c = sub.add_parser("schema", help="the schema contract (docs/contract.md)")
+    csub = c.add_subparsers(dest="action", required=True)
+    cc = csub.add_parser("check", help="the code's schema against the last release's SDL and CHANGELOG.md")
+    cc.add_argument("--release", default="schema.release.graphql", help="the SDL of the last release")
+    cc.add_argument("--changelog", default="CHANGELOG.md")
+
     b = sub.add_parser("db", help="the embedded PostgreSQL (in ATRIUM_DATA_DIR/pg)")
     bsub = b.add_subparsers(dest="action", required=True)
     bsub.add_parser("stop", help="stop it (atrium serve stops the one it started by itself)")
@@ -303,6 +345,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_serve(args)
         if args.command == "export-schema":
             return cmd_export_schema(args)
+        if args.command == "schema":
+            return cmd_schema_check(args)
         if args.command == "db":
             return cmd_db(args)
         return asyncio.run(handlers[args.command](args))

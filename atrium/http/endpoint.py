@@ -18,7 +18,6 @@ import asyncio
 import contextlib
 import dataclasses
 import json
-import re
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -32,29 +31,26 @@ from strawberry.exceptions import ConnectionRejectionError
 from strawberry.subscriptions import GRAPHQL_TRANSPORT_WS_PROTOCOL
 from strawberry.types import ExecutionResult
 
-from atrium.http.graphql_http import GraphQLOverHTTP
+from atrium.http.graphql_http import GraphQLOverHTTP, Page
 from atrium.http.runtime import Runtime
 from atrium.http.websocket import GroupedTransportWSHandler, Grouping, LiveGroups, OperationSpec
+from atrium.observability.logs import request_id_for as request_id_of_headers
 from atrium.schema import build_schema
 from auth.principal import Principal, authenticate, confirm_membership
 from auth.session import Context, Session
 from core.errors import AtriumError, Unauthenticated, error_body
+from core.telemetry import current_request, identify
 from schema.extensions import coded
 
-REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 EXPIRY_KEY = "atrium.expiry"
-REQUEST_ID_KEY = "atrium.request_id"
 TOKEN_EXPIRED = 4401
 
 
 def request_id_for(conn: HTTPConnection) -> str:
-    """The caller's ``X-Request-ID`` when it is a sane token, else a fresh one; the same for the
-    whole request, whoever asks (kept in its scope)."""
-    known = conn.scope.get(REQUEST_ID_KEY)
-    if not isinstance(known, str):
-        given = conn.headers.get("x-request-id", "")
-        known = conn.scope[REQUEST_ID_KEY] = given if REQUEST_ID.match(given) else uuid.uuid4().hex
-    return known
+    """The request's id as its log lines carry it (``atrium.observability.logs``): the caller's sane
+    ``X-Request-ID``, else a fresh one."""
+    record = current_request()
+    return record.request_id if record is not None else request_id_of_headers(conn.headers)
 
 
 def error_response(error: AtriumError, status: int, request_id: str) -> Response:
@@ -77,10 +73,14 @@ class SocketState:
 class AtriumGraphQL(GraphQLOverHTTP):
     graphql_transport_ws_handler_class = GroupedTransportWSHandler
 
-    def __init__(self, runtime: Runtime) -> None:
+    def __init__(self, runtime: Runtime, *, ide: Page | None = None) -> None:
+        """The endpoint for ``runtime``; ``ide``: the page a browser's plain GET gets (GraphiQL), or
+        none. WebSocket handshakes from other origins are accepted from ``Settings.cors_origins``
+        only (``atrium.http.cors``)."""
         settings = runtime.settings
-        super().__init__(build_schema(production=settings.env == "production"), runtime,
-                         subscription_protocols=(GRAPHQL_TRANSPORT_WS_PROTOCOL,))
+        super().__init__(build_schema(production=settings.env == "production"), runtime, ide=ide,
+                         subscription_protocols=(GRAPHQL_TRANSPORT_WS_PROTOCOL,),
+                         allowed_origins=settings.cors_origins)
         self.live_groups = LiveGroups(self.schema, self.live_result, queue_size=settings.subscriber_queue_size)
         self.grouping = Grouping(self.schema)
 
@@ -121,6 +121,7 @@ class AtriumGraphQL(GraphQLOverHTTP):
             principal = await authenticate(self.runtime.verifier, request.headers.get("authorization"),
                                            api_key=request.headers.get("x-api-key"), api_keys=self.runtime.api_keys)
             if principal is not None:
+                identify(str(principal.tenant_id), trace=self.runtime.settings.trace_tenant)
                 session = await self.open_session(principal)
         except Unauthenticated as exc:
             await error_response(exc, 401, request_id)(scope, receive, send)
@@ -158,6 +159,7 @@ class AtriumGraphQL(GraphQLOverHTTP):
         except Unauthenticated as exc:
             raise ConnectionRejectionError({"code": "UNAUTHENTICATED", "message": exc.message}) from exc
         context.principal = session.principal
+        identify(str(session.principal.tenant_id), trace=False)  # the connection's lines (it has no span)
         context.request.scope[EXPIRY_KEY] = asyncio.create_task(
             self.close_when_expired(context.request, principal.expires_at), name="atrium-token-expiry")
         return None
@@ -174,16 +176,22 @@ class AtriumGraphQL(GraphQLOverHTTP):
         if state.principal is None or (plan := self.grouping.spec(state.principal, query, variables,
                                                                    operation_name)) is None:
             return None  # Strawberry's own handling (it closes the socket for unparsable documents)
-        return OperationSpec(*plan, context=lambda: self.operation_context(state))
+        return OperationSpec(*plan, context=lambda: self.operation_context(state, operation_name))
 
     @contextlib.asynccontextmanager
-    async def operation_context(self, state: SocketState) -> AsyncIterator[Context]:
+    async def operation_context(self, state: SocketState, operation_name: str | None = None) -> AsyncIterator[Context]:
         """A context for one operation on a WebSocket: the connection's principal, a session of its own,
-        and the same rate-limit buckets as HTTP (a socket is no way around them)."""
+        and the same rate-limit buckets as HTTP (a socket is no way around them); with tracing, each
+        event it executes is a span (``Context.trace_event``)."""
         assert state.principal is not None
-        session = Session.open(self.runtime.databases, state.principal)
+        principal = state.principal
+        session = Session.open(self.runtime.databases, principal)
+        context = self.context(state.request, uuid.uuid4().hex, session)
+        if (tracing := self.runtime.tracing) is not None:
+            context = dataclasses.replace(
+                context, trace_event=lambda: tracing.event_span(principal.tenant_id, operation_name))
         try:
-            yield self.context(state.request, uuid.uuid4().hex, session)
+            yield context
         finally:
             await session.close()
 

@@ -45,10 +45,11 @@ import dataclasses
 import datetime as dt
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from graphql import GraphQLError
 from starlette.requests import Request
 from starlette.responses import Response
 from strawberry.asgi import GraphQL
@@ -83,6 +84,8 @@ JSON = "application/json"
 QUERIES_ONLY = frozenset({OperationType.QUERY})
 QUERIES_AND_MUTATIONS = frozenset({OperationType.QUERY, OperationType.MUTATION})
 APQ_MISS_HEADERS = {"Cache-Control": "private, no-cache, must-revalidate"}
+Page = Callable[[Request], Awaitable[Response]]
+"""An HTML page answering a request (the IDE served at the endpoint)."""
 NOT_STORED_CODES = (ErrorCode.GRAPHQL_PARSE_FAILED.value, ErrorCode.GRAPHQL_VALIDATION_FAILED.value)
 
 REQUEST_ERROR_STATUS = {
@@ -271,6 +274,17 @@ def idempotency_key(request: Request) -> str | None:
         raise HTTPError(400, str(exc)) from None
 
 
+def document_id_of(params: Params, source: Source) -> str | None:
+    """The id a persisted document was asked for by (``documentId``, or the APQ hash), else None."""
+    if not source.persisted:
+        return None
+    if params.document_id is not None:
+        return params.document_id
+    pq = (params.extensions or {}).get("persistedQuery")
+    sha = pq.get("sha256Hash") if isinstance(pq, dict) else None
+    return f"sha256:{sha}" if isinstance(sha, str) else None
+
+
 def refusal(error: AtriumError, status: int, headers: Mapping[str, str] | None = None) -> Outcome:
     return Outcome(error_body(error), status, dict(headers or {}))
 
@@ -281,9 +295,10 @@ class GraphQLOverHTTP(GraphQL[Context, None]):
 
     schema: AtriumSchema
 
-    def __init__(self, schema: AtriumSchema, runtime: Runtime, **kwargs: Any) -> None:
-        super().__init__(schema, **kwargs)
+    def __init__(self, schema: AtriumSchema, runtime: Runtime, *, ide: Page | None = None, **kwargs: Any) -> None:
+        super().__init__(schema, graphql_ide=None, **kwargs)  # never Strawberry's page (it loads from a CDN)
         self.runtime = runtime
+        self.ide = ide
 
     def decode_json(self, data: str | bytes) -> object:
         """WebSocket messages are read within the bounds of request bodies (``core.jsontext.loads``);
@@ -294,11 +309,17 @@ class GraphQLOverHTTP(GraphQL[Context, None]):
             raise json.JSONDecodeError(str(exc), "", 0) from None
 
     def should_render_graphql_ide(self, request: Any) -> bool:
-        """GraphiQL for a browser's plain GET only: never for a hash-only or documentId request."""
+        """The IDE page (when there is one) for a browser's plain GET only: never for a hash-only or
+        documentId request."""
         params = request.query_params
-        return (request.method == "GET" and self.graphql_ide is not None
+        return (request.method == "GET" and self.ide is not None
                 and not any(k in params for k in ("query", "documentId", "extensions"))
                 and "text/html" in request.headers.get("accept", ""))
+
+    async def render_graphql_ide(self, request: Request) -> Response:
+        """The IDE page the view was given (Strawberry's own would load its scripts from a CDN)."""
+        assert self.ide is not None
+        return await self.ide(request)
 
     async def serve(self, request: Request, context: Context, sub_response: Response) -> Response:
         """Answer one HTTP request on the GraphQL endpoint (``sub_response``: headers resolvers set)."""
@@ -407,13 +428,24 @@ class GraphQLOverHTTP(GraphQL[Context, None]):
         return outcome
 
     async def run_operation(self, request: Request, params: Params, source: Source, context: Context, media: str,
-                  cache: bool | None) -> Outcome:
-        """Execute ``source`` for ``params`` and shape the answer for ``media``."""
+                            cache: bool | None) -> Outcome:
+        """Execute ``source`` for ``params`` and shape the answer for ``media``: in the operation's span
+        when tracing is on (``atrium.observability.tracing``), the fast path and the pipeline alike."""
+        tracing = self.runtime.tracing
+        if tracing is None:
+            return await self.answer_operation(request, params, source, context, media, cache)
+        tenant = context.principal.tenant_id if context.principal is not None else None
+        with tracing.operation_span(tenant, source.query, document_id_of(params, source)):
+            return await self.answer_operation(request, params, source, context, media, cache)
+
+    async def answer_operation(self, request: Request, params: Params, source: Source, context: Context, media: str,
+                               cache: bool | None) -> Outcome:
         get = request.method == "GET"
         if self.runtime.answers is not None and (source.persisted if cache is None else cache):
             context = dataclasses.replace(context, answers=self.runtime.answers)
         prepared = await self.schema.answer_prepared(context, source.query, params.operation_name, params.variables)
         if prepared is not None:
+            await self.register(source, prepared.errors)  # a prepared document parsed and validated
             return outcome_of(prepared, media)
         try:
             result = await self.schema.execute(
@@ -432,6 +464,10 @@ class GraphQLOverHTTP(GraphQL[Context, None]):
             return Outcome(error_body(ValidationFailed(reason)), 200 if media == JSON else 400)
         except MissingQueryError:
             return Outcome(error_body(BadRequest("The request has no GraphQL document")), 400)
-        if source.register is not None and not any(code_of(e) in NOT_STORED_CODES for e in result.errors or ()):
-            await self.runtime.apq.put(source.register, source.query)
+        await self.register(source, result.errors)
         return outcome_of(result, media)
+
+    async def register(self, source: Source, errors: Sequence[GraphQLError] | None) -> None:
+        """Store an APQ registration's document once it has parsed and validated."""
+        if source.register is not None and not any(code_of(e) in NOT_STORED_CODES for e in errors or ()):
+            await self.runtime.apq.put(source.register, source.query)

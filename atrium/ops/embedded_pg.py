@@ -27,8 +27,9 @@ from urllib.parse import quote
 
 SUPERUSER = "postgres"
 INSTALL_HINT = (
-    "No embedded PostgreSQL available: run `pip install pgserver` (wheels for "
-    "CPython 3.11/3.12), or install Debian's `postgresql` package "
+    "No embedded PostgreSQL available: install Atrium's `embedded` extra "
+    "(`pip install 'atrium-crm[embedded]'`, which is pgserver: wheels for "
+    "CPython 3.11/3.12; ./dev installs it), or install Debian's `postgresql` package "
     "(`apt-get install postgresql`, which provides /usr/lib/postgresql/<version>/bin), "
     "or set DATABASE_URL to an existing server."
 )
