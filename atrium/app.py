@@ -6,8 +6,6 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import text
-from sqlalchemy.exc import SQLAlchemyError
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
@@ -20,10 +18,12 @@ from atrium.http.cors import cors_middleware
 from atrium.http.deadline import STATE_KEY as READ_DEADLINE
 from atrium.http.endpoint import AtriumGraphQL
 from atrium.http.exports import export_download
+from atrium.http.failures import AnswerFailures
 from atrium.http.runtime import Runtime
 from atrium.observability.logs import RequestLogging
 from atrium.observability.metrics import MeasureHttp
 from core.clock import SYSTEM_CLOCK, Clock
+from core.errors import OUTAGE_RETRY_AFTER
 from core.settings import Settings
 from core.version import VERSION
 
@@ -64,16 +64,14 @@ def create_app(settings: Settings, *, clock: Clock = SYSTEM_CLOCK,
         if runtime.admission.saturated:  # a load balancer should send new work elsewhere for now
             return JSONResponse({"status": "unavailable", "saturated": True}, status_code=503,
                                 headers={"retry-after": str(settings.retry_after_seconds)})
-        try:
-            async with runtime.databases.default.connect() as conn:
-                await conn.execute(text("SELECT 1"))
-        except (OSError, SQLAlchemyError):
-            return JSONResponse({"status": "unavailable", "database": "down"}, status_code=503)
+        if not await runtime.databases.reachable():
+            return JSONResponse({"status": "unavailable", "database": "down"}, status_code=503,
+                                headers={"retry-after": str(OUTAGE_RETRY_AFTER)})
         return JSONResponse({"status": "ready"})
 
     app = Starlette(
         routes=[
-            Route("/graphql", view, methods=["GET", "POST"]),
+            Route("/graphql", AnswerFailures(view), methods=["GET", "POST"]),
             WebSocketRoute("/graphql", view),
             Route("/healthz", healthz),
             Route("/readyz", readyz),

@@ -9,6 +9,7 @@ The tree::
     ├── BadUserInput                 BAD_USER_INPUT    names the offending ``field``
     ├── VersionConflict              VERSION_CONFLICT  carries ``currentVersion``
     ├── RateLimited                  RATE_LIMITED      carries ``retryAfter`` (seconds)
+    ├── ServiceUnavailable           SERVICE_UNAVAILABLE  PostgreSQL (or Redis) unreachable (HTTP 503, ``retryAfter``)
     ├── QueryTooComplex              QUERY_TOO_COMPLEX carries ``cost`` and ``maximumCost``; refused before execution
     ├── PersistedQueryNotFound       PERSISTED_QUERY_NOT_FOUND
     ├── PersistedQueryRequired       PERSISTED_QUERY_REQUIRED
@@ -147,6 +148,23 @@ class RateLimited(AtriumError):
 
     def __init__(self, retry_after: float) -> None:
         super().__init__("Rate limit exceeded", retryAfter=retry_after)
+
+
+OUTAGE_RETRY_AFTER = 1
+"""Seconds a client is told to wait after an outage answer: a process serves again within one
+second of the database accepting connections."""
+
+
+class ServiceUnavailable(AtriumError):
+    """A service Atrium depends on (PostgreSQL, or Redis for what needs it) could not be reached or
+    dropped the connection: what depended on it did not happen (a write whose commit was cut off
+    may have committed: retry it with its ``Idempotency-Key``). Answered 503 with ``Retry-After``."""
+
+    code = ErrorCode.SERVICE_UNAVAILABLE
+
+    def __init__(self, retry_after: int = OUTAGE_RETRY_AFTER) -> None:
+        super().__init__("The service is temporarily unavailable; retry shortly", retryAfter=retry_after)
+        self.retry_after = retry_after
 
 
 class QueryTooComplex(AtriumError):

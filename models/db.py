@@ -8,11 +8,18 @@ the same and returns the caller's membership and the tenant's data versions in t
 (``Entry``). ``TenantScope`` is a request's view of them: one connection at a time, statements
 serialised by a lock because Strawberry resolves sibling fields (and their loader batches)
 concurrently.
+
+Outages (``models.outages``): a statement that finds PostgreSQL unreachable, restarting or gone
+from under it raises ``ServiceUnavailable``, and its connection is discarded, never given back to
+the pool. The pool keeps no pre-ping (a round trip per request); instead a pooled connection whose
+server closed it (asyncpg saw the socket end, as after a restart) is replaced when it is checked
+out, so a process serves again with the first request after PostgreSQL accepts connections.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -20,16 +27,23 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import asyncpg
-from sqlalchemy import URL, Executable, Row, text
+from sqlalchemy import URL, Executable, Row, event, text
+from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
-from sqlalchemy.pool import QueuePool
+from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection, QueuePool
 
+from core.errors import ServiceUnavailable
 from core.pgurl import ASYNCPG, PgUrl, async_url
+from models.outages import is_outage
+
+log = logging.getLogger("atrium.db")
 
 SET_TENANT = text("SELECT set_config('app.tenant_id', :tenant_id, true)")
 SET_TENANT_SQL = "SELECT set_config('app.tenant_id', $1, true)"
 ENTER_SQL = "SELECT role, plan, tables, versions FROM atrium_enter($1, $2)"
 TENANT_ROUTE = text("SELECT isolation, database_url FROM tenants WHERE id = :tenant_id")
+READY_TIMEOUT = 2.0
+"""Seconds a readiness check waits for the database before calling it down."""
 
 
 def create_engine(url: str, **options: Any) -> AsyncEngine:
@@ -45,7 +59,30 @@ def create_engine(url: str, **options: Any) -> AsyncEngine:
     async def connect() -> Any:
         return await asyncpg.connect(dsn)
 
-    return create_async_engine(shown, async_creator=connect, **options)
+    engine = create_async_engine(shown, async_creator=connect, **options)
+    event.listen(engine.sync_engine, "checkout", _replace_closed)
+    return engine
+
+
+def _replace_closed(dbapi_connection: Any, record: ConnectionPoolEntry, proxy: PoolProxiedConnection) -> None:
+    """A pooled connection the server has closed (a restart, a terminated backend) is replaced on checkout.
+
+    asyncpg notices the end of the socket as soon as the server closes it, idle or not, so this costs
+    no round trip; raising ``DisconnectionError`` makes the pool connect afresh in its place.
+    """
+    if dbapi_connection.driver_connection.is_closed():
+        raise DisconnectionError("the server closed this pooled connection")
+
+
+async def _end(conn: AsyncConnection, end: Callable[[], Awaitable[None]], *, quiet: bool = False) -> None:
+    """Commit or roll back with ``end``; a connection that fails to is discarded (not given back to the
+    pool), and the failure raised unless ``quiet`` (a rollback on the way out of a failure)."""
+    try:
+        await end()
+    except BaseException as exc:
+        await conn.invalidate()
+        if not quiet or not isinstance(exc, Exception):
+            raise
 
 
 @dataclass(frozen=True)
@@ -147,30 +184,72 @@ class Databases:
         runs SQLAlchemy statements inside it (in autocommit mode, so it begins no transaction of its
         own). With ``user_id`` the first statement is ``atrium_enter``: it sets the tenant and returns
         the user's membership and the tenant's data versions (``entry``); without, ``set_config``.
-        Committed on normal exit (reads change nothing), rolled back when the block raises.
+        Committed on normal exit (reads change nothing), rolled back when the block raises. A
+        connection on which beginning, committing or rolling back failed is discarded.
         """
         engine = await self.engine_for(tenant_id)
         reader = self._readers.get(engine)
         if reader is None:
             reader = self._readers[engine] = engine.execution_options(isolation_level="AUTOCOMMIT")
-        async with reader.connect() as conn:
-            driver = (await conn.get_raw_connection()).driver_connection
-            transaction = driver.transaction()  # type: ignore[union-attr]
-            await transaction.start()
+        conn, driver, transaction = await self._begin(reader)
+        try:
             try:
                 entry = None
                 if user_id is None:
-                    await driver.execute(SET_TENANT_SQL, str(tenant_id))  # type: ignore[union-attr]
+                    await driver.execute(SET_TENANT_SQL, str(tenant_id))
                 else:
-                    row = await driver.fetchrow(ENTER_SQL, tenant_id, user_id)  # type: ignore[union-attr]
+                    row = await driver.fetchrow(ENTER_SQL, tenant_id, user_id)
                     # Not a member: the tenant is set all the same, but its versions are not read.
                     entry = Entry(None, None, {}) if row is None else \
                         Entry(row["role"], row["plan"], dict(zip(row["tables"], row["versions"], strict=True)))
+            except BaseException:
+                await _end(conn, transaction.rollback, quiet=True)
+                raise
+            try:
                 yield conn, driver, entry
             except BaseException:
-                await transaction.rollback()
+                await _end(conn, transaction.rollback, quiet=True)
                 raise
-            await transaction.commit()
+            await _end(conn, transaction.commit)
+        finally:
+            await conn.close()
+
+    @staticmethod
+    async def _begin(reader: AsyncEngine) -> tuple[AsyncConnection, Any, Any]:
+        """A pooled connection with the driver's transaction begun on it: ``(conn, driver, transaction)``.
+
+        A pooled connection can be gone without the pool knowing (the server ended it while it sat
+        idle, and asyncpg has read the server's farewell but not yet the socket's end): ``BEGIN``
+        then fails before anything ran, so that connection is discarded and another one tried, once.
+        A connection whose ``BEGIN`` failed is never reused (asyncpg may still count a transaction
+        as open on it).
+        """
+        for attempt in (1, 2):
+            conn = await reader.connect()
+            try:
+                driver = (await conn.get_raw_connection()).driver_connection
+                transaction = driver.transaction()  # type: ignore[union-attr]
+                await transaction.start()
+            except BaseException as exc:
+                await conn.invalidate()
+                await conn.close()
+                if attempt == 2 or not isinstance(exc, Exception) or not is_outage(exc):
+                    raise
+                log.info("discarded a pooled connection the server had ended: %s", _describe(exc))
+                continue
+            return conn, driver, transaction
+        raise AssertionError("unreachable")
+
+    async def reachable(self) -> bool:
+        """Whether the shared database answers a statement within ``READY_TIMEOUT`` seconds (readiness)."""
+        try:
+            async with asyncio.timeout(READY_TIMEOUT), self.default.connect() as conn:
+                await conn.execute(text("SELECT 1"))
+        except Exception as exc:
+            if not is_outage(exc):
+                raise
+            return False
+        return True
 
     async def dispose(self) -> None:
         for engine in self._engines.values():
@@ -196,6 +275,10 @@ class ScopeClosed(RuntimeError):
     """A statement was asked of a request scope that has been closed."""
 
 
+class _Abandoned(Exception):
+    """Thrown into a read transaction to end it with a rollback instead of a commit."""
+
+
 class TenantScope:
     """One request's database access for one tenant.
 
@@ -205,15 +288,22 @@ class TenantScope:
     ``hold()`` makes the whole request one transaction instead (what exactly-once retries need: a
     change and the answer stored for its retries commit together): each ``write()`` is then a
     savepoint of the read transaction (a failed one undoes only itself), and nothing commits before
-    ``commit()``. Work that must follow a commit (publishing change events) is handed to
-    ``after_commit`` and runs after the commit that makes the change durable, whichever it is.
+    ``commit()``: ``rollback()`` or ``close()`` without it undo everything held. Work that must
+    follow a commit (publishing change events) is handed to ``after_commit`` and runs after the
+    commit that makes the change durable, whichever it is.
 
     A read is never interrupted half way: when its caller is cancelled (the executor drops the
     siblings of a field whose error nulls their parent), the statement still runs to its end under
-    the lock, so the connection is never left with a statement in progress, and ``close`` waits
-    for it. After ``close`` no read begins a transaction again: a load still queued when the request
-    ended (a batch whose waiters were all cancelled) fails with ``ScopeClosed`` instead of taking a
-    connection nobody would give back.
+    the lock, so the connection is never left with a statement in progress, and ``close`` (itself
+    never interrupted) waits for it. After ``close`` no read begins a transaction again: a load
+    still queued when the request ended (a batch whose waiters were all cancelled) fails with
+    ``ScopeClosed`` instead of taking a connection nobody would give back.
+
+    Outages: a statement that fails because PostgreSQL cannot be reached or dropped the connection
+    (``models.outages.is_outage``) raises ``ServiceUnavailable``; the transaction is then over and
+    its connection discarded, and every later statement of the scope raises ``ServiceUnavailable``
+    at once, never beginning another transaction (a request sees one snapshot, and a held request
+    never commits half of itself). ``close`` never raises for an outage.
     """
 
     def __init__(self, databases: Databases, tenant_id: uuid.UUID) -> None:
@@ -225,6 +315,7 @@ class TenantScope:
         self._driver: Any = None
         self._writing = False
         self._closed = False
+        self._broken = False
         self._held: list[Callable[[], Awaitable[None]]] | None = None
         self.entry: Entry | None = None
         """What ``enter`` found (None until then)."""
@@ -239,7 +330,7 @@ class TenantScope:
         return await _uninterrupted(self._fetch(statement, params))
 
     async def _fetch(self, statement: Executable, params: dict[str, Any] | None) -> Sequence[Row[Any]]:
-        async with self._lock:
+        async with self._lock, self._outages():
             if self._read_conn is None:
                 await self._begin_read()
             assert self._read_conn is not None
@@ -254,7 +345,7 @@ class TenantScope:
         return await _uninterrupted(self._fetch_raw(sql, args))
 
     async def _fetch_raw(self, sql: str, args: Sequence[Any]) -> Any:
-        async with self._lock:
+        async with self._lock, self._outages():
             if self._read_conn is None:
                 await self._begin_read()
             return await self._driver.fetchrow(sql, *args)
@@ -265,10 +356,28 @@ class TenantScope:
         async with self._lock:
             if self._read_conn is not None or self._closed:
                 raise RuntimeError("enter() must be the scope's first statement")
-            entry = await self._begin_read(user_id)
+            async with self._outages():
+                entry = await self._begin_read(user_id)
             assert entry is not None
             self.entry = entry
             return entry
+
+    @asynccontextmanager
+    async def _outages(self) -> AsyncIterator[None]:
+        """Around every statement (under the lock): refused once an outage broke the scope; an outage
+        ends the transaction, discarding its connection, and is raised as ``ServiceUnavailable``."""
+        if self._broken:
+            raise ServiceUnavailable()
+        try:
+            yield
+        except Exception as exc:
+            if not is_outage(exc):
+                raise
+            self._broken = True
+            self._held = None
+            log.warning("database unavailable (tenant %s): %s", self.tenant_id, _describe(exc))
+            await self._end_read(commit=False)
+            raise ServiceUnavailable() from exc
 
     async def _begin_read(self, user_id: uuid.UUID | None = None) -> Entry | None:
         """Begin the read transaction (``Databases.read_transaction``); its entry when ``user_id`` is given."""
@@ -284,16 +393,21 @@ class TenantScope:
         self._read = stack
         return entry
 
-    async def _end_read(self) -> None:
+    async def _end_read(self, *, commit: bool = True) -> None:
+        """End the read transaction: commit it, or roll it back (a failing rollback only discards the connection)."""
         stack, self._read, self._read_conn, self._driver = self._read, None, None, None
-        if stack is not None:
+        if stack is None:
+            return
+        if commit:
             await stack.aclose()
+        else:
+            await stack.__aexit__(_Abandoned, _Abandoned(), None)
 
     @asynccontextmanager
     async def write(self) -> AsyncIterator[AsyncConnection]:
         """A tenant transaction for one change: committed on normal exit, rolled back on error (held:
         a savepoint, released or rolled back, committed by ``commit()``)."""
-        async with self._lock:
+        async with self._lock, self._outages():
             if self._held is not None:
                 if self._read_conn is None:
                     await self._begin_read()
@@ -329,15 +443,42 @@ class TenantScope:
             self._held.append(work)
 
     async def commit(self) -> None:
-        """Commit the held transaction and run the work waiting for it; the scope reads on in a new one."""
-        async with self._lock:
+        """Commit the held transaction and run the work waiting for it; the scope reads on in a new one.
+
+        ``ServiceUnavailable`` when the commit was cut off: it may or may not have happened, and the
+        waiting work is dropped."""
+        async with self._lock, self._outages():
             await self._end_read()
         waiting, self._held = self._held or [], None
         for work in waiting:
             await work()
 
+    async def rollback(self) -> None:
+        """Undo the held transaction, dropping the work waiting for its commit; the scope reads on in a new one."""
+        async with self._lock:
+            self._held = None
+            await self._end_read(commit=False)
+
     async def close(self) -> None:
-        """Release the connection (idempotent); no statement runs after this."""
+        """Release the connection (idempotent); no statement runs after this. Reads are committed, a
+        held transaction that was not committed is rolled back. Never interrupted by cancellation."""
+        await _uninterrupted(self._close())
+
+    async def _close(self) -> None:
         async with self._lock:
             self._closed = True
-            await self._end_read()
+            commit, self._held = self._held is None, None
+            try:
+                await self._end_read(commit=commit)
+            except Exception as exc:
+                if not is_outage(exc):
+                    raise
+                # Only reads were left to commit: nothing is lost, and the connection was discarded.
+                log.info("read transaction ended by an outage (tenant %s): %s", self.tenant_id, _describe(exc))
+
+
+def _describe(exc: BaseException) -> str:
+    """One line for the log: the exception's type and message, and what it wraps."""
+    text = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
+    cause = exc.__cause__
+    return text if cause is None else f"{text} (from {_describe(cause)})"

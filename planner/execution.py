@@ -44,13 +44,13 @@ from strawberry.extensions import SchemaExtension
 from strawberry.types.graphql import OperationType
 
 from auth.session import Context
-from core.errors import AtriumError
+from core.errors import AtriumError, Internal
 from core.jsontext import PlannedData, RawJSON
 from core.telemetry import ANSWER_CACHE, ANSWERED_BY, FAST_PATH, OPERATION_COST, annotate, name_operation, recording
 from planner.answers import answer_key
 from planner.plan import Fallback, Plan, Planner
 from schema.cost import operation_cost
-from schema.extensions import code_of
+from schema.extensions import code_of, request_id_of
 
 log = logging.getLogger("atrium.planner")
 
@@ -284,8 +284,13 @@ class PlannedQueries(SchemaExtension):
                         operation = Operation(ec.query, provided, ec.variables, ec.graphql_document)
                         result = await answer(schema._schema, plans, ec.context, operation,
                                               schema.execution_context_class)
-                except (OSError, SQLAlchemyError, asyncpg.PostgresError):
-                    raise  # the database itself failed: the executor would fail the same way
+                except AtriumError:
+                    raise  # SERVICE_UNAVAILABLE: the executor would fail the same way
+                except (OSError, SQLAlchemyError, asyncpg.PostgresError) as exc:
+                    # The database refused the statement: the executor would fail the same way. Logged,
+                    # and answered as any unexpected error is (nothing of the driver's message shows).
+                    log.error("planned statement failed (request %s)", request_id_of(ec), exc_info=exc)
+                    raise Internal(request_id_of(ec)) from exc
                 except Exception:
                     log.exception("plan failed; the executor answers %s", ec.operation_name or "the query")
                     result = None

@@ -3,7 +3,8 @@
 ``ErrorCoding`` gives every error a stable ``extensions.code``: an ``AtriumError`` keeps its own;
 parse and validation errors get GRAPHQL_PARSE_FAILED / GRAPHQL_VALIDATION_FAILED; a value that does
 not fit its type, as a literal or as a variable, gets BAD_USER_INPUT naming the field
-(``schema.values``); anything else becomes INTERNAL with no message, traceback or
+(``schema.values``); an outage of a service the field needed (``models.outages``) gets
+SERVICE_UNAVAILABLE; anything else becomes INTERNAL with no message, traceback or
 SQL from the original (``AtriumSchema.process_errors`` logs that one with the request id).
 """
 
@@ -19,9 +20,10 @@ from strawberry.extensions import AddValidationRules, ParserCache, SchemaExtensi
 from strawberry.types.execution import ExecutionContext
 from strawberry.types.graphql import OperationType
 
-from core.errors import AtriumError, ErrorCode
+from core.errors import AtriumError, ErrorCode, ServiceUnavailable
 from core.limits import LIMIT_RULES
 from core.telemetry import name_operation
+from models.outages import is_outage
 from schema.values import CodedValues, field_of_variable
 
 log = logging.getLogger("core.errors")
@@ -74,9 +76,14 @@ def request_id_of(execution_context: ExecutionContext | None) -> str | None:
 
 
 def log_unexpected(errors: list[GraphQLError], execution_context: ExecutionContext | None) -> None:
+    """Log each unexpected error with its traceback; an outage gets one line (it is not a fault of ours)."""
     for error in errors:
         if is_unexpected(error):
             request_id = request_id_of(execution_context)
+            if is_outage(error.original_error):  # type: ignore[arg-type]
+                log.warning("service unavailable in %s (request %s): %s", error.path, request_id,
+                            error.original_error, extra={"request_id": request_id})
+                continue
             log.error("unexpected error in %s (request %s)", error.path, request_id,
                       exc_info=error.original_error, extra={"request_id": request_id})
 
@@ -87,6 +94,10 @@ def coded(error: GraphQLError, request_id: str | None, document: DocumentNode | 
     original = error.original_error
     if isinstance(original, AtriumError):
         return error
+    if original is not None and is_outage(original):  # e.g. Redis, for a field that needs it
+        unavailable = ServiceUnavailable()
+        return GraphQLError(unavailable.message, nodes=error.nodes, positions=error.positions, path=error.path,
+                            original_error=unavailable, extensions=unavailable.extensions)
     if is_unexpected(error):
         extensions: dict[str, Any] = {"code": ErrorCode.INTERNAL.value}
         if request_id:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
-import pwd
 import shutil
 import ssl
 import subprocess
@@ -31,7 +30,6 @@ from redis.exceptions import RedisError
 
 from atrium.app import create_app
 from atrium.ops.admin import add_user, create_tenant
-from atrium.ops.embedded_pg import _find_system_bindir
 from auth.tokens import issue_token
 from core.pgurl import PgUrl
 from core.settings import Settings
@@ -39,6 +37,7 @@ from models.db import create_engine
 from models.migrations import migrate
 from models.tables import Role
 from tests.cli import atrium, environment, one_line
+from tests.cluster import PostgresCluster
 from tests.conftest import TEST_SECRET, codes
 from tests.live import free_port
 
@@ -109,50 +108,26 @@ class TlsPostgres:
         return f"postgresql://{user}@{host}:{self.port}/{database}" + (f"?{query}" if query else "")
 
 
-def _service_user() -> pwd.struct_passwd | None:
-    """postgres will not run as root: as root, run it as the ``postgres`` system user."""
-    if os.geteuid() != 0:
-        return None
-    try:
-        return pwd.getpwnam("postgres")
-    except KeyError:
-        pytest.skip("running as root without a 'postgres' user to run a throwaway PostgreSQL as")
-
-
-def _as(user: pwd.struct_passwd | None, *command: str | Path) -> None:
-    subprocess.run([str(c) for c in command], check=True, capture_output=True, cwd="/",
-                   user=user.pw_uid if user else None, group=user.pw_gid if user else None,
-                   extra_groups=[] if user else None)
-
-
 @pytest.fixture(scope="module")
 def tls_postgres(certificates: Certificates) -> Iterator[TlsPostgres]:
-    bindir = _find_system_bindir()
-    if bindir is None:
-        pytest.skip("no initdb/pg_ctl on this machine (Debian: apt-get install postgresql)")
-    user = _service_user()
     with tempfile.TemporaryDirectory(prefix="atrium-tls-pg-") as tmp:
         root = Path(tmp)
-        data, keys = root / "data", root / "keys"
+        keys = root / "keys"
         keys.mkdir()
         for source in (certificates.server_cert, certificates.server_key, certificates.ca):
             shutil.copy(source, keys / source.name)
-        if user:
-            os.chown(root, user.pw_uid, user.pw_gid)
+        cluster = PostgresCluster.create(root, hba=HBA, settings=(
+            f"-c ssl=on -c ssl_cert_file={keys / 'server.pem'} -c ssl_key_file={keys / 'server.key'} "
+            f"-c ssl_ca_file={keys / 'ca.pem'}"))
+        if cluster.user:
             for path in (keys, *keys.iterdir()):
-                os.chown(path, user.pw_uid, user.pw_gid)
+                os.chown(path, cluster.user.pw_uid, cluster.user.pw_gid)
         (keys / "server.key").chmod(0o600)
-        _as(user, bindir / "initdb", "-D", data, "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-instructions")
-        (data / "pg_hba.conf").write_text(HBA)
-        port = free_port()
-        options = (f"-p {port} -c listen_addresses=127.0.0.1 -c unix_socket_directories={root} -c ssl=on "
-                   f"-c ssl_cert_file={keys / 'server.pem'} -c ssl_key_file={keys / 'server.key'} "
-                   f"-c ssl_ca_file={keys / 'ca.pem'} -c fsync=off")
-        _as(user, bindir / "pg_ctl", "-D", data, "-l", root / "log", "-w", "-t", "60", "-o", options, "start")
+        cluster.start_blocking()
         try:
-            yield TlsPostgres(port, certificates)
+            yield TlsPostgres(cluster.port, certificates)
         finally:
-            _as(user, bindir / "pg_ctl", "-D", data, "-m", "immediate", "-w", "stop")
+            cluster.stop_blocking("immediate")
 
 
 @pytest.fixture(scope="module")

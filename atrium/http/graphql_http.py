@@ -64,6 +64,7 @@ from atrium.http.runtime import Runtime
 from atrium.schema import AtriumSchema
 from auth.session import Context
 from core.errors import (
+    OUTAGE_RETRY_AFTER,
     AtriumError,
     BadRequest,
     ErrorCode,
@@ -94,6 +95,7 @@ REQUEST_ERROR_STATUS = {
     ErrorCode.PERSISTED_QUERY_NOT_FOUND.value: 404,
     ErrorCode.RATE_LIMITED.value: 429,
     ErrorCode.INTERNAL.value: 500,
+    ErrorCode.SERVICE_UNAVAILABLE.value: 503,
 }
 """Status of a request error under application/graphql-response+json, by its first error's code (else 400)."""
 
@@ -219,6 +221,16 @@ def is_request_error(result: ExecutionResult) -> bool:
     return result.data is None and bool(result.errors) and all(not e.path for e in result.errors or ())
 
 
+def unavailable(result: ExecutionResult) -> int | None:
+    """The ``retryAfter`` of the result's first SERVICE_UNAVAILABLE error (a service it needed was
+    down: the whole answer is a 503), or None."""
+    for error in result.errors or ():
+        if code_of(error) == ErrorCode.SERVICE_UNAVAILABLE.value:
+            retry_after = (error.extensions or {}).get("retryAfter")
+            return retry_after if isinstance(retry_after, int) else OUTAGE_RETRY_AFTER
+    return None
+
+
 def outcome_of(result: ExecutionResult, media: str) -> Outcome:
     body: dict[str, Any] = {}
     request_error = is_request_error(result)
@@ -235,6 +247,8 @@ def outcome_of(result: ExecutionResult, media: str) -> Outcome:
             status = 429
         elif media == GRAPHQL_RESPONSE_JSON:
             status = REQUEST_ERROR_STATUS.get(code or "", 400)
+    if (retry_after := unavailable(result)) is not None:
+        return Outcome(body, 503, {"Retry-After": str(retry_after)})
     return Outcome(body, status)
 
 
@@ -405,6 +419,9 @@ class GraphQLOverHTTP(GraphQL[Context, None]):
             await scope.commit()
             return Outcome(json.loads(stored.body), stored.status, {REPLAYED: "true"})  # our own JSON
         outcome = await self.run_operation(request, params, source, context, media, None)
+        if outcome.status == 503:  # a service it needed was down: undo it all, so that its retry runs
+            await scope.rollback()
+            return outcome
         if "data" in outcome.body:  # something ran: its answer is the one every retry gets
             await once.store(outcome.status, dumps(outcome.body))
         await scope.commit()

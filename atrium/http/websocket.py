@@ -16,6 +16,8 @@ Guarantees:
   (``replay="first"``, e.g. the "subscribed" marker of event streams) or its latest one
   (``replay="last"``, for streams whose every result is a full state).
 - The group's execution is cancelled when its last member leaves (``complete``, disconnect).
+- An execution that fails ends its members' operations with an ``error``: SERVICE_UNAVAILABLE
+  when a service it needed was down (``models.outages``; they subscribe again later), else INTERNAL.
 Operations for which the view returns no spec (unparsable documents) run as Strawberry runs them.
 
 Grouping (``Grouping.spec``): subscriptions with equal tenant, role (so permissions), document,
@@ -46,18 +48,23 @@ from strawberry.subscriptions.protocols.graphql_transport_ws.handlers import (
     BaseGraphQLTransportWSHandler,
     Operation,
 )
-from strawberry.subscriptions.protocols.graphql_transport_ws.types import ErrorMessage
+from strawberry.subscriptions.protocols.graphql_transport_ws.types import ConnectionInitMessage, ErrorMessage
 from strawberry.types.execution import ExecutionResult, PreExecutionError
 from strawberry.utils.aio import aclosing
 
 from auth.principal import Principal
-from core.errors import Internal, SubscriberTooSlow
+from core.errors import Internal, ServiceUnavailable, SubscriberTooSlow
+from models.outages import is_outage
 from subscriptions.events import DELIVERY, Delivery
 
 log = logging.getLogger("atrium.delivery")
 
 TOO_SLOW_ERROR = SubscriberTooSlow().formatted()
 INTERNAL_ERROR = Internal().formatted()
+UNAVAILABLE_ERROR = ServiceUnavailable().formatted()
+TRY_AGAIN_LATER = 1013
+"""The WebSocket close code (RFC 6455 registry) for a ``connection_init`` that could not be checked
+because a service was down: the client reconnects after a while, as after ``Retry-After``."""
 
 
 @dataclass(frozen=True)
@@ -189,9 +196,13 @@ class Group:
                         self.send(Frame("next", text))
         except asyncio.CancelledError:
             raise
-        except Exception:
-            log.exception("shared execution failed: %s", self.operation_name or self.query[:80])
-            terminal = Frame("error", errors=(INTERNAL_ERROR,))
+        except Exception as exc:
+            if is_outage(exc):
+                log.warning("shared execution ended by an outage: %s: %s", type(exc).__name__, exc)
+                terminal = Frame("error", errors=(UNAVAILABLE_ERROR,))
+            else:
+                log.exception("shared execution failed: %s", self.operation_name or self.query[:80])
+                terminal = Frame("error", errors=(INTERNAL_ERROR,))
         finally:
             self.registry.retire(self)
         self.send(terminal)
@@ -250,7 +261,20 @@ class LiveView(Protocol):
 
 
 class GroupedTransportWSHandler(BaseGraphQLTransportWSHandler[Any, Any]):
-    """graphql-transport-ws whose operations run through ``LiveGroups`` (see module docstring)."""
+    """graphql-transport-ws whose operations run through ``LiveGroups`` (see module docstring).
+
+    A ``connection_init`` whose credential cannot be checked because of an outage (the membership
+    lives in PostgreSQL) closes the socket with 1013 Try Again Later, reason ``SERVICE_UNAVAILABLE``.
+    """
+
+    async def handle_connection_init(self, message: ConnectionInitMessage) -> None:
+        try:
+            await super().handle_connection_init(message)
+        except Exception as exc:
+            if not is_outage(exc):
+                raise
+            log.warning("connection_init not checked, service unavailable: %s: %s", type(exc).__name__, exc)
+            await self.websocket.close(code=TRY_AGAIN_LATER, reason=ServiceUnavailable.code.value)
 
     async def run_operation(self, operation: Operation[Any, Any]) -> None:
         view = cast("LiveView", self.view)
