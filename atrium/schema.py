@@ -22,6 +22,7 @@ from resolvers.crud import mutations, queries
 from resolvers.deals import DealMutation, DealQuery
 from resolvers.live import LiveMutation, LiveSubscription
 from resolvers.notes import NoteMutation, NoteQuery
+from resolvers.trash import TrashMutation, TrashQuery
 from resolvers.viewer import ViewerMutation, ViewerQuery
 from schema.cost import CostLimit, MeteredCostLimit
 from schema.crm import Activity, Company, Contact, Deal, DealLineItem, Pipeline, Product, Stage, User
@@ -43,10 +44,10 @@ def root(name: str, *parts: type) -> type:
 
 
 Query = root("Query", ViewerQuery, DealQuery, queries(COMPANY), queries(CONTACT), queries(PIPELINE), queries(ACTIVITY),
-             AuditQuery, PartnerQuery, NoteQuery, queries(PRODUCT), queries(DEAL_LINE_ITEM))
+             AuditQuery, PartnerQuery, NoteQuery, queries(PRODUCT), queries(DEAL_LINE_ITEM), TrashQuery)
 Mutation = root("Mutation", ViewerMutation, DealMutation, mutations(COMPANY), mutations(CONTACT), mutations(PIPELINE),
                 mutations(STAGE), mutations(ACTIVITY), PartnerMutation, NoteMutation, LiveMutation,
-                mutations(PRODUCT), mutations(DEAL_LINE_ITEM))
+                mutations(PRODUCT), mutations(DEAL_LINE_ITEM), TrashMutation)
 Subscription = root("Subscription", LiveSubscription)
 
 

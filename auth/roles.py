@@ -20,13 +20,15 @@ class Permission(enum.StrEnum):
     MANAGE_USERS = "users:manage"
     READ_AUDIT = "audit:read"
     MANAGE_TENANT = "tenant:manage"
+    TRASH = "trash:manage"
+    """See the trash and purge it (restoring a record needs the permission to delete it)."""
 
 
 GRANTS: dict[Role, frozenset[Permission]] = {
     Role.VIEWER: frozenset({Permission.READ}),
     Role.MEMBER: frozenset({Permission.READ, Permission.WRITE}),
     Role.ADMIN: frozenset({Permission.READ, Permission.WRITE, Permission.DELETE, Permission.MANAGE_USERS,
-                             Permission.READ_AUDIT}),
+                             Permission.READ_AUDIT, Permission.TRASH}),
     Role.OWNER: frozenset(Permission),
 }
 

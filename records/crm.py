@@ -116,6 +116,7 @@ MEMBERSHIP: Record = Record("Membership", MEMBERSHIPS, "memberships", root=NO_RO
 
 COMPANY: Record = Record(
     "Company", COMPANIES, "companies",
+    trash=True,
     fields=(
         Field("name", Text(200), Create.REQUIRED),
         Field("domain", Domain()),
@@ -130,11 +131,14 @@ COMPANY: Record = Record(
     sorts=(Sort("NAME", "name"), Sort("CREATED_AT", "created_at")),
     default_sort="NAME",
     root=Root(descriptions={
-        "delete": "Deletes the company and its activities; its contacts and deals are kept, unlinked."}),
+        "delete": "Moves the company to the trash with its notes and the activities about it alone; its contacts "
+                  "and deals stay, their `company` null while it is in the trash.",
+        "restore": "Brings the company back from the trash with everything that went with it, links included."}),
 )
 
 CONTACT: Record = Record(
     "Contact", CONTACTS, "contacts",
+    trash=True,
     fields=(
         Field("first_name", Text(100), Create.REQUIRED),
         Field("last_name", Text(100), Create.REQUIRED),
@@ -198,6 +202,7 @@ def close_date(table: Any) -> Any:
 
 DEAL: Record = Record(
     "Deal", DEALS, "deals",
+    trash=True,
     fields=(
         Field("title", Text(200), Create.REQUIRED),
         Field("amount", Money(), Create.REQUIRED),
@@ -246,6 +251,7 @@ DEAL: Record = Record(
 
 ACTIVITY: Record = Record(
     "Activity", ACTIVITIES, "activities",
+    trash=True,
     fields=(
         Field("kind", Choice(ActivityKind), Create.REQUIRED, update=False),
         Field("subject", Text(200), Create.REQUIRED),
@@ -281,6 +287,7 @@ ACTIVITY: Record = Record(
 
 NOTE: Record = Record(
     "Note", NOTES, "notes",
+    trash=True,
     fields=(
         Field("deal_id", Ref("Deal"), update=False),
         Field("contact_id", Ref("Contact"), update=False),
@@ -319,6 +326,7 @@ PRODUCT: Record = Record(
 
 DEAL_LINE_ITEM: Record = Record(
     "DealLineItem", DEAL_LINE_ITEMS, "deal_line_items",
+    trash=True,
     fields=(
         Field("deal_id", Ref("Deal"), Create.REQUIRED, update=False),
         Field("product_id", Ref("Product"), Create.REQUIRED, update=False),
@@ -347,6 +355,22 @@ RECORDS: tuple[Record, ...] = (USER, MEMBERSHIP, COMPANY, CONTACT, PIPELINE, STA
 """Every record type. Node lookup, dependents on delete and the isolation tests go over this tuple."""
 
 BY_NAME = {record.name: record for record in RECORDS}
+
+
+def check_trash(records: tuple[Record, ...]) -> None:
+    """A record that goes to the trash takes its CASCADE dependents with it, and the SET_NULL ones it
+    would leave without a link: they must be trashable too (a row cannot be hidden otherwise)."""
+    for record in records:
+        for relation in record.relations:
+            target = relation.target()
+            linked = relation.on_delete is OnDelete.CASCADE or any(
+                relation.key in check.columns for check in record.checks if isinstance(check, AtLeastOne | ExactlyOne))
+            if target.trash and linked and not record.trash:
+                raise TypeError(f"{record.name}.{relation.name}: {target.name} is trashable, so {record.name} "
+                                "must be too (declare trash=True)")
+
+
+check_trash(RECORDS)
 
 
 def dependents(target: Record) -> list[ToOne]:

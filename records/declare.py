@@ -344,9 +344,10 @@ class Search:
         matches: list[ColumnElement[bool]] = [source.c[c].ilike(pattern, escape="\\") for c in self.columns]
         for name, columns in self.related:
             relation = record.relation(name)
-            other = relation.target().table.alias()
+            target = relation.target()
+            other = target.table.alias()
             matches.append(exists(select(other.c.id).where(
-                other.c.tenant_id == source.c.tenant_id, other.c.id == source.c[relation.key],
+                other.c.tenant_id == source.c.tenant_id, other.c.id == source.c[relation.key], *target.visible(other),
                 or_(*(other.c[c].ilike(pattern, escape="\\") for c in columns)))))
         return [or_(*matches)]
 
@@ -532,6 +533,11 @@ class Record:
     lookup: Select[Any] | None = None
     """Rows of the tenant (default: the table filtered on the tenant); a user is a joined row."""
     lookup_key: ColumnElement[Any] | None = None
+    trash: bool = False
+    """Deleting the record moves it to the trash (its table has ``deleted_at``, ``deleted_by`` and
+    ``trash_batch``): hidden from every read (through ``query``, ``filtered`` and ``visible``),
+    restored by ``restore<Name>``, removed for good by a purge after the tenant's retention. Every
+    record a trashable record's delete cascades to must be trashable too (``records.crm`` checks)."""
 
     def __post_init__(self) -> None:
         for relation in self.relations:
@@ -539,12 +545,19 @@ class Record:
         self._fields = {f.column: f for f in self.fields}
         self._relations = {r.name: r for r in self.relations}
 
+    def visible(self, source: Any) -> list[ColumnElement[bool]]:
+        """The conditions that leave out the record's rows in the trash, over ``source`` (the table
+        or an alias of it): every query of the record's rows says them (row-level security says
+        them too, as a backstop)."""
+        return [source.c.deleted_at.is_(None)] if self.trash else []
+
     # models.loaders.Lookup
     @property
     def query(self) -> Select[Any]:
+        """The tenant's rows of the record that are not in the trash (``TENANT`` bound by the caller)."""
         if self.lookup is not None:
             return self.lookup
-        return select(self.table).where(self.table.c.tenant_id == TENANT)
+        return select(self.table).where(self.table.c.tenant_id == TENANT, *self.visible(self.table))
 
     @property
     def key(self) -> ColumnElement[Any]:
@@ -627,11 +640,11 @@ class Record:
         return bound
 
     def filtered(self, tenant: Any, bound: Collection[str], prefix: str = "") -> Select[Any]:
-        """The tenant's records matching the filters whose parameters are in ``bound`` (AND of all),
+        """The tenant's records (not in the trash) matching the filters whose parameters are in ``bound`` (AND of all),
         with the computed sort values as extra columns. ``tenant``: a value or a bind parameter;
         ``prefix`` is put before every filter parameter's name."""
         extra = [s.expression(self.table).label(f"sort_{s.column}") for s in self.sorts if s.expression]
-        query = select(self.table, *extra).where(self.table.c.tenant_id == tenant)
+        query = select(self.table, *extra).where(self.table.c.tenant_id == tenant, *self.visible(self.table))
         for f in self.filters:
             query = query.where(*f.where(self, self.table, bound, prefix))
         return query
