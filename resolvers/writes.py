@@ -328,19 +328,21 @@ class Change:
         """Remove record ``id`` (in the trash, not as part of another's batch) and the rest of its
         batch for good, as a delete would (``release``); audited as ``purge``. Returns the number of
         rows removed. BAD_USER_INPUT when something outside the batch still needs it (RESTRICT)."""
-        removed = 0
         async with showing_trash(self.conn):
             row = await self.trashed(record, id, lock=True)
             await self._batch_root(record, row)
-            await self._remove(record, row, "purge")
-            removed += 1
+            batch = 0
             for member in TRASHABLE:
+                t = member.table
+                batch += await self.scalar(select(func.count()).select_from(t).where(
+                    t.c.tenant_id == self.tenant_id, t.c.trash_batch == id))
+            await self._remove(record, row, "purge")
+            for member in TRASHABLE:  # what its removal did not take with it (linked elsewhere too)
                 t = member.table
                 for rest in (await self.conn.execute(select(t).where(
                         t.c.tenant_id == self.tenant_id, t.c.trash_batch == id))).all():
                     await self._remove(member, rest, "purge")
-                    removed += 1
-        return removed
+        return batch
 
     async def _references(self, record: Record, values: dict[str, Any], prefix: str) -> None:
         rolled = {rollup.via for rollup in record.rollups}

@@ -127,7 +127,7 @@ class Rule:
     """Makes what the rule acts on (as the owner, before the rows are compared) and returns variables."""
 
 
-TRASHABLE = {
+TRASHABLE: dict[str, tuple[str, Callable[[Seed], dict[str, Any]]]] = {
     "Company": ('mutation { createCompany(input: {name: "Gone"}) { id } }', lambda s: {}),
     "Contact": ('mutation { createContact(input: {firstName: "Gone", lastName: "Away"}) { id } }', lambda s: {}),
     "Deal": ("""mutation($s: ID!) { createDeal(input: {title: "Gone", amount: "1.00", currency: "EUR", stageId: $s})
