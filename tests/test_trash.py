@@ -491,3 +491,19 @@ def test_a_trashable_records_cascade_dependents_must_be_trashable() -> None:
 def replace_trash(record: Record) -> Record:
     return Record(record.name, record.table, record.plural, relations=tuple(
         ToOne(r.name, r.key, r.target, r.on_delete) for r in record.relations), trash=True)
+
+
+async def test_a_member_who_leaves_is_unlinked_from_the_trash_too(
+        client: httpx.AsyncClient, make_tenant: MakeTenant, admin_engine: AsyncEngine) -> None:
+    """Removing a member unlinks their deals, those in the trash as well (or the membership could not go)."""
+    tenant = await make_tenant("trash")
+    admin = tenant.token(Role.ADMIN)
+    crm = await seed_crm(client, tenant.token(Role.MEMBER))  # the member owns the deal
+    await delete(client, admin, "Deal", crm.deal["id"])
+    await ok(client, admin, "mutation($u: ID!) { removeMember(userId: $u) { deletedId } }",
+             u=gid("User", tenant.users[Role.MEMBER]))
+    row = await db_row(admin_engine, DEALS, tenant, uuid_of(crm.deal["id"]))
+    assert row.owner_id is None and row.deleted_at is not None
+    restored = data_or_fail(await gql(client, "mutation($id: ID!) { restoreDeal(id: $id) { owner { id } } }",
+                                      {"id": crm.deal["id"]}, token=admin))
+    assert restored == {"restoreDeal": {"owner": None}}
