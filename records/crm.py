@@ -359,8 +359,12 @@ BY_NAME = {record.name: record for record in RECORDS}
 
 def check_trash(records: tuple[Record, ...]) -> None:
     """A record that goes to the trash takes its CASCADE dependents with it, and the SET_NULL ones it
-    would leave without a link: they must be trashable too (a row cannot be hidden otherwise)."""
+    would leave without a link: they must be trashable too (a row cannot be hidden otherwise). A
+    trashable record has no unique field: whether a value in the trash is free again is a choice
+    nobody has made yet (products, whose SKU is unique, are not trashable; docs/trash.md)."""
     for record in records:
+        if record.trash and any(f.unique for f in record.fields):
+            raise TypeError(f"{record.name}: a trashable record cannot have unique fields yet (docs/trash.md)")
         for relation in record.relations:
             target = relation.target()
             linked = relation.on_delete is OnDelete.CASCADE or any(

@@ -502,7 +502,8 @@ class Root:
     instead of inside its input."""
     limit: int = 500
     descriptions: Mapping[str, str] = field(default_factory=dict)
-    """By operation: ``list``, ``get``, ``create``, ``update``, ``delete``, ``input``."""
+    """By operation: ``list``, ``get``, ``create``, ``update``, ``delete``, ``restore`` (trashable
+    records), ``input``."""
 
 
 NO_ROOT = Root(listing=Listing.NONE, get=False, create=False, update=False, delete=False)

@@ -30,7 +30,8 @@ from core.settings import Settings
 from models.db import Databases, TenantScope
 from models.loaders import Loaders
 from models.tables import ACTIVITIES, AUDIT_EVENTS, COMPANIES, CONTACTS, DEAL_LINE_ITEMS, DEALS, NOTES, Role
-from records.declare import OnDelete, Record, ToOne
+from records.declare import Field, OnDelete, Record, ToOne
+from records.rules import Text
 from resolvers.live import change_fields
 from resolvers.trash import purge_trash
 from schema.live import TrashAction
@@ -486,6 +487,9 @@ def test_a_trashable_records_cascade_dependents_must_be_trashable() -> None:
     with pytest.raises(TypeError, match="Child must be too"):
         check_trash((parent, child))
     check_trash((parent, replace_trash(child)))
+    sku = Record("Sku", COMPANIES, "skus", fields=(Field("name", Text(10), unique=True),), trash=True)
+    with pytest.raises(TypeError, match="unique"):
+        check_trash((sku,))
 
 
 def replace_trash(record: Record) -> Record:
