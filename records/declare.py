@@ -222,8 +222,18 @@ class Equals:
     def where(self, record: Record, source: Any, bound: Collection[str],
               prefix: str = "") -> list[ColumnElement[bool]]:
         name = param(self.name or self.column)
+        if name not in bound:
+            return []
         column = source.c[self.column]
-        return [column == bindparam(prefix + name, type_=column.type)] if name in bound else []
+        conditions = [column == bindparam(prefix + name, type_=column.type)]
+        relation = record.relation_by_key(self.column)
+        if relation is not None and relation.target().trash:
+            # A record in the trash does not exist: nothing is linked to it (its links read null).
+            target = relation.target()
+            other = target.table.alias()
+            conditions.append(exists(select(other.c.id).where(
+                other.c.tenant_id == source.c.tenant_id, other.c.id == column, *target.visible(other))))
+        return conditions
 
 
 @dataclass(frozen=True, eq=False)

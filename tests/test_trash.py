@@ -194,6 +194,9 @@ async def test_a_trashed_company_takes_what_cannot_be_without_it_and_comes_back_
     read = """query($c: ID!, $p: ID!, $d: ID!, $a: ID!, $n: ID!) { company(id: $c) { name activities { id } }
         contact(id: $p) { company { id } version } deal(id: $d) { company { id } version }
         alone: node(id: $a) { id } note(id: $n) { id } companies { totalCount }
+        linkedDeals: deals(filter: {companyId: $c}) { totalCount }
+        linked: contacts(filter: {companyId: $c}) { totalCount }
+        linkedActivities: activities(filter: {companyId: $c}) { totalCount }
         searched: contacts(filter: {search: "Company"}) { totalCount } }"""
     ids = {"c": company, "p": crm.contact["id"], "d": crm.deal["id"], "a": alone["id"], "n": note["id"]}
     before = await ok(client, token, read, **ids)
@@ -202,6 +205,10 @@ async def test_a_trashed_company_takes_what_cannot_be_without_it_and_comes_back_
     hidden = await ok(client, token, read, **ids)
     assert hidden["company"] is None and hidden["alone"] is None and hidden["note"] is None
     assert hidden["companies"] == {"totalCount": 0}
+    assert before["linkedDeals"] == before["linked"] == {"totalCount": 1}
+    assert before["linkedActivities"] == {"totalCount": 2}
+    # Nothing is linked to a company in the trash: filters by it find nothing, as its links read null.
+    assert hidden["linkedDeals"] == hidden["linked"] == hidden["linkedActivities"] == {"totalCount": 0}
     assert hidden["contact"] == {"company": None, "version": 1} and hidden["deal"] == {"company": None, "version": 1}
     deal_search = await ok(client, token, "query($t: String!) { deals(filter: {search: $t}) { totalCount } }",
                            t=f"Company {crm.tag}")
