@@ -24,6 +24,7 @@ from resolvers.erasure import ErasureMutation
 from resolvers.exports import ExportMutation, ExportQuery
 from resolvers.live import LiveMutation, LiveSubscription
 from resolvers.notes import NoteMutation, NoteQuery
+from resolvers.trash import TrashMutation, TrashQuery
 from resolvers.viewer import ViewerMutation, ViewerQuery
 from schema.cost import CostLimit, MeteredCostLimit
 from schema.crm import Activity, Company, Contact, Deal, DealLineItem, Pipeline, Product, Stage, User
@@ -47,11 +48,11 @@ def root(name: str, *parts: type) -> type:
 
 Query = root("Query", ViewerQuery, DealQuery, queries(COMPANY), queries(CONTACT), queries(PIPELINE), queries(ACTIVITY),
              AuditQuery, PartnerQuery, NoteQuery, queries(PRODUCT), queries(DEAL_LINE_ITEM), WebhookQuery,
-             ExportQuery)
+             ExportQuery, TrashQuery)
 Mutation = root("Mutation", ViewerMutation, DealMutation, batch_mutations(DEAL), mutations(COMPANY),
                 mutations(CONTACT), mutations(PIPELINE), mutations(STAGE), mutations(ACTIVITY), PartnerMutation,
                 NoteMutation, LiveMutation, mutations(PRODUCT), mutations(DEAL_LINE_ITEM), WebhookMutation,
-                ExportMutation, ErasureMutation)
+                ExportMutation, ErasureMutation, TrashMutation)
 Subscription = root("Subscription", LiveSubscription)
 
 

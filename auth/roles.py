@@ -21,13 +21,15 @@ class Permission(enum.StrEnum):
     READ_AUDIT = "audit:read"
     MANAGE_TENANT = "tenant:manage"
     MANAGE_WEBHOOKS = "webhooks:manage"
+    TRASH = "trash:manage"
+    """See the trash and purge it (restoring a record needs the permission to delete it)."""
 
 
 GRANTS: dict[Role, frozenset[Permission]] = {
     Role.VIEWER: frozenset({Permission.READ}),
     Role.MEMBER: frozenset({Permission.READ, Permission.WRITE}),
     Role.ADMIN: frozenset({Permission.READ, Permission.WRITE, Permission.DELETE, Permission.MANAGE_USERS,
-                             Permission.READ_AUDIT, Permission.MANAGE_WEBHOOKS}),
+                             Permission.READ_AUDIT, Permission.MANAGE_WEBHOOKS, Permission.TRASH}),
     Role.OWNER: frozenset(Permission),
 }
 

@@ -24,7 +24,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import asyncpg
 from sqlalchemy import URL, Executable, Row, event, text
@@ -41,9 +41,50 @@ log = logging.getLogger("atrium.db")
 SET_TENANT = text("SELECT set_config('app.tenant_id', :tenant_id, true)")
 SET_TENANT_SQL = "SELECT set_config('app.tenant_id', $1, true)"
 ENTER_SQL = "SELECT role, plan, tables, versions FROM atrium_enter($1, $2)"
+SHOW_TRASH = text("SELECT set_config('atrium.trash', 'on', true)")
+HIDE_TRASH = text("SELECT set_config('atrium.trash', 'off', true)")
+TRASH_DEPTH = "atrium.trash.depth"
+"""Key in a connection's ``info``: how many ``showing_trash`` blocks are open on it."""
 TENANT_ROUTE = text("SELECT isolation, database_url FROM tenants WHERE id = :tenant_id")
 READY_TIMEOUT = 2.0
 """Seconds a readiness check waits for the database before calling it down."""
+
+
+@asynccontextmanager
+async def showing_trash(conn: AsyncConnection) -> AsyncIterator[AsyncConnection]:
+    """Statements run inside the block also see (and may write) rows in the trash: the tenant
+    policy of a trashable table (migration 0012) hides rows with ``deleted_at`` set unless the
+    transaction's ``atrium.trash`` setting is ``on``. Set transaction-locally and turned off again
+    when the block ends, so no other statement of the transaction sees the trash; a block that
+    raises leaves a transaction that is rolled back. The application's own queries still say
+    which rows they want (``Record.visible``): this lifts only the database's backstop. Blocks nest
+    (the outermost one turns the setting off)."""
+    depth: int = conn.info.get(TRASH_DEPTH, 0)
+    if depth == 0:
+        await conn.execute(SHOW_TRASH)
+    conn.info[TRASH_DEPTH] = depth + 1
+    try:
+        yield conn
+    finally:
+        conn.info[TRASH_DEPTH] = depth
+    if depth == 0:
+        await conn.execute(HIDE_TRASH)
+
+
+class Trashed(Protocol):
+    @property
+    def trash(self) -> bool:
+        """Whether the record's rows go to the trash (``records.declare.Record.trash``)."""
+
+
+@asynccontextmanager
+async def trash_seen(conn: AsyncConnection, record: Trashed) -> AsyncIterator[AsyncConnection]:
+    """``showing_trash`` for a record that has a trash; for any other, the block as it is."""
+    if not record.trash:
+        yield conn
+        return
+    async with showing_trash(conn):
+        yield conn
 
 
 def create_engine(url: str, **options: Any) -> AsyncEngine:
@@ -335,6 +376,21 @@ class TenantScope:
                 await self._begin_read()
             assert self._read_conn is not None
             return (await self._read_conn.execute(statement, params)).all()
+
+    async def fetch_trash(self, statement: Executable, params: dict[str, Any] | None = None) -> Sequence[Row[Any]]:
+        """``fetch`` with the trash shown for this one statement (``showing_trash``): the statement
+        itself must say which trashed rows it wants."""
+        if self._writing:
+            raise RuntimeError("fetch_trash() inside write(): use the write's connection")
+        return await _uninterrupted(self._fetch_trash(statement, params))
+
+    async def _fetch_trash(self, statement: Executable, params: dict[str, Any] | None) -> Sequence[Row[Any]]:
+        async with self._lock:
+            if self._read_conn is None:
+                await self._begin_read()
+            assert self._read_conn is not None
+            async with showing_trash(self._read_conn) as conn:
+                return (await conn.execute(statement, params)).all()
 
     async def fetch_raw(self, sql: str, args: Sequence[Any]) -> Any:
         """Run compiled SQL (asyncpg placeholders ``$1``...) in the request's tenant transaction on the

@@ -103,6 +103,8 @@ class Tenant(SQLModel, table=True):
     isolation: str = Field(default=Isolation.SHARED.value)
     database_url: str | None = Field(default=None, sa_type=Text)
     created_at: datetime = _ts()
+    trash_retention_days: int = 30
+    """How long a record stays in the trash before a purge removes it (migration 0012)."""
 
 
 class User(SQLModel, table=True):
@@ -124,6 +126,17 @@ class TenantTable(SQLModel):
     updated_at: datetime = _ts()
 
 
+class Trashable(TenantTable):
+    """A tenant table whose rows can be in the trash (migration 0012): ``deleted_at`` and
+    ``deleted_by`` say when and by whom; ``trash_batch`` is the id of the record whose delete moved
+    the row (its own id, or the parent's it went with). Row-level security hides trashed rows unless
+    the transaction shows the trash (``models.db.showing_trash``)."""
+
+    deleted_at: datetime | None = Field(default=None, sa_type=DateTime(timezone=True))
+    deleted_by: uuid.UUID | None = None
+    trash_batch: uuid.UUID | None = None
+
+
 class Membership(TenantTable, table=True):
     __tablename__ = "memberships"
     __table_args__ = (
@@ -133,7 +146,7 @@ class Membership(TenantTable, table=True):
     role: str = Field(default=Role.MEMBER.value)
 
 
-class Company(TenantTable, table=True):
+class Company(Trashable, table=True):
     __tablename__ = "companies"
     __table_args__ = (external_id_key("companies"),)
     name: str = Field(max_length=200)
@@ -141,7 +154,7 @@ class Company(TenantTable, table=True):
     external_id: str | None = _external_id()
 
 
-class Contact(TenantTable, table=True):
+class Contact(Trashable, table=True):
     __tablename__ = "contacts"
     __table_args__ = (
         ForeignKeyConstraint(["tenant_id", "company_id"], ["companies.tenant_id", "companies.id"]),
@@ -177,7 +190,7 @@ class Stage(TenantTable, table=True):
     external_id: str | None = _external_id()
 
 
-class Deal(TenantTable, table=True):
+class Deal(Trashable, table=True):
     __tablename__ = "deals"
     __table_args__ = (
         ForeignKeyConstraint(
@@ -202,7 +215,7 @@ class Deal(TenantTable, table=True):
     external_id: str | None = _external_id()
 
 
-class Activity(TenantTable, table=True):
+class Activity(Trashable, table=True):
     __tablename__ = "activities"
     __table_args__ = (
         ForeignKeyConstraint(["tenant_id", "deal_id"], ["deals.tenant_id", "deals.id"], ondelete="CASCADE"),
@@ -278,7 +291,7 @@ AUDIT_EVENTS = table(AuditEvent)
 AUDIT_CHAIN_HEADS = table(AuditChainHead)
 
 
-class Note(TenantTable, table=True):
+class Note(Trashable, table=True):
     """A collaborative note on exactly one deal, contact or company.
 
     ``state`` is the compacted Yjs document (``pycrdt`` update encoding of the whole document); the
@@ -321,7 +334,7 @@ class Product(TenantTable, table=True):
 LINE_TOTAL = "round(quantity * unit_price * (100 - discount_percent) / 100, 2)"
 
 
-class DealLineItem(TenantTable, table=True):
+class DealLineItem(Trashable, table=True):
     """A quantity of one product on one deal, at a unit price in the deal's currency, less a discount.
 
     ``line_total`` is computed by PostgreSQL (a stored generated column), so every reader agrees.

@@ -127,6 +127,7 @@ MEMBERSHIP: Record = Record("Membership", MEMBERSHIPS, "memberships", root=NO_RO
 
 COMPANY: Record = Record(
     "Company", COMPANIES, "companies",
+    trash=True,
     fields=(
         Field("name", Text(200), Create.REQUIRED),
         Field("domain", Domain()),
@@ -143,11 +144,14 @@ COMPANY: Record = Record(
     default_sort="NAME",
     aggregation=Aggregation(groups=(Group("CREATED_MONTH", "created_at", month=True),)),
     root=Root(descriptions={
-        "delete": "Deletes the company and its activities; its contacts and deals are kept, unlinked."}),
+        "delete": "Moves the company to the trash with its notes and the activities about it alone; its contacts "
+                  "and deals stay, their `company` null while it is in the trash.",
+        "restore": "Brings the company back from the trash with everything that went with it, links included."}),
 )
 
 CONTACT: Record = Record(
     "Contact", CONTACTS, "contacts",
+    trash=True,
     fields=(
         Field("first_name", Text(100), Create.REQUIRED),
         Field("last_name", Text(100), Create.REQUIRED),
@@ -215,6 +219,7 @@ def close_date(table: Any) -> Any:
 
 DEAL: Record = Record(
     "Deal", DEALS, "deals",
+    trash=True,
     fields=(
         Field("title", Text(200), Create.REQUIRED),
         Field("amount", Money(), Create.REQUIRED),
@@ -272,6 +277,7 @@ DEAL: Record = Record(
 
 ACTIVITY: Record = Record(
     "Activity", ACTIVITIES, "activities",
+    trash=True,
     fields=(
         Field("kind", Choice(ActivityKind), Create.REQUIRED, update=False),
         Field("subject", Text(200), Create.REQUIRED),
@@ -312,6 +318,7 @@ ACTIVITY: Record = Record(
 
 NOTE: Record = Record(
     "Note", NOTES, "notes",
+    trash=True,
     fields=(
         Field("deal_id", Ref("Deal"), update=False),
         Field("contact_id", Ref("Contact"), update=False),
@@ -354,6 +361,7 @@ PRODUCT: Record = Record(
 
 DEAL_LINE_ITEM: Record = Record(
     "DealLineItem", DEAL_LINE_ITEMS, "deal_line_items",
+    trash=True,
     fields=(
         Field("deal_id", Ref("Deal"), Create.REQUIRED, update=False),
         Field("product_id", Ref("Product"), Create.REQUIRED, update=False),
@@ -386,6 +394,22 @@ RECORDS: tuple[Record, ...] = (USER, MEMBERSHIP, COMPANY, CONTACT, PIPELINE, STA
 """Every record type. Node lookup, dependents on delete and the isolation tests go over this tuple."""
 
 BY_NAME = {record.name: record for record in RECORDS}
+
+
+def check_trash(records: tuple[Record, ...]) -> None:
+    """A record that goes to the trash takes its CASCADE dependents with it, and the SET_NULL ones it
+    would leave without a link: they must be trashable too (a row cannot be hidden otherwise)."""
+    for record in records:
+        for relation in record.relations:
+            target = relation.target()
+            linked = relation.on_delete is OnDelete.CASCADE or any(
+                relation.key in check.columns for check in record.checks if isinstance(check, AtLeastOne | ExactlyOne))
+            if target.trash and linked and not record.trash:
+                raise TypeError(f"{record.name}.{relation.name}: {target.name} is trashable, so {record.name} "
+                                "must be too (declare trash=True)")
+
+
+check_trash(RECORDS)
 
 
 def dependents(target: Record) -> list[ToOne]:

@@ -230,8 +230,18 @@ class Equals:
     def where(self, record: Record, source: Any, bound: Collection[str],
               prefix: str = "") -> list[ColumnElement[bool]]:
         name = param(self.name or self.column)
+        if name not in bound:
+            return []
         column = source.c[self.column]
-        return [column == bindparam(prefix + name, type_=column.type)] if name in bound else []
+        conditions = [column == bindparam(prefix + name, type_=column.type)]
+        relation = record.relation_by_key(self.column)
+        if relation is not None and relation.target().trash:
+            # A record in the trash does not exist: nothing is linked to it (its links read null).
+            target = relation.target()
+            other = target.table.alias()
+            conditions.append(exists(select(other.c.id).where(
+                other.c.tenant_id == source.c.tenant_id, other.c.id == column, *target.visible(other))))
+        return conditions
 
 
 @dataclass(frozen=True, eq=False)
@@ -352,9 +362,10 @@ class Search:
         matches: list[ColumnElement[bool]] = [source.c[c].ilike(pattern, escape="\\") for c in self.columns]
         for name, columns in self.related:
             relation = record.relation(name)
-            other = relation.target().table.alias()
+            target = relation.target()
+            other = target.table.alias()
             matches.append(exists(select(other.c.id).where(
-                other.c.tenant_id == source.c.tenant_id, other.c.id == source.c[relation.key],
+                other.c.tenant_id == source.c.tenant_id, other.c.id == source.c[relation.key], *target.visible(other),
                 or_(*(other.c[c].ilike(pattern, escape="\\") for c in columns)))))
         return [or_(*matches)]
 
@@ -513,7 +524,8 @@ class Root:
     ``delete<Plural>``, and ``upsert<Plural>`` when the record has an ``external_id`` field
     (``resolvers.batch``)."""
     descriptions: Mapping[str, str] = field(default_factory=dict)
-    """By operation: ``list``, ``get``, ``create``, ``update``, ``delete``, ``input``."""
+    """By operation: ``list``, ``get``, ``create``, ``update``, ``delete``, ``restore`` (trashable
+    records), ``input``."""
 
 
 NO_ROOT = Root(listing=Listing.NONE, get=False, create=False, update=False, delete=False)
@@ -617,6 +629,11 @@ class Record:
     derived root fields (members are added, changed and removed by ``resolvers.viewer``)."""
     aggregation: Aggregation | None = None
     """Groupable and aggregatable fields; None: the record has no aggregate root field."""
+    trash: bool = False
+    """Deleting the record moves it to the trash (its table has ``deleted_at``, ``deleted_by`` and
+    ``trash_batch``): hidden from every read (through ``query``, ``filtered`` and ``visible``),
+    restored by ``restore<Name>``, removed for good by a purge after the tenant's retention. Every
+    record a trashable record's delete cascades to must be trashable too (``records.crm`` checks)."""
 
     def __post_init__(self) -> None:
         for relation in self.relations:
@@ -624,12 +641,19 @@ class Record:
         self._fields = {f.column: f for f in self.fields}
         self._relations = {r.name: r for r in self.relations}
 
+    def visible(self, source: Any) -> list[ColumnElement[bool]]:
+        """The conditions that leave out the record's rows in the trash, over ``source`` (the table
+        or an alias of it): every query of the record's rows says them (row-level security says
+        them too, as a backstop)."""
+        return [source.c.deleted_at.is_(None)] if self.trash else []
+
     # models.loaders.Lookup
     @property
     def query(self) -> Select[Any]:
+        """The tenant's rows of the record that are not in the trash (``TENANT`` bound by the caller)."""
         if self.lookup is not None:
             return self.lookup
-        return select(self.table).where(self.table.c.tenant_id == TENANT)
+        return select(self.table).where(self.table.c.tenant_id == TENANT, *self.visible(self.table))
 
     @property
     def key(self) -> ColumnElement[Any]:
@@ -722,11 +746,11 @@ class Record:
         return bound
 
     def filtered(self, tenant: Any, bound: Collection[str], prefix: str = "") -> Select[Any]:
-        """The tenant's records matching the filters whose parameters are in ``bound`` (AND of all),
+        """The tenant's records (not in the trash) matching the filters whose parameters are in ``bound`` (AND of all),
         with the computed sort values as extra columns. ``tenant``: a value or a bind parameter;
         ``prefix`` is put before every filter parameter's name."""
         extra = [s.expression(self.table).label(f"sort_{s.column}") for s in self.sorts if s.expression]
-        query = select(self.table, *extra).where(self.table.c.tenant_id == tenant)
+        query = select(self.table, *extra).where(self.table.c.tenant_id == tenant, *self.visible(self.table))
         for f in self.filters:
             query = query.where(*f.where(self, self.table, bound, prefix))
         return query

@@ -40,6 +40,7 @@ from sqlalchemy.dialects.postgresql import ARRAY, UUID
 
 from core.errors import AtriumError, BadUserInput, NotFound
 from core.limits import MAX_BATCH
+from models.db import trash_seen
 from records.declare import Create, Record, camel
 from resolvers.writes import Change
 
@@ -149,10 +150,11 @@ async def _unique(w: Change, record: Record, items: list[dict[str, Any]], where:
         if not wanted:
             continue
         column = t.c[f.column]
-        taken = set((await w.conn.execute(
-            select(column).where(t.c.tenant_id == w.tenant_id,
-                                 column == any_(bindparam("values", type_=ARRAY(column.type)))),
-            {"values": wanted})).scalars())
+        async with trash_seen(w.conn, record):  # a value in the trash stays taken until purged
+            taken = set((await w.conn.execute(
+                select(column).where(t.c.tenant_id == w.tenant_id,
+                                     column == any_(bindparam("values", type_=ARRAY(column.type)))),
+                {"values": wanted})).scalars())
         for position, value in zip(where, given, strict=True):
             if value in taken:
                 raise at(position, BadUserInput(f.name, f"is already used by another {record.label}"))

@@ -5,7 +5,8 @@ For a record ``Deal`` (``records.crm.DEAL``) with the default ``Root``:
 - ``deals(filter: DealFilter, orderBy: DealOrder, first, after, last, before): DealConnection!``
   (or, for ``Listing.LIST``, ``pipelines: [Pipeline!]!`` in the default order), and ``deal(id:)``;
 - ``createDeal(input: DealInput!)``, ``updateDeal(id:, input: DealPatch!, expectedVersion:)`` and
-  ``deleteDeal(id:, expectedVersion:): DeletePayload!``.
+  ``deleteDeal(id:, expectedVersion:): DeletePayload!``; for a trashable record (``Record.trash``)
+  the delete moves it to the trash and ``restoreDeal(id:): Deal!`` brings it back.
 
 ``DealInput`` holds the fields created with the record (and nested children), ``DealPatch`` those
 that may change (each optional; null clears a nullable one), ``DealFilter`` the declared filters,
@@ -313,7 +314,12 @@ def update_field(record: Record) -> Any:
 
 
 def delete_field(record: Record) -> Any:
-    """``delete<Name>(id:, expectedVersion:)``: what points at the record is handled as declared."""
+    """``delete<Name>(id:, expectedVersion:)``: what points at the record is handled as declared; a
+    trashable record goes to the trash (``restore<Name>`` brings it back)."""
+    description = record.description("delete")
+    if description is None and record.trash:
+        description = (f"Moves the {record.label} to the trash (with what cannot be without it); "
+                       f"`restore{record.name}` brings it back.")
 
     async def remove(info: Info, id: strawberry.ID, expected_version: int | None = None) -> DeletePayload:
         key = decode_id(id, record.name)
@@ -323,7 +329,24 @@ def delete_field(record: Record) -> Any:
 
     parameters = [("id", strawberry.ID, inspect.Parameter.empty), ("expected_version", int | None, None)]
     return strawberry.mutation(resolver=_resolver(remove, parameters, DeletePayload),
-                               **requires(record.access.delete, record.description("delete")))
+                               **requires(record.access.delete, description))
+
+
+def restore_field(record: Record) -> Any:
+    """``restore<Name>(id:)``: a trashed record back with everything that went with it, links as they
+    were (who may delete it may restore it)."""
+    kind = object_type(record)
+    description = record.description("restore") or (
+        f"Brings the {record.label} back from the trash with what went there with it.")
+
+    async def restore(info: Info, id: strawberry.ID) -> Any:
+        key = decode_id(id, record.name)
+        async with change(info) as w:
+            row = await w.restore(record, key)
+        return kind.from_row(row)
+
+    return strawberry.mutation(resolver=_resolver(restore, [("id", strawberry.ID, inspect.Parameter.empty)], kind),
+                               **requires(record.access.delete, description))
 
 
 # ---- batch mutations (resolvers.batch) ----------------------------------------------------------
@@ -451,7 +474,8 @@ def batch_mutations(record: Record) -> type:
 
 
 def mutations(record: Record) -> type:
-    """A Strawberry type holding the record's derived mutations (create, update, delete, then the batches)."""
+    """A Strawberry type holding the record's derived mutations (create, update, delete, restore for a
+    trashable record, then the batches)."""
     namespace: dict[str, Any] = {"__annotations__": {}}
     if record.root.create:
         namespace[f"create_{snake(record.name)}"] = create_field(record)
@@ -459,5 +483,7 @@ def mutations(record: Record) -> type:
         namespace[f"update_{snake(record.name)}"] = update_field(record)
     if record.root.delete:
         namespace[f"delete_{snake(record.name)}"] = delete_field(record)
+        if record.trash:
+            namespace[f"restore_{snake(record.name)}"] = restore_field(record)
     namespace.update(batch_fields(record))
     return strawberry.type(type(f"{record.name}Mutation", (), namespace))

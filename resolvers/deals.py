@@ -30,13 +30,13 @@ async def require_pipeline(info: Info, pipeline_id: strawberry.ID) -> uuid.UUID:
 
 
 async def stage_totals(info: Info, pipeline: uuid.UUID) -> list[StageTotal]:
-    """Deal count, total and weighted total per stage and currency of ``pipeline``, in board order
-    (what both ``Query.pipelineSummary`` and the live ``pipelineSummary`` report)."""
+    """Deal count, total and weighted total per stage and currency of ``pipeline`` (deals in the trash
+    left out), in board order (what both ``Query.pipelineSummary`` and the live ``pipelineSummary`` report)."""
     session = info.context.session
     rows = await session.db.fetch(
         select(DEALS.c.stage_id, DEALS.c.currency, func.count().label("deals"),
                func.sum(DEALS.c.amount).label("total"))
-        .where(DEALS.c.tenant_id == session.tenant_id, DEALS.c.pipeline_id == pipeline)
+        .where(DEALS.c.tenant_id == session.tenant_id, DEALS.c.pipeline_id == pipeline, *DEAL.visible(DEALS))
         .group_by(DEALS.c.stage_id, DEALS.c.currency)
     )
     stages = await session.loaders.one(STAGE).load_many([r.stage_id for r in rows])
@@ -74,3 +74,4 @@ class DealMutation:
         return Deal.from_row(row)
 
     delete_deal = crud.delete_field(DEAL)
+    restore_deal = crud.restore_field(DEAL)

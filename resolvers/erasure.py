@@ -160,6 +160,7 @@ class ErasureMutation:
                 .union_all(select(NOTES.c.id).where(NOTES.c.tenant_id == w.tenant_id, NOTES.c.contact_id == key))
             )).all()]
             await w.delete(CONTACT, key, None)
+            await w.purge(CONTACT, key)  # not to the trash: erased for good, with what went along
             # The deletion's own event (webhooks) carries the erased row: every text of it goes.
             w.rows[:] = [{k: ERASED if isinstance(v, str) else v for k, v in row.items()}
                          if row.get("id") == key and event.entity_type == CONTACT.name else row

@@ -49,6 +49,7 @@ from schema.live import (
     RecordEvent,
     Resync,
     ResyncReason,
+    TrashAction,
 )
 from schema.objects import RecordObject, load
 from subscriptions.broker import GAP, OVERFLOW
@@ -89,6 +90,7 @@ def change_fields(event: ChangeEvent) -> dict[str, Any]:
         "record_type": event.entity_type, "changed_fields": list(event.fields), "version": event.version,
         "timestamp": event.committed_at or event.occurred_at, "actor_id": event.actor_id,
         "record_key": event.entity_id,
+        "trash": TrashAction(trash) if (trash := event.detail.get("trash")) else None,
     }
 
 

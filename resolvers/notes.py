@@ -41,7 +41,7 @@ class NoteQuery:
         if parent is None:
             raise BadUserInput("recordId", "notes belong to a Deal, Contact or Company")
         rows = await session.db.fetch(select(NOTES).where(NOTES.c.tenant_id == session.tenant_id,
-                                                          NOTES.c[parent.key] == key)
+                                                          NOTES.c[parent.key] == key, *NOTE.visible(NOTES))
                                       .order_by(NOTES.c.created_at, NOTES.c.id).limit(MAX_NOTES))
         return [Note.from_row(r) for r in rows]
 

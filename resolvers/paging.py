@@ -14,18 +14,23 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from decimal import InvalidOperation
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
-from sqlalchemy import ColumnElement, Row, Select, func, literal, select, tuple_
+from sqlalchemy import ColumnElement, Executable, Row, Select, func, literal, select, tuple_
 
 from core.errors import BadUserInput
-from models.db import TenantScope
 from records.declare import SortKey
 from schema.pagination import Connection, Edge, PageInfo
 
 T = TypeVar("T")
 
 DEFAULT_PAGE = 20
+
+
+class Reader(Protocol):
+    """Where pages are read: a request's ``models.db.TenantScope`` (or its view of the trash)."""
+
+    async def fetch(self, statement: Executable, params: dict[str, Any] | None = None) -> Sequence[Row[Any]]: ...
 
 
 def cursor_text(value: Any) -> str:
@@ -61,7 +66,7 @@ class Page:
 
 
 async def fetch_page(
-    db: TenantScope,
+    db: Reader,
     query: Select[Any],
     id_column: ColumnElement[Any],
     key: SortKey,
@@ -113,14 +118,14 @@ async def fetch_page(
     )
 
 
-async def count_rows(db: TenantScope, query: Select[Any]) -> int:
+async def count_rows(db: Reader, query: Select[Any]) -> int:
     """The number of rows ``query`` matches (what ``totalCount`` reports)."""
     rows = await db.fetch(select(func.count()).select_from(query.order_by(None).subquery()))
     return int(rows[0][0])
 
 
 async def paginate(
-    db: TenantScope,
+    db: Reader,
     query: Select[Any],
     id_column: ColumnElement[Any],
     key: SortKey,

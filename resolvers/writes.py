@@ -29,7 +29,7 @@ from contextlib import asynccontextmanager
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import ColumnElement, Row, Select, delete, func, insert, select, update
+from sqlalchemy import ColumnElement, Row, Select, delete, exists, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -37,8 +37,9 @@ from auth.principal import Principal
 from auth.session import Info, Session
 from core.errors import BadUserInput, NotFound, VersionConflict
 from core.ids import to_global_id
+from models.db import showing_trash, trash_seen
 from models.tables import AUDIT_EVENTS
-from records.crm import dependents, rollups_into
+from records.crm import RECORDS, dependents, rollups_into
 from records.declare import AtLeastOne, ExactlyOne, OnDelete, Record, camel
 from subscriptions.events import ChangeEvent, ChangeKind
 from webhooks.outbox import enqueue
@@ -75,13 +76,18 @@ def public_record(record: Record, row: Mapping[Any, Any]) -> dict[str, Any]:
 class Change:
     """The statements of one mutation, inside its tenant transaction."""
 
-    def __init__(self, conn: AsyncConnection, principal: Principal, request_id: str) -> None:
+    def __init__(self, conn: AsyncConnection, principal: Principal, request_id: str, *,
+                 now: dt.datetime | None = None, system: bool = False) -> None:
         self.conn = conn
         self.principal = principal
         self.request_id = request_id
         self.events: list[ChangeEvent] = []
         self.rows: list[Mapping[Any, Any]] = []
         """Each event's row (after the change; as it was, for a delete): what webhooks send."""
+        self.now = now or dt.datetime.now(dt.UTC)
+        """The change's time as the app's clock tells it (a record's ``deleted_at``)."""
+        self.actor_id: uuid.UUID | None = None if system else principal.user_id
+        """Who the audit rows and events name: None for the system's own work (a scheduled purge)."""
 
     @property
     def tenant_id(self) -> uuid.UUID:
@@ -156,45 +162,190 @@ class Change:
         return row
 
     async def delete(self, record: Record, id: uuid.UUID, expected_version: int | None) -> Row[Any]:
-        """Delete record ``id`` and apply its dependents' ``OnDelete`` rules first (all audited)."""
-        t = record.table
+        """Delete record ``id``: a trashable record goes to the trash (``trash``); any other is removed
+        for good, its dependents' ``OnDelete`` rules applied first (all audited)."""
+        if record.trash:
+            return await self.trash(record, id, expected_version)
         before = await self.require(record, id, lock=True)
         self.check_version(record, before, expected_version)
-        await self.release(record, id)
+        await self._remove(record, before, "delete")
+        return before
+
+    async def _remove(self, record: Record, before: Row[Any], action: str) -> None:
+        """Remove the row ``before`` for good after ``release``; audited as ``action``."""
+        t = record.table
         try:
             async with self.conn.begin_nested():
-                await self.conn.execute(delete(t).where(t.c.tenant_id == self.tenant_id, t.c.id == id))
+                await self.release(record, before.id, action)
+                await self.conn.execute(delete(t).where(t.c.tenant_id == self.tenant_id, t.c.id == before.id))
         except IntegrityError:
             raise BadUserInput("id", f"this {record.label} is still in use; move or delete what "
                                      "refers to it first") from None
-        await self._audit(record, "delete", id, {"before": snapshot(before._mapping)})
-        self._event(record, ChangeKind.DELETED, before, (), version=before.version + 1)
+        await self._audit(record, action, before.id, {"before": snapshot(before._mapping)})
+        if not in_trash(record, before._mapping):
+            self._event(record, ChangeKind.DELETED, before, (), version=before.version + 1)
         await self._roll_up(record, before._mapping)
+
+    async def release(self, target: Record, id: uuid.UUID, action: str = "delete") -> None:
+        """What removing ``target`` ``id`` for good does to the records pointing at it: RESTRICT refuses
+        while there are any (in the trash too: say so); CASCADE removes them (audited as ``action``);
+        SET_NULL unlinks them, in the trash too, removing those it would leave without any link their
+        ``AtLeastOne``/``ExactlyOne`` check asks for."""
+        relations = dependents(target)
+        async with showing_trash(self.conn):
+            for relation in relations:
+                if relation.on_delete is OnDelete.RESTRICT:
+                    owner = relation.owner
+                    t = owner.table
+                    pointing = select(t.c.id).where(t.c.tenant_id == self.tenant_id, t.c[relation.key] == id).limit(1)
+                    if await self.scalar(pointing.where(*owner.visible(t))) is not None:
+                        raise BadUserInput("id", f"this {target.label} still has "
+                                                 f"{owner.plural_label}; move or delete them first")
+                    if await self.scalar(pointing) is not None:
+                        raise BadUserInput("id", f"this {target.label} still has {owner.plural_label} in the "
+                                                 "trash; restore and move them, or purge them, first")
+            for relation in relations:
+                owner, column = relation.owner, relation.owner.table.c[relation.key]
+                if relation.on_delete is OnDelete.CASCADE:
+                    await self.delete_where(owner, column == id, action=action)
+                elif relation.on_delete is OnDelete.SET_NULL:
+                    links = link_columns(owner, relation.key)
+                    if links:
+                        alone = func.num_nonnulls(*(owner.table.c[c] for c in links)) == 1
+                        await self.delete_where(owner, (column == id) & alone, action=action)
+                    await self.update_where(owner, column == id, {relation.key: None}, before={relation.key: id})
+
+    # ---- the trash (``Record.trash``) -------------------------------------------------------------
+
+    async def trash(self, record: Record, id: uuid.UUID, expected_version: int | None) -> Row[Any]:
+        """Move record ``id`` to the trash with what goes with it (``_trash_where``), as one batch
+        named by ``id``; a stale ``expected_version`` raises VERSION_CONFLICT. Returns the row as it
+        was before."""
+        before = await self.require(record, id, lock=True)
+        self.check_version(record, before, expected_version)
+        async with showing_trash(self.conn):
+            await self._trash_where(record, record.table.c.id == id, id)
         return before
 
-    async def release(self, target: Record, id: uuid.UUID) -> None:
-        """What deleting ``target`` ``id`` does to the records pointing at it: RESTRICT refuses while
-        there are any; CASCADE deletes them; SET_NULL unlinks them, deleting those it would leave
-        without any link their ``AtLeastOne``/``ExactlyOne`` check asks for."""
-        relations = dependents(target)
-        for relation in relations:
+    async def _trash_where(self, record: Record, where: ColumnElement[bool], batch: uuid.UUID) -> list[Row[Any]]:
+        """Move the rows of ``record`` matching ``where`` (not yet in the trash) to the trash in batch
+        ``batch``, then what depends on them: RESTRICT dependents outside the trash refuse it;
+        CASCADE dependents go along; SET_NULL dependents stay, linked (their link reads null while the
+        target is in the trash), except those left with no link to a record outside the trash that
+        their ``AtLeastOne``/``ExactlyOne`` check asks for, which go along. Audited as ``trash``,
+        published as DELETED (``trash: TRASHED``); rollups into parents outside the trash recomputed."""
+        t = record.table
+        rows = list((await self.conn.execute(
+            update(t).where(t.c.tenant_id == self.tenant_id, t.c.deleted_at.is_(None), where)
+            .values(deleted_at=self.now, deleted_by=self.actor_id, trash_batch=batch, version=t.c.version + 1,
+                    updated_at=func.now()).returning(t))).all())
+        if not rows:
+            return rows
+        ids = [row.id for row in rows]
+        for relation in dependents(record):
+            owner = relation.owner
+            column = owner.table.c[relation.key]
             if relation.on_delete is OnDelete.RESTRICT:
-                t = relation.owner.table
-                if await self.scalar(select(t.c.id).where(t.c.tenant_id == self.tenant_id,
-                                                          t.c[relation.key] == id).limit(1)) is not None:
-                    raise BadUserInput("id", f"this {target.label} still has "
-                                             f"{relation.owner.plural_label}; move or delete them first")
-        for relation in relations:
-            owner, column = relation.owner, relation.owner.table.c[relation.key]
-            if relation.on_delete is OnDelete.CASCADE:
-                await self.delete_where(owner, column == id)
-            elif relation.on_delete is OnDelete.SET_NULL:
-                links = [c for check in owner.checks if isinstance(check, AtLeastOne | ExactlyOne)
-                         for c in check.columns if relation.key in check.columns]
-                if links:
-                    alone = func.num_nonnulls(*(owner.table.c[c] for c in dict.fromkeys(links))) == 1
-                    await self.delete_where(owner, (column == id) & alone)
-                await self.update_where(owner, column == id, {relation.key: None}, before={relation.key: id})
+                if await self.scalar(select(owner.table.c.id).where(
+                        owner.table.c.tenant_id == self.tenant_id, column.in_(ids), *owner.visible(owner.table))
+                        .limit(1)) is not None:
+                    raise BadUserInput("id", f"this {record.label} still has "
+                                             f"{owner.plural_label}; move or delete them first")
+            elif relation.on_delete is OnDelete.CASCADE:
+                await self._trash_where(owner, column.in_(ids), batch)
+            elif links := link_columns(owner, relation.key):
+                others = [live_link(owner, c) for c in links if c != relation.key]
+                await self._trash_where(owner, column.in_(ids) & ~or_(*others) if others else column.in_(ids), batch)
+        await self._audit_many(record, "trash", [(row.id, {"after": trash_state(row._mapping)}) for row in rows])
+        for row in rows:
+            self._event(record, ChangeKind.DELETED, row, (), detail={"trash": "trashed"})
+            await self._roll_up(record, row._mapping)
+        return rows
+
+    async def trashed(self, record: Record, id: uuid.UUID, *, lock: bool = False) -> Row[Any]:
+        """The row of ``record`` ``id`` in the trash (inside ``showing_trash``); NOT_FOUND otherwise."""
+        t = record.table
+        query = select(t).where(t.c.tenant_id == self.tenant_id, t.c.id == id, t.c.deleted_at.is_not(None))
+        row: Row[Any] | None = (await self.conn.execute(query.with_for_update() if lock else query)).first()
+        if row is None:
+            raise NotFound(record.label, id)
+        return row
+
+    async def _batch_root(self, record: Record, row: Row[Any]) -> None:
+        """Refuse to act on a row that went to the trash with another record (naming that record)."""
+        if row.trash_batch == row.id:
+            return
+        for other in TRASHABLE:
+            t = other.table
+            if await self.scalar(select(t.c.id).where(t.c.tenant_id == self.tenant_id, t.c.id == row.trash_batch)):
+                raise BadUserInput("id", f"this {record.label} went to the trash with a {other.label} "
+                                         f"({to_global_id(other.name, row.trash_batch)}); restore that instead")
+        raise BadUserInput("id", f"this {record.label} went to the trash with another record; restore that instead")
+
+    async def restore(self, record: Record, id: uuid.UUID) -> Row[Any]:
+        """Bring record ``id`` back from the trash with everything that went with it (its batch), links
+        as they were: NOT_FOUND unless it is in the trash; BAD_USER_INPUT when it went with another
+        record (restore that one), or when a record it cannot be without is itself in the trash.
+        Audited as ``restore``, published as CREATED (``trash: RESTORED``). Returns the restored row."""
+        restored: list[tuple[Record, Row[Any]]] = []
+        async with showing_trash(self.conn):
+            row = await self.trashed(record, id, lock=True)
+            await self._batch_root(record, row)
+            await self._restorable(record, row)
+            for member in TRASHABLE:
+                t = member.table
+                rows = (await self.conn.execute(
+                    update(t).where(t.c.tenant_id == self.tenant_id, t.c.trash_batch == id, t.c.deleted_at.is_not(None))
+                    .values(deleted_at=None, deleted_by=None, trash_batch=None, version=t.c.version + 1,
+                            updated_at=func.now()).returning(t))).all()
+                # A batch went to the trash in one change: its rows share the root's trash columns.
+                await self._audit_many(member, "restore", [(r.id, {"before": trash_state(row._mapping)}) for r in rows])
+                restored += [(member, r) for r in rows]
+        for member, r in restored:
+            self._event(member, ChangeKind.CREATED, r, (), detail={"trash": "restored"})
+            await self._roll_up(member, r._mapping)
+        return next(r for member, r in restored if member is record and r.id == id)
+
+    async def _restorable(self, record: Record, row: Row[Any]) -> None:
+        """Refuse to restore a record whose CASCADE parent is in the trash, or whose every link an
+        ``AtLeastOne``/``ExactlyOne`` check asks for points into the trash (or nowhere)."""
+        out: set[str] = set()
+        for relation in record.relations:
+            target = relation.target()
+            key = row._mapping[relation.key]
+            if key is None or not target.trash:
+                continue
+            t = target.table
+            if await self.scalar(select(t.c.id).where(t.c.tenant_id == self.tenant_id, t.c.id == key,
+                                                      t.c.deleted_at.is_(None))) is None:
+                if relation.on_delete is OnDelete.CASCADE:
+                    raise BadUserInput(camel(relation.key), f"its {target.label} is in the trash: restore that first")
+                out.add(relation.key)
+        for check in record.checks:
+            if isinstance(check, AtLeastOne | ExactlyOne) and all(
+                    row._mapping[c] is None or c in out for c in check.columns):
+                raise BadUserInput(check.field, f"every record this {record.label} belongs to is in the trash: "
+                                                "restore one of them first")
+
+    async def purge(self, record: Record, id: uuid.UUID) -> int:
+        """Remove record ``id`` (in the trash, not as part of another's batch) and the rest of its
+        batch for good, as a delete would (``release``); audited as ``purge``. Returns the number of
+        rows removed. BAD_USER_INPUT when something outside the batch still needs it (RESTRICT)."""
+        async with showing_trash(self.conn):
+            row = await self.trashed(record, id, lock=True)
+            await self._batch_root(record, row)
+            batch = 0
+            for member in TRASHABLE:
+                t = member.table
+                batch += await self.scalar(select(func.count()).select_from(t).where(
+                    t.c.tenant_id == self.tenant_id, t.c.trash_batch == id))
+            await self._remove(record, row, "purge")
+            for member in TRASHABLE:  # what its removal did not take with it (linked elsewhere too)
+                t = member.table
+                for rest in (await self.conn.execute(select(t).where(
+                        t.c.tenant_id == self.tenant_id, t.c.trash_batch == id))).all():
+                    await self._remove(member, rest, "purge")
+        return batch
 
     async def _references(self, record: Record, values: dict[str, Any], prefix: str) -> None:
         rolled = {rollup.via for rollup in record.rollups}
@@ -221,7 +372,10 @@ class Change:
             query = select(t.c.id).where(t.c.tenant_id == self.tenant_id, t.c[f.column] == values[f.column])
             if id is not None:
                 query = query.where(t.c.id != id)
-            if await self.scalar(query.limit(1)) is not None:
+            # A value held by a record in the trash stays taken until it is purged (docs/trash.md).
+            async with trash_seen(self.conn, record):
+                taken = await self.scalar(query.limit(1))
+            if taken is not None:
                 raise BadUserInput(prefix + f.name, f"is already used by another {record.label}")
 
     async def _derived_columns(self, record: Record, id: uuid.UUID, changed: Mapping[str, Any]) -> None:
@@ -232,7 +386,8 @@ class Change:
                 continue
             t = child.table
             key = t.c[child.relation(rollup.via).key]
-            if await self.scalar(select(t.c.id).where(t.c.tenant_id == self.tenant_id, key == id).limit(1)):
+            if await self.scalar(select(t.c.id).where(t.c.tenant_id == self.tenant_id, key == id,
+                                                      *child.visible(t)).limit(1)):
                 raise BadUserInput(camel(touched[0]), f"is derived from the {record.label}'s "
                                                       f"{child.plural_label}; change those instead")
 
@@ -241,11 +396,13 @@ class Change:
         for rollup in record.rollups:
             relation = record.relation(rollup.via)
             parent_id = row[relation.key]
-            if parent_id is None:
-                continue
+            parent = relation.target()
+            if parent_id is None or (await self.conn.execute(
+                    parent.query.where(parent.key == parent_id), {"tenant_id": self.tenant_id})).first() is None:
+                continue  # no parent outside the trash to keep up to date
             t = record.table
             total = await self.scalar(select(func.sum(t.c[rollup.total])).where(
-                t.c.tenant_id == self.tenant_id, t.c[relation.key] == parent_id))
+                t.c.tenant_id == self.tenant_id, t.c[relation.key] == parent_id, *record.visible(t)))
             if total is not None:
                 await self.update(relation.target(), parent_id, {rollup.column: total}, None, rolled_up=True)
 
@@ -296,17 +453,20 @@ class Change:
                 "after": {k: jsonable(v) for k, v in changes.items()}}
         await self._audit_many(record, "update", [(row.id, diff) for row in rows])
         for row in rows:
-            self._event(record, ChangeKind.UPDATED, row, tuple(changes))
+            if not in_trash(record, row._mapping):
+                self._event(record, ChangeKind.UPDATED, row, tuple(changes))
         return len(rows)
 
-    async def delete_where(self, record: Record, where: ColumnElement[bool]) -> int:
-        """Delete every row of ``record`` matching ``where`` (in this tenant), audited and published."""
+    async def delete_where(self, record: Record, where: ColumnElement[bool], *, action: str = "delete") -> int:
+        """Delete every row of ``record`` matching ``where`` (in this tenant) for good, audited as
+        ``action`` and published (rows in the trash were published when they went there)."""
         t = record.table
         rows = (await self.conn.execute(
             delete(t).where(t.c.tenant_id == self.tenant_id, where).returning(t))).all()
-        await self._audit_many(record, "delete", [(row.id, {"before": snapshot(row._mapping)}) for row in rows])
+        await self._audit_many(record, action, [(row.id, {"before": snapshot(row._mapping)}) for row in rows])
         for row in rows:
-            self._event(record, ChangeKind.DELETED, row, (), version=row.version + 1)
+            if not in_trash(record, row._mapping):
+                self._event(record, ChangeKind.DELETED, row, (), version=row.version + 1)
         return len(rows)
 
     async def audit(self, entity_type: str, action: str, entity_id: uuid.UUID, diff: dict[str, Any], *,
@@ -314,7 +474,7 @@ class Change:
         """The audit row of a change to something that is not a declared record (API keys, documents);
         ``id``: the event's own id when the caller must know it (an erasure's markers name it)."""
         await self.conn.execute(insert(AUDIT_EVENTS).values(
-            tenant_id=self.tenant_id, id=id or uuid.uuid4(), actor_id=self.user_id, action=action,
+            tenant_id=self.tenant_id, id=id or uuid.uuid4(), actor_id=self.actor_id, action=action,
             entity_type=entity_type, entity_id=entity_id, diff=diff, request_id=self.request_id,
         ))
 
@@ -326,7 +486,7 @@ class Change:
             # With RETURNING, SQLAlchemy sends the rows as multi-row INSERTs (up to 1,000 rows each)
             # instead of one statement per row.
             await self.conn.execute(insert(AUDIT_EVENTS).returning(AUDIT_EVENTS.c.id), [
-                {"tenant_id": self.tenant_id, "id": uuid.uuid4(), "actor_id": self.user_id,
+                {"tenant_id": self.tenant_id, "id": uuid.uuid4(), "actor_id": self.actor_id,
                  "action": action, "entity_type": record.name, "entity_id": entity_id, "diff": diff,
                  "request_id": self.request_id}
                 for entity_id, diff in entries])
@@ -343,11 +503,42 @@ class Change:
         self.rows.append(row._mapping)
         self.events.append(ChangeEvent(
             tenant_id=self.tenant_id, entity_type=record.name, entity_id=row.id, kind=kind,
-            fields=tuple(camel(f) for f in fields), actor_id=self.user_id,
+            fields=tuple(camel(f) for f in fields), actor_id=self.actor_id,
             version=version if version is not None else row.version, occurred_at=dt.datetime.now(dt.UTC),
             scope=scope, previous_scope=previous_scope if previous_scope and previous_scope != scope else {},
             detail=dict(detail or {}),
         ))
+
+
+TRASHABLE: tuple[Record, ...] = tuple(record for record in RECORDS if record.trash)
+
+
+def in_trash(record: Record, row: Mapping[Any, Any]) -> bool:
+    return record.trash and row["deleted_at"] is not None
+
+
+def trash_state(row: Mapping[Any, Any]) -> dict[str, Any]:
+    """A trashed row's trash columns, for audit rows."""
+    return snapshot(row, ("deleted_at", "deleted_by", "trash_batch"))
+
+
+def link_columns(owner: Record, key: str) -> list[str]:
+    """The columns of ``owner``'s ``AtLeastOne``/``ExactlyOne`` checks that include ``key`` (in order,
+    once each): the links of which it must keep one."""
+    return list(dict.fromkeys(c for check in owner.checks if isinstance(check, AtLeastOne | ExactlyOne)
+                              for c in check.columns if key in check.columns))
+
+
+def live_link(owner: Record, column: str) -> ColumnElement[bool]:
+    """``owner``'s ``column`` points at a record outside the trash."""
+    relation = owner.relation_by_key(column)
+    assert relation is not None
+    target = relation.target()
+    if not target.trash:
+        return owner.table.c[column].is_not(None)
+    other = target.table.alias()
+    return exists(select(other.c.id).where(other.c.tenant_id == owner.table.c.tenant_id,
+                                           other.c.id == owner.table.c[column], other.c.deleted_at.is_(None)))
 
 
 def scope_of(record: Record, row: Mapping[Any, Any]) -> dict[str, str]:
@@ -362,7 +553,8 @@ async def change(info: Info) -> AsyncIterator[Change]:
     context = info.context
     session: Session = context.session
     async with session.db.write() as conn:
-        w = Change(conn, session.principal, context.request_id)
+        w = Change(conn, session.principal, context.request_id,
+                   now=dt.datetime.fromtimestamp(context.clock.time(), dt.UTC))
         yield w
         # Webhook deliveries join the outbox in the change's own transaction (webhooks.outbox).
         await enqueue(conn, w.tenant_id, zip(w.events, w.rows, strict=True), public_record)

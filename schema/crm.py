@@ -25,11 +25,13 @@ class Tenant(Node):
     name: str
     plan: Plan
     created_at: dt.datetime
+    trash_retention_days: int = strawberry.field(
+        description="Days a deleted record stays in the trash before a purge removes it for good.")
 
     @classmethod
     def from_row(cls, row: Any) -> Tenant:
         return cls(id=strawberry.ID(to_global_id("Tenant", row.id)), row=row, slug=row.slug, name=row.name,
-                   plan=Plan(row.plan), created_at=row.created_at)
+                   plan=Plan(row.plan), created_at=row.created_at, trash_retention_days=row.trash_retention_days)
 
 
 @strawberry.type(description="A person who belongs to this workspace, with their role in it.")

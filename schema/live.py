@@ -37,6 +37,14 @@ class Resync:
     timestamp: dt.datetime
 
 
+@strawberry.enum(description="A change that moved the record in or out of the trash.")
+class TrashAction(enum.Enum):
+    TRASHED = "trashed"
+    """Deleted into the trash (kind DELETED): restoreX brings it back."""
+    RESTORED = "restored"
+    """Back from the trash (kind CREATED)."""
+
+
 @strawberry.type
 class ChangeFields:
     """What every change event says besides the record (shared by the *Change types)."""
@@ -49,6 +57,9 @@ class ChangeFields:
     timestamp: dt.datetime = strawberry.field(description="When the change's transaction committed.")
     actor_id: strawberry.Private[uuid.UUID | None]
     record_key: strawberry.Private[uuid.UUID]
+    trash: TrashAction | None = strawberry.field(
+        default=None, description="TRASHED for a delete into the trash (kind DELETED), RESTORED for a restore "
+                                  "from it (kind CREATED); null otherwise.")
 
     @strawberry.field(description="Who made the change.")
     async def actor(self, info: Info) -> User | None:

@@ -179,18 +179,19 @@ async def test_company_lifecycle_is_audited(client: httpx.AsyncClient, make_tena
                               "deletedId } }", {"id": created["id"], "v": 3}))["deleteCompany"]
     assert deleted == {"deletedId": created["id"]}
     assert (await member.ok("query($id: ID!) { company(id: $id) { id } }", {"id": created["id"]}))["company"] is None
-    assert await db_row(admin_engine, COMPANIES, tenant, key) is None
+    trashed = await db_row(admin_engine, COMPANIES, tenant, key)  # in the trash (tests/test_trash.py)
+    assert trashed.deleted_at is not None and trashed.deleted_by == admin.user_id and trashed.version == 4
     audits = await audit_rows(admin_engine, tenant, key)
     assert len(audits) == 4
-    assert_audit(audits[-1], admin, "delete", "Company", key)
-    assert set(audits[-1].diff) == {"before"}
-    assert audits[-1].diff["before"]["name"] == "Acme Corp" and audits[-1].diff["before"]["version"] == 3
+    assert_audit(audits[-1], admin, "trash", "Company", key)
+    assert audits[-1].diff == {"after": {"deleted_at": trashed.deleted_at.isoformat(),
+                                         "deleted_by": str(admin.user_id), "trash_batch": str(key)}}
 
     history = (await admin.ok("""query($id: ID!) { auditEvents(entityId: $id) { totalCount edges { node {
         action entityType entityId requestId diff actor { id } } } } }""", {"id": created["id"]}))["auditEvents"]
     nodes = [e["node"] for e in history["edges"]]
     assert history["totalCount"] == 4
-    assert [n["action"] for n in nodes] == ["delete", "update", "update", "create"]
+    assert [n["action"] for n in nodes] == ["trash", "update", "update", "create"]
     assert [n["requestId"] for n in nodes] == [a.request_id for a in reversed(audits)]
     assert {n["entityId"] for n in nodes} == {created["id"]} and {n["entityType"] for n in nodes} == {"Company"}
     assert [n["actor"]["id"] for n in nodes] == [gid("User", admin.user_id)] + [gid("User", member.user_id)] * 3
@@ -260,7 +261,7 @@ async def test_contact_lifecycle_and_company_link(client: httpx.AsyncClient, mak
     await api.ok("mutation($id: ID!) { deleteContact(id: $id) { deletedId } }", {"id": contact["id"]})
     audits = await audit_rows(admin_engine, tenant, key)
     assert len(audits) == 4
-    assert_audit(audits[-1], api, "delete", "Contact", key)
+    assert_audit(audits[-1], api, "trash", "Contact", key)
     assert (await api.ok("query($id: ID!) { contact(id: $id) { id } }", {"id": contact["id"]}))["contact"] is None
 
 
@@ -439,8 +440,8 @@ async def test_deal_lifecycle_and_relations(client: httpx.AsyncClient, make_tena
 
     await api.ok("mutation($id: ID!) { deleteDeal(id: $id, expectedVersion: 3) { deletedId } }", {"id": deal["id"]})
     audits = await audit_rows(admin_engine, tenant, key)
-    assert_audit(audits[-1], api, "delete", "Deal", key)
-    assert audits[-1].diff["before"]["title"] == "Bigger one"
+    assert_audit(audits[-1], api, "trash", "Deal", key)
+    assert audits[-1].diff["after"]["trash_batch"] == str(key)
     assert (await api.ok("query($id: ID!) { deal(id: $id) { id } }", {"id": deal["id"]}))["deal"] is None
     remaining = await api.ok("query($d: ID!) { activities(filter: {dealId: $d}) { totalCount } }", {"d": deal["id"]})
     assert remaining["activities"]["totalCount"] == 0
@@ -540,15 +541,18 @@ async def test_deleting_a_company_unlinks_its_deals_and_contacts(client: httpx.A
                             "activities": [{"subject": "About the deal"}]}
     assert read["contact"] == {"lastName": "Linked", "company": None}
     assert read["other"] == {"company": {"name": "Keeper"}}
-    assert await db_row(admin_engine, ACTIVITIES, tenant, uuid_of(note["id"])) is None
-    assert await db_row(admin_engine, ACTIVITIES, tenant, uuid_of(on_deal["id"])) is not None
+    # The activity about the company alone went to the trash with it; the one about the deal stays.
+    alone = await db_row(admin_engine, ACTIVITIES, tenant, uuid_of(note["id"]))
+    assert alone.deleted_at is not None and alone.trash_batch == uuid_of(company["id"])
+    assert (await db_row(admin_engine, ACTIVITIES, tenant, uuid_of(on_deal["id"]))).deleted_at is None
     companies = await api.ok("{ companies { nodes { name } totalCount } }")
     assert companies["companies"] == {"nodes": [{"name": "Keeper"}], "totalCount": 1}
 
 
-async def test_deleting_a_company_audits_and_versions_the_records_it_unlinks(
+async def test_purging_a_company_audits_and_versions_the_records_it_unlinks(
         client: httpx.AsyncClient, make_tenant: MakeTenant, admin_engine: AsyncEngine) -> None:
-    """The deal and contact that lose their company are changed records: one audit row each, version + 1."""
+    """In the trash the company's deal and contact keep their link (it reads as null); once it is
+    purged they lose it for good as changed records: one audit row each, version + 1."""
     tenant = await make_tenant("crm")
     api = Api(client, tenant, Role.OWNER)
     pipeline = await new_pipeline(api, [("Lead", "0.1")])
@@ -557,6 +561,10 @@ async def test_deleting_a_company_audits_and_versions_the_records_it_unlinks(
     deal = await new_deal(api, pipeline["stages"][0]["id"], companyId=company["id"])
 
     await api.ok("mutation($id: ID!) { deleteCompany(id: $id) { deletedId } }", {"id": company["id"]})
+    for table, record in ((DEALS, deal), (CONTACTS, contact)):
+        row = await db_row(admin_engine, table, tenant, uuid_of(record["id"]))
+        assert row.company_id == uuid_of(company["id"]) and row.version == 1
+    await api.ok("mutation($id: ID!) { purgeTrash(id: $id) { purged } }", {"id": company["id"]})
 
     company_key = str(uuid_of(company["id"]))
     for table, record in ((DEALS, deal), (CONTACTS, contact)):
@@ -617,7 +625,7 @@ async def test_activity_lifecycle(client: httpx.AsyncClient, make_tenant: MakeTe
 
     await api.ok("mutation($id: ID!) { deleteActivity(id: $id, expectedVersion: 2) { deletedId } }", {"id": task["id"]})
     assert (await api.ok("query($id: ID!) { node(id: $id) { id } }", {"id": task["id"]}))["node"] is None
-    assert [a.action for a in await audit_rows(admin_engine, tenant, key)] == ["create", "update", "delete"]
+    assert [a.action for a in await audit_rows(admin_engine, tenant, key)] == ["create", "update", "trash"]
 
 
 async def test_failed_mutation_writes_no_audit_row(client: httpx.AsyncClient, make_tenant: MakeTenant,

@@ -280,13 +280,17 @@ async def test_line_item_rules(client: httpx.AsyncClient, make_tenant: MakeTenan
 
 async def test_deleting_a_deal_deletes_its_line_items_through_the_write_path(
         client: httpx.AsyncClient, make_tenant: MakeTenant, admin_engine: AsyncEngine) -> None:
+    """Into the trash with the deal, and out of the database with it when it is purged."""
     world = await make_tenant("ldel")
     token = world.token(Role.ADMIN)
     target = await deal(client, token)
     line = await item(client, token, target["id"], (await product(client, token))["id"])
     assert not (await gql(client, "mutation($id: ID!) { deleteDeal(id: $id) { deletedId } }", {"id": target["id"]},
                           token=token)).get("errors")
-    assert await audit_actions(admin_engine, uuid_of(line["id"])) == ["create", "delete"]
+    assert await audit_actions(admin_engine, uuid_of(line["id"])) == ["create", "trash"]
+    assert not (await gql(client, "mutation($id: ID!) { purgeTrash(id: $id) { purged } }", {"id": target["id"]},
+                          token=token)).get("errors")
+    assert await audit_actions(admin_engine, uuid_of(line["id"])) == ["create", "trash", "purge"]
 
 
 async def test_concurrent_line_items_sum_exactly(client: httpx.AsyncClient, make_tenant: MakeTenant) -> None:

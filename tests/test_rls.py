@@ -51,6 +51,7 @@ from tests.crm import Crm, seed_crm, uuid_of
 MakeTenant = Callable[..., Awaitable[TenantWorld]]
 ALL_TABLES = (TENANTS, USERS, *TENANT_TABLES)
 RLS_VIOLATION = "new row violates row-level security policy"
+TRASHABLE_TABLES = {record.table.name for record in RECORDS if record.trash}
 PERMISSION_DENIED = "permission denied"
 
 
@@ -601,7 +602,11 @@ async def test_each_tenant_table_has_exactly_one_policy_keyed_by_the_tenant_sett
         policy = found[0]
         assert policy.permissive == "PERMISSIVE" and policy.cmd == "ALL" and policy.roles == [APP_ROLE], policy
         assert "current_setting('app.tenant_id'" in policy.qual, policy
-        if name != "users":
+        if name in TRASHABLE_TABLES:
+            # The tenant, and rows outside the trash unless the transaction shows it (migration 0012).
+            assert policy.qual.startswith("((tenant_id = ") and policy.with_check == policy.qual, policy
+            assert "AND ((deleted_at IS NULL) OR" in policy.qual and "current_setting('atrium.trash'" in policy.qual
+        elif name != "users":
             column = "id" if name == "tenants" else "tenant_id"
             assert policy.qual.startswith(f"({column} = ") and policy.with_check == policy.qual, policy
 

@@ -8,7 +8,7 @@ acts as one role. A refused mutation must answer FORBIDDEN and leave every row o
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -123,6 +123,40 @@ class Rule:
     document: str
     variables: Callable[[Seed], dict[str, Any]]
     minimum: Role
+    prepare: Callable[[httpx.AsyncClient, Seed], Awaitable[dict[str, Any]]] | None = None
+    """Makes what the rule acts on (as the owner, before the rows are compared) and returns variables."""
+
+
+TRASHABLE: dict[str, tuple[str, Callable[[Seed], dict[str, Any]]]] = {
+    "Company": ('mutation { createCompany(input: {name: "Gone"}) { id } }', lambda s: {}),
+    "Contact": ('mutation { createContact(input: {firstName: "Gone", lastName: "Away"}) { id } }', lambda s: {}),
+    "Deal": ("""mutation($s: ID!) { createDeal(input: {title: "Gone", amount: "1.00", currency: "EUR", stageId: $s})
+                { id } }""", lambda s: {"s": s.stage}),
+    "Activity": ('mutation($d: ID!) { createActivity(input: {kind: NOTE, subject: "Gone", dealId: $d}) { id } }',
+                 lambda s: {"d": s.deal}),
+    "DealLineItem": ("""mutation($d: ID!, $p: ID!) { createDealLineItem(input: {dealId: $d, productId: $p,
+                        quantity: 1}) { id } }""", lambda s: {"d": s.deal, "p": s.product}),
+}
+
+
+def in_trash(type_name: str) -> Callable[[httpx.AsyncClient, Seed], Awaitable[dict[str, Any]]]:
+    """A record of ``type_name`` created and deleted into the trash by the owner: ``{"id": ...}``."""
+    create, variables = TRASHABLE[type_name]
+
+    async def prepare(client: httpx.AsyncClient, s: Seed) -> dict[str, Any]:
+        owner = s.world.token(Role.OWNER)
+        created = await ok(client, owner, create, variables(s))
+        (record,) = created.values()
+        await ok(client, owner, f"mutation($id: ID!) {{ delete{type_name}(id: $id) {{ deletedId }} }}",
+                 {"id": record["id"]})
+        return {"id": record["id"]}
+
+    return prepare
+
+
+def restore_rule(type_name: str, minimum: Role) -> Rule:
+    return Rule(f"restore{type_name}", f"mutation($id: ID!) {{ restore{type_name}(id: $id) {{ id }} }}",
+                lambda s: {}, minimum, in_trash(type_name))
 
 
 RULES = [
@@ -178,6 +212,12 @@ RULES = [
          lambda s: {"id": s.empty_stage}, Role.ADMIN),
     Rule("deletePipeline", """mutation($id: ID!) { deletePipeline(id: $id) { deletedId } }""",
          lambda s: {"id": s.empty_pipeline}, Role.ADMIN),
+    restore_rule("Deal", Role.ADMIN), restore_rule("Company", Role.ADMIN), restore_rule("Contact", Role.ADMIN),
+    restore_rule("Activity", Role.ADMIN), restore_rule("DealLineItem", Role.MEMBER),
+    Rule("purgeTrash", "mutation($id: ID!) { purgeTrash(id: $id) { purged } }", lambda s: {}, Role.ADMIN,
+         in_trash("Company")),
+    Rule("setTrashRetention", "mutation { setTrashRetention(days: 7) { trashRetentionDays } }", lambda s: {},
+         Role.OWNER),
     Rule("addMember", """mutation($e: String!) { addMember(input: {email: $e, name: "Newcomer", role: VIEWER})
             { id } }""",
          lambda s: {"e": f"newcomer@{s.world.slug}.example"}, Role.ADMIN),
@@ -283,10 +323,11 @@ async def test_mutation_rule(client: httpx.AsyncClient, make_tenant: Any, admin_
                              rule: Rule, role: Role) -> None:
     world = await make_tenant("roles")
     s = await seed(client, world)
+    variables = await rule.prepare(client, s) if rule.prepare else rule.variables(s)
     before = await tenant_rows(admin_engine, world)
     actors_before = await audit_actors(admin_engine, world)
 
-    body = await gql(client, rule.document, rule.variables(s), token=world.token(role))
+    body = await gql(client, rule.document, variables, token=world.token(role))
 
     assert body["_status"] == 200
     if allowed(role, rule.minimum):

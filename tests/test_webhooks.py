@@ -193,7 +193,10 @@ async def every_kind_of_change(api: httpx.AsyncClient, world: TenantWorld) -> No
     line = (await ok("mutation($d: ID!, $p: ID!) { createDealLineItem(input: {dealId: $d, productId: $p, "
                      "quantity: 2}) { id } }", {"d": deal["id"], "p": product}))["createDealLineItem"]["id"]
     await ok("mutation($l: ID!) { updateDealLineItem(id: $l, input: {quantity: 3}) { id } }", {"l": line})
+    await ok("mutation($l: ID!) { deleteDealLineItem(id: $l) { deletedId } }", {"l": line})  # to the trash
+    await ok("mutation($l: ID!) { restoreDealLineItem(id: $l) { id } }", {"l": line})
     await ok("mutation($l: ID!) { deleteDealLineItem(id: $l) { deletedId } }", {"l": line})
+    await ok("mutation($l: ID!) { purgeTrash(id: $l) { purged } }", {"l": line})  # the product is free to go
     await ok("mutation($p: ID!) { deleteProduct(id: $p) { deletedId } }", {"p": product})
     member = (await ok("mutation($e: String!) { addMember(input: {email: $e, name: \"New\", role: VIEWER}) { id } }",
                        {"e": f"new-{uuid.uuid4().hex[:8]}@example.test"}))["addMember"]["id"]
@@ -202,6 +205,7 @@ async def every_kind_of_change(api: httpx.AsyncClient, world: TenantWorld) -> No
     await ok("mutation($d: ID!) { deleteDeal(id: $d) { deletedId } }", {"d": deal["id"]})  # its note goes too
     await ok("mutation($c: ID!) { deleteContact(id: $c) { deletedId } }", {"c": contact["id"]})
     await ok("mutation($c: ID!) { deleteCompany(id: $c) { deletedId } }", {"c": company["id"]})
+    await ok("mutation($d: ID!) { purgeTrash(id: $d) { purged } }", {"d": deal["id"]})  # its stage is free then
     await ok("mutation($p: ID!) { deletePipeline(id: $p) { deletedId } }", {"p": pipeline["id"]})
 
 
@@ -224,7 +228,10 @@ async def test_the_event_types_are_those_the_api_can_produce(
             select(AUDIT_EVENTS.c.entity_type, AUDIT_EVENTS.c.action).distinct()
             .where(AUDIT_EVENTS.c.tenant_id == world.id, AUDIT_EVENTS.c.entity_type != "WebhookEndpoint"))}
     by_record = {(t.record.name, t.name.rsplit(".", 1)[1]) for t in event_types() if t.record is not None}
-    suffix = {"create": "created", "update": "updated", "delete": "deleted"}
+    # The trash's actions are the same messages: a record trashed or purged is deleted for its
+    # receivers, a restored one created again.
+    suffix = {"create": "created", "update": "updated", "delete": "deleted", "trash": "deleted",
+              "restore": "created", "purge": "deleted"}
     assert {(entity, suffix[action]) for entity, action in audited} <= by_record
 
 

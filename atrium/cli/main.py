@@ -1,5 +1,5 @@
-"""The ``atrium`` command: serve, migrate, tenant, user, token, seed-demo, export-schema, schema, db (and
-the partner and webhook commands: apikey, persisted, webhooks, worker).
+"""The ``atrium`` command: serve, migrate, tenant, user, token, seed-demo, trash, export-schema, schema, db
+(and the partner and webhook commands: apikey, persisted, webhooks, worker).
 
 Every command reads its settings first and reaches its database before doing anything else: a bad
 setting (``core.settings.SettingError``), an unreachable database (``DatabaseUnreachable``) or, for
@@ -232,6 +232,31 @@ async def cmd_token(args: argparse.Namespace) -> int:
     return 0
 
 
+async def cmd_trash(args: argparse.Namespace) -> int:
+    """``atrium trash purge``: what has been in the trash past retention is removed for good."""
+    import datetime as dt
+
+    from resolvers.trash import purge_trash
+
+    settings = await _settings(args)
+    older_than = dt.timedelta(days=args.older_than_days) if args.older_than_days is not None else None
+    engine = create_engine(settings.admin_url)
+    try:
+        tenants = [row for row in await list_tenants(engine) if args.tenant in (None, row.slug)]
+        if args.tenant is not None and not tenants:
+            raise ValueError(f"no tenant {args.tenant!r}")
+        for row in tenants:
+            home = await tenant_database(engine, settings.admin_url, row.id)
+            try:
+                purged = await purge_trash(home, older_than, tenant_id=row.id)
+            finally:
+                await home.dispose()
+            out(f"{row.slug}: purged {purged[row.id]} records")
+    finally:
+        await engine.dispose()
+    return 0
+
+
 async def cmd_seed_demo(args: argparse.Namespace) -> int:
     from atrium.ops.demo import seed_demo
 
@@ -419,6 +444,12 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--tenants", default="acme,globex", help="comma-separated slugs")
     d.add_argument("--deals", type=int, default=500, help="deals per tenant (up to 100000)")
 
+    tr = sub.add_parser("trash", help="the trash of deleted records")
+    trsub = tr.add_subparsers(dest="action", required=True)
+    tp = trsub.add_parser("purge", help="remove for good what has been in the trash past retention")
+    tp.add_argument("--tenant", help="one tenant's slug (default: every tenant)")
+    tp.add_argument("--older-than-days", type=int, help="instead of each tenant's own retention")
+
     e = sub.add_parser("export-schema", help="print the SDL to a file")
     e.add_argument("--output", default="schema.graphql")
 
@@ -454,6 +485,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser().error("--deals must be between 1 and 100000")
     handlers = {"migrate": cmd_migrate, "tenant": cmd_tenant, "user": cmd_user, "token": cmd_token,
                 "seed-demo": cmd_seed_demo, "audit": cmd_audit, "retention": cmd_retention,
+                "trash": cmd_trash,
                 **dict.fromkeys(partner_cli.COMMANDS, partner_cli.run),
                 **dict.fromkeys(webhook_cli.COMMANDS, webhook_cli.run)}
     try:
