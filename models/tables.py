@@ -485,6 +485,8 @@ class WebhookDelivery(TenantTable, table=True):
     last_error: str | None = Field(default=None, sa_type=Text)
     delivered_at: datetime | None = Field(default=None, sa_type=DateTime(timezone=True))
     replay_of: uuid.UUID | None = None
+    traceparent: str | None = Field(default=None, sa_type=Text)
+    """The W3C ``traceparent`` of the change that wrote the delivery, sent with every attempt."""
 
 
 class ExportJob(TenantTable, table=True):

@@ -23,6 +23,8 @@ from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.applications import Starlette
 
 from atrium.app import create_app
@@ -30,6 +32,7 @@ from atrium.observability.tracing import TracedBroker, TraceRequests
 from core.clock import ManualClock
 from core.settings import SettingError, Settings
 from core.telemetry import trace_headers, traceparent
+from models.tables import WEBHOOK_DELIVERIES, Role
 from tests.conftest import TenantWorld, data_or_fail, gql
 from tests.crm import seed_crm
 from tests.live import WAIT, live, serve_in_process, start_atrium
@@ -169,6 +172,24 @@ async def test_a_request_is_one_trace_continuing_the_callers(settings: Settings,
 
         # The search text is a variable's value: no span holds it (statements carry placeholders only).
         assert not [v for v in every_value(spans) if crm.tag in v]
+
+
+async def test_a_webhook_delivery_carries_the_trace_of_its_change(settings: Settings, make_tenant: Any,
+                                                                  admin_engine: AsyncEngine) -> None:
+    """The outbox row keeps the change's ``traceparent`` (the dispatcher sends it, tests/test_webhooks.py)."""
+    tenant: TenantWorld = await make_tenant()
+    async with traced_app(settings) as (client, recorded):
+        data_or_fail(await gql(client, """mutation { createWebhookEndpoint(input: {url: "http://127.0.0.1:9/in",
+            eventTypes: ["company.created"]}) { secret } }""", token=tenant.token(Role.ADMIN)))
+        trace_id, _, headers = caller()
+        data_or_fail(await gql(client, 'mutation { createCompany(input: {name: "Traced"}) { id } }',
+                               token=tenant.token(), headers=headers))
+    async with admin_engine.connect() as conn:
+        (sent,) = (await conn.execute(select(WEBHOOK_DELIVERIES.c.traceparent).where(
+            WEBHOOK_DELIVERIES.c.tenant_id == tenant.id))).scalars().all()
+    assert sent is not None and sent.split("-")[1] == f"{trace_id:032x}"
+    span_ids = {f"{s.context.span_id:016x}" for s in recorded.of_trace(trace_id) if s.context is not None}
+    assert sent.split("-")[2] in span_ids  # a span of the change's own request
 
 
 async def test_the_fast_path_is_traced_like_the_pipeline(settings: Settings, make_tenant: Any) -> None:

@@ -16,6 +16,7 @@ import collections
 import contextlib
 import dataclasses
 import ipaddress
+import json
 import signal
 import sys
 import uuid
@@ -25,7 +26,7 @@ from typing import Any
 import httpx
 import pytest
 from pycrdt import Doc, Text
-from sqlalchemy import select, text
+from sqlalchemy import select, text, update
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 from starlette.applications import Starlette
@@ -574,6 +575,27 @@ async def test_endpoints_may_not_point_at_internal_addresses(
     assert receiver.received == []
     [delivery] = await deliveries(api, world, hook["endpoint"]["id"])
     assert delivery["status"] == "PENDING" and "loopback" in delivery["lastError"]
+    data_or_fail(await gql(api, UPDATE, {"id": hook["endpoint"]["id"], "i": {"enabled": False}},
+                           token=world.token(Role.ADMIN)))
+
+
+async def test_a_delivery_continues_the_trace_of_its_change(
+    api: httpx.AsyncClient, world: TenantWorld, hook_admin: AsyncEngine, hook_settings: Settings, receiver: Receiver,
+) -> None:
+    # The traceparent a traced change stored (tests/test_tracing.py) is sent on every attempt; an
+    # untraced change's delivery sends none.
+    hook = await register(api, world, receiver.url, ["company.created"])
+    await create_company(api, world.token(Role.MEMBER), name="Untraced")
+    await create_company(api, world.token(Role.MEMBER), name="Traced")
+    parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    async with hook_admin.begin() as conn:
+        await conn.execute(update(WEBHOOK_DELIVERIES).where(
+            WEBHOOK_DELIVERIES.c.endpoint_id == uuid_of(hook["endpoint"]["id"]),
+            WEBHOOK_DELIVERIES.c.body.contains('"Traced"')).values(traceparent=parent))
+    async with dispatching(hook_settings):
+        await receiver.until(lambda r: len(r.ids()) == 2)
+    by_name = {json.loads(r.body)["data"]["record"]["name"]: r.headers for r in receiver.received}
+    assert by_name["Traced"]["traceparent"] == parent and "traceparent" not in by_name["Untraced"]
     data_or_fail(await gql(api, UPDATE, {"id": hook["endpoint"]["id"], "i": {"enabled": False}},
                            token=world.token(Role.ADMIN)))
 

@@ -76,7 +76,7 @@ recorded); ``SKIP LOCKED`` keeps them apart and a record's next delivery waits f
 DUE = text("SELECT tenant_id FROM atrium_webhook_due(:now, :limit)")
 NEXT_DUE = text("SELECT atrium_webhook_next_due(:now)")
 CLAIM = text("""
-SELECT d.id, d.endpoint_id, d.message_id, d.event_type, d.body, d.attempts, d.first_attempt_at,
+SELECT d.id, d.endpoint_id, d.message_id, d.event_type, d.body, d.traceparent, d.attempts, d.first_attempt_at,
        e.url, e.secret, e.version AS endpoint_version, e.failing_since
 FROM webhook_deliveries d
 JOIN webhook_endpoints e ON e.tenant_id = d.tenant_id AND e.id = d.endpoint_id
@@ -348,6 +348,8 @@ class Dispatcher:
                 target = await vet(row.url, self._allowed)
                 signed = headers(secret, f"msg_{row.message_id.hex}", int(self.clock.time()), row.body)
                 sent = {"content-type": "application/json", "user-agent": USER_AGENT, "host": target.host, **signed}
+                if row.traceparent is not None:  # the trace of the change that wrote it continues
+                    sent["traceparent"] = row.traceparent
                 async with asyncio.timeout(self.settings.webhook_timeout_seconds):
                     async with self._client.stream("POST", target.url, content=row.body.encode(), headers=sent,
                                                    extensions={"sni_hostname": target.server_name}) as response:

@@ -19,6 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from core.errors import BadUserInput, Forbidden, NotFound, VersionConflict
 from core.settings import Settings
+from core.telemetry import traceparent
 from models.tables import WEBHOOK_DELIVERIES, WEBHOOK_ENDPOINTS
 from webhooks.addresses import AddressRefused, networks, vet
 from webhooks.catalog import check_event_types, check_filter
@@ -157,7 +158,7 @@ async def replay(conn: AsyncConnection, tenant_id: uuid.UUID, delivery_id: uuid.
     row: Row[Any] = (await conn.execute(insert(D).values(
         tenant_id=tenant_id, id=uuid.uuid4(), endpoint_id=original.endpoint_id, message_id=original.message_id,
         event_type=original.event_type, ordering_key=original.ordering_key, body=original.body,
-        replay_of=original.replay_of or original.id).returning(D))).one()
+        replay_of=original.replay_of or original.id, traceparent=traceparent()).returning(D))).one()
     await notify(conn, tenant_id)
     return row
 

@@ -20,6 +20,7 @@ from typing import Any
 from sqlalchemy import insert, select, text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from core.telemetry import traceparent
 from models.tables import WEBHOOK_DELIVERIES, WEBHOOK_ENDPOINTS
 from records.crm import BY_NAME
 from subscriptions.events import ChangeEvent
@@ -76,7 +77,7 @@ async def enqueue_event(conn: AsyncConnection, tenant_id: uuid.UUID, name: str, 
 def _delivery(tenant_id: uuid.UUID, endpoint_id: uuid.UUID, message_id: uuid.UUID, name: str, key: uuid.UUID,
               text_body: str) -> dict[str, Any]:
     return {"tenant_id": tenant_id, "id": uuid.uuid4(), "endpoint_id": endpoint_id, "message_id": message_id,
-            "event_type": name, "ordering_key": key, "body": text_body}
+            "event_type": name, "ordering_key": key, "body": text_body, "traceparent": traceparent()}
 
 
 async def _insert(conn: AsyncConnection, tenant_id: uuid.UUID, rows: list[dict[str, Any]]) -> int:
