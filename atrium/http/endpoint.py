@@ -38,7 +38,7 @@ from strawberry.types import ExecutionResult
 
 from atrium.http.admission import admission_key
 from atrium.http.deadline import HOLD_KEY
-from atrium.http.graphql_http import GRAPHQL_RESPONSE_JSON, JSON, GraphQLOverHTTP, HTTPError, Page, negotiate
+from atrium.http.graphql_http import GraphQLOverHTTP, Page, failure_response
 from atrium.http.runtime import Runtime
 from atrium.http.websocket import GroupedTransportWSHandler, Grouping, LiveGroups, OperationSpec
 from atrium.observability.logs import request_id_for as request_id_of_headers
@@ -66,15 +66,8 @@ def error_response(error: AtriumError, status: int, request_id: str) -> Response
 
 
 def overloaded_response(error: Overloaded, request_id: str, accept: str | None) -> Response:
-    """The 503 answer to a request refused by admission: a GraphQL error body (in the media type
-    ``Accept`` asks for), ``Retry-After`` and the request id."""
-    try:
-        media = negotiate(accept)
-    except HTTPError:
-        media = JSON
-    content_type = f"{GRAPHQL_RESPONSE_JSON}; charset=utf-8" if media == GRAPHQL_RESPONSE_JSON else JSON
-    return Response(json.dumps(error_body(error)), status_code=503, media_type=content_type,
-                    headers={"retry-after": str(error.extra["retryAfter"]), "x-request-id": request_id})
+    """The 503 answer to a request refused by admission (``failure_response``, with ``Retry-After``)."""
+    return failure_response(error, 503, request_id, accept, {"retry-after": str(error.extra["retryAfter"])})
 
 
 @dataclass

@@ -17,7 +17,6 @@ closes the connection and logs it). A client that left before its request was re
 
 from __future__ import annotations
 
-import json
 import logging
 
 from starlette.requests import ClientDisconnect, Request
@@ -25,24 +24,11 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from atrium.http.endpoint import request_id_for
-from atrium.http.graphql_http import GRAPHQL_RESPONSE_JSON, JSON, HTTPError, negotiate
-from core.errors import AtriumError, Internal, ServiceUnavailable, error_body
+from atrium.http.graphql_http import failure_response
+from core.errors import Internal, ServiceUnavailable
 from models.outages import is_outage
 
 log = logging.getLogger("atrium.http")
-
-
-def failure_response(error: AtriumError, status: int, request_id: str, accept: str | None,
-                     headers: dict[str, str] | None = None) -> Response:
-    """A GraphQL error body for ``error`` with ``status``, in the media type ``accept`` asks for
-    (``application/json`` when it names none Atrium answers), carrying the request id."""
-    try:
-        media = negotiate(accept)
-    except HTTPError:
-        media = JSON
-    content_type = f"{GRAPHQL_RESPONSE_JSON}; charset=utf-8" if media == GRAPHQL_RESPONSE_JSON else JSON
-    return Response(json.dumps(error_body(error)), status_code=status, media_type=content_type,
-                    headers={**(headers or {}), "x-request-id": request_id})
 
 
 def unavailable_response(request_id: str, accept: str | None) -> Response:

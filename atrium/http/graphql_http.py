@@ -471,3 +471,16 @@ class GraphQLOverHTTP(GraphQL[Context, None]):
         """Store an APQ registration's document once it has parsed and validated."""
         if source.register is not None and not any(code_of(e) in NOT_STORED_CODES for e in errors or ()):
             await self.runtime.apq.put(source.register, source.query)
+
+
+def failure_response(error: AtriumError, status: int, request_id: str, accept: str | None,
+                     headers: dict[str, str] | None = None) -> Response:
+    """A GraphQL error body for ``error`` with ``status``, in the media type ``accept`` asks for
+    (``application/json`` when it names none Atrium answers), carrying the request id."""
+    try:
+        media = negotiate(accept)
+    except HTTPError:
+        media = JSON
+    content_type = f"{GRAPHQL_RESPONSE_JSON}; charset=utf-8" if media == GRAPHQL_RESPONSE_JSON else JSON
+    return Response(json.dumps(error_body(error)), status_code=status, media_type=content_type,
+                    headers={**(headers or {}), "x-request-id": request_id})
