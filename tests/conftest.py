@@ -12,6 +12,7 @@ Every fixture is shared from here: those defined below, and those of the plugin 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import os
 import secrets
 import tempfile
@@ -134,6 +135,23 @@ async def app(settings: Settings) -> AsyncIterator[Starlette]:
     application = create_app(settings)
     async with application.router.lifespan_context(application):
         yield application
+
+
+@pytest.fixture(scope="session")
+async def app_without_rls(settings: Settings) -> AsyncIterator[Starlette]:
+    """The app connecting as the superuser: RLS never applies, only the app's own tenant filters do."""
+    application = create_app(dataclasses.replace(settings, app_database_url=settings.database_url))
+    async with application.router.lifespan_context(application):
+        yield application
+
+
+@pytest.fixture(params=["app-and-rls", "app-filters-only"])
+async def either_client(request: pytest.FixtureRequest, app: Starlette,
+                        app_without_rls: Starlette) -> AsyncIterator[httpx.AsyncClient]:
+    """A client of the deployed app, then of the app with RLS out of the way: isolation holds both ways."""
+    target = app if request.param == "app-and-rls" else app_without_rls
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=target), base_url="http://atrium.test") as c:
+        yield c
 
 
 @pytest.fixture

@@ -9,8 +9,8 @@ import datetime as dt
 import random
 import uuid
 from collections import defaultdict
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from dataclasses import dataclass, replace
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
@@ -19,7 +19,6 @@ import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.applications import Starlette
 
-from atrium.app import create_app
 from core.settings import Settings
 from models.db import Databases
 from models.tables import Role
@@ -134,22 +133,6 @@ def assert_same(got: dict[tuple[Any, ...], dict[str, Any]], want: dict[tuple[Any
             assert (g["currency"], g["count"], g["sum"], g["min"], g["max"]) == \
                    (w["currency"], w["count"], w["sum"], w["min"], w["max"]), key
             assert abs(g["avg"] - w["avg"]) <= Decimal("0.005"), (key, g["avg"], w["avg"])
-
-
-@pytest.fixture(scope="module")
-async def app_without_rls(settings: Settings) -> AsyncIterator[Starlette]:
-    """The app as the superuser: RLS never applies, only the app's own tenant filters do."""
-    application = create_app(replace(settings, app_database_url=settings.database_url))
-    async with application.router.lifespan_context(application):
-        yield application
-
-
-@pytest.fixture(params=["app-and-rls", "app-filters-only"])
-async def either_client(request: pytest.FixtureRequest, app: Starlette,
-                        app_without_rls: Starlette) -> AsyncIterator[httpx.AsyncClient]:
-    target = app if request.param == "app-and-rls" else app_without_rls
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=target), base_url="http://atrium.test") as c:
-        yield c
 
 
 @pytest.fixture(scope="module")

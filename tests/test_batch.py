@@ -9,7 +9,6 @@ import asyncio
 import collections
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import replace
 from decimal import Decimal
 from typing import Any
 
@@ -20,7 +19,6 @@ from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.applications import Starlette
 
-from atrium.app import create_app
 from atrium.schema import schema
 from auth.principal import Principal
 from core.errors import NotFound
@@ -367,22 +365,6 @@ async def test_upserts_are_derived_for_every_record_with_an_external_id(client: 
 
 
 # ---- isolation ------------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-async def app_without_rls(settings: Settings) -> AsyncIterator[Starlette]:
-    """The app connecting as the superuser: RLS never applies, only the app's own filters do."""
-    application = create_app(replace(settings, app_database_url=settings.database_url))
-    async with application.router.lifespan_context(application):
-        yield application
-
-
-@pytest.fixture(params=["app-and-rls", "app-filters-only"])
-async def either_client(request: pytest.FixtureRequest, app: Starlette,
-                        app_without_rls: Starlette) -> AsyncIterator[httpx.AsyncClient]:
-    target = app if request.param == "app-and-rls" else app_without_rls
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=target), base_url="http://atrium.test") as c:
-        yield c
-
 
 async def test_batches_cannot_touch_other_tenants_records(either_client: httpx.AsyncClient, make_tenant: MakeTenant,
                                                           admin_engine: AsyncEngine) -> None:

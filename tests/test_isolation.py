@@ -18,7 +18,7 @@ import asyncio
 import json
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -27,9 +27,7 @@ from sqlalchemy import Table, func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.applications import Starlette
 
-from atrium.app import create_app
 from atrium.ops.admin import add_user
-from core.settings import Settings
 from models.tables import (
     ACTIVITIES,
     AUDIT_EVENTS,
@@ -45,14 +43,6 @@ from tests.conftest import TenantWorld, codes, data_or_fail, gql
 from tests.crm import Crm, create_company, create_contact, create_deal, gid, seed_crm, uuid_of
 
 MakeTenant = Callable[..., Awaitable[TenantWorld]]
-
-
-@pytest.fixture(scope="module")
-async def app_without_rls(settings: Settings) -> AsyncIterator[Starlette]:
-    """The app connecting as the admin (superuser) URL: RLS never applies, only the app's filters do."""
-    application = create_app(replace(settings, app_database_url=settings.database_url))
-    async with application.router.lifespan_context(application):
-        yield application
 
 
 @pytest.fixture(params=["app-and-rls", "app-filters-only"])

@@ -18,8 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import replace
+from collections.abc import Awaitable, Callable
 from decimal import Decimal
 from typing import Any
 
@@ -29,9 +28,7 @@ from sqlalchemy import func, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.applications import Starlette
 
-from atrium.app import create_app
 from atrium.ops.demo import demo_password_hash, seed_tenant
-from core.settings import Settings
 from models.tables import AUDIT_EVENTS, DEAL_LINE_ITEMS, PRODUCTS, Role
 from subscriptions.events import ChangeEvent, record_channel
 from tests.conftest import TenantWorld, codes, data_or_fail, gql
@@ -340,26 +337,10 @@ async def test_demo_deals_with_line_items_are_their_total(database_url: str, adm
 
 # ---- isolation ------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-async def app_without_rls(settings: Settings) -> AsyncIterator[Starlette]:
-    """The app connecting as the superuser: RLS never applies, only the app's filters do."""
-    application = create_app(replace(settings, app_database_url=settings.database_url))
-    async with application.router.lifespan_context(application):
-        yield application
-
-
-@pytest.fixture(params=["app-and-rls", "app-filters-only"])
-async def either(request: pytest.FixtureRequest, app: Starlette,
-                 app_without_rls: Starlette) -> AsyncIterator[httpx.AsyncClient]:
-    target = app if request.param == "app-and-rls" else app_without_rls
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=target), base_url="http://atrium.test") as c:
-        yield c
-
-
-async def test_another_tenant_never_reaches_products_or_line_items(either: httpx.AsyncClient,
+async def test_another_tenant_never_reaches_products_or_line_items(either_client: httpx.AsyncClient,
                                                                    make_tenant: MakeTenant,
                                                                    admin_engine: AsyncEngine) -> None:
-    client = either
+    client = either_client
     a, b = await make_tenant("piso-a"), await make_tenant("piso-b")
     tag = f"secret{uuid.uuid4().hex[:8]}"
     own = await product(client, a.token(), name=f"Product {tag}", sku=tag)
