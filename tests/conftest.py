@@ -38,6 +38,7 @@ from atrium.ops.embedded_pg import start_embedded_postgres, stop_embedded_postgr
 from auth.tokens import issue_token
 from core.pgurl import async_url, libpq_url
 from core.settings import Settings, switch
+from models.db import Databases
 from models.migrations import migrate
 from models.tables import Role
 
@@ -135,6 +136,16 @@ async def app(settings: Settings) -> AsyncIterator[Starlette]:
     application = create_app(settings)
     async with application.router.lifespan_context(application):
         yield application
+
+
+@pytest.fixture
+async def databases(settings: Settings) -> AsyncIterator[Databases]:
+    """The server's database access (role ``atrium_app``) with one pooled connection, so it is reused."""
+    dbs = Databases(settings.app_url, pool_size=1)
+    try:
+        yield dbs
+    finally:
+        await dbs.dispose()
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,7 @@ import asyncio
 import dataclasses
 import datetime as dt
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 import httpx
 import pytest
@@ -29,16 +29,6 @@ from tests.governance import fill
 MakeTenant = Callable[..., Awaitable[TenantWorld]]
 SET = """mutation($t: String!, $d: Int) { setRetentionPolicy(target: $t, keepDays: $d) { target keepDays } }"""
 POLICIES = "{ retentionPolicies { target description keepDays } }"
-
-
-@pytest.fixture
-async def databases(settings: Settings) -> AsyncIterator[Databases]:
-    """The server's database access (the application role)."""
-    dbs = Databases(settings.app_url, pool_size=2)
-    try:
-        yield dbs
-    finally:
-        await dbs.dispose()
 
 
 async def count(engine: AsyncEngine, table: Table, tenant: TenantWorld) -> int:

@@ -14,7 +14,7 @@ import datetime as dt
 import json
 import re
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
@@ -25,7 +25,7 @@ from sqlalchemy import Row, Select, Table, delete, func, insert, literal_column,
 from sqlalchemy.exc import DBAPIError, ProgrammingError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from core.settings import APP_ROLE, Settings
+from core.settings import APP_ROLE
 from models.db import Databases, TenantScope
 from models.loaders import Loaders
 from models.tables import (
@@ -124,16 +124,6 @@ async def seeded_pair(make_tenant: MakeTenant, client: httpx.AsyncClient,
                         row = {**row, "id": tenant.export_job}
                     await conn.execute(insert(table).values(row))
     return pair
-
-
-@pytest.fixture
-async def databases(settings: Settings) -> AsyncIterator[Databases]:
-    """The server's database access (role ``atrium_app``) with one pooled connection, so it is reused."""
-    dbs = Databases(settings.app_url, pool_size=1)
-    try:
-        yield dbs
-    finally:
-        await dbs.dispose()
 
 
 def owner_view(table: Table, tenant_id: uuid.UUID) -> Select[Any]:

@@ -71,16 +71,6 @@ async def one_client(app: Starlette) -> AsyncIterator[httpx.AsyncClient]:
         yield c
 
 
-@pytest.fixture
-async def databases(settings: Settings) -> AsyncIterator[Databases]:
-    """The server's database access (role ``atrium_app``), as ``tests/test_rls.py`` has it."""
-    dbs = Databases(settings.app_url, pool_size=1)
-    try:
-        yield dbs
-    finally:
-        await dbs.dispose()
-
-
 async def ok(client: httpx.AsyncClient, token: str, query: str, **variables: Any) -> dict[str, Any]:
     return data_or_fail(await gql(client, query, variables, token=token))
 
