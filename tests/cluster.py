@@ -14,7 +14,10 @@ import os
 import pwd
 import shutil
 import subprocess
+import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -137,3 +140,15 @@ class PostgresCluster:
             except RuntimeError:
                 pass
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+@contextmanager
+def running_cluster(prefix: str) -> Iterator[PostgresCluster]:
+    """A throwaway cluster in a temporary directory, started, then removed (files and all)."""
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        server = PostgresCluster.create(Path(tmp))
+        server.start_blocking()
+        try:
+            yield server
+        finally:
+            server.remove()

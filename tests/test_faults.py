@@ -29,19 +29,17 @@ import contextlib
 import json
 import logging
 import signal
-import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import asyncpg
 import httpx
 import pytest
 
-from tests.cluster import PostgresCluster
+from tests.cluster import PostgresCluster, running_cluster
 from tests.live import AtriumProcess, RedisServer, live, redis_answers, start_atrium
 from tests.outages import World, assert_unavailable, outage_world
 
@@ -71,13 +69,8 @@ class Fleet:
 
 @pytest.fixture(scope="module")
 def fault_cluster() -> Iterator[PostgresCluster]:
-    with tempfile.TemporaryDirectory(prefix="atrium-faults-") as tmp:
-        server = PostgresCluster.create(Path(tmp))
-        server.start_blocking()
-        try:
-            yield server
-        finally:
-            server.remove()
+    with running_cluster("atrium-faults-") as server:
+        yield server
 
 
 ENVIRONMENTS = [{"ATRIUM_ENV": "production", "ATRIUM_DB_POOL_SIZE": "4"},

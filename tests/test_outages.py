@@ -22,13 +22,11 @@ import logging
 import os
 import socket
 import struct
-import tempfile
 import termios
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -44,7 +42,7 @@ from core.clock import ManualClock
 from core.errors import ServiceUnavailable
 from core.settings import Settings, app_role_url
 from models.db import Databases, TenantScope
-from tests.cluster import PostgresCluster
+from tests.cluster import PostgresCluster, running_cluster
 from tests.live import Live, RedisServer, serve_in_process
 from tests.outages import World, assert_unavailable, outage_world
 
@@ -55,13 +53,8 @@ WAIT = 15.0
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[PostgresCluster]:
-    with tempfile.TemporaryDirectory(prefix="atrium-outages-") as tmp:
-        server = PostgresCluster.create(Path(tmp))
-        server.start_blocking()
-        try:
-            yield server
-        finally:
-            server.remove()
+    with running_cluster("atrium-outages-") as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
