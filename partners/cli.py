@@ -27,6 +27,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from atrium.ops.admin import tenant_database, tenant_id_by_slug
 from atrium.ops.bootstrap import resolve_database
+from core.console import fail, out
 from core.errors import AtriumError
 from core.settings import Settings
 from models.db import create_engine
@@ -47,14 +48,6 @@ from partners.manifests import remove_documents as remove_manifest_documents
 Handler = Callable[[argparse.Namespace], Awaitable[int]]
 
 
-def out(line: str = "") -> None:
-    sys.stdout.write(line + "\n")
-    sys.stdout.flush()
-
-
-def fail(message: str) -> int:
-    sys.stderr.write(f"atrium: {message}\n")
-    return 2
 
 
 async def _audit(conn: AsyncConnection, tenant_id: uuid.UUID, action: str, entity_type: str, entity_id: uuid.UUID,

@@ -13,7 +13,6 @@ import argparse
 import asyncio
 import json
 import signal
-import sys
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -24,6 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from atrium.ops.admin import tenant_id_by_slug
 from atrium.ops.bootstrap import resolve_database
 from core.clock import SYSTEM_CLOCK
+from core.console import fail, out
 from core.errors import AtriumError
 from core.ids import decode_id, to_global_id
 from core.settings import Settings
@@ -45,14 +45,6 @@ Handler = Callable[[argparse.Namespace], Awaitable[int]]
 SET_TENANT = text("SELECT set_config('app.tenant_id', :tenant, true)")
 
 
-def out(line: str = "") -> None:
-    sys.stdout.write(line + "\n")
-    sys.stdout.flush()
-
-
-def fail(message: str) -> int:
-    sys.stderr.write(f"atrium: {message}\n")
-    return 2
 
 
 def summary(row: Any) -> dict[str, Any]:

@@ -37,6 +37,7 @@ from atrium.ops.admin import (
 )
 from atrium.ops.bootstrap import DatabaseUnreachable, resolve_database
 from atrium.ops.embedded_pg import embedded_running, stop_embedded_postgres
+from core.console import out
 from core.pgurl import async_url
 from core.settings import Settings
 from core.version import VERSION
@@ -48,10 +49,6 @@ from webhooks import cli as webhook_cli
 
 log = logging.getLogger("atrium")
 
-
-def out(line: str = "") -> None:
-    sys.stdout.write(line + "\n")
-    sys.stdout.flush()
 
 
 class ProgressBar:
