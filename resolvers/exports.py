@@ -62,7 +62,6 @@ FORMAT = "atrium-export-v1"
 BATCH = 500
 STALE = dt.timedelta(minutes=10)
 """A pending or running export not updated for this long is taken to be dead (its process stopped)."""
-MAX_KEEP_DAYS = 36_500
 
 NOT_EXPORTED = {
     IDEMPOTENCY_KEYS.name: "stored answers of retried mutations, kept for a day: copies of what the archive holds",
@@ -243,6 +242,11 @@ class ExportQuery:
         rows = await session.db.fetch(select(RETENTION_POLICIES).where(
             RETENTION_POLICIES.c.tenant_id == session.tenant_id))
         days = {row.target: row.keep_days for row in rows}
+        settings = [t for t in RETENTION.values() if t.setting is not None]
+        if settings:
+            (tenant,) = await session.db.fetch(select(*(t.setting for t in settings if t.setting is not None))
+                                               .where(TENANTS.c.id == session.tenant_id))
+            days.update({t.name: value for t, value in zip(settings, tenant, strict=True)})
         return [RetentionPolicy(target=t.name, description=t.description, keep_days=days.get(t.name))
                 for t in RETENTION.values()]
 
@@ -287,10 +291,25 @@ class ExportMutation:
     async def set_retention_policy(self, info: Info, target: str, keep_days: int | None = None) -> RetentionPolicy:
         if target not in RETENTION:
             raise BadUserInput("target", f"must be one of {', '.join(RETENTION)}")
-        if keep_days is not None and not 0 <= keep_days <= MAX_KEEP_DAYS:
-            raise BadUserInput("keepDays", f"must be between 0 and {MAX_KEEP_DAYS}")
+        kept = RETENTION[target]
+        low, high = kept.days
+        if keep_days is not None and not low <= keep_days <= high:
+            raise BadUserInput("keepDays", f"must be between {low} and {high}")
+        if keep_days is None and kept.setting is not None:
+            raise BadUserInput("keepDays", f"must be set: {target} always has a retention")
         session = info.context.session
         t = RETENTION_POLICIES
+        if kept.setting is not None:
+            setting = kept.setting
+            async with change(info) as w:
+                before = (await w.conn.execute(select(setting).where(TENANTS.c.id == session.tenant_id)
+                                               .with_for_update())).scalar()
+                await w.conn.execute(update(TENANTS).where(TENANTS.c.id == session.tenant_id)
+                                     .values({setting.name: keep_days}))
+                if before != keep_days:
+                    await w.audit("Tenant", "update", session.tenant_id, {"before": {setting.name: before},
+                                                                          "after": {setting.name: keep_days}})
+            return RetentionPolicy(target=target, description=kept.description, keep_days=keep_days)
         async with change(info) as w:
             before = (await w.conn.execute(select(t.c.keep_days).where(
                 t.c.tenant_id == session.tenant_id, t.c.target == target).with_for_update())).scalar()
