@@ -46,6 +46,7 @@ HIDE_TRASH = text("SELECT set_config('atrium.trash', 'off', true)")
 TRASH_DEPTH = "atrium.trash.depth"
 """Key in a connection's ``info``: how many ``showing_trash`` blocks are open on it."""
 TENANT_ROUTE = text("SELECT isolation, database_url FROM tenants WHERE id = :tenant_id")
+DEDICATED_TENANTS = text("SELECT tenant_id FROM atrium_dedicated_tenants()")
 READY_TIMEOUT = 2.0
 """Seconds a readiness check waits for the database before calling it down."""
 
@@ -198,6 +199,19 @@ class Databases:
             engine = self._engines.get(url) or self._engines.setdefault(url, self._make_engine(url))
         self._routes[tenant_id] = engine
         return engine
+
+    async def homes(self) -> list[AsyncEngine]:
+        """Every database holding tenants' rows: the shared one, then each dedicated one (once); what
+        jobs over every tenant (retention, abandoned exports) visit."""
+        async with self.default.connect() as conn:
+            dedicated = (await conn.execute(DEDICATED_TENANTS)).scalars().all()
+            await conn.commit()
+        found = [self.default]
+        for tenant in dedicated:
+            engine = await self.engine_for(tenant)
+            if engine not in found:
+                found.append(engine)
+        return found
 
     @asynccontextmanager
     async def tenant_transaction(self, tenant_id: uuid.UUID, *,

@@ -14,7 +14,7 @@ A target may instead keep its days in a column of the tenant's own row (``settin
 for every tenant, and ``setRetentionPolicy`` writes that column (within ``days``).
 
 ``apply_retention`` runs every policy of every tenant, on the shared database and on every
-dedicated one (``homes``); each (tenant, target) runs in the tenant's own transaction, as the
+dedicated one (``Databases.homes``); each (tenant, target) runs in the tenant's own transaction, as the
 application role, under an advisory lock so that two processes never apply one at once. The
 policies come from ``atrium_retention_due()`` (migrations 0010, 0014), which lists the policy rows
 and every tenant's trash. Audit events are trimmed by the database (``atrium_audit_trim``, migration
@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Column, delete, func, select, text
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from models.db import Databases
 from models.tables import ACTIVITIES, AUDIT_EVENTS, EXPORT_JOBS, WEBHOOK_DELIVERIES
@@ -127,31 +127,17 @@ class Applied:
 
 
 DUE = text("SELECT tenant_id, target, keep_days FROM atrium_retention_due()")
-DEDICATED = text("SELECT tenant_id FROM atrium_dedicated_tenants()")
-
-
-async def homes(databases: Databases) -> list[AsyncEngine]:
-    """Every database holding tenants' rows: the shared one, then each dedicated one (once)."""
-    async with databases.default.connect() as conn:
-        dedicated = (await conn.execute(DEDICATED)).scalars().all()
-        await conn.commit()
-    found = [databases.default]
-    for tenant in dedicated:
-        engine = await databases.engine_for(tenant)
-        if engine not in found:
-            found.append(engine)
-    return found
 
 
 async def apply_retention(databases: Databases, now: dt.datetime, *,
                           tenant_id: uuid.UUID | None = None) -> list[Applied]:
     """Apply every retention policy (of ``tenant_id`` only, when given) on every database of
-    ``databases`` (``homes``), as of ``now``; what each removed. A policy naming no registered target
+    ``databases`` (``Databases.homes``), as of ``now``; what each removed. A policy naming no registered target
     (one whose table left) is skipped; a (tenant, target) another process is applying is skipped too;
     a tenant listed by a database that is not its home (the shared registry's row of a dedicated
     tenant) is applied in its home only."""
     due: list[Any] = []
-    for home in await homes(databases):
+    for home in await databases.homes():
         async with home.connect() as conn:
             listed = (await conn.execute(DUE)).all()
             await conn.commit()

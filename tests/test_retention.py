@@ -207,10 +207,9 @@ async def test_the_schedule_empties_each_tenants_trash_past_its_own_retention(
         await conn.execute(WEBHOOK_ENDPOINTS.insert().values(
             tenant_id=brief.id, id=endpoint, url="https://hooks.example/in", event_types=["contact.updated"],
             secret=b"sealed"))
-    long = {"ttl_seconds": int(40 * DAY)}
     async with app.router.lifespan_context(app), httpx.AsyncClient(
             transport=httpx.ASGITransport(app=app), base_url="http://atrium.test") as client:
-        token = {t.id: t.token(**long) for t in (usual, brief)}
+        token = {t.id: t.token(ttl_seconds=int(40 * DAY)) for t in (usual, brief)}
         assert data_or_fail(await gql(client, SET, {"t": "trash", "d": 5}, token=token[brief.id]))[
             "setRetentionPolicy"] == {"target": "trash", "keepDays": 5}
         assert data_or_fail(await gql(client, "{ tenant { trashRetentionDays } }", token=token[brief.id])) == {
