@@ -1,4 +1,5 @@
-"""Export jobs hold a lease; the retention job also empties the trash and reaches dedicated databases.
+"""Export jobs hold a lease; the retention job also empties the trash and reaches dedicated databases;
+the webhook outbox's backlog can be measured.
 
 Frozen: this revision spells out its DDL and imports nothing from the application.
 
@@ -16,6 +17,8 @@ Frozen: this revision spells out its DDL and imports nothing from the applicatio
 - ``atrium_dedicated_tenants()``: the ids of the tenants living on a dedicated database, so that the
   server's scheduled jobs (retention, abandoned exports) reach those databases too (their routes are
   then looked up one tenant at a time, as for requests).
+- ``atrium_webhook_backlog()``: how many webhook deliveries are pending across tenants and when the
+  oldest was written (two numbers, no tenant), for the metrics' outbox backlog gauges.
 
 Revision ID: 0014_job_leases
 Revises: 0013_webhook_traceparent
@@ -51,6 +54,14 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path FROM CURRENT AS $$
 $$
 """
 
+BACKLOG = """
+CREATE FUNCTION atrium_webhook_backlog()
+RETURNS TABLE (pending bigint, oldest timestamptz)
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path FROM CURRENT AS $$
+    SELECT count(*), min(d.created_at) FROM webhook_deliveries d WHERE d.status = 'pending'
+$$
+"""
+
 DUE = """
 CREATE OR REPLACE FUNCTION atrium_retention_due()
 RETURNS TABLE (tenant_id uuid, target varchar, keep_days integer)
@@ -80,14 +91,17 @@ def upgrade() -> None:
                "WHERE status IN ('pending', 'running')")
     op.execute(ABANDONED)
     op.execute(DEDICATED)
+    op.execute(BACKLOG)
     op.execute(DUE)
-    for function in ("atrium_abandoned_exports(timestamptz)", "atrium_dedicated_tenants()"):
+    for function in ("atrium_abandoned_exports(timestamptz)", "atrium_dedicated_tenants()",
+                     "atrium_webhook_backlog()"):
         op.execute(f"REVOKE ALL ON FUNCTION {function} FROM PUBLIC")
         op.execute(f"GRANT EXECUTE ON FUNCTION {function} TO {APP_ROLE}")
 
 
 def downgrade() -> None:
     op.execute(DUE_BEFORE)
+    op.execute("DROP FUNCTION atrium_webhook_backlog()")
     op.execute("DROP FUNCTION atrium_dedicated_tenants()")
     op.execute("DROP FUNCTION atrium_abandoned_exports(timestamptz)")
     op.execute("DROP INDEX export_jobs_lease_idx")

@@ -28,7 +28,8 @@ from partners.keys import ApiKeys
 from partners.manifests import TrustedDocuments
 from planner.answers import AnswerCache
 from subscriptions.broker import Broker, RedisBroker, create_broker
-from webhooks.dispatcher import Dispatcher
+from webhooks.dispatcher import ERROR_KINDS, OUTCOMES, Dispatcher
+from webhooks.outbox import backlog
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider
@@ -87,6 +88,8 @@ class Runtime:
             tracing.instrument_redis(redis, broker.commands if isinstance(broker, RedisBroker) else None)
             broker = TracedBroker(broker, tracing)
         metrics, admission = Metrics(), Admission(Limits.of(settings), clock)
+        metrics.measure_backlog(lambda: backlog(databases.default), clock.time)
+        metrics.expect_webhooks(OUTCOMES, ERROR_KINDS)
 
         def load() -> float:  # what holds memory: open WebSockets, requests running and waiting
             return metrics.open_websockets() + admission.in_flight + admission.waiting
@@ -98,7 +101,8 @@ class Runtime:
                    trusted=TrustedDocuments(), admission=admission, trimmer=MemoryTrimmer(load, clock),
                    leases=JobLeases(databases, clock, settings.export_lease_seconds),
                    tracing=tracing,
-                   dispatcher=Dispatcher(databases, settings, clock) if settings.webhook_dispatcher else None)
+                   dispatcher=Dispatcher(databases, settings, clock, meter=metrics)
+                   if settings.webhook_dispatcher else None)
 
     async def start(self) -> None:
         await self.broker.start()
