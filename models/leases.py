@@ -85,9 +85,14 @@ class JobLeases:
         now = self.now()
         reaped: list[Reaped] = []
         for home in await self.databases.homes():
-            async with home.connect() as conn:
-                found = (await conn.execute(FIND, {"now": now})).all()
-                await conn.commit()
+            try:
+                async with home.connect() as conn:
+                    found = (await conn.execute(FIND, {"now": now})).all()
+                    await conn.commit()
+            except (OSError, SQLAlchemyError) as exc:  # one database down stops nobody else's look
+                log.warning("job leases: cannot look for abandoned exports in %s (%s)",
+                            home.url.render_as_string(), exc)
+                continue
             for row in found:
                 if await self.databases.engine_for(row.tenant_id) is not home:
                     continue  # listed by a database that is not the tenant's home

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Column, delete, func, select, text
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from models.db import Databases
@@ -138,9 +139,13 @@ async def apply_retention(databases: Databases, now: dt.datetime, *,
     tenant) is applied in its home only."""
     due: list[Any] = []
     for home in await databases.homes():
-        async with home.connect() as conn:
-            listed = (await conn.execute(DUE)).all()
-            await conn.commit()
+        try:
+            async with home.connect() as conn:
+                listed = (await conn.execute(DUE)).all()
+                await conn.commit()
+        except (OSError, SQLAlchemyError) as exc:  # one database down stops nobody else's retention
+            log.warning("retention: cannot list the policies of %s (%s)", home.url.render_as_string(), exc)
+            continue
         for policy in listed:
             if tenant_id is None or policy.tenant_id == tenant_id:
                 if await databases.engine_for(policy.tenant_id) is home:
