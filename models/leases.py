@@ -86,18 +86,18 @@ class JobLeases:
         reaped: list[Reaped] = []
         for home in await self.databases.homes():
             try:
-                async with home.connect() as conn:
+                async with home.engine.connect() as conn:
                     found = (await conn.execute(FIND, {"now": now})).all()
                     await conn.commit()
             except (OSError, SQLAlchemyError) as exc:  # one database down stops nobody else's look
                 log.warning("job leases: cannot look for abandoned exports in %s (%s)",
-                            home.url.render_as_string(), exc)
+                            home.engine.url.render_as_string(), exc)
                 continue
             for row in found:
-                if await self.databases.engine_for(row.tenant_id) is not home:
+                if not home.holds(row.tenant_id):
                     continue  # listed by a database that is not the tenant's home
                 j = EXPORT_JOBS
-                async with self.databases.tenant_transaction(row.tenant_id) as conn:
+                async with self.databases.tenant_transaction(row.tenant_id, home=home) as conn:
                     failed = (await conn.execute(update(j).where(
                         j.c.tenant_id == row.tenant_id, j.c.id == row.id, j.c.status.in_(UNDER_WAY),
                         j.c.lease_expires_at < now).values(status="failed", error=ABANDONED, updated_at=now)

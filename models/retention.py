@@ -140,23 +140,21 @@ async def apply_retention(databases: Databases, now: dt.datetime, *,
     due: list[Any] = []
     for home in await databases.homes():
         try:
-            async with home.connect() as conn:
+            async with home.engine.connect() as conn:
                 listed = (await conn.execute(DUE)).all()
                 await conn.commit()
         except (OSError, SQLAlchemyError) as exc:  # one database down stops nobody else's retention
-            log.warning("retention: cannot list the policies of %s (%s)", home.url.render_as_string(), exc)
+            log.warning("retention: cannot list the policies of %s (%s)", home.engine.url.render_as_string(), exc)
             continue
-        for policy in listed:
-            if tenant_id is None or policy.tenant_id == tenant_id:
-                if await databases.engine_for(policy.tenant_id) is home:
-                    due.append(policy)
+        due.extend((home, policy) for policy in listed
+                   if (tenant_id is None or policy.tenant_id == tenant_id) and home.holds(policy.tenant_id))
     applied: list[Applied] = []
-    for policy in due:
+    for home, policy in due:
         target = RETENTION.get(policy.target)
         if target is None:
             continue
         cutoff = now - dt.timedelta(days=policy.keep_days)
-        async with databases.tenant_transaction(policy.tenant_id) as conn:
+        async with databases.tenant_transaction(policy.tenant_id, home=home) as conn:
             lock = zlib.crc32(f"retention:{policy.tenant_id}:{policy.target}".encode())
             if not (await conn.execute(select(func.pg_try_advisory_xact_lock(lock)))).scalar():
                 continue

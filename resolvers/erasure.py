@@ -119,7 +119,7 @@ class Identity:
     @classmethod
     def of(cls, contact: dict[str, object]) -> Identity:
         first, last = (str(contact.get(k) or "").strip() for k in ("first_name", "last_name"))
-        full = [f"{first} {last}", f"{last}, {first}"] if first and last else [first or last]
+        full = [f"{first} {last}", f"{last}, {first}"] if first and last else []  # one name alone: linked only
         everywhere = {t for t in (*full, *(str(contact.get(k) or "").strip() for k in ("email", "phone")))
                       if len(t) >= 3}
         names = {n for n in (first, last) if len(n) >= 2}
