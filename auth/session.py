@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from starlette.requests import HTTPConnection
 
     from core.tasks import BackgroundTasks
+    from models.leases import JobLeases
     from planner.answers import AnswerCache
     from subscriptions.broker import Broker
 
@@ -109,6 +110,8 @@ class Context:
     """A subscription's: what each of its events runs in (a span, when tracing is on)."""
     tasks: BackgroundTasks | None = None
     """The app's background tasks (exports), which outlive the request; None outside an app."""
+    leases: JobLeases | None = None
+    """This process's leases on the background jobs it runs (``models.leases``); None outside an app."""
 
     @property
     def session(self) -> Session:

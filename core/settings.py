@@ -332,6 +332,9 @@ class Settings:
     """How long a download link ``exportJob`` hands out stays valid."""
     export_keep_seconds: int = 7 * 24 * 3600
     """How long a finished export's archive is kept for its one download."""
+    export_lease_seconds: int = 60
+    """How long a server process's claim on an export lasts unless renewed (every third of it): an
+    export whose process died is failed once this has passed (``models.leases``)."""
     retention_interval_seconds: int = 3600
     """How often each server process applies the tenants' retention policies (0: never; then run
     ``atrium retention run`` from a scheduler)."""
@@ -406,6 +409,7 @@ class Settings:
             export_secret=env.text("ATRIUM_EXPORT_SECRET", secret),
             export_link_ttl_seconds=env.whole("ATRIUM_EXPORT_LINK_TTL", 900, minimum=1, unit=" of seconds"),
             export_keep_seconds=env.whole("ATRIUM_EXPORT_KEEP", 7 * 24 * 3600, minimum=1, unit=" of seconds"),
+            export_lease_seconds=env.whole("ATRIUM_EXPORT_LEASE", 60, minimum=1, unit=" of seconds"),
             retention_interval_seconds=env.whole("ATRIUM_RETENTION_INTERVAL", 3600, minimum=0, unit=" of seconds"),
         )
 

@@ -46,6 +46,7 @@ HIDE_TRASH = text("SELECT set_config('atrium.trash', 'off', true)")
 TRASH_DEPTH = "atrium.trash.depth"
 """Key in a connection's ``info``: how many ``showing_trash`` blocks are open on it."""
 TENANT_ROUTE = text("SELECT isolation, database_url FROM tenants WHERE id = :tenant_id")
+DEDICATED_TENANTS = text("SELECT tenant_id FROM atrium_dedicated_tenants()")
 READY_TIMEOUT = 2.0
 """Seconds a readiness check waits for the database before calling it down."""
 
@@ -139,6 +140,20 @@ class Entry:
         return self.versions.get(table, 0)
 
 
+@dataclass(frozen=True)
+class Home:
+    """A database holding tenants' rows (``Databases.homes``)."""
+
+    engine: AsyncEngine
+    tenants: frozenset[uuid.UUID]
+    """Shared: the dedicated tenants (whose rows are elsewhere); dedicated: the tenants living here."""
+    shared: bool
+
+    def holds(self, tenant_id: uuid.UUID) -> bool:
+        """Whether ``tenant_id``'s rows live here (the shared registry also lists dedicated tenants)."""
+        return (tenant_id not in self.tenants) if self.shared else (tenant_id in self.tenants)
+
+
 class Databases:
     """Engines for the shared database and for tenants with a dedicated one.
 
@@ -199,15 +214,30 @@ class Databases:
         self._routes[tenant_id] = engine
         return engine
 
+    async def homes(self) -> list[Home]:
+        """Every database holding tenants' rows: the shared one, then each dedicated one (once), with
+        which tenants' rows each holds; what jobs over every tenant (retention, abandoned exports)
+        visit. One statement, plus a route lookup per dedicated tenant (cached, as for requests)."""
+        async with self.default.connect() as conn:
+            dedicated = frozenset((await conn.execute(DEDICATED_TENANTS)).scalars().all())
+            await conn.commit()
+        routed: dict[AsyncEngine, set[uuid.UUID]] = {}
+        for tenant in sorted(dedicated):
+            routed.setdefault(await self.engine_for(tenant), set()).add(tenant)
+        return [Home(self.default, dedicated, shared=True),
+                *(Home(engine, frozenset(tenants), shared=False)
+                  for engine, tenants in routed.items() if engine is not self.default)]
+
     @asynccontextmanager
-    async def tenant_transaction(self, tenant_id: uuid.UUID, *,
-                                 isolation: str | None = None) -> AsyncIterator[AsyncConnection]:
+    async def tenant_transaction(self, tenant_id: uuid.UUID, *, isolation: str | None = None,
+                                 home: Home | None = None) -> AsyncIterator[AsyncConnection]:
         """A transaction in which PostgreSQL sees only ``tenant_id``'s rows.
 
         Commits when the block exits normally, rolls back when it raises. ``isolation`` (e.g.
         ``"REPEATABLE READ"``: one snapshot for every statement) replaces the server's default.
+        ``home``: the tenant's database as ``homes`` found it (no route lookup).
         """
-        engine = await self.engine_for(tenant_id)
+        engine = home.engine if home is not None else await self.engine_for(tenant_id)
         async with engine.connect() as conn:
             if isolation is not None:
                 await conn.execution_options(isolation_level=isolation)

@@ -9,12 +9,17 @@ policies, the mutation's validation, the job and the docs' list all follow from 
     async def _deliveries(conn: AsyncConnection, tenant_id: uuid.UUID, cutoff: dt.datetime) -> int:
         ...
 
-``apply_retention`` runs every policy of every tenant on the shared database (``atrium retention
-run`` also covers dedicated databases); each (tenant, target) runs in the tenant's own transaction,
-as the application role, under an advisory lock so that two processes never apply one at once.
-Audit events are trimmed by the database (``atrium_audit_trim``, migration 0010), which keeps the
-hash chain verifiable: it records the last removed event as the chain's anchor and appends a
-chained ``retention`` event naming it.
+A target may instead keep its days in a column of the tenant's own row (``setting``; the trash's
+``trash_retention_days``, registered by ``resolvers.trash``): it always has a value, so it is due
+for every tenant, and ``setRetentionPolicy`` writes that column (within ``days``).
+
+``apply_retention`` runs every policy of every tenant, on the shared database and on every
+dedicated one (``Databases.homes``); each (tenant, target) runs in the tenant's own transaction, as the
+application role, under an advisory lock so that two processes never apply one at once. The
+policies come from ``atrium_retention_due()`` (migrations 0010, 0014), which lists the policy rows
+and every tenant's trash. Audit events are trimmed by the database (``atrium_audit_trim``, migration
+0010), which keeps the hash chain verifiable: it records the last removed event as the chain's
+anchor and appends a chained ``retention`` event naming it.
 """
 
 from __future__ import annotations
@@ -25,8 +30,10 @@ import uuid
 import zlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
-from sqlalchemy import delete, func, select, text
+from sqlalchemy import Column, delete, func, select, text
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from models.db import Databases
@@ -38,25 +45,33 @@ Apply = Callable[[AsyncConnection, uuid.UUID, dt.datetime], Awaitable[int]]
 """Remove ``tenant_id``'s rows older than the cutoff in the tenant transaction ``conn``; how many."""
 
 
+MAX_KEEP_DAYS = 36_500
+
+
 @dataclass(frozen=True)
 class RetentionTarget:
     name: str
     """What a policy names (``retentionPolicies.target``)."""
     description: str
     apply: Apply
+    setting: Column[Any] | None = None
+    """The column of ``tenants`` holding this target's days instead of a policy row (never null)."""
+    days: tuple[int, int] = (0, MAX_KEEP_DAYS)
+    """The days a policy of this target may keep."""
 
 
 RETENTION: dict[str, RetentionTarget] = {}
 """Every target a retention policy can name, by name."""
 
 
-def retention_target(name: str, description: str) -> Callable[[Apply], Apply]:
+def retention_target(name: str, description: str, *, setting: Column[Any] | None = None,
+                     days: tuple[int, int] = (0, MAX_KEEP_DAYS)) -> Callable[[Apply], Apply]:
     """Register ``apply`` as the retention target ``name`` (module docstring)."""
 
     def register(apply: Apply) -> Apply:
         if name in RETENTION:
             raise ValueError(f"retention target {name!r} is registered twice")
-        RETENTION[name] = RetentionTarget(name, description, apply)
+        RETENTION[name] = RetentionTarget(name, description, apply, setting, days)
         return apply
 
     return register
@@ -117,21 +132,29 @@ DUE = text("SELECT tenant_id, target, keep_days FROM atrium_retention_due()")
 
 async def apply_retention(databases: Databases, now: dt.datetime, *,
                           tenant_id: uuid.UUID | None = None) -> list[Applied]:
-    """Apply every retention policy (of ``tenant_id`` only, when given) on ``databases``' shared
-    database, as of ``now``; what each removed. A policy naming no registered target (one whose
-    table left) is skipped; a (tenant, target) another process is applying is skipped too."""
-    async with databases.default.connect() as conn:
-        due = (await conn.execute(DUE)).all()
-        await conn.commit()
-    applied: list[Applied] = []
-    for policy in due:
-        if tenant_id is not None and policy.tenant_id != tenant_id:
+    """Apply every retention policy (of ``tenant_id`` only, when given) on every database of
+    ``databases`` (``Databases.homes``), as of ``now``; what each removed. A policy naming no registered target
+    (one whose table left) is skipped; a (tenant, target) another process is applying is skipped too;
+    a tenant listed by a database that is not its home (the shared registry's row of a dedicated
+    tenant) is applied in its home only."""
+    due: list[Any] = []
+    for home in await databases.homes():
+        try:
+            async with home.engine.connect() as conn:
+                listed = (await conn.execute(DUE)).all()
+                await conn.commit()
+        except (OSError, SQLAlchemyError) as exc:  # one database down stops nobody else's retention
+            log.warning("retention: cannot list the policies of %s (%s)", home.engine.url.render_as_string(), exc)
             continue
+        due.extend((home, policy) for policy in listed
+                   if (tenant_id is None or policy.tenant_id == tenant_id) and home.holds(policy.tenant_id))
+    applied: list[Applied] = []
+    for home, policy in due:
         target = RETENTION.get(policy.target)
         if target is None:
             continue
         cutoff = now - dt.timedelta(days=policy.keep_days)
-        async with databases.tenant_transaction(policy.tenant_id) as conn:
+        async with databases.tenant_transaction(policy.tenant_id, home=home) as conn:
             lock = zlib.crc32(f"retention:{policy.tenant_id}:{policy.target}".encode())
             if not (await conn.execute(select(func.pg_try_advisory_xact_lock(lock)))).scalar():
                 continue

@@ -505,6 +505,11 @@ class ExportJob(TenantTable, table=True):
     finished_at: datetime | None = Field(default=None, sa_type=DateTime(timezone=True))
     expires_at: datetime | None = Field(default=None, sa_type=DateTime(timezone=True))
     downloaded_at: datetime | None = Field(default=None, sa_type=DateTime(timezone=True))
+    lease_owner: uuid.UUID | None = None
+    """The server process running (or about to run) the job (``models.leases``; migration 0014)."""
+    lease_expires_at: datetime | None = Field(default=None, sa_type=DateTime(timezone=True))
+    """Until when that process's claim holds; renewed while it lives. Expired while pending or
+    running: the process died, and the job is failed by the next process to notice."""
 
 
 class ExportChunk(TenantTable, table=True):

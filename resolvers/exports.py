@@ -7,7 +7,9 @@ their memberships, so e-mail, name and role and never a password hash), plus the
 ``DERIVED`` (a note's plain text beside its CRDT state). A new tenant table is exported, or named
 in ``NOT_EXPORTED``; ``tests/test_export.py`` holds the two together.
 
-The job runs in the background of the process that accepted the mutation (``core.tasks``): it reads
+The job runs in the background of the process that accepted the mutation (``core.tasks``), which
+holds a lease on it while it lives (``models.leases``: a job whose process died is failed, with an
+error its owner sees, by the next process to look). It reads
 the whole tenant in one REPEATABLE READ transaction (one snapshot, rows streamed through server-side
 cursors in batches), writes ``<type>.jsonl`` and ``<type>.csv`` per source and a ``manifest.json``
 into a zip produced in chunks (``models.archive``), and stores each chunk and its progress in short
@@ -60,9 +62,6 @@ log = logging.getLogger("atrium.exports")
 
 FORMAT = "atrium-export-v1"
 BATCH = 500
-STALE = dt.timedelta(minutes=10)
-"""A pending or running export not updated for this long is taken to be dead (its process stopped)."""
-MAX_KEEP_DAYS = 36_500
 
 NOT_EXPORTED = {
     IDEMPOTENCY_KEYS.name: "stored answers of retried mutations, kept for a day: copies of what the archive holds",
@@ -243,6 +242,11 @@ class ExportQuery:
         rows = await session.db.fetch(select(RETENTION_POLICIES).where(
             RETENTION_POLICIES.c.tenant_id == session.tenant_id))
         days = {row.target: row.keep_days for row in rows}
+        settings = [t for t in RETENTION.values() if t.setting is not None]
+        if settings:
+            (tenant,) = await session.db.fetch(select(*(t.setting for t in settings if t.setting is not None))
+                                               .where(TENANTS.c.id == session.tenant_id))
+            days.update({t.name: value for t, value in zip(settings, tenant, strict=True)})
         return [RetentionPolicy(target=t.name, description=t.description, keep_days=days.get(t.name))
                 for t in RETENTION.values()]
 
@@ -257,26 +261,33 @@ class ExportMutation:
         session = context.session
         job_id = uuid.uuid4()
         jobs = EXPORT_JOBS
+        tasks, leases, databases = context.tasks, context.leases, context.databases
+        if tasks is None or leases is None:
+            raise RuntimeError("exports need the app's background tasks and leases")
         async with change(info) as w:
-            # One export of a workspace at a time: while one is under way (and alive), asking again
-            # answers that one. A job whose process died stops counting once it has been silent a while.
+            # One export of a workspace at a time: while one is under way (its lease held by a live
+            # process), asking again answers that one; one whose process died no longer counts.
             await w.conn.execute(select(func.pg_advisory_xact_lock(func.hashtext(f"export:{session.tenant_id}"))))
             running = (await w.conn.execute(select(jobs).where(
                 jobs.c.tenant_id == session.tenant_id, jobs.c.status.in_(("pending", "running")),
-                jobs.c.updated_at > func.now() - STALE).order_by(jobs.c.created_at.desc()).limit(1))).first()
+                jobs.c.lease_expires_at > leases.now()).order_by(jobs.c.created_at.desc()).limit(1))).first()
             if running is not None:
                 return ExportJob.from_row(running, None)
             row = (await w.conn.execute(insert(jobs).values(
-                tenant_id=session.tenant_id, id=job_id, requested_by=session.user_id).returning(jobs))).one()
+                tenant_id=session.tenant_id, id=job_id, requested_by=session.user_id, lease_owner=leases.owner,
+                lease_expires_at=leases.expiry()).returning(jobs))).one()
             await w.audit("ExportJob", "export", job_id, {})
-        tasks, databases = context.tasks, context.databases
-        if tasks is None:
-            raise RuntimeError("exports need the app's background tasks")
         keep = context.settings.export_keep_seconds
 
+        async def leased() -> None:
+            try:
+                await run_export(databases, session.tenant_id, job_id, keep_seconds=keep)
+            finally:
+                leases.release(session.tenant_id, job_id)
+
         async def start() -> None:
-            tasks.spawn(run_export(databases, session.tenant_id, job_id, keep_seconds=keep),
-                        name=f"export {job_id}")
+            leases.hold(session.tenant_id, job_id)
+            tasks.spawn(leased(), name=f"export {job_id}")
 
         await session.db.after_commit(start)
         return ExportJob.from_row(row, None)
@@ -287,10 +298,25 @@ class ExportMutation:
     async def set_retention_policy(self, info: Info, target: str, keep_days: int | None = None) -> RetentionPolicy:
         if target not in RETENTION:
             raise BadUserInput("target", f"must be one of {', '.join(RETENTION)}")
-        if keep_days is not None and not 0 <= keep_days <= MAX_KEEP_DAYS:
-            raise BadUserInput("keepDays", f"must be between 0 and {MAX_KEEP_DAYS}")
+        kept = RETENTION[target]
+        low, high = kept.days
+        if keep_days is not None and not low <= keep_days <= high:
+            raise BadUserInput("keepDays", f"must be between {low} and {high}")
+        if keep_days is None and kept.setting is not None:
+            raise BadUserInput("keepDays", f"must be set: {target} always has a retention")
         session = info.context.session
         t = RETENTION_POLICIES
+        if kept.setting is not None:
+            setting = kept.setting
+            async with change(info) as w:
+                before = (await w.conn.execute(select(setting).where(TENANTS.c.id == session.tenant_id)
+                                               .with_for_update())).scalar()
+                await w.conn.execute(update(TENANTS).where(TENANTS.c.id == session.tenant_id)
+                                     .values({setting.name: keep_days}))
+                if before != keep_days:
+                    await w.audit("Tenant", "update", session.tenant_id, {"before": {setting.name: before},
+                                                                          "after": {setting.name: keep_days}})
+            return RetentionPolicy(target=target, description=kept.description, keep_days=keep_days)
         async with change(info) as w:
             before = (await w.conn.execute(select(t.c.keep_days).where(
                 t.c.tenant_id == session.tenant_id, t.c.target == target).with_for_update())).scalar()

@@ -1,6 +1,8 @@
 """The trash: ``trash(type:)`` lists it, ``purgeTrash`` empties what is past retention (or one record
-now), ``setTrashRetention`` sets the workspace's retention; ``purge_trash`` is the same purge for a
-scheduler or the CLI (``atrium trash purge``).
+now), ``setTrashRetention`` sets the workspace's retention. The same purge runs without a request as
+the ``trash`` retention target (``models.retention``: the server's scheduled retention job and
+``atrium retention run``, each tenant past its own ``trash_retention_days``) and as ``purge_trash``
+(``atrium trash purge``, which may choose another retention).
 
 What a delete moves to the trash, what a restore brings back and what a purge removes is the write
 path's (``resolvers.writes.Change.trash`` / ``restore`` / ``purge``); which records are trashable is
@@ -28,15 +30,17 @@ from auth.session import Info
 from core.errors import BadUserInput, NotFound
 from core.ids import parse_global_id
 from models.db import SET_TENANT, TenantScope, showing_trash
+from models.retention import RETENTION, retention_target
 from models.tables import TENANTS, Role
 from records.crm import BY_NAME
 from records.declare import Record, SortKey, parse_for, snake
 from resolvers.paging import paginate
-from resolvers.writes import TRASHABLE, Change, change
+from resolvers.writes import TRASHABLE, Change, change, public_record
 from schema.crm import Tenant
 from schema.objects import RecordObject
 from schema.pagination import Connection
 from schema.trash import PurgePayload, TrashedRecord
+from webhooks.outbox import enqueue
 
 RESTORABLE: tuple[Record, ...] = tuple(record for record in TRASHABLE if record.root.delete)
 """Trashable records a client deletes itself (others only go along with them)."""
@@ -46,8 +50,6 @@ TrashType: type[enum.Enum] = strawberry.enum(
     _make_enum("TrashType", {snake(record.name).upper(): record.name for record in RESTORABLE}),
     description="The record types that go to the trash when deleted.")
 
-RETENTION_DAYS = (1, 3650)
-"""The trash retention a workspace may choose (the database checks it too)."""
 
 
 @dataclass(frozen=True)
@@ -73,11 +75,14 @@ async def retention(conn: AsyncConnection, tenant_id: uuid.UUID) -> dt.timedelta
     return dt.timedelta(days=days)
 
 
-async def purge_expired(w: Change, older_than: dt.timedelta | None = None) -> PurgePayload:
-    """Remove for good every record that has been in ``w``'s tenant's trash longer than ``older_than``
-    (default: the tenant's retention), with its batch, oldest first. A record something outside the
-    trash still needs (RESTRICT) is kept, and so is nothing else of its batch; the rest goes."""
-    cutoff = w.now - (older_than if older_than is not None else await retention(w.conn, w.tenant_id))
+async def purge_expired(w: Change, older_than: dt.timedelta | None = None, *,
+                        cutoff: dt.datetime | None = None) -> PurgePayload:
+    """Remove for good every record that went to ``w``'s tenant's trash before ``cutoff`` (default:
+    ``older_than`` before now, else the tenant's retention before now), with its batch, oldest first.
+    A record something outside the trash still needs (RESTRICT) is kept, and so is nothing else of
+    its batch; the rest goes."""
+    if cutoff is None:
+        cutoff = w.now - (older_than if older_than is not None else await retention(w.conn, w.tenant_id))
     purged = kept = 0
     async with showing_trash(w.conn):
         due = [(record, row) for record in TRASHABLE
@@ -96,12 +101,30 @@ async def purge_expired(w: Change, older_than: dt.timedelta | None = None) -> Pu
     return PurgePayload(purged=purged, kept=kept)
 
 
+async def system_purge(conn: AsyncConnection, tenant_id: uuid.UUID, now: dt.datetime, *,
+                       older_than: dt.timedelta | None = None, cutoff: dt.datetime | None = None) -> PurgePayload:
+    """``purge_expired`` as the system's own work in the tenant transaction ``conn``: audited as
+    ``purge`` with no actor, its webhook deliveries (records that lose a link) written to the outbox
+    in the same transaction, as the write path does for a request."""
+    w = Change(conn, Principal(tenant_id, uuid.UUID(int=0), Role.OWNER, 0), "trash-purge", now=now, system=True)
+    payload = await purge_expired(w, older_than, cutoff=cutoff)
+    await enqueue(conn, tenant_id, zip(w.events, w.rows, strict=True), public_record)
+    return payload
+
+
+@retention_target("trash", "records in the trash longer than the workspace's trash retention (30 days unless "
+                           "set otherwise; also setTrashRetention), each removed for good with its batch and "
+                           "audited as a purge", setting=TENANTS.c.trash_retention_days, days=(1, 3650))
+async def _trash(conn: AsyncConnection, tenant_id: uuid.UUID, cutoff: dt.datetime) -> int:
+    return (await system_purge(conn, tenant_id, dt.datetime.now(dt.UTC), cutoff=cutoff)).purged
+
+
 async def purge_trash(engine: AsyncEngine, older_than: dt.timedelta | None = None, *,
                       tenant_id: uuid.UUID | None = None, now: dt.datetime | None = None) -> dict[uuid.UUID, int]:
     """Purge the trash of ``tenant_id`` (or of every tenant in ``engine``'s database, which then must
     be able to read every tenant: the admin URL) for a scheduler or the CLI: what has been there
-    longer than ``older_than`` (default: each tenant's own retention) is removed for good, audited
-    as ``purge`` with no actor. One transaction per tenant. Returns the records purged per tenant."""
+    longer than ``older_than`` (default: each tenant's own retention) is removed for good
+    (``system_purge``). One transaction per tenant. Returns the records purged per tenant."""
     moment = now or dt.datetime.now(dt.UTC)
     if tenant_id is None:
         async with engine.connect() as conn:
@@ -112,9 +135,7 @@ async def purge_trash(engine: AsyncEngine, older_than: dt.timedelta | None = Non
     for tenant in tenants:
         async with engine.connect() as conn, conn.begin():
             await conn.execute(SET_TENANT, {"tenant_id": str(tenant)})
-            w = Change(conn, Principal(tenant, uuid.UUID(int=0), Role.OWNER, 0), "trash-purge", now=moment,
-                       system=True)
-            out[tenant] = (await purge_expired(w, older_than)).purged
+            out[tenant] = (await system_purge(conn, tenant, moment, older_than=older_than)).purged
     return out
 
 
@@ -158,7 +179,7 @@ class TrashMutation:
 
     @strawberry.mutation(**requires(Permission.MANAGE_TENANT, "Set how many days deleted records stay in the trash."))
     async def set_trash_retention(self, info: Info, days: int) -> Tenant:
-        low, high = RETENTION_DAYS
+        low, high = RETENTION["trash"].days
         if not low <= days <= high:
             raise BadUserInput("days", f"must be between {low} and {high}")
         async with change(info) as w:

@@ -58,6 +58,7 @@ class ContactErasure:
     erasure_event_id: strawberry.ID
     audit_events_redacted: int
     activities_rewritten: int
+    deals_rewritten: int = strawberry.field(description="Deals whose title named the person (docs/export.md#erasure).")
     notes_rewritten: int
     stored_answers_removed: int = strawberry.field(description="Stored mutation answers (Idempotency-Key) and other "
                                                                "kept copies of change payloads that named them.")

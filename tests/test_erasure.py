@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import httpx
 from sqlalchemy import select, text
@@ -15,10 +16,10 @@ from starlette.applications import Starlette
 
 from core.ids import to_global_id
 from models.audit_chain import verify_chain
-from models.tables import AUDIT_EVENTS, CONTACTS, EXPORT_JOBS, NOTES, WEBHOOK_DELIVERIES, Role
+from models.tables import ACTIVITIES, AUDIT_EVENTS, CONTACTS, DEALS, EXPORT_JOBS, NOTES, WEBHOOK_DELIVERIES, Role
 from subscriptions.notes import text_of
 from tests.conftest import TenantWorld, codes, data_or_fail, gql
-from tests.crm import uuid_of
+from tests.crm import create_activity, create_contact, create_deal, seed_crm, uuid_of
 from tests.governance import Filled, fill, finished_export
 
 MakeTenant = Callable[..., Awaitable[TenantWorld]]
@@ -160,3 +161,60 @@ async def test_a_redacted_event_changed_afterwards_breaks_the_chain(
         chain = await verify_chain(conn, world.id)
     assert chain.broken is not None and chain.broken.seq == victim.seq
     assert "the erasure" in chain.broken.reason and "does not list it" in chain.broken.reason
+
+
+async def test_bare_names_are_erased_only_where_they_are_about_the_person(
+    client: httpx.AsyncClient, make_tenant: MakeTenant, admin_engine: AsyncEngine,
+) -> None:
+    """The rule of docs/export.md#erasure: the full name (either order), e-mail and phone anywhere,
+    as whole words; the first or last name alone only in the records that point at the contact; a
+    relative with the same surname, a colleague with the same first name, ``Adam`` and ``<surname>s``
+    keep their text; deal titles and records in the trash are rewritten too."""
+    world = await make_tenant("erase-rule")
+    token = world.token()
+    crm = await seed_crm(client, token)
+    last = f"Quill{uuid.uuid4().hex[:6]}"
+    company, stage = crm.company["id"], crm.pipeline["stages"][0]["id"]
+    ada = await create_contact(client, token, first_name="Ada", last_name=last, email=f"ada@{last}.example",
+                               company_id=company)
+    bob = await create_contact(client, token, first_name="Bob", last_name=last, company_id=company)
+    hers = await create_deal(client, token, stage, company_id=company, contact_id=ada["id"], title=f"{last} renewal")
+    named = await create_deal(client, token, stage, company_id=company, title=f"Onboarding for ada {last.upper()}")
+    his = await create_deal(client, token, stage, contact_id=bob["id"], title=f"{last} family plan")
+    about_her = await create_activity(client, token, subject="Call Ada", deal_id=hers["id"], contact_id=ada["id"],
+                                      body=f"{last} wants a quote; Adam from {last}s Ltd too")
+    colleague = await create_activity(client, token, subject="Lunch with Ada from accounting",
+                                      body=f"Bob {last} joins", company_id=company)
+    reversed_name = await create_activity(client, token, subject=f"Met {last}, Ada at the fair", company_id=company)
+    trashed = await create_activity(client, token, subject=f"Old: ada@{last}.example wrote", company_id=company)
+    data_or_fail(await gql(client, "mutation($id: ID!) { deleteActivity(id: $id) { deletedId } }",
+                           {"id": trashed["id"]}, token=token))
+
+    erased = data_or_fail(await gql(client, ERASE.replace("activitiesRewritten", "activitiesRewritten dealsRewritten"),
+                                    {"id": ada["id"]}, token=token))["eraseContact"]
+    assert erased["dealsRewritten"] == 2 and erased["activitiesRewritten"] == 3
+
+    async def row(table: Any, gid: str) -> Any:
+        async with admin_engine.connect() as conn:
+            return (await conn.execute(select(table).where(table.c.id == uuid_of(gid)))).one()
+
+    assert (await row(DEALS, hers["id"])).title == "[erased] renewal"  # hers: the surname alone
+    assert (await row(DEALS, named["id"])).title == "Onboarding for [erased]"  # the full name, any case
+    assert (await row(DEALS, his["id"])).title == f"{last} family plan"  # her relative's
+    mine = await row(ACTIVITIES, about_her["id"])
+    assert (mine.subject, mine.body) == ("Call [erased]", f"[erased] wants a quote; Adam from {last}s Ltd too")
+    kept = await row(ACTIVITIES, colleague["id"])
+    assert (kept.subject, kept.body, kept.version) == ("Lunch with Ada from accounting", f"Bob {last} joins", 1)
+    assert (await row(ACTIVITIES, reversed_name["id"])).subject == "Met [erased] at the fair"
+    binned = await row(ACTIVITIES, trashed["id"])
+    assert binned.subject == "Old: [erased] wrote" and binned.deleted_at is not None  # still in the trash
+    # The relative's and the colleague's audit trail is untouched; the chain verifies.
+    async with admin_engine.connect() as conn:
+        untouched = (await conn.execute(select(AUDIT_EVENTS.c.salt).where(
+            AUDIT_EVENTS.c.entity_id.in_([uuid_of(his["id"]), uuid_of(colleague["id"]), uuid_of(bob["id"])])))).all()
+    async with admin_engine.connect() as conn:
+        await conn.execution_options(isolation_level="REPEATABLE READ")
+        async with conn.begin():
+            assert (await verify_chain(conn, world.id)).ok
+    assert untouched and all(r.salt is not None for r in untouched)
+    assert await rows_mentioning(admin_engine, f"ada@{last}.example", f"Ada {last}", f"{last}, Ada") == {}

@@ -19,12 +19,14 @@ import ipaddress
 import json
 import signal
 import sys
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from pycrdt import Doc, Text
 from sqlalchemy import select, text, update
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
@@ -44,7 +46,7 @@ from tests.receiver import WAIT, Receiver
 from webhooks import cli as webhook_cli
 from webhooks.addresses import networks, refusal
 from webhooks.catalog import ENDPOINT_DISABLED, event_types
-from webhooks.dispatcher import Dispatcher
+from webhooks.dispatcher import ERROR_KINDS, OUTCOMES, Dispatcher
 
 CREATE = """mutation($i: WebhookEndpointInput!) {
   createWebhookEndpoint(input: $i) { secret endpoint { id url eventTypes filter enabled version } } }"""
@@ -733,3 +735,76 @@ async def test_the_cli_registers_lists_and_replays(
             AUDIT_EVENTS.c.tenant_id == world.id, AUDIT_EVENTS.c.entity_type == "WebhookEndpoint")
             .order_by(AUDIT_EVENTS.c.occurred_at))).scalars().all()
     assert actions == ["create", "replay", "delete"]
+
+
+# ---- metrics ------------------------------------------------------------------------------------
+
+async def test_deliveries_are_measured_without_naming_a_tenant(
+    world: TenantWorld, hook_settings: Settings, receiver: Receiver,
+) -> None:
+    """/metrics of a process whose dispatcher sends: attempts by outcome, failures by kind, the
+    latency histogram, the outbox backlog (measured at the scrape), endpoints disabled; no label
+    names a tenant, endpoint or URL."""
+    broken = Receiver(answer=lambda request: 503)
+    await broken.start()
+    clock = ManualClock(time.time() + AHEAD)
+    settings = dataclasses.replace(hook_settings, webhook_dispatcher=True, webhook_backoff_base_seconds=5.0,
+                                   webhook_backoff_max_seconds=10.0, webhook_retry_window_seconds=60.0)
+    app = create_app(settings, clock=clock)
+    try:
+        async with app.router.lifespan_context(app), httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=app), base_url="http://atrium.test") as client:
+            dispatcher: Dispatcher = app.state.runtime.dispatcher
+            async with asyncio.timeout(WAIT):
+                await dispatcher.listening.wait()
+            before = await scrape(client)
+            assert {labels for name, labels in before if name == "atrium_webhook_attempts_total"} == {
+                frozenset({("outcome", o)}) for o in OUTCOMES}
+            assert {labels for name, labels in before if name == "atrium_webhook_attempt_errors_total"} == {
+                frozenset({("kind", k)}) for k in ERROR_KINDS}
+            assert before[("atrium_webhook_outbox_pending", frozenset())] == 0
+            await register(client, world, receiver.url, ["company.created"])
+            await register(client, world, broken.url, ["company.created"])
+            for _ in range(2):
+                await create_company(client, world.token(Role.MEMBER))
+            async with asyncio.timeout(WAIT):
+                await dispatcher.wait_for(lambda: dispatcher.delivered >= 2 and dispatcher.failures >= 2)
+            sent = await scrape(client)  # (no retry is due before 2.5 s: half the first backoff)
+            assert sent[("atrium_webhook_attempts_total", frozenset({("outcome", "delivered")}))] == 2
+            assert sent[("atrium_webhook_attempts_total", frozenset({("outcome", "retry")}))] == 2
+            assert sent[("atrium_webhook_attempts_total", frozenset({("outcome", "failed")}))] == 0
+            assert sent[("atrium_webhook_attempt_errors_total", frozenset({("kind", "http_5xx")}))] == 2
+            assert sent[("atrium_webhook_attempt_duration_seconds_count", frozenset({("outcome", "delivered")}))] == 2
+            assert sent[("atrium_webhook_attempt_duration_seconds_count", frozenset({("outcome", "retry")}))] == 2
+            took = sent[("atrium_webhook_attempt_duration_seconds_sum", frozenset({("outcome", "delivered")}))]
+            assert 0 < took < WAIT
+            assert sent[("atrium_webhook_outbox_pending", frozenset())] == 2  # the broken endpoint's, owed
+            # Written at the database's time (real, since the clock was made AHEAD of it), read by the clock.
+            assert AHEAD - WAIT < sent[("atrium_webhook_outbox_oldest_seconds", frozenset())] <= AHEAD
+            assert sent[("atrium_webhook_endpoints_disabled_total", frozenset())] == 0
+
+            clock.advance(61)  # past the retry window: the next attempts fail for good, the endpoint goes
+            async with asyncio.timeout(WAIT):
+                await dispatcher.wait_for(lambda: dispatcher.failures >= 4)
+            ended = await scrape(client)
+            assert ended[("atrium_webhook_attempts_total", frozenset({("outcome", "failed")}))] == 2
+            assert ended[("atrium_webhook_attempt_errors_total", frozenset({("kind", "http_5xx")}))] == 4
+            assert ended[("atrium_webhook_endpoints_disabled_total", frozenset())] == 1
+            assert ended[("atrium_webhook_outbox_pending", frozenset())] == 0
+            assert ended[("atrium_webhook_outbox_oldest_seconds", frozenset())] == 0
+            # Nothing of the tenant, its endpoints or its URLs is a label.
+            labels = {value for name, found in ended if name.startswith("atrium_webhook") for _, value in found}
+            assert not labels & {str(world.id), world.slug, receiver.url, broken.url}
+    finally:
+        await broken.stop()
+
+
+Scraped = dict[tuple[str, frozenset[tuple[str, str]]], float]
+AHEAD = 30.0
+
+
+async def scrape(client: httpx.AsyncClient) -> Scraped:
+    response = await client.get("/metrics")
+    assert response.status_code == 200, response.text
+    return {(s.name, frozenset(s.labels.items())): s.value
+            for family in text_string_to_metric_families(response.text) for s in family.samples}

@@ -29,6 +29,10 @@ share the work through PostgreSQL alone:
 - **Sending.** Every attempt re-resolves the endpoint's host and connects to the checked address
   (``webhooks.addresses``); redirects are not followed; each attempt is bounded by
   ``ATRIUM_WEBHOOK_TIMEOUT`` as a whole.
+- **Measuring.** Once a batch's outcomes have committed, each attempt is told to the dispatcher's
+  ``DeliveryMeter`` (the app's Prometheus metrics): its outcome (``delivered``, ``retry``: failed
+  and scheduled again, ``failed``: failed for good), why it failed (``ERROR_KINDS``) and how long
+  it took; and each endpoint this dispatcher disabled.
 """
 
 from __future__ import annotations
@@ -44,7 +48,7 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import asyncpg
 import httpx
@@ -120,19 +124,43 @@ def instant(seconds: float) -> dt.datetime:
     return dt.datetime.fromtimestamp(seconds, dt.UTC)
 
 
+OUTCOMES = ("delivered", "retry", "failed")
+"""What became of an attempt: answered with a 2xx; failed and tried again later; failed for good."""
+ERROR_KINDS = ("http_4xx", "http_5xx", "http_other", "timeout", "connection", "refused", "secret")
+"""Why an attempt failed: the receiver's status class; no answer in time; no connection (DNS, TCP,
+TLS, a broken response); an address the settings refuse; a signing secret this server cannot open."""
+
+
+class DeliveryMeter(Protocol):
+    """Where a dispatcher reports what it did (``atrium.observability.metrics.Metrics``)."""
+
+    def webhook_attempt(self, outcome: str, error_kind: str | None, seconds: float) -> None: ...
+
+    def webhook_endpoint_disabled(self) -> None: ...
+
+
+def status_kind(status: int) -> str:
+    return "http_4xx" if 400 <= status < 500 else "http_5xx" if 500 <= status < 600 else "http_other"
+
+
 @dataclass(frozen=True)
 class Outcome:
     """One attempt: when it began, the receiver's status (None when there was no answer), why it
-    failed (None for a 2xx), and how long it took."""
+    failed (None for a 2xx, with its kind of ``ERROR_KINDS``), and how long it took."""
 
     at: dt.datetime
     status: int | None
     error: str | None
-    latency_ms: int
+    seconds: float
+    kind: str | None = None
 
     @property
     def ok(self) -> bool:
         return self.error is None
+
+    @property
+    def latency_ms(self) -> int:
+        return round(self.seconds * 1000)
 
 
 class Dispatcher:
@@ -144,8 +172,9 @@ class Dispatcher:
     """
 
     def __init__(self, databases: Databases, settings: Settings, clock: Clock, *,
-                 client: httpx.AsyncClient | None = None) -> None:
+                 client: httpx.AsyncClient | None = None, meter: DeliveryMeter | None = None) -> None:
         self.databases = databases
+        self.meter = meter
         self.settings = settings
         self.clock = clock
         self._dsn = PgUrl.parse(settings.app_url).dsn()
@@ -314,7 +343,12 @@ class Dispatcher:
             if not rows:
                 return 0
             outcomes = await asyncio.gather(*(self._attempt(tenant, row) for row in rows))
-            await self._record(conn, tenant, rows, outcomes)
+            ends, disabled = await self._record(conn, tenant, rows, outcomes)
+        if self.meter is not None:
+            for outcome, end in zip(outcomes, ends, strict=True):
+                self.meter.webhook_attempt(end, outcome.kind, outcome.seconds)
+            for _ in range(disabled):
+                self.meter.webhook_endpoint_disabled()
         async with self.progress:
             ok = sum(outcome.ok for outcome in outcomes)
             self.delivered += ok
@@ -343,6 +377,7 @@ class Dispatcher:
             at = instant(self.clock.time())
             started = time.perf_counter()
             status: int | None = None
+            kind: str | None = None
             try:
                 secret = self._secret(tenant, row)
                 target = await vet(row.url, self._allowed)
@@ -360,15 +395,16 @@ class Dispatcher:
                             if read > RESPONSE_BYTES:
                                 break
                 error = None if 200 <= status < 300 else f"HTTP {status}"
+                kind = None if error is None else status_kind(status)
             except AddressRefused as exc:
-                error = f"refused: {exc}"
+                error, kind = f"refused: {exc}", "refused"
             except SecretUnreadable as exc:
-                error = str(exc)
+                error, kind = str(exc), "secret"
             except TimeoutError:
-                error = f"no answer within {self.settings.webhook_timeout_seconds:g}s"
+                error, kind = f"no answer within {self.settings.webhook_timeout_seconds:g}s", "timeout"
             except (httpx.HTTPError, OSError) as exc:
-                error = f"{type(exc).__name__}: {exc}"[:500]
-            return Outcome(at, status, error, round((time.perf_counter() - started) * 1000))
+                error, kind = f"{type(exc).__name__}: {exc}"[:500], "connection"
+            return Outcome(at, status, error, time.perf_counter() - started, kind)
 
     def _backoff(self, attempts: int) -> float:
         """Seconds until the retry after ``attempts`` attempts: exponential, capped, with jitter."""
@@ -377,7 +413,9 @@ class Dispatcher:
         return delay / 2 + delay / 2 * secrets.randbelow(10_001) / 10_000
 
     async def _record(self, conn: AsyncConnection, tenant: uuid.UUID, rows: Sequence[Any],
-                      outcomes: Sequence[Outcome]) -> None:
+                      outcomes: Sequence[Outcome]) -> tuple[list[str], int]:
+        """Write the batch's outcomes; what became of each attempt (``OUTCOMES``) and how many
+        endpoints were disabled."""
         window = dt.timedelta(seconds=self.settings.webhook_retry_window_seconds)
         updates: list[dict[str, Any]] = []
         healthy: set[uuid.UUID] = set()
@@ -408,17 +446,22 @@ class Dispatcher:
         for endpoint, since in sorted(failing.items()):
             if endpoint not in healthy:
                 await conn.execute(FAILING, {"tenant": tenant, "id": endpoint, "since": since})
+        disabled = 0
         for endpoint, row in sorted(exhausted.items()):
             if endpoint not in healthy:
-                await self._disable(conn, tenant, endpoint, row)
+                disabled += await self._disable(conn, tenant, endpoint, row)
+        ends = ["delivered" if u["status"] == "delivered" else "failed" if u["status"] == "failed" else "retry"
+                for u in updates]
+        return ends, disabled
 
-    async def _disable(self, conn: AsyncConnection, tenant: uuid.UUID, endpoint: uuid.UUID, row: Any) -> None:
+    async def _disable(self, conn: AsyncConnection, tenant: uuid.UUID, endpoint: uuid.UUID, row: Any) -> bool:
+        """Disable ``endpoint`` (module docstring); whether this call did (not someone before it)."""
         at = instant(self.clock.time())
         reason = (f"every delivery failed for {self.settings.webhook_retry_window_seconds:g}s "
                   f"(since {row.failing_since.isoformat()})")
         url = (await conn.execute(DISABLE, {"tenant": tenant, "id": endpoint, "reason": reason, "at": at})).scalar()
         if url is None:
-            return  # already disabled by someone else
+            return False  # already disabled by someone else
         await conn.execute(FAIL_PENDING, {"tenant": tenant, "id": endpoint})
         endpoint_id = to_global_id("WebhookEndpoint", endpoint)
         await conn.execute(AUDIT, {"tenant": tenant, "id": uuid.uuid4(), "endpoint": endpoint, "diff": json.dumps(
@@ -426,3 +469,4 @@ class Dispatcher:
         await enqueue_event(conn, tenant, ENDPOINT_DISABLED, endpoint,
                             {"endpoint": {"id": endpoint_id, "url": url, "reason": reason}}, at)
         log.warning("webhooks: disabled endpoint %s of tenant %s: %s", endpoint_id, tenant, reason)
+        return True

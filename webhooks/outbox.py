@@ -18,7 +18,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from sqlalchemy import insert, select, text
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from core.telemetry import traceparent
 from models.tables import WEBHOOK_DELIVERIES, WEBHOOK_ENDPOINTS
@@ -30,6 +30,7 @@ CHANNEL = "atrium_webhooks"
 """The PostgreSQL notification channel dispatchers listen on; the payload is the tenant id."""
 
 NOTIFY = text(f"SELECT pg_notify('{CHANNEL}', :tenant)")
+BACKLOG = text("SELECT pending, oldest FROM atrium_webhook_backlog()")
 E = WEBHOOK_ENDPOINTS
 
 
@@ -90,3 +91,12 @@ async def _insert(conn: AsyncConnection, tenant_id: uuid.UUID, rows: list[dict[s
 async def notify(conn: AsyncConnection, tenant_id: uuid.UUID) -> None:
     """Wake the dispatchers for ``tenant_id`` once the transaction commits (never if it rolls back)."""
     await conn.execute(NOTIFY, {"tenant": str(tenant_id)})
+
+
+async def backlog(engine: AsyncEngine) -> tuple[int, dt.datetime | None]:
+    """Deliveries pending in ``engine``'s outbox, over every tenant, and when the oldest was written
+    (``atrium_webhook_backlog``, migration 0014: two numbers, nothing of any tenant)."""
+    async with engine.connect() as conn:
+        row = (await conn.execute(BACKLOG)).one()
+        await conn.commit()
+    return int(row.pending), row.oldest

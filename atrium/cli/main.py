@@ -129,7 +129,8 @@ async def delete_tenant_command(registry: AsyncEngine, settings: Settings, args:
 
 async def cmd_retention(args: argparse.Namespace) -> int:
     """``atrium retention run [--tenant SLUG]``: apply the retention policies now (shared database and
-    every dedicated one); prints what each removed."""
+    every dedicated one, the trash included); prints what each removed."""
+    import resolvers.trash  # noqa: F401  (registers the trash's retention target)
     from models.db import Databases
     from models.retention import apply_retention
 
@@ -137,22 +138,14 @@ async def cmd_retention(args: argparse.Namespace) -> int:
     engine = create_engine(settings.admin_url)
     try:
         only = await tenant_id_by_slug(engine, args.tenant) if args.tenant else None
-        homes = {settings.admin_url}
-        for row in await list_tenants(engine):
-            if row.isolation == Isolation.DEDICATED.value and (only is None or row.id == only):
-                home = await tenant_database(engine, settings.admin_url, row.id)
-                homes.add(home.url.render_as_string(hide_password=False))
-                await home.dispose()
     finally:
         await engine.dispose()
-    now = dt.datetime.now(dt.UTC)
-    for url in sorted(homes):
-        databases = Databases(url, pool_size=2)
-        try:
-            for applied in await apply_retention(databases, now, tenant_id=only):
-                out(f"{applied.tenant_id} {applied.target}: kept {applied.keep_days} days, removed {applied.removed}")
-        finally:
-            await databases.dispose()
+    databases = Databases(settings.admin_url, pool_size=2)
+    try:
+        for applied in await apply_retention(databases, dt.datetime.now(dt.UTC), tenant_id=only):
+            out(f"{applied.tenant_id} {applied.target}: kept {applied.keep_days} days, removed {applied.removed}")
+    finally:
+        await databases.dispose()
     return 0
 
 

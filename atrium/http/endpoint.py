@@ -105,7 +105,7 @@ class AtriumGraphQL(GraphQLOverHTTP):
         return Context(settings=rt.settings, databases=rt.databases, broker=rt.broker, clock=rt.clock,
                        request=conn, request_id=request_id, principal=session.principal if session else None,
                        own_session=session, response=response, meter=meter, metrics=rt.metrics, planned=planned,
-                       tasks=rt.tasks)
+                       tasks=rt.tasks, leases=rt.leases)
 
     async def open_session(self, principal: Principal) -> Session:
         """A session for ``principal``, its membership confirmed in the session's own transaction (one

@@ -21,13 +21,15 @@ from core.clock import SYSTEM_CLOCK, Clock
 from core.settings import Settings
 from core.tasks import BackgroundTasks
 from models.db import Databases
+from models.leases import JobLeases
 from models.retention import apply_retention
 from partners.documents import ApqStore, apq_store
 from partners.keys import ApiKeys
 from partners.manifests import TrustedDocuments
 from planner.answers import AnswerCache
 from subscriptions.broker import Broker, RedisBroker, create_broker
-from webhooks.dispatcher import Dispatcher
+from webhooks.dispatcher import ERROR_KINDS, OUTCOMES, Dispatcher
+from webhooks.outbox import backlog
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider
@@ -58,6 +60,8 @@ class Runtime:
     """Places for HTTP requests in this process, shared fairly between tenants (``atrium.http.admission``)."""
     trimmer: MemoryTrimmer
     """Gives freed memory back to the system after load drops (``atrium.observability.memory``)."""
+    leases: JobLeases
+    """This process's leases on export jobs, and the look for jobs whose process died (``models.leases``)."""
     tracing: Tracing | None = None
     """Traces (``atrium.observability.tracing``); None when tracing is off."""
     dispatcher: Dispatcher | None = None
@@ -65,7 +69,7 @@ class Runtime:
     tasks: BackgroundTasks = field(default_factory=BackgroundTasks)
     """Work outliving its request (exports); cancelled on close."""
     schedule: BackgroundTasks = field(default_factory=BackgroundTasks)
-    """What runs for the app's whole life (the retention schedule); cancelled on close."""
+    """What runs for the app's whole life (the retention schedule, job leases); cancelled on close."""
     retention_rounds: asyncio.Queue[int] = field(default_factory=asyncio.Queue)
     """The number of each retention round the schedule completed, in order (what tests wait on)."""
 
@@ -84,6 +88,8 @@ class Runtime:
             tracing.instrument_redis(redis, broker.commands if isinstance(broker, RedisBroker) else None)
             broker = TracedBroker(broker, tracing)
         metrics, admission = Metrics(), Admission(Limits.of(settings), clock)
+        metrics.measure_backlog(lambda: backlog(databases.default), clock.time)
+        metrics.expect_webhooks(OUTCOMES, ERROR_KINDS)
 
         def load() -> float:  # what holds memory: open WebSockets, requests running and waiting
             return metrics.open_websockets() + admission.in_flight + admission.waiting
@@ -93,14 +99,17 @@ class Runtime:
                    apq=apq_store(settings, databases, redis), limiter=rate_limiter(settings, redis),
                    metrics=metrics, answers=answer_cache(settings, redis),
                    trusted=TrustedDocuments(), admission=admission, trimmer=MemoryTrimmer(load, clock),
+                   leases=JobLeases(databases, clock, settings.export_lease_seconds),
                    tracing=tracing,
-                   dispatcher=Dispatcher(databases, settings, clock) if settings.webhook_dispatcher else None)
+                   dispatcher=Dispatcher(databases, settings, clock, meter=metrics)
+                   if settings.webhook_dispatcher else None)
 
     async def start(self) -> None:
         await self.broker.start()
         self.trimmer.start()
         if self.dispatcher is not None:
             await self.dispatcher.start()
+        self.schedule.spawn(self.leases.run(), name="job leases")
         if self.settings.retention_interval_seconds > 0:
             self.schedule.spawn(self._retention_schedule(self.clock.time()), name="retention")
 
