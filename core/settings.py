@@ -234,6 +234,13 @@ class Settings:
     token_ttl_seconds: int = 3600
     data_dir: Path = field(default_factory=lambda: Path(".atrium"))
     pool_size: int = 10
+    db_connect_timeout_seconds: float = 5.0
+    """How long opening a database connection (TCP, TLS, startup and authentication) may take before
+    it counts as an outage (SERVICE_UNAVAILABLE): a host that silently drops packets otherwise holds
+    a request for asyncpg's default of 60 s. A URL's own ``connect_timeout`` (libpq) wins."""
+    db_pool_timeout_seconds: float = 5.0
+    """How long a request may wait for a pooled connection while all are busy before it is answered
+    SERVICE_UNAVAILABLE (SQLAlchemy's default is 30 s)."""
     max_page_size: int = 100
     redis_prefix: str = "atrium:"
     """Prefix of every Redis key Atrium writes (rate-limit buckets, the APQ cache)."""
@@ -372,6 +379,8 @@ class Settings:
             token_ttl_seconds=env.whole("ATRIUM_TOKEN_TTL", 3600, minimum=1, unit=" of seconds"),
             data_dir=data_dir,
             pool_size=env.whole("ATRIUM_DB_POOL_SIZE", 10, minimum=1, unit=" of connections"),
+            db_connect_timeout_seconds=env.number("ATRIUM_DB_CONNECT_TIMEOUT", 5.0, minimum=0.1, unit=" of seconds"),
+            db_pool_timeout_seconds=env.number("ATRIUM_DB_POOL_TIMEOUT", 5.0, minimum=0.1, unit=" of seconds"),
             redis_prefix=env.text("ATRIUM_REDIS_PREFIX", "atrium:"),
             rate_limits=rate_limits,
             metrics_token=env.optional("ATRIUM_METRICS_TOKEN"),

@@ -74,7 +74,7 @@ class Runtime:
               tracer_provider: TracerProvider | None = None) -> Runtime:
         """Every resource for ``settings`` (whose database URL must be resolved); nothing connects yet.
         Spans go to ``tracer_provider`` when one is given, else as ``settings`` say."""
-        databases = Databases(settings.app_url, pool_size=settings.pool_size)
+        databases = Databases.of(settings)
         redis = Redis.from_url(settings.redis_url) if settings.redis_url else None
         broker: Broker = create_broker(settings.redis_url, prefix=settings.redis_prefix,
                                        maxsize=settings.subscriber_queue_size,
