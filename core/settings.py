@@ -275,6 +275,9 @@ class Settings:
     default as many as the pool has connections, so that an admitted request never waits for one."""
     tenant_in_flight: int = 5
     """Of those, how many one tenant may run at once (the rest stay free for the other tenants)."""
+    busy_tenant_in_flight: int = 1
+    """How many one tenant may run at once while the process's CPU is busy and other tenants are
+    being served too (``atrium.http.admission``): there more requests in flight add only latency."""
     admission_queue: int = 32
     """Requests that may wait for a place in the process; one more is answered 503 at once."""
     tenant_queue: int = 16
@@ -450,10 +453,13 @@ def admission_settings(env: Environ) -> dict[str, Any]:
     max_in_flight = env.whole("ATRIUM_MAX_IN_FLIGHT", env.whole("ATRIUM_DB_POOL_SIZE", 10, minimum=1), minimum=1,
                               unit=" of requests")
     queue = env.whole("ATRIUM_ADMISSION_QUEUE", 32, minimum=0, unit=" of requests")
+    tenant_in_flight = env.whole("ATRIUM_TENANT_IN_FLIGHT", max(1, max_in_flight // 2), minimum=1,
+                                 unit=" of requests")
     return {
         "max_in_flight": max_in_flight,
-        "tenant_in_flight": env.whole("ATRIUM_TENANT_IN_FLIGHT", max(1, max_in_flight // 2), minimum=1,
-                                      unit=" of requests"),
+        "tenant_in_flight": tenant_in_flight,
+        "busy_tenant_in_flight": env.whole("ATRIUM_BUSY_TENANT_IN_FLIGHT", max(1, tenant_in_flight // 4), minimum=1,
+                                           unit=" of requests"),
         "admission_queue": queue,
         "tenant_queue": env.whole("ATRIUM_TENANT_QUEUE", queue // 2, minimum=0, unit=" of requests"),
         "admission_wait_seconds": env.number("ATRIUM_ADMISSION_WAIT", 1.0, minimum=0.0, unit=" of seconds"),

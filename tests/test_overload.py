@@ -27,7 +27,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from atrium.app import create_app
-from atrium.http.admission import SATURATED_FOR, Admission, Limits
+from atrium.http.admission import ACTIVE_FOR, SATURATED_FOR, Admission, CpuProbe, Limits
 from atrium.http.deadline import STATE_KEY, H11WithDeadline, HttpProtocol, with_deadline
 from atrium.observability.memory import MemoryTrimmer, malloc_trim
 from core.clock import ManualClock
@@ -44,9 +44,10 @@ ME = "{ tenant { id } }"
 
 
 def limits(max_in_flight: int = 1, tenant_in_flight: int = 1, queue: int = 0, tenant_queue: int = 0,
-           wait_seconds: float = 1.0) -> Limits:
-    return Limits(max_in_flight=max_in_flight, tenant_in_flight=tenant_in_flight, queue=queue,
-                  tenant_queue=tenant_queue, wait_seconds=wait_seconds, retry_after=3)
+           wait_seconds: float = 1.0, busy_tenant_in_flight: int | None = None) -> Limits:
+    return Limits(max_in_flight=max_in_flight, tenant_in_flight=tenant_in_flight,
+                  busy_tenant_in_flight=tenant_in_flight if busy_tenant_in_flight is None else busy_tenant_in_flight,
+                  queue=queue, tenant_queue=tenant_queue, wait_seconds=wait_seconds, retry_after=3)
 
 
 def narrow(settings: Settings, **bounds: Any) -> Settings:
@@ -231,6 +232,102 @@ async def test_a_cancelled_waiter_gives_up_its_turn() -> None:
                 pass
 
 
+# ---- a busy process -----------------------------------------------------------------------------
+
+
+class Busy:
+    """A stand-in for the CPU probe that says what the test sets."""
+
+    def __init__(self) -> None:
+        self.now = True
+
+    def __call__(self) -> bool:
+        return self.now
+
+
+async def hold_places(admission: Admission, key: str, count: int) -> tuple[asyncio.Event, list[asyncio.Task[None]]]:
+    """``count`` requests of ``key`` holding their places (or waiting for them) until the event is set."""
+    release = asyncio.Event()
+
+    async def request() -> None:
+        async with admission.place(key):
+            await release.wait()
+
+    return release, [asyncio.create_task(request()) for _ in range(count)]
+
+
+async def test_while_busy_and_shared_a_tenant_runs_only_its_busy_share() -> None:
+    busy, clock = Busy(), ManualClock()
+    admission = Admission(limits(max_in_flight=10, tenant_in_flight=5, busy_tenant_in_flight=1, queue=10,
+                                 tenant_queue=10), clock, busy=busy)
+    release, flood = await hold_places(admission, "flood", 3)
+    await admission.until(lambda a: a.running("flood") == 3)  # alone, it gets its whole share
+    async with admission.place("calm"):  # another tenant is served: the flood is held to one place
+        assert admission.share("flood") == 1 and admission.share("calm") == 1
+    more_release, more = await hold_places(admission, "flood", 2)
+    await admission.until(lambda a: a.waiting == 2)  # places are free, but the flood is over its busy share
+    assert admission.in_flight == 3
+    release.set()
+    await asyncio.gather(*flood)
+    await admission.until(lambda a: a.running("flood") == 1 and a.waiting == 1)  # one at a time now
+    busy.now = False  # the CPU is idle again (the process waits on its database): full shares
+    async with admission.place("calm"):
+        await admission.until(lambda a: a.running("flood") == 2 and a.waiting == 0)
+    more_release.set()
+    await asyncio.gather(*more)
+    assert (admission.in_flight, admission.waiting) == (0, 0)
+
+
+async def test_a_tenant_alone_keeps_its_whole_share_however_busy() -> None:
+    busy, clock = Busy(), ManualClock()
+    admission = Admission(limits(max_in_flight=10, tenant_in_flight=5, busy_tenant_in_flight=1, queue=10,
+                                 tenant_queue=10), clock, busy=busy)
+    async with admission.place("calm"):
+        pass
+    assert admission.share("flood") == 1  # calm was served a moment ago
+    clock.advance(ACTIVE_FOR)  # and not since
+    assert admission.share("flood") == 5
+    release, flood = await hold_places(admission, "flood", 5)
+    await admission.until(lambda a: a.running("flood") == 5)
+    assert admission.share("flood") == 5  # its own admissions do not count against it
+    release.set()
+    await asyncio.gather(*flood)
+
+
+async def test_the_busy_share_lets_the_quiet_tenant_in_first() -> None:
+    """Under a flood, a free place goes to the quiet tenant's waiting request, not to the flood's line."""
+    busy, clock = Busy(), ManualClock()
+    admission = Admission(limits(max_in_flight=2, tenant_in_flight=2, busy_tenant_in_flight=1, queue=10,
+                                 tenant_queue=10), clock, busy=busy)
+    async with admission.place("calm"):
+        release, flood = await hold_places(admission, "flood", 4)
+        await admission.until(lambda a: a.running("flood") == 1 and a.waiting == 3)
+        calm_release, calm = await hold_places(admission, "calm", 1)
+        await admission.until(lambda a: a.waiting == 4)
+    # calm's place, given back, went to calm's next request: the flood is at its busy share
+    await admission.until(lambda a: a.running("calm") == 1)
+    assert admission.running("flood") == 1 and admission.waiting == 3
+    release.set()
+    calm_release.set()
+    await asyncio.gather(*flood, *calm)
+    assert (admission.in_flight, admission.waiting) == (0, 0)
+
+
+def test_the_cpu_probe_says_busy_when_the_process_used_most_of_a_core() -> None:
+    wall, cpu = [100.0], [10.0]
+    probe = CpuProbe(cpu=lambda: cpu[0], wall=lambda: wall[0])
+    assert not probe()
+    for _ in range(4):  # 90% of a core over the window
+        wall[0] += CpuProbe.WINDOW / 4
+        cpu[0] += 0.9 * CpuProbe.WINDOW / 4
+    assert probe()
+    for _ in range(8):  # then 10%: the old samples leave the window
+        wall[0] += CpuProbe.WINDOW / 4
+        cpu[0] += 0.1 * CpuProbe.WINDOW / 4
+        probe()
+    assert not probe()
+
+
 # ---- readiness ----------------------------------------------------------------------------------
 
 
@@ -410,11 +507,12 @@ def test_this_platform_can_trim() -> None:
 def test_admission_settings_default_to_the_pool_and_name_a_bad_value() -> None:
     base = {"ATRIUM_JWT_SECRET": "s" * 40}
     defaults = Settings.from_env(base)
-    assert (defaults.max_in_flight, defaults.tenant_in_flight) == (10, 5)
+    assert (defaults.max_in_flight, defaults.tenant_in_flight, defaults.busy_tenant_in_flight) == (10, 5, 1)
     assert (defaults.admission_queue, defaults.tenant_queue) == (32, 16)
     assert (defaults.admission_wait_seconds, defaults.retry_after_seconds) == (1.0, 1)
     assert (defaults.request_read_timeout_seconds, defaults.ws_init_timeout_seconds) == (10.0, 10.0)
     sized = Settings.from_env({**base, "ATRIUM_DB_POOL_SIZE": "24", "ATRIUM_ADMISSION_QUEUE": "100"})
-    assert (sized.max_in_flight, sized.tenant_in_flight, sized.tenant_queue) == (24, 12, 50)
+    assert (sized.max_in_flight, sized.tenant_in_flight, sized.busy_tenant_in_flight, sized.tenant_queue) == \
+        (24, 12, 3, 50)
     with pytest.raises(SettingError, match="ATRIUM_MAX_IN_FLIGHT must be a whole number of requests, at least 1"):
         Settings.from_env({**base, "ATRIUM_MAX_IN_FLIGHT": "0"})
