@@ -27,7 +27,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from atrium.app import create_app
-from atrium.http.admission import ACTIVE_FOR, SATURATED_FOR, Admission, CpuProbe, Limits
+from atrium.http.admission import ACTIVE_FOR, SATURATED_FOR, Admission, CpuProbe, Limits, LoopLag
 from atrium.http.deadline import STATE_KEY, H11WithDeadline, HttpProtocol, with_deadline
 from atrium.observability.memory import MemoryTrimmer, malloc_trim
 from core.clock import ManualClock
@@ -235,8 +235,8 @@ async def test_a_cancelled_waiter_gives_up_its_turn() -> None:
 # ---- a busy process -----------------------------------------------------------------------------
 
 
-class Busy:
-    """A stand-in for the CPU probe that says what the test sets."""
+class Switch:
+    """A stand-in for the busy probe that says what the test sets."""
 
     def __init__(self) -> None:
         self.now = True
@@ -257,7 +257,7 @@ async def hold_places(admission: Admission, key: str, count: int) -> tuple[async
 
 
 async def test_while_busy_and_shared_a_tenant_runs_only_its_busy_share() -> None:
-    busy, clock = Busy(), ManualClock()
+    busy, clock = Switch(), ManualClock()
     admission = Admission(limits(max_in_flight=10, tenant_in_flight=5, busy_tenant_in_flight=1, queue=10,
                                  tenant_queue=10), clock, busy=busy)
     release, flood = await hold_places(admission, "flood", 3)
@@ -279,7 +279,7 @@ async def test_while_busy_and_shared_a_tenant_runs_only_its_busy_share() -> None
 
 
 async def test_a_tenant_alone_keeps_its_whole_share_however_busy() -> None:
-    busy, clock = Busy(), ManualClock()
+    busy, clock = Switch(), ManualClock()
     admission = Admission(limits(max_in_flight=10, tenant_in_flight=5, busy_tenant_in_flight=1, queue=10,
                                  tenant_queue=10), clock, busy=busy)
     async with admission.place("calm"):
@@ -296,7 +296,7 @@ async def test_a_tenant_alone_keeps_its_whole_share_however_busy() -> None:
 
 async def test_the_busy_share_lets_the_quiet_tenant_in_first() -> None:
     """Under a flood, a free place goes to the quiet tenant's waiting request, not to the flood's line."""
-    busy, clock = Busy(), ManualClock()
+    busy, clock = Switch(), ManualClock()
     admission = Admission(limits(max_in_flight=2, tenant_in_flight=2, busy_tenant_in_flight=1, queue=10,
                                  tenant_queue=10), clock, busy=busy)
     async with admission.place("calm"):
@@ -326,6 +326,42 @@ def test_the_cpu_probe_says_busy_when_the_process_used_most_of_a_core() -> None:
         cpu[0] += 0.1 * CpuProbe.WINDOW / 4
         probe()
     assert not probe()
+
+
+class SteppedLoop:
+    """The two methods of an event loop ``LoopLag`` uses, on a time the test moves."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.timers: list[tuple[float, Callable[..., object], tuple[Any, ...]]] = []
+
+    def time(self) -> float:
+        return self.now
+
+    def call_at(self, when: float, callback: Callable[..., object], *args: Any) -> asyncio.TimerHandle:
+        self.timers.append((when, callback, args))
+        return asyncio.TimerHandle(when, callback, args, asyncio.get_running_loop())
+
+    def run_next(self, late: float) -> None:
+        when, callback, args = self.timers.pop(0)
+        self.now = when + late
+        callback(*args)
+
+
+async def test_the_loop_lag_says_busy_when_every_tick_of_the_window_ran_late() -> None:
+    lag, loop = LoopLag(), SteppedLoop()
+    lag._next(loop)  # type: ignore[arg-type]  # what start() does on the running loop
+    ticks = round(LoopLag.WINDOW / LoopLag.TICK)
+    for _ in range(ticks - 1):
+        loop.run_next(late=2 * LoopLag.TARGET)
+        assert not lag()  # not a whole window yet
+    loop.run_next(late=2 * LoopLag.TARGET)
+    assert lag()
+    loop.run_next(late=0.0)  # one tick on time: a burst, not a standing queue
+    assert not lag()
+    for _ in range(ticks):
+        loop.run_next(late=1.5 * LoopLag.TARGET)
+    assert lag()
 
 
 # ---- readiness ----------------------------------------------------------------------------------

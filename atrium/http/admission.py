@@ -7,16 +7,18 @@ when its response is sent:
 
 - At most ``max_in_flight`` places are taken in the process, and at most ``tenant_in_flight`` by one
   tenant: a tenant's flood can take only its share, and the rest stays free for the others.
-- While the process is *busy* (its CPU use over the last ``CpuProbe.WINDOW`` was at least
-  ``BUSY_CPU`` of one core) and another tenant was admitted within the last ``ACTIVE_FOR`` seconds,
-  a tenant's share is ``busy_tenant_in_flight`` instead (1 by default). Free places alone do not keep
-  latency down: one process runs its requests on one event loop, and once that loop is the
-  bottleneck every request running beside another tenant's stretches that tenant's latency by its
-  own CPU time. A flood holding five places made a quiet tenant's requests 2-3 times slower while
-  every place was still free for it; held to one place, the flood is served as fast as the CPU
-  allows, the quiet tenant's requests share the loop with one of its requests at most, and the
-  flood's excess waits in its line or is refused. A process waiting on its database (CPU idle) keeps
-  the full shares, since there more requests in flight do add throughput.
+- While the process is *busy* (``Busy``: its CPU use over the last half second was at least
+  ``BUSY_CPU`` of one core, or its event loop ran every timer of that half second
+  ``LoopLag.TARGET`` late or more: the CPU is the bottleneck, the process's own or the machine's)
+  and another tenant was admitted within the last ``ACTIVE_FOR`` seconds (or holds or wants a
+  place), a tenant's share is ``busy_tenant_in_flight`` instead (1 by default). Free places alone
+  do not keep latency down: one process runs its requests on one event loop, and once that loop is
+  the bottleneck every request running beside another tenant's stretches that tenant's latency by
+  its own CPU time. A flood holding five places made a quiet tenant's requests 2-3 times slower
+  while every place was still free for it; held to one place, the flood is served as fast as the
+  CPU allows, the quiet tenant's requests share the loop with one of its requests at most, and the
+  flood's excess waits in its line or is refused. A process waiting on its database (CPU idle, the
+  loop on time) keeps the full shares, since there more requests in flight do add throughput.
 - A request that finds no place for itself may wait, in its tenant's line, if fewer than
   ``admission_queue`` requests wait in all and fewer than ``tenant_queue`` of its tenant. A free place
   goes to the lines in turn (round robin over the tenants that wait and are under their share), so
@@ -55,6 +57,62 @@ ACTIVE_FOR = 1.0
 """Seconds a tenant counts as being served after its last admission (for the busy share)."""
 BUSY_CPU = 0.8
 """The process is busy when it used at least this share of one core over the last window."""
+
+
+class LoopLag:
+    """How late the event loop runs a timer set every ``TICK`` seconds: late by ``TARGET`` or more at
+    every tick of the last ``WINDOW`` (a standing queue, as CoDel calls it, not a burst) means the loop
+    has more ready work than it can run, whether for its own requests or because the machine's other
+    processes take the cores it would run on (which the process's own CPU use does not show)."""
+
+    TICK = 0.025
+    WINDOW = 0.5
+    TARGET = 0.005
+
+    def __init__(self) -> None:
+        self._late: deque[float] = deque(maxlen=round(self.WINDOW / self.TICK))
+        self._handle: asyncio.TimerHandle | None = None
+        self._due = 0.0
+
+    def start(self) -> None:
+        if self._handle is None:
+            self._next(asyncio.get_running_loop())
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+        self._late.clear()
+
+    def _next(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._due = loop.time() + self.TICK
+        self._handle = loop.call_at(self._due, self._tick, loop)
+
+    def _tick(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._late.append(loop.time() - self._due)
+        self._next(loop)
+
+    def __call__(self) -> bool:
+        late = self._late
+        return len(late) == late.maxlen and min(late) >= self.TARGET
+
+
+class Busy:
+    """Whether the process is busy (module docstring): ``CpuProbe`` or ``LoopLag`` says so. ``start``
+    and ``close`` run with the app (the lag needs a running loop; without it only the CPU counts)."""
+
+    def __init__(self) -> None:
+        self.cpu = CpuProbe()
+        self.lag = LoopLag()
+
+    def start(self) -> None:
+        self.lag.start()
+
+    def close(self) -> None:
+        self.lag.close()
+
+    def __call__(self) -> bool:
+        return self.cpu() or self.lag()
 
 
 class CpuProbe:
@@ -114,10 +172,10 @@ class Admission:
     """Places for requests in this process (module docstring). Not thread-safe: one event loop."""
 
     def __init__(self, limits: Limits, clock: Clock, busy: Callable[[], bool] | None = None) -> None:
-        """``busy``: whether the process's CPU is the bottleneck now (``CpuProbe`` by default)."""
+        """``busy``: whether the CPU is the bottleneck now (``Busy`` by default, started by ``start``)."""
         self.limits = limits
         self._clock = clock
-        self._busy = busy if busy is not None else CpuProbe()
+        self._busy = busy if busy is not None else Busy()
         self._served: OrderedDict[Hashable, float] = OrderedDict()
         """Tenants admitted within the last ``ACTIVE_FOR`` seconds, oldest admission first."""
         self._lines: dict[Hashable, Line] = {}
@@ -129,6 +187,15 @@ class Admission:
         """Requests refused so far (for want of room in the process or in their tenant's share)."""
         self._refused_at = -float("inf")
         self._watchers: list[tuple[Callable[[Admission], bool], asyncio.Future[None]]] = []
+
+    def start(self) -> None:
+        """Start watching the event loop (``Busy``); the app's lifespan calls it."""
+        if isinstance(self._busy, Busy):
+            self._busy.start()
+
+    def close(self) -> None:
+        if isinstance(self._busy, Busy):
+            self._busy.close()
 
     @property
     def saturated(self) -> bool:

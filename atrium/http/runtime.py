@@ -98,6 +98,7 @@ class Runtime:
 
     async def start(self) -> None:
         await self.broker.start()
+        self.admission.start()
         self.trimmer.start()
         if self.dispatcher is not None:
             await self.dispatcher.start()
@@ -122,6 +123,7 @@ class Runtime:
                 self.retention_rounds.put_nowait(rounds)
 
     async def close(self) -> None:
+        self.admission.close()
         await self.trimmer.close()
         if self.dispatcher is not None:
             await self.dispatcher.close()
