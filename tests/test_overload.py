@@ -256,40 +256,42 @@ async def hold_places(admission: Admission, key: str, count: int) -> tuple[async
     return release, [asyncio.create_task(request()) for _ in range(count)]
 
 
-async def test_while_busy_and_shared_a_tenant_runs_only_its_busy_share() -> None:
+async def test_while_busy_and_shared_a_flooding_tenant_runs_only_its_busy_share() -> None:
     busy, clock = Switch(), ManualClock()
-    admission = Admission(limits(max_in_flight=10, tenant_in_flight=5, busy_tenant_in_flight=1, queue=10,
+    admission = Admission(limits(max_in_flight=10, tenant_in_flight=3, busy_tenant_in_flight=1, queue=10,
                                  tenant_queue=10), clock, busy=busy)
-    release, flood = await hold_places(admission, "flood", 3)
-    await admission.until(lambda a: a.running("flood") == 3)  # alone, it gets its whole share
-    async with admission.place("calm"):  # another tenant is served: the flood is held to one place
-        assert admission.share("flood") == 1 and admission.share("calm") == 1
+    first_release, first = await hold_places(admission, "flood", 3)
+    await admission.until(lambda a: a.running("flood") == 3)  # alone: its whole share
+    next_release, following = await hold_places(admission, "flood", 1)
+    await admission.until(lambda a: a.waiting == 1)  # over its share: it floods
+    calm_release, calm = await hold_places(admission, "calm", 2)  # another tenant is served ...
+    await admission.until(lambda a: a.running("calm") == 2)  # ... with its whole share: it does not flood
+    assert admission.share("flood") == 1 and admission.share("calm") == 3
+    first_release.set()  # the flood's places, given back, go to its line only down to its busy share
+    await admission.until(lambda a: a.running("flood") == 1 and a.waiting == 0)
     more_release, more = await hold_places(admission, "flood", 2)
-    await admission.until(lambda a: a.waiting == 2)  # places are free, but the flood is over its busy share
+    await admission.until(lambda a: a.waiting == 2)  # places are free, but the flood is at its busy share
     assert admission.in_flight == 3
-    release.set()
-    await asyncio.gather(*flood)
-    await admission.until(lambda a: a.running("flood") == 1 and a.waiting == 1)  # one at a time now
-    busy.now = False  # the CPU is idle again (the process waits on its database): full shares
-    async with admission.place("calm"):
-        await admission.until(lambda a: a.running("flood") == 2 and a.waiting == 0)
+    busy.now = False  # the CPU idle again (the process waits on its database): whole shares
+    calm_release.set()
+    await admission.until(lambda a: a.running("flood") == 3 and a.waiting == 0)
+    next_release.set()
     more_release.set()
-    await asyncio.gather(*more)
+    await asyncio.gather(*first, *following, *calm, *more)
     assert (admission.in_flight, admission.waiting) == (0, 0)
 
 
-async def test_a_tenant_alone_keeps_its_whole_share_however_busy() -> None:
+async def test_a_flooding_tenant_alone_keeps_its_whole_share_however_busy() -> None:
     busy, clock = Switch(), ManualClock()
-    admission = Admission(limits(max_in_flight=10, tenant_in_flight=5, busy_tenant_in_flight=1, queue=10,
+    admission = Admission(limits(max_in_flight=10, tenant_in_flight=2, busy_tenant_in_flight=1, queue=10,
                                  tenant_queue=10), clock, busy=busy)
     async with admission.place("calm"):
         pass
-    assert admission.share("flood") == 1  # calm was served a moment ago
-    clock.advance(ACTIVE_FOR)  # and not since
-    assert admission.share("flood") == 5
-    release, flood = await hold_places(admission, "flood", 5)
-    await admission.until(lambda a: a.running("flood") == 5)
-    assert admission.share("flood") == 5  # its own admissions do not count against it
+    release, flood = await hold_places(admission, "flood", 3)
+    await admission.until(lambda a: a.running("flood") == 2 and a.waiting == 1)  # it floods ...
+    assert admission.share("flood") == 1  # ... and calm was served a moment ago
+    clock.advance(ACTIVE_FOR)  # calm not since
+    assert admission.share("flood") == 2
     release.set()
     await asyncio.gather(*flood)
 
@@ -303,7 +305,7 @@ async def test_the_busy_share_lets_the_quiet_tenant_in_first() -> None:
         release, flood = await hold_places(admission, "flood", 4)
         await admission.until(lambda a: a.running("flood") == 1 and a.waiting == 3)
         calm_release, calm = await hold_places(admission, "calm", 1)
-        await admission.until(lambda a: a.waiting == 4)
+        await admission.until(lambda a: a.waiting == 4)  # the process is full: calm waits too
     # calm's place, given back, went to calm's next request: the flood is at its busy share
     await admission.until(lambda a: a.running("calm") == 1)
     assert admission.running("flood") == 1 and admission.waiting == 3

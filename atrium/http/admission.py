@@ -11,7 +11,9 @@ when its response is sent:
   ``BUSY_CPU`` of one core, or its event loop ran every timer of that half second
   ``LoopLag.TARGET`` late or more: the CPU is the bottleneck, the process's own or the machine's)
   and another tenant was admitted within the last ``ACTIVE_FOR`` seconds (or holds or wants a
-  place), a tenant's share is ``busy_tenant_in_flight`` instead (1 by default). Free places alone
+  place), a tenant that *floods* (one of its requests had to wait or was refused within that
+  second) may hold ``busy_tenant_in_flight`` places instead (1 by default); the others keep their
+  whole share, so a quiet tenant's few concurrent requests never wait behind its own. Free places alone
   do not keep latency down: one process runs its requests on one event loop, and once that loop is
   the bottleneck every request running beside another tenant's stretches that tenant's latency by
   its own CPU time. A flood holding five places made a quiet tenant's requests 2-3 times slower
@@ -178,6 +180,8 @@ class Admission:
         self._busy = busy if busy is not None else Busy()
         self._served: OrderedDict[Hashable, float] = OrderedDict()
         """Tenants admitted within the last ``ACTIVE_FOR`` seconds, oldest admission first."""
+        self._pressed: OrderedDict[Hashable, float] = OrderedDict()
+        """Tenants that had to wait or were refused within the last ``ACTIVE_FOR`` seconds (flooding)."""
         self._lines: dict[Hashable, Line] = {}
         self._turns: OrderedDict[Hashable, None] = OrderedDict()
         """Tenants with someone waiting, in the order their lines get the next free place."""
@@ -205,20 +209,30 @@ class Admission:
         return full or self._clock.time() - self._refused_at < SATURATED_FOR
 
     def share(self, key: Hashable) -> int:
-        """How many places ``key`` may hold now: ``busy_tenant_in_flight`` while the process is busy
-        and another tenant is being served, else ``tenant_in_flight``."""
+        """How many places ``key`` may hold now: ``busy_tenant_in_flight`` while it floods (it had to
+        wait or was refused within ``ACTIVE_FOR``), the process is busy and another tenant is being
+        served; else ``tenant_in_flight``."""
         limits = self.limits
-        if limits.busy_tenant_in_flight >= limits.tenant_in_flight:
+        if limits.busy_tenant_in_flight >= limits.tenant_in_flight or not self._recent(self._pressed, key):
             return limits.tenant_in_flight
         return limits.busy_tenant_in_flight if self._others_served(key) and self._busy() else limits.tenant_in_flight
 
+    def _recent(self, seen: OrderedDict[Hashable, float], key: Hashable) -> bool:
+        """Whether ``key`` is in ``seen`` within ``ACTIVE_FOR`` (older entries are dropped)."""
+        horizon = self._clock.time() - ACTIVE_FOR
+        while seen and next(iter(seen.values())) <= horizon:
+            seen.popitem(last=False)
+        return key in seen
+
     def _others_served(self, key: Hashable) -> bool:
         """Whether a tenant other than ``key`` holds or wants a place, or was admitted within ``ACTIVE_FOR``."""
-        served = self._served
-        horizon = self._clock.time() - ACTIVE_FOR
-        while served and next(iter(served.values())) <= horizon:
-            served.popitem(last=False)
-        return len(served) - (key in served) > 0 or len(self._lines) - (key in self._lines) > 0
+        mine = self._recent(self._served, key)
+        return len(self._served) - mine > 0 or len(self._lines) - (key in self._lines) > 0
+
+    @staticmethod
+    def _mark(seen: OrderedDict[Hashable, float], key: Hashable, now: float) -> None:
+        seen[key] = now
+        seen.move_to_end(key)
 
     def running(self, key: Hashable) -> int:
         """Requests of ``key`` that hold a place."""
@@ -258,6 +272,7 @@ class Admission:
             self._grant(key, line)
             self._notify()
             return
+        self._mark(self._pressed, key, self._clock.time())
         if self.waiting >= limits.queue or len(line.waiting) >= limits.tenant_queue:
             self._refuse(key, line, process_full=self.in_flight >= limits.max_in_flight
                          and self.waiting >= limits.queue)
@@ -281,8 +296,7 @@ class Admission:
     def _grant(self, key: Hashable, line: Line) -> None:
         line.running += 1
         self.in_flight += 1
-        self._served[key] = self._clock.time()
-        self._served.move_to_end(key)
+        self._mark(self._served, key, self._clock.time())
 
     def _withdraw(self, key: Hashable, line: Line, granted: asyncio.Future[None]) -> None:
         """``granted`` stops waiting: out of its line if still in it, its place given back if it had one."""
