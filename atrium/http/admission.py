@@ -11,8 +11,8 @@ when its response is sent:
   ``BUSY_CPU`` of one core, or its event loop ran every timer of that half second
   ``LoopLag.TARGET`` late or more: the CPU is the bottleneck, the process's own or the machine's)
   and another tenant was admitted within the last ``ACTIVE_FOR`` seconds (or holds or wants a
-  place), a tenant that *floods* (one of its requests had to wait or was refused within that
-  second) may hold ``busy_tenant_in_flight`` places instead (1 by default); the others keep their
+  place), a tenant that *floods* (it had a request refused because its share and its line were
+  full, within that second) may hold ``busy_tenant_in_flight`` places instead (1 by default); the others keep their
   whole share, so a quiet tenant's few concurrent requests never wait behind its own. Free places alone
   do not keep latency down: one process runs its requests on one event loop, and once that loop is
   the bottleneck every request running beside another tenant's stretches that tenant's latency by
@@ -181,7 +181,7 @@ class Admission:
         self._served: OrderedDict[Hashable, float] = OrderedDict()
         """Tenants admitted within the last ``ACTIVE_FOR`` seconds, oldest admission first."""
         self._pressed: OrderedDict[Hashable, float] = OrderedDict()
-        """Tenants that had to wait or were refused within the last ``ACTIVE_FOR`` seconds (flooding)."""
+        """Tenants refused for a full line within the last ``ACTIVE_FOR`` seconds (flooding)."""
         self._lines: dict[Hashable, Line] = {}
         self._turns: OrderedDict[Hashable, None] = OrderedDict()
         """Tenants with someone waiting, in the order their lines get the next free place."""
@@ -209,8 +209,8 @@ class Admission:
         return full or self._clock.time() - self._refused_at < SATURATED_FOR
 
     def share(self, key: Hashable) -> int:
-        """How many places ``key`` may hold now: ``busy_tenant_in_flight`` while it floods (it had to
-        wait or was refused within ``ACTIVE_FOR``), the process is busy and another tenant is being
+        """How many places ``key`` may hold now: ``busy_tenant_in_flight`` while it floods (a request
+        refused for its full line within ``ACTIVE_FOR``), the process is busy and another tenant is being
         served; else ``tenant_in_flight``."""
         limits = self.limits
         if limits.busy_tenant_in_flight >= limits.tenant_in_flight or not self._recent(self._pressed, key):
@@ -272,7 +272,8 @@ class Admission:
             self._grant(key, line)
             self._notify()
             return
-        self._mark(self._pressed, key, self._clock.time())
+        if len(line.waiting) >= limits.tenant_queue:  # its share and its line full: it floods
+            self._mark(self._pressed, key, self._clock.time())
         if self.waiting >= limits.queue or len(line.waiting) >= limits.tenant_queue:
             self._refuse(key, line, process_full=self.in_flight >= limits.max_in_flight
                          and self.waiting >= limits.queue)
