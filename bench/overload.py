@@ -184,17 +184,21 @@ class CpuMeter:
             self._started[name] = cpu_seconds(pid)
 
     def sample(self, name: str) -> None:
-        """Read ``name`` now (a process about to exit)."""
-        self.used[name] = cpu_seconds(self._pids[name]) - self._started[name]
+        """Read ``name`` now (a process about to exit); one already gone is not counted."""
+        seconds = cpu_seconds(self._pids[name])
+        if seconds > 0:
+            self.used[name] = seconds - self._started[name]
 
     def stop(self) -> str:
         elapsed = time.perf_counter() - self._at
         for name in self._pids:
             if name not in self.used:
                 self.sample(name)
+        gone = [name for name in self._pids if name not in self.used]
         busy, total = machine_busy()
         share = (busy - self._machine[0]) / max(1e-9, total - self._machine[1])
         parts = [f"{name}={100 * seconds / elapsed:.0f}%" for name, seconds in self.used.items()]
+        parts += [f"{name}=(exited before it was read)" for name in gone]
         return f"cpu (% of one core): {' '.join(parts)}; machine busy {share:.0%} of {os.cpu_count()} cores"
 
 
@@ -488,7 +492,7 @@ async def main_async(args: argparse.Namespace) -> None:
         print(f"rss: baseline={baseline:.1f}MB")
         if args.flood_driver == "wrk" and shutil.which("wrk") is None:
             raise SystemExit("--flood-driver wrk: wrk is not installed")
-        for n in (1, 2):  # each burst compared with the unloaded phase just before it (the machine drifts)
+        for n in range(1, args.bursts + 1):  # each compared with the unloaded phase just before it (the machine drifts)
             result = await burst(port, calm, flood, args, server.pid)
             report_burst(f"burst {n}", result, args.seconds)
             await asyncio.sleep(3.0)
@@ -499,7 +503,7 @@ async def main_async(args: argparse.Namespace) -> None:
                 during = percentile([a.seconds for a in result.calm if a.status == 200], q)
                 print(f"burst {n}: calm {name} {during:.1f}ms = {during / before_q:.2f}x unloaded {name} "
                       f"{before_q:.1f}ms")
-            if n == 1:
+            if n < args.bursts:
                 unloaded = await measure(port, calm, args.rate, args.seconds)
                 print(f"unloaded again: calm {describe([a.seconds for a in unloaded if a.status == 200])}")
         if args.websockets:
@@ -531,6 +535,8 @@ def main() -> None:
                         help="what sends the flood: Python clients in a process of their own, or wrk")
     parser.add_argument("--rate", type=float, default=40.0, help="requests/s of the measured tenant")
     parser.add_argument("--seconds", type=float, default=15.0, help="length of each phase")
+    parser.add_argument("--bursts", type=int, default=2,
+                        help="flood bursts (0: only the WebSocket and slowloris phases)")
     parser.add_argument("--websockets", type=int, default=2000)
     parser.add_argument("--slowloris", type=int, default=10)
     parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
