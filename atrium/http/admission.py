@@ -119,8 +119,8 @@ class Busy:
 
 class CpuProbe:
     """Whether this process used at least ``BUSY_CPU`` of a core over its last ``WINDOW`` seconds of
-    real time (``time.process_time``: every thread of the process). Checked on each admission;
-    it reads the clocks at most once per ``WINDOW / 4``, so it costs nothing measurable."""
+    real time (``time.process_time``: every thread of the process). Checked on each admission; it
+    reads the process's CPU time at most once per ``WINDOW / 4``, so it costs nothing measurable."""
 
     WINDOW = 0.5
 
