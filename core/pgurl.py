@@ -60,6 +60,20 @@ class PgUrl:
     def param(self, name: str) -> str | None:
         return next((value for key, value in self.query if key == name), None)
 
+    def without(self, name: str) -> PgUrl:
+        """The URL without the parameter ``name`` (one read here rather than by asyncpg)."""
+        return dataclasses.replace(self, query=tuple((k, v) for k, v in self.query if k != name))
+
+    def connect_timeout(self) -> float | None:
+        """libpq's ``connect_timeout`` in seconds, when the URL gives a positive one (asyncpg does not
+        read it: it would send it to the server as a setting)."""
+        raw = self.param("connect_timeout")
+        try:
+            seconds = float(raw) if raw is not None else 0.0
+        except ValueError:
+            raise ValueError("connect_timeout must be a number of seconds") from None
+        return seconds if seconds > 0 else None
+
     def _render(self, scheme: str) -> str:
         auth = ""
         if self.user is not None:

@@ -234,6 +234,13 @@ class Settings:
     token_ttl_seconds: int = 3600
     data_dir: Path = field(default_factory=lambda: Path(".atrium"))
     pool_size: int = 10
+    db_connect_timeout_seconds: float = 5.0
+    """How long opening a database connection (TCP, TLS, startup and authentication) may take before
+    it counts as an outage (SERVICE_UNAVAILABLE): a host that silently drops packets otherwise holds
+    a request for asyncpg's default of 60 s. A URL's own ``connect_timeout`` (libpq) wins."""
+    db_pool_timeout_seconds: float = 5.0
+    """How long a request may wait for a pooled connection while all are busy before it is answered
+    SERVICE_UNAVAILABLE (SQLAlchemy's default is 30 s)."""
     max_page_size: int = 100
     redis_prefix: str = "atrium:"
     """Prefix of every Redis key Atrium writes (rate-limit buckets, the APQ cache)."""
@@ -268,6 +275,9 @@ class Settings:
     default as many as the pool has connections, so that an admitted request never waits for one."""
     tenant_in_flight: int = 5
     """Of those, how many one tenant may run at once (the rest stay free for the other tenants)."""
+    busy_tenant_in_flight: int = 1
+    """How many one tenant may run at once while the process's CPU is busy and other tenants are
+    being served too (``atrium.http.admission``): there more requests in flight add only latency."""
     admission_queue: int = 32
     """Requests that may wait for a place in the process; one more is answered 503 at once."""
     tenant_queue: int = 16
@@ -375,6 +385,8 @@ class Settings:
             token_ttl_seconds=env.whole("ATRIUM_TOKEN_TTL", 3600, minimum=1, unit=" of seconds"),
             data_dir=data_dir,
             pool_size=env.whole("ATRIUM_DB_POOL_SIZE", 10, minimum=1, unit=" of connections"),
+            db_connect_timeout_seconds=env.number("ATRIUM_DB_CONNECT_TIMEOUT", 5.0, minimum=0.1, unit=" of seconds"),
+            db_pool_timeout_seconds=env.number("ATRIUM_DB_POOL_TIMEOUT", 5.0, minimum=0.1, unit=" of seconds"),
             redis_prefix=env.text("ATRIUM_REDIS_PREFIX", "atrium:"),
             rate_limits=rate_limits,
             metrics_token=env.optional("ATRIUM_METRICS_TOKEN"),
@@ -445,10 +457,13 @@ def admission_settings(env: Environ) -> dict[str, Any]:
     max_in_flight = env.whole("ATRIUM_MAX_IN_FLIGHT", env.whole("ATRIUM_DB_POOL_SIZE", 10, minimum=1), minimum=1,
                               unit=" of requests")
     queue = env.whole("ATRIUM_ADMISSION_QUEUE", 32, minimum=0, unit=" of requests")
+    tenant_in_flight = env.whole("ATRIUM_TENANT_IN_FLIGHT", max(1, max_in_flight // 2), minimum=1,
+                                 unit=" of requests")
     return {
         "max_in_flight": max_in_flight,
-        "tenant_in_flight": env.whole("ATRIUM_TENANT_IN_FLIGHT", max(1, max_in_flight // 2), minimum=1,
-                                      unit=" of requests"),
+        "tenant_in_flight": tenant_in_flight,
+        "busy_tenant_in_flight": env.whole("ATRIUM_BUSY_TENANT_IN_FLIGHT", max(1, tenant_in_flight // 4), minimum=1,
+                                           unit=" of requests"),
         "admission_queue": queue,
         "tenant_queue": env.whole("ATRIUM_TENANT_QUEUE", queue // 2, minimum=0, unit=" of requests"),
         "admission_wait_seconds": env.number("ATRIUM_ADMISSION_WAIT", 1.0, minimum=0.0, unit=" of seconds"),

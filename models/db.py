@@ -34,6 +34,7 @@ from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection, QueuePoo
 
 from core.errors import ServiceUnavailable
 from core.pgurl import ASYNCPG, PgUrl, async_url
+from core.settings import Settings
 from models.outages import is_outage
 
 log = logging.getLogger("atrium.db")
@@ -48,6 +49,11 @@ TRASH_DEPTH = "atrium.trash.depth"
 TENANT_ROUTE = text("SELECT isolation, database_url FROM tenants WHERE id = :tenant_id")
 DEDICATED_TENANTS = text("SELECT tenant_id FROM atrium_dedicated_tenants()")
 READY_TIMEOUT = 2.0
+"""Seconds a readiness check waits for the database before calling it down."""
+CONNECT_TIMEOUT = 5.0
+"""Seconds opening a connection may take by default (``Settings.db_connect_timeout_seconds``)."""
+POOL_TIMEOUT = 5.0
+"""Seconds a checkout may wait for a busy pool by default (``Settings.db_pool_timeout_seconds``)."""
 """Seconds a readiness check waits for the database before calling it down."""
 
 
@@ -88,18 +94,24 @@ async def trash_seen(conn: AsyncConnection, record: Trashed) -> AsyncIterator[As
         yield conn
 
 
-def create_engine(url: str, **options: Any) -> AsyncEngine:
+def create_engine(url: str, *, connect_timeout: float = CONNECT_TIMEOUT, **options: Any) -> AsyncEngine:
     """An asyncpg engine for a PostgreSQL URL as libpq reads it (``core.pgurl``): each connection is
     made by ``asyncpg.connect`` from the URL as written, TLS parameters and several hosts included.
-    ``engine.url`` shows the first host and the credentials (for deriving other URLs)."""
+    ``engine.url`` shows the first host and the credentials (for deriving other URLs).
+
+    Opening a connection (TCP, TLS, startup, authentication; every host of the URL in turn) may take
+    ``connect_timeout`` seconds, or the URL's own ``connect_timeout``: past it ``TimeoutError``, an
+    outage (``models.outages``), so a host that silently drops packets is answered SERVICE_UNAVAILABLE
+    within that bound instead of holding the request for asyncpg's default of 60 s."""
     parsed = PgUrl.parse(url)
     (host, port), *_ = parsed.endpoints()
     shown = URL.create(ASYNCPG, username=parsed.user, password=parsed.password,
                        host=None if host.startswith("/") else host, port=port, database=parsed.database)
-    dsn = parsed.dsn()
+    timeout = parsed.connect_timeout() or connect_timeout
+    dsn = parsed.without("connect_timeout").dsn()
 
     async def connect() -> Any:
-        return await asyncpg.connect(dsn)
+        return await asyncpg.connect(dsn, timeout=timeout)
 
     engine = create_async_engine(shown, async_creator=connect, **options)
     event.listen(engine.sync_engine, "checkout", _replace_closed)
@@ -161,8 +173,14 @@ class Databases:
     schema, same RLS, same application role). Routes are cached for the life of the process.
     """
 
-    def __init__(self, app_url: str, *, pool_size: int = 10) -> None:
+    def __init__(self, app_url: str, *, pool_size: int = 10, connect_timeout: float = CONNECT_TIMEOUT,
+                 pool_timeout: float = POOL_TIMEOUT) -> None:
+        """Pools of ``pool_size`` connections (and as many overflow) per database; opening one may take
+        ``connect_timeout`` seconds, waiting for one while all are busy ``pool_timeout`` seconds: either
+        bound passed is an outage, answered SERVICE_UNAVAILABLE (``models.outages``)."""
         self._pool_size = pool_size
+        self._connect_timeout = connect_timeout
+        self._pool_timeout = pool_timeout
         self.default = self._make_engine(app_url)
         self._engines: dict[str, AsyncEngine] = {app_url: self.default}
         self._routes: dict[uuid.UUID, AsyncEngine] = {}
@@ -170,10 +188,18 @@ class Databases:
         self._readers: dict[AsyncEngine, AsyncEngine] = {}
         """Each engine in autocommit mode (same pool): what read transactions run SQLAlchemy statements on."""
 
+    @classmethod
+    def of(cls, settings: Settings, url: str | None = None) -> Databases:
+        """The databases a server or worker process uses: ``url`` (by default the application role's),
+        with the pool size and timeouts of ``settings``."""
+        return cls(url or settings.app_url, pool_size=settings.pool_size,
+                   connect_timeout=settings.db_connect_timeout_seconds, pool_timeout=settings.db_pool_timeout_seconds)
+
     def _make_engine(self, url: str) -> AsyncEngine:
         # Last in, first out: requests reuse the connections used last, whose prepared statements and
         # introspected types are warm, and the ones left idle are the ones to let go.
-        return create_engine(url, pool_size=self._pool_size, max_overflow=self._pool_size, pool_pre_ping=False,
+        return create_engine(url, connect_timeout=self._connect_timeout, pool_size=self._pool_size,
+                             max_overflow=self._pool_size, pool_timeout=self._pool_timeout, pool_pre_ping=False,
                              pool_use_lifo=True)
 
     def pool_usage(self) -> tuple[int, int]:

@@ -121,7 +121,8 @@ def settings(database_url: str) -> Settings:
                     rate_limits=False, plans=switch(os.environ, "ATRIUM_PLANS", default=True),
                     webhook_key=TEST_WEBHOOK_KEY, webhook_dispatcher=False,
                     webhook_allowed_networks=("127.0.0.1/32",),
-                    max_in_flight=1024, tenant_in_flight=1024, admission_queue=1024, tenant_queue=1024)
+                    max_in_flight=1024, tenant_in_flight=1024, busy_tenant_in_flight=1024, admission_queue=1024,
+                    tenant_queue=1024)
 
 
 @pytest.fixture(scope="session")

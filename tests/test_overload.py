@@ -22,12 +22,14 @@ from typing import Any
 
 import httpx
 import pytest
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.applications import Starlette
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from atrium.app import create_app
-from atrium.http.admission import SATURATED_FOR, Admission, Limits
+from atrium.http.admission import ACTIVE_FOR, SATURATED_FOR, Admission, CpuProbe, Limits, LoopLag
 from atrium.http.deadline import STATE_KEY, H11WithDeadline, HttpProtocol, with_deadline
 from atrium.observability.memory import MemoryTrimmer, malloc_trim
 from core.clock import ManualClock
@@ -36,7 +38,7 @@ from core.settings import SettingError, Settings
 from core.version import VERSION
 from models.tables import Role
 from tests.conftest import TenantWorld, codes
-from tests.live import WAIT, serve_in_process
+from tests.live import WAIT, error_codes, live, serve_in_process
 
 MakeTenant = Callable[..., Awaitable[TenantWorld]]
 
@@ -44,9 +46,10 @@ ME = "{ tenant { id } }"
 
 
 def limits(max_in_flight: int = 1, tenant_in_flight: int = 1, queue: int = 0, tenant_queue: int = 0,
-           wait_seconds: float = 1.0) -> Limits:
-    return Limits(max_in_flight=max_in_flight, tenant_in_flight=tenant_in_flight, queue=queue,
-                  tenant_queue=tenant_queue, wait_seconds=wait_seconds, retry_after=3)
+           wait_seconds: float = 1.0, busy_tenant_in_flight: int | None = None) -> Limits:
+    return Limits(max_in_flight=max_in_flight, tenant_in_flight=tenant_in_flight,
+                  busy_tenant_in_flight=tenant_in_flight if busy_tenant_in_flight is None else busy_tenant_in_flight,
+                  queue=queue, tenant_queue=tenant_queue, wait_seconds=wait_seconds, retry_after=3)
 
 
 def narrow(settings: Settings, **bounds: Any) -> Settings:
@@ -231,6 +234,194 @@ async def test_a_cancelled_waiter_gives_up_its_turn() -> None:
                 pass
 
 
+# ---- a busy process -----------------------------------------------------------------------------
+
+
+class Switch:
+    """A stand-in for the busy probe that says what the test sets."""
+
+    def __init__(self) -> None:
+        self.now = True
+
+    def __call__(self) -> bool:
+        return self.now
+
+
+async def hold_places(admission: Admission, key: str, count: int) -> tuple[asyncio.Event, list[asyncio.Task[None]]]:
+    """``count`` requests of ``key`` holding their places (or waiting for them) until the event is set."""
+    release = asyncio.Event()
+
+    async def request() -> None:
+        async with admission.place(key):
+            await release.wait()
+
+    return release, [asyncio.create_task(request()) for _ in range(count)]
+
+
+async def test_while_busy_and_shared_a_flooding_tenant_runs_only_its_busy_share() -> None:
+    busy, clock = Switch(), ManualClock()
+    admission = Admission(limits(max_in_flight=10, tenant_in_flight=3, busy_tenant_in_flight=1, queue=10,
+                                 tenant_queue=1), clock, busy=busy)
+    first_release, first = await hold_places(admission, "flood", 3)
+    await admission.until(lambda a: a.running("flood") == 3)  # alone: its whole share
+    next_release, following = await hold_places(admission, "flood", 1)
+    await admission.until(lambda a: a.waiting == 1)  # over its share: it waits in its line ...
+    assert admission.share("flood") == 3
+    with pytest.raises(Overloaded):  # ... and its line is full: it floods
+        await admission.place("flood").__aenter__()
+    calm_release, calm = await hold_places(admission, "calm", 2)  # another tenant is served ...
+    await admission.until(lambda a: a.running("calm") == 2)  # ... with its whole share: it does not flood
+    assert admission.share("flood") == 1 and admission.share("calm") == 3
+    first_release.set()  # the flood's places, given back, go to its line only down to its busy share
+    await admission.until(lambda a: a.running("flood") == 1 and a.waiting == 0)
+    more_release, more = await hold_places(admission, "flood", 1)
+    await admission.until(lambda a: a.waiting == 1)  # places are free, but the flood is at its busy share
+    assert admission.in_flight == 3
+    busy.now = False  # the CPU idle again (the process waits on its database): whole shares
+    calm_release.set()
+    await admission.until(lambda a: a.running("flood") == 2 and a.waiting == 0)
+    next_release.set()
+    more_release.set()
+    await asyncio.gather(*first, *following, *calm, *more)
+    assert (admission.in_flight, admission.waiting) == (0, 0)
+
+
+async def test_a_flooding_tenant_alone_keeps_its_whole_share_however_busy() -> None:
+    busy, clock = Switch(), ManualClock()
+    admission = Admission(limits(max_in_flight=10, tenant_in_flight=2, busy_tenant_in_flight=1, queue=10,
+                                 tenant_queue=0), clock, busy=busy)
+    async with admission.place("calm"):
+        pass
+    release, flood = await hold_places(admission, "flood", 2)
+    await admission.until(lambda a: a.running("flood") == 2)
+    assert admission.share("flood") == 2  # it does not flood yet
+    with pytest.raises(Overloaded):
+        await admission.place("flood").__aenter__()
+    assert admission.share("flood") == 1  # it floods, and calm was served a moment ago
+    clock.advance(ACTIVE_FOR)  # calm not since
+    assert admission.share("flood") == 2
+    release.set()
+    await asyncio.gather(*flood)
+
+
+async def test_the_busy_share_lets_the_quiet_tenant_in_first() -> None:
+    """Under a flood, a free place goes to the quiet tenant's waiting request, not to the flood's line."""
+    busy, clock = Switch(), ManualClock()
+    admission = Admission(limits(max_in_flight=2, tenant_in_flight=2, busy_tenant_in_flight=1, queue=10,
+                                 tenant_queue=3), clock, busy=busy)
+    async with admission.place("calm"):
+        release, flood = await hold_places(admission, "flood", 4)
+        await admission.until(lambda a: a.running("flood") == 1 and a.waiting == 3)
+        with pytest.raises(Overloaded):  # its line full: it floods
+            await admission.place("flood").__aenter__()
+        calm_release, calm = await hold_places(admission, "calm", 1)
+        await admission.until(lambda a: a.waiting == 4)  # the process is full: calm waits too
+    # calm's place, given back, went to calm's next request: the flood is at its busy share
+    await admission.until(lambda a: a.running("calm") == 1)
+    assert admission.running("flood") == 1 and admission.waiting == 3
+    release.set()
+    calm_release.set()
+    await asyncio.gather(*flood, *calm)
+    assert (admission.in_flight, admission.waiting) == (0, 0)
+
+
+def test_the_cpu_probe_says_busy_when_the_process_used_most_of_a_core() -> None:
+    wall, cpu = [100.0], [10.0]
+    probe = CpuProbe(cpu=lambda: cpu[0], wall=lambda: wall[0])
+    assert not probe()
+    for _ in range(4):  # 90% of a core over the window
+        wall[0] += CpuProbe.WINDOW / 4
+        cpu[0] += 0.9 * CpuProbe.WINDOW / 4
+    assert probe()
+    for _ in range(8):  # then 10%: the old samples leave the window
+        wall[0] += CpuProbe.WINDOW / 4
+        cpu[0] += 0.1 * CpuProbe.WINDOW / 4
+        probe()
+    assert not probe()
+
+
+class SteppedLoop:
+    """The two methods of an event loop ``LoopLag`` uses, on a time the test moves."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.timers: list[tuple[float, Callable[..., object], tuple[Any, ...]]] = []
+
+    def time(self) -> float:
+        return self.now
+
+    def call_at(self, when: float, callback: Callable[..., object], *args: Any) -> asyncio.TimerHandle:
+        self.timers.append((when, callback, args))
+        return asyncio.TimerHandle(when, callback, args, asyncio.get_running_loop())
+
+    def run_next(self, late: float) -> None:
+        when, callback, args = self.timers.pop(0)
+        self.now = when + late
+        callback(*args)
+
+
+async def test_the_loop_lag_says_busy_when_every_tick_of_the_window_ran_late() -> None:
+    lag, loop = LoopLag(), SteppedLoop()
+    lag._next(loop)  # type: ignore[arg-type]  # what start() does on the running loop
+    ticks = round(LoopLag.WINDOW / LoopLag.TICK)
+    for _ in range(ticks - 1):
+        loop.run_next(late=2 * LoopLag.TARGET)
+        assert not lag()  # not a whole window yet
+    loop.run_next(late=2 * LoopLag.TARGET)
+    assert lag()
+    loop.run_next(late=0.0)  # one tick on time: a burst, not a standing queue
+    assert not lag()
+    for _ in range(ticks):
+        loop.run_next(late=1.5 * LoopLag.TARGET)
+    assert lag()
+
+
+# ---- WebSocket operations ----------------------------------------------------------------------
+
+FEED = "subscription { activityFeed { __typename ... on Resync { reason } } }"
+
+
+async def test_websocket_operations_take_places_fairly_and_are_refused_with_the_code(
+        settings: Settings, make_tenant: MakeTenant) -> None:
+    flood, calm = await make_tenant("wsflood"), await make_tenant("wscalm")
+    narrowed = narrow(settings, max_in_flight=3, tenant_in_flight=1, admission_queue=0, tenant_queue=0)
+    async with serve_in_process(narrowed, ManualClock()) as server:
+        admission: Admission = server.app.state.runtime.admission
+        async with live(server.ws_url, flood.token()) as ws, live(server.ws_url, calm.token()) as other:
+            async with admission.place(flood.id):  # the flooding tenant's whole share is taken
+                for query in (FEED, ME):  # a subscription's start and a query alike
+                    assert_refused_message(await ws.message(await ws.subscribe(query)))
+                assert admission.refused == 2
+                assert await other.live(FEED)  # another tenant's subscription starts meanwhile ...
+                assert (await other.data(await other.subscribe(ME)))["tenant"]["id"]  # ... and its query runs
+                await admission.until(lambda a: a.running(calm.id) == 0)  # a live subscription holds no place
+            op = await ws.live(FEED)  # the share free again: the same socket subscribes
+            assert (await ws.data(await ws.subscribe(ME)))["tenant"]["id"]
+            await admission.until(lambda a: a.in_flight == 0)
+            await ws.ws.send(json.dumps({"id": op, "type": "complete"}))
+
+
+async def test_a_websocket_query_holds_its_place_until_it_is_answered(
+        settings: Settings, make_tenant: MakeTenant, admin_engine: AsyncEngine) -> None:
+    world = await make_tenant("wshold")
+    async with serve_in_process(narrow(settings), ManualClock()) as server:
+        admission: Admission = server.app.state.runtime.admission
+        async with live(server.ws_url, world.token()) as ws:
+            async with admin_engine.connect() as admin, admin.begin():
+                # the query's read of its tenant waits for this lock, so it keeps its place meanwhile
+                await admin.execute(text("LOCK TABLE tenants IN ACCESS EXCLUSIVE MODE"))
+                op = await ws.subscribe(ME)
+                await admission.until(lambda a: a.running(world.id) == 1)
+                assert_refused_message(await ws.message(await ws.subscribe(ME)))  # its tenant's one place
+            assert (await ws.data(op))["tenant"]["id"]
+            await admission.until(lambda a: a.in_flight == 0)
+
+
+def assert_refused_message(message: dict[str, Any]) -> None:
+    assert message["type"] == "error" and error_codes(message) == ["SERVICE_UNAVAILABLE"], message
+    assert message["payload"][0]["extensions"]["retryAfter"] == 3
+
+
 # ---- readiness ----------------------------------------------------------------------------------
 
 
@@ -410,11 +601,12 @@ def test_this_platform_can_trim() -> None:
 def test_admission_settings_default_to_the_pool_and_name_a_bad_value() -> None:
     base = {"ATRIUM_JWT_SECRET": "s" * 40}
     defaults = Settings.from_env(base)
-    assert (defaults.max_in_flight, defaults.tenant_in_flight) == (10, 5)
+    assert (defaults.max_in_flight, defaults.tenant_in_flight, defaults.busy_tenant_in_flight) == (10, 5, 1)
     assert (defaults.admission_queue, defaults.tenant_queue) == (32, 16)
     assert (defaults.admission_wait_seconds, defaults.retry_after_seconds) == (1.0, 1)
     assert (defaults.request_read_timeout_seconds, defaults.ws_init_timeout_seconds) == (10.0, 10.0)
     sized = Settings.from_env({**base, "ATRIUM_DB_POOL_SIZE": "24", "ATRIUM_ADMISSION_QUEUE": "100"})
-    assert (sized.max_in_flight, sized.tenant_in_flight, sized.tenant_queue) == (24, 12, 50)
+    assert (sized.max_in_flight, sized.tenant_in_flight, sized.busy_tenant_in_flight, sized.tenant_queue) == \
+        (24, 12, 3, 50)
     with pytest.raises(SettingError, match="ATRIUM_MAX_IN_FLIGHT must be a whole number of requests, at least 1"):
         Settings.from_env({**base, "ATRIUM_MAX_IN_FLIGHT": "0"})

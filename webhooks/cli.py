@@ -193,7 +193,7 @@ async def cmd_events(args: argparse.Namespace) -> int:
 async def cmd_worker(args: argparse.Namespace) -> int:
     """Send deliveries until SIGTERM or SIGINT."""
     settings = await resolve_database(Settings.from_env())
-    databases = Databases(settings.app_url, pool_size=settings.pool_size)
+    databases = Databases.of(settings)
     dispatcher = Dispatcher(databases, settings, SYSTEM_CLOCK)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -200,11 +200,15 @@ class AtriumGraphQL(GraphQLOverHTTP):
 
     def operation_spec(self, state: SocketState, query: str, variables: dict[str, Any] | None,
                        operation_name: str | None) -> OperationSpec | None:
-        """How a WebSocket operation runs (``Grouping``), in a context of its own."""
+        """How a WebSocket operation runs (``Grouping``), in a context of its own, in a place of its
+        tenant's share of the process (``atrium.http.admission``, as over HTTP)."""
         if state.principal is None or (plan := self.grouping.spec(state.principal, query, variables,
                                                                    operation_name)) is None:
             return None  # Strawberry's own handling (it closes the socket for unparsable documents)
-        return OperationSpec(*plan, context=lambda: self.operation_context(state, operation_name))
+        group, replay, subscription = plan
+        tenant = admission_key(state.principal, state.request)
+        return OperationSpec(group, replay, context=lambda: self.operation_context(state, operation_name),
+                             subscription=subscription, place=lambda: self.runtime.admission.place(tenant))
 
     @contextlib.asynccontextmanager
     async def operation_context(self, state: SocketState, operation_name: str | None = None) -> AsyncIterator[Context]:

@@ -78,7 +78,7 @@ class Runtime:
               tracer_provider: TracerProvider | None = None) -> Runtime:
         """Every resource for ``settings`` (whose database URL must be resolved); nothing connects yet.
         Spans go to ``tracer_provider`` when one is given, else as ``settings`` say."""
-        databases = Databases(settings.app_url, pool_size=settings.pool_size)
+        databases = Databases.of(settings)
         redis = Redis.from_url(settings.redis_url) if settings.redis_url else None
         broker: Broker = create_broker(settings.redis_url, prefix=settings.redis_prefix,
                                        maxsize=settings.subscriber_queue_size,
@@ -106,6 +106,7 @@ class Runtime:
 
     async def start(self) -> None:
         await self.broker.start()
+        self.admission.start()
         self.trimmer.start()
         if self.dispatcher is not None:
             await self.dispatcher.start()
@@ -131,6 +132,7 @@ class Runtime:
                 self.retention_rounds.put_nowait(rounds)
 
     async def close(self) -> None:
+        self.admission.close()
         await self.trimmer.close()
         if self.dispatcher is not None:
             await self.dispatcher.close()

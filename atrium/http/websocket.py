@@ -31,9 +31,10 @@ fragments run alone.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
-from collections.abc import Callable, Hashable
+from collections.abc import Awaitable, Callable, Hashable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -53,7 +54,7 @@ from strawberry.types.execution import ExecutionResult, PreExecutionError
 from strawberry.utils.aio import aclosing
 
 from auth.principal import Principal
-from core.errors import Internal, ServiceUnavailable, SubscriberTooSlow
+from core.errors import Internal, Overloaded, ServiceUnavailable, SubscriberTooSlow
 from models.outages import is_outage
 from subscriptions.events import DELIVERY, Delivery
 
@@ -79,15 +80,23 @@ class Frame:
 SLOW: Frame = Frame("error", errors=(TOO_SLOW_ERROR,))
 
 
+def unlimited() -> AbstractAsyncContextManager[None]:
+    return contextlib.nullcontext()
+
+
 @dataclass(frozen=True)
 class OperationSpec:
-    """How to run one operation: its group key, greeting policy and private context."""
+    """How to run one operation: its group key, greeting policy, private context and admission."""
 
     key: Hashable
     """Operations with equal keys share one execution; give a unique object for a private one."""
     replay: Literal["first", "last"]
     context: Callable[[], AbstractAsyncContextManager[Any]]
     """Opens the group's own context (entered once per group, closed when the group ends)."""
+    subscription: bool = False
+    """Whether the operation is a subscription (its place is held while it starts only)."""
+    place: Callable[[], AbstractAsyncContextManager[None]] = unlimited
+    """A place for the operation in the process (``atrium.http.admission``), or ``Overloaded``."""
 
 
 FormatResult = Callable[[ExecutionResult], dict[str, Any]]
@@ -104,8 +113,9 @@ class Grouping:
                           for f in fields}
 
     def spec(self, principal: Principal, query: str, variables: dict[str, Any] | None,
-             operation_name: str | None) -> tuple[Hashable, Literal["first", "last"]] | None:
-        """Group key and greeting policy of an operation; None when unparsable (left to Strawberry)."""
+             operation_name: str | None) -> tuple[Hashable, Literal["first", "last"], bool] | None:
+        """Group key, greeting policy and whether it is a subscription, of an operation; None when
+        unparsable (left to Strawberry)."""
         parsed = root_fields(query, operation_name)
         if parsed is None:
             return None
@@ -116,7 +126,7 @@ class Grouping:
             key = (principal.tenant_id, principal.role, query, operation_name,
                    json.dumps(variables or {}, sort_keys=True, default=str))
         states = names and not opaque and deliveries <= {Delivery.STATE, Delivery.PRIVATE_STATE}
-        return key, "last" if states else "first"
+        return key, "last" if states else "first", kind is OperationType.SUBSCRIPTION
 
 
 @lru_cache(maxsize=1024)
@@ -277,22 +287,41 @@ class GroupedTransportWSHandler(BaseGraphQLTransportWSHandler[Any, Any]):
             await self.websocket.close(code=TRY_AGAIN_LATER, reason=ServiceUnavailable.code.value)
 
     async def run_operation(self, operation: Operation[Any, Any]) -> None:
+        """Run ``operation`` in its place (``OperationSpec.place``): a query or mutation holds it until
+        it is answered, a subscription until its first result (or end) is ready, so that a flood of
+        subscribes or of operations over a socket is bounded and shared between tenants as over HTTP.
+        Refused, the operation ends with an ``error`` coded SERVICE_UNAVAILABLE (``retryAfter``)."""
         view = cast("LiveView", self.view)
         spec = view.operation_spec(self.context, operation.query, operation.variables, operation.operation_name)
         if spec is None:
             await super().run_operation(operation)
             return
-        member = view.live_groups.join(spec, operation.query, operation.variables, operation.operation_name)
-        try:
-            await self._forward(operation, member)
-        except WebSocketDisconnected:
-            pass
-        finally:
-            view.live_groups.leave(member)
+        async with contextlib.AsyncExitStack() as place:
+            try:
+                await place.enter_async_context(spec.place())
+            except Overloaded as exc:
+                error: ErrorMessage = {"id": operation.id, "type": "error",
+                                       "payload": cast("list[GraphQLFormattedError]", [exc.formatted()])}
+                with contextlib.suppress(WebSocketDisconnected):
+                    await operation.send_operation_message(error)
+                return
+            member = view.live_groups.join(spec, operation.query, operation.variables, operation.operation_name)
+            started = place.aclose if spec.subscription else None
+            try:
+                await self._forward(operation, member, started)
+            except WebSocketDisconnected:
+                pass
+            finally:
+                view.live_groups.leave(member)
 
-    async def _forward(self, operation: Operation[Any, Any], member: Member) -> None:
+    async def _forward(self, operation: Operation[Any, Any], member: Member,
+                       started: Callable[[], Awaitable[None]] | None = None) -> None:
+        """Send ``member``'s frames as ``operation``'s messages; ``started`` is awaited once the first is ready."""
         while True:
             frame = await member.queue.get()
+            if started is not None:
+                await started()
+                started = None
             if operation.completed:
                 return
             if frame.kind == "next":
