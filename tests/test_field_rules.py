@@ -256,6 +256,18 @@ async def test_writing_a_hidden_field_is_forbidden_and_writes_nothing(api: httpx
                            {"id": crm.deal["id"]}, token=tenant.token(Role.ADMIN)))
 
 
+async def test_a_version_conflict_does_not_tell_the_hidden_value(api: httpx.AsyncClient,
+                                                                 make_tenant: MakeTenant) -> None:
+    tenant, crm = await seeded(api, make_tenant)
+    await hide(api, tenant, "Deal", "amount", Role.MEMBER)
+    stale = 'mutation($id: ID!) { updateDeal(id: $id, input: {title: "T"}, expectedVersion: 7) { id } }'
+    member = (await gql(api, stale, {"id": crm.deal["id"]}, token=tenant.token(Role.MEMBER)))["errors"][0]
+    admin = (await gql(api, stale, {"id": crm.deal["id"]}, token=tenant.token(Role.ADMIN)))["errors"][0]
+    assert member["extensions"]["code"] == admin["extensions"]["code"] == "VERSION_CONFLICT"
+    assert "amount" not in member["extensions"]["current"] and member["extensions"]["current"]["title"]
+    assert admin["extensions"]["current"]["amount"] == "1234.50"
+
+
 # ---- isolation, cache ----------------------------------------------------------------------------
 
 async def test_one_tenants_rules_leave_another_alone(api: httpx.AsyncClient, make_tenant: MakeTenant) -> None:
@@ -329,3 +341,24 @@ async def test_change_events_leave_hidden_fields_out(settings: Settings, make_te
             other = (await viewer.data(seen_op))["recordChanged"]
             assert sorted(other["changedFields"]) == ["amount", "title"]
             assert other["record"] == {"title": "New", "amount": "5.00"}
+
+
+def test_every_restrictable_field_is_guarded_and_nullable() -> None:
+    """The declaration says which fields a tenant may hide; each one's object field must be the
+    guarded one (so no read path skips the rule) and nullable (so hiding it nulls only itself)."""
+    from graphql import GraphQLNonNull
+
+    from atrium.schema import build_schema
+    from records.crm import RECORDS
+    from schema.objects import GUARDED, RecordObject
+
+    sdl = build_schema()._schema
+    restrictable = [(record, f) for record in RECORDS for f in record.restrictable().values()]
+    assert len(restrictable) >= 8
+    for record, f in restrictable:
+        kind = RecordObject.type_of(record)
+        sfield = next(x for x in kind.__strawberry_definition__.fields  # type: ignore[attr-defined]
+                      if x.python_name == f.column)
+        assert sfield.metadata.get(GUARDED) == f.column, (record.name, f.name)
+        graphql_type = sdl.get_type(record.name)
+        assert not isinstance(graphql_type.fields[f.name].type, GraphQLNonNull), (record.name, f.name)  # type: ignore[union-attr]
