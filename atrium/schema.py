@@ -22,6 +22,7 @@ from resolvers.crud import batch_mutations, mutations, queries
 from resolvers.deals import DealMutation, DealQuery
 from resolvers.erasure import ErasureMutation
 from resolvers.exports import ExportMutation, ExportQuery
+from resolvers.field_rules import FieldRuleMutation, FieldRuleQuery
 from resolvers.live import LiveMutation, LiveSubscription
 from resolvers.notes import NoteMutation, NoteQuery
 from resolvers.trash import TrashMutation, TrashQuery
@@ -48,11 +49,11 @@ def root(name: str, *parts: type) -> type:
 
 Query = root("Query", ViewerQuery, DealQuery, queries(COMPANY), queries(CONTACT), queries(PIPELINE), queries(ACTIVITY),
              AuditQuery, PartnerQuery, NoteQuery, queries(PRODUCT), queries(DEAL_LINE_ITEM), WebhookQuery,
-             ExportQuery, TrashQuery)
+             ExportQuery, TrashQuery, FieldRuleQuery)
 Mutation = root("Mutation", ViewerMutation, DealMutation, batch_mutations(DEAL), mutations(COMPANY),
                 mutations(CONTACT), mutations(PIPELINE), mutations(STAGE), mutations(ACTIVITY), PartnerMutation,
                 NoteMutation, LiveMutation, mutations(PRODUCT), mutations(DEAL_LINE_ITEM), WebhookMutation,
-                ExportMutation, ErasureMutation, TrashMutation)
+                ExportMutation, ErasureMutation, TrashMutation, FieldRuleMutation)
 Subscription = root("Subscription", LiveSubscription)
 
 

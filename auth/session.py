@@ -14,6 +14,7 @@ event, so the event's session travels in a context variable set for exactly the 
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import AbstractContextManager, asynccontextmanager, nullcontext
@@ -23,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import strawberry
 
+from auth.fields import NO_RULES, FieldRules, read_rules
 from auth.principal import Principal
 from core.clock import Clock
 from core.errors import Unauthenticated
@@ -46,12 +48,23 @@ class Session:
     principal: Principal
     db: TenantScope
     loaders: Loaders
+    rules: FieldRules = NO_RULES
+    """The tenant's field rules (``auth.fields``), read by ``with_rules`` before anything resolves."""
 
     @classmethod
     def open(cls, databases: Databases, principal: Principal) -> Session:
         """A session whose transaction begins with its first statement."""
         db = TenantScope(databases, principal.tenant_id)
         return cls(principal=principal, db=db, loaders=Loaders(db))
+
+    async def with_rules(self) -> Session:
+        """This session with its tenant's field rules read (after ``confirm_membership``, whose entry
+        names their version: usually no statement)."""
+        return dataclasses.replace(self, rules=await read_rules(self.db))
+
+    def hidden(self, record_type: str) -> frozenset[str]:
+        """The fields of ``record_type`` the caller's role may neither read nor write."""
+        return self.rules.hidden(self.principal.role, record_type)
 
     @property
     def tenant_id(self) -> uuid.UUID:
@@ -138,8 +151,9 @@ async def event_session(context: Context) -> AsyncIterator[Session]:
     with context.trace_event() if context.trace_event is not None else nullcontext():
         session = Session.open(context.databases, principal)
         outer = _EVENT_SESSION.get()
-        _EVENT_SESSION.set(session)
         try:
+            session = await session.with_rules()  # rules may change while a subscription lives
+            _EVENT_SESSION.set(session)
             yield session
         finally:
             # set(), not reset(token): a generator closed from another task runs this in another context.

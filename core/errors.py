@@ -113,6 +113,16 @@ class Forbidden(AtriumError):
         super().__init__(message)
 
 
+class HiddenField(AtriumError):
+    """FORBIDDEN: a field rule of the tenant hides ``field`` (a record's field, or a filter, ordering,
+    group, measure or input naming it) from the caller's role (``auth.fields``)."""
+
+    code = ErrorCode.FORBIDDEN
+
+    def __init__(self, field: str, record_type: str, name: str, role: str) -> None:
+        super().__init__(f"{field}: {record_type}.{name} is hidden from your role ({role})", field=field)
+
+
 class NotFound(AtriumError):
     code = ErrorCode.NOT_FOUND
 

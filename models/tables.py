@@ -534,6 +534,20 @@ class RetentionPolicy(TenantTable, table=True):
     keep_days: int
 
 
+class FieldRule(TenantTable, table=True):
+    """Fields of a record type hidden from some roles (``auth.fields``): ``record_type`` is the
+    record's GraphQL type name, ``field`` the API's name of one of its declared restrictable fields
+    (or, later, a custom field's key), ``hidden_from`` the roles that neither read nor write it."""
+
+    __tablename__ = "field_rules"
+    __table_args__ = (UniqueConstraint("tenant_id", "record_type", "field", name="field_rules_field_key"),)
+    record_type: str = Field(max_length=100)
+    field: str = Field(max_length=100)
+    hidden_from: list[str] = Field(sa_column=Column(ARRAY(Text), nullable=False))
+    created_by: uuid.UUID | None = None
+
+
+FIELD_RULES = table(FieldRule)
 EXPORT_JOBS = table(ExportJob)
 EXPORT_CHUNKS = table(ExportChunk)
 RETENTION_POLICIES = table(RetentionPolicy)
@@ -547,7 +561,7 @@ WEBHOOK_DELIVERIES = table(WebhookDelivery)
 
 TENANT_TABLES = (MEMBERSHIPS, COMPANIES, CONTACTS, PIPELINES, STAGES, DEALS, ACTIVITIES, AUDIT_EVENTS, NOTES,
                  API_KEYS, PERSISTED_DOCUMENTS, PRODUCTS, DEAL_LINE_ITEMS, IDEMPOTENCY_KEYS, WEBHOOK_ENDPOINTS,
-                 WEBHOOK_DELIVERIES, EXPORT_JOBS, EXPORT_CHUNKS, RETENTION_POLICIES)
+                 WEBHOOK_DELIVERIES, EXPORT_JOBS, EXPORT_CHUNKS, RETENTION_POLICIES, FIELD_RULES)
 """Every table holding tenant rows (RLS enabled and forced on each; tests/test_rls.py checks the catalog)."""
 
 DATABASE_WRITTEN_TABLES = (DATA_VERSIONS, AUDIT_CHAIN_HEADS)

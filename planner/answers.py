@@ -2,8 +2,9 @@
 
 A key is the SHA-256 of: the tenant, the caller's role, the document and operation (and the values
 of the variables its ``@skip``/``@include`` read, as the plan is keyed), the variables, and the
-**data versions** of every table the plan's statement reads (``Plan.tables``), as ``atrium_enter``
-read them at the start of the request (migration 0005). Every write bumps the versions of the tables
+**data versions** of every table the plan's statement reads (``Plan.tables``) and of the tenant's
+field rules (``field_rules``, ``auth.fields``), as ``atrium_enter`` read them at the start of the
+request (migration 0005). Every write bumps the versions of the tables
 it changes in its own transaction, so once it has committed every later request reads new versions,
 computes a new key and cannot find an answer older than the write. A key never names a changed
 answer, which is why entries need no invalidation: old ones are simply never asked for again and

@@ -43,6 +43,7 @@ from strawberry.execution import optimized_is_awaitable
 from strawberry.extensions import SchemaExtension
 from strawberry.types.graphql import OperationType
 
+from auth.fields import TABLE as RULES_TABLE
 from auth.session import Context
 from core.errors import AtriumError, Internal
 from core.jsontext import PlannedData, RawJSON
@@ -150,7 +151,8 @@ async def answer(schema: GraphQLSchema, plans: PlanCache, context: Any, operatio
         return None
     session = context.own_session
     try:
-        binding = plan.bind(executor.variable_values, session.principal, context.settings.max_page_size)
+        binding = plan.bind(executor.variable_values, session.principal, context.settings.max_page_size,
+                            session.hidden)
     except Fallback:
         return None
     if admit is not None:
@@ -165,7 +167,8 @@ async def answer(schema: GraphQLSchema, plans: PlanCache, context: Any, operatio
             _tell(context, "uncacheable")
             answers = None
         else:
-            versions = ",".join(f"{table}={entry.version(table)}" for table in compiled.tables)
+            # The field rules' version too: an answer is never served across a change of what the role may see.
+            versions = ",".join(f"{table}={entry.version(table)}" for table in (*compiled.tables, RULES_TABLE))
             digest = f"{hashlib.sha256(operation.query.encode()).hexdigest()}:{operation.operation_name or ''}"
             key = answer_key(session.principal.tenant_id, session.principal.role.value, digest, operation.variables,
                              versions)

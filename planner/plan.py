@@ -57,9 +57,21 @@ from core.ids import decode_id, parse_global_id
 from models.loaders import TENANT
 from planner import formats
 from records.crm import BY_NAME
-from records.declare import Children, Direction, Listing, Record, SortKey, ToOne, camel
+from records.declare import (
+    Children,
+    Direction,
+    HiddenOf,
+    Listing,
+    Record,
+    Search,
+    SortKey,
+    ToOne,
+    camel,
+    nothing_hidden,
+    param,
+)
 from resolvers.paging import DEFAULT_PAGE, decode_cursor
-from schema.objects import SQL, Planned, RecordObject, enum_of, relation_of
+from schema.objects import GUARDED, SQL, Planned, RecordObject, enum_of, relation_of
 
 DIALECT: Any = postgresql.asyncpg.dialect()  # type: ignore[no-untyped-call]
 MAX_KEYS = 50
@@ -82,6 +94,8 @@ class Binding:
     variables: VariableValues
     principal: Principal
     max_page: int
+    hidden: HiddenOf = nothing_hidden
+    """The caller's hidden fields (``auth.fields``): a plan reading one is not run (``Fallback``)."""
     params: dict[str, Any] = field(default_factory=dict)
     shape: dict[int, Hashable] = field(default_factory=dict)
 
@@ -183,6 +197,23 @@ class ChildrenPlan:
             .select_from(inner).scalar_subquery()
 
 
+@dataclass
+class GuardedLeaf:
+    """A restrictable field's column: not planned for a caller it is hidden from (the executor then
+    answers null with FORBIDDEN at its path)."""
+
+    record: Record
+    name: str
+    column: Column
+
+    def sql(self, source: Any, b: Binding) -> ColumnElement[Any]:
+        return self.column(source)
+
+    def bind(self, b: Binding) -> None:
+        if self.name in b.hidden(self.record.name):
+            raise Fallback
+
+
 def constant(value: str) -> Column:
     def column(source: Any) -> ColumnElement[Any]:
         return formats.text(value)
@@ -239,6 +270,8 @@ class Planner:
             assert spec is not None
             return ChildrenPlan(spec, self.object(spec.relation.owner, named, group, ctx), graphql_field,
                                 group[0].node, ctx.names("first"), next(ctx.ids))
+        if (column := sfield.metadata.get(GUARDED)) is not None:
+            return GuardedLeaf(record, camel(column), self.leaf(sfield, graphql_field))
         if sfield.base_resolver is not None:
             computed = sfield.metadata.get(SQL)
             if computed is None:
@@ -509,8 +542,11 @@ class ConnectionPlan(RootPlan):
         backward = last is not None
         size: int = last if last is not None else (first if first is not None else DEFAULT_PAGE)
         given = args.get("filter") or {}
+        filters = {self.filter_names.get(k, k): v for k, v in given.items()}
+        hidden = b.hidden(self.record.name)
         try:
-            bound = self.record.bind_filters({self.filter_names.get(k, k): v for k, v in given.items()})
+            self.record.refuse_hidden(hidden, b.principal.role.value, filters=filters, sort=sort_name)
+            bound = self.record.bind_filters(filters)
             cursors = {}
             for name, cursor in (("after", after), ("before", before)):
                 if cursor is not None:
@@ -519,6 +555,9 @@ class ConnectionPlan(RootPlan):
             raise Fallback from None
         if len(cursors) > 1:
             raise Fallback  # both bounds: the executor's answer, not planned
+        if any(isinstance(f, Search) and f.skips(self.record, b.hidden) for f in self.record.filters) \
+                and param("search") in bound:
+            raise Fallback  # a search that leaves out hidden columns: the executor's
         for name, value in bound.items():
             b.params[self.prefix + name] = value
         b.params[self.limit] = size + 1
@@ -632,8 +671,9 @@ class Plan:
         self.keys = keys
         self._compiled: dict[Hashable, Compiled] = {}
 
-    def bind(self, variables: VariableValues, principal: Principal, max_page: int) -> Binding:
-        b = Binding(variables, principal, max_page)
+    def bind(self, variables: VariableValues, principal: Principal, max_page: int,
+             hidden: HiddenOf = nothing_hidden) -> Binding:
+        b = Binding(variables, principal, max_page, hidden)
         b.params[TENANT.key] = principal.tenant_id
         for root in self.planned:
             root.bind(b)

@@ -130,7 +130,7 @@ COMPANY: Record = Record(
     trash=True,
     fields=(
         Field("name", Text(200), Create.REQUIRED),
-        Field("domain", Domain()),
+        Field("domain", Domain(), restrictable=True),
         EXTERNAL_ID,
     ),
     children=(
@@ -155,9 +155,9 @@ CONTACT: Record = Record(
     fields=(
         Field("first_name", Text(100), Create.REQUIRED),
         Field("last_name", Text(100), Create.REQUIRED),
-        Field("email", Email()),
-        Field("phone", Text(40, required=False)),
-        Field("title", Text(200, required=False)),
+        Field("email", Email(), restrictable=True),
+        Field("phone", Text(40, required=False), restrictable=True),
+        Field("title", Text(200, required=False), restrictable=True),
         Field("company_id", Ref("Company")),
         EXTERNAL_ID,
     ),
@@ -222,13 +222,13 @@ DEAL: Record = Record(
     trash=True,
     fields=(
         Field("title", Text(200), Create.REQUIRED),
-        Field("amount", Money(), Create.REQUIRED),
+        Field("amount", Money(), Create.REQUIRED, restrictable=True),
         Field("currency", Currency(), Create.REQUIRED),
         Field("stage_id", Ref("Stage"), Create.REQUIRED, update=False),
         Field("company_id", Ref("Company")),
         Field("contact_id", Ref("Contact")),
         Field("owner_id", Ref("User"), description="Defaults to the caller.", fallback=caller),
-        Field("expected_close_date", Day()),
+        Field("expected_close_date", Day(), restrictable=True),
         Field("status", Choice(DealStatus), Create.NEVER),
         Field("pipeline_id", Ref("Pipeline"), Create.NEVER, update=False),
         EXTERNAL_ID,
@@ -281,7 +281,7 @@ ACTIVITY: Record = Record(
     fields=(
         Field("kind", Choice(ActivityKind), Create.REQUIRED, update=False),
         Field("subject", Text(200), Create.REQUIRED),
-        Field("body", Text(20_000, required=False)),
+        Field("body", Text(20_000, required=False), restrictable=True),
         Field("deal_id", Ref("Deal"), update=False),
         Field("contact_id", Ref("Contact"), update=False),
         Field("company_id", Ref("Company"), update=False),
@@ -345,7 +345,7 @@ PRODUCT: Record = Record(
         Field("name", Text(200), Create.REQUIRED),
         Field("sku", Text(64, pattern=SKU, expected="letters, digits, '.', '_' or '-'"), Create.REQUIRED,
               description="Stock-keeping unit, unique in the workspace.", unique=True),
-        Field("unit_price", Money(), Create.REQUIRED, description="List price, in `currency`."),
+        Field("unit_price", Money(), Create.REQUIRED, description="List price, in `currency`.", restrictable=True),
         Field("currency", Currency(), Create.REQUIRED),
         Field("active", Flag(), default=True, description="Only active products can be added to deals."),
         EXTERNAL_ID,
@@ -410,6 +410,21 @@ def check_trash(records: tuple[Record, ...]) -> None:
 
 
 check_trash(RECORDS)
+
+
+def check_restrictable(records: tuple[Record, ...]) -> None:
+    """A field a tenant may hide orders no list by default (its order would tell its values to a role
+    that cannot see it): not a record's default sort, not a child list's order."""
+    for record in records:
+        columns = {f.column for f in record.restrictable().values()}
+        default = [s.column for s in record.sorts if s.name == record.default_sort]
+        orders = [c.lstrip("-") for other in records for spec in other.children
+                  if spec.relation.owner is record for c in spec.order]
+        for column in sorted(columns & {*default, *orders}):
+            raise TypeError(f"{record.name}.{column} is restrictable, so no default ordering may use it")
+
+
+check_restrictable(RECORDS)
 
 
 def dependents(target: Record) -> list[ToOne]:

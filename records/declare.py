@@ -40,6 +40,7 @@ from sqlalchemy import (
     cast,
     exists,
     func,
+    literal,
     or_,
     select,
 )
@@ -47,7 +48,7 @@ from sqlalchemy.dialects.postgresql import ARRAY
 from strawberry.types.unset import UNSET
 
 from auth.roles import Permission
-from core.errors import BadUserInput
+from core.errors import BadUserInput, HiddenField
 from models.loaders import TENANT
 from records.rules import Choice, Rule, Text
 
@@ -108,6 +109,9 @@ class Field:
     sequential: bool = False
     """Its fallback depends on the records created before it (a stage's position after the last
     one): a batch create of this record type inserts its records one at a time."""
+    restrictable: bool = False
+    """A tenant may hide it from roles (``auth.fields``): its object field is nullable and guarded
+    (``schema.objects.guarded``), and no default ordering may use it (``records.crm`` checks)."""
 
     @property
     def name(self) -> str:
@@ -187,6 +191,14 @@ class Children:
     @property
     def order_by(self) -> tuple[ColumnElement[Any], ...]:
         return ordering(self.relation.owner.table, self.order)
+
+
+HiddenOf = Callable[[str], Collection[str]]
+"""The caller's hidden fields of a record type (``auth.session.Session.hidden``): API names."""
+
+
+def nothing_hidden(record_type: str) -> Collection[str]:
+    return ()
 
 
 # ---- filters --------------------------------------------------------------------------------------
@@ -355,22 +367,50 @@ class Search:
         return {param("search"): like_pattern(term)}
 
     def where(self, record: Record, source: Any, bound: Collection[str],
-              prefix: str = "") -> list[ColumnElement[bool]]:
+              prefix: str = "", hidden: HiddenOf = nothing_hidden) -> list[ColumnElement[bool]]:
+        """Columns hidden from the caller (``hidden``) are not searched: a match never tells their values."""
         if param("search") not in bound:
             return []
         pattern = bindparam(prefix + param("search"), type_=String())
-        matches: list[ColumnElement[bool]] = [source.c[c].ilike(pattern, escape="\\") for c in self.columns]
+        own = self.searched(record, hidden)
+        matches: list[ColumnElement[bool]] = [source.c[c].ilike(pattern, escape="\\") for c in own]
         for name, columns in self.related:
             relation = record.relation(name)
             target = relation.target()
             other = target.table.alias()
+            theirs = [c for c in columns if camel(c) not in hidden(target.name)]
+            if not theirs:
+                continue
             matches.append(exists(select(other.c.id).where(
                 other.c.tenant_id == source.c.tenant_id, other.c.id == source.c[relation.key], *target.visible(other),
-                or_(*(other.c[c].ilike(pattern, escape="\\") for c in columns)))))
-        return [or_(*matches)]
+                or_(*(other.c[c].ilike(pattern, escape="\\") for c in theirs)))))
+        return [or_(*matches)] if matches else [literal(False)]
+
+    def searched(self, record: Record, hidden: HiddenOf) -> list[str]:
+        """The record's own columns searched for a caller who cannot see ``hidden``."""
+        return [c for c in self.columns if camel(c) not in hidden(record.name)]
+
+    def skips(self, record: Record, hidden: HiddenOf) -> bool:
+        """Whether some searched column (own or related) is hidden from the caller."""
+        if len(self.searched(record, hidden)) < len(self.columns):
+            return True
+        return any(camel(c) in hidden(record.relation(name).target().name)
+                   for name, columns in self.related for c in columns)
 
 
 Filter = Equals | AnyOf | Range | Below | Search
+
+def filter_columns(f: Filter) -> list[tuple[str, str]]:
+    """``(filter field, column)`` of each field a (non-search) filter compares with a column."""
+    if isinstance(f, Equals):
+        return [(f.name or f.column, f.column)]
+    if isinstance(f, AnyOf):
+        return [(f.column, f.column)]
+    if isinstance(f, Range):
+        return [(f.low, f.column), (f.high, f.column)]
+    if isinstance(f, Below):
+        return [(f.name, f.column)]
+    return []
 
 
 # ---- orderings ------------------------------------------------------------------------------------
@@ -745,21 +785,52 @@ class Record:
             bound.update(f.bind(self, filters or {}))
         return bound
 
-    def filtered(self, tenant: Any, bound: Collection[str], prefix: str = "") -> Select[Any]:
+    def filtered(self, tenant: Any, bound: Collection[str], prefix: str = "",
+                 hidden: HiddenOf = nothing_hidden) -> Select[Any]:
         """The tenant's records (not in the trash) matching the filters whose parameters are in ``bound`` (AND of all),
         with the computed sort values as extra columns. ``tenant``: a value or a bind parameter;
-        ``prefix`` is put before every filter parameter's name."""
+        ``prefix`` is put before every filter parameter's name; a search leaves out the ``hidden`` columns."""
         extra = [s.expression(self.table).label(f"sort_{s.column}") for s in self.sorts if s.expression]
         query = select(self.table, *extra).where(self.table.c.tenant_id == tenant, *self.visible(self.table))
         for f in self.filters:
-            query = query.where(*f.where(self, self.table, bound, prefix))
+            if isinstance(f, Search):
+                query = query.where(*f.where(self, self.table, bound, prefix, hidden))
+            else:
+                query = query.where(*f.where(self, self.table, bound, prefix))
         return query
 
-    def listing_query(self, tenant_id: uuid.UUID, filters: Mapping[str, Any] | None) -> Select[Any]:
+    def listing_query(self, tenant_id: uuid.UUID, filters: Mapping[str, Any] | None,
+                      hidden: HiddenOf = nothing_hidden) -> Select[Any]:
         """``filtered`` with the values of ``filters`` bound (what the resolvers run)."""
         bound = self.bind_filters(filters)
-        query = self.filtered(tenant_id, bound)
+        query = self.filtered(tenant_id, bound, hidden=hidden)
         return query.params(bound) if bound else query
+
+    # ---- field rules (``auth.fields``) -----------------------------------------------------------
+
+    def restrictable(self) -> dict[str, Field]:
+        """The fields a tenant may hide, by their API names (what a field rule names)."""
+        return {f.name: f for f in self.fields if f.restrictable}
+
+    def refuse_hidden(self, hidden: Collection[str], role: str, *, filters: Mapping[str, Any] | None = None,
+                      sort: str | None = None, columns: Collection[str] = (), prefix: str = "") -> None:
+        """FORBIDDEN naming the first filter field given (``filters``: python name -> value, None or
+        empty ones left out), ordering (``sort``: a ``Sort`` name) or written column (``columns``, named
+        with ``prefix``) that reads a field in ``hidden`` (API names)."""
+        if not hidden:
+            return
+        for f in self.filters if filters else ():
+            for name, column in filter_columns(f):
+                given = (filters or {}).get(name)
+                if camel(column) in hidden and given is not None and given != []:
+                    raise HiddenField(f"filter.{camel(name)}", self.name, camel(column), role)
+        if sort is not None:
+            column = next(s.column for s in self.sorts if s.name == sort)
+            if camel(column) in hidden:
+                raise HiddenField("orderBy.field", self.name, camel(column), role)
+        for column in columns:
+            if camel(column) in hidden:
+                raise HiddenField(prefix + camel(column), self.name, camel(column), role)
 
     def filter_fields(self) -> list[FilterField]:
         return [ff for f in self.filters for ff in f.fields(self)]

@@ -27,20 +27,21 @@ from sqlalchemy.dialects.postgresql import aggregate_order_by
 
 from auth.roles import requires
 from auth.session import Info
-from core.errors import BadUserInput
+from core.errors import BadUserInput, HiddenField
 from core.limits import DEFAULT_GROUPS, MAX_GROUPS
-from records.declare import Aggregation, Group, Record
+from records.declare import Aggregation, Group, HiddenOf, Record, camel, nothing_hidden
 from records.rules import Choice
 from schema.aggregates import MoneyAggregate, NumberAggregate, aggregate_type, build_group, group_by_enum
+from schema.objects import selected_under
 
 CENT = Decimal("0.01")
 NUMBER_PLACES = Decimal("0.0001")
 
 
 def statement(record: Record, aggregation: Aggregation, tenant_id: Any, bound: dict[str, Any],
-              chosen: list[Group], first: int) -> Any:
+              chosen: list[Group], first: int, hidden: HiddenOf = nothing_hidden) -> Any:
     """The one SELECT of an aggregate (module docstring); its parameters are ``bound``."""
-    rows = record.filtered(tenant_id, bound).subquery("r")
+    rows = record.filtered(tenant_id, bound, hidden=hidden).subquery("r")
     keys = [group.expression(rows).label(f"k{i}") for i, group in enumerate(chosen)]
     currencies = list(dict.fromkeys(m.currency for m in aggregation.measures if m.currency))
     assert len(currencies) <= 1, "money measures of one record share one currency column"
@@ -95,6 +96,24 @@ def key_value(record: Record, group: Group, value: Any) -> Any:
     return rule.annotation(value) if isinstance(rule, Choice) and value is not None else value
 
 
+def refuse_hidden(info: Info, record: Record, aggregation: Aggregation, chosen: list[Group],
+                  filters: dict[str, Any] | None) -> None:
+    """FORBIDDEN naming the first filter, group (``groupBy``) or selected measure (``groups.<measure>``)
+    that reads a field hidden from the caller's role (``auth.fields``)."""
+    session = info.context.session
+    hidden, role = session.hidden(record.name), session.principal.role.value
+    if not hidden:
+        return
+    record.refuse_hidden(hidden, role, filters=filters)
+    for group in chosen:
+        if camel(group.column) in hidden:
+            raise HiddenField("groupBy", record.name, camel(group.column), role)
+    selected = {field.name for field in selected_under(info, ("groups",))}
+    for measure in aggregation.measures:
+        if measure.name in selected and measure.name in hidden:
+            raise HiddenField(f"groups.{measure.name}", record.name, measure.name, role)
+
+
 def aggregate_field(record: Record, filter_input: type | None) -> Any:
     """``<plural>Aggregate`` (module docstring); ``filter_input``: the record's filter type."""
     aggregation = record.aggregation
@@ -109,8 +128,11 @@ def aggregate_field(record: Record, filter_input: type | None) -> Any:
             raise BadUserInput("first", f"must be between 1 and {MAX_GROUPS}")
         chosen = [by[value.value] for value in dict.fromkeys(group_by or [])]
         session = info.context.session
-        bound = record.bind_filters(vars(filter) if filter else None)
-        rows = await session.db.fetch(statement(record, aggregation, session.tenant_id, bound, chosen, first), bound)
+        filters = vars(filter) if filter else None
+        refuse_hidden(info, record, aggregation, chosen, filters)
+        bound = record.bind_filters(filters)
+        rows = await session.db.fetch(statement(record, aggregation, session.tenant_id, bound, chosen, first,
+                                                session.hidden), bound)
         groups = []
         for row in rows:
             values: dict[str, Any] = {"count": int(row.records or 0), **measures_of(aggregation, row)}

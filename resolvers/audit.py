@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
+from typing import Any
+
 import strawberry
 from sqlalchemy import select
 
@@ -10,7 +13,7 @@ from auth.session import Info
 from core.ids import parse_global_id, to_global_id
 from models.audit_chain import Verification, verify_chain
 from models.tables import AUDIT_EVENTS
-from records.declare import Sort
+from records.declare import Sort, camel
 from resolvers.paging import paginate
 from schema.crm import AuditChainBreak, AuditChainVerification, AuditEvent
 from schema.pagination import Connection
@@ -31,7 +34,12 @@ class AuditQuery:
         if entity_id is not None:
             type_name, key = parse_global_id(entity_id, field="entityId")
             query = query.where(AUDIT_EVENTS.c.entity_type == type_name, AUDIT_EVENTS.c.entity_id == key)
-        return await paginate(session.db, query, AUDIT_EVENTS.c.id, OCCURRED, AuditEvent.from_row, descending=True,
+        def build(row: Any) -> AuditEvent:
+            event = AuditEvent.from_row(row)
+            event.diff = redacted(event.diff, session.hidden(row.entity_type))
+            return event
+
+        return await paginate(session.db, query, AUDIT_EVENTS.c.id, OCCURRED, build, descending=True,
                               first=first, after=after, last=last, before=before,
                               max_page=info.context.settings.max_page_size)
 
@@ -44,6 +52,23 @@ class AuditQuery:
         async with info.context.databases.tenant_transaction(session.tenant_id, isolation="REPEATABLE READ") as conn:
             found = await verify_chain(conn, session.tenant_id)
         return verification_object(found)
+
+
+def redacted(diff: Any, hidden: Collection[str]) -> Any:
+    """An audit diff as a role may read it: the before/after values of the fields hidden from it
+    (``auth.fields``; diffs name columns) null, and their API names listed under ``hidden``."""
+    if not hidden or not isinstance(diff, dict):
+        return diff
+    out = dict(diff)
+    names: set[str] = set()
+    for side in ("before", "after"):
+        values = diff.get(side)
+        if isinstance(values, dict):
+            out[side] = {k: None if camel(k) in hidden else v for k, v in values.items()}
+            names.update(camel(k) for k in values if camel(k) in hidden)
+    if names:
+        out["hidden"] = sorted(names)
+    return out
 
 
 def verification_object(found: Verification) -> AuditChainVerification:

@@ -188,8 +188,11 @@ def list_field(record: Record) -> Any:
                          after: str | None = None, last: int | None = None, before: str | None = None) -> Any:
         session = info.context.session
         order = order_by or order_input()
+        filters = vars(filter) if filter else None
+        record.refuse_hidden(session.hidden(record.name), session.principal.role.value, filters=filters,
+                             sort=order.field.name)
         page = await paginate(
-            session.db, record.listing_query(session.tenant_id, vars(filter) if filter else None),
+            session.db, record.listing_query(session.tenant_id, filters, session.hidden),
             record.table.c.id, keys[order.field.name], kind.from_row,
             descending=order.direction is Direction.DESC, first=first, after=after, last=last, before=before,
             max_page=info.context.settings.max_page_size)
@@ -241,8 +244,18 @@ def title(record: Record) -> str:
 Nested = list[tuple[Children, list[dict[str, Any]]]]
 
 
-def create_values(record: Record, given: Any) -> tuple[dict[str, Any], Nested]:
+def refuse_hidden_input(info: Info, record: Record, given: dict[str, Any], *, patch: bool = False) -> None:
+    """FORBIDDEN naming the first input field that writes a field hidden from the caller's role
+    (``auth.fields``): a create's given values (null is not given), a patch's every field given."""
+    session = info.context.session
+    written = [column for column, value in given.items() if record.has(column) and value is not UNSET
+               and (patch or value is not None)]
+    record.refuse_hidden(session.hidden(record.name), session.principal.role.value, columns=written)
+
+
+def create_values(record: Record, given: Any, info: Info) -> tuple[dict[str, Any], Nested]:
     """The validated values of one create input, and of its nested children."""
+    refuse_hidden_input(info, record, vars(given))
     values = record.create_values(vars(given))
     children: Nested = []
     for spec in record.children:
@@ -283,7 +296,7 @@ def create_field(record: Record) -> Any:
     kind = object_type(record)
 
     async def create(info: Info, input: Any, **arguments: Any) -> Any:
-        values, children = create_values(record, input)
+        values, children = create_values(record, input, info)
         async with change(info) as w:
             if (parent := await parent_key(w, record, arguments)) is not None:
                 values[parent[0]] = parent[1]
@@ -302,6 +315,7 @@ def update_field(record: Record) -> Any:
 
     async def update(info: Info, id: strawberry.ID, input: Any, expected_version: int | None = None) -> Any:
         key = decode_id(id, record.name)
+        refuse_hidden_input(info, record, vars(input), patch=True)
         changes = record.patch_values(vars(input))
         async with change(info) as w:
             row = await w.update(record, key, changes, expected_version)
@@ -365,7 +379,7 @@ def create_many_field(record: Record) -> Any:
         children: list[Nested] = []
         for i, given in enumerate(input):
             with batch.item(i):
-                one, nested = create_values(record, given)
+                one, nested = create_values(record, given, info)
             values.append(one)
             children.append(nested)
         async with change(info) as w:
@@ -393,6 +407,7 @@ def update_many_field(record: Record) -> Any:
         changes: list[tuple[Any, dict[str, Any], int | None]] = []
         for i, given in enumerate(input):
             with batch.item(i):
+                refuse_hidden_input(info, record, vars(given), patch=True)
                 changes.append((decode_id(given.id, record.name), record.patch_values(vars(given)),
                                 given.expected_version))
         async with change(info) as w:
@@ -434,6 +449,7 @@ def upsert_many_field(record: Record) -> Any:
         for i, given in enumerate(input):
             with batch.item(i):
                 stated = {k: v for k, v in vars(given).items() if v is not UNSET}
+                refuse_hidden_input(info, record, stated, patch=True)
                 values = record.create_values({**defaults, **stated})
                 if values.get(batch.EXTERNAL_ID) is None:
                     raise BadUserInput(camel(batch.EXTERNAL_ID), "must not be empty")

@@ -10,7 +10,7 @@ from sqlalchemy import func, select
 
 from auth.roles import requires
 from auth.session import Info
-from core.errors import NotFound
+from core.errors import HiddenField, NotFound
 from core.ids import decode_id
 from records.crm import DEAL, PIPELINE, STAGE
 from resolvers import crud
@@ -33,6 +33,9 @@ async def stage_totals(info: Info, pipeline: uuid.UUID) -> list[StageTotal]:
     """Deal count, total and weighted total per stage and currency of ``pipeline`` (deals in the trash
     left out), in board order (what both ``Query.pipelineSummary`` and the live ``pipelineSummary`` report)."""
     session = info.context.session
+    if (amount := DEAL.field("amount").name) in session.hidden(DEAL.name):
+        # Totals of amounts tell amounts: FORBIDDEN to a role the amount is hidden from (auth.fields).
+        raise HiddenField("pipelineId", DEAL.name, amount, session.principal.role.value)
     rows = await session.db.fetch(
         select(DEALS.c.stage_id, DEALS.c.currency, func.count().label("deals"),
                func.sum(DEALS.c.amount).label("total"))

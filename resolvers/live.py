@@ -29,7 +29,7 @@ from typing import Any, TypeVar
 import strawberry
 
 from auth.roles import Permission, allows, requires
-from auth.session import Info, event_session
+from auth.session import Info, Session, event_session
 from core.errors import BadUserInput, Forbidden, NotFound, SubscriberTooSlow
 from core.ids import decode_id, parse_global_id, to_global_id
 from records.crm import BY_NAME, NOTE
@@ -38,6 +38,7 @@ from resolvers.deals import require_pipeline, stage_totals
 from schema.live import (
     ActivityChange,
     ActivityFeedEvent,
+    ChangeFields,
     DealBoardEvent,
     DealChange,
     NoteEvent,
@@ -112,8 +113,16 @@ async def changes(info: Info, channel: str, build: Callable[[ChangeEvent], T | N
             else:
                 payload = None
             if payload is not None:
-                async with event_session(context):
-                    yield payload
+                async with event_session(context) as session:
+                    yield without_hidden(payload, session)
+
+
+def without_hidden(payload: T | Resync, session: Session) -> T | Resync:
+    """A change as a subscriber may see it: the fields hidden from its role (``auth.fields``, read
+    for this event) left out of ``changedFields`` (the record itself reads them as null, FORBIDDEN)."""
+    if isinstance(payload, ChangeFields) and (hidden := session.hidden(payload.record_type)):
+        payload.changed_fields = [name for name in payload.changed_fields if name not in hidden]
+    return payload
 
 
 def drain(queue: asyncio.Queue[object]) -> None:

@@ -24,7 +24,7 @@ import base64
 import dataclasses
 import datetime as dt
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Collection, Mapping
 from contextlib import asynccontextmanager
 from decimal import Decimal
 from typing import Any
@@ -40,7 +40,7 @@ from core.ids import to_global_id
 from models.db import showing_trash, trash_seen
 from models.tables import AUDIT_EVENTS
 from records.crm import RECORDS, dependents, rollups_into
-from records.declare import AtLeastOne, ExactlyOne, OnDelete, Record, camel
+from records.declare import AtLeastOne, ExactlyOne, HiddenOf, OnDelete, Record, camel, nothing_hidden
 from subscriptions.events import ChangeEvent, ChangeKind
 from webhooks.outbox import enqueue
 
@@ -60,11 +60,12 @@ def snapshot(row: Mapping[Any, Any], columns: Any = None) -> dict[str, Any]:
     return {k: jsonable(row[k]) for k in keys}
 
 
-def public_record(record: Record, row: Mapping[Any, Any]) -> dict[str, Any]:
-    """A row as a client sees it: GraphQL field names and global IDs (``stage_id`` -> ``stageId``)."""
+def public_record(record: Record, row: Mapping[Any, Any], hidden: Collection[str] = ()) -> dict[str, Any]:
+    """A row as a client sees it: GraphQL field names and global IDs (``stage_id`` -> ``stageId``),
+    without the fields ``hidden`` from the client's role (``auth.fields``)."""
     out: dict[str, Any] = {}
     for column, value in row.items():
-        if column == "tenant_id":
+        if column == "tenant_id" or camel(column) in hidden:
             continue
         relation = record.relation_by_key(column)
         type_name = record.name if column == "id" else relation.target().name if relation else None
@@ -77,9 +78,11 @@ class Change:
     """The statements of one mutation, inside its tenant transaction."""
 
     def __init__(self, conn: AsyncConnection, principal: Principal, request_id: str, *,
-                 now: dt.datetime | None = None, system: bool = False) -> None:
+                 now: dt.datetime | None = None, system: bool = False, hidden: HiddenOf = nothing_hidden) -> None:
         self.conn = conn
         self.principal = principal
+        self.hidden = hidden
+        """The caller's hidden fields (``auth.fields``): a version conflict's ``current`` leaves them out."""
         self.request_id = request_id
         self.events: list[ChangeEvent] = []
         self.rows: list[Mapping[Any, Any]] = []
@@ -491,10 +494,10 @@ class Change:
                  "request_id": self.request_id}
                 for entity_id, diff in entries])
 
-    @staticmethod
-    def check_version(record: Record, row: Row[Any], expected_version: int | None) -> None:
+    def check_version(self, record: Record, row: Row[Any], expected_version: int | None) -> None:
         if expected_version is not None and row.version != expected_version:
-            raise VersionConflict(record.label, row.version, public_record(record, row._mapping))
+            raise VersionConflict(record.label, row.version,
+                                  public_record(record, row._mapping, self.hidden(record.name)))
 
     def _event(self, record: Record, kind: ChangeKind, row: Row[Any], fields: tuple[str, ...],
                version: int | None = None, detail: Mapping[str, Any] | None = None,
@@ -554,7 +557,7 @@ async def change(info: Info) -> AsyncIterator[Change]:
     session: Session = context.session
     async with session.db.write() as conn:
         w = Change(conn, session.principal, context.request_id,
-                   now=dt.datetime.fromtimestamp(context.clock.time(), dt.UTC))
+                   now=dt.datetime.fromtimestamp(context.clock.time(), dt.UTC), hidden=session.hidden)
         yield w
         # Webhook deliveries join the outbox in the change's own transaction (webhooks.outbox).
         await enqueue(conn, w.tenant_id, zip(w.events, w.rows, strict=True), public_record)

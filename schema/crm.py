@@ -16,7 +16,7 @@ from core.ids import to_global_id
 from models.tables import ActivityKind, DealStatus, Plan, Role
 from records.crm import ACTIVITY, COMPANY, CONTACT, DEAL, DEAL_LINE_ITEM, PIPELINE, PRODUCT, STAGE, USER
 from schema import enums as _enums  # noqa: F401 - registers the model enums as GraphQL enums
-from schema.objects import SQL, Node, RecordObject, children, load, to_one
+from schema.objects import SQL, Node, RecordObject, children, guarded, load, to_one
 
 
 @strawberry.type
@@ -44,7 +44,7 @@ class User(RecordObject, Node, record=USER):
 @strawberry.type
 class Company(RecordObject, Node, record=COMPANY):
     name: str
-    domain: str | None
+    domain: str | None = guarded(COMPANY, "domain")
     version: int
     external_id: str | None = strawberry.field(description="Your own key of the record, unique in the workspace.")
     created_at: dt.datetime
@@ -58,9 +58,9 @@ class Company(RecordObject, Node, record=COMPANY):
 class Contact(RecordObject, Node, record=CONTACT):
     first_name: str
     last_name: str
-    email: str | None
-    phone: str | None
-    title: str | None
+    email: str | None = guarded(CONTACT, "email")
+    phone: str | None = guarded(CONTACT, "phone")
+    title: str | None = guarded(CONTACT, "title")
     version: int
     external_id: str | None = strawberry.field(description="Your own key of the record, unique in the workspace.")
     created_at: dt.datetime
@@ -96,7 +96,7 @@ class Stage(RecordObject, Node, record=STAGE):
 class Activity(RecordObject, Node, record=ACTIVITY):
     kind: ActivityKind
     subject: str
-    body: str | None
+    body: str | None = guarded(ACTIVITY, "body")
     occurred_at: dt.datetime
     due_date: dt.date | None = strawberry.field(description="Tasks only.")
     done: bool
@@ -112,11 +112,11 @@ class Activity(RecordObject, Node, record=ACTIVITY):
 @strawberry.type
 class Deal(RecordObject, Node, record=DEAL):
     title: str
-    amount: Decimal = strawberry.field(description="In `currency`; the total of the deal's line items while it "
-                                                   "has any.")
+    amount: Decimal | None = guarded(DEAL, "amount", "In `currency`; the total of the deal's line items while it "
+                                                     "has any. Null (FORBIDDEN) when hidden from your role.")
     currency: str = strawberry.field(description="ISO 4217 code of `amount`.")
     status: DealStatus
-    expected_close_date: dt.date | None
+    expected_close_date: dt.date | None = guarded(DEAL, "expected_close_date")
     version: int
     external_id: str | None = strawberry.field(description="Your own key of the record, unique in the workspace.")
     created_at: dt.datetime
@@ -134,7 +134,8 @@ class Deal(RecordObject, Node, record=DEAL):
 class Product(RecordObject, Node, record=PRODUCT):
     name: str
     sku: str = strawberry.field(description="Stock-keeping unit, unique in the workspace.")
-    unit_price: Decimal = strawberry.field(description="List price, in `currency`.")
+    unit_price: Decimal | None = guarded(PRODUCT, "unit_price", "List price, in `currency`. Null (FORBIDDEN) when "
+                                                                "hidden from your role.")
     currency: str = strawberry.field(description="ISO 4217 code of `unitPrice`.")
     active: bool = strawberry.field(description="Only active products can be added to deals.")
     version: int

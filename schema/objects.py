@@ -30,7 +30,7 @@ from strawberry.types.nodes import SelectedField, Selection
 
 from auth.roles import Permission
 from auth.session import Info
-from core.errors import BadUserInput
+from core.errors import BadUserInput, HiddenField
 from core.ids import to_global_id
 from records.declare import Children, Record, ToOne, camel
 
@@ -40,6 +40,9 @@ MISSING = object()
 SQL = "atrium.sql"
 """Field metadata key: how to compute a computed field in SQL, ``(source) -> column expression``
 (the planner pushes such a field down; without it the field runs its resolver)."""
+GUARDED = "atrium.guarded"
+"""Field metadata key of a restrictable field (``guarded``): its column (the planner reads it as a
+column, and falls back to the executor when the caller may not see it)."""
 
 
 @dataclass(frozen=True)
@@ -139,6 +142,26 @@ async def load(info: Info, record: Record, key: uuid.UUID | None) -> Any:
         return None
     row = await info.context.session.loaders.one(record).load(key)
     return RecordObject.type_of(record).from_row(row) if row is not None else None
+
+
+# ---- restrictable fields (auth.fields) -------------------------------------------------------------
+
+def guarded(record: Record, column: str, description: str | None = None) -> Any:
+    """The field of ``record``'s restrictable ``column`` (declared ``Field(..., restrictable=True)``;
+    nullable in the object type): its value, or null with FORBIDDEN naming it when a field rule of
+    the tenant hides it from the caller's role."""
+    spec = record.field(column)
+    if not spec.restrictable:
+        raise TypeError(f"{record.name}.{column} is not declared restrictable")
+    name, kind = spec.name, record.name
+
+    def resolve(self: Node, info: Info) -> Any:
+        session = info.context.session
+        if name in session.hidden(kind):
+            raise HiddenField(name, kind, name, session.principal.role.value)
+        return getattr(self.row, column)
+
+    return strawberry.field(resolver=resolve, description=description, metadata={GUARDED: column})
 
 
 # ---- relation fields ------------------------------------------------------------------------------

@@ -234,9 +234,10 @@ class InProcessAtrium:
 
 @contextlib.asynccontextmanager
 async def serve_in_process(settings: Settings, clock: ManualClock, tracer_provider: TracerProvider | None = None,
-                           **options: Any) -> AsyncIterator[InProcessAtrium]:
+                           port: int = 0, **options: Any) -> AsyncIterator[InProcessAtrium]:
     """``create_app(settings, clock=clock, tracer_provider=...)``, its lifespan run, served over real
-    sockets until exit (``options``: more ``uvicorn.Config`` options, such as ``http``).
+    sockets until exit (``options``: more ``uvicorn.Config`` options, such as ``http``), on ``port``
+    (0: any free one).
 
     The listening socket is bound before uvicorn starts (no free-port race); the app's lifespan is run
     here rather than by uvicorn, so that a failing startup raises in the test instead of exiting.
@@ -244,9 +245,9 @@ async def serve_in_process(settings: Settings, clock: ManualClock, tracer_provid
     app = create_app(settings, clock=clock, tracer_provider=tracer_provider)
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
-        listener.bind(("127.0.0.1", 0))
+        listener.bind(("127.0.0.1", port))
         listener.listen()
-        port: int = listener.getsockname()[1]
+        port = listener.getsockname()[1]
         async with app.router.lifespan_context(app):
             config = uvicorn.Config(app, lifespan="off", log_level="warning", log_config=None,
                                     timeout_graceful_shutdown=5, **options)

@@ -137,7 +137,16 @@ async def seed(client: httpx.AsyncClient, tenant: TenantWorld) -> World:
         world.ids += [a["id"] for a in edge["node"]["activities"]] + [li["id"] for li in edge["node"]["lineItems"]]
     world.ids += [e["node"]["id"] for e in listing["activities"]["edges"]]
     world.ids.append(f"{uuid.uuid4().hex}")  # not an id at all
+    # Field rules (docs/field-rules.md): every query below runs as the owner, who sees everything, and as
+    # a viewer, from whom these are hidden: both paths must answer alike (null + FORBIDDEN where a
+    # hidden field is read, FORBIDDEN where one is filtered, sorted or measured by, searches without it).
+    for record_type, name in HIDDEN_FROM_VIEWERS:
+        await api(client, tenant.token(Role.ADMIN), """mutation($t: String!, $f: String!) {
+            setFieldRule(recordType: $t, field: $f, hiddenFrom: [VIEWER]) { id } }""", t=record_type, f=name)
     return world
+
+
+HIDDEN_FROM_VIEWERS = (("Deal", "amount"), ("Contact", "email"), ("Product", "unitPrice"), ("Activity", "body"))
 
 
 @pytest.fixture(scope="module")
@@ -319,6 +328,15 @@ CHOSEN: list[tuple[str, dict[str, Any]]] = [
     ("{ deals(filter: {amountMin: \"1e309\"}) { totalCount } }", {}),
     ("query($id: ID!) { deal(id: $id) { id } company(id: $id) { id } }", {}),
     ("{ auditEvents(first: 3) { nodes { action } } deals(first: 1) { nodes { id } } }", {}),
+    # field rules (HIDDEN_FROM_VIEWERS): hidden fields read, filtered, sorted, searched and measured
+    ("{ a: deals(filter: {search: \"x.example\"}) { totalCount nodes { title amount contact { email } } } "
+     "b: contacts(filter: {search: \"p1@\"}) { totalCount } c: products { nodes { sku unitPrice } } }", {}),
+    ("{ deals(orderBy: {field: AMOUNT}) { totalCount } }", {}),
+    ("{ products(orderBy: {field: UNIT_PRICE}) { nodes { sku } } }", {}),
+    ("{ dealsAggregate(groupBy: [CURRENCY]) { groups { count currency amount { sum } } } }", {}),
+    ("{ dealsAggregate(groupBy: [CURRENCY]) { groups { count currency } } deals { nodes { title currency } } }", {}),
+    ("query($id: ID!) { node(id: $id) { ... on Deal { amount activities { body } } ... on Activity { body } "
+     "... on Contact { email deals(first: 2) { amount } } } }", {}),
 ]
 
 

@@ -231,6 +231,8 @@ def rows_for(tenant: Seeded, stranger: uuid.UUID) -> dict[str, dict[str, Any]]:
                           "n": uuid.uuid4().int % (1 << 31), "data": b"PK"},
         "retention_policies": {"tenant_id": t, "id": uuid.uuid4(), "target": f"planted-{uuid.uuid4().hex[:8]}",
                                "keep_days": 30},
+        "field_rules": {"tenant_id": t, "id": uuid.uuid4(), "record_type": "Deal",
+                        "field": f"planted-{uuid.uuid4().hex[:8]}", "hidden_from": ["viewer"]},
         "idempotency_keys": {"tenant_id": t, "id": uuid.uuid4(), "principal": f"user:{stranger}",
                              "key": uuid.uuid4().hex, "fingerprint": "0" * 64, "status": 200, "body": "{}",
                              "expires_at": dt.datetime.now(dt.UTC) + dt.timedelta(days=1)},

@@ -154,6 +154,13 @@ def in_trash(type_name: str) -> Callable[[httpx.AsyncClient, Seed], Awaitable[di
     return prepare
 
 
+async def field_rule(client: httpx.AsyncClient, s: Seed, record_type: str, name: str) -> dict[str, Any]:
+    """A field rule set by the owner (what ``removeFieldRule`` then lifts)."""
+    await ok(client, s.world.token(Role.OWNER), """mutation($t: String!, $f: String!) {
+        setFieldRule(recordType: $t, field: $f, hiddenFrom: [VIEWER]) { id } }""", {"t": record_type, "f": name})
+    return {}
+
+
 def restore_rule(type_name: str, minimum: Role) -> Rule:
     return Rule(f"restore{type_name}", f"mutation($id: ID!) {{ restore{type_name}(id: $id) {{ id }} }}",
                 lambda s: {}, minimum, in_trash(type_name))
@@ -230,6 +237,10 @@ RULES = [
          lambda s: {"id": s.contact}, Role.OWNER),
     Rule("setRetentionPolicy", """mutation { setRetentionPolicy(target: "activities", keepDays: 365) { keepDays } }""",
          lambda s: {}, Role.OWNER),
+    Rule("setFieldRule", """mutation { setFieldRule(recordType: "Deal", field: "amount", hiddenFrom: [VIEWER])
+            { id } }""", lambda s: {}, Role.ADMIN),
+    Rule("removeFieldRule", """mutation { removeFieldRule(recordType: "Contact", field: "phone") }""",
+         lambda s: {}, Role.ADMIN, lambda client, s: field_rule(client, s, "Contact", "phone")),
 ]
 
 

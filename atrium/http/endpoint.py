@@ -112,7 +112,8 @@ class AtriumGraphQL(GraphQLOverHTTP):
         statement): the role is capped by the current membership, a removed member is refused."""
         session = Session.open(self.runtime.databases, principal)
         try:
-            return dataclasses.replace(session, principal=await confirm_membership(session.db, principal))
+            confirmed = dataclasses.replace(session, principal=await confirm_membership(session.db, principal))
+            return await confirmed.with_rules()
         except BaseException:
             await session.close()
             raise
@@ -217,12 +218,14 @@ class AtriumGraphQL(GraphQLOverHTTP):
         event it executes is a span (``Context.trace_event``)."""
         assert state.principal is not None
         principal = state.principal
-        session = Session.open(self.runtime.databases, principal)
-        context = self.context(state.request, uuid.uuid4().hex, session)
-        if (tracing := self.runtime.tracing) is not None:
-            context = dataclasses.replace(
-                context, trace_event=lambda: tracing.event_span(principal.tenant_id, operation_name))
+        opened = Session.open(self.runtime.databases, principal)
+        session = opened
         try:
+            session = await opened.with_rules()
+            context = self.context(state.request, uuid.uuid4().hex, session)
+            if (tracing := self.runtime.tracing) is not None:
+                context = dataclasses.replace(
+                    context, trace_event=lambda: tracing.event_span(principal.tenant_id, operation_name))
             yield context
         finally:
             await session.close()
