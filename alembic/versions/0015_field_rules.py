@@ -10,8 +10,8 @@ Frozen: this revision spells out its DDL and imports nothing from the applicatio
   0005): a request reads the rules' version with its membership (``atrium_enter``), so a rule
   change invalidates the cached rules and every cached answer (``planner.answers``) of the tenant.
 
-Revision ID: 0018_field_rules
-Revises: 0013_webhook_traceparent
+Revision ID: 0015_field_rules
+Revises: 0014_job_leases
 Create Date: 2026-12-01
 """
 
@@ -19,8 +19,8 @@ from __future__ import annotations
 
 from alembic import op
 
-revision = "0018_field_rules"
-down_revision = "0013_webhook_traceparent"
+revision = "0015_field_rules"
+down_revision = "0014_job_leases"
 branch_labels = None
 depends_on = None
 
