@@ -349,7 +349,13 @@ class Databases:
         return True
 
     async def dispose(self) -> None:
-        for engine in self._engines.values():
+        # Route lookups still under way (shielded from their callers' cancellation) would add engines
+        # while they are disposed: they end first.
+        lookups = list(self._lookups.values())
+        for lookup in lookups:
+            lookup.cancel()
+        await asyncio.gather(*lookups, return_exceptions=True)
+        for engine in list(self._engines.values()):
             await engine.dispose()
 
 

@@ -656,13 +656,14 @@ async def test_nothing_the_app_role_can_read_sidesteps_rls(admin_engine: AsyncEn
     # The audit functions act only on the transaction's tenant: redaction of its events (an erasure),
     # the trim its own retention policy allows; retention_due lists policies and trash retentions,
     # abandoned_exports the ids of jobs whose lease expired, dedicated_tenants the ids of tenants on a
-    # database of their own (ids and numbers, no tenant data).
+    # database of their own, webhook_backlog two numbers over every tenant (no tenant data).
     assert sorted(d.proname for d in definers) == ["atrium_abandoned_exports", "atrium_api_key",
                                                    "atrium_apq_get", "atrium_apq_put",
                                                    "atrium_audit_redact", "atrium_audit_trim",
                                                    "atrium_dedicated_tenants",
                                                    "atrium_ensure_user", "atrium_login_candidates",
-                                                   "atrium_retention_due", "atrium_webhook_due",
+                                                   "atrium_retention_due", "atrium_webhook_backlog",
+                                                   "atrium_webhook_due",
                                                    "atrium_webhook_next_due"]
 
 
