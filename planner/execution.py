@@ -167,7 +167,7 @@ async def answer(schema: GraphQLSchema, plans: PlanCache, context: Any, operatio
         else:
             versions = ",".join(f"{table}={entry.version(table)}" for table in compiled.tables)
             digest = f"{hashlib.sha256(operation.query.encode()).hexdigest()}:{operation.operation_name or ''}"
-            key = answer_key(session.principal.tenant_id, session.principal.role.value, digest, operation.variables,
+            key = answer_key(session.principal.tenant_id, session.principal.scope.key, digest, operation.variables,
                              versions)
             cached = await answers.get(key)
             _tell(context, "hit" if cached is not None else "miss")
