@@ -3,9 +3,12 @@
 ``Databases.tenant_transaction(tenant_id)`` (writes) and ``Databases.read_transaction(tenant_id,
 user_id)`` (a request's reads) are the only code that sets tenant state in PostgreSQL: each begins a
 transaction and runs ``set_config('app.tenant_id', $1, true)`` (transaction-local, so it can never
-leak through the pool), or, for a request of a member, ``atrium_enter(tenant, user)``, which does
-the same and returns the caller's membership and the tenant's data versions in that one statement
-(``Entry``). ``TenantScope`` is a request's view of them: one connection at a time, statements
+leak through the pool), or, for a request of a member, ``atrium_enter(tenant, user, role)``, which
+does the same and returns the caller's membership, the tenant's data versions and the caller's view
+of its records in that one statement (``Entry``). Every transaction also carries a viewer
+(``models.visibility.View``: the member's user id, teams and what they see; the system's own work
+sees everything), set beside the tenant for row-level security and bound to the application's
+queries. ``TenantScope`` is a request's view of them: one connection at a time, statements
 serialised by a lock because Strawberry resolves sibling fields (and their loader batches)
 concurrently.
 

@@ -62,9 +62,11 @@ class TrashReader:
 
 
 def roots(record: Record, tenant_id: uuid.UUID) -> Select[Any]:
-    """The tenant's records of ``record`` in the trash that were deleted on their own."""
+    """The tenant's records of ``record`` in the trash that were deleted on their own (those the caller
+    may see: ``Record.scoped``)."""
     t = record.table
-    return select(t).where(t.c.tenant_id == tenant_id, t.c.deleted_at.is_not(None), t.c.trash_batch == t.c.id)
+    return select(t).where(t.c.tenant_id == tenant_id, t.c.deleted_at.is_not(None), t.c.trash_batch == t.c.id,
+                           *record.scoped(t))
 
 
 async def retention(conn: AsyncConnection, tenant_id: uuid.UUID) -> dt.timedelta:

@@ -267,7 +267,8 @@ class Change:
     async def trashed(self, record: Record, id: uuid.UUID, *, lock: bool = False) -> Row[Any]:
         """The row of ``record`` ``id`` in the trash (inside ``showing_trash``); NOT_FOUND otherwise."""
         t = record.table
-        query = select(t).where(t.c.tenant_id == self.tenant_id, t.c.id == id, t.c.deleted_at.is_not(None))
+        query = select(t).where(t.c.tenant_id == self.tenant_id, t.c.id == id, t.c.deleted_at.is_not(None),
+                                *record.scoped(t))
         row: Row[Any] | None = (await self.conn.execute(query.with_for_update() if lock else query)).first()
         if row is None:
             raise NotFound(record.label, id)

@@ -21,11 +21,13 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
 from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
+from starlette.applications import Starlette
 
 from atrium.ops.admin import add_user
 from auth.tokens import issue_token
@@ -35,6 +37,7 @@ from models.db import Databases, TenantScope
 from models.tables import DEAL_LINE_ITEMS, DEALS, NOTES, Role
 from tests.conftest import TenantWorld, codes, data_or_fail, gql
 from tests.crm import create_deal, gid, seed_crm, uuid_of
+from tests.governance import archive_files, finished_export, jsonl
 from tests.live import live, serve_in_process
 from tests.partners import running
 
@@ -418,3 +421,18 @@ async def test_subscribers_get_only_events_of_deals_they_see_and_never_share_an_
             message = await out.message(op)
             errors = message["payload"] if message["type"] == "error" else message["payload"].get("errors")
             assert [e["extensions"]["code"] for e in errors] == ["NOT_FOUND"], json.dumps(message)
+
+
+# ---- exports ---------------------------------------------------------------------------------------
+
+async def test_a_workspace_export_is_complete_whatever_the_audience(
+        make_tenant: MakeTenant, client: httpx.AsyncClient, app: Starlette, admin_engine: AsyncEngine) -> None:
+    """Exports are the owners' (who see everything) and run as the system: every deal is in the archive."""
+    ws = await workspace(make_tenant, client, admin_engine)
+    job = await finished_export(client, app, ws.world)
+    assert job["status"] == "DONE", job
+    link = urlsplit(job["downloadUrl"])
+    files = archive_files((await client.get(f"{link.path}?{link.query}")).content)
+    assert {row["id"] for row in jsonl(files["deals.jsonl"])} == {str(uuid_of(d)) for d in ws.deals.values()}
+    assert len(jsonl(files["deal_line_items.jsonl"])) == 1
+    assert {row["record_type"] for row in jsonl(files["record_visibility.jsonl"])} == {"Deal"}
