@@ -80,9 +80,9 @@ async def main() -> None:
     args = parser.parse_args()
     settings, tenant = await prepare(args.deals)
     settings = dataclasses.replace(settings, jwt_secret=SECRET, plans=args.plans == "on", rate_limits=False)
-    users = {user.role: user.id for user in tenant.users}
+    users = {user.role: user.user_id for user in tenant.users}
     member, admin = users["member"], users["admin"]
-    others = [user.id for user in tenant.users if user.id not in (member, admin)]
+    others = [user.user_id for user in tenant.users if user.user_id not in (member, admin)]
     app = create_app(settings)
     async with app.router.lifespan_context(app), httpx.AsyncClient(
             transport=httpx.ASGITransport(app=app), base_url="http://bench.test") as client:
