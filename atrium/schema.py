@@ -25,6 +25,7 @@ from resolvers.exports import ExportMutation, ExportQuery
 from resolvers.field_rules import FieldRuleMutation, FieldRuleQuery
 from resolvers.live import LiveMutation, LiveSubscription
 from resolvers.notes import NoteMutation, NoteQuery
+from resolvers.teams import TeamMutation, TeamQuery
 from resolvers.trash import TrashMutation, TrashQuery
 from resolvers.viewer import ViewerMutation, ViewerQuery
 from schema.cost import CostLimit, MeteredCostLimit
@@ -38,6 +39,7 @@ from schema.extensions import (
     log_unexpected,
 )
 from schema.notes import Note
+from schema.teams import Team, TeamMember
 from schema.values import SCALARS
 from webhooks.resolvers import WebhookMutation, WebhookQuery
 
@@ -49,11 +51,11 @@ def root(name: str, *parts: type) -> type:
 
 Query = root("Query", ViewerQuery, DealQuery, queries(COMPANY), queries(CONTACT), queries(PIPELINE), queries(ACTIVITY),
              AuditQuery, PartnerQuery, NoteQuery, queries(PRODUCT), queries(DEAL_LINE_ITEM), WebhookQuery,
-             ExportQuery, TrashQuery, FieldRuleQuery)
+             ExportQuery, TrashQuery, FieldRuleQuery, TeamQuery)
 Mutation = root("Mutation", ViewerMutation, DealMutation, batch_mutations(DEAL), mutations(COMPANY),
                 mutations(CONTACT), mutations(PIPELINE), mutations(STAGE), mutations(ACTIVITY), PartnerMutation,
                 NoteMutation, LiveMutation, mutations(PRODUCT), mutations(DEAL_LINE_ITEM), WebhookMutation,
-                ExportMutation, ErasureMutation, TrashMutation, FieldRuleMutation)
+                ExportMutation, ErasureMutation, TrashMutation, FieldRuleMutation, TeamMutation)
 Subscription = root("Subscription", LiveSubscription)
 
 
@@ -97,7 +99,7 @@ def build_schema(*, production: bool = False) -> AtriumSchema:
         query=Query,
         mutation=Mutation,
         subscription=Subscription,
-        types=[Deal, Company, Contact, Pipeline, Stage, Activity, User, Note, Product, DealLineItem],
+        types=[Deal, Company, Contact, Pipeline, Stage, Activity, User, Note, Product, DealLineItem, Team, TeamMember],
         extensions=extensions,
         config=StrawberryConfig(disable_field_suggestions=production),
         scalar_overrides=SCALARS,

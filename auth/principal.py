@@ -6,10 +6,12 @@ import dataclasses
 import uuid
 from dataclasses import dataclass
 
+from auth.scope import Scope
 from auth.tokens import TokenVerifier
 from core.errors import Unauthenticated
 from models.db import TenantScope
 from models.tables import Role
+from models.visibility import NOBODY, View
 from partners.keys import ApiKeys, is_api_key
 
 
@@ -28,6 +30,14 @@ class Principal:
     client: str | None = None
     plan: str | None = None
     """The tenant's plan (rate limits), read by ``confirm_membership``; None until then."""
+    view: View = NOBODY
+    """Whose records the caller sees (``models.visibility``), read by ``confirm_membership``: until
+    then no record of a restricted type."""
+
+    @property
+    def scope(self) -> Scope:
+        """What the caller may see (``auth.scope``): shared work is keyed by it."""
+        return Scope(role=self.role, view=self.view)
 
 
 def bearer_token(authorization: str | None) -> str | None:
@@ -46,18 +56,20 @@ def bearer_token(authorization: str | None) -> str | None:
 async def confirm_membership(db: TenantScope, principal: Principal) -> Principal:
     """``principal`` checked against the database: its user must still be a member of its tenant,
     and its role is capped by the membership's current role (a token never outranks the member).
-    The result also carries the tenant's current plan (what its rate limits follow).
+    The result also carries the tenant's current plan (what its rate limits follow) and the caller's
+    view of its records (``models.visibility``: teams and the tenant's audiences, computed by the same
+    statement with the capped role).
 
     Raises UNAUTHENTICATED when the membership is gone. It is the first statement of the request's
     read transaction, the one that sets the tenant (``TenantScope.enter``): it costs no statement
     of its own, and no other connection (a request never waits for a second one).
     """
-    entry = await db.enter(principal.user_id)
+    entry = await db.enter(principal.user_id, principal.role.value)
     if entry.role is None:
         raise Unauthenticated("This credential's user is not a member of its workspace")
     current = Role(entry.role)
     role = current if current.rank < principal.role.rank else principal.role
-    return dataclasses.replace(principal, role=role, plan=entry.plan)
+    return dataclasses.replace(principal, role=role, plan=entry.plan, view=entry.view)
 
 
 async def authenticate(verifier: TokenVerifier, authorization: str | None, *, api_key: str | None = None,

@@ -54,7 +54,7 @@ class Session:
     @classmethod
     def open(cls, databases: Databases, principal: Principal) -> Session:
         """A session whose transaction begins with its first statement."""
-        db = TenantScope(databases, principal.tenant_id)
+        db = TenantScope(databases, principal.tenant_id, principal.view)
         return cls(principal=principal, db=db, loaders=Loaders(db))
 
     async def with_rules(self) -> Session:

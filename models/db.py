@@ -3,9 +3,12 @@
 ``Databases.tenant_transaction(tenant_id)`` (writes) and ``Databases.read_transaction(tenant_id,
 user_id)`` (a request's reads) are the only code that sets tenant state in PostgreSQL: each begins a
 transaction and runs ``set_config('app.tenant_id', $1, true)`` (transaction-local, so it can never
-leak through the pool), or, for a request of a member, ``atrium_enter(tenant, user)``, which does
-the same and returns the caller's membership and the tenant's data versions in that one statement
-(``Entry``). ``TenantScope`` is a request's view of them: one connection at a time, statements
+leak through the pool), or, for a request of a member, ``atrium_enter(tenant, user, role)``, which
+does the same and returns the caller's membership, the tenant's data versions and the caller's view
+of its records in that one statement (``Entry``). Every transaction also carries a viewer
+(``models.visibility.View``: the member's user id, teams and what they see; the system's own work
+sees everything), set beside the tenant for row-level security and bound to the application's
+queries. ``TenantScope`` is a request's view of them: one connection at a time, statements
 serialised by a lock because Strawberry resolves sibling fields (and their loader batches)
 concurrently.
 
@@ -36,12 +39,15 @@ from core.errors import ServiceUnavailable
 from core.pgurl import ASYNCPG, PgUrl, async_url
 from core.settings import Settings
 from models.outages import is_outage
+from models.visibility import NOBODY, SETTINGS_SQL, SYSTEM, View, viewing
 
 log = logging.getLogger("atrium.db")
 
 SET_TENANT = text("SELECT set_config('app.tenant_id', :tenant_id, true)")
-SET_TENANT_SQL = "SELECT set_config('app.tenant_id', $1, true)"
-ENTER_SQL = "SELECT role, plan, tables, versions FROM atrium_enter($1, $2)"
+ENTER_SQL = "SELECT role, plan, tables, versions, teams, peers, restricted FROM atrium_enter($1, $2, $3)"
+SET_VIEW = text("SELECT set_config('app.tenant_id', :tenant_id, true), set_config('atrium.user_id', :user_id, true), "
+                "set_config('atrium.team_ids', :teams, true), set_config('atrium.sees_all', :sees_all, true)")
+"""``models.visibility.SETTINGS_SQL`` for SQLAlchemy connections."""
 SHOW_TRASH = text("SELECT set_config('atrium.trash', 'on', true)")
 HIDE_TRASH = text("SELECT set_config('atrium.trash', 'off', true)")
 TRASH_DEPTH = "atrium.trash.depth"
@@ -147,6 +153,8 @@ class Entry:
     role: str | None
     plan: str | None
     versions: Mapping[str, int]
+    view: View = NOBODY
+    """Whose records the member sees (``models.visibility``); nobody's restricted ones when not a member."""
 
     def version(self, table: str) -> int:
         return self.versions.get(table, 0)
@@ -256,8 +264,10 @@ class Databases:
 
     @asynccontextmanager
     async def tenant_transaction(self, tenant_id: uuid.UUID, *, isolation: str | None = None,
-                                 home: Home | None = None) -> AsyncIterator[AsyncConnection]:
-        """A transaction in which PostgreSQL sees only ``tenant_id``'s rows.
+                                 view: View = SYSTEM, home: Home | None = None) -> AsyncIterator[AsyncConnection]:
+        """A transaction in which PostgreSQL sees only ``tenant_id``'s rows, and of those the ones
+        ``view`` may see (default: the system's, every one), in row-level security and in the
+        application's filter alike (``models.visibility``).
 
         Commits when the block exits normally, rolls back when it raises. ``isolation`` (e.g.
         ``"REPEATABLE READ"``: one snapshot for every statement) replaces the server's default.
@@ -268,19 +278,21 @@ class Databases:
             if isolation is not None:
                 await conn.execution_options(isolation_level=isolation)
             async with conn.begin():
-                await conn.execute(SET_TENANT, {"tenant_id": str(tenant_id)})
-                yield conn
+                await set_view(conn, tenant_id, view)
+                with viewing(view):
+                    yield conn
 
     @asynccontextmanager
-    async def read_transaction(self, tenant_id: uuid.UUID,
-                               user_id: uuid.UUID | None) -> AsyncIterator[tuple[AsyncConnection, Any, Entry | None]]:
+    async def read_transaction(self, tenant_id: uuid.UUID, user_id: uuid.UUID | None, *, role: str | None = None,
+                               view: View = NOBODY) -> AsyncIterator[tuple[AsyncConnection, Any, Entry | None]]:
         """A request's read transaction for ``tenant_id``: ``(conn, driver, entry)``.
 
         The transaction is the asyncpg driver's own (``BEGIN``/``COMMIT`` sent by the driver, not
         through SQLAlchemy's per-statement machinery, which shows in a request's profile); ``conn``
         runs SQLAlchemy statements inside it (in autocommit mode, so it begins no transaction of its
         own). With ``user_id`` the first statement is ``atrium_enter``: it sets the tenant and returns
-        the user's membership and the tenant's data versions (``entry``); without, ``set_config``.
+        the user's membership (its role capped by ``role``), the tenant's data versions and the member's
+        view (``entry``); without, ``set_config`` of the tenant and ``view``.
         Committed on normal exit (reads change nothing), rolled back when the block raises. A
         connection on which beginning, committing or rolling back failed is discarded.
         """
@@ -293,12 +305,13 @@ class Databases:
             try:
                 entry = None
                 if user_id is None:
-                    await driver.execute(SET_TENANT_SQL, str(tenant_id))
+                    await driver.execute(SETTINGS_SQL, *view.settings(tenant_id))
                 else:
-                    row = await driver.fetchrow(ENTER_SQL, tenant_id, user_id)
+                    row = await driver.fetchrow(ENTER_SQL, tenant_id, user_id, role)
                     # Not a member: the tenant is set all the same, but its versions are not read.
                     entry = Entry(None, None, {}) if row is None else \
-                        Entry(row["role"], row["plan"], dict(zip(row["tables"], row["versions"], strict=True)))
+                        Entry(row["role"], row["plan"], dict(zip(row["tables"], row["versions"], strict=True)),
+                              entered_view(user_id, row))
             except BaseException:
                 await _end(conn, transaction.rollback, quiet=True)
                 raise
@@ -359,6 +372,18 @@ class Databases:
             await engine.dispose()
 
 
+async def set_view(conn: AsyncConnection, tenant_id: uuid.UUID, view: View) -> None:
+    """Set the transaction's tenant and ``view`` (row-level security's half of ``models.visibility``)."""
+    tenant, user, teams, sees_all = view.settings(tenant_id)
+    await conn.execute(SET_VIEW, {"tenant_id": tenant, "user_id": user, "teams": teams, "sees_all": sees_all})
+
+
+def entered_view(user_id: uuid.UUID, row: Any) -> View:
+    """The view ``atrium_enter`` returned (an admin's or owner's has no peers: they see all)."""
+    return View(user_id=user_id, teams=frozenset(row["teams"]), peers=frozenset(row["peers"]),
+                restricted=frozenset(row["restricted"]), sees_all=not row["peers"])
+
+
 T = TypeVar("T")
 
 
@@ -409,8 +434,11 @@ class TenantScope:
     never commits half of itself). ``close`` never raises for an outage.
     """
 
-    def __init__(self, databases: Databases, tenant_id: uuid.UUID) -> None:
+    def __init__(self, databases: Databases, tenant_id: uuid.UUID, view: View = NOBODY) -> None:
         self.tenant_id = tenant_id
+        self.view = view
+        """Whose records every transaction of the scope sees (``models.visibility``): given, or what
+        ``enter`` found."""
         self._databases = databases
         self._lock = asyncio.Lock()
         self._read: AsyncExitStack | None = None
@@ -437,7 +465,8 @@ class TenantScope:
             if self._read_conn is None:
                 await self._begin_read()
             assert self._read_conn is not None
-            return (await self._read_conn.execute(statement, params)).all()
+            with viewing(self.view):
+                return (await self._read_conn.execute(statement, params)).all()
 
     async def fetch_trash(self, statement: Executable, params: dict[str, Any] | None = None) -> Sequence[Row[Any]]:
         """``fetch`` with the trash shown for this one statement (``showing_trash``): the statement
@@ -452,7 +481,8 @@ class TenantScope:
                 await self._begin_read()
             assert self._read_conn is not None
             async with showing_trash(self._read_conn) as conn:
-                return (await conn.execute(statement, params)).all()
+                with viewing(self.view):
+                    return (await conn.execute(statement, params)).all()
 
     async def fetch_raw(self, sql: str, args: Sequence[Any]) -> Any:
         """Run compiled SQL (asyncpg placeholders ``$1``...) in the request's tenant transaction on the
@@ -468,16 +498,18 @@ class TenantScope:
                 await self._begin_read()
             return await self._driver.fetchrow(sql, *args)
 
-    async def enter(self, user_id: uuid.UUID) -> Entry:
-        """Begin the read transaction as ``user_id``: its first statement sets the tenant and returns
-        the membership and the data versions (``Entry``, kept as ``entry``). Must come first."""
+    async def enter(self, user_id: uuid.UUID, role: str | None = None) -> Entry:
+        """Begin the read transaction as ``user_id`` (its role capped by ``role``): its first statement
+        sets the tenant and the member's view and returns the membership, the data versions and the
+        view (``Entry``, kept as ``entry``; the view becomes the scope's). Must come first."""
         async with self._lock:
             if self._read_conn is not None or self._closed:
                 raise RuntimeError("enter() must be the scope's first statement")
             async with self._outages():
-                entry = await self._begin_read(user_id)
+                entry = await self._begin_read(user_id, role)
             assert entry is not None
             self.entry = entry
+            self.view = entry.view
             return entry
 
     @asynccontextmanager
@@ -497,14 +529,14 @@ class TenantScope:
             await self._end_read(commit=False)
             raise ServiceUnavailable() from exc
 
-    async def _begin_read(self, user_id: uuid.UUID | None = None) -> Entry | None:
+    async def _begin_read(self, user_id: uuid.UUID | None = None, role: str | None = None) -> Entry | None:
         """Begin the read transaction (``Databases.read_transaction``); its entry when ``user_id`` is given."""
         if self._closed:
             raise ScopeClosed("the request's database access has ended")
         stack = AsyncExitStack()
         try:
             self._read_conn, self._driver, entry = await stack.enter_async_context(
-                self._databases.read_transaction(self.tenant_id, user_id))
+                self._databases.read_transaction(self.tenant_id, user_id, role=role, view=self.view))
         except BaseException:
             await stack.aclose()
             raise
@@ -534,14 +566,15 @@ class TenantScope:
                 async with conn.begin_nested():
                     self._writing = True
                     try:
-                        yield conn
+                        with viewing(self.view):
+                            yield conn
                     finally:
                         self._writing = False
                 return
             await self._end_read()
             if self._closed:
                 raise ScopeClosed("the request's database access has ended")
-            async with self._databases.tenant_transaction(self.tenant_id) as conn:
+            async with self._databases.tenant_transaction(self.tenant_id, view=self.view) as conn:
                 self._writing = True
                 try:
                     yield conn

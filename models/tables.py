@@ -548,6 +548,48 @@ class FieldRule(TenantTable, table=True):
 
 
 FIELD_RULES = table(FieldRule)
+
+
+class Team(TenantTable, table=True):
+    """A group of members with an optional manager (``docs/visibility.md``): a record of a type whose
+    audience is ``team`` is seen by its owner's teams and their managers."""
+
+    __tablename__ = "teams"
+    __table_args__ = (
+        UniqueConstraint("tenant_id", "name", name="teams_name_key"),
+        ForeignKeyConstraint(["tenant_id", "manager_id"], ["memberships.tenant_id", "memberships.user_id"]),
+    )
+    name: str = Field(max_length=100)
+    manager_id: uuid.UUID | None = None
+
+
+class TeamMember(TenantTable, table=True):
+    """One member of one team (migration 0016)."""
+
+    __tablename__ = "team_members"
+    __table_args__ = (
+        UniqueConstraint("tenant_id", "team_id", "user_id", name="team_members_key"),
+        ForeignKeyConstraint(["tenant_id", "team_id"], ["teams.tenant_id", "teams.id"], ondelete="CASCADE"),
+        ForeignKeyConstraint(["tenant_id", "user_id"], ["memberships.tenant_id", "memberships.user_id"],
+                             ondelete="CASCADE"),
+    )
+    team_id: uuid.UUID
+    user_id: uuid.UUID
+
+
+class RecordVisibility(TenantTable, table=True):
+    """Who sees the records of one owned type in a tenant: ``workspace`` (the default, also for a type
+    without a row) or ``team`` (owner, owner's teams, their managers, admins and owners)."""
+
+    __tablename__ = "record_visibility"
+    __table_args__ = (UniqueConstraint("tenant_id", "record_type", name="record_visibility_type_key"),)
+    record_type: str = Field(max_length=64)
+    audience: str = Field(max_length=16)
+
+
+TEAMS = table(Team)
+TEAM_MEMBERS = table(TeamMember)
+RECORD_VISIBILITY = table(RecordVisibility)
 EXPORT_JOBS = table(ExportJob)
 EXPORT_CHUNKS = table(ExportChunk)
 RETENTION_POLICIES = table(RetentionPolicy)
@@ -561,7 +603,8 @@ WEBHOOK_DELIVERIES = table(WebhookDelivery)
 
 TENANT_TABLES = (MEMBERSHIPS, COMPANIES, CONTACTS, PIPELINES, STAGES, DEALS, ACTIVITIES, AUDIT_EVENTS, NOTES,
                  API_KEYS, PERSISTED_DOCUMENTS, PRODUCTS, DEAL_LINE_ITEMS, IDEMPOTENCY_KEYS, WEBHOOK_ENDPOINTS,
-                 WEBHOOK_DELIVERIES, EXPORT_JOBS, EXPORT_CHUNKS, RETENTION_POLICIES, FIELD_RULES)
+                 WEBHOOK_DELIVERIES, EXPORT_JOBS, EXPORT_CHUNKS, RETENTION_POLICIES, FIELD_RULES, TEAMS,
+                 TEAM_MEMBERS, RECORD_VISIBILITY)
 """Every table holding tenant rows (RLS enabled and forced on each; tests/test_rls.py checks the catalog)."""
 
 DATABASE_WRITTEN_TABLES = (DATA_VERSIONS, AUDIT_CHAIN_HEADS)

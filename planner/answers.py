@@ -1,6 +1,7 @@
 """Answers cached until a write: planned query results stored under everything they depend on.
 
-A key is the SHA-256 of: the tenant, the caller's role, the document and operation (and the values
+A key is the SHA-256 of: the tenant, the caller's scope (``auth.scope.Scope.key``: role and
+record-level view), the document and operation (and the values
 of the variables its ``@skip``/``@include`` read, as the plan is keyed), the variables, and the
 **data versions** of every table the plan's statement reads (``Plan.tables``) and of the tenant's
 field rules (``field_rules``, ``auth.fields``), as ``atrium_enter`` read them at the start of the
@@ -10,8 +11,10 @@ computes a new key and cannot find an answer older than the write. A key never n
 answer, which is why entries need no invalidation: old ones are simply never asked for again and
 age out (least recently used first in process; ``answer_cache_ttl_seconds`` in Redis).
 
-The user is not part of the key: a plan's statement reads the caller's tenant and checks its role
-(``Plan.bind``), nothing else of who asks, so members with one role share answers. Only whole
+The user is not part of the key: a plan's statement reads the caller's tenant, checks its role
+(``Plan.bind``) and binds its record-level view (whose records of which types it sees), nothing else
+of who asks, so members with one scope share answers; two callers who may see different records
+have different scopes and never share one. Only whole
 planned answers are stored: never mutations, errors, partial results, or operations with a field the
 executor answers (its resolver may read anything).
 
@@ -38,10 +41,11 @@ from core.jsontext import PlannedData, RawJSON
 log = logging.getLogger("atrium.planner")
 
 
-def answer_key(tenant_id: uuid.UUID, role: str, operation: str, variables: Mapping[str, Any] | None,
+def answer_key(tenant_id: uuid.UUID, scope: str, operation: str, variables: Mapping[str, Any] | None,
                versions: str) -> str:
-    """The cache key of an answer (module docstring); ``versions`` names each table read with its version."""
-    parts = [str(tenant_id), role, operation, json.dumps(variables or {}, sort_keys=True, separators=(",", ":")),
+    """The cache key of an answer (module docstring); ``scope`` is the caller's ``Scope.key``,
+    ``versions`` names each table read with its version."""
+    parts = [str(tenant_id), scope, operation, json.dumps(variables or {}, sort_keys=True, separators=(",", ":")),
              versions]
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()
 

@@ -170,7 +170,7 @@ async def answer(schema: GraphQLSchema, plans: PlanCache, context: Any, operatio
             # The field rules' version too: an answer is never served across a change of what the role may see.
             versions = ",".join(f"{table}={entry.version(table)}" for table in (*compiled.tables, RULES_TABLE))
             digest = f"{hashlib.sha256(operation.query.encode()).hexdigest()}:{operation.operation_name or ''}"
-            key = answer_key(session.principal.tenant_id, session.principal.role.value, digest, operation.variables,
+            key = answer_key(session.principal.tenant_id, session.principal.scope.key, digest, operation.variables,
                              versions)
             cached = await answers.get(key)
             _tell(context, "hit" if cached is not None else "miss")

@@ -645,9 +645,11 @@ class ConnectionPlan(RootPlan):
 
 # ---- the plan of an operation ---------------------------------------------------------------------
 
-READS_THROUGH_POLICY = {"users": ("memberships",)}
+READS_THROUGH_POLICY = {"users": ("memberships",), "deals": ("record_visibility", "team_members"),
+                        "deal_line_items": ("deals", "record_visibility"), "notes": ("deals", "record_visibility")}
 """Tables whose row-level security policy reads another table: a user is visible while a membership
-of the tenant names them (migration 0001; tests/test_rls.py checks this against the catalog)."""
+of the tenant names them (migration 0001), a deal while its type's audience and its owner's teams
+allow (migration 0016; tests/test_rls.py checks this against the catalog)."""
 
 
 @dataclass
@@ -675,6 +677,7 @@ class Plan:
              hidden: HiddenOf = nothing_hidden) -> Binding:
         b = Binding(variables, principal, max_page, hidden)
         b.params[TENANT.key] = principal.tenant_id
+        b.params.update(principal.view.params())  # the caller's record-level view (``Record.visible``)
         for root in self.planned:
             root.bind(b)
         return b

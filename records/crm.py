@@ -28,6 +28,8 @@ from models.tables import (
     PIPELINES,
     PRODUCTS,
     STAGES,
+    TEAM_MEMBERS,
+    TEAMS,
     USERS,
     ActivityKind,
     DealStatus,
@@ -220,6 +222,7 @@ def close_date(table: Any) -> Any:
 DEAL: Record = Record(
     "Deal", DEALS, "deals",
     trash=True,
+    owner="owner_id",
     fields=(
         Field("title", Text(200), Create.REQUIRED),
         Field("amount", Money(), Create.REQUIRED, restrictable=True),
@@ -389,11 +392,41 @@ DEAL_LINE_ITEM: Record = Record(
         "create": "Add a product to a deal. While a deal has line items, its amount is their total."}),
 )
 
+TEAM: Record = Record(
+    "Team", TEAMS, "teams",
+    fields=(
+        Field("name", Text(100), Create.REQUIRED, unique=True, description="Unique in the workspace."),
+        Field("manager_id", Ref("User"), description="Sees the records of every member of the team."),
+    ),
+    relations=(ToOne("manager", "manager_id", lambda: USER, OnDelete.SET_NULL),),
+    children=(Children("members", lambda: TEAM_MEMBER.relation("team"), ("created_at", "id"), first=200,
+                       maximum=200, first_argument=False),),
+    root=NO_ROOT,
+    by_hand=frozenset({Operation.CREATE, Operation.UPDATE, Operation.DELETE}),  # resolvers.teams
+)
+"""A group of members with a manager: who sees records of a type whose audience is ``team``
+(``docs/visibility.md``). Managed by admins through ``resolvers.teams``."""
+
+TEAM_MEMBER: Record = Record(
+    "TeamMember", TEAM_MEMBERS, "team_members",
+    fields=(
+        Field("team_id", Ref("Team"), Create.REQUIRED, update=False),
+        Field("user_id", Ref("User"), Create.REQUIRED, update=False),
+    ),
+    relations=(ToOne("team", "team_id", lambda: TEAM, OnDelete.CASCADE),
+               ToOne("user", "user_id", lambda: USER, OnDelete.CASCADE)),
+    root=NO_ROOT,
+    by_hand=frozenset({Operation.CREATE, Operation.DELETE}),  # resolvers.teams
+)
+
 RECORDS: tuple[Record, ...] = (USER, MEMBERSHIP, COMPANY, CONTACT, PIPELINE, STAGE, DEAL, ACTIVITY, NOTE, PRODUCT,
-                               DEAL_LINE_ITEM)
+                               DEAL_LINE_ITEM, TEAM, TEAM_MEMBER)
 """Every record type. Node lookup, dependents on delete and the isolation tests go over this tuple."""
 
 BY_NAME = {record.name: record for record in RECORDS}
+
+OWNED: tuple[Record, ...] = tuple(record for record in RECORDS if record.owned)
+"""The record types a tenant may restrict to their owners' teams (``Record.owner``)."""
 
 
 def check_trash(records: tuple[Record, ...]) -> None:

@@ -35,6 +35,8 @@ from sqlalchemy import (
     Select,
     String,
     Table,
+    all_,
+    and_,
     any_,
     bindparam,
     cast,
@@ -50,6 +52,7 @@ from strawberry.types.unset import UNSET
 from auth.roles import Permission
 from core.errors import BadUserInput, HiddenField
 from models.loaders import TENANT
+from models.visibility import PEERS, RESTRICTED
 from records.rules import Choice, Rule, Text
 
 
@@ -674,6 +677,10 @@ class Record:
     ``trash_batch``): hidden from every read (through ``query``, ``filtered`` and ``visible``),
     restored by ``restore<Name>``, removed for good by a purge after the tenant's retention. Every
     record a trashable record's delete cascades to must be trashable too (``records.crm`` checks)."""
+    owner: str | None = None
+    """The column naming the member who owns a record: a tenant may then restrict who sees records of
+    this type to their owner, the owner's teams and those teams' managers (``docs/visibility.md``),
+    in every query of the record (``visible``) and in row-level security (migration 0016)."""
 
     def __post_init__(self) -> None:
         for relation in self.relations:
@@ -682,10 +689,46 @@ class Record:
         self._relations = {r.name: r for r in self.relations}
 
     def visible(self, source: Any) -> list[ColumnElement[bool]]:
-        """The conditions that leave out the record's rows in the trash, over ``source`` (the table
-        or an alias of it): every query of the record's rows says them (row-level security says
-        them too, as a backstop)."""
-        return [source.c.deleted_at.is_(None)] if self.trash else []
+        """The conditions that leave out the record's rows in the trash and those the caller may not
+        see (``scoped``), over ``source`` (the table or an alias of it): every query of the record's
+        rows says them (row-level security says them too, as a backstop)."""
+        return ([source.c.deleted_at.is_(None)] if self.trash else []) + self.scoped(source)
+
+    def scoped(self, source: Any) -> list[ColumnElement[bool]]:
+        """The conditions that leave out the rows the caller may not see: for an ``owner``, the
+        record's type is not restricted for them or its owner is one of their peers; for each
+        relation in ``followed``, the record it belongs to is one they see (a line item goes with its
+        deal). The values are the running statement's view (``models.visibility``)."""
+        out: list[ColumnElement[bool]] = []
+        if self.owner is not None:
+            out.append(or_(unrestricted(self), source.c[self.owner] == any_(PEERS)))
+        for relation in self.followed:
+            target = relation.target()
+            other = target.table.alias()
+            key = source.c[relation.key]
+            out.append(or_(key.is_(None), and_(*(unrestricted(r) for r in target.owners)), exists(
+                select(other.c.id).where(other.c.tenant_id == source.c.tenant_id, other.c.id == key,
+                                         *target.scoped(other)))))
+        return out
+
+    @property
+    def owned(self) -> bool:
+        """Whether a tenant may restrict who sees the record's rows (it has an ``owner``)."""
+        return self.owner is not None
+
+    @property
+    def followed(self) -> tuple[ToOne, ...]:
+        """The relations whose target's visibility the record shares: those it is deleted with
+        (``CASCADE``) to a record whose visibility may be restricted (a deal's line items and notes)."""
+        return tuple(r for r in self.relations if r.on_delete is OnDelete.CASCADE and r.target().owners)
+
+    @property
+    def owners(self) -> tuple[Record, ...]:
+        """The owned record types whose audience decides who sees this record (itself, when owned)."""
+        found = [self] if self.owned else []
+        for relation in self.followed:
+            found += [r for r in relation.target().owners if r not in found]
+        return tuple(found)
 
     # models.loaders.Lookup
     @property
@@ -834,6 +877,11 @@ class Record:
 
     def filter_fields(self) -> list[FilterField]:
         return [ff for f in self.filters for ff in f.fields(self)]
+
+
+def unrestricted(record: Record) -> ColumnElement[bool]:
+    """The owned ``record``'s type is not restricted for the running statement's viewer."""
+    return literal(record.name, String()) != all_(RESTRICTED)
 
 
 def choice_of(record: Record, column: str) -> type[enum.Enum]:

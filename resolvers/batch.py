@@ -105,6 +105,8 @@ async def create_many(w: Change, record: Record, items: list[dict[str, Any]],
             if f.fallback is not None and values.get(f.column) is None:
                 with item(position):
                     values[f.column] = await f.fallback(w, values)
+        with item(position):
+            w.check_owner(record, values, "")
     await _unique(w, record, items, where)
     for values in items:
         for column in [c for c, v in values.items() if v is None and not record.nullable(c)]:

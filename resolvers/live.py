@@ -96,8 +96,10 @@ def change_fields(event: ChangeEvent) -> dict[str, Any]:
 
 
 async def changes(info: Info, channel: str, build: Callable[[ChangeEvent], T | None]) -> AsyncGenerator[T | Resync]:
-    """``Resync(SUBSCRIBED)``, then ``build(event)`` for each change on ``channel`` (None: skipped)."""
+    """``Resync(SUBSCRIBED)``, then ``build(event)`` for each change on ``channel`` of a record the
+    subscriber may see (None: skipped)."""
     context = info.context
+    view = context.session.principal.view
     async with context.broker.subscribe(channel) as queue:
         async with event_session(context):
             yield Resync(reason=ResyncReason.SUBSCRIBED, timestamp=now())
@@ -109,7 +111,8 @@ async def changes(info: Info, channel: str, build: Callable[[ChangeEvent], T | N
             if item is GAP:
                 payload = Resync(reason=ResyncReason.GAP, timestamp=now())
             elif isinstance(item, ChangeEvent):
-                payload = build(item)
+                # A record the subscriber may not see sends nothing (record-level visibility).
+                payload = build(item) if view.sees(item.entity_type, item.owner_id) else None
             else:
                 payload = None
             if payload is not None:

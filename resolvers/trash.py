@@ -29,9 +29,10 @@ from auth.roles import Permission, requires
 from auth.session import Info
 from core.errors import BadUserInput, NotFound
 from core.ids import parse_global_id
-from models.db import SET_TENANT, TenantScope, showing_trash
+from models.db import TenantScope, set_view, showing_trash
 from models.retention import RETENTION, retention_target
 from models.tables import TENANTS, Role
+from models.visibility import SYSTEM, viewing
 from records.crm import BY_NAME
 from records.declare import Record, SortKey, parse_for, snake
 from resolvers.paging import paginate
@@ -63,9 +64,11 @@ class TrashReader:
 
 
 def roots(record: Record, tenant_id: uuid.UUID) -> Select[Any]:
-    """The tenant's records of ``record`` in the trash that were deleted on their own."""
+    """The tenant's records of ``record`` in the trash that were deleted on their own (those the caller
+    may see: ``Record.scoped``)."""
     t = record.table
-    return select(t).where(t.c.tenant_id == tenant_id, t.c.deleted_at.is_not(None), t.c.trash_batch == t.c.id)
+    return select(t).where(t.c.tenant_id == tenant_id, t.c.deleted_at.is_not(None), t.c.trash_batch == t.c.id,
+                           *record.scoped(t))
 
 
 async def retention(conn: AsyncConnection, tenant_id: uuid.UUID) -> dt.timedelta:
@@ -134,8 +137,9 @@ async def purge_trash(engine: AsyncEngine, older_than: dt.timedelta | None = Non
     out: dict[uuid.UUID, int] = {}
     for tenant in tenants:
         async with engine.connect() as conn, conn.begin():
-            await conn.execute(SET_TENANT, {"tenant_id": str(tenant)})
-            out[tenant] = (await system_purge(conn, tenant, moment, older_than=older_than)).purged
+            await set_view(conn, tenant, SYSTEM)  # the system's work: every record, whoever may see it
+            with viewing(SYSTEM):
+                out[tenant] = (await system_purge(conn, tenant, moment, older_than=older_than)).purged
     return out
 
 

@@ -123,6 +123,7 @@ class Change:
         for f in record.fields:
             if f.fallback is not None and values.get(f.column) is None:
                 values[f.column] = await f.fallback(self, values)
+        self.check_owner(record, values, prefix)
         await self._unique(record, values, None, prefix)
         for column in [c for c, v in values.items() if v is None]:
             if not record.nullable(column):  # left to the column's default (e.g. occurred_at = now())
@@ -150,6 +151,7 @@ class Change:
         changed = {k: v for k, v in changes.items() if before._mapping[k] != v}
         if not changed:
             return before
+        self.check_owner(record, changed, "")
         if not rolled_up:
             await self._derived_columns(record, id, changed)
         await self._unique(record, changed, id, "")
@@ -268,7 +270,8 @@ class Change:
     async def trashed(self, record: Record, id: uuid.UUID, *, lock: bool = False) -> Row[Any]:
         """The row of ``record`` ``id`` in the trash (inside ``showing_trash``); NOT_FOUND otherwise."""
         t = record.table
-        query = select(t).where(t.c.tenant_id == self.tenant_id, t.c.id == id, t.c.deleted_at.is_not(None))
+        query = select(t).where(t.c.tenant_id == self.tenant_id, t.c.id == id, t.c.deleted_at.is_not(None),
+                                *record.scoped(t))
         row: Row[Any] | None = (await self.conn.execute(query.with_for_update() if lock else query)).first()
         if row is None:
             raise NotFound(record.label, id)
@@ -366,6 +369,17 @@ class Change:
                     raise BadUserInput(field, message)
             for column in relation.copies:
                 values[column] = row._mapping[column]
+
+    def check_owner(self, record: Record, values: Mapping[str, Any], prefix: str) -> None:
+        """A record of a type restricted for the caller (``Record.owner``) may be given only to an owner
+        whose records the caller sees (themselves or a member of their teams): BAD_USER_INPUT naming
+        the owner field otherwise, so nobody hands a record out of their own sight."""
+        if record.owner is None or record.owner not in values:
+            return
+        owner = values[record.owner]
+        if not self.principal.view.sees(record.name, owner):
+            raise BadUserInput(prefix + camel(record.owner), f"must be you or a member of your teams: the workspace "
+                                                              f"shows {record.plural_label} to their owner's teams")
 
     async def _unique(self, record: Record, values: Mapping[str, Any], id: uuid.UUID | None, prefix: str) -> None:
         t = record.table
@@ -509,7 +523,7 @@ class Change:
             fields=tuple(camel(f) for f in fields), actor_id=self.actor_id,
             version=version if version is not None else row.version, occurred_at=dt.datetime.now(dt.UTC),
             scope=scope, previous_scope=previous_scope if previous_scope and previous_scope != scope else {},
-            detail=dict(detail or {}),
+            detail=dict(detail or {}), owner_id=row._mapping[record.owner] if record.owner else None,
         ))
 
 

@@ -72,6 +72,9 @@ class ChangeEvent:
     """JSON data for subscribers beyond the record itself, e.g. a note's CRDT ``update`` (base64)."""
     committed_at: datetime | None = None
     """When the write's transaction committed (set by the write path just before publishing)."""
+    owner_id: uuid.UUID | None = None
+    """The record's owner after the change (before it, for a delete) when its type has one
+    (``Record.owner``): subscribers who may not see the record are not sent the event."""
 
     def channels(self) -> list[str]:
         """Every channel this event goes to: the record's, the entity type's, and scoped ones."""
@@ -91,6 +94,7 @@ class ChangeEvent:
             "occurred_at": self.occurred_at.isoformat(), "scope": self.scope,
             "previous_scope": self.previous_scope, "detail": self.detail,
             "committed_at": self.committed_at.isoformat() if self.committed_at else None,
+            "owner_id": str(self.owner_id) if self.owner_id else None,
         }
 
     @classmethod
@@ -104,6 +108,7 @@ class ChangeEvent:
             scope=dict(data.get("scope") or {}), previous_scope=dict(data.get("previous_scope") or {}),
             detail=dict(data.get("detail") or {}),
             committed_at=datetime.fromisoformat(committed) if committed else None,
+            owner_id=uuid.UUID(owner) if (owner := data.get("owner_id")) else None,
         )
 
     def encode(self) -> str:

@@ -234,7 +234,7 @@ class InProcessAtrium:
 
 @contextlib.asynccontextmanager
 async def serve_in_process(settings: Settings, clock: ManualClock, tracer_provider: TracerProvider | None = None,
-                           port: int = 0, **options: Any) -> AsyncIterator[InProcessAtrium]:
+                           *, port: int = 0, **options: Any) -> AsyncIterator[InProcessAtrium]:
     """``create_app(settings, clock=clock, tracer_provider=...)``, its lifespan run, served over real
     sockets until exit (``options``: more ``uvicorn.Config`` options, such as ``http``), on ``port``
     (0: any free one).
@@ -245,9 +245,10 @@ async def serve_in_process(settings: Settings, clock: ManualClock, tracer_provid
     app = create_app(settings, clock=clock, tracer_provider=tracer_provider)
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
-        listener.bind(("127.0.0.1", port))
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a given port, again after a test
+        listener.bind(("127.0.0.1", port))  # 0: any free port
         listener.listen()
-        port = listener.getsockname()[1]
+        bound: int = listener.getsockname()[1]
         async with app.router.lifespan_context(app):
             config = uvicorn.Config(app, lifespan="off", log_level="warning", log_config=None,
                                     timeout_graceful_shutdown=5, **options)
@@ -262,7 +263,7 @@ async def serve_in_process(settings: Settings, clock: ManualClock, tracer_provid
                     raise RuntimeError("the in-process server stopped before it was listening")
                 if not server.ready.is_set():
                     raise RuntimeError(f"the in-process server did not listen within {WAIT:g} s")
-                yield InProcessAtrium(app, clock, port)
+                yield InProcessAtrium(app, clock, bound)
             finally:
                 server.should_exit = True
                 await serving

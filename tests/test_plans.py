@@ -18,6 +18,11 @@ null propagation, aliases, fragments, ``@skip``/``@include``, abstract types.
 The data is made to find formatting differences: non-ASCII, quotes, backslashes, tabs and newlines
 in text, timestamps with and without microseconds, equal sort values (ties), missing relations,
 empty lists, every enum value.
+
+Record-level visibility (docs/visibility.md) is on: deals are shown to their owners' teams only, and
+they are owned by the OWNER, the MEMBER (in a team with the ADMIN) and the VIEWER (in none). So the
+OWNER sees every deal, the MEMBER and the VIEWER each see theirs alone, in lists, counts, nested
+lists, search, ``node`` and ``deal``: queries are compared as each of those roles.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ from starlette.applications import Starlette
 
 from atrium.app import create_app
 from atrium.schema import schema
+from core.ids import to_global_id
 from core.settings import Settings
 from models.tables import Role
 from tests.conftest import TenantWorld, data_or_fail, gql
@@ -96,13 +102,15 @@ async def seed(client: httpx.AsyncClient, tenant: TenantWorld) -> World:
             "currency": "USD", "active": i != 2}))["createProduct"]
         products.append(made["id"])
     deals = []
+    owners = [to_global_id("User", tenant.users[role]) for role in (Role.OWNER, Role.MEMBER, Role.VIEWER)]
     for i in range(14):
         made = (await api(client, token, "mutation($i: DealInput!) { createDeal(input: $i) { id } }", i={
             "title": f"{ODD_TEXT[i % len(ODD_TEXT)]} #{i}",
             "amount": ["100.00", "100.00", "0", "99999.99", "5.5"][i % 5],
             "currency": ["USD", "EUR", "GBP"][i % 3], "stageId": stages[i % 3],
             "companyId": companies[i % 4] if i % 3 else None, "contactId": contacts[i % 5] if i % 2 else None,
-            "expectedCloseDate": f"2027-0{1 + i % 9}-1{i % 10}" if i % 4 else None}))["createDeal"]
+            "ownerId": owners[i % 3], "expectedCloseDate": f"2027-0{1 + i % 9}-1{i % 10}" if i % 4 else None,
+        }))["createDeal"]
         deals.append(made["id"])
         if i % 3 == 2:
             await api(client, token, "mutation($id: ID!, $i: DealPatch!) { updateDeal(id: $id, input: $i) { id } }",
@@ -122,6 +130,9 @@ async def seed(client: httpx.AsyncClient, tenant: TenantWorld) -> World:
             "dealId": deal, "productId": products[i % 2], "quantity": 1 + i, "discountPercent": "12.5" if i else None,
             "unitPrice": ["3.33", "7.10"][i - 1] if i else None})
     await api(client, token, "mutation($i: NoteInput!) { createNote(input: $i) { id } }", i={"dealId": deals[0]})
+    await api(client, token, "mutation($i: TeamInput!) { createTeam(input: $i) { id } }", i={
+        "name": "Plans team", "memberIds": [owners[1], to_global_id("User", tenant.users[Role.ADMIN])]})
+    await api(client, token, "mutation { setRecordVisibility(recordType: DEAL, audience: TEAM) { audience } }")
     # Records in the trash (tests/test_trash.py), their ids kept in the pools: a company its contacts and
     # deals still point at, a deal with an activity and a line item that go with it, a contact.
     for mutation, key in (("deleteCompany", companies[1]), ("deleteDeal", deals[1]), ("deleteContact", contacts[2])):
@@ -346,7 +357,7 @@ async def test_chosen_queries_answer_alike(clients: tuple[httpx.AsyncClient, htt
     query, variables = CHOSEN[case]
     ids = [i for i in world.ids if len(i) < 60]
     with no_planner_faults(caplog):
-        for role in (Role.OWNER, Role.VIEWER):
+        for role in (Role.OWNER, Role.MEMBER, Role.VIEWER):
             for record_id in ([None] if "$id" not in query else ids[:: max(1, len(ids) // 12)]):
                 given = {**variables, **({"id": record_id} if record_id else {})}
                 planned, executed = await both(clients, world.tenant.token(role), query, given)
@@ -424,6 +435,7 @@ def test_every_root_field_of_records_is_planned() -> None:
         if named == "Node" or named.removesuffix("Connection") in records:
             answering.add(name)
     assert "node" in answering and "deals" in answering and "deal" in answering
-    # Answered by resolvers of their own: the caller, the member list (users through memberships) and
-    # notes (their text is computed from the CRDT state in Python).
-    assert answering - {"me", "members", "notes"} == marked, answering ^ marked
+    # Answered by resolvers of their own: the caller, the member list (users through memberships),
+    # notes (their text is computed from the CRDT state in Python) and teams (the admin's short list,
+    # like members; a team's record-level view is not a deal's).
+    assert answering - {"me", "members", "notes", "teams"} == marked, answering ^ marked

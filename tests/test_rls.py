@@ -25,6 +25,7 @@ from sqlalchemy import Row, Select, Table, delete, func, insert, literal_column,
 from sqlalchemy.exc import DBAPIError, ProgrammingError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from core.ids import to_global_id
 from core.settings import APP_ROLE
 from models.db import Databases, TenantScope
 from models.loaders import Loaders
@@ -52,6 +53,8 @@ MakeTenant = Callable[..., Awaitable[TenantWorld]]
 ALL_TABLES = (TENANTS, USERS, *TENANT_TABLES)
 RLS_VIOLATION = "new row violates row-level security policy"
 TRASHABLE_TABLES = {record.table.name for record in RECORDS if record.trash}
+VISIBILITY_TABLES = {record.table.name for record in RECORDS if record.owners}
+"""Tables of records a workspace may restrict to their owners' teams (``Record.owners``)."""
 PERMISSION_DENIED = "permission denied"
 
 
@@ -111,7 +114,13 @@ async def seeded_pair(make_tenant: MakeTenant, client: httpx.AsyncClient,
                                       token=token))["createWebhookEndpoint"]["endpoint"]
         data_or_fail(await gql(client, "mutation($id: ID!) { updateWebhookEndpoint(id: $id, input: {enabled: false}) "
                                        "{ enabled } }", {"id": hook["id"]}, token=token))
-        tenant.products.update(product=made["createProduct"], line=line["createDealLineItem"], endpoint=hook)
+        team = data_or_fail(await gql(client, "mutation($u: ID!) { createTeam(input: {name: \"Seeded\", "
+                                              "memberIds: [$u]}) { id } }",
+                                      {"u": to_global_id("User", tenant.world.users[Role.OWNER])}, token=token))
+        data_or_fail(await gql(client, "mutation { setRecordVisibility(recordType: DEAL, audience: WORKSPACE) "
+                                       "{ audience } }", token=token))
+        tenant.products.update(product=made["createProduct"], line=line["createDealLineItem"], endpoint=hook,
+                               team=team["createTeam"])
     async with admin_engine.begin() as conn:
         for tenant in pair:
             rows = rows_for(tenant, uuid.uuid4())
@@ -242,6 +251,13 @@ def rows_for(tenant: Seeded, stranger: uuid.UUID) -> dict[str, dict[str, Any]]:
         "webhook_deliveries": {"tenant_id": t, "id": uuid.uuid4(), "endpoint_id": tenant.key("endpoint"),
                                "message_id": uuid.uuid4(), "event_type": "deal.created",
                                "ordering_key": tenant.key("deal"), "body": "{}", "status": "failed"},
+        "teams": {"tenant_id": t, "id": uuid.uuid4(), "name": f"Planted {uuid.uuid4().hex[:8]}",
+                  "manager_id": tenant.world.users[Role.OWNER]},
+        # The seeded team has the OWNER alone.
+        "team_members": {"tenant_id": t, "id": uuid.uuid4(), "team_id": tenant.key("team"),
+                         "user_id": tenant.world.users[Role.MEMBER]},
+        # A type with no records (Deal has its row, WORKSPACE: every member sees every deal).
+        "record_visibility": {"tenant_id": t, "id": uuid.uuid4(), "record_type": "Planted", "audience": "workspace"},
     })
 
 
@@ -596,8 +612,16 @@ async def test_each_tenant_table_has_exactly_one_policy_keyed_by_the_tenant_sett
         assert "current_setting('app.tenant_id'" in policy.qual, policy
         if name in TRASHABLE_TABLES:
             # The tenant, and rows outside the trash unless the transaction shows it (migration 0012).
-            assert policy.qual.startswith("((tenant_id = ") and policy.with_check == policy.qual, policy
-            assert "AND ((deleted_at IS NULL) OR" in policy.qual and "current_setting('atrium.trash'" in policy.qual
+            assert policy.qual.startswith("((tenant_id = "), policy
+            assert "AND ((deleted_at IS NULL) OR" in policy.with_check
+            assert "current_setting('atrium.trash'" in policy.with_check
+            if name in VISIBILITY_TABLES:
+                # ... and, to read, rows the transaction's viewer may see (migration 0016): a row may be
+                # written for someone else (WITH CHECK is the tenant and the trash alone).
+                assert policy.qual.startswith(policy.with_check[:-1] + " AND "), policy
+                assert "current_setting('atrium.sees_all'" in policy.qual, policy
+            else:
+                assert policy.with_check == policy.qual, policy
         elif name != "users":
             column = "id" if name == "tenants" else "tenant_id"
             assert policy.qual.startswith(f"({column} = ") and policy.with_check == policy.qual, policy

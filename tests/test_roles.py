@@ -127,6 +127,12 @@ class Rule:
     """Makes what the rule acts on (as the owner, before the rows are compared) and returns variables."""
 
 
+async def a_team(client: httpx.AsyncClient, s: Seed) -> dict[str, Any]:
+    """A team made by the owner (what updateTeam and deleteTeam act on)."""
+    made = await ok(client, s.world.token(Role.OWNER), 'mutation { createTeam(input: {name: "Made"}) { id } }')
+    return {"t": made["createTeam"]["id"]}
+
+
 TRASHABLE: dict[str, tuple[str, Callable[[Seed], dict[str, Any]]]] = {
     "Company": ('mutation { createCompany(input: {name: "Gone"}) { id } }', lambda s: {}),
     "Contact": ('mutation { createContact(input: {firstName: "Gone", lastName: "Away"}) { id } }', lambda s: {}),
@@ -241,6 +247,14 @@ RULES = [
             { id } }""", lambda s: {}, Role.ADMIN),
     Rule("removeFieldRule", """mutation { removeFieldRule(recordType: "Contact", field: "phone") }""",
          lambda s: {}, Role.ADMIN, lambda client, s: field_rule(client, s, "Contact", "phone")),
+    Rule("createTeam", """mutation($u: ID!) { createTeam(input: {name: "Sellers", memberIds: [$u]}) { id } }""",
+         lambda s: {"u": s.user(Role.MEMBER)}, Role.ADMIN),
+    Rule("updateTeam", """mutation($t: ID!) { updateTeam(id: $t, input: {name: "Renamed"}) { id } }""",
+         lambda s: {}, Role.ADMIN, prepare=lambda client, s: a_team(client, s)),
+    Rule("deleteTeam", """mutation($t: ID!) { deleteTeam(id: $t) { deletedId } }""",
+         lambda s: {}, Role.ADMIN, prepare=lambda client, s: a_team(client, s)),
+    Rule("setRecordVisibility", """mutation { setRecordVisibility(recordType: DEAL, audience: TEAM) { audience } }""",
+         lambda s: {}, Role.ADMIN),
 ]
 
 

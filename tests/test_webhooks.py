@@ -204,7 +204,12 @@ async def every_kind_of_change(api: httpx.AsyncClient, world: TenantWorld) -> No
     member = (await ok("mutation($e: String!) { addMember(input: {email: $e, name: \"New\", role: VIEWER}) { id } }",
                        {"e": f"new-{uuid.uuid4().hex[:8]}@example.test"}))["addMember"]["id"]
     await ok("mutation($u: ID!) { updateMemberRole(userId: $u, role: MEMBER) { id } }", {"u": member})
+    team = (await ok("mutation($u: ID!) { createTeam(input: {name: \"Hooks\", managerId: $u, memberIds: [$u]}) "
+                     "{ id } }", {"u": member}))["createTeam"]["id"]
+    await ok("mutation($t: ID!) { updateTeam(id: $t, input: {name: \"Webhooks\"}) { id } }", {"t": team})
+    # Leaving the workspace leaves its teams (team_member.deleted) and their management (team.updated).
     await ok("mutation($u: ID!) { removeMember(userId: $u) { deletedId } }", {"u": member})
+    await ok("mutation($t: ID!) { deleteTeam(id: $t) { deletedId } }", {"t": team})
     await ok("mutation($d: ID!) { deleteDeal(id: $d) { deletedId } }", {"d": deal["id"]})  # its note goes too
     await ok("mutation($c: ID!) { deleteContact(id: $c) { deletedId } }", {"c": contact["id"]})
     await ok("mutation($c: ID!) { deleteCompany(id: $c) { deletedId } }", {"c": company["id"]})

@@ -20,7 +20,8 @@ Guarantees:
   when a service it needed was down (``models.outages``; they subscribe again later), else INTERNAL.
 Operations for which the view returns no spec (unparsable documents) run as Strawberry runs them.
 
-Grouping (``Grouping.spec``): subscriptions with equal tenant, role (so permissions), document,
+Grouping (``Grouping.spec``): subscriptions with equal tenant, scope (``auth.scope``: role, so
+permissions, and record-level view, so whose records), document,
 operation name and variables share one execution. How each root field's results may be shared is
 what the field itself declares (``subscriptions.events.Delivery`` in its metadata): a private state
 (presence joins each subscriber) never shares, and a field whose every result is a full state
@@ -123,7 +124,7 @@ class Grouping:
         deliveries = {self._delivery.get(name, Delivery.EVENTS) for name in names}
         key: Hashable = object()
         if kind is OperationType.SUBSCRIPTION and not opaque and Delivery.PRIVATE_STATE not in deliveries:
-            key = (principal.tenant_id, principal.role, query, operation_name,
+            key = (principal.tenant_id, principal.scope.key, query, operation_name,
                    json.dumps(variables or {}, sort_keys=True, default=str))
         states = names and not opaque and deliveries <= {Delivery.STATE, Delivery.PRIVATE_STATE}
         return key, "last" if states else "first", kind is OperationType.SUBSCRIPTION
