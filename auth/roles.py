@@ -23,13 +23,16 @@ class Permission(enum.StrEnum):
     MANAGE_WEBHOOKS = "webhooks:manage"
     TRASH = "trash:manage"
     """See the trash and purge it (restoring a record needs the permission to delete it)."""
+    MANAGE_FIELDS = "fields:manage"
+    """Define, change, delete and purge custom fields (``resolvers.custom_fields``)."""
 
 
 GRANTS: dict[Role, frozenset[Permission]] = {
     Role.VIEWER: frozenset({Permission.READ}),
     Role.MEMBER: frozenset({Permission.READ, Permission.WRITE}),
     Role.ADMIN: frozenset({Permission.READ, Permission.WRITE, Permission.DELETE, Permission.MANAGE_USERS,
-                             Permission.READ_AUDIT, Permission.MANAGE_WEBHOOKS, Permission.TRASH}),
+                             Permission.READ_AUDIT, Permission.MANAGE_WEBHOOKS, Permission.TRASH,
+                             Permission.MANAGE_FIELDS}),
     Role.OWNER: frozenset(Permission),
 }
 

@@ -49,6 +49,7 @@ from strawberry.types.unset import UNSET
 from auth.roles import Permission
 from core.errors import BadUserInput
 from models.loaders import TENANT
+from records.custom import CustomFilter, Pending, sort_key
 from records.rules import Choice, Rule, Text
 
 
@@ -370,7 +371,7 @@ class Search:
         return [or_(*matches)]
 
 
-Filter = Equals | AnyOf | Range | Below | Search
+Filter = Equals | AnyOf | Range | Below | Search | CustomFilter
 
 
 # ---- orderings ------------------------------------------------------------------------------------
@@ -634,10 +635,15 @@ class Record:
     ``trash_batch``): hidden from every read (through ``query``, ``filtered`` and ``visible``),
     restored by ``restore<Name>``, removed for good by a purge after the tenant's retention. Every
     record a trashable record's delete cascades to must be trashable too (``records.crm`` checks)."""
+    custom_fields: bool = False
+    """Tenants define custom fields on the record (``records.custom``): its table has the
+    ``custom_fields`` JSONB column; its inputs, filter, ordering and object type take them."""
 
     def __post_init__(self) -> None:
         for relation in self.relations:
             relation.owner = self
+        if self.custom_fields:
+            self.filters = (*self.filters, CustomFilter())
         self._fields = {f.column: f for f in self.fields}
         self._relations = {r.name: r for r in self.relations}
 
@@ -711,6 +717,9 @@ class Record:
                 continue
             value = given.get(f.column)
             out[f.column] = None if value is None else f.rule(prefix + f.name, value)
+        if self.custom_fields:
+            custom = given.get("custom_fields")
+            out["custom_fields"] = Pending.of(None if custom is UNSET else custom, prefix)
         return out
 
     def patch_values(self, given: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -725,6 +734,8 @@ class Record:
                 out[f.column] = None
             else:
                 out[f.column] = f.rule(prefix + f.name, value)
+        if self.custom_fields and (custom := given.get("custom_fields", UNSET)) is not UNSET and custom is not None:
+            out["custom_fields"] = Pending.of(custom, prefix)
         return out
 
     def check(self, row: Mapping[str, Any]) -> None:
@@ -736,6 +747,10 @@ class Record:
 
     def sort_keys(self) -> dict[str, SortKey]:
         return {s.name: s.key(self.table) for s in self.sorts}
+
+    def custom_sort_key(self, key: str) -> SortKey:
+        """The ordering by custom field ``key`` (``records.custom.sort_key``)."""
+        return sort_key(self, key)
 
     def bind_filters(self, filters: Mapping[str, Any] | None) -> dict[str, Any]:
         """The validated parameters of a filter input (filter field -> value); BAD_USER_INPUT naming

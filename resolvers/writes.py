@@ -38,8 +38,9 @@ from auth.session import Info, Session
 from core.errors import BadUserInput, NotFound, VersionConflict
 from core.ids import to_global_id
 from models.db import showing_trash, trash_seen
-from models.tables import AUDIT_EVENTS
+from models.tables import AUDIT_EVENTS, MEMBERSHIPS
 from records.crm import RECORDS, dependents, rollups_into
+from records.custom import Definition, Pending, definitions_query, resolve, user_ids
 from records.declare import AtLeastOne, ExactlyOne, OnDelete, Record, camel
 from subscriptions.events import ChangeEvent, ChangeKind
 from webhooks.outbox import enqueue
@@ -52,6 +53,10 @@ def jsonable(value: Any) -> Any:
         return value.isoformat()
     if isinstance(value, bytes):
         return base64.b64encode(value).decode()
+    if isinstance(value, dict):  # custom field values (``records.custom``)
+        return {k: jsonable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [jsonable(v) for v in value]
     return value
 
 
@@ -88,6 +93,7 @@ class Change:
         """The change's time as the app's clock tells it (a record's ``deleted_at``)."""
         self.actor_id: uuid.UUID | None = None if system else principal.user_id
         """Who the audit rows and events name: None for the system's own work (a scheduled purge)."""
+        self._definitions: dict[str, list[Definition]] = {}
 
     @property
     def tenant_id(self) -> uuid.UUID:
@@ -110,11 +116,42 @@ class Change:
             raise NotFound(record.label, id, field=field)
         return row
 
+    # ---- custom fields (``records.custom``) ------------------------------------------------------
+
+    async def definitions(self, record: Record) -> list[Definition]:
+        """The tenant's live custom field definitions of ``record`` (read once per change)."""
+        found = self._definitions.get(record.name)
+        if found is None:
+            rows = (await self.conn.execute(definitions_query(record.name), {"tenant_id": self.tenant_id})).all()
+            found = self._definitions[record.name] = [Definition.from_row(row) for row in rows]
+        return found
+
+    async def custom_values(self, record: Record, values: dict[str, Any], current: Mapping[Any, Any] | None) -> None:
+        """Replace the ``Pending`` custom fields of ``values`` by the record's resulting values, checked
+        against the tenant's definitions (``records.custom.resolve``); USER values must name members."""
+        pending = values.get("custom_fields")
+        if not record.custom_fields or (current is not None and not isinstance(pending, Pending)):
+            return
+        definitions = await self.definitions(record)
+        resolved = resolve(definitions, pending if isinstance(pending, Pending) else None,
+                           None if current is None else current["custom_fields"], record.label)
+        users = user_ids(definitions, resolved)
+        if users:
+            m = MEMBERSHIPS
+            found = {row.user_id for row in (await self.conn.execute(select(m.c.user_id).where(
+                m.c.tenant_id == self.tenant_id, m.c.user_id.in_(list(users.values()))))).all()}
+            prefix = pending.prefix if isinstance(pending, Pending) else ""
+            for key, user_id in users.items():
+                if user_id not in found:
+                    raise NotFound("user", user_id, field=f"{prefix}customFields.{key}")
+        values["custom_fields"] = resolved
+
     # ---- whole records (what the declaration says) ---------------------------------------------
 
     async def create(self, record: Record, values: dict[str, Any], *, prefix: str = "") -> Row[Any]:
         """Insert a record from validated ``values`` (``Record.create_values``): checks, fallbacks of
         fields left out, references (NOT_FOUND naming the field, with ``prefix``), then the row."""
+        await self.custom_values(record, values, None)
         record.check(values)
         await self._references(record, values, prefix)
         for f in record.fields:
@@ -141,6 +178,7 @@ class Change:
         t = record.table
         before = await self.require(record, id, lock=True)
         self.check_version(record, before, expected_version)
+        await self.custom_values(record, changes, before._mapping)
         await self._references(record, changes, "")
         if record.checks:
             record.check({**before._mapping, **changes})
@@ -480,6 +518,12 @@ class Change:
 
     async def _audit(self, record: Record, action: str, entity_id: uuid.UUID, diff: dict[str, Any]) -> None:
         await self.audit(record.name, action, entity_id, diff)
+
+    async def audit_records(self, record: Record, action: str,
+                            entries: list[tuple[uuid.UUID, dict[str, Any]]]) -> None:
+        """The audit rows of changes to many records of ``record`` made by one statement of the
+        caller's (a custom field's purge), in one insert."""
+        await self._audit_many(record, action, entries)
 
     async def _audit_many(self, record: Record, action: str, entries: list[tuple[uuid.UUID, dict[str, Any]]]) -> None:
         if entries:
