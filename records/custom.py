@@ -45,14 +45,28 @@ from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
 import strawberry
-from sqlalchemy import ColumnElement, String, and_, bindparam, case, exists, func, literal_column, or_, select
+from sqlalchemy import (
+    ColumnElement,
+    String,
+    TypeDecorator,
+    and_,
+    bindparam,
+    case,
+    cast,
+    exists,
+    func,
+    literal_column,
+    or_,
+    select,
+)
+from sqlalchemy import Text as SQLText
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.sql import type_coerce
 
 from core.errors import BadUserInput
 from core.ids import decode_id
 from models.loaders import TENANT
-from models.tables import CUSTOM_FIELD_DEFINITIONS, ExactJSONB
+from models.tables import CUSTOM_FIELD_DEFINITIONS, exact_dumps
 from records.rules import Currency, Email, Money, Text
 
 if TYPE_CHECKING:
@@ -63,6 +77,8 @@ URL = re.compile(r"^https?://[^\s/$.?#][^\s]*$", re.IGNORECASE)
 MAX_NUMBER = Decimal("1e15")
 NUMBER_PLACES = 6
 MAX_OPTIONS = 100
+MAX_DEFINITIONS = 50
+"""Live custom fields per record type and workspace (what the cost of a ``customFields`` list counts)."""
 MAX_FILTERS = 10
 MAX_IN = 50
 DEFINITIONS = CUSTOM_FIELD_DEFINITIONS
@@ -305,7 +321,7 @@ class Pending:
 
 
 def resolve(definitions: Sequence[Definition], pending: Pending | None, current: Mapping[str, Any] | None,
-            record_label: str) -> dict[str, Any]:
+            plural_label: str) -> dict[str, Any]:
     """A record's custom field values after a write: ``current`` (None on create: defaults apply) with
     ``pending`` applied, checked against the tenant's live ``definitions``. BAD_USER_INPUT naming
     ``customFields.<key>`` for an unknown key, a value that breaks its type, or a required field
@@ -317,7 +333,7 @@ def resolve(definitions: Sequence[Definition], pending: Pending | None, current:
         definition = by_key.get(key)
         field = f"{prefix}customFields.{key}"
         if definition is None:
-            raise BadUserInput(field, f"is not a custom field of {record_label}s")
+            raise BadUserInput(field, f"is not a custom field of {plural_label}")
         value = stored(definition, field, given)
         if value is None:
             out.pop(key, None)
@@ -400,18 +416,20 @@ def _one_filter(i: int, given: Any, field: str) -> dict[str, Any]:
         for n, v in enumerate(value):
             if "\x00" in v:
                 raise BadUserInput(f"{field}.values.{n}", "must not contain NUL characters")
+    # JSON values travel as JSON text (``JSONText``), whichever path runs the statement.
     if op is CustomFieldOp.EQ:
-        out[_p(i, f"eq_{name}")] = value
+        out[_p(i, f"eq_{name}")] = exact_dumps(value)
         if name == "number":
-            out[_p(i, "eq_money")] = {"amount": value, **({"currency": currency} if currency else {})}
+            out[_p(i, "eq_money")] = exact_dumps({"amount": value, **({"currency": out[_p(i, "currency")]}
+                                                                       if currency else {})})
     elif op is CustomFieldOp.IN:
         for n, v in enumerate(value):
-            out[_p(i, f"in{n}_{name}")] = v
+            out[_p(i, f"in{n}_{name}")] = exact_dumps(v)
     elif op is CustomFieldOp.CONTAINS:
         out[_p(i, "contains_text")] = like_pattern(value)
-        out[_p(i, "contains_options")] = [value]
+        out[_p(i, "contains_options")] = exact_dumps([value])
     else:
-        out[_p(i, f"{RANGES[op]}_{name}")] = value
+        out[_p(i, f"{RANGES[op]}_{name}")] = exact_dumps(value)
     return out
 
 
@@ -424,12 +442,18 @@ def _live(record_name: str, source: Any, key: Any, types: Collection[CustomField
     d = DEFINITIONS
     return exists(select(d.c.id).where(d.c.tenant_id == source.c.tenant_id, d.c.record_type == record_name,
                                        d.c.key == key, d.c.deleted_at.is_(None),
-                                       d.c.type.in_([t.value for t in types])))
+                                       d.c.type.in_([constant(t.value) for t in types])))
+
+
+def constant(value: str) -> ColumnElement[Any]:
+    """A fixed text of this module's own (a type's stored name) written into the SQL, not bound: plans
+    compile their statements once, and an expanding IN list of parameters would not."""
+    return literal_column("'" + value.replace("'", "''") + "'", String())
 
 
 def _doc(name: str, key: Any) -> ColumnElement[Any]:
     """``jsonb_build_object(key, <param name>)``: what a containment test looks for."""
-    return func.jsonb_build_object(key, bindparam(name, type_=ExactJSONB))
+    return func.jsonb_build_object(key, bindparam(name, type_=JSONText))
 
 
 @dataclass(frozen=True, eq=False)
@@ -477,7 +501,7 @@ class CustomFilter:
             text_match = and_(values[key].astext.ilike(pattern, escape="\\"),
                               _live(record.name, source, key, TYPES_OF["contains"]))
             option_match = and_(values.contains(func.jsonb_build_object(
-                key, bindparam(param("contains_options"), type_=ExactJSONB))),
+                key, bindparam(param("contains_options"), type_=JSONText))),
                 _live(record.name, source, key, TYPES_OF["options"]))
             return or_(option_match, text_match)
         if any(n.startswith("in") and not n.startswith("in_") for n in names):
@@ -494,7 +518,7 @@ class CustomFilter:
                 return money if currency else or_(plain, money)
             return and_(values.contains(_doc(param(f"eq_{member_name}"), key)),
                         _live(record.name, source, key, TYPES_OF[member_name]))
-        value = bindparam(param(f"{op}_{member_name}"), type_=ExactJSONB)
+        value = bindparam(param(f"{op}_{member_name}"), type_=JSONText)
         compare = {"gt": operator.gt, "gte": operator.ge, "lt": operator.lt, "lte": operator.le}[op]
         element = type_coerce(values[key], JSONB)
         if member_name == "date":
@@ -511,16 +535,22 @@ class CustomFilter:
 
 # ---- orderings ----------------------------------------------------------------------------------
 
-class JSONText(JSONB):
-    """A jsonb value kept as its JSON text on both sides (a custom sort value, in cursors)."""
+class JSONText(TypeDecorator[str]):
+    """A jsonb value kept as its JSON text on both sides: bound from JSON text (filter values, cursor
+    values: the planner passes parameters to the driver as they are, so they are text already), read
+    as its text (a custom sort value, which cursors hold)."""
 
+    impl = JSONB
     cache_ok = True
 
     def bind_processor(self, dialect: Any) -> Any:
         return None
 
-    def result_processor(self, dialect: Any, coltype: Any) -> Any:
-        return None
+    def column_expression(self, column: Any) -> Any:
+        return type_coerce(cast(column, SQLText), self)
+
+    def process_result_value(self, value: Any, dialect: Any) -> Any:
+        return value
 
 
 def parse_json_text(text: str) -> str:

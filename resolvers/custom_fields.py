@@ -25,6 +25,7 @@ from models.db import showing_trash
 from records.crm import BY_NAME
 from records.custom import (
     DEFINITIONS,
+    MAX_DEFINITIONS,
     MAX_OPTIONS,
     CustomFieldType,
     CustomValueInput,
@@ -151,6 +152,10 @@ class CustomFieldMutation:
             if taken is not None:
                 raise BadUserInput("key", "is already used" + (" by a deleted field (purge it first)" if taken
                                                                else f" by another custom field of {record.plural}"))
+            live = await w.scalar(select(func.count()).where(
+                d.c.tenant_id == w.tenant_id, d.c.record_type == record.name, d.c.deleted_at.is_(None)))
+            if live >= MAX_DEFINITIONS:
+                raise BadUserInput("recordType", f"at most {MAX_DEFINITIONS} custom fields per record type")
             if position is None:
                 position = await w.scalar(select(func.coalesce(func.max(d.c.position) + 1, 0)).where(
                     d.c.tenant_id == w.tenant_id, d.c.record_type == record.name))

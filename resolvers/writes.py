@@ -134,7 +134,7 @@ class Change:
             return
         definitions = await self.definitions(record)
         resolved = resolve(definitions, pending if isinstance(pending, Pending) else None,
-                           None if current is None else current["custom_fields"], record.label)
+                           None if current is None else current["custom_fields"], record.plural_label)
         users = user_ids(definitions, resolved)
         if users:
             m = MEMBERSHIPS

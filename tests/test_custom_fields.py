@@ -227,3 +227,258 @@ async def test_definitions_are_read_only_to_viewers(client: httpx.AsyncClient, m
     world = await make_tenant("cfview")
     listed = await api(client, world.token(role), "{ customFieldDefinitions(type: COMPANY) { key } }")
     assert listed == {"customFieldDefinitions": []}
+
+
+# ---- filters and orderings -------------------------------------------------------------------------
+
+SORTABLE: list[dict[str, Any]] = [
+    {"key": "tier", "label": "Tier", "type": "SINGLE_SELECT", "options": ["gold", "silver"]},
+    {"key": "score", "label": "Score", "type": "NUMBER"},
+    {"key": "budget", "label": "Budget", "type": "MONEY"},
+    {"key": "renewal", "label": "Renewal", "type": "DATE"},
+    {"key": "signed", "label": "Signed", "type": "BOOLEAN"},
+    {"key": "tags", "label": "Tags", "type": "MULTI_SELECT", "options": ["a", "b"]},
+    {"key": "notes", "label": "Notes", "type": "TEXT"},
+    {"key": "champion", "label": "Champion", "type": "USER"},
+]
+ROWS = [  # title, score, tier, budget (amount, currency), renewal, signed, tags, notes
+    ("d0", "10", "gold", ("5", "USD"), "2027-01-01", True, ["a"], "Alpha beta"),
+    ("d1", "2", "silver", ("50", "EUR"), "2027-06-30", False, ["a", "b"], "gamma"),
+    ("d2", "10.0", "gold", ("500", "EUR"), None, None, [], None),
+    ("d3", None, None, None, "2026-12-31", True, ["b"], "ALPHA"),
+    ("d4", "-1.5", "silver", ("5.5", "USD"), "2027-01-02", None, None, "100% _sure_"),
+]
+
+
+async def seed_sortable(client: httpx.AsyncClient, token: str, world: TenantWorld) -> dict[str, str]:
+    from core.ids import to_global_id
+
+    await define(client, token, "DEAL", SORTABLE)
+    stage = await stage_of(client, token)
+    ids = {}
+    for n, (title, score, tier, budget, renewal, signed, tags, notes) in enumerate(ROWS):
+        values: list[dict[str, Any]] = []
+        if score is not None:
+            values.append({"key": "score", "number": score})
+        if tier is not None:
+            values.append({"key": "tier", "option": tier})
+        if budget is not None:
+            values.append({"key": "budget", "money": {"amount": budget[0], "currency": budget[1]}})
+        if renewal is not None:
+            values.append({"key": "renewal", "date": renewal})
+        if signed is not None:
+            values.append({"key": "signed", "boolean": signed})
+        if tags is not None:
+            values.append({"key": "tags", "options": tags})
+        if notes is not None:
+            values.append({"key": "notes", "text": notes})
+        if n < 2:
+            champion = world.users[[Role.ADMIN, Role.MEMBER][n]]
+            values.append({"key": "champion", "userId": to_global_id("User", champion)})
+        made = (await api(client, token, CREATE_DEAL, i={"title": title, "amount": "1", "currency": "USD",
+                                                          "stageId": stage, "customFields": values}))["createDeal"]
+        ids[title] = made["id"]
+    return ids
+
+
+FILTERS: list[tuple[str, list[str]]] = [
+    ('{key: "tier", text: "gold"}', ["d0", "d2"]),
+    ('{key: "score", number: "10"}', ["d0", "d2"]),  # 10 and 10.0 are one number
+    ('{key: "score", op: GT, number: "2"}', ["d0", "d2"]),
+    ('{key: "score", op: GTE, number: "2"}', ["d0", "d1", "d2"]),
+    ('{key: "score", op: LT, number: "2"}', ["d4"]),
+    ('{key: "score", op: LTE, number: "-1.5"}', ["d4"]),
+    ('{key: "budget", number: "5"}', ["d0"]),
+    ('{key: "budget", op: GTE, number: "50", currency: "EUR"}', ["d1", "d2"]),
+    ('{key: "budget", op: LT, number: "10", currency: "EUR"}', []),
+    ('{key: "budget", op: LT, number: "10"}', ["d0", "d4"]),
+    ('{key: "renewal", op: GT, date: "2027-01-01"}', ["d1", "d4"]),
+    ('{key: "renewal", date: "2026-12-31"}', ["d3"]),
+    ('{key: "signed", boolean: true}', ["d0", "d3"]),
+    ('{key: "signed", boolean: false}', ["d1"]),
+    ('{key: "tags", op: CONTAINS, text: "b"}', ["d1", "d3"]),
+    ('{key: "notes", op: CONTAINS, text: "alpha"}', ["d0", "d3"]),
+    ('{key: "notes", op: CONTAINS, text: "%"}', ["d4"]),  # wildcards are literal
+    ('{key: "notes", op: CONTAINS, text: "_s"}', ["d4"]),
+    ('{key: "tier", op: IN, values: ["silver", "nope"]}', ["d1", "d4"]),
+    ('{key: "notes", text: "gamma"}', ["d1"]),
+    ('{key: "score", text: "10"}', []),  # a text value never matches a NUMBER field
+    ('{key: "nothing", text: "x"}', []),  # nor any value a key without definition
+    ('{key: "score", op: GT, number: "0"}, {key: "tier", text: "gold"}, {key: "signed", boolean: true}', ["d0"]),
+]
+
+
+async def test_filters_on_custom_fields(client: httpx.AsyncClient, make_tenant: Any) -> None:
+    from core.ids import to_global_id
+
+    world = await make_tenant("cffilter")
+    token = world.token(Role.ADMIN)
+    await seed_sortable(client, token, world)
+    for condition, expected in FILTERS:
+        found = await api(client, token, f"{{ deals(filter: {{custom: [{condition}]}}, orderBy: {{field: TITLE, "
+                                         "direction: ASC}) { totalCount nodes { title } } }")
+        titles = [n["title"] for n in found["deals"]["nodes"]]
+        assert titles == expected and found["deals"]["totalCount"] == len(expected), (condition, titles)
+    member = to_global_id("User", world.users[Role.MEMBER])
+    found = await api(client, token, "query($u: ID!, $l: [ID!]) { a: deals(filter: {custom: [{key: \"champion\", "
+                                     "userId: $u}]}) { nodes { title } } b: deals(filter: {custom: [{key: "
+                                     "\"champion\", op: IN, userIds: $l}]}) { nodes { title } } }",
+                      u=member, l=[member, to_global_id("User", world.users[Role.ADMIN])])
+    assert [n["title"] for n in found["a"]["nodes"]] == ["d1"] and len(found["b"]["nodes"]) == 2
+    for condition, field in (('{key: "score", op: GT}', "filter.custom.0"),
+                             ('{key: "score", op: GT, text: "1"}', "filter.custom.0"),
+                             ('{key: "score", op: IN, number: "1"}', "filter.custom.0"),
+                             ('{key: "Bad"}', "filter.custom.0.key"),
+                             ('{key: "score", number: "1e20"}', "filter.custom.0.number"),
+                             ('{key: "tier", text: "gold", currency: "USD"}', "filter.custom.0.currency"),
+                             ('{key: "tier", op: IN, values: []}', "filter.custom.0.values")):
+        body = await gql(client, f"{{ deals(filter: {{custom: [{condition}]}}) {{ totalCount }} }}", token=token)
+        assert codes(body) == ["BAD_USER_INPUT"], (condition, body)
+        assert body["errors"][0]["extensions"]["field"] == field, (condition, body)
+
+
+ORDERS: list[tuple[str, str, list[str]]] = [
+    ("score", "ASC", ["d3", "d4", "d1", "d0", "d2"]),  # no value first; 10 and 10.0 tie (then by id)
+    ("score", "DESC", ["d2", "d0", "d1", "d4", "d3"]),
+    ("renewal", "ASC", ["d2", "d3", "d0", "d4", "d1"]),
+    ("signed", "ASC", ["d2", "d4", "d1", "d0", "d3"]),
+    ("tier", "DESC", ["d1", "d4", "d0", "d2", "d3"]),
+]
+
+
+async def test_orderings_by_custom_fields_page_with_cursors(client: httpx.AsyncClient, make_tenant: Any) -> None:
+    world = await make_tenant("cfsort")
+    token = world.token(Role.ADMIN)
+    ids = await seed_sortable(client, token, world)
+    by_id = {v: k for k, v in ids.items()}
+    for key, direction, expected in ORDERS:
+        whole = await api(client, token, f'{{ deals(orderBy: {{custom: "{key}", direction: {direction}}}) '
+                                         "{ nodes { id } } }")
+        order = [by_id[n["id"]] for n in whole["deals"]["nodes"]]
+        if key in ("score",) and direction == "ASC":
+            assert order[:3] == expected[:3] and set(order[3:]) == {"d0", "d2"}, order
+        elif key == "score":
+            assert set(order[:2]) == {"d0", "d2"} and order[2:] == expected[2:], order
+        elif key in ("signed", "tier", "renewal"):
+            assert _tied_equal(order, expected, key), (key, direction, order)
+        # pages of two, forward and backward, give the same order as the whole list
+        for forward in (True, False):
+            seen: list[str] = []
+            cursor = None
+            while True:
+                size, bound = ("first", "after") if forward else ("last", "before")
+                query = (f'query($c: String) {{ deals({size}: 2, {bound}: $c, orderBy: {{custom: "{key}", '
+                         f"direction: {direction}}}) {{ edges {{ cursor node {{ id }} }} pageInfo {{ hasNextPage "
+                         "hasPreviousPage startCursor endCursor } } }")
+                page = (await api(client, token, query, c=cursor))["deals"]
+                names = [by_id[e["node"]["id"]] for e in page["edges"]]
+                seen = seen + names if forward else names + seen
+                if not page["pageInfo"]["hasNextPage" if forward else "hasPreviousPage"]:
+                    break
+                cursor = page["pageInfo"]["endCursor" if forward else "startCursor"]
+            assert seen == order, (key, direction, forward, seen, order)
+    # a cursor of one ordering is refused by another; keys are checked
+    first = (await api(client, token, '{ deals(first: 1, orderBy: {custom: "score"}) { pageInfo { endCursor } } }'))
+    body = await gql(client, 'query($c: String) { deals(after: $c, orderBy: {custom: "tier"}) { totalCount } }',
+                     {"c": first["deals"]["pageInfo"]["endCursor"]}, token=token)
+    assert codes(body) == ["BAD_USER_INPUT"] and body["errors"][0]["extensions"]["field"] == "after"
+    body = await gql(client, '{ deals(orderBy: {custom: "Bad Key"}) { totalCount } }', token=token)
+    assert codes(body) == ["BAD_USER_INPUT"] and body["errors"][0]["extensions"]["field"] == "orderBy.custom"
+
+
+def _tied_equal(order: list[str], expected: list[str], key: str) -> bool:
+    """``order`` equals ``expected`` up to the order among records with equal values of ``key``."""
+    values = {row[0]: row for row in ROWS}
+    column = {"renewal": 4, "signed": 5, "tier": 2}[key]
+    return [values[t][column] for t in order] == [values[t][column] for t in expected]
+
+
+# ---- deleting and purging definitions; isolation -----------------------------------------------------
+
+async def test_deleting_a_definition_hides_its_values_and_a_purge_removes_them(
+        client: httpx.AsyncClient, make_tenant: Any, admin_engine: AsyncEngine) -> None:
+    world = await make_tenant("cfpurge")
+    token = world.token(Role.ADMIN)
+    tier, = await define(client, token, "DEAL", [{"key": "tier", "label": "Tier", "type": "TEXT"}])
+    stage = await stage_of(client, token)
+    made = (await api(client, token, CREATE_DEAL, i={"title": "T", "amount": "1", "currency": "USD", "stageId": stage,
+                                                      "customFields": [{"key": "tier", "text": "gold"}]}))["createDeal"]
+    trashed = (await api(client, token, CREATE_DEAL, i={
+        "title": "Trashed", "amount": "1", "currency": "USD", "stageId": stage,
+        "customFields": [{"key": "tier", "text": "x"}]}))["createDeal"]
+    await api(client, token, "mutation($id: ID!) { deleteDeal(id: $id) { deletedId } }", id=trashed["id"])
+    await api(client, token, "mutation($id: ID!) { deleteCustomFieldDefinition(id: $id) { id } }", id=tier["id"])
+    read = await api(client, token, """query($id: ID!) { deal(id: $id) { customFields { key } customField(key: "tier")
+        { key } } deals(filter: {custom: [{key: "tier", text: "gold"}]}) { totalCount } }""", id=made["id"])
+    assert read == {"deal": {"customFields": [], "customField": None}, "deals": {"totalCount": 0}}
+    body = await gql(client, CREATE_DEAL, {"i": {"title": "U", "amount": "1", "currency": "USD", "stageId": stage,
+                                                 "customFields": [{"key": "tier", "text": "gold"}]}}, token=token)
+    assert body["errors"][0]["extensions"]["field"] == "customFields.tier"
+    body = await gql(client, DEFINE, {"i": {"recordType": "DEAL", "key": "tier", "label": "T", "type": "TEXT"}},
+                     token=token)
+    assert "purge it first" in body["errors"][0]["message"]
+    deleted = await api(client, token, "{ customFieldDefinitions(type: DEAL, deleted: true) { id key } }")
+    assert [d["key"] for d in deleted["customFieldDefinitions"]] == ["tier"]
+    body = await gql(client, "mutation($id: ID!) { purgeCustomFieldDefinition(id: $id) { recordsCleared } }",
+                     {"id": tier["id"]}, token=world.token(Role.MEMBER))
+    assert codes(body) == ["FORBIDDEN"]
+    purged = await api(client, token, "mutation($id: ID!) { purgeCustomFieldDefinition(id: $id) { purgedId "
+                                      "recordsCleared } }", id=tier["id"])
+    assert purged["purgeCustomFieldDefinition"] == {"purgedId": tier["id"], "recordsCleared": 2}
+    async with admin_engine.connect() as conn:
+        left = (await conn.execute(text("SELECT count(*) FROM deals WHERE tenant_id = :t AND custom_fields ? 'tier'"),
+                                   {"t": world.id})).scalar_one()
+    assert left == 0
+    audit = await api(client, token, "{ auditEvents(first: 20) { nodes { action entityType diff } } }")
+    actions = [(e["entityType"], e["action"]) for e in audit["auditEvents"]["nodes"]]
+    assert ("CustomFieldDefinition", "purge") in actions and ("CustomFieldDefinition", "delete") in actions
+    cleared = [e["diff"] for e in audit["auditEvents"]["nodes"]
+               if e["entityType"] == "Deal" and e["action"] == "update"]
+    assert {"before": {"custom_fields": {"tier": "gold"}}, "after": {"custom_fields": {}}} in cleared
+    await define(client, token, "DEAL", [{"key": "tier", "label": "Tier again", "type": "NUMBER"}])  # the key is free
+
+
+async def test_tenants_see_only_their_own_custom_fields(either_client: httpx.AsyncClient, make_tenant: Any) -> None:
+    client = either_client
+    a, b = await make_tenant("cfa"), await make_tenant("cfb")
+    ta, tb = a.token(Role.ADMIN), b.token(Role.ADMIN)
+    secret, = await define(client, ta, "DEAL", [{"key": "secret", "label": "Secret", "type": "TEXT"}])
+    stage_a, stage_b = await stage_of(client, ta), await stage_of(client, tb)
+    await api(client, ta, CREATE_DEAL, i={"title": "A", "amount": "1", "currency": "USD", "stageId": stage_a,
+                                          "customFields": [{"key": "secret", "text": "s3cret"}]})
+    assert (await api(client, tb, "{ customFieldDefinitions(type: DEAL) { key } }")) == {"customFieldDefinitions": []}
+    body = await gql(client, CREATE_DEAL, {"i": {"title": "B", "amount": "1", "currency": "USD", "stageId": stage_b,
+                                                 "customFields": [{"key": "secret", "text": "x"}]}}, token=tb)
+    assert body["errors"][0]["extensions"]["field"] == "customFields.secret"  # not B's field
+    await define(client, tb, "DEAL", [{"key": "secret", "label": "B's own", "type": "NUMBER"}])  # the same key, B's
+    made = (await api(client, tb, CREATE_DEAL, i={"title": "B", "amount": "1", "currency": "USD", "stageId": stage_b,
+                                                  "customFields": [{"key": "secret", "number": "1"}]}))["createDeal"]
+    assert [v["label"] for v in made["customFields"]] == ["B's own"]
+    found = await api(client, tb, """{ deals(filter: {custom: [{key: "secret", op: CONTAINS, text: "s3"}]}) {
+        totalCount } all: deals(orderBy: {custom: "secret"}) { nodes { title } } }""")
+    assert found == {"deals": {"totalCount": 0}, "all": {"nodes": [{"title": "B"}]}}
+    for mutation in ("updateCustomFieldDefinition(id: $id, input: {label: \"x\"}) { id }",
+                     "deleteCustomFieldDefinition(id: $id) { id }"):
+        body = await gql(client, f"mutation($id: ID!) {{ {mutation} }}", {"id": secret["id"]}, token=tb)
+        assert codes(body) == ["NOT_FOUND"], body
+
+
+async def test_cost_counts_custom_fields(client: httpx.AsyncClient, make_tenant: Any) -> None:
+    from graphql import parse
+
+    from atrium.schema import schema
+    from records.custom import MAX_DEFINITIONS
+    from schema.cost import operation_cost
+
+    document = parse("{ deals(first: 10) { nodes { customFields { key ... on UserValue { user { name } } } "
+                     "customField(key: \"x\") { key } } } }")
+    operation = document.definitions[0]
+    # 1 (connection) + 10 x (1 + MAX_DEFINITIONS x (1 + 1 user) + 1 customField)
+    assert operation_cost(schema._schema, document, operation) == 1 + 10 * (1 + MAX_DEFINITIONS * 2 + 1)  # type: ignore[arg-type]
+    world = await make_tenant("cfmax")
+    token = world.token(Role.ADMIN)
+    await define(client, token, "COMPANY", [{"key": f"f{i}", "label": "F", "type": "TEXT"}
+                                            for i in range(MAX_DEFINITIONS)])
+    body = await gql(client, DEFINE, {"i": {"recordType": "COMPANY", "key": "one_more", "label": "F", "type": "TEXT"}},
+                     token=token)
+    assert codes(body) == ["BAD_USER_INPUT"] and body["errors"][0]["extensions"]["field"] == "recordType"

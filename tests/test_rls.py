@@ -111,7 +111,10 @@ async def seeded_pair(make_tenant: MakeTenant, client: httpx.AsyncClient,
                                       token=token))["createWebhookEndpoint"]["endpoint"]
         data_or_fail(await gql(client, "mutation($id: ID!) { updateWebhookEndpoint(id: $id, input: {enabled: false}) "
                                        "{ enabled } }", {"id": hook["id"]}, token=token))
-        tenant.products.update(product=made["createProduct"], line=line["createDealLineItem"], endpoint=hook)
+        field_def = data_or_fail(await gql(client, "mutation { createCustomFieldDefinition(input: {recordType: DEAL, "
+                                                   'key: "tier", label: "Tier", type: TEXT}) { id } }', token=token))
+        tenant.products.update(product=made["createProduct"], line=line["createDealLineItem"], endpoint=hook,
+                               custom_field=field_def["createCustomFieldDefinition"])
     async with admin_engine.begin() as conn:
         for tenant in pair:
             rows = rows_for(tenant, uuid.uuid4())
