@@ -96,7 +96,7 @@ def _external_id() -> Any:
 
 class ExactJSONB(TypeDecorator[Any]):
     """JSONB whose numbers are exact: written from ``Decimal`` as JSON numbers, read back as ``Decimal``
-    (integers as ``int``), never through ``float`` (the driver's jsonb codec would: a selected column
+    (integers too), never through ``float`` (the driver's jsonb codec would: a selected column
     of this type is read as its text). Custom field values are stored in it."""
 
     impl = JSONB
@@ -109,7 +109,7 @@ class ExactJSONB(TypeDecorator[Any]):
         return type_coerce(cast(column, Text), self)
 
     def process_result_value(self, value: Any, dialect: Any) -> Any:
-        return json.loads(value, parse_float=Decimal) if isinstance(value, str) else value
+        return json.loads(value, parse_float=Decimal, parse_int=Decimal) if isinstance(value, str) else value
 
 
 def exact_dumps(value: Any) -> str:

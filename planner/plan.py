@@ -615,7 +615,8 @@ class ConnectionPlan(RootPlan):
     def sort_key_named(self, sort_name: str) -> SortKey:
         """A declared ordering's sort key, or a custom field's (``custom:<key>``)."""
         if custom_sort(sort_name):
-            return self.record.custom_sort_key(sort_name.removeprefix(CUSTOM_SORT))
+            tenant = bindparam(TENANT.key, type_=self.record.table.c.tenant_id.type)
+            return self.record.custom_sort_key(sort_name.removeprefix(CUSTOM_SORT), tenant)
         return self.keys[sort_name]
 
     @staticmethod

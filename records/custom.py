@@ -437,10 +437,11 @@ def _camel(name: str) -> str:
     return {"user_id": "userId", "user_ids": "userIds"}.get(name, name)
 
 
-def _live(record_name: str, source: Any, key: Any, types: Collection[CustomFieldType]) -> ColumnElement[bool]:
-    """The tenant has a live definition ``key`` of one of ``types`` on the record type."""
+def _live(record_name: str, tenant: Any, key: Any, types: Collection[CustomFieldType]) -> ColumnElement[bool]:
+    """The tenant has a live definition ``key`` of one of ``types`` on the record type (``tenant``: a
+    value or a parameter, not the row's column: the test runs once per statement, not once per row)."""
     d = DEFINITIONS
-    return exists(select(d.c.id).where(d.c.tenant_id == source.c.tenant_id, d.c.record_type == record_name,
+    return exists(select(d.c.id).where(d.c.tenant_id == tenant, d.c.record_type == record_name,
                                        d.c.key == key, d.c.deleted_at.is_(None),
                                        d.c.type.in_([constant(t.value) for t in types])))
 
@@ -477,16 +478,19 @@ class CustomFilter:
             out.update(_one_filter(i, item, f"filter.custom.{i}"))
         return out
 
-    def where(self, record: Record, source: Any, bound: Collection[str], prefix: str = "") -> list[ColumnElement[bool]]:
+    def where(self, record: Record, source: Any, bound: Collection[str], prefix: str = "", *,
+              tenant: Any = None) -> list[ColumnElement[bool]]:
+        """The conditions (``tenant``: the statement's tenant, a value or a parameter)."""
         conditions: list[ColumnElement[bool]] = []
         i = 0
         while _p(i, "key") in bound:
-            conditions.append(self._condition(record, source, i, bound, prefix))
+            conditions.append(self._condition(record, source, tenant, i, bound, prefix))
             i += 1
         return conditions
 
     @staticmethod
-    def _condition(record: Record, source: Any, i: int, bound: Collection[str], prefix: str) -> ColumnElement[bool]:
+    def _condition(record: Record, source: Any, tenant: Any, i: int, bound: Collection[str],
+                   prefix: str) -> ColumnElement[bool]:
         key = bindparam(prefix + _p(i, "key"), type_=String())
         values = source.c.custom_fields
         names = [n[len(_p(i, "")):] for n in bound if n.startswith(_p(i, "")) and n != _p(i, "key")]
@@ -499,37 +503,37 @@ class CustomFilter:
         if "contains_text" in names:
             pattern = bindparam(param("contains_text"), type_=String())
             text_match = and_(values[key].astext.ilike(pattern, escape="\\"),
-                              _live(record.name, source, key, TYPES_OF["contains"]))
+                              _live(record.name, tenant, key, TYPES_OF["contains"]))
             option_match = and_(values.contains(func.jsonb_build_object(
                 key, bindparam(param("contains_options"), type_=JSONText))),
-                _live(record.name, source, key, TYPES_OF["options"]))
+                _live(record.name, tenant, key, TYPES_OF["options"]))
             return or_(option_match, text_match)
         if any(n.startswith("in") and not n.startswith("in_") for n in names):
             member_name = names[0].split("_", 1)[1]
             return and_(or_(*(values.contains(_doc(param(n), key)) for n in sorted(names))),
-                        _live(record.name, source, key, TYPES_OF[member_name]))
+                        _live(record.name, tenant, key, TYPES_OF[member_name]))
         op, member_name = names[0].split("_", 1) if len(names) == 1 else ("eq", "number")
         if op == "eq":
             if member_name == "number":
                 plain = and_(values.contains(_doc(param("eq_number"), key)),
-                             _live(record.name, source, key, TYPES_OF["number"]))
+                             _live(record.name, tenant, key, TYPES_OF["number"]))
                 money = and_(values.contains(_doc(param("eq_money"), key)),
-                             _live(record.name, source, key, TYPES_OF["money"]))
+                             _live(record.name, tenant, key, TYPES_OF["money"]))
                 return money if currency else or_(plain, money)
             return and_(values.contains(_doc(param(f"eq_{member_name}"), key)),
-                        _live(record.name, source, key, TYPES_OF[member_name]))
+                        _live(record.name, tenant, key, TYPES_OF[member_name]))
         value = bindparam(param(f"{op}_{member_name}"), type_=JSONText)
         compare = {"gt": operator.gt, "gte": operator.ge, "lt": operator.lt, "lte": operator.le}[op]
         element = type_coerce(values[key], JSONB)
         if member_name == "date":
             return and_(func.jsonb_typeof(element) == "string", compare(element, value),
-                        _live(record.name, source, key, TYPES_OF["date"]))
+                        _live(record.name, tenant, key, TYPES_OF["date"]))
         plain = and_(func.jsonb_typeof(element) == "number", compare(element, value),
-                     _live(record.name, source, key, TYPES_OF["number"]))
+                     _live(record.name, tenant, key, TYPES_OF["number"]))
         amount = type_coerce(element["amount"], JSONB)
         in_currency = [element["currency"].astext == bindparam(param("currency"), type_=String())] if currency else []
         money = and_(func.jsonb_typeof(element) == "object", compare(amount, value), *in_currency,
-                     _live(record.name, source, key, TYPES_OF["money"]))
+                     _live(record.name, tenant, key, TYPES_OF["money"]))
         return money if currency else or_(plain, money)
 
 
@@ -561,14 +565,15 @@ def parse_json_text(text: str) -> str:
 SORT_LABEL = "sort_custom"
 
 
-def sort_key(record: Record, key: str, source: Any = None) -> SortKey:
+def sort_key(record: Record, key: str, tenant: Any) -> SortKey:
     """Order by custom field ``key``: by its JSON value (numbers numerically, dates and texts as text,
-    false before true; records without a value, or whose definition is deleted, first), then id."""
+    false before true; records without a value, or whose definition is deleted, first), then id.
+    ``tenant``: the statement's tenant (a value or a parameter)."""
     from records.declare import SortKey
 
-    table = source if source is not None else record.table
+    table = record.table
     d = DEFINITIONS
-    live = exists(select(d.c.id).where(d.c.tenant_id == table.c.tenant_id, d.c.record_type == record.name,
+    live = exists(select(d.c.id).where(d.c.tenant_id == tenant, d.c.record_type == record.name,
                                        d.c.key == key, d.c.deleted_at.is_(None)))
     guarded = func.coalesce(case((live, type_coerce(table.c.custom_fields[key], JSONB))),
                             literal_column("'null'::jsonb"))

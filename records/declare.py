@@ -748,9 +748,9 @@ class Record:
     def sort_keys(self) -> dict[str, SortKey]:
         return {s.name: s.key(self.table) for s in self.sorts}
 
-    def custom_sort_key(self, key: str) -> SortKey:
-        """The ordering by custom field ``key`` (``records.custom.sort_key``)."""
-        return sort_key(self, key)
+    def custom_sort_key(self, key: str, tenant: Any) -> SortKey:
+        """The ordering by custom field ``key`` in ``tenant``'s statement (``records.custom.sort_key``)."""
+        return sort_key(self, key, tenant)
 
     def bind_filters(self, filters: Mapping[str, Any] | None) -> dict[str, Any]:
         """The validated parameters of a filter input (filter field -> value); BAD_USER_INPUT naming
@@ -767,7 +767,10 @@ class Record:
         extra = [s.expression(self.table).label(f"sort_{s.column}") for s in self.sorts if s.expression]
         query = select(self.table, *extra).where(self.table.c.tenant_id == tenant, *self.visible(self.table))
         for f in self.filters:
-            query = query.where(*f.where(self, self.table, bound, prefix))
+            if isinstance(f, CustomFilter):
+                query = query.where(*f.where(self, self.table, bound, prefix, tenant=tenant))
+            else:
+                query = query.where(*f.where(self, self.table, bound, prefix))
         return query
 
     def listing_query(self, tenant_id: uuid.UUID, filters: Mapping[str, Any] | None) -> Select[Any]:

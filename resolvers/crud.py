@@ -166,11 +166,11 @@ def order_types(record: Record) -> tuple[type[enum.Enum], type]:
     return field_enum, order
 
 
-def sort_key_of(record: Record, order: Any, keys: dict[str, SortKey]) -> SortKey:
+def sort_key_of(record: Record, order: Any, keys: dict[str, SortKey], tenant_id: Any) -> SortKey:
     """The sort key an ``orderBy`` asks for (a declared ordering, or a custom field's)."""
     custom = getattr(order, "custom", None)
     if custom is not None:
-        return record.custom_sort_key(check_key("orderBy.custom", custom))
+        return record.custom_sort_key(check_key("orderBy.custom", custom), tenant_id)
     return keys[order.field.name]
 
 
@@ -218,7 +218,7 @@ def list_field(record: Record) -> Any:
                          after: str | None = None, last: int | None = None, before: str | None = None) -> Any:
         session = info.context.session
         order = order_by or order_input()
-        key = sort_key_of(record, order, keys)
+        key = sort_key_of(record, order, keys, session.tenant_id)
         query = record.listing_query(session.tenant_id, vars(filter) if filter else None)
         if key.label == SORT_LABEL:
             query = query.add_columns(key.expression.label(SORT_LABEL))

@@ -24,7 +24,7 @@ import base64
 import dataclasses
 import datetime as dt
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Collection, Mapping
 from contextlib import asynccontextmanager
 from decimal import Decimal
 from typing import Any
@@ -39,7 +39,7 @@ from core.errors import BadUserInput, NotFound, VersionConflict
 from core.ids import to_global_id
 from models.db import showing_trash, trash_seen
 from models.tables import AUDIT_EVENTS, MEMBERSHIPS
-from records.crm import RECORDS, dependents, rollups_into
+from records.crm import BY_NAME, RECORDS, dependents, rollups_into
 from records.custom import Definition, Pending, definitions_query, resolve, user_ids
 from records.declare import AtLeastOne, ExactlyOne, OnDelete, Record, camel
 from subscriptions.events import ChangeEvent, ChangeKind
@@ -65,11 +65,16 @@ def snapshot(row: Mapping[Any, Any], columns: Any = None) -> dict[str, Any]:
     return {k: jsonable(row[k]) for k in keys}
 
 
-def public_record(record: Record, row: Mapping[Any, Any]) -> dict[str, Any]:
-    """A row as a client sees it: GraphQL field names and global IDs (``stage_id`` -> ``stageId``)."""
+def public_record(record: Record, row: Mapping[Any, Any], live: Collection[str] | None = None) -> dict[str, Any]:
+    """A row as a client sees it: GraphQL field names and global IDs (``stage_id`` -> ``stageId``);
+    ``customFields`` as stored (key -> JSON value), only those of ``live`` keys when it is given (the
+    values of a deleted definition are hidden)."""
     out: dict[str, Any] = {}
     for column, value in row.items():
         if column == "tenant_id":
+            continue
+        if column == "custom_fields":
+            out[camel(column)] = {k: jsonable(v) for k, v in value.items() if live is None or k in live}
             continue
         relation = record.relation_by_key(column)
         type_name = record.name if column == "id" else relation.target().name if relation else None
@@ -600,8 +605,15 @@ async def change(info: Info) -> AsyncIterator[Change]:
         w = Change(conn, session.principal, context.request_id,
                    now=dt.datetime.fromtimestamp(context.clock.time(), dt.UTC))
         yield w
-        # Webhook deliveries join the outbox in the change's own transaction (webhooks.outbox).
-        await enqueue(conn, w.tenant_id, zip(w.events, w.rows, strict=True), public_record)
+        # Webhook deliveries join the outbox in the change's own transaction (webhooks.outbox), with
+        # the custom fields the workspace has now.
+        live = {record.name: {d.key for d in await w.definitions(record)}
+                for record in {BY_NAME[e.entity_type] for e in w.events} if record.custom_fields}
+
+        def render(record: Record, row: Mapping[Any, Any]) -> dict[str, Any]:
+            return public_record(record, row, live.get(record.name))
+
+        await enqueue(conn, w.tenant_id, zip(w.events, w.rows, strict=True), render)
 
     async def publish() -> None:
         committed_at = dt.datetime.now(dt.UTC)

@@ -229,6 +229,8 @@ def rows_for(tenant: Seeded, stranger: uuid.UUID) -> dict[str, dict[str, Any]]:
         "deal_line_items": {"tenant_id": t, "id": uuid.uuid4(), "deal_id": tenant.key("deal"),
                             "product_id": tenant.key("product"), "quantity": 1, "unit_price": Decimal("1.00"),
                             "currency": "USD"},
+        "custom_field_definitions": {"tenant_id": t, "id": uuid.uuid4(), "record_type": "Deal",
+                                     "key": f"planted_{uuid.uuid4().hex[:8]}", "label": "Planted", "type": "text"},
         "export_jobs": {"tenant_id": t, "id": uuid.uuid4(), "requested_by": tenant.world.users[Role.OWNER]},
         "export_chunks": {"tenant_id": t, "id": uuid.uuid4(), "job_id": tenant.export_job,
                           "n": uuid.uuid4().int % (1 << 31), "data": b"PK"},

@@ -11,6 +11,12 @@ Frozen: this revision spells out its DDL and imports nothing from the applicatio
 - ``custom_fields jsonb NOT NULL DEFAULT '{}'`` on companies, contacts and deals, each with a GIN
   index (``jsonb_path_ops``): equality, one-of and contains filters on any custom field are
   containment (``@>``) tests the index answers.
+- ``jsonb_contains`` (the ``@>`` of jsonb) is marked LEAKPROOF when the migrating role is a
+  superuser: row-level security lets PostgreSQL use an index for a condition only when its operator
+  is leakproof (it could otherwise see rows the policy hides), and without it a custom field filter
+  under RLS scans every row of the tenant. The function raises no error that depends on the values
+  it compares, so it reveals nothing of a hidden row. A role that is not a superuser cannot change
+  it: the migration says so (NOTICE) and filters stay correct, only slower.
 
 Revision ID: 0016_custom_fields
 Revises: 0013_webhook_traceparent
@@ -69,9 +75,24 @@ def upgrade() -> None:
     for table in WITH_VALUES:
         op.execute(f"ALTER TABLE {table} ADD COLUMN custom_fields jsonb NOT NULL DEFAULT '{{}}'")
         op.execute(f"CREATE INDEX {table}_custom_fields_idx ON {table} USING gin (custom_fields jsonb_path_ops)")
+    op.execute(LEAKPROOF.format(setting="LEAKPROOF"))
+
+
+LEAKPROOF = """
+DO $$
+BEGIN
+    IF (SELECT rolsuper FROM pg_roles WHERE rolname = current_user) THEN
+        ALTER FUNCTION pg_catalog.jsonb_contains(jsonb, jsonb) {setting};
+    ELSE
+        RAISE NOTICE 'not a superuser: jsonb_contains left as it is (custom field filters scan under RLS)';
+    END IF;
+END
+$$
+"""
 
 
 def downgrade() -> None:
+    op.execute(LEAKPROOF.format(setting="NOT LEAKPROOF"))
     for table in WITH_VALUES:
         op.execute(f"ALTER TABLE {table} DROP COLUMN custom_fields")
     op.execute("DROP TABLE custom_field_definitions")
