@@ -478,6 +478,27 @@ async def test_a_planned_dashboard_is_four_statements_on_the_wire(settings: Sett
         await wire.close()
 
 
+async def test_custom_fields_filters_and_orderings_are_planned(settings: Settings, world: World) -> None:
+    """Custom field values, filters and orderings take the plan path: one statement on the wire."""
+    app_url = make_url(settings.app_url)
+    wire = WireCounter((app_url.host or "127.0.0.1", app_url.port or 5432))
+    await wire.start()
+    app = create_app(replace(settings, plans=True, app_database_url=wire.url(settings.app_url)))
+    query = CUSTOM + ('{ deals(first: 5, filter: {custom: [{key: "score", op: GT, number: "0"}]}, '
+                      'orderBy: {custom: "renewal"}) { totalCount edges { cursor node { ...C } } } }')
+    try:
+        async with app.router.lifespan_context(app), httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=app), base_url="http://p.test") as client:
+            body = await gql(client, query, token=world.token)
+            assert not body.get("errors"), body
+            with wire.recording() as statements:
+                body = await gql(client, query, token=world.token)
+            assert body["data"]["deals"]["edges"] and body["data"]["deals"]["edges"][0]["node"]["customFields"]
+            assert len(statements) == 4 and "json_build_object" in statements[2], statements
+    finally:
+        await wire.close()
+
+
 def test_every_root_field_of_records_is_planned() -> None:
     """Every root query field answering records (a record, a list or connection of them, or ``node``)
     is marked for the planner where the planner looks (a marker on the wrong object plans nothing)."""
