@@ -108,6 +108,18 @@ async def test_definitions_values_and_typed_reads(client: httpx.AsyncClient, mak
     one = await api(client, token, """query($id: ID!) { deal(id: $id) { customField(key: "tier") { label
         ... on SelectValue { option } } missing: customField(key: "nope") { key } } }""", id=made["id"])
     assert one["deal"] == {"customField": {"label": "Level", "option": "bronze"}, "missing": None}
+    # the options may change, as long as the default stays one of them; versions are checked
+    body = await gql(client, """mutation($id: ID!) { updateCustomFieldDefinition(id: $id, input: {options: ["gold"]})
+        { id } }""", {"id": defined[0]["id"]}, token=token)
+    assert codes(body) == ["BAD_USER_INPUT"] and body["errors"][0]["extensions"]["field"] == "default", body
+    body = await gql(client, """mutation($id: ID!) { updateCustomFieldDefinition(id: $id, input: {required: true},
+        expectedVersion: 1) { id } }""", {"id": defined[0]["id"]}, token=token)
+    assert codes(body) == ["VERSION_CONFLICT"], body
+    changed = await api(client, token, """mutation($id: ID!) { updateCustomFieldDefinition(id: $id, input: {
+        options: ["gold", "bronze", "platinum"], position: 20}, expectedVersion: 2) { options position version } }""",
+                        id=defined[0]["id"])
+    assert changed["updateCustomFieldDefinition"] == {"options": ["gold", "bronze", "platinum"], "position": 20,
+                                                      "version": 3}
     # a patch changes the fields it names and clears those given no member
     patched = (await api(client, token, UPDATE_DEAL, id=made["id"], i={"customFields": [
         {"key": "score", "number": "-3"}, {"key": "tags"}]}))["updateDeal"]
@@ -330,6 +342,10 @@ async def test_filters_on_custom_fields(client: httpx.AsyncClient, make_tenant: 
                                          "direction: ASC}) { totalCount nodes { title } } }")
         titles = [n["title"] for n in found["deals"]["nodes"]]
         assert titles == expected and found["deals"]["totalCount"] == len(expected), (condition, titles)
+    # aggregates filter the same way
+    grouped = await api(client, token, '{ dealsAggregate(filter: {custom: [{key: "tier", text: "gold"}]}) '
+                                       "{ groups { count } } }")
+    assert grouped["dealsAggregate"]["groups"] == [{"count": 2}]
     member = to_global_id("User", world.users[Role.MEMBER])
     found = await api(client, token, "query($u: ID!, $l: [ID!]) { a: deals(filter: {custom: [{key: \"champion\", "
                                      "userId: $u}]}) { nodes { title } } b: deals(filter: {custom: [{key: "
