@@ -403,9 +403,7 @@ def _one_filter(i: int, given: Any, field: str) -> dict[str, Any]:
     elif name == "date":
         value = value.isoformat()
     elif name == "text":
-        value = SHORT_TEXT(f"{field}.text", value) if op is not CustomFieldOp.CONTAINS else value
-        if value is None or "\x00" in value:
-            raise BadUserInput(f"{field}.text", "must not be empty")
+        value = SHORT_TEXT(f"{field}.text", value)
     elif name == "user_id":
         value = str(decode_id(value, "User", field=f"{field}.userId"))
     elif name in ("values", "user_ids"):
@@ -413,9 +411,8 @@ def _one_filter(i: int, given: Any, field: str) -> dict[str, Any]:
             raise BadUserInput(f"{field}.{_camel(name)}", f"must hold 1 to {MAX_IN} values")
         if name == "user_ids":
             value = [str(decode_id(v, "User", field=f"{field}.userIds.{n}")) for n, v in enumerate(value)]
-        for n, v in enumerate(value):
-            if "\x00" in v:
-                raise BadUserInput(f"{field}.values.{n}", "must not contain NUL characters")
+        else:
+            value = [SHORT_TEXT(f"{field}.values.{n}", v) for n, v in enumerate(value)]
     # JSON values travel as JSON text (``JSONText``), whichever path runs the statement.
     if op is CustomFieldOp.EQ:
         out[_p(i, f"eq_{name}")] = exact_dumps(value)
@@ -558,7 +555,28 @@ class JSONText(TypeDecorator[str]):
 
 
 def parse_json_text(text: str) -> str:
-    json.loads(text)  # ValueError: not a cursor of this ordering
+    """A custom sort value of a cursor: JSON of what custom fields store (ValueError otherwise)."""
+
+    def refuse(constant: str) -> Any:
+        raise ValueError(constant)
+
+    def check(value: Any) -> None:
+        if isinstance(value, Decimal):
+            if not value.is_finite() or abs(value) >= MAX_NUMBER * 100:
+                raise ValueError(value)
+        elif isinstance(value, list):
+            for item in value:
+                check(item)
+        elif isinstance(value, dict):
+            for item in value.values():
+                check(item)
+        elif isinstance(value, str):
+            if "\x00" in value:
+                raise ValueError("NUL")
+        elif value is not None and not isinstance(value, bool):
+            raise ValueError(value)
+
+    check(json.loads(text, parse_float=Decimal, parse_int=Decimal, parse_constant=refuse))
     return text
 
 

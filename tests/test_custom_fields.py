@@ -409,6 +409,14 @@ async def test_orderings_by_custom_fields_page_with_cursors(client: httpx.AsyncC
     body = await gql(client, 'query($c: String) { deals(after: $c, orderBy: {custom: "tier"}) { totalCount } }',
                      {"c": first["deals"]["pageInfo"]["endCursor"]}, token=token)
     assert codes(body) == ["BAD_USER_INPUT"] and body["errors"][0]["extensions"]["field"] == "after"
+    import base64
+
+    for value in ("NaN", "1e999999", '"\\u0000"', "{"):
+        raw = json.dumps(["custom:score", value, str(uuid_of(ids["d0"]))], separators=(",", ":"))
+        forged = base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+        body = await gql(client, 'query($c: String) { deals(after: $c, orderBy: {custom: "score"}) { totalCount } }',
+                         {"c": forged}, token=token)
+        assert codes(body) == ["BAD_USER_INPUT"] and body["errors"][0]["extensions"]["field"] == "after", (value, body)
     body = await gql(client, '{ deals(orderBy: {custom: "Bad Key"}) { totalCount } }', token=token)
     assert codes(body) == ["BAD_USER_INPUT"] and body["errors"][0]["extensions"]["field"] == "orderBy.custom"
 
