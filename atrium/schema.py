@@ -19,6 +19,7 @@ from planner.plan import Planner
 from records.crm import ACTIVITY, COMPANY, CONTACT, DEAL, DEAL_LINE_ITEM, PIPELINE, PRODUCT, STAGE
 from resolvers.audit import AuditQuery
 from resolvers.crud import batch_mutations, mutations, queries
+from resolvers.custom_fields import CustomFieldMutation, CustomFieldQuery
 from resolvers.deals import DealMutation, DealQuery
 from resolvers.erasure import ErasureMutation
 from resolvers.exports import ExportMutation, ExportQuery
@@ -30,6 +31,7 @@ from resolvers.trash import TrashMutation, TrashQuery
 from resolvers.viewer import ViewerMutation, ViewerQuery
 from schema.cost import CostLimit, MeteredCostLimit
 from schema.crm import Activity, Company, Contact, Deal, DealLineItem, Pipeline, Product, Stage, User
+from schema.custom_fields import CUSTOM_VALUE_TYPES
 from schema.extensions import (
     CodedParserCache,
     CodedValueChecks,
@@ -51,11 +53,11 @@ def root(name: str, *parts: type) -> type:
 
 Query = root("Query", ViewerQuery, DealQuery, queries(COMPANY), queries(CONTACT), queries(PIPELINE), queries(ACTIVITY),
              AuditQuery, PartnerQuery, NoteQuery, queries(PRODUCT), queries(DEAL_LINE_ITEM), WebhookQuery,
-             ExportQuery, TrashQuery, FieldRuleQuery, TeamQuery)
+             ExportQuery, TrashQuery, FieldRuleQuery, TeamQuery, CustomFieldQuery)
 Mutation = root("Mutation", ViewerMutation, DealMutation, batch_mutations(DEAL), mutations(COMPANY),
                 mutations(CONTACT), mutations(PIPELINE), mutations(STAGE), mutations(ACTIVITY), PartnerMutation,
                 NoteMutation, LiveMutation, mutations(PRODUCT), mutations(DEAL_LINE_ITEM), WebhookMutation,
-                ExportMutation, ErasureMutation, TrashMutation, FieldRuleMutation, TeamMutation)
+                ExportMutation, ErasureMutation, TrashMutation, FieldRuleMutation, TeamMutation, CustomFieldMutation)
 Subscription = root("Subscription", LiveSubscription)
 
 
@@ -99,7 +101,8 @@ def build_schema(*, production: bool = False) -> AtriumSchema:
         query=Query,
         mutation=Mutation,
         subscription=Subscription,
-        types=[Deal, Company, Contact, Pipeline, Stage, Activity, User, Note, Product, DealLineItem, Team, TeamMember],
+        types=[Deal, Company, Contact, Pipeline, Stage, Activity, User, Note, Product, DealLineItem, Team, TeamMember,
+               *CUSTOM_VALUE_TYPES],
         extensions=extensions,
         config=StrawberryConfig(disable_field_suggestions=production),
         scalar_overrides=SCALARS,

@@ -24,7 +24,8 @@ class Permission(enum.StrEnum):
     TRASH = "trash:manage"
     """See the trash and purge it (restoring a record needs the permission to delete it)."""
     MANAGE_FIELDS = "fields:manage"
-    """Set and remove the tenant's field rules (``auth.fields``)."""
+    """Define, change, delete and purge custom fields (``resolvers.custom_fields``) and set and remove
+    the tenant's field rules (``auth.fields``)."""
 
 
 GRANTS: dict[Role, frozenset[Permission]] = {

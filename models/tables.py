@@ -9,6 +9,7 @@ carries a ``version`` (optimistic concurrency) and timezone-aware UTC timestamps
 from __future__ import annotations
 
 import enum
+import json
 import uuid
 from datetime import UTC, date, datetime
 from decimal import Decimal
@@ -28,7 +29,10 @@ from sqlalchemy import (
     SmallInteger,
     Table,
     Text,
+    TypeDecorator,
     UniqueConstraint,
+    cast,
+    type_coerce,
 )
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlmodel import Field, SQLModel
@@ -88,6 +92,40 @@ def external_id_key(table: str) -> UniqueConstraint:
 def _external_id() -> Any:
     """A client's own key of the record (its id in another system), unique in the tenant; optional."""
     return Field(default=None, max_length=200)
+
+
+class ExactJSONB(TypeDecorator[Any]):
+    """JSONB whose numbers are exact: written from ``Decimal`` as JSON numbers, read back as ``Decimal``
+    (integers too), never through ``float`` (the driver's jsonb codec would: a selected column
+    of this type is read as its text). Custom field values are stored in it."""
+
+    impl = JSONB
+    cache_ok = True
+
+    def bind_processor(self, dialect: Any) -> Any:
+        return lambda value: None if value is None else exact_dumps(value)
+
+    def column_expression(self, column: Any) -> Any:
+        return type_coerce(cast(column, Text), self)
+
+    def process_result_value(self, value: Any, dialect: Any) -> Any:
+        return json.loads(value, parse_float=Decimal, parse_int=Decimal) if isinstance(value, str) else value
+
+
+def exact_dumps(value: Any) -> str:
+    """Compact JSON text of ``value`` with ``Decimal`` as a plain JSON number (no exponent)."""
+    if isinstance(value, Decimal):
+        return format(value, "f")
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{json.dumps(str(k))}:{exact_dumps(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, list | tuple):
+        return "[" + ",".join(exact_dumps(v) for v in value) + "]"
+    return json.dumps(value, ensure_ascii=False)
+
+
+def _custom_fields() -> Any:
+    """Custom field values of a record (``records.custom``): custom field key -> JSON value."""
+    return Field(default_factory=dict, sa_column=Column(ExactJSONB, nullable=False, server_default="{}"))
 
 
 def _ts(**kw: Any) -> Any:
@@ -152,6 +190,7 @@ class Company(Trashable, table=True):
     name: str = Field(max_length=200)
     domain: str | None = Field(default=None, max_length=253)
     external_id: str | None = _external_id()
+    custom_fields: dict[str, Any] = _custom_fields()
 
 
 class Contact(Trashable, table=True):
@@ -167,6 +206,7 @@ class Contact(Trashable, table=True):
     phone: str | None = Field(default=None, max_length=40)
     title: str | None = Field(default=None, max_length=200)
     external_id: str | None = _external_id()
+    custom_fields: dict[str, Any] = _custom_fields()
 
 
 class Pipeline(TenantTable, table=True):
@@ -213,6 +253,7 @@ class Deal(Trashable, table=True):
     expected_close_date: date | None = None
     status: str = Field(default=DealStatus.OPEN.value)
     external_id: str | None = _external_id()
+    custom_fields: dict[str, Any] = _custom_fields()
 
 
 class Activity(Trashable, table=True):
@@ -590,6 +631,28 @@ class RecordVisibility(TenantTable, table=True):
 TEAMS = table(Team)
 TEAM_MEMBERS = table(TeamMember)
 RECORD_VISIBILITY = table(RecordVisibility)
+
+
+class CustomFieldDefinition(TenantTable, table=True):
+    """A custom field a tenant defines on one record type (``records.custom``): ``key`` is what
+    values, filters and orderings name (fixed once created), ``label`` what forms show (renamable).
+    A deleted definition (``deleted_at``) hides its values and keeps its key taken until a purge
+    removes the values and the definition for good."""
+
+    __tablename__ = "custom_field_definitions"
+    __table_args__ = (UniqueConstraint("tenant_id", "record_type", "key", name="custom_field_definitions_key"),)
+    record_type: str = Field(max_length=40)
+    key: str = Field(max_length=40)
+    label: str = Field(max_length=200)
+    type: str = Field(max_length=20)
+    required: bool = False
+    options: list[str] = Field(default_factory=list, sa_column=Column(ARRAY(Text), nullable=False))
+    default_value: Any = Field(default=None, sa_column=Column(ExactJSONB, nullable=True))
+    position: int = 0
+    deleted_at: datetime | None = Field(default=None, sa_type=DateTime(timezone=True))
+
+
+CUSTOM_FIELD_DEFINITIONS = table(CustomFieldDefinition)
 EXPORT_JOBS = table(ExportJob)
 EXPORT_CHUNKS = table(ExportChunk)
 RETENTION_POLICIES = table(RetentionPolicy)
@@ -604,7 +667,7 @@ WEBHOOK_DELIVERIES = table(WebhookDelivery)
 TENANT_TABLES = (MEMBERSHIPS, COMPANIES, CONTACTS, PIPELINES, STAGES, DEALS, ACTIVITIES, AUDIT_EVENTS, NOTES,
                  API_KEYS, PERSISTED_DOCUMENTS, PRODUCTS, DEAL_LINE_ITEMS, IDEMPOTENCY_KEYS, WEBHOOK_ENDPOINTS,
                  WEBHOOK_DELIVERIES, EXPORT_JOBS, EXPORT_CHUNKS, RETENTION_POLICIES, FIELD_RULES, TEAMS,
-                 TEAM_MEMBERS, RECORD_VISIBILITY)
+                 TEAM_MEMBERS, RECORD_VISIBILITY, CUSTOM_FIELD_DEFINITIONS)
 """Every table holding tenant rows (RLS enabled and forced on each; tests/test_rls.py checks the catalog)."""
 
 DATABASE_WRITTEN_TABLES = (DATA_VERSIONS, AUDIT_CHAIN_HEADS)

@@ -56,7 +56,9 @@ from core.errors import AtriumError
 from core.ids import decode_id, parse_global_id
 from models.loaders import TENANT
 from planner import formats
+from planner.custom import CustomPlan
 from records.crm import BY_NAME
+from records.custom import check_key
 from records.declare import (
     Children,
     Direction,
@@ -71,6 +73,7 @@ from records.declare import (
     param,
 )
 from resolvers.paging import DEFAULT_PAGE, decode_cursor
+from schema.custom_fields import CUSTOM
 from schema.objects import GUARDED, SQL, Planned, RecordObject, enum_of, relation_of
 
 DIALECT: Any = postgresql.asyncpg.dialect()  # type: ignore[no-untyped-call]
@@ -272,6 +275,9 @@ class Planner:
                                 group[0].node, ctx.names("first"), next(ctx.ids))
         if (column := sfield.metadata.get(GUARDED)) is not None:
             return GuardedLeaf(record, camel(column), self.leaf(sfield, graphql_field))
+        custom = sfield.metadata.get(CUSTOM)
+        if custom is not None:
+            return CustomPlan.build(self, custom, graphql_field, group, ctx)
         if sfield.base_resolver is not None:
             computed = sfield.metadata.get(SQL)
             if computed is None:
@@ -534,11 +540,17 @@ class ConnectionPlan(RootPlan):
                 raise Fallback
         order = args.get("order_by") or args.get("orderBy") or {}
         sort = order.get("field")
-        sort_name = sort.name if isinstance(sort, enum.Enum) else self.record.default_sort
+        sort_name: str | None = sort.name if isinstance(sort, enum.Enum) else self.record.default_sort
+        if order.get("custom") is not None:
+            try:
+                sort_name = CUSTOM_SORT + check_key("orderBy.custom", order["custom"])
+            except AtriumError:
+                raise Fallback from None
         direction = order.get("direction") or self.record.default_direction
-        if not isinstance(direction, Direction) or sort_name not in self.keys:
+        if not isinstance(direction, Direction) or sort_name is None or (
+                sort_name not in self.keys and not custom_sort(sort_name)):
             raise Fallback
-        key = self.keys[sort_name]
+        key = self.sort_key_named(sort_name)
         backward = last is not None
         size: int = last if last is not None else (first if first is not None else DEFAULT_PAGE)
         given = args.get("filter") or {}
@@ -578,11 +590,13 @@ class ConnectionPlan(RootPlan):
         shape = b.shape[self.id]
         assert isinstance(shape, tuple)
         bound, sort_name, descending, backward, cursor = shape
-        key: SortKey = self.keys[sort_name]
+        key: SortKey = self.sort_key_named(sort_name)
         record = self.record
         table = record.table
         tenant = bindparam(TENANT.key, type_=table.c.tenant_id.type)
         query: Select[Any] = record.filtered(tenant, bound, self.prefix)
+        if custom_sort(sort_name):
+            query = query.add_columns(key.expression.label(key.label))
         expression, ids = key.expression, table.c.id
         if cursor is not None:
             point = tuple_(bindparam(self.cursor_value, type_=expression.type),
@@ -637,10 +651,24 @@ class ConnectionPlan(RootPlan):
                 pairs.append(func.json_build_object(*info))
         return select(func.json_build_object(*pairs)).scalar_subquery()
 
+    def sort_key_named(self, sort_name: str) -> SortKey:
+        """A declared ordering's sort key, or a custom field's (``custom:<key>``)."""
+        if custom_sort(sort_name):
+            tenant = bindparam(TENANT.key, type_=self.record.table.c.tenant_id.type)
+            return self.record.custom_sort_key(sort_name.removeprefix(CUSTOM_SORT), tenant)
+        return self.keys[sort_name]
+
     @staticmethod
     def _aggregate(item: ColumnElement[Any], page: Any, order: Any, within: Any) -> ColumnElement[Any]:
         return select(func.coalesce(func.json_agg(aggregate_order_by(item, order)).filter(within), EMPTY)) \
             .select_from(page).scalar_subquery()
+
+
+CUSTOM_SORT = "custom:"
+
+
+def custom_sort(sort_name: str) -> bool:
+    return sort_name.startswith(CUSTOM_SORT)
 
 
 # ---- the plan of an operation ---------------------------------------------------------------------

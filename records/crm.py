@@ -130,6 +130,7 @@ MEMBERSHIP: Record = Record("Membership", MEMBERSHIPS, "memberships", root=NO_RO
 COMPANY: Record = Record(
     "Company", COMPANIES, "companies",
     trash=True,
+    custom_fields=True,
     fields=(
         Field("name", Text(200), Create.REQUIRED),
         Field("domain", Domain(), restrictable=True),
@@ -154,6 +155,7 @@ COMPANY: Record = Record(
 CONTACT: Record = Record(
     "Contact", CONTACTS, "contacts",
     trash=True,
+    custom_fields=True,
     fields=(
         Field("first_name", Text(100), Create.REQUIRED),
         Field("last_name", Text(100), Create.REQUIRED),
@@ -223,6 +225,7 @@ DEAL: Record = Record(
     "Deal", DEALS, "deals",
     trash=True,
     owner="owner_id",
+    custom_fields=True,
     fields=(
         Field("title", Text(200), Create.REQUIRED),
         Field("amount", Money(), Create.REQUIRED, restrictable=True),

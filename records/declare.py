@@ -53,6 +53,7 @@ from auth.roles import Permission
 from core.errors import BadUserInput, HiddenField
 from models.loaders import TENANT
 from models.visibility import PEERS, RESTRICTED
+from records.custom import CustomFilter, Pending, sort_key
 from records.rules import Choice, Rule, Text
 
 
@@ -401,7 +402,7 @@ class Search:
                    for name, columns in self.related for c in columns)
 
 
-Filter = Equals | AnyOf | Range | Below | Search
+Filter = Equals | AnyOf | Range | Below | Search | CustomFilter
 
 def filter_columns(f: Filter) -> list[tuple[str, str]]:
     """``(filter field, column)`` of each field a (non-search) filter compares with a column."""
@@ -681,10 +682,15 @@ class Record:
     """The column naming the member who owns a record: a tenant may then restrict who sees records of
     this type to their owner, the owner's teams and those teams' managers (``docs/visibility.md``),
     in every query of the record (``visible``) and in row-level security (migration 0016)."""
+    custom_fields: bool = False
+    """Tenants define custom fields on the record (``records.custom``): its table has the
+    ``custom_fields`` JSONB column; its inputs, filter, ordering and object type take them."""
 
     def __post_init__(self) -> None:
         for relation in self.relations:
             relation.owner = self
+        if self.custom_fields:
+            self.filters = (*self.filters, CustomFilter())
         self._fields = {f.column: f for f in self.fields}
         self._relations = {r.name: r for r in self.relations}
 
@@ -794,6 +800,9 @@ class Record:
                 continue
             value = given.get(f.column)
             out[f.column] = None if value is None else f.rule(prefix + f.name, value)
+        if self.custom_fields:
+            custom = given.get("custom_fields")
+            out["custom_fields"] = Pending.of(None if custom is UNSET else custom, prefix)
         return out
 
     def patch_values(self, given: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -808,6 +817,8 @@ class Record:
                 out[f.column] = None
             else:
                 out[f.column] = f.rule(prefix + f.name, value)
+        if self.custom_fields and (custom := given.get("custom_fields", UNSET)) is not UNSET and custom is not None:
+            out["custom_fields"] = Pending.of(custom, prefix)
         return out
 
     def check(self, row: Mapping[str, Any]) -> None:
@@ -819,6 +830,10 @@ class Record:
 
     def sort_keys(self) -> dict[str, SortKey]:
         return {s.name: s.key(self.table) for s in self.sorts}
+
+    def custom_sort_key(self, key: str, tenant: Any) -> SortKey:
+        """The ordering by custom field ``key`` in ``tenant``'s statement (``records.custom.sort_key``)."""
+        return sort_key(self, key, tenant)
 
     def bind_filters(self, filters: Mapping[str, Any] | None) -> dict[str, Any]:
         """The validated parameters of a filter input (filter field -> value); BAD_USER_INPUT naming
@@ -838,6 +853,8 @@ class Record:
         for f in self.filters:
             if isinstance(f, Search):
                 query = query.where(*f.where(self, self.table, bound, prefix, hidden))
+            elif isinstance(f, CustomFilter):
+                query = query.where(*f.where(self, self.table, bound, prefix, tenant=tenant))
             else:
                 query = query.where(*f.where(self, self.table, bound, prefix))
         return query

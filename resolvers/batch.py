@@ -98,6 +98,7 @@ async def create_many(w: Change, record: Record, items: list[dict[str, Any]],
         return rows
     for position, values in zip(where, items, strict=True):
         with item(position):
+            await w.custom_values(record, values, None)
             record.check(values)
     await _references(w, record, items, where)
     for position, values in zip(where, items, strict=True):

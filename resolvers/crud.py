@@ -44,7 +44,8 @@ from auth.session import Info
 from core.errors import BadUserInput
 from core.ids import decode_id, to_global_id
 from core.limits import MAX_BATCH
-from records.declare import Children, Create, Direction, Listing, Record, camel, ordering, snake
+from records.custom import SORT_LABEL, CustomFieldValueInput, check_key
+from records.declare import Children, Create, Direction, Listing, Record, SortKey, camel, ordering, snake
 from resolvers import batch
 from resolvers.aggregates import aggregate_field
 from resolvers.paging import paginate
@@ -81,14 +82,30 @@ def input_type(record: Record) -> type:
         if spec.nested:
             fields[spec.name] = (list[input_type(spec.relation.owner)],  # type: ignore[misc]
                                  strawberry.field(default_factory=list))
+    if record.custom_fields:
+        fields["custom_fields"] = (list[CustomFieldValueInput] | None, strawberry.field(
+            default=None, description=CUSTOM_INPUT))
     return _input(f"{record.name}Input", fields, record.description("input"))
+
+
+CUSTOM_INPUT = ("Values of the workspace's custom fields (`customFieldDefinitions`); defaults fill those left out, "
+                "required ones must be given.")
+CUSTOM_PATCH = "Custom field values to set (a value with no member clears its field); others stay as they are."
+
+
+def custom_patch(record: Record) -> dict[str, tuple[Any, Any]]:
+    """The ``customFields`` field of a patch-like input, for records with custom fields."""
+    if not record.custom_fields:
+        return {}
+    return {"custom_fields": (list[CustomFieldValueInput] | None, strawberry.field(
+        default=UNSET, description=CUSTOM_PATCH))}
 
 
 @cache
 def patch_type(record: Record) -> type:
     """``<Name>Patch``: the fields that may change, each optional."""
     fields = {f.column: (f.rule.annotation | None, UNSET) for f in record.fields if f.update}
-    return _input(f"{record.name}Patch", fields)
+    return _input(f"{record.name}Patch", {**fields, **custom_patch(record)})
 
 
 @cache
@@ -96,7 +113,7 @@ def update_item_type(record: Record) -> type:
     """``<Name>Update``: one record of a batch update, its ``id``, ``expectedVersion`` and the patch."""
     fields: dict[str, tuple[Any, Any]] = {
         "id": (strawberry.ID, inspect.Parameter.empty), "expected_version": (int | None, None),
-        **{f.column: (f.rule.annotation | None, UNSET) for f in record.fields if f.update}}
+        **{f.column: (f.rule.annotation | None, UNSET) for f in record.fields if f.update}, **custom_patch(record)}
     return _input(f"{record.name}Update", fields, f"One {record.label} of `update{title(record)}`.")
 
 
@@ -111,6 +128,7 @@ def upsert_type(record: Record) -> type:
         required = f.create is Create.REQUIRED
         fields[f.column] = (f.rule.annotation if required else f.rule.annotation | None,
                             inspect.Parameter.empty if required else UNSET)
+    fields.update(custom_patch(record))
     return _input(f"{record.name}Upsert", fields,
                   f"One {record.label} of `upsert{title(record)}`: created, or updated when the workspace has a "
                   f"{record.label} with its `externalId`.")
@@ -139,9 +157,21 @@ def order_types(record: Record) -> tuple[type[enum.Enum], type]:
     field_enum: type[enum.Enum] = strawberry.enum(make_enum(f"{record.name}OrderField",
                                                             {s.name: s.column for s in record.sorts}))
     default = field_enum[record.default_sort or record.sorts[0].name]
-    order = _input(f"{record.name}Order", {
-        "field": (field_enum, default), "direction": (Direction, record.default_direction)})
+    fields: dict[str, tuple[Any, Any]] = {
+        "field": (field_enum, default), "direction": (Direction, record.default_direction)}
+    if record.custom_fields:
+        fields["custom"] = (str | None, strawberry.field(default=None, description=(
+            "Order by this custom field's key instead of `field` (records without a value first), then by id.")))
+    order = _input(f"{record.name}Order", fields)
     return field_enum, order
+
+
+def sort_key_of(record: Record, order: Any, keys: dict[str, SortKey], tenant_id: Any) -> SortKey:
+    """The sort key an ``orderBy`` asks for (a declared ordering, or a custom field's)."""
+    custom = getattr(order, "custom", None)
+    if custom is not None:
+        return record.custom_sort_key(check_key("orderBy.custom", custom), tenant_id)
+    return keys[order.field.name]
 
 
 def _resolver(body: Callable[..., Any], parameters: list[tuple[str, Any, Any]], returns: Any) -> Callable[..., Any]:
@@ -189,11 +219,15 @@ def list_field(record: Record) -> Any:
         session = info.context.session
         order = order_by or order_input()
         filters = vars(filter) if filter else None
+        custom = getattr(order, "custom", None)
         record.refuse_hidden(session.hidden(record.name), session.principal.role.value, filters=filters,
-                             sort=order.field.name)
+                             sort=order.field.name if custom is None else None)
+        key = sort_key_of(record, order, keys, session.tenant_id)
+        query = record.listing_query(session.tenant_id, filters, session.hidden)
+        if key.label == SORT_LABEL:
+            query = query.add_columns(key.expression.label(SORT_LABEL))
         page = await paginate(
-            session.db, record.listing_query(session.tenant_id, filters, session.hidden),
-            record.table.c.id, keys[order.field.name], kind.from_row,
+            session.db, query, record.table.c.id, key, kind.from_row,
             descending=order.direction is Direction.DESC, first=first, after=after, last=last, before=before,
             max_page=info.context.settings.max_page_size)
         await prefetch(info, [edge.node for edge in page.edges], ("edges", "node"))

@@ -38,8 +38,9 @@ from auth.session import Info, Session
 from core.errors import BadUserInput, NotFound, VersionConflict
 from core.ids import to_global_id
 from models.db import showing_trash, trash_seen
-from models.tables import AUDIT_EVENTS
-from records.crm import RECORDS, dependents, rollups_into
+from models.tables import AUDIT_EVENTS, MEMBERSHIPS
+from records.crm import BY_NAME, RECORDS, dependents, rollups_into
+from records.custom import Definition, Pending, definitions_query, resolve, user_ids
 from records.declare import AtLeastOne, ExactlyOne, HiddenOf, OnDelete, Record, camel, nothing_hidden
 from subscriptions.events import ChangeEvent, ChangeKind
 from webhooks.outbox import enqueue
@@ -52,6 +53,10 @@ def jsonable(value: Any) -> Any:
         return value.isoformat()
     if isinstance(value, bytes):
         return base64.b64encode(value).decode()
+    if isinstance(value, dict):  # custom field values (``records.custom``)
+        return {k: jsonable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [jsonable(v) for v in value]
     return value
 
 
@@ -60,12 +65,18 @@ def snapshot(row: Mapping[Any, Any], columns: Any = None) -> dict[str, Any]:
     return {k: jsonable(row[k]) for k in keys}
 
 
-def public_record(record: Record, row: Mapping[Any, Any], hidden: Collection[str] = ()) -> dict[str, Any]:
+def public_record(record: Record, row: Mapping[Any, Any], hidden: Collection[str] = (), *,
+                  live: Collection[str] | None = None) -> dict[str, Any]:
     """A row as a client sees it: GraphQL field names and global IDs (``stage_id`` -> ``stageId``),
-    without the fields ``hidden`` from the client's role (``auth.fields``)."""
+    without the fields ``hidden`` from the client's role (``auth.fields``); ``customFields`` as stored
+    (key -> JSON value), only those of ``live`` keys when it is given (the values of a deleted
+    definition are hidden)."""
     out: dict[str, Any] = {}
     for column, value in row.items():
         if column == "tenant_id" or camel(column) in hidden:
+            continue
+        if column == "custom_fields":
+            out[camel(column)] = {k: jsonable(v) for k, v in value.items() if live is None or k in live}
             continue
         relation = record.relation_by_key(column)
         type_name = record.name if column == "id" else relation.target().name if relation else None
@@ -91,6 +102,7 @@ class Change:
         """The change's time as the app's clock tells it (a record's ``deleted_at``)."""
         self.actor_id: uuid.UUID | None = None if system else principal.user_id
         """Who the audit rows and events name: None for the system's own work (a scheduled purge)."""
+        self._definitions: dict[str, list[Definition]] = {}
 
     @property
     def tenant_id(self) -> uuid.UUID:
@@ -113,11 +125,42 @@ class Change:
             raise NotFound(record.label, id, field=field)
         return row
 
+    # ---- custom fields (``records.custom``) ------------------------------------------------------
+
+    async def definitions(self, record: Record) -> list[Definition]:
+        """The tenant's live custom field definitions of ``record`` (read once per change)."""
+        found = self._definitions.get(record.name)
+        if found is None:
+            rows = (await self.conn.execute(definitions_query(record.name), {"tenant_id": self.tenant_id})).all()
+            found = self._definitions[record.name] = [Definition.from_row(row) for row in rows]
+        return found
+
+    async def custom_values(self, record: Record, values: dict[str, Any], current: Mapping[Any, Any] | None) -> None:
+        """Replace the ``Pending`` custom fields of ``values`` by the record's resulting values, checked
+        against the tenant's definitions (``records.custom.resolve``); USER values must name members."""
+        pending = values.get("custom_fields")
+        if not record.custom_fields or (current is not None and not isinstance(pending, Pending)):
+            return
+        definitions = await self.definitions(record)
+        resolved = resolve(definitions, pending if isinstance(pending, Pending) else None,
+                           None if current is None else current["custom_fields"], record.plural_label)
+        users = user_ids(definitions, resolved)
+        if users:
+            m = MEMBERSHIPS
+            found = {row.user_id for row in (await self.conn.execute(select(m.c.user_id).where(
+                m.c.tenant_id == self.tenant_id, m.c.user_id.in_(list(users.values()))))).all()}
+            prefix = pending.prefix if isinstance(pending, Pending) else ""
+            for key, user_id in users.items():
+                if user_id not in found:
+                    raise NotFound("user", user_id, field=f"{prefix}customFields.{key}")
+        values["custom_fields"] = resolved
+
     # ---- whole records (what the declaration says) ---------------------------------------------
 
     async def create(self, record: Record, values: dict[str, Any], *, prefix: str = "") -> Row[Any]:
         """Insert a record from validated ``values`` (``Record.create_values``): checks, fallbacks of
         fields left out, references (NOT_FOUND naming the field, with ``prefix``), then the row."""
+        await self.custom_values(record, values, None)
         record.check(values)
         await self._references(record, values, prefix)
         for f in record.fields:
@@ -145,6 +188,7 @@ class Change:
         t = record.table
         before = await self.require(record, id, lock=True)
         self.check_version(record, before, expected_version)
+        await self.custom_values(record, changes, before._mapping)
         await self._references(record, changes, "")
         if record.checks:
             record.check({**before._mapping, **changes})
@@ -498,6 +542,12 @@ class Change:
     async def _audit(self, record: Record, action: str, entity_id: uuid.UUID, diff: dict[str, Any]) -> None:
         await self.audit(record.name, action, entity_id, diff)
 
+    async def audit_records(self, record: Record, action: str,
+                            entries: list[tuple[uuid.UUID, dict[str, Any]]]) -> None:
+        """The audit rows of changes to many records of ``record`` made by one statement of the
+        caller's (a custom field's purge), in one insert."""
+        await self._audit_many(record, action, entries)
+
     async def _audit_many(self, record: Record, action: str, entries: list[tuple[uuid.UUID, dict[str, Any]]]) -> None:
         if entries:
             # With RETURNING, SQLAlchemy sends the rows as multi-row INSERTs (up to 1,000 rows each)
@@ -573,8 +623,15 @@ async def change(info: Info) -> AsyncIterator[Change]:
         w = Change(conn, session.principal, context.request_id,
                    now=dt.datetime.fromtimestamp(context.clock.time(), dt.UTC), hidden=session.hidden)
         yield w
-        # Webhook deliveries join the outbox in the change's own transaction (webhooks.outbox).
-        await enqueue(conn, w.tenant_id, zip(w.events, w.rows, strict=True), public_record)
+        # Webhook deliveries join the outbox in the change's own transaction (webhooks.outbox), with
+        # the custom fields the workspace has now.
+        live = {record.name: {d.key for d in await w.definitions(record)}
+                for record in {BY_NAME[e.entity_type] for e in w.events} if record.custom_fields}
+
+        def render(record: Record, row: Mapping[Any, Any]) -> dict[str, Any]:
+            return public_record(record, row, live=live.get(record.name))
+
+        await enqueue(conn, w.tenant_id, zip(w.events, w.rows, strict=True), render)
 
     async def publish() -> None:
         committed_at = dt.datetime.now(dt.UTC)

@@ -6,7 +6,9 @@ The model is an upper bound of the objects an operation can return:
 - a list field costs ``n x (1 + its selection)``. ``n`` is its ``first``/``last`` argument (a literal
   or a variable; the larger when both are given), else that argument's default in the schema, else
   the page size of the connection the list belongs to (a connection's ``edges`` and ``nodes``), else
-  ``UNBOUNDED_LIST`` for lists without paging arguments (``pipelines``, ``stages``, ``members``);
+  the bound of its item type (``LIST_BOUNDS``: a record's ``customFields`` hold at most
+  ``records.custom.MAX_DEFINITIONS`` values), else ``UNBOUNDED_LIST`` for lists without paging
+  arguments (``pipelines``, ``stages``, ``members``);
 - a connection field (an object field taking ``first``/``last``) costs 1 plus its selection, and hands
   its page size (``first``/``last``, or ``DEFAULT_PAGE`` when neither is given) to its ``edges`` and
   ``nodes``; so ``deals(first: 50) { edges { node { company { name } } } }`` costs 1 + 50 x 3 = 151;
@@ -60,11 +62,14 @@ from strawberry.types.execution import ExecutionContext
 
 from core.errors import AtriumError, ErrorCode, QueryTooComplex
 from core.telemetry import OPERATION_COST, annotate
+from records.custom import MAX_DEFINITIONS
 
 MAX_COST = 50_000
 DEFAULT_PAGE = 20
 """The page size of a connection asked for without ``first``/``last`` (``resolvers/paging.py``)."""
 UNBOUNDED_LIST = 10
+LIST_BOUNDS = {"CustomFieldValue": MAX_DEFINITIONS, "CustomFieldDefinition": MAX_DEFINITIONS}
+"""Lists whose length the server bounds, by item type: custom fields per record type."""
 BATCH_ARGUMENT = "input"
 SIZE_ARGUMENTS = ("first", "last")
 MULTIPLE_OPERATIONS = "Must provide operation name if query contains multiple operations."
@@ -132,7 +137,7 @@ class _Walk:
             return records * (1 + self.selection(named, node.selection_set, page=None, spreading=spreading))
         size = self.size(node, field)
         if is_list_type(get_nullable_type(field.type)):
-            n = size if size is not None else page if page is not None else UNBOUNDED_LIST
+            n = size if size is not None else page if page is not None else LIST_BOUNDS.get(named.name, UNBOUNDED_LIST)
             return n * (1 + self.selection(named, node.selection_set, page=None, spreading=spreading))
         if size is None and not any(arg in field.args for arg in SIZE_ARGUMENTS):
             return 1 + self.selection(named, node.selection_set, page=None, spreading=spreading)

@@ -16,6 +16,7 @@ from core.ids import to_global_id
 from models.tables import ActivityKind, DealStatus, Plan, Role
 from records.crm import ACTIVITY, COMPANY, CONTACT, DEAL, DEAL_LINE_ITEM, PIPELINE, PRODUCT, STAGE, USER
 from schema import enums as _enums  # noqa: F401 - registers the model enums as GraphQL enums
+from schema.custom_fields import CustomFieldValue, custom_field, custom_fields
 from schema.objects import SQL, Node, RecordObject, children, guarded, load, to_one
 
 
@@ -52,6 +53,8 @@ class Company(RecordObject, Node, record=COMPANY):
     contacts: list[Contact] = children(COMPANY, "contacts")
     deals: list[Deal] = children(COMPANY, "deals")
     activities: list[Activity] = children(COMPANY, "activities")
+    custom_fields: list[CustomFieldValue] = custom_fields(COMPANY)
+    custom_field: CustomFieldValue | None = custom_field(COMPANY)
 
 
 @strawberry.type
@@ -70,6 +73,8 @@ class Contact(RecordObject, Node, record=CONTACT):
     company: Company | None = to_one(CONTACT, "company")
     deals: list[Deal] = children(CONTACT, "deals")
     activities: list[Activity] = children(CONTACT, "activities")
+    custom_fields: list[CustomFieldValue] = custom_fields(CONTACT)
+    custom_field: CustomFieldValue | None = custom_field(CONTACT)
 
 
 @strawberry.type
@@ -128,6 +133,8 @@ class Deal(RecordObject, Node, record=DEAL):
     owner: User | None = to_one(DEAL, "owner")
     activities: list[Activity] = children(DEAL, "activities")
     line_items: list[DealLineItem] = children(DEAL, "line_items")
+    custom_fields: list[CustomFieldValue] = custom_fields(DEAL)
+    custom_field: CustomFieldValue | None = custom_field(DEAL)
 
 
 @strawberry.type(description="Something the workspace sells, at a list price.")

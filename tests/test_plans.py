@@ -68,6 +68,7 @@ class World:
     token: str
     ids: list[str] = field(default_factory=list)
     cursors: list[str] = field(default_factory=list)
+    definitions: dict[str, str] = field(default_factory=dict)
 
 
 async def api(client: httpx.AsyncClient, token: str, document: str, **variables: Any) -> dict[str, Any]:
@@ -84,10 +85,13 @@ async def seed(client: httpx.AsyncClient, tenant: TenantWorld) -> World:
     empty = (await api(client, token, 'mutation { createPipeline(input: {name: "Empty"}) { id } }'))["createPipeline"]
     stages = [s["id"] for s in pipeline["stages"]]
     world.ids += [pipeline["id"], empty["id"], *stages]
+    await seed_custom_fields(client, token, world)
     companies = []
     for i, name in enumerate(ODD_TEXT):
         made = (await api(client, token, "mutation($i: CompanyInput!) { createCompany(input: $i) { id } }",
-                          i={"name": name, "domain": f"c{i}.example" if i % 2 else None}))["createCompany"]
+                          i={"name": name, "domain": f"c{i}.example" if i % 2 else None,
+                             "customFields": [{"key": "segment", "text": ODD_TEXT[(i + 1) % len(ODD_TEXT)]}]
+                             if i % 2 else []}))["createCompany"]
         companies.append(made["id"])
     contacts = []
     for i, name in enumerate(ODD_TEXT):
@@ -105,6 +109,7 @@ async def seed(client: httpx.AsyncClient, tenant: TenantWorld) -> World:
     owners = [to_global_id("User", tenant.users[role]) for role in (Role.OWNER, Role.MEMBER, Role.VIEWER)]
     for i in range(14):
         made = (await api(client, token, "mutation($i: DealInput!) { createDeal(input: $i) { id } }", i={
+            "customFields": deal_custom_values(i, world),
             "title": f"{ODD_TEXT[i % len(ODD_TEXT)]} #{i}",
             "amount": ["100.00", "100.00", "0", "99999.99", "5.5"][i % 5],
             "currency": ["USD", "EUR", "GBP"][i % 3], "stageId": stages[i % 3],
@@ -137,12 +142,16 @@ async def seed(client: httpx.AsyncClient, tenant: TenantWorld) -> World:
     # deals still point at, a deal with an activity and a line item that go with it, a contact.
     for mutation, key in (("deleteCompany", companies[1]), ("deleteDeal", deals[1]), ("deleteContact", contacts[2])):
         await api(client, token, f"mutation($id: ID!) {{ {mutation}(id: $id) {{ deletedId }} }}", id=key)
+    await api(client, token, "mutation($id: ID!) { deleteCustomFieldDefinition(id: $id) { id } }",
+              id=world.definitions["gone"])
     world.ids += companies + contacts + products + deals
     listing = await api(client, token, """{ deals(first: 100) { edges { cursor node { activities { id }
         lineItems { id } } } } companies(orderBy: {field: CREATED_AT}) { edges { cursor } }
         a: deals(orderBy: {field: EXPECTED_CLOSE_DATE}) { edges { cursor } }
-        b: deals(orderBy: {field: AMOUNT}) { edges { cursor } } activities { edges { cursor node { id } } } }""")
-    for name in ("deals", "companies", "a", "b", "activities"):
+        b: deals(orderBy: {field: AMOUNT}) { edges { cursor } } activities { edges { cursor node { id } } }
+        c: deals(orderBy: {custom: "score"}) { edges { cursor } } d: deals(orderBy: {custom: "renewal"}) {
+        edges { cursor } } }""")
+    for name in ("deals", "companies", "a", "b", "activities", "c", "d"):
         world.cursors += [e["cursor"] for e in listing[name]["edges"]]
     for edge in listing["deals"]["edges"]:
         world.ids += [a["id"] for a in edge["node"]["activities"]] + [li["id"] for li in edge["node"]["lineItems"]]
@@ -158,6 +167,54 @@ async def seed(client: httpx.AsyncClient, tenant: TenantWorld) -> World:
 
 
 HIDDEN_FROM_VIEWERS = (("Deal", "amount"), ("Contact", "email"), ("Product", "unitPrice"), ("Activity", "body"))
+CUSTOM_DEALS: list[dict[str, Any]] = [
+    {"key": "tier", "label": "Tier ✓ \"q\"", "type": "SINGLE_SELECT", "options": ["gold", "silver", "bronze"]},
+    {"key": "score", "label": "Score", "type": "NUMBER"},
+    {"key": "budget", "label": "Budget", "type": "MONEY"},
+    {"key": "renewal", "label": "Renewal", "type": "DATE"},
+    {"key": "signed", "label": "Signed", "type": "BOOLEAN", "default": {"boolean": False}},
+    {"key": "tags", "label": "Tags", "type": "MULTI_SELECT", "options": ["a", "b", "Ü"]},
+    {"key": "champion", "label": "Champion", "type": "USER"},
+    {"key": "notes", "label": "Notes", "type": "LONG_TEXT"},
+    {"key": "gone", "label": "Gone", "type": "TEXT"},
+]
+"""Custom fields of the seeded deals (``gone`` is deleted after the deals are made: its values are hidden)."""
+
+
+async def seed_custom_fields(client: httpx.AsyncClient, token: str, world: World) -> None:
+    define = "mutation($i: CustomFieldDefinitionInput!) { createCustomFieldDefinition(input: $i) { id key } }"
+    for spec in CUSTOM_DEALS:
+        made = (await api(client, token, define, i={"recordType": "DEAL", **spec}))["createCustomFieldDefinition"]
+        world.definitions[made["key"]] = made["id"]
+    await api(client, token, define, i={"recordType": "COMPANY", "key": "segment", "label": "Segment", "type": "TEXT",
+                                        "position": 3})
+    await api(client, token, define, i={"recordType": "CONTACT", "key": "vip", "label": "VIP", "type": "BOOLEAN"})
+
+
+def deal_custom_values(i: int, world: World) -> list[dict[str, Any]]:
+    """Values for deal ``i``: every type, ties, missing values, odd text and numbers of various scales."""
+    from core.ids import to_global_id
+
+    members = list(world.tenant.users.values())
+    values: list[dict[str, Any]] = []
+    if i % 4:
+        values.append({"key": "tier", "option": ["gold", "silver", "bronze"][i % 3]})
+    if i % 3:
+        values.append({"key": "score", "number": ["1", "12.50", "-3", "0.000001", "12.5"][i % 5]})
+    if i % 2:
+        money = {"amount": ["5", "99.90"][i % 4 // 2], "currency": ["USD", "EUR"][i % 2]}
+        values.append({"key": "budget", "money": money})
+    if i % 5:
+        values.append({"key": "renewal", "date": f"2027-0{1 + i % 3}-1{i % 2}"})
+    if i % 3 == 1:
+        values.append({"key": "signed", "boolean": True})
+    values.append({"key": "tags", "options": [["a"], ["b", "a"], [], ["Ü"]][i % 4]})
+    if i % 4 == 1:
+        values.append({"key": "champion", "userId": to_global_id("User", members[i % len(members)])})
+    if i % 3 == 2:
+        values.append({"key": "notes", "text": ODD_TEXT[i % len(ODD_TEXT)]})
+    values.append({"key": "gone", "text": f"hidden {i}"})
+    return values
 
 
 @pytest.fixture(scope="module")
@@ -306,6 +363,12 @@ fragment D on Deal { __typename id title amount currency status expectedCloseDat
     deal { id } contact { id } company { id } actor { name role } }
   lineItems { id quantity unitPrice discountPercent currency lineTotal deal { amount } product { sku active } } }
 """
+CUSTOM = """
+fragment C on Deal { customFields { __typename key label type ... on TextValue { text } ... on NumberValue { number }
+  ... on MoneyValue { amount currency } ... on DateValue { date } ... on BooleanValue { boolean }
+  ... on SelectValue { option } ... on MultiSelectValue { options } ... on UserValue { userId user { id name } } }
+  tier: customField(key: "tier") { label ... on SelectValue { option } } }
+"""
 CHOSEN: list[tuple[str, dict[str, Any]]] = [
     (RECORD + "{ deals(first: 50) { totalCount edges { cursor node { ...D } } pageInfo { hasNextPage hasPreviousPage "
      "startCursor endCursor } } }", {}),
@@ -348,6 +411,34 @@ CHOSEN: list[tuple[str, dict[str, Any]]] = [
     ("{ dealsAggregate(groupBy: [CURRENCY]) { groups { count currency } } deals { nodes { title currency } } }", {}),
     ("query($id: ID!) { node(id: $id) { ... on Deal { amount activities { body } } ... on Activity { body } "
      "... on Contact { email deals(first: 2) { amount } } } }", {}),
+    # custom fields: every value type, one by key (also unknown, deleted and malformed keys), filters, orderings
+    (CUSTOM + "{ deals(first: 50) { nodes { id ...C } } companies { nodes { customFields { key label "
+     "... on TextValue { t: text } } x: customField(key: \"segment\") { __typename } } } "
+     "contacts { nodes { customFields { __typename ... on BooleanValue { boolean } } } } }", {}),
+    ("query($k: String!) { deals(first: 20) { nodes { one: customField(key: $k) { key type ... on NumberValue { "
+     "number } ... on SelectValue { option } } } } }", {"k": "score"}),
+    ("query($k: String!) { deals(first: 20) { nodes { one: customField(key: $k) { key } } } }", {"k": "gone"}),
+    ("query($k: String!) { deals(first: 20) { nodes { one: customField(key: $k) { key } } } }", {"k": "Not a key"}),
+    ("query($id: ID!) { node(id: $id) { ... on Deal { customFields { key ... on UserValue { userId user { name } } } } "
+     "... on Company { customField(key: \"segment\") { label } } } }", {}),
+    ("{ deals(filter: {custom: [{key: \"tier\", text: \"gold\"}]}) { totalCount nodes { title } } "
+     "a: deals(filter: {custom: [{key: \"score\", op: GTE, number: \"1\"}, "
+     "{key: \"score\", op: LT, number: \"12.5\"}]}) { totalCount } "
+     "b: deals(filter: {custom: [{key: \"score\", number: \"12.50\"}]}) { totalCount } "
+     "c: deals(filter: {custom: [{key: \"tags\", op: CONTAINS, text: \"a\"}]}) { totalCount } "
+     "d: deals(filter: {custom: [{key: \"notes\", op: CONTAINS, text: \"ZOË\"}]}) { totalCount } "
+     "e: deals(filter: {custom: [{key: \"tier\", op: IN, values: [\"gold\", \"bronze\"]}]}) { totalCount } "
+     "f: deals(filter: {custom: [{key: \"renewal\", op: GT, date: \"2027-02-01\"}]}) { totalCount } "
+     "g: deals(filter: {custom: [{key: \"budget\", op: GTE, number: \"10\", currency: \"EUR\"}]}) { totalCount } "
+     "h: deals(filter: {custom: [{key: \"signed\", boolean: false}]}) { totalCount } "
+     "i: deals(filter: {custom: [{key: \"gone\", text: \"hidden 1\"}]}) { totalCount } "
+     "j: deals(filter: {custom: [{key: \"score\", text: \"1\"}]}) { totalCount } }", {}),
+    ("{ deals(filter: {custom: [{key: \"score\", op: GT}]}) { totalCount } }", {}),
+    ("{ deals(filter: {custom: [{key: \"score\", op: IN, number: \"1\"}]}) { totalCount } }", {}),
+    ("{ deals(orderBy: {custom: \"Bad\"}) { totalCount } }", {}),
+    ("{ deals(first: 30, orderBy: {custom: \"score\", direction: DESC}) { edges { cursor node { title "
+     "customField(key: \"score\") { ... on NumberValue { number } } } } pageInfo { endCursor } } "
+     "a: deals(orderBy: {custom: \"gone\"}) { edges { cursor } } }", {}),
 ]
 
 
@@ -367,13 +458,15 @@ async def test_chosen_queries_answer_alike(clients: tuple[httpx.AsyncClient, htt
 async def test_pages_of_a_connection_walk_alike(clients: tuple[httpx.AsyncClient, httpx.AsyncClient],
                                                 world: World) -> None:
     """Cursors of either path page the other: forward and backward through every ordering."""
-    for ordering in ("CREATED_AT", "UPDATED_AT", "AMOUNT", "TITLE", "EXPECTED_CLOSE_DATE"):
+    orderings = [f"field: {name}" for name in ("CREATED_AT", "UPDATED_AT", "AMOUNT", "TITLE", "EXPECTED_CLOSE_DATE")]
+    orderings += [f'custom: "{key}"' for key in ("score", "renewal", "tier", "budget", "signed", "tags", "gone")]
+    for ordering in orderings:
         for direction in ("ASC", "DESC"):
             for forward in (True, False):
                 cursor: str | None = None
                 while True:
                     size, bound = ("first", "after") if forward else ("last", "before")
-                    query = (f"query($c: String) {{ deals({size}: 3, {bound}: $c, orderBy: {{field: {ordering}, "
+                    query = (f"query($c: String) {{ deals({size}: 3, {bound}: $c, orderBy: {{{ordering}, "
                              f"direction: {direction}}}) {{ edges {{ cursor node {{ id }} }} pageInfo {{ hasNextPage "
                              "hasPreviousPage startCursor endCursor } } }")
                     planned, executed = await both(clients, world.token, query, {"c": cursor})
@@ -408,6 +501,27 @@ async def test_a_planned_dashboard_is_four_statements_on_the_wire(settings: Sett
                 assert statements[3] == "COMMIT;", statements
                 counts.append(len(statements))
             assert counts == [4, 4, 4], counts
+    finally:
+        await wire.close()
+
+
+async def test_custom_fields_filters_and_orderings_are_planned(settings: Settings, world: World) -> None:
+    """Custom field values, filters and orderings take the plan path: one statement on the wire."""
+    app_url = make_url(settings.app_url)
+    wire = WireCounter((app_url.host or "127.0.0.1", app_url.port or 5432))
+    await wire.start()
+    app = create_app(replace(settings, plans=True, app_database_url=wire.url(settings.app_url)))
+    query = CUSTOM + ('{ deals(first: 5, filter: {custom: [{key: "score", op: GT, number: "0"}]}, '
+                      'orderBy: {custom: "renewal"}) { totalCount edges { cursor node { ...C } } } }')
+    try:
+        async with app.router.lifespan_context(app), httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=app), base_url="http://p.test") as client:
+            body = await gql(client, query, token=world.token)
+            assert not body.get("errors"), body
+            with wire.recording() as statements:
+                body = await gql(client, query, token=world.token)
+            assert body["data"]["deals"]["edges"] and body["data"]["deals"]["edges"][0]["node"]["customFields"]
+            assert len(statements) == 4 and "json_build_object" in statements[2], statements
     finally:
         await wire.close()
 

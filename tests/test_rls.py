@@ -119,8 +119,10 @@ async def seeded_pair(make_tenant: MakeTenant, client: httpx.AsyncClient,
                                       {"u": to_global_id("User", tenant.world.users[Role.OWNER])}, token=token))
         data_or_fail(await gql(client, "mutation { setRecordVisibility(recordType: DEAL, audience: WORKSPACE) "
                                        "{ audience } }", token=token))
+        field_def = data_or_fail(await gql(client, "mutation { createCustomFieldDefinition(input: {recordType: DEAL, "
+                                                   'key: "tier", label: "Tier", type: TEXT}) { id } }', token=token))
         tenant.products.update(product=made["createProduct"], line=line["createDealLineItem"], endpoint=hook,
-                               team=team["createTeam"])
+                               team=team["createTeam"], custom_field=field_def["createCustomFieldDefinition"])
     async with admin_engine.begin() as conn:
         for tenant in pair:
             rows = rows_for(tenant, uuid.uuid4())
@@ -235,6 +237,8 @@ def rows_for(tenant: Seeded, stranger: uuid.UUID) -> dict[str, dict[str, Any]]:
         "deal_line_items": {"tenant_id": t, "id": uuid.uuid4(), "deal_id": tenant.key("deal"),
                             "product_id": tenant.key("product"), "quantity": 1, "unit_price": Decimal("1.00"),
                             "currency": "USD"},
+        "custom_field_definitions": {"tenant_id": t, "id": uuid.uuid4(), "record_type": "Deal",
+                                     "key": f"planted_{uuid.uuid4().hex[:8]}", "label": "Planted", "type": "text"},
         "export_jobs": {"tenant_id": t, "id": uuid.uuid4(), "requested_by": tenant.world.users[Role.OWNER]},
         "export_chunks": {"tenant_id": t, "id": uuid.uuid4(), "job_id": tenant.export_job,
                           "n": uuid.uuid4().int % (1 << 31), "data": b"PK"},

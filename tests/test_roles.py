@@ -167,6 +167,21 @@ async def field_rule(client: httpx.AsyncClient, s: Seed, record_type: str, name:
     return {}
 
 
+def custom_field(deleted: bool = False) -> Callable[[httpx.AsyncClient, Seed], Awaitable[dict[str, Any]]]:
+    """A custom field defined by the owner (deleted too, with ``deleted``): ``{"id": ...}``."""
+
+    async def prepare(client: httpx.AsyncClient, s: Seed) -> dict[str, Any]:
+        owner = s.world.token(Role.OWNER)
+        made = await ok(client, owner, 'mutation { createCustomFieldDefinition(input: {recordType: DEAL, key: "f", '
+                                       'label: "F", type: TEXT}) { id } }')
+        key = made["createCustomFieldDefinition"]["id"]
+        if deleted:
+            await ok(client, owner, "mutation($id: ID!) { deleteCustomFieldDefinition(id: $id) { id } }", {"id": key})
+        return {"id": key}
+
+    return prepare
+
+
 def restore_rule(type_name: str, minimum: Role) -> Rule:
     return Rule(f"restore{type_name}", f"mutation($id: ID!) {{ restore{type_name}(id: $id) {{ id }} }}",
                 lambda s: {}, minimum, in_trash(type_name))
@@ -227,6 +242,14 @@ RULES = [
          lambda s: {"id": s.empty_pipeline}, Role.ADMIN),
     restore_rule("Deal", Role.ADMIN), restore_rule("Company", Role.ADMIN), restore_rule("Contact", Role.ADMIN),
     restore_rule("Activity", Role.ADMIN), restore_rule("DealLineItem", Role.MEMBER),
+    Rule("createCustomFieldDefinition", """mutation { createCustomFieldDefinition(input: {recordType: COMPANY,
+            key: "tier", label: "Tier", type: TEXT}) { id } }""", lambda s: {}, Role.ADMIN),
+    Rule("updateCustomFieldDefinition", """mutation($id: ID!) { updateCustomFieldDefinition(id: $id, input: {
+            label: "Renamed"}) { id } }""", lambda s: {}, Role.ADMIN, custom_field()),
+    Rule("deleteCustomFieldDefinition", "mutation($id: ID!) { deleteCustomFieldDefinition(id: $id) { id } }",
+         lambda s: {}, Role.ADMIN, custom_field()),
+    Rule("purgeCustomFieldDefinition", "mutation($id: ID!) { purgeCustomFieldDefinition(id: $id) { purgedId } }",
+         lambda s: {}, Role.ADMIN, custom_field(deleted=True)),
     Rule("purgeTrash", "mutation($id: ID!) { purgeTrash(id: $id) { purged } }", lambda s: {}, Role.ADMIN,
          in_trash("Company")),
     Rule("setTrashRetention", "mutation { setTrashRetention(days: 7) { trashRetentionDays } }", lambda s: {},
