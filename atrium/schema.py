@@ -22,6 +22,7 @@ from resolvers.crud import batch_mutations, mutations, queries
 from resolvers.deals import DealMutation, DealQuery
 from resolvers.erasure import ErasureMutation
 from resolvers.exports import ExportMutation, ExportQuery
+from resolvers.imports import ImportMutation, ImportQuery, ImportSubscription
 from resolvers.live import LiveMutation, LiveSubscription
 from resolvers.notes import NoteMutation, NoteQuery
 from resolvers.trash import TrashMutation, TrashQuery
@@ -48,12 +49,12 @@ def root(name: str, *parts: type) -> type:
 
 Query = root("Query", ViewerQuery, DealQuery, queries(COMPANY), queries(CONTACT), queries(PIPELINE), queries(ACTIVITY),
              AuditQuery, PartnerQuery, NoteQuery, queries(PRODUCT), queries(DEAL_LINE_ITEM), WebhookQuery,
-             ExportQuery, TrashQuery)
+             ExportQuery, TrashQuery, ImportQuery)
 Mutation = root("Mutation", ViewerMutation, DealMutation, batch_mutations(DEAL), mutations(COMPANY),
                 mutations(CONTACT), mutations(PIPELINE), mutations(STAGE), mutations(ACTIVITY), PartnerMutation,
                 NoteMutation, LiveMutation, mutations(PRODUCT), mutations(DEAL_LINE_ITEM), WebhookMutation,
-                ExportMutation, ErasureMutation, TrashMutation)
-Subscription = root("Subscription", LiveSubscription)
+                ExportMutation, ErasureMutation, TrashMutation, ImportMutation)
+Subscription = root("Subscription", LiveSubscription, ImportSubscription)
 
 
 class AtriumSchema(strawberry.Schema):

@@ -128,6 +128,7 @@ MEMBERSHIP: Record = Record("Membership", MEMBERSHIPS, "memberships", root=NO_RO
 COMPANY: Record = Record(
     "Company", COMPANIES, "companies",
     trash=True,
+    import_key="domain",
     fields=(
         Field("name", Text(200), Create.REQUIRED),
         Field("domain", Domain()),
@@ -152,6 +153,7 @@ COMPANY: Record = Record(
 CONTACT: Record = Record(
     "Contact", CONTACTS, "contacts",
     trash=True,
+    import_key="email",
     fields=(
         Field("first_name", Text(100), Create.REQUIRED),
         Field("last_name", Text(100), Create.REQUIRED),

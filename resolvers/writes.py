@@ -37,10 +37,11 @@ from auth.principal import Principal
 from auth.session import Info, Session
 from core.errors import BadUserInput, NotFound, VersionConflict
 from core.ids import to_global_id
-from models.db import showing_trash, trash_seen
+from models.db import Databases, showing_trash, trash_seen
 from models.tables import AUDIT_EVENTS
 from records.crm import RECORDS, dependents, rollups_into
 from records.declare import AtLeastOne, ExactlyOne, OnDelete, Record, camel
+from subscriptions.broker import Broker
 from subscriptions.events import ChangeEvent, ChangeKind
 from webhooks.outbox import enqueue
 
@@ -547,6 +548,26 @@ def scope_of(record: Record, row: Mapping[Any, Any]) -> dict[str, str]:
 
 
 @asynccontextmanager
+async def work_change(databases: Databases, broker: Broker, principal: Principal, request_id: str, *,
+                      now: dt.datetime | None = None) -> AsyncIterator[Change]:
+    """``change`` for work outside a request (an import job's chunk, ``resolvers.imports``): one
+    tenant transaction of ``principal``'s tenant, its webhook deliveries in the outbox, its events
+    published after the commit."""
+    async with databases.tenant_transaction(principal.tenant_id) as conn:
+        w = Change(conn, principal, request_id, now=now)
+        yield w
+        await enqueue(conn, w.tenant_id, zip(w.events, w.rows, strict=True), public_record)
+    await publish_committed(broker, w.events)
+
+
+async def publish_committed(broker: Broker, events: list[ChangeEvent]) -> None:
+    """Publish a committed change's events, stamped with the commit time."""
+    committed_at = dt.datetime.now(dt.UTC)
+    for event in events:
+        await broker.publish(dataclasses.replace(event, committed_at=committed_at))
+
+
+@asynccontextmanager
 async def change(info: Info) -> AsyncIterator[Change]:
     """One mutation's transaction; publishes its events (stamped with the commit time) after it commits
     (after the request's, when the request is one transaction: ``TenantScope.hold``)."""
@@ -560,8 +581,6 @@ async def change(info: Info) -> AsyncIterator[Change]:
         await enqueue(conn, w.tenant_id, zip(w.events, w.rows, strict=True), public_record)
 
     async def publish() -> None:
-        committed_at = dt.datetime.now(dt.UTC)
-        for event in w.events:
-            await context.broker.publish(dataclasses.replace(event, committed_at=committed_at))
+        await publish_committed(context.broker, w.events)
 
     await session.db.after_commit(publish)
