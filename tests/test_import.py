@@ -3,10 +3,15 @@ a dry run, coded errors for files it cannot start from, and isolation between te
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
+import re
+import signal
+import sys
 import uuid
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -14,8 +19,12 @@ from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.applications import Starlette
 
+from core.ids import to_global_id
+from core.settings import Settings
 from models.audit_chain import verify_chain
-from models.tables import AUDIT_EVENTS, CONTACTS, DEALS, IMPORT_FILES, Role
+from models.tables import AUDIT_EVENTS, COMPANIES, CONTACTS, DEALS, IMPORT_FILES, IMPORT_JOBS, Role
+from resolvers.csv_import import CHUNK, due, run_import
+from tests.cli import ROOT, environment
 from tests.conftest import TenantWorld, codes, data_or_fail, gql
 from tests.crm import seed_crm, uuid_of
 
@@ -178,3 +187,56 @@ async def test_a_job_and_its_rows_belong_to_one_tenant(
     names = data_or_fail(await gql(client, "{ companies(first: 5) { nodes { name } } }", token=b.token()))
     assert names["companies"]["nodes"] == []
     assert uuid_of(job_id)
+
+
+async def test_a_killed_import_resumes_where_it_stopped_without_duplicates(
+    client: httpx.AsyncClient, app: Starlette, make_tenant: MakeTenant, admin_engine: AsyncEngine,
+    settings: Settings, tmp_path: Path,
+) -> None:
+    """``atrium import`` killed with SIGKILL mid-file: the job stays RUNNING at its last committed
+    chunk, with exactly that chunk's rows written; resumed, it imports the rest, each row once.
+    Companies without a domain have no dedupe key, so a row written twice would show twice."""
+    world = await make_tenant("imp-kill")
+    rows = 30 * CHUNK
+    path = tmp_path / "companies.csv"
+    path.write_text(table(["name"], *([f"Company {i:06d}"] for i in range(rows))))
+    env = environment(DATABASE_URL=str(settings.database_url))
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "atrium", "import", str(path), "--tenant", world.slug, "--type", "companies",
+        cwd=ROOT, env=env, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE)
+    assert process.stderr is not None
+    seen = b""
+    try:
+        async with asyncio.timeout(120):
+            while not re.search(rb"\] ([2-9]\d{3}|\d{5})/", seen):  # two chunks committed, as the bar says
+                piece = await process.stderr.read(4096)
+                assert piece, seen.decode(errors="replace")
+                seen += piece
+        process.send_signal(signal.SIGKILL)
+        assert await process.wait() == -signal.SIGKILL
+    finally:
+        if process.returncode is None:
+            process.kill()
+    async with admin_engine.connect() as conn:
+        job = (await conn.execute(select(IMPORT_JOBS).where(IMPORT_JOBS.c.tenant_id == world.id))).one()
+    assert job.state == "running" and 2 * CHUNK <= job.processed < rows and job.processed % CHUNK == 0
+    assert await count(admin_engine, COMPANIES, world.id) == job.processed == job.created_count
+    # A server resumes it (its resumer finds it; the lock went with the killed process's connection).
+    runtime = app.state.runtime
+    for _ in range(100):  # until PostgreSQL has seen the dead client's connection close
+        if (world.id, job.id) not in await due(runtime.databases):
+            break
+        if await run_import(runtime.databases, runtime.broker, world.id, job.id):
+            break
+        await asyncio.sleep(0.05)
+    await runtime.tasks.idle()
+    found = data_or_fail(await gql(client, JOB, {"id": to_global_id("ImportJob", job.id)}, token=world.token()))
+    assert found["importJob"]["state"] == "DONE" and found["importJob"]["processed"] == rows
+    assert found["importJob"]["created"] == rows and found["importJob"]["errors"] == 0
+    async with admin_engine.connect() as conn:
+        names = (await conn.execute(select(COMPANIES.c.name, func.count()).where(COMPANIES.c.tenant_id == world.id)
+                                    .group_by(COMPANIES.c.name).having(func.count() > 1))).all()
+        assert names == []
+        assert (await verify_chain(conn, world.id)).ok
+    assert await count(admin_engine, COMPANIES, world.id) == rows
