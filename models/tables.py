@@ -547,7 +547,6 @@ class ImportFile(TenantTable, table=True):
     __tablename__ = "import_files"
     __table_args__ = (
         ForeignKeyConstraint(["tenant_id", "job_id"], ["import_jobs.tenant_id", "import_jobs.id"], ondelete="CASCADE"),
-        UniqueConstraint("tenant_id", "job_id"),
     )
     job_id: uuid.UUID
     content: bytes = Field(sa_column=Column(LargeBinary, nullable=False))

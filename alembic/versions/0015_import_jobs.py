@@ -67,9 +67,10 @@ CREATE TABLE import_files (
     created_at timestamptz NOT NULL DEFAULT now(),
     updated_at timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (tenant_id, id),
-    UNIQUE (tenant_id, job_id),
     FOREIGN KEY (tenant_id, job_id) REFERENCES import_jobs (tenant_id, id) ON DELETE CASCADE
 );
+
+CREATE INDEX import_files_job_idx ON import_files (tenant_id, job_id);
 
 CREATE TABLE import_errors (
     tenant_id   uuid NOT NULL REFERENCES tenants (id) ON DELETE CASCADE,
