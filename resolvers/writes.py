@@ -562,9 +562,10 @@ async def work_change(databases: Databases, broker: Broker, principal: Principal
 
 async def publish_committed(broker: Broker, events: list[ChangeEvent]) -> None:
     """Publish a committed change's events, stamped with the commit time."""
+    if not events:
+        return
     committed_at = dt.datetime.now(dt.UTC)
-    for event in events:
-        await broker.publish(dataclasses.replace(event, committed_at=committed_at))
+    await broker.publish_many([dataclasses.replace(event, committed_at=committed_at) for event in events])
 
 
 @asynccontextmanager
