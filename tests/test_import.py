@@ -27,6 +27,7 @@ from resolvers.csv_import import CHUNK, due, run_import
 from tests.cli import ROOT, environment
 from tests.conftest import TenantWorld, codes, data_or_fail, gql
 from tests.crm import seed_crm, uuid_of
+from tests.live import AtriumProcess, error_codes, live
 
 MakeTenant = Callable[..., Awaitable[TenantWorld]]
 
@@ -240,3 +241,35 @@ async def test_a_killed_import_resumes_where_it_stopped_without_duplicates(
         assert names == []
         assert (await verify_chain(conn, world.id)).ok
     assert await count(admin_engine, COMPANIES, world.id) == rows
+
+
+PROGRESS = "subscription($id: ID!) { importJobProgress(id: $id) { state processed total errors } }"
+
+
+async def test_progress_streams_to_subscribers_on_another_server_until_done(
+    servers: tuple[AtriumProcess, AtriumProcess], make_tenant: MakeTenant,
+) -> None:
+    """A job accepted by server B is followed from server A: its state after each chunk, ending DONE;
+    another workspace cannot follow it."""
+    a, b = servers
+    world, other = await make_tenant("imp-live"), await make_tenant("imp-live-other")
+    token = world.token(Role.MEMBER)
+    rows = 5 * CHUNK
+    async with b.client() as http:
+        response = await http.post("/imports?type=companies&map=Company=name", content=table(
+            ["Company", "Note"], *([f"Live {i}", "x"] for i in range(rows))).encode(),
+            headers={"authorization": f"Bearer {token}"})
+    assert response.status_code == 202, response.text
+    job = response.json()["data"]["startImport"]
+    assert job["total"] == rows and job["type"] == "COMPANIES"
+    async with live(a.ws_url, token) as session:
+        op = await session.subscribe(PROGRESS, {"id": job["id"]})
+        seen: list[dict[str, Any]] = []
+        while not seen or seen[-1]["state"] not in ("DONE", "FAILED"):
+            seen.append((await session.data(op))["importJobProgress"])
+        assert (await session.message(op))["type"] == "complete"
+    assert seen[-1] == {"state": "DONE", "processed": rows, "total": rows, "errors": 0}
+    assert [s["processed"] for s in seen] == sorted(s["processed"] for s in seen)
+    async with live(a.ws_url, other.token()) as session:
+        op = await session.subscribe(PROGRESS, {"id": job["id"]})
+        assert error_codes(await session.message(op)) == ["NOT_FOUND"]
