@@ -47,8 +47,10 @@ from sqlalchemy.dialects.postgresql import ARRAY, UUID
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from auth.principal import Principal
-from core.errors import AtriumError, BadUserInput, ErrorCode, NotFound
+from auth.roles import allows
+from core.errors import AtriumError, BadUserInput, ErrorCode, Forbidden, NotFound
 from models.db import Databases
+from models.outages import is_outage
 from models.tables import IMPORT_ERRORS, IMPORT_FILES, IMPORT_JOBS, MEMBERSHIPS, Role
 from records.crm import RECORDS
 from records.declare import Create, Record, camel
@@ -537,6 +539,10 @@ async def run_import(databases: Databases, broker: Broker, tenant_id: uuid.UUID,
     return True
 
 
+class Superseded(Exception):
+    """The job's checkpoint is not where this process left it (another one ran it meanwhile)."""
+
+
 async def _run(databases: Databases, broker: Broker, tenant_id: uuid.UUID, job_id: uuid.UUID,
                progress: Progress | None) -> None:
     async with databases.tenant_transaction(tenant_id) as conn:
@@ -552,9 +558,11 @@ async def _run(databases: Databases, broker: Broker, tenant_id: uuid.UUID, job_i
     try:
         if role is None or job.requested_by is None:
             raise BadUserInput("requestedBy", "the member who started this import is no longer a member")
+        record = record_for(job.record_type)
+        if not allows(Role(role), record.access.create):
+            raise Forbidden(f"the member who started this import may no longer create {record.plural_label}")
         principal = Principal(tenant_id=tenant_id, user_id=job.requested_by, role=Role(role),
                               expires_at=float("inf"))
-        record = record_for(job.record_type)
         header, data = rows_of(bytes(content))
         plan = plan_for(record, header, job.mapping)
         processed = job.processed
@@ -573,9 +581,17 @@ async def _run(databases: Databases, broker: Broker, tenant_id: uuid.UUID, job_i
             if progress is not None:
                 progress(processed, job.total)
         await _end(databases, broker, tenant_id, job_id, state="done")
-    except AtriumError as error:
-        await _end(databases, broker, tenant_id, job_id, state="failed", error=error.message)
-    except Exception:
+    except Superseded:
+        log.warning("import %s of tenant %s: its checkpoint moved on elsewhere; leaving it", job_id, tenant_id)
+    except Exception as error:
+        if is_outage(error):
+            # The database (or Redis) went away: the job stays RUNNING at its checkpoint, and a
+            # resumer takes it up again once this process's lock on it is gone.
+            log.warning("import %s of tenant %s interrupted by an outage", job_id, tenant_id)
+            raise
+        if isinstance(error, AtriumError):
+            await _end(databases, broker, tenant_id, job_id, state="failed", error=error.message)
+            return
         log.exception("import %s of tenant %s failed", job_id, tenant_id)
         await _end(databases, broker, tenant_id, job_id, state="failed",
                    error="the import stopped on an internal error; the rows before it were imported")
@@ -601,7 +617,7 @@ async def _chunk(databases: Databases, broker: Broker, principal: Principal, job
                     error_count=J.c.error_count + len({e.row for e in outcome.errors}), updated_at=func.now())
             .returning(J.c.id))).first()
         if advanced is None:
-            raise RuntimeError(f"import {job_id} moved on elsewhere")  # rolls the chunk back
+            raise Superseded(f"import {job_id} moved on elsewhere")  # rolls the chunk back
     await broker.publish(progress_event(tenant_id, job_id, done))
     return done
 

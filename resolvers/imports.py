@@ -9,6 +9,7 @@ the job starts in the background once that commits.
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncGenerator, Mapping
 from typing import Any
@@ -40,7 +41,7 @@ async def submit(session: Session, databases: Databases, broker: Broker, tasks: 
     principal = session.principal
     if not allows(principal.role, record.access.create):
         raise Forbidden(f"Importing {record.plural_label} requires `{record.access.create.value}`")
-    checked = check_file(record, content, mapping)
+    checked = await asyncio.to_thread(check_file, record, content, mapping)  # a large file takes a while
     async with session.db.write() as conn:
         row = await create_job(conn, principal.tenant_id, principal.user_id, record, content, checked,
                                dry_run=dry_run)

@@ -22,7 +22,8 @@ from starlette.applications import Starlette
 from core.ids import to_global_id
 from core.settings import Settings
 from models.audit_chain import verify_chain
-from models.tables import AUDIT_EVENTS, COMPANIES, CONTACTS, DEALS, IMPORT_FILES, IMPORT_JOBS, Role
+from models.db import Databases
+from models.tables import AUDIT_EVENTS, COMPANIES, CONTACTS, DEALS, IMPORT_ERRORS, IMPORT_FILES, IMPORT_JOBS, Role
 from resolvers.csv_import import CHUNK, due, run_import
 from tests.cli import ROOT, environment
 from tests.conftest import TenantWorld, codes, data_or_fail, gql
@@ -178,16 +179,26 @@ async def test_files_it_cannot_start_from_are_coded_errors(
 
 
 async def test_a_job_and_its_rows_belong_to_one_tenant(
-    client: httpx.AsyncClient, app: Starlette, make_tenant: MakeTenant,
+    client: httpx.AsyncClient, app: Starlette, make_tenant: MakeTenant, databases: Databases,
 ) -> None:
     a, b = await make_tenant("imp-a"), await make_tenant("imp-b")
-    found = await imported(client, app, a.token(Role.MEMBER), "COMPANIES", table(["name"], ["Only A's"]))
+    found = await imported(client, app, a.token(Role.MEMBER), "COMPANIES",
+                           table(["name", "domain"], ["Only A's", ""], ["Bad", "not a domain"]))
     job_id = found["importJob"]["id"]
-    body = await gql(client, JOB, {"id": job_id}, token=b.token(Role.OWNER))
-    assert codes(body) == ["NOT_FOUND", "NOT_FOUND"] or codes(body) == ["NOT_FOUND"]
+    assert found["importJob"]["errors"] == 1
+    for query in (JOB, "query($id: ID!) { importErrors(id: $id) { row } }"):
+        body = await gql(client, query, {"id": job_id}, token=b.token(Role.OWNER))
+        assert set(codes(body)) == {"NOT_FOUND"}
     names = data_or_fail(await gql(client, "{ companies(first: 5) { nodes { name } } }", token=b.token()))
     assert names["companies"]["nodes"] == []
-    assert uuid_of(job_id)
+    # Row-level security alone: B's transaction, asking for A's rows by A's tenant id, sees none.
+    key = uuid_of(job_id)
+    for tenant, expected in ((a.id, 1), (b.id, 0)):
+        async with databases.tenant_transaction(tenant) as conn:
+            for t in (IMPORT_JOBS, IMPORT_ERRORS):
+                seen = (await conn.execute(select(func.count()).select_from(t).where(
+                    t.c.tenant_id == a.id, (t.c.id if t is IMPORT_JOBS else t.c.job_id) == key))).scalar_one()
+                assert seen == expected, (t.name, tenant)
 
 
 async def test_a_killed_import_resumes_where_it_stopped_without_duplicates(
