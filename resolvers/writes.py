@@ -29,7 +29,23 @@ from contextlib import asynccontextmanager
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import ColumnElement, Row, Select, delete, exists, func, insert, or_, select, update
+from sqlalchemy import (
+    ColumnElement,
+    Row,
+    Select,
+    String,
+    Uuid,
+    bindparam,
+    delete,
+    exists,
+    func,
+    insert,
+    or_,
+    select,
+    text,
+    update,
+)
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -483,14 +499,15 @@ class Change:
         await self.audit(record.name, action, entity_id, diff)
 
     async def _audit_many(self, record: Record, action: str, entries: list[tuple[uuid.UUID, dict[str, Any]]]) -> None:
-        if entries:
-            # With RETURNING, SQLAlchemy sends the rows as multi-row INSERTs (up to 1,000 rows each)
-            # instead of one statement per row.
-            await self.conn.execute(insert(AUDIT_EVENTS).returning(AUDIT_EVENTS.c.id), [
-                {"tenant_id": self.tenant_id, "id": uuid.uuid4(), "actor_id": self.actor_id,
-                 "action": action, "entity_type": record.name, "entity_id": entity_id, "diff": diff,
-                 "request_id": self.request_id}
-                for entity_id, diff in entries])
+        """The audit rows of many records in one statement, chained by ``atrium_audit_append``
+        (migration 0015: the hash chain links them one after another as the per-row trigger would)."""
+        if len(entries) == 1:
+            await self._audit(record, action, *entries[0])
+        elif entries:
+            await self.conn.execute(AUDIT_APPEND, {
+                "actor": self.actor_id, "request": self.request_id, "ids": [uuid.uuid4() for _ in entries],
+                "actions": [action] * len(entries), "types": [record.name] * len(entries),
+                "entities": [entity_id for entity_id, _ in entries], "diffs": [diff for _, diff in entries]})
 
     @staticmethod
     def check_version(record: Record, row: Row[Any], expected_version: int | None) -> None:
@@ -510,6 +527,13 @@ class Change:
             detail=dict(detail or {}),
         ))
 
+
+AUDIT_APPEND = text("SELECT atrium_audit_append(:actor, :request, :ids, :actions, :types, :entities, :diffs)") \
+    .bindparams(bindparam("actor", type_=Uuid()), bindparam("request", type_=String()),
+                bindparam("ids", type_=ARRAY(Uuid())), bindparam("actions", type_=ARRAY(String())),
+                bindparam("types", type_=ARRAY(String())), bindparam("entities", type_=ARRAY(Uuid())),
+                bindparam("diffs", type_=JSONB()))
+"""Chains and inserts many audit rows of the transaction's tenant at once (``Change._audit_many``)."""
 
 TRASHABLE: tuple[Record, ...] = tuple(record for record in RECORDS if record.trash)
 

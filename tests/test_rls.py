@@ -664,6 +664,7 @@ async def test_nothing_the_app_role_can_read_sidesteps_rls(admin_engine: AsyncEn
     # The audit functions act only on the transaction's tenant: redaction of its events (an erasure),
     # the trim its own retention policy allows; retention_due lists policies (no tenant data).
     assert sorted(d.proname for d in definers) == ["atrium_api_key", "atrium_apq_get", "atrium_apq_put",
+                                                   "atrium_audit_append", "atrium_audit_link",
                                                    "atrium_audit_redact", "atrium_audit_trim",
                                                    "atrium_ensure_user", "atrium_import_jobs_due",
                                                    "atrium_login_candidates",
