@@ -437,20 +437,24 @@ class Change:
 
     async def insert_many(self, record: Record, rows: list[dict[str, Any]]) -> list[Row[Any]]:
         """Insert rows as given, like ``insert`` each (audit row and change event per row), set-based:
-        one INSERT per set of columns given (rows leaving a column to its default form their own),
-        one audit insert. Returns the rows in the order given."""
+        one ``INSERT … SELECT unnest(…)`` per set of columns given (rows leaving a column to its
+        default form their own; each column travels as one array), one audit call. Returns the rows
+        in the order given."""
         t = record.table
         ids = [uuid.uuid4() for _ in rows]
         shapes: dict[tuple[str, ...], list[int]] = {}
         for i, values in enumerate(rows):
             shapes.setdefault(tuple(sorted(values)), []).append(i)
-        inserted: dict[int, Row[Any]] = {}
-        for positions in shapes.values():
-            returned = (await self.conn.execute(
-                insert(t).returning(t, sort_by_parameter_order=True),
-                [{"tenant_id": self.tenant_id, "id": ids[i], **rows[i]} for i in positions])).all()
-            inserted.update(zip(positions, returned, strict=True))
-        out = [inserted[i] for i in range(len(rows))]
+        inserted: dict[uuid.UUID, Row[Any]] = {}
+        for shape, positions in shapes.items():
+            columns = ("tenant_id", "id", *shape)
+            arrays = {"tenant_id": [self.tenant_id] * len(positions), "id": [ids[i] for i in positions],
+                      **{c: [rows[i][c] for i in positions] for c in shape}}
+            source = select(*(func.unnest(bindparam(f"many_{c}", arrays[c], type_=ARRAY(t.c[c].type))).label(c)
+                              for c in columns))
+            returned = (await self.conn.execute(insert(t).from_select(columns, source).returning(t))).all()
+            inserted.update((row.id, row) for row in returned)
+        out = [inserted[key] for key in ids]
         await self._audit_many(record, "create", [(row.id, {"after": snapshot(row._mapping)}) for row in out])
         for row, values in zip(out, rows, strict=True):
             self._event(record, ChangeKind.CREATED, row, tuple(values))
