@@ -110,20 +110,24 @@ class Runtime:
 
     async def _import_resumer(self) -> None:
         """Resume the CSV imports no process is running (``resolvers.csv_import``): at start, then every
-        ``import_resume_interval_seconds``. A job another process holds is skipped by ``run_import``."""
+        ``import_resume_interval_seconds``. Each look is background work (``tasks``, which
+        ``tasks.idle()`` waits for); a job another process holds is skipped by ``run_import``."""
         interval = self.settings.import_resume_interval_seconds
         running: set[uuid.UUID] = set()
         while True:
-            try:
-                for tenant_id, job_id in await due_imports(self.databases):
-                    if job_id not in running:
-                        running.add(job_id)
-                        self.tasks.spawn(self._resume(tenant_id, job_id, running), name=f"import {job_id}")
-            except (TimeoutError, OSError, SQLAlchemyError) as exc:
-                log.warning("looking for import jobs to resume failed (%s)", exc)
+            self.tasks.spawn(self._resume_due(running), name="import resumer")
             if interval <= 0:
                 return
             await self.clock.sleep_until(self.clock.time() + interval)
+
+    async def _resume_due(self, running: set[uuid.UUID]) -> None:
+        try:
+            for tenant_id, job_id in await due_imports(self.databases):
+                if job_id not in running:
+                    running.add(job_id)
+                    self.tasks.spawn(self._resume(tenant_id, job_id, running), name=f"import {job_id}")
+        except (TimeoutError, OSError, SQLAlchemyError) as exc:
+            log.warning("looking for import jobs to resume failed (%s)", exc)
 
     async def _resume(self, tenant_id: uuid.UUID, job_id: uuid.UUID, running: set[uuid.UUID]) -> None:
         try:
