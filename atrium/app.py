@@ -15,6 +15,7 @@ from starlette.routing import Route, WebSocketRoute
 from atrium.dashboard.routes import dashboard_routes
 from atrium.graphiql.routes import GraphiQL
 from atrium.http.cors import cors_middleware
+from atrium.http.csv import import_upload, list_export
 from atrium.http.deadline import STATE_KEY as READ_DEADLINE
 from atrium.http.endpoint import AtriumGraphQL
 from atrium.http.exports import export_download
@@ -26,6 +27,7 @@ from core.clock import SYSTEM_CLOCK, Clock
 from core.errors import OUTAGE_RETRY_AFTER
 from core.settings import Settings
 from core.version import VERSION
+from resolvers.csv_import import MAX_FILE_BYTES
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider
@@ -77,6 +79,8 @@ def create_app(settings: Settings, *, clock: Clock = SYSTEM_CLOCK,
             Route("/readyz", readyz),
             Route("/metrics", metrics.endpoint(settings)),
             Route("/exports/{job_id}", export_download(runtime)),
+            Route("/imports", import_upload(runtime), methods=["POST"], max_body_size=MAX_FILE_BYTES),
+            Route("/csv/{plural}", list_export(runtime)),
             *dashboard_routes(),
             *(graphiql.routes() if graphiql else ()),
         ],

@@ -24,6 +24,7 @@ from resolvers.deals import DealMutation, DealQuery
 from resolvers.erasure import ErasureMutation
 from resolvers.exports import ExportMutation, ExportQuery
 from resolvers.field_rules import FieldRuleMutation, FieldRuleQuery
+from resolvers.imports import ImportMutation, ImportQuery, ImportSubscription
 from resolvers.live import LiveMutation, LiveSubscription
 from resolvers.notes import NoteMutation, NoteQuery
 from resolvers.teams import TeamMutation, TeamQuery
@@ -53,12 +54,13 @@ def root(name: str, *parts: type) -> type:
 
 Query = root("Query", ViewerQuery, DealQuery, queries(COMPANY), queries(CONTACT), queries(PIPELINE), queries(ACTIVITY),
              AuditQuery, PartnerQuery, NoteQuery, queries(PRODUCT), queries(DEAL_LINE_ITEM), WebhookQuery,
-             ExportQuery, TrashQuery, FieldRuleQuery, TeamQuery, CustomFieldQuery)
+             ExportQuery, TrashQuery, FieldRuleQuery, TeamQuery, CustomFieldQuery, ImportQuery)
 Mutation = root("Mutation", ViewerMutation, DealMutation, batch_mutations(DEAL), mutations(COMPANY),
                 mutations(CONTACT), mutations(PIPELINE), mutations(STAGE), mutations(ACTIVITY), PartnerMutation,
                 NoteMutation, LiveMutation, mutations(PRODUCT), mutations(DEAL_LINE_ITEM), WebhookMutation,
-                ExportMutation, ErasureMutation, TrashMutation, FieldRuleMutation, TeamMutation, CustomFieldMutation)
-Subscription = root("Subscription", LiveSubscription)
+                ExportMutation, ErasureMutation, TrashMutation, FieldRuleMutation, TeamMutation, CustomFieldMutation,
+                ImportMutation)
+Subscription = root("Subscription", LiveSubscription, ImportSubscription)
 
 
 class AtriumSchema(strawberry.Schema):

@@ -348,6 +348,9 @@ class Settings:
     retention_interval_seconds: int = 3600
     """How often each server process applies the tenants' retention policies (0: never; then run
     ``atrium retention run`` from a scheduler)."""
+    import_resume_interval_seconds: int = 15
+    """How often each server process looks for CSV import jobs no process is running (one whose
+    server stopped) and resumes them; also once at start (0: only at start)."""
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -423,6 +426,8 @@ class Settings:
             export_keep_seconds=env.whole("ATRIUM_EXPORT_KEEP", 7 * 24 * 3600, minimum=1, unit=" of seconds"),
             export_lease_seconds=env.whole("ATRIUM_EXPORT_LEASE", 60, minimum=1, unit=" of seconds"),
             retention_interval_seconds=env.whole("ATRIUM_RETENTION_INTERVAL", 3600, minimum=0, unit=" of seconds"),
+            import_resume_interval_seconds=env.whole("ATRIUM_IMPORT_RESUME_INTERVAL", 15, minimum=0,
+                                                     unit=" of seconds"),
         )
 
     def with_database(self, database_url: str) -> Settings:

@@ -566,6 +566,54 @@ class ExportChunk(TenantTable, table=True):
     data: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
 
 
+class ImportJob(TenantTable, table=True):
+    """A CSV import into one record type (``resolvers.imports``): its mapping, state and progress;
+    ``processed`` is the checkpoint (rows committed), advanced with the rows it covers."""
+
+    __tablename__ = "import_jobs"
+    requested_by: uuid.UUID | None = None
+    record_type: str = Field(max_length=64)
+    mapping: dict[str, Any] = Field(sa_column=Column(JSONB, nullable=False))
+    dry_run: bool = False
+    state: str = Field(default="queued")
+    total: int = 0
+    processed: int = 0
+    created_count: int = 0
+    updated_count: int = 0
+    error_count: int = 0
+    file_bytes: int = Field(default=0, sa_type=BigInteger)
+    error: str | None = Field(default=None, sa_type=Text)
+    started_at: datetime | None = Field(default=None, sa_type=DateTime(timezone=True))
+    finished_at: datetime | None = Field(default=None, sa_type=DateTime(timezone=True))
+
+
+class ImportFile(TenantTable, table=True):
+    """The uploaded CSV of an import job, kept until the job ends (any process can resume it)."""
+
+    __tablename__ = "import_files"
+    __table_args__ = (
+        ForeignKeyConstraint(["tenant_id", "job_id"], ["import_jobs.tenant_id", "import_jobs.id"], ondelete="CASCADE"),
+    )
+    job_id: uuid.UUID
+    content: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+
+
+class ImportRowError(TenantTable, table=True):
+    """One refused row of an import job: row number (1 = the first row after the header), CSV column,
+    field, error code and message."""
+
+    __tablename__ = "import_errors"
+    __table_args__ = (
+        ForeignKeyConstraint(["tenant_id", "job_id"], ["import_jobs.tenant_id", "import_jobs.id"], ondelete="CASCADE"),
+    )
+    job_id: uuid.UUID
+    row_number: int
+    column_name: str | None = Field(default=None, sa_type=Text)
+    field: str | None = Field(default=None, max_length=200)
+    code: str = Field(max_length=64)
+    message: str = Field(sa_type=Text)
+
+
 class RetentionPolicy(TenantTable, table=True):
     """Keep ``target``'s rows (a ``models.retention`` target) for ``keep_days`` days."""
 
@@ -656,6 +704,9 @@ CUSTOM_FIELD_DEFINITIONS = table(CustomFieldDefinition)
 EXPORT_JOBS = table(ExportJob)
 EXPORT_CHUNKS = table(ExportChunk)
 RETENTION_POLICIES = table(RetentionPolicy)
+IMPORT_JOBS = table(ImportJob)
+IMPORT_FILES = table(ImportFile)
+IMPORT_ERRORS = table(ImportRowError)
 API_KEYS = table(ApiKey)
 PERSISTED_DOCUMENTS = table(PersistedDocument)
 APQ_DOCUMENTS = table(ApqDocument)
@@ -667,7 +718,7 @@ WEBHOOK_DELIVERIES = table(WebhookDelivery)
 TENANT_TABLES = (MEMBERSHIPS, COMPANIES, CONTACTS, PIPELINES, STAGES, DEALS, ACTIVITIES, AUDIT_EVENTS, NOTES,
                  API_KEYS, PERSISTED_DOCUMENTS, PRODUCTS, DEAL_LINE_ITEMS, IDEMPOTENCY_KEYS, WEBHOOK_ENDPOINTS,
                  WEBHOOK_DELIVERIES, EXPORT_JOBS, EXPORT_CHUNKS, RETENTION_POLICIES, FIELD_RULES, TEAMS,
-                 TEAM_MEMBERS, RECORD_VISIBILITY, CUSTOM_FIELD_DEFINITIONS)
+                 TEAM_MEMBERS, RECORD_VISIBILITY, CUSTOM_FIELD_DEFINITIONS, IMPORT_JOBS, IMPORT_FILES, IMPORT_ERRORS)
 """Every table holding tenant rows (RLS enabled and forced on each; tests/test_rls.py checks the catalog)."""
 
 DATABASE_WRITTEN_TABLES = (DATA_VERSIONS, AUDIT_CHAIN_HEADS)

@@ -131,6 +131,7 @@ COMPANY: Record = Record(
     "Company", COMPANIES, "companies",
     trash=True,
     custom_fields=True,
+    import_key="domain",
     fields=(
         Field("name", Text(200), Create.REQUIRED),
         Field("domain", Domain(), restrictable=True),
@@ -156,6 +157,7 @@ CONTACT: Record = Record(
     "Contact", CONTACTS, "contacts",
     trash=True,
     custom_fields=True,
+    import_key="email",
     fields=(
         Field("first_name", Text(100), Create.REQUIRED),
         Field("last_name", Text(100), Create.REQUIRED),

@@ -673,6 +673,10 @@ class Record:
     derived root fields (members are added, changed and removed by ``resolvers.viewer``)."""
     aggregation: Aggregation | None = None
     """Groupable and aggregatable fields; None: the record has no aggregate root field."""
+    import_key: str | None = None
+    """The column a CSV import finds existing records by (``resolvers.imports``): a row whose value
+    matches a record of the tenant updates it, any other row creates one. Default: ``external_id``
+    when the record has that field (``import_by``)."""
     trash: bool = False
     """Deleting the record moves it to the trash (its table has ``deleted_at``, ``deleted_by`` and
     ``trash_batch``): hidden from every read (through ``query``, ``filtered`` and ``visible``),
@@ -783,6 +787,18 @@ class Record:
     def has(self, column: str) -> bool:
         """Whether the API writes ``column`` (a declared ``Field``)."""
         return column in self._fields
+
+    @property
+    def import_by(self) -> str | None:
+        """The column CSV imports dedupe by (``import_key``, else ``external_id`` when declared)."""
+        if self.import_key is not None:
+            return self.import_key
+        return "external_id" if self.has("external_id") else None
+
+    @property
+    def importable(self) -> bool:
+        """Whether CSV imports create it: the API creates it, with no parent argument of its own."""
+        return self.root.create and self.root.parent is None and bool(self.fields)
 
     @property
     def sequential(self) -> bool:

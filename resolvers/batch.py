@@ -166,7 +166,13 @@ async def _unique(w: Change, record: Record, items: list[dict[str, Any]], where:
 async def lock_external_ids(w: Change, record: Record, keys: Sequence[str | None]) -> None:
     """Transaction-scoped advisory locks on the tenant's ``record`` external ids ``keys``, taken in
     one statement, in one order (module docstring)."""
-    wanted = sorted({f"{w.tenant_id}:{record.name}:{k}" for k in keys if k is not None})
+    await lock_keys(w, record.name, keys)
+
+
+async def lock_keys(w: Change, space: str, keys: Sequence[str | None]) -> None:
+    """Transaction-scoped advisory locks on the tenant's ``keys`` of ``space`` (a record's external
+    ids; the e-mail addresses a contact import dedupes by), in one statement, in one order."""
+    wanted = sorted({f"{w.tenant_id}:{space}:{k}" for k in keys if k is not None})
     if not wanted:
         return
     names = select(func.unnest(bindparam("keys", type_=ARRAY(Text()))).label("k")).subquery()

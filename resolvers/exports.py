@@ -48,6 +48,7 @@ from models.tables import (
     EXPORT_CHUNKS,
     EXPORT_JOBS,
     IDEMPOTENCY_KEYS,
+    IMPORT_FILES,
     NOTES,
     RETENTION_POLICIES,
     TENANT_TABLES,
@@ -67,6 +68,7 @@ NOT_EXPORTED = {
     IDEMPOTENCY_KEYS.name: "stored answers of retried mutations, kept for a day: copies of what the archive holds",
     EXPORT_JOBS.name: "the exports themselves",
     EXPORT_CHUNKS.name: "the exports' archives",
+    IMPORT_FILES.name: "uploaded CSV files, kept only while their import runs: their rows are the records it wrote",
 }
 SECRET_COLUMNS = {API_KEYS.name: ("secret_sha256",)}
 """Columns never exported: credentials (an API key's hash; users' password hashes are never selected)."""

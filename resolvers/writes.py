@@ -29,7 +29,23 @@ from contextlib import asynccontextmanager
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import ColumnElement, Row, Select, delete, exists, func, insert, or_, select, update
+from sqlalchemy import (
+    ColumnElement,
+    Row,
+    Select,
+    String,
+    Uuid,
+    bindparam,
+    delete,
+    exists,
+    func,
+    insert,
+    or_,
+    select,
+    text,
+    update,
+)
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -37,11 +53,12 @@ from auth.principal import Principal
 from auth.session import Info, Session
 from core.errors import BadUserInput, NotFound, VersionConflict
 from core.ids import to_global_id
-from models.db import showing_trash, trash_seen
+from models.db import Databases, showing_trash, trash_seen
 from models.tables import AUDIT_EVENTS, MEMBERSHIPS
 from records.crm import BY_NAME, RECORDS, dependents, rollups_into
 from records.custom import Definition, Pending, definitions_query, resolve, user_ids
 from records.declare import AtLeastOne, ExactlyOne, HiddenOf, OnDelete, Record, camel, nothing_hidden
+from subscriptions.broker import Broker
 from subscriptions.events import ChangeEvent, ChangeKind
 from webhooks.outbox import enqueue
 
@@ -481,20 +498,24 @@ class Change:
 
     async def insert_many(self, record: Record, rows: list[dict[str, Any]]) -> list[Row[Any]]:
         """Insert rows as given, like ``insert`` each (audit row and change event per row), set-based:
-        one INSERT per set of columns given (rows leaving a column to its default form their own),
-        one audit insert. Returns the rows in the order given."""
+        one ``INSERT … SELECT unnest(…)`` per set of columns given (rows leaving a column to its
+        default form their own; each column travels as one array), one audit call. Returns the rows
+        in the order given."""
         t = record.table
         ids = [uuid.uuid4() for _ in rows]
         shapes: dict[tuple[str, ...], list[int]] = {}
         for i, values in enumerate(rows):
             shapes.setdefault(tuple(sorted(values)), []).append(i)
-        inserted: dict[int, Row[Any]] = {}
-        for positions in shapes.values():
-            returned = (await self.conn.execute(
-                insert(t).returning(t, sort_by_parameter_order=True),
-                [{"tenant_id": self.tenant_id, "id": ids[i], **rows[i]} for i in positions])).all()
-            inserted.update(zip(positions, returned, strict=True))
-        out = [inserted[i] for i in range(len(rows))]
+        inserted: dict[uuid.UUID, Row[Any]] = {}
+        for shape, positions in shapes.items():
+            columns = ("tenant_id", "id", *shape)
+            arrays = {"tenant_id": [self.tenant_id] * len(positions), "id": [ids[i] for i in positions],
+                      **{c: [rows[i][c] for i in positions] for c in shape}}
+            source = select(*(func.unnest(bindparam(f"many_{c}", arrays[c], type_=ARRAY(t.c[c].type))).label(c)
+                              for c in columns))
+            returned = (await self.conn.execute(insert(t).from_select(columns, source).returning(t))).all()
+            inserted.update((row.id, row) for row in returned)
+        out = [inserted[key] for key in ids]
         await self._audit_many(record, "create", [(row.id, {"after": snapshot(row._mapping)}) for row in out])
         for row, values in zip(out, rows, strict=True):
             self._event(record, ChangeKind.CREATED, row, tuple(values))
@@ -549,14 +570,15 @@ class Change:
         await self._audit_many(record, action, entries)
 
     async def _audit_many(self, record: Record, action: str, entries: list[tuple[uuid.UUID, dict[str, Any]]]) -> None:
-        if entries:
-            # With RETURNING, SQLAlchemy sends the rows as multi-row INSERTs (up to 1,000 rows each)
-            # instead of one statement per row.
-            await self.conn.execute(insert(AUDIT_EVENTS).returning(AUDIT_EVENTS.c.id), [
-                {"tenant_id": self.tenant_id, "id": uuid.uuid4(), "actor_id": self.actor_id,
-                 "action": action, "entity_type": record.name, "entity_id": entity_id, "diff": diff,
-                 "request_id": self.request_id}
-                for entity_id, diff in entries])
+        """The audit rows of many records in one statement, chained by ``atrium_audit_append``
+        (migration 0018: the hash chain links them one after another as the per-row trigger would)."""
+        if len(entries) == 1:
+            await self._audit(record, action, *entries[0])
+        elif entries:
+            await self.conn.execute(AUDIT_APPEND, {
+                "actor": self.actor_id, "request": self.request_id, "ids": [uuid.uuid4() for _ in entries],
+                "actions": [action] * len(entries), "types": [record.name] * len(entries),
+                "entities": [entity_id for entity_id, _ in entries], "diffs": [diff for _, diff in entries]})
 
     def check_version(self, record: Record, row: Row[Any], expected_version: int | None) -> None:
         if expected_version is not None and row.version != expected_version:
@@ -576,6 +598,13 @@ class Change:
             detail=dict(detail or {}), owner_id=row._mapping[record.owner] if record.owner else None,
         ))
 
+
+AUDIT_APPEND = text("SELECT atrium_audit_append(:actor, :request, :ids, :actions, :types, :entities, :diffs)") \
+    .bindparams(bindparam("actor", type_=Uuid()), bindparam("request", type_=String()),
+                bindparam("ids", type_=ARRAY(Uuid())), bindparam("actions", type_=ARRAY(String())),
+                bindparam("types", type_=ARRAY(String())), bindparam("entities", type_=ARRAY(Uuid())),
+                bindparam("diffs", type_=JSONB()))
+"""Chains and inserts many audit rows of the transaction's tenant at once (``Change._audit_many``)."""
 
 TRASHABLE: tuple[Record, ...] = tuple(record for record in RECORDS if record.trash)
 
@@ -614,6 +643,27 @@ def scope_of(record: Record, row: Mapping[Any, Any]) -> dict[str, str]:
 
 
 @asynccontextmanager
+async def work_change(databases: Databases, broker: Broker, principal: Principal, request_id: str, *,
+                      now: dt.datetime | None = None) -> AsyncIterator[Change]:
+    """``change`` for work outside a request (an import job's chunk, ``resolvers.imports``): one
+    tenant transaction of ``principal``'s tenant, its webhook deliveries in the outbox, its events
+    published after the commit."""
+    async with databases.tenant_transaction(principal.tenant_id) as conn:
+        w = Change(conn, principal, request_id, now=now)
+        yield w
+        await enqueue(conn, w.tenant_id, zip(w.events, w.rows, strict=True), public_record)
+    await publish_committed(broker, w.events)
+
+
+async def publish_committed(broker: Broker, events: list[ChangeEvent]) -> None:
+    """Publish a committed change's events, stamped with the commit time."""
+    if not events:
+        return
+    committed_at = dt.datetime.now(dt.UTC)
+    await broker.publish_many([dataclasses.replace(event, committed_at=committed_at) for event in events])
+
+
+@asynccontextmanager
 async def change(info: Info) -> AsyncIterator[Change]:
     """One mutation's transaction; publishes its events (stamped with the commit time) after it commits
     (after the request's, when the request is one transaction: ``TenantScope.hold``)."""
@@ -634,8 +684,6 @@ async def change(info: Info) -> AsyncIterator[Change]:
         await enqueue(conn, w.tenant_id, zip(w.events, w.rows, strict=True), render)
 
     async def publish() -> None:
-        committed_at = dt.datetime.now(dt.UTC)
-        for event in w.events:
-            await context.broker.publish(dataclasses.replace(event, committed_at=committed_at))
+        await publish_committed(context.broker, w.events)
 
     await session.db.after_commit(publish)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
+import json
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -294,6 +295,36 @@ async def test_the_chain_columns_a_writer_sends_are_overwritten(
         await databases.dispose()
     found = await verify(admin_engine, tenant)
     assert found.ok and found.last_seq == 1
+
+
+async def test_bulk_audit_rows_are_chained_in_one_call_and_only_in_the_tenant(
+    make_tenant: MakeTenant, settings: Settings, admin_engine: AsyncEngine,
+) -> None:
+    """``atrium_audit_append`` (a batch's or an import's audit rows): chained exactly as the trigger
+    chains single rows, interleaved with them; its tenant is the transaction's; the linking function
+    it shares with the trigger cannot be called to move the head without a row."""
+    tenant, other = await make_tenant("bulk"), await make_tenant("bulk-other")
+    databases = Databases(settings.app_url, pool_size=1)
+    statement = text("SELECT atrium_audit_append(NULL, 'r', CAST(:ids AS uuid[]), CAST(:actions AS text[]), "
+                     "CAST(:types AS text[]), CAST(:entities AS uuid[]), CAST(:diffs AS jsonb))")
+    try:
+        for n in (3, 1, 2):
+            async with databases.tenant_transaction(tenant.id) as conn:
+                await conn.execute(statement, {
+                    "ids": [str(uuid.uuid4()) for _ in range(n)], "actions": ["create"] * n,
+                    "types": ["Company"] * n, "entities": [str(uuid.uuid4()) for _ in range(n)],
+                    "diffs": json.dumps([{"after": {"name": f"Bulk {i}"}} for i in range(n)])})
+                await conn.execute(insert(AUDIT_EVENTS).values(  # a single row between two bulk ones
+                    tenant_id=tenant.id, id=uuid.uuid4(), action="update", entity_type="Company",
+                    entity_id=uuid.uuid4(), diff={"after": {"name": "Single"}}))
+        with pytest.raises(DBAPIError, match="links rows being inserted"):
+            async with databases.tenant_transaction(tenant.id) as conn:
+                await conn.execute(text("SELECT atrium_audit_link(e) FROM audit_events e LIMIT 1"))
+    finally:
+        await databases.dispose()
+    found = await verify(admin_engine, tenant)
+    assert found.ok and (found.last_seq, found.head_seq, found.checked) == (9, 9, 9), found.broken
+    assert (await verify(admin_engine, other)).checked == 0
 
 
 async def test_the_migration_chains_the_events_written_before_it(server_url: str) -> None:

@@ -445,16 +445,16 @@ async def test_a_batch_of_creates_costs_the_same_statements_whatever_its_size(
         stage = await stage_of(client, token)
         company = await create_company(client, token)
         sent: list[list[str]] = []
-        for n in (5, 200):
+        for n in (5, 5, 200):  # the first also looks up the array types the set-based insert sends (asyncpg)
             with wired.state.wire.recording() as statements:
                 data_or_fail(await gql(client, CREATE, {"input": deal_inputs(
                     stage, n, companyId=company["id"], ownerId=gid("User", world.users[Role.ADMIN]))},
                     token=token))
             sent.append(statements)
-    small, large = sent
+    _, small, large = sent
     assert len(small) == len(large), collections.Counter(s[:60] for s in large)
     assert sum("INSERT INTO deals" in s for s in large) == 1, large
-    assert sum("INSERT INTO audit_events" in s for s in large) == 1, large
+    assert sum("atrium_audit_append" in s for s in large) == 1, large  # the audit rows, chained in one call
     assert sum("FROM webhook_endpoints" in s for s in large) == 1, large  # the outbox: one look-up per change
     assert sum("FROM custom_field_definitions" in s for s in large) == 1, large  # custom fields: one look-up
     assert len(large) <= 19, "\n".join(s[:70] for s in large)

@@ -89,6 +89,16 @@ async def test_events_reach_their_channels_only(broker: Broker) -> None:
         assert other_tenant.empty()
 
 
+async def test_publish_many_delivers_each_event_in_order(broker: Broker) -> None:
+    """A bulk change's events (an import chunk) go out together and arrive one by one, in order."""
+    tenant = uuid.uuid4()
+    async with broker.subscribe(type_channel(tenant, "Deal")) as by_type:
+        events = [event(tenant, record=uuid.uuid4()) for _ in range(5)]
+        await broker.publish_many(events)
+        assert [await get(by_type) for _ in events] == events
+        assert broker.stats.published == 5
+
+
 async def test_one_backend_subscription_per_channel(broker: Broker, request: pytest.FixtureRequest) -> None:
     tenant, record = uuid.uuid4(), uuid.uuid4()
     channel = record_channel(tenant, record)

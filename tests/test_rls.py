@@ -36,6 +36,7 @@ from models.tables import (
     DATABASE_WRITTEN_TABLES,
     DEALS,
     EXPORT_JOBS,
+    IMPORT_JOBS,
     MEMBERSHIPS,
     TENANT_TABLES,
     TENANTS,
@@ -77,6 +78,8 @@ class Seeded:
     """A product and a line item of the tenant's deal (``product``, ``line``), made through the API."""
     export_job: uuid.UUID = field(default_factory=uuid.uuid4)
     """The id of the tenant's export job (planted by ``seeded_pair``), which its export chunk names."""
+    import_job: uuid.UUID = field(default_factory=uuid.uuid4)
+    """The id of the tenant's import job (planted by ``seeded_pair``), which its file and error name."""
 
     def key(self, entity: str) -> uuid.UUID:
         if entity in self.products:
@@ -133,6 +136,8 @@ async def seeded_pair(make_tenant: MakeTenant, client: httpx.AsyncClient,
                     row = rows[table.name]
                     if table is EXPORT_JOBS:
                         row = {**row, "id": tenant.export_job}
+                    if table is IMPORT_JOBS:
+                        row = {**row, "id": tenant.import_job}
                     await conn.execute(insert(table).values(row))
     return pair
 
@@ -246,6 +251,11 @@ def rows_for(tenant: Seeded, stranger: uuid.UUID) -> dict[str, dict[str, Any]]:
                                "keep_days": 30},
         "field_rules": {"tenant_id": t, "id": uuid.uuid4(), "record_type": "Deal",
                         "field": f"planted-{uuid.uuid4().hex[:8]}", "hidden_from": ["viewer"]},
+        "import_jobs": {"tenant_id": t, "id": uuid.uuid4(), "requested_by": tenant.world.users[Role.OWNER],
+                        "record_type": "companies", "mapping": {"name": "name"}, "state": "failed"},
+        "import_files": {"tenant_id": t, "id": uuid.uuid4(), "job_id": tenant.import_job, "content": b"name\n"},
+        "import_errors": {"tenant_id": t, "id": uuid.uuid4(), "job_id": tenant.import_job, "row_number": 1,
+                          "code": "BAD_USER_INPUT", "message": "planted"},
         "idempotency_keys": {"tenant_id": t, "id": uuid.uuid4(), "principal": f"user:{stranger}",
                              "key": uuid.uuid4().hex, "fingerprint": "0" * 64, "status": 200, "body": "{}",
                              "expires_at": dt.datetime.now(dt.UTC) + dt.timedelta(days=1)},
@@ -684,12 +694,15 @@ async def test_nothing_the_app_role_can_read_sidesteps_rls(admin_engine: AsyncEn
     # The audit functions act only on the transaction's tenant: redaction of its events (an erasure),
     # the trim its own retention policy allows; retention_due lists policies and trash retentions,
     # abandoned_exports the ids of jobs whose lease expired, dedicated_tenants the ids of tenants on a
-    # database of their own, webhook_backlog two numbers over every tenant (no tenant data).
+    # database of their own, webhook_backlog two numbers over every tenant, import_jobs_due the ids of
+    # unfinished imports (no tenant data); audit_append and audit_link chain the tenant's own events.
     assert sorted(d.proname for d in definers) == ["atrium_abandoned_exports", "atrium_api_key",
                                                    "atrium_apq_get", "atrium_apq_put",
+                                                   "atrium_audit_append", "atrium_audit_link",
                                                    "atrium_audit_redact", "atrium_audit_trim",
                                                    "atrium_dedicated_tenants",
-                                                   "atrium_ensure_user", "atrium_login_candidates",
+                                                   "atrium_ensure_user", "atrium_import_jobs_due",
+                                                   "atrium_login_candidates",
                                                    "atrium_retention_due", "atrium_webhook_backlog",
                                                    "atrium_webhook_due",
                                                    "atrium_webhook_next_due"]

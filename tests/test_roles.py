@@ -262,6 +262,8 @@ RULES = [
     Rule("removeMember", """mutation($u: ID!) { removeMember(userId: $u) { deletedId } }""",
          lambda s: {"u": s.user(Role.VIEWER)}, Role.ADMIN),
     Rule("exportTenant", """mutation { exportTenant { id status } }""", lambda s: {}, Role.OWNER),
+    Rule("startImport", """mutation { startImport(type: COMPANIES, csv: "name\\nImported\\n") { id } }""",
+         lambda s: {}, Role.MEMBER),
     Rule("eraseContact", """mutation($id: ID!) { eraseContact(id: $id) { contactId } }""",
          lambda s: {"id": s.contact}, Role.OWNER),
     Rule("setRetentionPolicy", """mutation { setRetentionPolicy(target: "activities", keepDays: 365) { keepDays } }""",

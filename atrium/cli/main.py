@@ -1,4 +1,4 @@
-"""The ``atrium`` command: serve, migrate, tenant, user, token, seed-demo, trash, export-schema, schema, db
+"""The ``atrium`` command: serve, migrate, tenant, user, token, seed-demo, trash, import, export-schema, schema, db
 (and the partner and webhook commands: apikey, persisted, webhooks, worker).
 
 Every command reads its settings first and reaches its database before doing anything else: a bad
@@ -24,6 +24,7 @@ from pathlib import Path
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from atrium.cli import importing
 from atrium.observability.logs import uvicorn_log_config
 from atrium.ops.admin import (
     add_user,
@@ -247,6 +248,11 @@ async def cmd_trash(args: argparse.Namespace) -> int:
     return 0
 
 
+async def cmd_import(args: argparse.Namespace) -> int:
+    """``atrium import FILE --tenant SLUG --type TYPE`` (``atrium.cli.importing``)."""
+    return await importing.run(args, await _settings(args))
+
+
 async def cmd_seed_demo(args: argparse.Namespace) -> int:
     from atrium.ops.demo import seed_demo
 
@@ -463,6 +469,7 @@ def parser() -> argparse.ArgumentParser:
     rr = rsub.add_parser("run")
     rr.add_argument("--tenant", help="only this tenant")
 
+    importing.add_parser(sub)
     partner_cli.add_parsers(sub)
     webhook_cli.add_parsers(sub)
     return p
@@ -475,7 +482,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser().error("--deals must be between 1 and 100000")
     handlers = {"migrate": cmd_migrate, "tenant": cmd_tenant, "user": cmd_user, "token": cmd_token,
                 "seed-demo": cmd_seed_demo, "audit": cmd_audit, "retention": cmd_retention,
-                "trash": cmd_trash,
+                "trash": cmd_trash, "import": cmd_import,
                 **dict.fromkeys(partner_cli.COMMANDS, partner_cli.run),
                 **dict.fromkeys(webhook_cli.COMMANDS, webhook_cli.run)}
     try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -27,6 +28,8 @@ from partners.documents import ApqStore, apq_store
 from partners.keys import ApiKeys
 from partners.manifests import TrustedDocuments
 from planner.answers import AnswerCache
+from resolvers.csv_import import due as due_imports
+from resolvers.csv_import import run_import
 from subscriptions.broker import Broker, RedisBroker, create_broker
 from webhooks.dispatcher import ERROR_KINDS, OUTCOMES, Dispatcher
 from webhooks.outbox import backlog
@@ -113,6 +116,34 @@ class Runtime:
         self.schedule.spawn(self.leases.run(), name="job leases")
         if self.settings.retention_interval_seconds > 0:
             self.schedule.spawn(self._retention_schedule(self.clock.time()), name="retention")
+        self.schedule.spawn(self._import_resumer(), name="import resumer")
+
+    async def _import_resumer(self) -> None:
+        """Resume the CSV imports no process is running (``resolvers.csv_import``): at start, then every
+        ``import_resume_interval_seconds``. Each look is background work (``tasks``, which
+        ``tasks.idle()`` waits for); a job another process holds is skipped by ``run_import``."""
+        interval = self.settings.import_resume_interval_seconds
+        running: set[uuid.UUID] = set()
+        while True:
+            self.tasks.spawn(self._resume_due(running), name="import resumer")
+            if interval <= 0:
+                return
+            await self.clock.sleep_until(self.clock.time() + interval)
+
+    async def _resume_due(self, running: set[uuid.UUID]) -> None:
+        try:
+            for tenant_id, job_id in await due_imports(self.databases):
+                if job_id not in running:
+                    running.add(job_id)
+                    self.tasks.spawn(self._resume(tenant_id, job_id, running), name=f"import {job_id}")
+        except (TimeoutError, OSError, SQLAlchemyError) as exc:
+            log.warning("looking for import jobs to resume failed (%s)", exc)
+
+    async def _resume(self, tenant_id: uuid.UUID, job_id: uuid.UUID, running: set[uuid.UUID]) -> None:
+        try:
+            await run_import(self.databases, self.broker, tenant_id, job_id)
+        finally:
+            running.discard(job_id)
 
     async def _retention_schedule(self, started: float) -> None:
         """Apply the tenants' retention policies every ``retention_interval_seconds`` (the first time

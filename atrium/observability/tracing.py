@@ -43,7 +43,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -283,6 +283,16 @@ class TracedBroker:
         with self.tracing.tracer.start_as_current_span("broker publish", kind=SpanKind.PRODUCER,
                                                        attributes=attributes):
             await self.broker.publish(event)
+
+    async def publish_many(self, events: Sequence[Event]) -> None:
+        if len(events) == 1:  # one span describing the event, as a single publish has
+            await self.publish(events[0])
+            return
+        attributes: dict[str, Any] = {"messaging.operation.type": "send", "messaging.system": self.system,
+                                      "messaging.batch.message_count": len(events)}
+        with self.tracing.tracer.start_as_current_span("broker publish", kind=SpanKind.PRODUCER,
+                                                       attributes=attributes):
+            await self.broker.publish_many(events)
 
     @property
     def system(self) -> str:

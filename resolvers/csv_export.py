@@ -1,0 +1,135 @@
+"""CSV export of any filtered list: the rows of a record's connection, streamed (``GET /csv/<plural>``).
+
+The filter is the connection's own (``<Type>Filter``, the same field names and the same checks:
+``Record.bind_filters``), given as JSON; the rows are the connection's query (``Record.filtered``:
+the tenant's rows outside the trash) in the record's default order, read in the tenant's
+transaction (row-level security applies as a backstop) through a server-side cursor, ``BATCH``
+rows at a time, so memory stays constant whatever the list's size. The columns are derived from
+the declaration: ``id``, every declared field (references as global IDs, as the API shows them),
+``createdAt`` and ``updatedAt``; the CSV is written by Python's ``csv`` module.
+"""
+
+from __future__ import annotations
+
+import csv
+import enum
+import io
+import json
+import uuid
+from collections.abc import AsyncIterator, Mapping
+from typing import Any, get_args, get_origin
+
+from graphql import GraphQLError
+
+from core.errors import BadUserInput
+from models.db import Databases
+from records.crm import RECORDS
+from records.declare import Direction, Record, camel
+from resolvers.writes import public_record
+from schema.values import SCALARS
+
+EXPORTABLE: dict[str, Record] = {record.plural: record for record in RECORDS
+                                 if record.root.listing.value == "connection"}
+"""Every record with a connection field, by its plural (what ``/csv/<plural>`` takes)."""
+BATCH = 500
+MAX_FILTER = 10_000
+"""Characters of the ``filter`` JSON."""
+
+
+def record_for(plural: str) -> Record:
+    record = EXPORTABLE.get(plural)
+    if record is None:
+        raise BadUserInput("type", f"must be one of {', '.join(EXPORTABLE)}")
+    return record
+
+
+def input_value(annotation: Any, name: str, value: Any) -> Any:
+    """A JSON value as the GraphQL input value of ``annotation`` (what Strawberry would hand a resolver)."""
+    if value is None:
+        return None
+    if get_origin(annotation) is list:
+        if not isinstance(value, list):
+            raise BadUserInput(name, "must be a list")
+        (item,) = get_args(annotation)
+        return [input_value(item, f"{name}.{i}", v) for i, v in enumerate(value)]
+    scalar = SCALARS.get(annotation)
+    if scalar is not None and scalar.parse_value is not None:
+        try:
+            return scalar.parse_value(value)
+        except GraphQLError as error:
+            raise BadUserInput(name, error.message) from None
+    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+        for member in annotation:
+            if value == member.name:
+                return member
+        raise BadUserInput(name, f"must be one of {', '.join(m.name for m in annotation)}")
+    expected = {int: int, bool: bool}.get(annotation, str)
+    if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+        raise BadUserInput(name, f"must be a {'number' if expected is int else expected.__name__}")
+    return value
+
+
+def filter_of(record: Record, text: str | None) -> dict[str, Any]:
+    """The connection filter given as JSON (GraphQL names), as the resolvers get it (Python names)."""
+    if not text:
+        return {}
+    if len(text) > MAX_FILTER:
+        raise BadUserInput("filter", f"must be at most {MAX_FILTER} characters")
+    try:
+        given = json.loads(text)
+    except ValueError:
+        raise BadUserInput("filter", "must be a JSON object") from None
+    if not isinstance(given, dict):
+        raise BadUserInput("filter", "must be a JSON object")
+    fields = {camel(f.python_name): f for f in record.filter_fields()}
+    out: dict[str, Any] = {}
+    for name, value in given.items():
+        f = fields.get(name)
+        if f is None:
+            raise BadUserInput(f"filter.{name}", f"is not a filter of {record.plural_label}; "
+                                                 f"one of {', '.join(fields)}")
+        out[f.python_name] = input_value(f.annotation, f"filter.{name}", value)
+    record.bind_filters(out)  # every value checked by its rule before anything is sent
+    return out
+
+
+def columns_of(record: Record) -> list[str]:
+    return ["id", *(f.column for f in record.fields), "created_at", "updated_at"]
+
+
+def cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, dict | list):
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+async def csv_rows(databases: Databases, tenant_id: uuid.UUID, record: Record,
+                   filters: Mapping[str, Any]) -> AsyncIterator[bytes]:
+    """The CSV text of the filtered list, header first, ``BATCH`` rows per piece."""
+    columns = columns_of(record)
+    query = record.listing_query(tenant_id, filters)
+    sort = {s.name: s for s in record.sorts}.get(record.default_sort or "")
+    t = record.table
+    if sort is not None:
+        key = sort.key(t).expression
+        descending = record.default_direction is Direction.DESC
+        query = query.order_by(key.desc() if descending else key.asc(), t.c.id.desc() if descending else t.c.id)
+    else:
+        query = query.order_by(t.c.id)
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow([camel(c) for c in columns])
+    yield out.getvalue().encode()
+    async with databases.tenant_transaction(tenant_id) as conn:
+        result = await conn.stream(query.execution_options(yield_per=BATCH))
+        async for batch in result.partitions(BATCH):
+            out = io.StringIO()
+            writer = csv.writer(out)
+            for row in batch:
+                shown = public_record(record, {c: row._mapping[c] for c in columns})
+                writer.writerow([cell(shown[camel(c)]) for c in columns])
+            yield out.getvalue().encode()

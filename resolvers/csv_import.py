@@ -1,0 +1,640 @@
+"""Bulk CSV import: a file becomes records of one declared type, in a background job that survives restarts.
+
+What is imported is derived from the declarations (``records.crm``): any record the API creates
+without a parent argument (``Record.importable``) can be imported, each CSV column going to a field
+named as the API names it (``amount``, ``stageId``; the column name ``stage_id`` works too). A
+mapping target is resolved through the declaration by ``target`` alone, so a new kind of target (a
+tenant's custom field, ``custom.<key>``) is one more case there. A cell goes through the same parse
+function as a GraphQL value of its type (``schema.values.SCALARS``) and then the field's rule, so
+a CSV cell and a GraphQL argument meet the same checks and the same messages. An empty cell is a
+value not given.
+
+Rows are deduplicated by the record's ``import_by`` column (contacts by email, case-insensitively;
+companies by domain; anything with an ``external_id`` by it): a row matching a record of the tenant
+(not in the trash) updates it with the cells given, any other row creates one. Repeats of a key in
+one file apply in file order (the later row updates what the earlier one created).
+
+Writes go through the one write path: creates through ``resolvers.batch.create_many`` (set-based,
+an audit row and a change event per record), updates through ``Change.update``; each chunk of rows
+is one transaction (``resolvers.writes.work_change``: webhook deliveries in the outbox, events
+published after the commit) that also records the chunk's row errors and advances the job's
+checkpoint (``processed``). A resumed job starts after the last committed chunk, so nothing is
+written twice. A row that fails is reported (row number, column, field, code, message) and the
+others go on: values are checked per row first, references once per chunk and relation, and a
+row the write path still refuses (a unique value taken meanwhile) is taken out and the rest of
+the chunk written again. A dry run does everything inside a savepoint it rolls back.
+
+A job runs in the process holding its session-level advisory lock (``run_import``): the one that
+accepted it, or after a restart or a crash (the lock goes with the connection) whichever server's
+resumer (``resume_due``) claims it first.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import enum
+import io
+import logging
+import uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from graphql import GraphQLError
+from sqlalchemy import Row, any_, bindparam, func, insert, select, text, update
+from sqlalchemy.dialects.postgresql import ARRAY, UUID
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from auth.principal import Principal
+from auth.roles import allows
+from core.errors import AtriumError, BadUserInput, ErrorCode, Forbidden, NotFound
+from models.db import Databases
+from models.outages import is_outage
+from models.tables import IMPORT_ERRORS, IMPORT_FILES, IMPORT_JOBS, MEMBERSHIPS, Role
+from records.crm import RECORDS
+from records.declare import Create, Record, camel
+from records.declare import Field as RecordField
+from records.rules import Email
+from resolvers.batch import create_many, lock_keys
+from resolvers.writes import Change, work_change
+from schema.imports import JOB_TYPE
+from schema.values import SCALARS
+from subscriptions.broker import Broker
+from subscriptions.events import ChangeEvent, ChangeKind
+
+log = logging.getLogger("atrium.imports")
+
+IMPORTABLE: dict[str, Record] = {record.plural: record for record in RECORDS if record.importable}
+"""Every record type a CSV import can create, by its plural (``deals``, ``deal_line_items``)."""
+MAX_FILE_BYTES = 64 << 20
+"""The largest CSV an import takes (the upload endpoint reads at most this much)."""
+CHUNK = 1000
+"""Rows per transaction (and per checkpoint)."""
+ENDED = ("done", "failed")
+TRUE = {"true", "t", "yes", "y", "1"}
+FALSE = {"false", "f", "no", "n", "0"}
+
+
+class BadCsv(BadUserInput):
+    """A file or mapping an import cannot start from: BAD_USER_INPUT naming ``field``, with a stable
+    ``extensions.reason`` (``NOT_UTF8``, ``MISSING_HEADER``, ``DUPLICATE_HEADER``, ``MALFORMED``,
+    ``TOO_LARGE``, ``UNKNOWN_TYPE``, ``UNKNOWN_COLUMN``, ``UNKNOWN_FIELD``, ``DUPLICATE_TARGET``)."""
+
+    def __init__(self, field: str, reason: str, message: str) -> None:
+        super().__init__(field, message)
+        self.extra["reason"] = reason
+
+
+def record_for(type_name: str) -> Record:
+    """The importable record named by its plural; UNKNOWN_TYPE otherwise."""
+    record = IMPORTABLE.get(type_name)
+    if record is None:
+        raise BadCsv("type", "UNKNOWN_TYPE", f"must be one of {', '.join(IMPORTABLE)}")
+    return record
+
+
+# ---- cells and targets ------------------------------------------------------------------------------
+
+def parse_cell(annotation: Any, name: str, text: str) -> Any:
+    """A cell's text as the GraphQL input value of ``annotation`` (the field's rule checks it next)."""
+    scalar = SCALARS.get(annotation)
+    if scalar is not None:
+        parse = scalar.parse_value
+        assert parse is not None
+        try:
+            return parse(text.strip())
+        except GraphQLError as error:
+            raise BadUserInput(name, error.message) from None
+    if annotation is int:
+        try:
+            return int(text.strip())
+        except ValueError:
+            raise BadUserInput(name, "must be a whole number") from None
+    if annotation is bool:
+        word = text.strip().lower()
+        if word in TRUE or word in FALSE:
+            return word in TRUE
+        raise BadUserInput(name, "must be true or false")
+    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+        word = text.strip()
+        for member in annotation:
+            if word.upper() == member.name or word == member.value:
+                return member
+        raise BadUserInput(name, f"must be one of {', '.join(m.name for m in annotation)}")
+    return text
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where a CSV column goes: one declared field (``target`` resolves names to targets)."""
+
+    name: str
+    """The field as the API names it (``stageId``): what errors name."""
+    field: RecordField
+
+    @property
+    def column(self) -> str:
+        return self.field.column
+
+    def value(self, text: str) -> Any:
+        """The column value of a non-empty cell: parsed as the field's GraphQL type, then its rule."""
+        return self.field.rule(self.name, parse_cell(self.field.rule.annotation, self.name, text))
+
+
+def writable(field: RecordField) -> bool:
+    return field.create is not Create.NEVER or field.update
+
+
+def target(record: Record, name: str, header: str) -> Target:
+    """The target a mapping names: a declared field the API writes, by its API name or its column
+    name (UNKNOWN_FIELD otherwise). The one place mapping targets are resolved: a custom field
+    (``custom.<key>``, the tenant's definitions) becomes one more case here."""
+    wanted = name.strip()
+    for f in record.fields:
+        if writable(f) and wanted in (f.name, f.column):
+            return Target(f.name, f)
+    names = ", ".join(f.name for f in record.fields if writable(f))
+    raise BadCsv(f"mapping.{header}", "UNKNOWN_FIELD", f"{wanted!r} is not a field of {record.plural_label}; "
+                                                      f"one of {names}")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How one file's columns map to one record's fields."""
+
+    record: Record
+    header: tuple[str, ...]
+    columns: tuple[tuple[int, str, Target], ...]
+    """(position in the row, CSV header, target) of every mapped column."""
+
+    @property
+    def key(self) -> str | None:
+        """The dedupe column, when a CSV column maps to it."""
+        key = self.record.import_by
+        return key if any(t.column == key for _, _, t in self.columns) else None
+
+    def header_of(self, field_name: str | None) -> str | None:
+        return next((h for _, h, t in self.columns if t.name == field_name), None)
+
+    def mapping(self) -> dict[str, str]:
+        return {h: t.name for _, h, t in self.columns}
+
+
+def plan_for(record: Record, header: Sequence[str], mapping: Mapping[str, str | None] | None) -> Plan:
+    """The plan of a file with ``header``: each column mapped as ``mapping`` says (header -> field;
+    an empty target leaves the column out), the others to the field of their own name when there
+    is one (left out otherwise). Coded BAD_USER_INPUT for a mapping naming a column the file does not
+    have, a target that is no field, or two columns for one field."""
+    given = dict(mapping or {})
+    for name in given:
+        if name not in header:
+            raise BadCsv(f"mapping.{name}", "UNKNOWN_COLUMN", f"the file has no column {name!r}")
+    columns: list[tuple[int, str, Target]] = []
+    for position, name in enumerate(header):
+        if name in given:
+            wanted = given[name]
+            if not wanted:
+                continue
+            columns.append((position, name, target(record, wanted, name)))
+            continue
+        try:
+            columns.append((position, name, target(record, name, name)))
+        except BadCsv:
+            continue  # a column of no field of its own name is left out unless mapped
+    used: dict[str, str] = {}
+    for _, name, t in columns:
+        if t.name in used:
+            raise BadCsv(f"mapping.{name}", "DUPLICATE_TARGET", f"{t.name} is also the target of {used[t.name]!r}")
+        used[t.name] = name
+    return Plan(record, tuple(header), tuple(columns))
+
+
+# ---- the file ---------------------------------------------------------------------------------------
+
+def decoded(content: bytes) -> str:
+    if len(content) > MAX_FILE_BYTES:
+        raise BadCsv("file", "TOO_LARGE", f"must be at most {MAX_FILE_BYTES} bytes")
+    try:
+        return content.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise BadCsv("file", "NOT_UTF8", f"is not UTF-8 text (byte {error.start} is not)") from None
+
+
+def rows_of(content: bytes) -> tuple[list[str], Iterator[tuple[int, list[str]]]]:
+    """The header and the data rows (row number from 1, blank lines skipped) of a CSV file."""
+    reader = csv.reader(io.StringIO(decoded(content), newline=""), strict=True)
+    try:
+        header = next(reader, None)
+    except csv.Error as error:
+        raise BadCsv("file", "MALFORMED", f"line {reader.line_num}: {error}") from None
+    if header is None or not any(h.strip() for h in header):
+        raise BadCsv("file", "MISSING_HEADER", "must start with a header row naming the columns")
+    header = [h.strip() for h in header]
+    if "" in header:
+        raise BadCsv("file", "MISSING_HEADER", f"column {header.index('') + 1} of the header row has no name")
+    if len(set(header)) != len(header):
+        repeated = next(h for h in header if header.count(h) > 1)
+        raise BadCsv("file", "DUPLICATE_HEADER", f"the header names column {repeated!r} twice")
+
+    def data() -> Iterator[tuple[int, list[str]]]:
+        number = 0
+        try:
+            for row in reader:
+                if not row or not any(cell.strip() for cell in row):
+                    continue
+                number += 1
+                yield number, row
+        except csv.Error as error:
+            raise BadCsv("file", "MALFORMED", f"line {reader.line_num}: {error}") from None
+
+    return header, data()
+
+
+@dataclass(frozen=True)
+class Checked:
+    """A file accepted for import: its plan and its number of data rows."""
+
+    plan: Plan
+    total: int
+
+
+def check_file(record: Record, content: bytes, mapping: Mapping[str, str | None] | None) -> Checked:
+    """Read the whole file once (coded errors for anything that stops it), count its rows."""
+    header, data = rows_of(content)
+    plan = plan_for(record, header, mapping)
+    total = sum(1 for _ in data)
+    return Checked(plan, total)
+
+
+# ---- one chunk ----------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RowError:
+    row: int
+    column: str | None
+    field: str | None
+    code: str
+    message: str
+
+
+@dataclass
+class Outcome:
+    created: int = 0
+    updated: int = 0
+    errors: list[RowError] = field(default_factory=list)
+
+
+@dataclass
+class Parsed:
+    row: int
+    values: dict[str, Any]
+
+
+def key_of(record: Record, column: str, value: Any) -> Any:
+    """A dedupe key as compared: e-mail addresses case-insensitively."""
+    return value.lower() if isinstance(value, str) and isinstance(record.field(column).rule, Email) else value
+
+
+class Chunk:
+    """Importing one chunk of rows inside one ``Change`` (module docstring)."""
+
+    def __init__(self, w: Change, plan: Plan) -> None:
+        self.w, self.plan, self.record = w, plan, plan.record
+        self.outcome = Outcome()
+
+    def fail(self, row: int, error: AtriumError, index: int | None = None) -> None:
+        name = error.field
+        if name is not None and index is not None and name.startswith(f"input.{index}."):
+            name = name[len(f"input.{index}."):]
+        self.outcome.errors.append(RowError(row, self.plan.header_of(name), name, error.code.value, error.message))
+
+    def parse(self, rows: Sequence[tuple[int, list[str]]]) -> list[Parsed]:
+        out: list[Parsed] = []
+        width = len(self.plan.header)
+        for number, cells in rows:
+            if len(cells) > width:
+                self.outcome.errors.append(RowError(number, None, None, ErrorCode.BAD_USER_INPUT.value,
+                                                    f"the row has {len(cells)} cells, the header {width}"))
+                continue
+            values: dict[str, Any] = {}
+            good = True
+            for position, _, t in self.plan.columns:
+                cell = cells[position] if position < len(cells) else ""
+                if not cell.strip():
+                    continue
+                try:
+                    values[t.column] = t.value(cell)
+                except AtriumError as error:
+                    self.fail(number, error)
+                    good = False
+            if good:
+                out.append(Parsed(number, values))
+        return out
+
+    async def run(self, rows: Sequence[tuple[int, list[str]]]) -> Outcome:
+        parsed = self.parse(rows)
+        key = self.plan.key
+        rounds: list[list[Parsed]] = []
+        seen: dict[Any, int] = {}
+        for p in parsed:
+            k = key_of(self.record, key, p.values.get(key)) if key is not None else None
+            n = seen.get(k, 0) if k is not None else 0
+            if k is not None:
+                seen[k] = n + 1
+            if n == len(rounds):
+                rounds.append([])
+            rounds[n].append(p)
+        for group in rounds:
+            await self.write(group, key)
+        self.outcome.errors.sort(key=lambda e: e.row)
+        return self.outcome
+
+    async def existing(self, group: list[Parsed], key: str | None) -> dict[Any, Row[Any]]:
+        """The tenant's records (outside the trash) matching the group's keys, locked; the oldest per key."""
+        if key is None:
+            return {}
+        wanted = list({key_of(self.record, key, p.values[key]) for p in group if p.values.get(key) is not None})
+        if not wanted:
+            return {}
+        t = self.record.table
+        await lock_keys(self.w, f"{self.record.name}:{key}", [str(k) for k in wanted])
+        column = func.lower(t.c[key]) if isinstance(self.record.field(key).rule, Email) else t.c[key]
+        found: dict[Any, Row[Any]] = {}
+        for row in (await self.w.conn.execute(
+                select(t).where(t.c.tenant_id == self.w.tenant_id, *self.record.visible(t),
+                                column == any_(bindparam("keys", type_=ARRAY(t.c[key].type))))
+                .order_by(t.c.created_at, t.c.id).with_for_update(), {"keys": wanted})).all():
+            found.setdefault(key_of(self.record, key, row._mapping[key]), row)
+        return found
+
+    async def write(self, group: list[Parsed], key: str | None) -> None:
+        record = self.record
+        found = await self.existing(group, key)
+        creates: list[tuple[Parsed, dict[str, Any]]] = []
+        updates: list[tuple[Parsed, Row[Any], dict[str, Any]]] = []
+        for p in group:
+            current = found.get(key_of(record, key, p.values.get(key))) if key is not None else None
+            try:
+                if current is None:
+                    creates.append((p, self.create_values(p)))
+                else:
+                    updates.append((p, current, self.patch_values(p, current)))
+            except AtriumError as error:
+                self.fail(p.row, error)
+        creates = await self.references(creates)
+        await self.create(creates)
+        for p, current, patch in updates:
+            await self.update(p.row, current.id, patch)
+
+    def create_values(self, p: Parsed) -> dict[str, Any]:
+        values: dict[str, Any] = {}
+        for f in self.record.fields:
+            if f.create is Create.NEVER:
+                continue
+            value = p.values.get(f.column)
+            if value is None and f.create is Create.REQUIRED:
+                raise BadUserInput(f.name, f"is required to create a {self.record.label}")
+            values[f.column] = value if value is not None else f.default
+        self.record.check(values)
+        return values
+
+    def patch_values(self, p: Parsed, current: Row[Any]) -> dict[str, Any]:
+        patch: dict[str, Any] = {}
+        for column, value in p.values.items():
+            f = self.record.field(column)
+            if f.update:
+                patch[column] = value
+            elif value != current._mapping[column]:
+                raise BadUserInput(f.name, f"cannot be changed once the {self.record.label} exists")
+        return patch
+
+    async def references(self, creates: list[tuple[Parsed, dict[str, Any]]]) -> list[tuple[Parsed, dict[str, Any]]]:
+        """Creates whose every reference names a record of the tenant (one statement per relation);
+        the others reported NOT_FOUND (or BAD_USER_INPUT when the target may not be referenced)."""
+        bad: set[int] = set()
+        for relation in self.record.relations:
+            wanted = {v[relation.key] for _, v in creates if isinstance(v.get(relation.key), uuid.UUID)}
+            if not wanted:
+                continue
+            target_record = relation.target()
+            query = target_record.query.where(
+                target_record.key == any_(bindparam("keys", type_=ARRAY(UUID(as_uuid=True)))))
+            rows = {row._mapping[target_record.key]: row for row in (await self.w.conn.execute(
+                query, {"tenant_id": self.w.tenant_id, "keys": list(wanted)})).all()}
+            name = camel(relation.key)
+            for p, values in creates:
+                value = values.get(relation.key)
+                if not isinstance(value, uuid.UUID) or p.row in bad:
+                    continue
+                row = rows.get(value)
+                if row is None:
+                    self.fail(p.row, NotFound(target_record.label, value, field=name))
+                    bad.add(p.row)
+                elif relation.requires is not None and row._mapping[relation.requires[0]] != relation.requires[1]:
+                    self.fail(p.row, BadUserInput(name, relation.requires[2]))
+                    bad.add(p.row)
+        return [(p, v) for p, v in creates if p.row not in bad]
+
+    async def create(self, creates: list[tuple[Parsed, dict[str, Any]]]) -> None:
+        """``create_many`` of the creates; a record it refuses is reported and the rest written again."""
+        while creates:
+            w = self.w
+            mark = len(w.events)
+            try:
+                async with w.conn.begin_nested():
+                    await create_many(w, self.record, [dict(values) for _, values in creates])
+            except AtriumError as error:
+                del w.events[mark:], w.rows[mark:]
+                index = error.extra.get("index")
+                if not isinstance(index, int):
+                    for p, _ in creates:
+                        self.fail(p.row, error)
+                    return
+                self.fail(creates[index][0].row, error, index)
+                del creates[index]
+                continue
+            self.outcome.created += len(creates)
+            return
+
+    async def update(self, row: int, id: uuid.UUID, patch: dict[str, Any]) -> None:
+        """``Change.update`` of one matched record, in a savepoint: a refusal is that row's error."""
+        w = self.w
+        mark = len(w.events)
+        try:
+            async with w.conn.begin_nested():
+                await w.update(self.record, id, patch, None)
+        except AtriumError as error:
+            del w.events[mark:], w.rows[mark:]
+            self.fail(row, error)
+        else:
+            self.outcome.updated += 1
+
+
+async def import_chunk(w: Change, plan: Plan, rows: Sequence[tuple[int, list[str]]], *,
+                       dry_run: bool = False) -> Outcome:
+    """Import ``rows`` through ``w`` (module docstring); a dry run writes nothing of them."""
+    chunk = Chunk(w, plan)
+    if not dry_run:
+        return await chunk.run(rows)
+    savepoint = await w.conn.begin_nested()
+    try:
+        return await chunk.run(rows)
+    finally:
+        await savepoint.rollback()
+        w.events.clear()
+        w.rows.clear()
+
+
+# ---- jobs ---------------------------------------------------------------------------------------------
+
+J = IMPORT_JOBS
+
+
+async def create_job(conn: AsyncConnection, tenant_id: uuid.UUID, user_id: uuid.UUID | None, record: Record,
+                     content: bytes, checked: Checked, *, dry_run: bool) -> Row[Any]:
+    """The job row and its stored file (inside the caller's tenant transaction)."""
+    job_id = uuid.uuid4()
+    row = (await conn.execute(insert(J).values(
+        tenant_id=tenant_id, id=job_id, requested_by=user_id, record_type=record.plural,
+        mapping=checked.plan.mapping(), dry_run=dry_run, total=checked.total, file_bytes=len(content),
+    ).returning(J))).one()
+    assert isinstance(row, Row)
+    await conn.execute(insert(IMPORT_FILES).values(tenant_id=tenant_id, id=uuid.uuid4(), job_id=job_id,
+                                                   content=content))
+    return row
+
+
+def progress_event(tenant_id: uuid.UUID, job_id: uuid.UUID, processed: int) -> ChangeEvent:
+    """What ``importJobProgress`` subscribers wake up on (the job's own record channel)."""
+    now = dt.datetime.now(dt.UTC)
+    return ChangeEvent(tenant_id=tenant_id, entity_type=JOB_TYPE, entity_id=job_id, kind=ChangeKind.UPDATED,
+                       fields=("processed",), actor_id=None, version=processed, occurred_at=now, committed_at=now)
+
+
+LOCK = text("SELECT pg_try_advisory_lock(hashtextextended(:name, 0))")
+UNLOCK = text("SELECT pg_advisory_unlock(hashtextextended(:name, 0))")
+DUE = text("SELECT tenant_id, id FROM atrium_import_jobs_due()")
+
+
+Progress = Callable[[int, int], None]
+
+
+async def run_import(databases: Databases, broker: Broker, tenant_id: uuid.UUID, job_id: uuid.UUID, *,
+                     progress: Progress | None = None) -> bool:
+    """Run (or resume) job ``job_id`` to its end, if no other process is running it: False when
+    another one holds it. ``progress(processed, total)`` is called after each committed chunk."""
+    engine = await databases.engine_for(tenant_id)
+    name = f"atrium-import:{job_id}"
+    async with engine.connect() as holder:
+        claimed = (await holder.execute(LOCK, {"name": name})).scalar_one()
+        await holder.commit()
+        if not claimed:
+            return False
+        try:
+            await _run(databases, broker, tenant_id, job_id, progress)
+        finally:
+            await holder.execute(UNLOCK, {"name": name})
+            await holder.commit()
+    return True
+
+
+class Superseded(Exception):
+    """The job's checkpoint is not where this process left it (another one ran it meanwhile)."""
+
+
+async def _run(databases: Databases, broker: Broker, tenant_id: uuid.UUID, job_id: uuid.UUID,
+               progress: Progress | None) -> None:
+    async with databases.tenant_transaction(tenant_id) as conn:
+        job = (await conn.execute(select(J).where(J.c.tenant_id == tenant_id, J.c.id == job_id))).first()
+        if job is None or job.state in ENDED:
+            return
+        content = (await conn.execute(select(IMPORT_FILES.c.content).where(
+            IMPORT_FILES.c.tenant_id == tenant_id, IMPORT_FILES.c.job_id == job_id))).scalar_one()
+        role = (await conn.execute(select(MEMBERSHIPS.c.role).where(
+            MEMBERSHIPS.c.tenant_id == tenant_id, MEMBERSHIPS.c.user_id == job.requested_by))).scalar()
+        await conn.execute(update(J).where(J.c.tenant_id == tenant_id, J.c.id == job_id).values(
+            state="running", started_at=func.coalesce(J.c.started_at, func.now()), updated_at=func.now()))
+    try:
+        if role is None or job.requested_by is None:
+            raise BadUserInput("requestedBy", "the member who started this import is no longer a member")
+        record = record_for(job.record_type)
+        if not allows(Role(role), record.access.create):
+            raise Forbidden(f"the member who started this import may no longer create {record.plural_label}")
+        principal = Principal(tenant_id=tenant_id, user_id=job.requested_by, role=Role(role),
+                              expires_at=float("inf"))
+        header, data = rows_of(bytes(content))
+        plan = plan_for(record, header, job.mapping)
+        processed = job.processed
+        pending: list[tuple[int, list[str]]] = []
+        for number, row in data:
+            if number <= processed:
+                continue
+            pending.append((number, row))
+            if len(pending) == CHUNK:
+                processed = await _chunk(databases, broker, principal, job_id, plan, pending, processed, job.dry_run)
+                pending = []
+                if progress is not None:
+                    progress(processed, job.total)
+        if pending:
+            processed = await _chunk(databases, broker, principal, job_id, plan, pending, processed, job.dry_run)
+            if progress is not None:
+                progress(processed, job.total)
+        await _end(databases, broker, tenant_id, job_id, state="done")
+    except Superseded:
+        log.warning("import %s of tenant %s: its checkpoint moved on elsewhere; leaving it", job_id, tenant_id)
+    except Exception as error:
+        if is_outage(error):
+            # The database (or Redis) went away: the job stays RUNNING at its checkpoint, and a
+            # resumer takes it up again once this process's lock on it is gone.
+            log.warning("import %s of tenant %s interrupted by an outage", job_id, tenant_id)
+            raise
+        if isinstance(error, AtriumError):
+            await _end(databases, broker, tenant_id, job_id, state="failed", error=error.message)
+            return
+        log.exception("import %s of tenant %s failed", job_id, tenant_id)
+        await _end(databases, broker, tenant_id, job_id, state="failed",
+                   error="the import stopped on an internal error; the rows before it were imported")
+        raise
+
+
+async def _chunk(databases: Databases, broker: Broker, principal: Principal, job_id: uuid.UUID, plan: Plan,
+                 rows: list[tuple[int, list[str]]], processed: int, dry_run: bool) -> int:
+    """One chunk, its errors and the checkpoint in one transaction; the new checkpoint."""
+    tenant_id = principal.tenant_id
+    done = rows[-1][0]
+    async with work_change(databases, broker, principal, f"import:{job_id}") as w:
+        outcome = await import_chunk(w, plan, rows, dry_run=dry_run)
+        if outcome.errors:
+            await w.conn.execute(insert(IMPORT_ERRORS), [
+                {"tenant_id": tenant_id, "id": uuid.uuid4(), "job_id": job_id, "row_number": e.row,
+                 "column_name": e.column, "field": e.field, "code": e.code, "message": e.message}
+                for e in outcome.errors])
+        advanced = (await w.conn.execute(update(J).where(
+            J.c.tenant_id == tenant_id, J.c.id == job_id, J.c.processed == processed, J.c.state == "running")
+            .values(processed=done, created_count=J.c.created_count + outcome.created,
+                    updated_count=J.c.updated_count + outcome.updated,
+                    error_count=J.c.error_count + len({e.row for e in outcome.errors}), updated_at=func.now())
+            .returning(J.c.id))).first()
+        if advanced is None:
+            raise Superseded(f"import {job_id} moved on elsewhere")  # rolls the chunk back
+    await broker.publish(progress_event(tenant_id, job_id, done))
+    return done
+
+
+async def _end(databases: Databases, broker: Broker, tenant_id: uuid.UUID, job_id: uuid.UUID, *, state: str,
+               error: str | None = None) -> None:
+    async with databases.tenant_transaction(tenant_id) as conn:
+        await conn.execute(update(J).where(J.c.tenant_id == tenant_id, J.c.id == job_id).values(
+            state=state, error=error, finished_at=func.now(), updated_at=func.now()))
+        await conn.execute(IMPORT_FILES.delete().where(IMPORT_FILES.c.tenant_id == tenant_id,
+                                                       IMPORT_FILES.c.job_id == job_id))
+    await broker.publish(progress_event(tenant_id, job_id, -1))
+
+
+async def due(databases: Databases) -> list[tuple[uuid.UUID, uuid.UUID]]:
+    """Every (tenant, job) not yet ended, on the shared database."""
+    async with databases.default.connect() as conn:
+        rows = (await conn.execute(DUE)).all()
+        await conn.commit()
+    return [(row.tenant_id, row.id) for row in rows]

@@ -1,0 +1,102 @@
+"""CSV export of a filtered list (``GET /csv/<plural>``): the connection's filter, the tenant's rows
+only (with row-level security and with the application's filters alone), the trash hidden, columns
+derived from the declaration, coded errors for a bad filter or credential."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import httpx
+from sqlalchemy import func, select
+
+from models.db import Databases
+from models.tables import Role
+from records.crm import DEAL
+from resolvers.csv_export import columns_of
+from tests.conftest import TenantWorld, data_or_fail, gql
+from tests.crm import create_company, create_deal, seed_crm
+
+MakeTenant = Callable[..., Awaitable[TenantWorld]]
+
+
+async def exported(client: httpx.AsyncClient, token: str | None, plural: str,
+                   filter_: dict[str, Any] | None = None) -> httpx.Response:
+    params = {"filter": json.dumps(filter_)} if filter_ is not None else {}
+    headers = {"authorization": f"Bearer {token}"} if token else {}
+    return await client.get(f"/csv/{plural}", params=params, headers=headers)
+
+
+def rows(response: httpx.Response) -> list[dict[str, str]]:
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"].startswith("text/csv")
+    return list(csv.DictReader(io.StringIO(response.text)))
+
+
+async def test_a_filtered_deal_list_exports_as_the_connection_lists_it(
+    either_client: httpx.AsyncClient, make_tenant: MakeTenant,
+) -> None:
+    client = either_client
+    a, b = await make_tenant("csv-a"), await make_tenant("csv-b")
+    token = a.token(Role.MEMBER)
+    crm = await seed_crm(client, token)
+    stage = crm.pipeline["stages"][0]["id"]
+    big = [await create_deal(client, token, stage, title=f"Big, \"quoted\"\n{i}", amount="5000.00") for i in range(3)]
+    gone = await create_deal(client, token, stage, title="Big but trashed", amount="9000.00")
+    data_or_fail(await gql(client, "mutation($id: ID!) { deleteDeal(id: $id) { deletedId } }", {"id": gone["id"]},
+                           token=a.token(Role.ADMIN)))
+    theirs = await seed_crm(client, b.token())
+    await create_deal(client, b.token(), theirs.pipeline["stages"][0]["id"], title="B's big deal", amount="7000.00")
+
+    listed = data_or_fail(await gql(client, """{ deals(first: 50, filter: {amountMin: "2000"}) {
+        nodes { id title amount } } }""", token=token))["deals"]["nodes"]
+    got = rows(await exported(client, token, "deals", {"amountMin": "2000"}))
+    assert [(r["id"], r["title"], r["amount"]) for r in got] == [(n["id"], n["title"], n["amount"]) for n in listed]
+    assert {r["id"] for r in got} == {d["id"] for d in big}
+    # Columns derived from the declaration, references as global IDs.
+    assert list(got[0]) == ["id", *(f.name for f in DEAL.fields), "createdAt", "updatedAt"]
+    assert got[0]["stageId"] == stage and got[0]["externalId"] == ""
+    # Every list of the tenant, unfiltered: its own rows, none of B's, none in the trash.
+    everything = rows(await exported(client, token, "deals"))
+    assert {r["title"] for r in everything} == {crm.deal["title"], *(d["title"] for d in big)}
+    assert rows(await exported(client, a.token(Role.VIEWER), "companies"))[0]["name"] == crm.company["name"]
+    assert [r["name"] for r in rows(await exported(client, b.token(), "companies"))] == [theirs.company["name"]]
+    await create_company(client, b.token(), name="Another of B")
+    assert {r["name"] for r in rows(await exported(client, token, "companies"))} == {crm.company["name"]}
+
+
+async def test_bad_requests_are_coded(either_client: httpx.AsyncClient, make_tenant: MakeTenant) -> None:
+    world = await make_tenant("csv-bad")
+    token = world.token(Role.VIEWER)
+    cases = [
+        (await exported(either_client, None, "deals"), 401, "UNAUTHENTICATED", None),
+        (await exported(either_client, token, "nothing"), 400, "BAD_USER_INPUT", "type"),
+        (await exported(either_client, token, "deals", {"amountMin": "lots"}), 400, "BAD_USER_INPUT",
+         "filter.amountMin"),
+        (await exported(either_client, token, "deals", {"color": "red"}), 400, "BAD_USER_INPUT", "filter.color"),
+        (await exported(either_client, token, "deals", {"status": ["NOPE"]}), 400, "BAD_USER_INPUT",
+         "filter.status.0"),
+    ]
+    for response, status, code, field in cases:
+        assert response.status_code == status, response.text
+        error = response.json()["errors"][0]
+        assert error["extensions"]["code"] == code and error["extensions"].get("field") == field, error
+    bad = await either_client.get("/csv/deals", params={"filter": "{"}, headers={"authorization": f"Bearer {token}"})
+    assert bad.status_code == 400 and bad.json()["errors"][0]["extensions"]["field"] == "filter"
+
+
+async def test_row_level_security_alone_keeps_the_export_to_its_tenant(
+    client: httpx.AsyncClient, make_tenant: MakeTenant, databases: Databases,
+) -> None:
+    """The export's own query naming tenant A, run in B's transaction as the application role: nothing."""
+    a, b = await make_tenant("csv-rls-a"), await make_tenant("csv-rls-b")
+    await seed_crm(client, a.token())
+    query = DEAL.listing_query(a.id, {})
+    async with databases.tenant_transaction(a.id) as conn:
+        assert (await conn.execute(select(func.count()).select_from(query.subquery()))).scalar_one() == 1
+    async with databases.tenant_transaction(b.id) as conn:
+        assert (await conn.execute(select(func.count()).select_from(query.subquery()))).scalar_one() == 0
+    assert columns_of(DEAL)[0] == "id"
