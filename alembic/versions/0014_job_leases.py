@@ -13,7 +13,9 @@ Frozen: this revision spells out its DDL and imports nothing from the applicatio
   re-checking the lease there.
 - ``atrium_retention_due()`` also lists every tenant's trash (target ``trash``, its
   ``trash_retention_days``, migration 0012): the trash always has a retention (30 days unless the
-  owner chose another), so it is due for every tenant, policy row or not.
+  owner chose another), so it is due for every tenant, policy row or not, that has anything in
+  the trash (an index-only look at each trashable table's ``_trash_idx``): a round is then one
+  transaction per tenant with a trash, not one per tenant.
 - ``atrium_dedicated_tenants()``: the ids of the tenants living on a dedicated database, so that the
   server's scheduled jobs (retention, abandoned exports) reach those databases too (their routes are
   then looked up one tenant at a time, as for requests).
@@ -70,6 +72,12 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path FROM CURRENT AS $$
         SELECT p.tenant_id, p.target, p.keep_days FROM retention_policies p
         UNION ALL
         SELECT t.id, 'trash'::varchar, t.trash_retention_days FROM tenants t
+        WHERE EXISTS (SELECT FROM companies x WHERE x.tenant_id = t.id AND x.deleted_at IS NOT NULL)
+           OR EXISTS (SELECT FROM contacts x WHERE x.tenant_id = t.id AND x.deleted_at IS NOT NULL)
+           OR EXISTS (SELECT FROM deals x WHERE x.tenant_id = t.id AND x.deleted_at IS NOT NULL)
+           OR EXISTS (SELECT FROM activities x WHERE x.tenant_id = t.id AND x.deleted_at IS NOT NULL)
+           OR EXISTS (SELECT FROM notes x WHERE x.tenant_id = t.id AND x.deleted_at IS NOT NULL)
+           OR EXISTS (SELECT FROM deal_line_items x WHERE x.tenant_id = t.id AND x.deleted_at IS NOT NULL)
     ) d ORDER BY d.tenant_id, d.target
 $$
 """
