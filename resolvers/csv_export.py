@@ -16,15 +16,16 @@ import enum
 import io
 import json
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Collection, Mapping
 from typing import Any, get_args, get_origin
 
 from graphql import GraphQLError
 
 from core.errors import BadUserInput
 from models.db import Databases
+from models.visibility import View
 from records.crm import RECORDS
-from records.declare import Direction, Record, camel
+from records.declare import Direction, HiddenOf, Record, camel
 from resolvers.writes import public_record
 from schema.values import SCALARS
 
@@ -93,8 +94,10 @@ def filter_of(record: Record, text: str | None) -> dict[str, Any]:
     return out
 
 
-def columns_of(record: Record) -> list[str]:
-    return ["id", *(f.column for f in record.fields), "created_at", "updated_at"]
+def columns_of(record: Record, hidden: Collection[str] = ()) -> list[str]:
+    """The CSV's columns: ``id``, every declared field but those ``hidden`` from the caller's role
+    (field rules: a hidden field's column is left out, header included), the timestamps."""
+    return ["id", *(f.column for f in record.fields if camel(f.column) not in hidden), "created_at", "updated_at"]
 
 
 def cell(value: Any) -> str:
@@ -107,11 +110,13 @@ def cell(value: Any) -> str:
     return str(value)
 
 
-async def csv_rows(databases: Databases, tenant_id: uuid.UUID, record: Record,
-                   filters: Mapping[str, Any]) -> AsyncIterator[bytes]:
-    """The CSV text of the filtered list, header first, ``BATCH`` rows per piece."""
-    columns = columns_of(record)
-    query = record.listing_query(tenant_id, filters)
+async def csv_rows(databases: Databases, tenant_id: uuid.UUID, record: Record, filters: Mapping[str, Any], *,
+                   view: View, hidden: HiddenOf) -> AsyncIterator[bytes]:
+    """The CSV text of the filtered list as ``view`` may see it (record-level visibility, in the
+    application's filter and in row-level security) without the fields ``hidden`` from the caller's
+    role, header first, ``BATCH`` rows per piece. The caller has refused filters on hidden fields."""
+    columns = columns_of(record, hidden(record.name))
+    query = record.listing_query(tenant_id, filters, hidden)
     sort = {s.name: s for s in record.sorts}.get(record.default_sort or "")
     t = record.table
     if sort is not None:
@@ -124,7 +129,7 @@ async def csv_rows(databases: Databases, tenant_id: uuid.UUID, record: Record,
     writer = csv.writer(out)
     writer.writerow([camel(c) for c in columns])
     yield out.getvalue().encode()
-    async with databases.tenant_transaction(tenant_id) as conn:
+    async with databases.tenant_transaction(tenant_id, view=view) as conn:
         result = await conn.stream(query.execution_options(yield_per=BATCH))
         async for batch in result.partitions(BATCH):
             out = io.StringIO()

@@ -362,3 +362,25 @@ def test_every_restrictable_field_is_guarded_and_nullable() -> None:
         assert sfield.metadata.get(GUARDED) == f.column, (record.name, f.name)
         graphql_type = sdl.get_type(record.name)
         assert not isinstance(graphql_type.fields[f.name].type, GraphQLNonNull), (record.name, f.name)  # type: ignore[union-attr]
+
+
+async def test_a_csv_export_leaves_hidden_fields_out_and_refuses_filtering_by_them(
+        api: httpx.AsyncClient, make_tenant: MakeTenant) -> None:
+    tenant, crm = await seeded(api, make_tenant)
+    await hide(api, tenant, "Deal", "amount", Role.VIEWER)
+
+    def exported(token: str, filter_: str | None = None) -> Any:
+        return api.get("/csv/deals", params={"filter": filter_} if filter_ else {},
+                       headers={"authorization": f"Bearer {token}"})
+
+    viewer = await exported(tenant.token(Role.VIEWER))
+    assert viewer.status_code == 200, viewer.text
+    header, row = viewer.text.splitlines()[:2]
+    assert "amount" not in header.split(",") and "title" in header.split(",")
+    assert crm.deal["amount"] not in row.split(",")
+    member = await exported(tenant.token(Role.MEMBER))
+    assert "amount" in member.text.splitlines()[0].split(",")
+    refused = await exported(tenant.token(Role.VIEWER), '{"amountMin": "1"}')
+    assert refused.status_code == 403
+    assert [(e["extensions"]["code"], e["extensions"]["field"]) for e in refused.json()["errors"]] == [
+        ("FORBIDDEN", "filter.amountMin")]

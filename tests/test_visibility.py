@@ -15,7 +15,9 @@ row-level security alone must hold. Subscriptions and the answer cache are check
 
 from __future__ import annotations
 
+import csv
 import dataclasses
+import io
 import json
 import uuid
 from collections.abc import Awaitable, Callable
@@ -436,3 +438,16 @@ async def test_a_workspace_export_is_complete_whatever_the_audience(
     assert {row["id"] for row in jsonl(files["deals.jsonl"])} == {str(uuid_of(d)) for d in ws.deals.values()}
     assert len(jsonl(files["deal_line_items.jsonl"])) == 1
     assert {row["record_type"] for row in jsonl(files["record_visibility.jsonl"])} == {"Deal"}
+
+
+async def test_a_csv_export_lists_only_the_deals_its_caller_sees(
+        make_tenant: MakeTenant, either_client: httpx.AsyncClient, admin_engine: AsyncEngine) -> None:
+    """``GET /csv/deals`` reads as the caller (their view, in the application's filter and in RLS),
+    not as the system: a member exports their team's deals, an admin every one."""
+    ws = await workspace(make_tenant, either_client, admin_engine)
+    d = ws.deals
+    for who, deals in {"mate": {d["mate"]}, "outsider": {d["outsider"]}, "viewer": set(),
+                       "admin": set(d.values())}.items():
+        answer = await either_client.get("/csv/deals", headers={"authorization": f"Bearer {ws.token(who)}"})
+        assert answer.status_code == 200, answer.text
+        assert {row["id"] for row in csv.DictReader(io.StringIO(answer.text))} == deals, who

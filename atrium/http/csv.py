@@ -43,7 +43,7 @@ async def _session(runtime: Runtime, request: Request) -> Session:
     except BaseException:
         await session.close()
         raise
-    return Session(principal=confirmed, db=session.db, loaders=session.loaders)
+    return await Session(principal=confirmed, db=session.db, loaders=session.loaders).with_rules()
 
 
 async def _body(request: Request) -> bytes:
@@ -111,7 +111,8 @@ def list_export(runtime: Runtime) -> Handler:
             if not allows(session.principal.role, record.access.read):
                 raise Forbidden(f"Reading {record.plural_label} requires `{record.access.read.value}`")
             filters = csv_export.filter_of(record, request.query_params.get("filter"))
-            tenant_id = session.tenant_id
+            record.refuse_hidden(session.hidden(record.name), session.principal.role.value, filters=filters)
+            tenant_id, view, hidden = session.tenant_id, session.principal.view, session.hidden
         except AtriumError as error:
             return _failure(error, request, request_id)
         finally:
@@ -119,7 +120,8 @@ def list_export(runtime: Runtime) -> Handler:
                 await session.close()
 
         async def body() -> AsyncIterator[bytes]:
-            async for piece in csv_export.csv_rows(runtime.databases, tenant_id, record, filters):
+            async for piece in csv_export.csv_rows(runtime.databases, tenant_id, record, filters, view=view,
+                                                     hidden=hidden):
                 yield piece
 
         return StreamingResponse(body(), media_type="text/csv; charset=utf-8", headers={
