@@ -39,12 +39,14 @@ from core.errors import ServiceUnavailable
 from core.pgurl import ASYNCPG, PgUrl, async_url
 from core.settings import Settings
 from models.outages import is_outage
-from models.visibility import NOBODY, SETTINGS_SQL, SYSTEM, View, viewing
+from models.visibility import NOBODY, SETTINGS_SQL, SYSTEM, View, current_view, viewing
 
 log = logging.getLogger("atrium.db")
 
 SET_TENANT = text("SELECT set_config('app.tenant_id', :tenant_id, true)")
 ENTER_SQL = "SELECT role, plan, tables, versions, teams, peers, restricted FROM atrium_enter($1, $2, $3)"
+ENTER_MEMBER = text("SELECT role, teams, peers, restricted FROM atrium_enter(:tenant_id, :member, NULL)")
+"""``ENTER_SQL`` for SQLAlchemy connections: work outside a request done as one member (an import job)."""
 SET_VIEW = text("SELECT set_config('app.tenant_id', :tenant_id, true), set_config('atrium.user_id', :user_id, true), "
                 "set_config('atrium.team_ids', :teams, true), set_config('atrium.sees_all', :sees_all, true)")
 """``models.visibility.SETTINGS_SQL`` for SQLAlchemy connections."""
@@ -98,6 +100,35 @@ async def trash_seen(conn: AsyncConnection, record: Trashed) -> AsyncIterator[As
         return
     async with showing_trash(conn):
         yield conn
+
+
+class Unique(Trashed, Protocol):
+    @property
+    def name(self) -> str:
+        """The record type's name (``records.declare.Record.name``), as ``View.restricted`` holds it."""
+
+
+SEE_ALL = text("SELECT set_config('atrium.sees_all', 'on', true)")
+SEE_OWN = text("SELECT set_config('atrium.sees_all', 'off', true)")
+
+
+@asynccontextmanager
+async def every_holder_seen(conn: AsyncConnection, record: Unique) -> AsyncIterator[AsyncConnection]:
+    """For a check that a unique value is free: statements in the block see every row of ``record``
+    in the tenant, those in the trash (``trash_seen``) and those record-level visibility hides from
+    the transaction's viewer (``models.visibility``), since a value a hidden record holds is taken
+    all the same, as the database's unique constraint would say; the check answers that it is used,
+    never by which record. Lifted for the block only (a block that raises leaves a transaction that
+    is rolled back)."""
+    view = current_view()
+    hidden = view is None or (not view.sees_all and record.name in view.restricted)
+    async with trash_seen(conn, record):
+        if not hidden:
+            yield conn
+            return
+        await conn.execute(SEE_ALL)
+        yield conn
+        await conn.execute(SEE_OWN)
 
 
 def create_engine(url: str, *, connect_timeout: float = CONNECT_TIMEOUT, **options: Any) -> AsyncEngine:

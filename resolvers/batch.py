@@ -40,7 +40,7 @@ from sqlalchemy.dialects.postgresql import ARRAY, UUID
 
 from core.errors import AtriumError, BadUserInput, NotFound
 from core.limits import MAX_BATCH
-from models.db import trash_seen
+from models.db import every_holder_seen
 from records.declare import Create, Record, camel
 from resolvers.writes import Change
 
@@ -153,7 +153,7 @@ async def _unique(w: Change, record: Record, items: list[dict[str, Any]], where:
         if not wanted:
             continue
         column = t.c[f.column]
-        async with trash_seen(w.conn, record):  # a value in the trash stays taken until purged
+        async with every_holder_seen(w.conn, record):  # in the trash or hidden, a value stays taken
             taken = set((await w.conn.execute(
                 select(column).where(t.c.tenant_id == w.tenant_id,
                                      column == any_(bindparam("values", type_=ARRAY(column.type)))),

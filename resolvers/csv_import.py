@@ -49,9 +49,9 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from auth.principal import Principal
 from auth.roles import allows
 from core.errors import AtriumError, BadUserInput, ErrorCode, Forbidden, NotFound
-from models.db import Databases
+from models.db import ENTER_MEMBER, Databases, entered_view
 from models.outages import is_outage
-from models.tables import IMPORT_ERRORS, IMPORT_FILES, IMPORT_JOBS, MEMBERSHIPS, Role
+from models.tables import IMPORT_ERRORS, IMPORT_FILES, IMPORT_JOBS, Role
 from records.crm import RECORDS
 from records.declare import Create, Record, camel
 from records.declare import Field as RecordField
@@ -551,8 +551,11 @@ async def _run(databases: Databases, broker: Broker, tenant_id: uuid.UUID, job_i
             return
         content = (await conn.execute(select(IMPORT_FILES.c.content).where(
             IMPORT_FILES.c.tenant_id == tenant_id, IMPORT_FILES.c.job_id == job_id))).scalar_one()
-        role = (await conn.execute(select(MEMBERSHIPS.c.role).where(
-            MEMBERSHIPS.c.tenant_id == tenant_id, MEMBERSHIPS.c.user_id == job.requested_by))).scalar()
+        # As the member who started it: their role and their view of the records (record-level
+        # visibility), read as a request reads them; the chunks then see what that member sees.
+        entered = None if job.requested_by is None else (await conn.execute(
+            ENTER_MEMBER, {"tenant_id": tenant_id, "member": job.requested_by})).first()
+        role = entered.role if entered is not None else None
         await conn.execute(update(J).where(J.c.tenant_id == tenant_id, J.c.id == job_id).values(
             state="running", started_at=func.coalesce(J.c.started_at, func.now()), updated_at=func.now()))
     try:
@@ -561,8 +564,9 @@ async def _run(databases: Databases, broker: Broker, tenant_id: uuid.UUID, job_i
         record = record_for(job.record_type)
         if not allows(Role(role), record.access.create):
             raise Forbidden(f"the member who started this import may no longer create {record.plural_label}")
+        assert entered is not None
         principal = Principal(tenant_id=tenant_id, user_id=job.requested_by, role=Role(role),
-                              expires_at=float("inf"))
+                              expires_at=float("inf"), view=entered_view(job.requested_by, entered._mapping))
         header, data = rows_of(bytes(content))
         plan = plan_for(record, header, job.mapping)
         processed = job.processed

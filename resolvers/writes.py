@@ -53,7 +53,7 @@ from auth.principal import Principal
 from auth.session import Info, Session
 from core.errors import BadUserInput, NotFound, VersionConflict
 from core.ids import to_global_id
-from models.db import Databases, showing_trash, trash_seen
+from models.db import Databases, every_holder_seen, showing_trash
 from models.tables import AUDIT_EVENTS, MEMBERSHIPS
 from records.crm import BY_NAME, RECORDS, dependents, rollups_into
 from records.custom import Definition, Pending, definitions_query, resolve, user_ids
@@ -451,7 +451,7 @@ class Change:
             if id is not None:
                 query = query.where(t.c.id != id)
             # A value held by a record in the trash stays taken until it is purged (docs/trash.md).
-            async with trash_seen(self.conn, record):
+            async with every_holder_seen(self.conn, record):  # hidden ones' values too
                 taken = await self.scalar(query.limit(1))
             if taken is not None:
                 raise BadUserInput(prefix + f.name, f"is already used by another {record.label}")
@@ -647,8 +647,8 @@ async def work_change(databases: Databases, broker: Broker, principal: Principal
                       now: dt.datetime | None = None) -> AsyncIterator[Change]:
     """``change`` for work outside a request (an import job's chunk, ``resolvers.imports``): one
     tenant transaction of ``principal``'s tenant, its webhook deliveries in the outbox, its events
-    published after the commit."""
-    async with databases.tenant_transaction(principal.tenant_id) as conn:
+    published after the commit. It sees what ``principal`` sees (``principal.view``)."""
+    async with databases.tenant_transaction(principal.tenant_id, view=principal.view) as conn:
         w = Change(conn, principal, request_id, now=now)
         yield w
         await enqueue(conn, w.tenant_id, zip(w.events, w.rows, strict=True), public_record)

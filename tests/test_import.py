@@ -284,3 +284,26 @@ async def test_progress_streams_to_subscribers_on_another_server_until_done(
     async with live(a.ws_url, other.token()) as session:
         op = await session.subscribe(PROGRESS, {"id": job["id"]})
         assert error_codes(await session.message(op)) == ["NOT_FOUND"]
+
+
+async def test_an_import_sees_only_what_its_member_sees(
+    client: httpx.AsyncClient, app: Starlette, make_tenant: MakeTenant, admin_engine: AsyncEngine,
+) -> None:
+    """Under a team audience (docs/visibility.md) the job runs as the member who started it: a row
+    whose external id is a deal that member cannot see neither updates nor reveals that deal."""
+    world = await make_tenant("imp-vis")
+    owner, member = world.token(Role.OWNER), world.token(Role.MEMBER)
+    crm = await seed_crm(client, owner)
+    stage = crm.pipeline["stages"][0]["id"]
+    data_or_fail(await gql(client, """mutation($s: ID!) { createDeal(input: {title: "Owner's", amount: "5",
+        currency: "USD", stageId: $s, externalId: "theirs"}) { id } }""", {"s": stage}, token=owner))
+    data_or_fail(await gql(client, "mutation { setRecordVisibility(recordType: DEAL, audience: TEAM) { audience } }",
+                           token=owner))
+    found = await imported(client, app, member, "DEALS", table(
+        ["title", "amount", "currency", "stageId", "externalId"],
+        ["Overwritten", "1", "USD", stage, "theirs"], ["Mine", "2", "USD", stage, "mine"]))
+    job = found["importJob"]
+    assert job["state"] == "DONE" and job["updated"] == 0 and job["created"] == 1, found
+    assert [(e["row"], e["field"]) for e in found["importErrors"]] == [(1, "externalId")]
+    assert await count(admin_engine, DEALS, world.id, DEALS.c.title == "Owner's") == 1
+    assert await count(admin_engine, DEALS, world.id, DEALS.c.title == "Overwritten") == 0

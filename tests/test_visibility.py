@@ -451,3 +451,27 @@ async def test_a_csv_export_lists_only_the_deals_its_caller_sees(
         answer = await either_client.get("/csv/deals", headers={"authorization": f"Bearer {ws.token(who)}"})
         assert answer.status_code == 200, answer.text
         assert {row["id"] for row in csv.DictReader(io.StringIO(answer.text))} == deals, who
+
+
+async def test_a_unique_value_a_hidden_deal_holds_is_taken_for_those_who_cannot_see_it(
+        make_tenant: MakeTenant, either_client: httpx.AsyncClient, admin_engine: AsyncEngine) -> None:
+    """An external id is unique in the workspace: one held by a deal the caller cannot see answers
+    BAD_USER_INPUT naming the field (as a value in the trash does), never the database's constraint
+    as an internal error, and never updates or shows that deal; one and batch creates alike."""
+    ws = await workspace(make_tenant, either_client, admin_engine)
+    owner, outsider = ws.token("owner"), ws.token("outsider")
+    data_or_fail(await gql(either_client, "mutation($id: ID!) { updateDeal(id: $id, input: {externalId: \"crm-1\"}) "
+                                          "{ id } }", {"id": ws.deals["owner"]}, token=owner))
+    deal = {"title": "Mine", "amount": "1", "currency": "USD", "stageId": ws.stage, "externalId": "crm-1"}
+    one = await gql(either_client, "mutation($i: DealInput!) { createDeal(input: $i) { id } }", {"i": deal},
+                    token=outsider)
+    assert [(e["extensions"]["code"], e["extensions"].get("field")) for e in one["errors"]] == [
+        ("BAD_USER_INPUT", "externalId")], one
+    many = await gql(either_client, "mutation($i: [DealInput!]!) { createDeals(input: $i) { id } }",
+                     {"i": [deal]}, token=outsider)
+    assert codes(many) == ["BAD_USER_INPUT"], many
+    async with admin_engine.connect() as conn:
+        titles = (await conn.execute(select(DEALS.c.title).where(DEALS.c.tenant_id == ws.world.id,
+                                                                 DEALS.c.external_id == "crm-1"))).scalars().all()
+    assert titles == [data_or_fail(await gql(either_client, "query($id: ID!) { deal(id: $id) { title } }",
+                                             {"id": ws.deals["owner"]}, token=owner))["deal"]["title"]]
