@@ -557,7 +557,8 @@ class ConnectionPlan(RootPlan):
         filters = {self.filter_names.get(k, k): v for k, v in given.items()}
         hidden = b.hidden(self.record.name)
         try:
-            self.record.refuse_hidden(hidden, b.principal.role.value, filters=filters, sort=sort_name)
+            self.record.refuse_hidden(hidden, b.principal.role.value, filters=filters,
+                                      sort=None if custom_sort(sort_name) else sort_name)
             bound = self.record.bind_filters(filters)
             cursors = {}
             for name, cursor in (("after", after), ("before", before)):

@@ -64,7 +64,7 @@ async def test_trimming_the_audit_log_keeps_its_chain_verifiable(
     before, others = await count(admin_engine, AUDIT_EVENTS, world), await count(admin_engine, AUDIT_EVENTS, other)
 
     applied = await apply_retention(databases, dt.datetime.now(dt.UTC), tenant_id=world.id)
-    assert [(a.target, a.removed) for a in applied] == [("audit_events", before), ("trash", 0)]
+    assert [(a.target, a.removed) for a in applied] == [("audit_events", before)]  # no trash: not due
     found = await chain(admin_engine, world)
     assert found.ok and found.anchor_seq == before and found.checked == 1, found.broken
     async with admin_engine.connect() as conn:
@@ -90,10 +90,10 @@ async def test_activities_older_than_the_policy_go(
     await fill(client, other)
     data_or_fail(await gql(client, SET, {"t": "activities", "d": 30}, token=world.token()))
     first = await apply_retention(databases, dt.datetime.now(dt.UTC), tenant_id=world.id)
-    assert [(a.target, a.removed) for a in first] == [("activities", 0), ("trash", 0)]
+    assert [(a.target, a.removed) for a in first] == [("activities", 0)]  # nothing in the trash: not due
     assert await count(admin_engine, ACTIVITIES, world) == 2  # none is 30 days old
     later = dt.datetime.now(dt.UTC) + dt.timedelta(days=31)
-    applied, _trash = await apply_retention(databases, later, tenant_id=world.id)
+    (applied,) = await apply_retention(databases, later, tenant_id=world.id)
     assert (applied.target, applied.removed) == ("activities", 2)
     assert await count(admin_engine, ACTIVITIES, world) == 0 and await count(admin_engine, ACTIVITIES, other) == 2
     async with admin_engine.connect() as conn:
@@ -118,10 +118,10 @@ async def test_webhook_deliveries_that_were_settled_go_and_pending_ones_stay(
                  "event_type": "deal.created", "ordering_key": uuid.uuid4(), "body": "{}", "status": status}
                 for status in ("delivered", "failed", "pending")])
     data_or_fail(await gql(client, SET, {"t": "webhook_deliveries", "d": 7}, token=world.token()))
-    _trash, now = await apply_retention(databases, dt.datetime.now(dt.UTC), tenant_id=world.id)
+    (now,) = await apply_retention(databases, dt.datetime.now(dt.UTC), tenant_id=world.id)
     assert (now.target, now.removed) == ("webhook_deliveries", 0)
-    _trash, later = await apply_retention(databases, dt.datetime.now(dt.UTC) + dt.timedelta(days=8),
-                                          tenant_id=world.id)
+    (later,) = await apply_retention(databases, dt.datetime.now(dt.UTC) + dt.timedelta(days=8),
+                                     tenant_id=world.id)
     assert (later.target, later.removed) == ("webhook_deliveries", 2)
     async with admin_engine.connect() as conn:
         left = (await conn.execute(select(WEBHOOK_DELIVERIES.c.status).where(
