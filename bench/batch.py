@@ -23,18 +23,15 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import httpx
-from sqlalchemy.engine import make_url
 
 from atrium.ops.bootstrap import resolve_database
 from atrium.ops.demo import demo_password_hash, seed_tenant
 from auth.tokens import issue_token
 from bench.dashboard import SECRET, free_port
+from bench.databases import fresh_database
 from core.ids import to_global_id
-from core.pgurl import libpq_url
 from core.settings import Settings
-from models.migrations import migrate
 from models.tables import Role
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -50,16 +47,7 @@ REFERENCES = """
 
 async def prepare() -> tuple[str, Any]:
     settings = await resolve_database(Settings.from_env())
-    assert settings.database_url
-    name = "batch_bench"  # databases made by hand are prefixed with their maker (batch)
-    admin = await asyncpg.connect(libpq_url(settings.database_url))
-    try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    url = make_url(settings.admin_url).set(database=name).render_as_string(hide_password=False)
-    await migrate(url)
+    url = await fresh_database(settings, "batch_bench")
     tenant = await seed_tenant(url, "bench-batch", "Bench batch", deals=20, seed=1,
                                password_hash=await demo_password_hash())
     return url, tenant

@@ -34,7 +34,6 @@ import asyncpg
 import httpx
 from sqlalchemy import func, select
 from sqlalchemy.dialects import postgresql
-from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from atrium.app import create_app
@@ -42,9 +41,9 @@ from atrium.ops.bootstrap import resolve_database
 from atrium.ops.demo import demo_password_hash, seed_tenant
 from auth.tokens import issue_token
 from bench.dashboard import SECRET
+from bench.databases import fresh_database
 from core.pgurl import libpq_url
 from core.settings import Settings
-from models.migrations import migrate
 from models.tables import DEALS, Role
 from records.crm import DEAL
 
@@ -68,16 +67,7 @@ FROM generate_series(1, $4) AS n
 
 async def prepare(deals: int) -> tuple[str, Any]:
     settings = await resolve_database(Settings.from_env())
-    assert settings.database_url
-    name = "custom_fields_bench"
-    admin = await asyncpg.connect(libpq_url(settings.database_url))
-    try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    url = make_url(settings.admin_url).set(database=name).render_as_string(hide_password=False)
-    await migrate(url)
+    url = await fresh_database(settings, "custom_fields_bench")
     tenant = await seed_tenant(url, "bench-custom", "Bench custom fields", deals=20, seed=1,
                                password_hash=await demo_password_hash())
     return url, tenant

@@ -21,35 +21,23 @@ import io
 import time
 import uuid
 
-import asyncpg
 from sqlalchemy import func, select
-from sqlalchemy.engine import make_url
 
 from atrium.ops.bootstrap import resolve_database
 from atrium.ops.demo import DemoTenant, seed_tenant
 from auth.principal import Principal
+from bench.databases import fresh_database
 from core.ids import to_global_id
-from core.pgurl import libpq_url
 from core.settings import Settings
 from models.audit_chain import verify_chain
 from models.db import Databases
-from models.migrations import migrate
 from models.tables import AUDIT_EVENTS, COMPANIES, CONTACTS, DEALS, STAGES, Role
 from resolvers.csv_import import CHUNK, check_file, create_job, record_for, run_import
 from subscriptions.broker import create_broker
 
 
 async def prepare(settings: Settings) -> tuple[str, DemoTenant]:
-    assert settings.database_url
-    name = "import_csv_bench"
-    admin = await asyncpg.connect(libpq_url(settings.database_url))
-    try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    url = make_url(settings.admin_url).set(database=name).render_as_string(hide_password=False)
-    await migrate(url)
+    url = await fresh_database(settings, "import_csv_bench")
     tenant = await seed_tenant(url, "bench-import", "Bench import", deals=20, seed=1)
     return url, tenant
 

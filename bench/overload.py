@@ -62,9 +62,9 @@ from atrium.ops.bootstrap import resolve_database
 from atrium.ops.demo import DemoTenant, demo_password_hash, seed_tenant
 from auth.tokens import issue_token
 from bench.dashboard import SECRET, free_port
+from bench.databases import fresh_database
 from core.pgurl import libpq_url
 from core.settings import Settings
-from models.migrations import migrate
 from models.tables import Role
 
 DATABASE = "overload_bench"
@@ -432,15 +432,7 @@ def mb(pid: int) -> float:
 
 async def prepare(deals: int) -> tuple[str, list[DemoTenant]]:
     settings = await resolve_database(Settings.from_env())
-    assert settings.database_url
-    admin = await asyncpg.connect(libpq_url(settings.database_url))
-    try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{DATABASE}" WITH (FORCE)')
-        await admin.execute(f'CREATE DATABASE "{DATABASE}"')
-    finally:
-        await admin.close()
-    url = make_url(settings.admin_url).set(database=DATABASE).render_as_string(hide_password=False)
-    await migrate(url)
+    url = await fresh_database(settings, DATABASE)
     password_hash = await demo_password_hash()
     tenants = [await seed_tenant(url, slug, slug.title(), deals=deals, seed=i, password_hash=password_hash)
                for i, slug in enumerate(("flood", "calm"))]

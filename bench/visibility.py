@@ -21,10 +21,8 @@ import statistics
 import time
 from typing import Any
 
-import asyncpg
 import httpx
 from sqlalchemy import text
-from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from atrium.app import create_app
@@ -32,25 +30,15 @@ from atrium.ops.bootstrap import resolve_database
 from atrium.ops.demo import demo_password_hash, seed_tenant
 from auth.tokens import issue_token
 from bench.dashboard import DASHBOARD, SECRET
+from bench.databases import fresh_database
 from core.ids import to_global_id
-from core.pgurl import libpq_url
 from core.settings import Settings
-from models.migrations import migrate
 from models.tables import Role
 
 
 async def prepare(deals: int) -> tuple[Settings, Any]:
     settings = await resolve_database(Settings.from_env())
-    assert settings.database_url
-    name = "visibility_bench"
-    admin = await asyncpg.connect(libpq_url(settings.database_url))
-    try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    url = make_url(settings.admin_url).set(database=name).render_as_string(hide_password=False)
-    await migrate(url)
+    url = await fresh_database(settings, "visibility_bench")
     tenant = await seed_tenant(url, "bench-visibility", "Bench visibility", deals=deals, seed=1,
                                password_hash=await demo_password_hash())
     return settings.with_database(url), tenant

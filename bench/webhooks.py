@@ -28,17 +28,16 @@ from typing import Any
 
 import asyncpg
 import httpx
-from sqlalchemy.engine import make_url
 
 from atrium.app import create_app
 from atrium.ops.admin import add_user, create_tenant
 from atrium.ops.bootstrap import resolve_database
 from auth.tokens import issue_token
+from bench.databases import fresh_database
 from core.clock import SYSTEM_CLOCK
 from core.pgurl import libpq_url
 from core.settings import Settings
 from models.db import Databases, create_engine
-from models.migrations import migrate
 from models.tables import Role
 from webhooks.dispatcher import Dispatcher
 
@@ -71,15 +70,7 @@ def start_receiver(port: int) -> subprocess.Popen[bytes]:
 
 
 async def database(settings: Settings) -> str:
-    assert settings.database_url
-    admin = await asyncpg.connect(libpq_url(settings.database_url))
-    try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{NAME}" WITH (FORCE)')
-        await admin.execute(f'CREATE DATABASE "{NAME}"')
-    finally:
-        await admin.close()
-    url = make_url(settings.admin_url).set(database=NAME).render_as_string(hide_password=False)
-    await migrate(url)
+    url = await fresh_database(settings, NAME)
     return url
 
 
