@@ -16,10 +16,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from atrium.http.endpoint import request_id_for
+from atrium.http.endpoint import open_session, request_id_for
 from atrium.http.graphql_http import failure_response
 from atrium.http.runtime import Runtime
-from auth.principal import authenticate, confirm_membership
+from auth.principal import authenticate
 from auth.roles import allows
 from auth.session import Session
 from core.errors import AtriumError, BadUserInput, Forbidden, Unauthenticated
@@ -37,13 +37,7 @@ async def _session(runtime: Runtime, request: Request) -> Session:
                                    api_key=request.headers.get("x-api-key"), api_keys=runtime.api_keys)
     if principal is None:
         raise Unauthenticated()
-    session = Session.open(runtime.databases, principal)
-    try:
-        confirmed = await confirm_membership(session.db, principal)
-    except BaseException:
-        await session.close()
-        raise
-    return await Session(principal=confirmed, db=session.db, loaders=session.loaders).with_rules()
+    return await open_session(runtime.databases, principal)
 
 
 async def _body(request: Request) -> bytes:

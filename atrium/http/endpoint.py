@@ -47,6 +47,7 @@ from auth.principal import Principal, authenticate, confirm_membership
 from auth.session import Context, Session
 from core.errors import AtriumError, Overloaded, Unauthenticated, error_body
 from core.telemetry import current_request, identify
+from models.db import Databases
 from schema.extensions import coded
 
 EXPIRY_KEY = "atrium.expiry"
@@ -108,15 +109,7 @@ class AtriumGraphQL(GraphQLOverHTTP):
                        tasks=rt.tasks, leases=rt.leases)
 
     async def open_session(self, principal: Principal) -> Session:
-        """A session for ``principal``, its membership confirmed in the session's own transaction (one
-        statement): the role is capped by the current membership, a removed member is refused."""
-        session = Session.open(self.runtime.databases, principal)
-        try:
-            confirmed = dataclasses.replace(session, principal=await confirm_membership(session.db, principal))
-            return await confirmed.with_rules()
-        except BaseException:
-            await session.close()
-            raise
+        return await open_session(self.runtime.databases, principal)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -238,3 +231,16 @@ class AtriumGraphQL(GraphQLOverHTTP):
         if result.extensions:
             payload["extensions"] = result.extensions
         return payload
+
+
+async def open_session(databases: Databases, principal: Principal) -> Session:
+    """A session for ``principal``, its membership confirmed in the session's own transaction (one
+    statement): the role is capped by the current membership, a removed member is refused; its
+    tenant's field rules read."""
+    session = Session.open(databases, principal)
+    try:
+        confirmed = dataclasses.replace(session, principal=await confirm_membership(session.db, principal))
+        return await confirmed.with_rules()
+    except BaseException:
+        await session.close()
+        raise
