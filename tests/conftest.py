@@ -28,6 +28,7 @@ import httpx
 import pytest
 from redis import Redis
 from redis.exceptions import RedisError
+from sqlalchemy import text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from starlette.applications import Starlette
@@ -65,8 +66,13 @@ def server_url() -> Iterator[str]:
 
 
 @asynccontextmanager
-async def scratch_database(server_url: str, prefix: str, *, migrated: bool = True) -> AsyncIterator[str]:
-    """A new database on the test server (migrated unless told otherwise); dropped on exit. Yields its URL."""
+async def scratch_database(server_url: str, prefix: str, *, migrated: bool = True,
+                           registry: AsyncEngine | None = None) -> AsyncIterator[str]:
+    """A new database on the test server (migrated unless told otherwise); dropped on exit. Yields its URL.
+
+    ``registry``: the tenant registry dedicated tenants homed in this database were entered in; on exit
+    they are deleted from it with the database, so later jobs over every home (retention, export
+    leases) do not look for a database that is gone."""
     name = f"{prefix}_{uuid.uuid4().hex[:12]}"
     admin = await asyncpg.connect(libpq_url(server_url))
     try:
@@ -79,6 +85,10 @@ async def scratch_database(server_url: str, prefix: str, *, migrated: bool = Tru
             await migrate(url)
         yield url
     finally:
+        if registry is not None:
+            async with registry.begin() as conn:
+                await conn.execute(text("DELETE FROM tenants WHERE database_url LIKE :home"),
+                                   {"home": f"%/{name}%"})
         admin = await asyncpg.connect(libpq_url(server_url))
         try:
             await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

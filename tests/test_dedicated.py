@@ -21,8 +21,8 @@ from tests.conftest import TenantWorld, data_or_fail, gql, scratch_database
 
 
 @pytest.fixture
-async def dedicated_url(server_url: str) -> AsyncIterator[str]:
-    async with scratch_database(server_url, "atrium_ded") as url:
+async def dedicated_url(server_url: str, admin_engine: AsyncEngine) -> AsyncIterator[str]:
+    async with scratch_database(server_url, "atrium_ded", registry=admin_engine) as url:
         yield url
 
 

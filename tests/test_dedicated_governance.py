@@ -32,7 +32,7 @@ from tests.test_tenant_delete import uuid_anywhere
 async def dedicated(server_url: str, admin_engine: AsyncEngine,
                     settings: Settings) -> AsyncIterator[tuple[TenantWorld, AsyncEngine]]:
     """A tenant with a database of its own (one user per role) and an admin engine on that database."""
-    async with scratch_database(server_url, "atrium_dedgov") as url:
+    async with scratch_database(server_url, "atrium_dedgov", registry=admin_engine) as url:
         slug = f"own-{uuid.uuid4().hex[:8]}"
         tenant_id = await create_tenant(admin_engine, slug, f"Tenant {slug}", isolation=Isolation.DEDICATED,
                                         database_url=url)

@@ -16,6 +16,8 @@ then sent, since the app runs on the test's event loop; a failure names the oper
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import json
 import math
 import string
@@ -41,6 +43,7 @@ from hypothesis import HealthCheck, given, settings
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.applications import Starlette
 
+from atrium.app import create_app
 from atrium.schema import schema
 from core.settings import Settings
 from models.tables import Role
@@ -200,6 +203,18 @@ def operations(kind: str, name: str, field: GraphQLField, ids: list[str]) -> lis
 
     draw()
     return drawn
+
+
+@pytest.fixture(scope="module")
+async def app(settings: Settings) -> AsyncIterator[Starlette]:
+    """An app of this module's own whose periodic jobs stay out of the pool check: the retention
+    schedule is off and the look for abandoned exports runs at start (awaited here) and then not
+    again for an hour, so a connection in use after the requests is one they left behind."""
+    application = create_app(dataclasses.replace(settings, export_lease_seconds=3 * 3600,
+                                                 retention_interval_seconds=0))
+    async with application.router.lifespan_context(application):
+        await asyncio.wait_for(application.state.runtime.leases.rounds.get(), 30)
+        yield application
 
 
 @pytest.fixture(scope="module")
