@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
+import math
 import time
 from typing import Protocol
 
@@ -32,6 +33,15 @@ class SystemClock:
 
 
 SYSTEM_CLOCK = SystemClock()
+
+
+def next_round(deadline: float, interval: float, now: float) -> float:
+    """The first of ``deadline + interval``, ``deadline + 2 * interval``, … that is still ahead of
+    ``now``: when a periodic job fell behind (the process was suspended, the clock moved on by days),
+    it runs once and keeps its rhythm rather than running once for every round it missed."""
+    missed = max(0, math.floor((now - deadline) / interval))
+    following = deadline + (missed + 1) * interval
+    return following if following > now else following + interval
 
 
 class ManualClock:

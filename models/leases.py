@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from sqlalchemy import delete, text, update
 from sqlalchemy.exc import SQLAlchemyError
 
-from core.clock import Clock
+from core.clock import Clock, next_round
 from models.db import Databases
 from models.tables import EXPORT_CHUNKS, EXPORT_JOBS
 
@@ -124,5 +124,5 @@ class JobLeases:
                 reaped = []
             if self.rounds.qsize() < 100:  # nobody may be reading: keep it bounded
                 self.rounds.put_nowait(reaped)
-            deadline += interval
+            deadline = next_round(deadline, interval, self.clock.time())
             await self.clock.sleep_until(deadline)

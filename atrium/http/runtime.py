@@ -18,7 +18,7 @@ from atrium.observability.memory import MemoryTrimmer
 from atrium.observability.metrics import Metrics
 from atrium.observability.tracing import TracedBroker, Tracing, tracing_for
 from auth.tokens import TokenVerifier
-from core.clock import SYSTEM_CLOCK, Clock
+from core.clock import SYSTEM_CLOCK, Clock, next_round
 from core.settings import Settings
 from core.tasks import BackgroundTasks
 from models.db import Databases
@@ -147,12 +147,12 @@ class Runtime:
 
     async def _retention_schedule(self, started: float) -> None:
         """Apply the tenants' retention policies every ``retention_interval_seconds`` (the first time
-        one interval after start); a failed round is logged and the next one runs as planned."""
+        one interval after start); a failed round is logged and the next one runs as planned, and rounds
+        missed while the process was suspended (or its clock moved on) are not made up (``next_round``)."""
         interval = self.settings.retention_interval_seconds
-        deadline = started
+        deadline = started + interval
         rounds = 0
         while True:
-            deadline += interval
             await self.clock.sleep_until(deadline)
             try:
                 await apply_retention(self.databases, dt.datetime.fromtimestamp(self.clock.time(), dt.UTC))
@@ -161,6 +161,7 @@ class Runtime:
             rounds += 1
             if self.retention_rounds.qsize() < 100:  # nobody may be reading: keep it bounded
                 self.retention_rounds.put_nowait(rounds)
+            deadline = next_round(deadline, interval, self.clock.time())
 
     async def close(self) -> None:
         self.admission.close()
