@@ -204,9 +204,9 @@ def hidden_keys(hidden: Collection[str]) -> frozenset[str]:
 
 def readable(definitions: Sequence[Definition], hidden: Collection[str]) -> list[Definition]:
     """The definitions whose values a caller may read, in their order: those no field rule hides from
-    them (``hidden``: the caller's hidden fields of the record type, ``Session.hidden``). The one
-    answer to "which custom fields may this caller see": an export's custom columns, a change event's
-    changed keys, a version conflict's ``current`` and an audit read all ask it."""
+    them (``hidden``: the caller's hidden fields of the record type, ``Session.hidden``). What a reader
+    that lists the fields asks (an export's custom columns); readers of stored values ask ``hidden_key``
+    of each key (change events, audit reads, a version conflict's ``current``): the same test."""
     if not hidden:
         return list(definitions)
     return [d for d in definitions if RULE_PREFIX + d.key not in hidden]

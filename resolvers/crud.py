@@ -286,7 +286,7 @@ def refuse_hidden_input(info: Info, record: Record, given: dict[str, Any], *, pa
     written = [column for column, value in given.items() if record.has(column) and value is not UNSET
                and (patch or value is not None)]
     custom = given.get("custom_fields")
-    keys = [member(item, "key") for item in custom] if record.custom_fields and custom and custom is not UNSET else []
+    keys = [member(item, "key") for item in custom] if isinstance(custom, list) else []
     record.refuse_hidden(session.hidden(record.name), session.principal.role.value, columns=written,
                          custom_keys=keys)
 
