@@ -3,7 +3,8 @@
 A tenant's rules are data (``field_rules``, migration 0018), managed by ``resolvers.field_rules``.
 A session carries the rules of its tenant (``FieldRules``) and asks them what its role may not
 see: ``rules.hidden(role, "Deal")`` is the set of the Deal's hidden field names (the API's names,
-``amount``). Every read path asks that one question: the object types' guarded fields
+``amount``; a custom field as ``custom.<key>``, ``records.custom.rule_name``). Every read path asks
+that one question: the object types' guarded fields
 (``schema.objects.guarded``), filters and orderings (``Record.refuse_hidden``), aggregates, the
 planner (a plan reading a hidden field falls back to the executor), change events and audit reads;
 the write path refuses input naming a hidden field.

@@ -626,7 +626,8 @@ class RetentionPolicy(TenantTable, table=True):
 class FieldRule(TenantTable, table=True):
     """Fields of a record type hidden from some roles (``auth.fields``): ``record_type`` is the
     record's GraphQL type name, ``field`` the API's name of one of its declared restrictable fields
-    (or, later, a custom field's key), ``hidden_from`` the roles that neither read nor write it."""
+    or ``custom.<key>`` for a custom field (``records.custom.rule_name``), ``hidden_from`` the roles
+    that neither read nor write it."""
 
     __tablename__ = "field_rules"
     __table_args__ = (UniqueConstraint("tenant_id", "record_type", "field", name="field_rules_field_key"),)

@@ -6,6 +6,11 @@ an object of its value type. One correlated subquery over ``custom_field_definit
 each definition's object is built by the branch of its type (``CASE``), with the selection the
 query makes on that type (fragments, aliases and ``__typename`` as graphql-core collects them), and
 a USER value's ``user`` through the member lookup, as any to-one relation.
+
+Field rules (``auth.fields``): a plan reading the value of a custom field hidden from the caller
+(``customField(key:)`` of a hidden key, or a value's own fields in ``customFields`` while any key of
+the record type is hidden) is not run for that caller: the executor answers, null with FORBIDDEN
+(``schema.custom_fields.withheld``), as for a hidden standard field.
 """
 
 from __future__ import annotations
@@ -24,9 +29,9 @@ from sqlalchemy.sql import type_coerce
 from core.errors import AtriumError
 from planner import formats
 from records.crm import USER
-from records.custom import DEFINITIONS, CustomFieldType, check_key
+from records.custom import DEFINITIONS, CustomFieldType, check_key, hidden_key, hidden_keys
 from records.declare import Record
-from schema.custom_fields import VALUE_TYPES
+from schema.custom_fields import COMMON, VALUE_TYPES
 
 if TYPE_CHECKING:
     from planner.plan import Binding, ObjectPlan, PlanContext, Planner
@@ -86,6 +91,8 @@ class CustomPlan:
     field_def: GraphQLField
     node: FieldNode
     param: str
+    reads_values: bool
+    """The selection reads a value's own fields (not only the definition's key, label and type)."""
 
     @classmethod
     def build(cls, planner: Planner, record: Record, graphql_field: GraphQLField, group: list[FieldDetails],
@@ -95,6 +102,7 @@ class CustomPlan:
         interface = get_named_type(graphql_field.type)
         assert isinstance(interface, GraphQLInterfaceType)
         branches = []
+        reads_values = False
         for type_name in dict.fromkeys(cls.__name__ for cls in VALUE_TYPES.values()):
             kind = planner.schema.get_type(type_name)
             assert isinstance(kind, GraphQLObjectType)
@@ -104,6 +112,7 @@ class CustomPlan:
             pieces: list[tuple[str, Any]] = []
             for key, fields in grouped.grouped_field_set.items():
                 name = fields[0].node.name.value
+                reads_values = reads_values or name not in ("__typename", *COMMON)
                 if name == "__typename":
                     pieces.append((key, formats.text(type_name)))
                 elif name == "user":
@@ -116,7 +125,7 @@ class CustomPlan:
                     raise NotPlannable(name)
             held = tuple(t for t, value_type in VALUE_TYPES.items() if value_type.__name__ == type_name)
             branches.append((type_name, held, pieces))
-        return cls(record, branches, graphql_field, group[0].node, ctx.names("custom_key"))
+        return cls(record, branches, graphql_field, group[0].node, ctx.names("custom_key"), reads_values)
 
     def bind(self, b: Binding) -> None:
         from planner.plan import Fallback
@@ -125,13 +134,18 @@ class CustomPlan:
             for _, piece in pieces:
                 if isinstance(piece, UserPart):
                     piece.target.bind(b)
+        hidden = b.hidden(self.record.name)
         if not self._is_single():
+            if self.reads_values and hidden_keys(hidden):
+                raise Fallback  # some values are withheld: the executor's answer
             return
         key = get_argument_values(self.field_def, self.node, b.variables).get("key")
         try:
             b.params[self.param] = check_key("key", key)
         except AtriumError:
             raise Fallback from None
+        if hidden_key(key, hidden):
+            raise Fallback
 
     def _is_single(self) -> bool:
         return not _is_list(self.field_def)

@@ -558,7 +558,9 @@ class ConnectionPlan(RootPlan):
         hidden = b.hidden(self.record.name)
         try:
             self.record.refuse_hidden(hidden, b.principal.role.value, filters=filters,
-                                      sort=None if custom_sort(sort_name) else sort_name)
+                                      sort=None if custom_sort(sort_name) else sort_name,
+                                      custom_sort=sort_name.removeprefix(CUSTOM_SORT) if custom_sort(sort_name)
+                                      else None)
             bound = self.record.bind_filters(filters)
             cursors = {}
             for name, cursor in (("after", after), ("before", before)):

@@ -175,6 +175,43 @@ def member(given: Any, name: str) -> Any:
     return getattr(given, name, None)
 
 
+# ---- field rules (``auth.fields``) ------------------------------------------------------------
+
+RULE_PREFIX = "custom."
+"""A field rule names a custom field as ``custom.<key>`` (a standard field by its API name, which
+never holds a dot): so a custom key that spells a standard field's name (``amount``) is its own."""
+
+
+def rule_name(key: str) -> str:
+    """The ``field`` of a field rule hiding custom field ``key`` (``custom.tier``)."""
+    return RULE_PREFIX + key
+
+
+def custom_key(field: str) -> str | None:
+    """The custom field key a rule's ``field`` names (``custom.tier`` -> ``tier``); None for a standard field."""
+    return field[len(RULE_PREFIX):] if field.startswith(RULE_PREFIX) else None
+
+
+def hidden_key(key: Any, hidden: Collection[str]) -> bool:
+    """Whether custom field ``key`` is among the fields ``hidden`` from the caller (``HiddenOf``'s answer)."""
+    return isinstance(key, str) and RULE_PREFIX + key in hidden
+
+
+def hidden_keys(hidden: Collection[str]) -> frozenset[str]:
+    """The custom field keys among the fields ``hidden`` from the caller."""
+    return frozenset(key for name in hidden if (key := custom_key(name)) is not None)
+
+
+def readable(definitions: Sequence[Definition], hidden: Collection[str]) -> list[Definition]:
+    """The definitions whose values a caller may read, in their order: those no field rule hides from
+    them (``hidden``: the caller's hidden fields of the record type, ``Session.hidden``). What a reader
+    that lists the fields asks (an export's custom columns); readers of stored values ask ``hidden_key``
+    of each key (change events, audit reads, a version conflict's ``current``): the same test."""
+    if not hidden:
+        return list(definitions)
+    return [d for d in definitions if RULE_PREFIX + d.key not in hidden]
+
+
 def check_key(field: str, key: Any) -> str:
     if not isinstance(key, str) or not KEY.match(key):
         raise BadUserInput(field, "must be a key of lower-case letters, digits and '_', starting with a letter "
@@ -346,6 +383,12 @@ def resolve(definitions: Sequence[Definition], pending: Pending | None, current:
         if definition.required and definition.key not in out and (current is None or given_now):
             raise BadUserInput(f"{prefix}customFields.{definition.key}", "is required")
     return out
+
+
+def changed_keys(before: Mapping[str, Any] | None, after: Mapping[str, Any] | None) -> tuple[str, ...]:
+    """The keys whose stored values differ between two ``custom_fields`` objects (None: none held)."""
+    old, new = before or {}, after or {}
+    return tuple(sorted(k for k in {*old, *new} if old.get(k) != new.get(k)))
 
 
 def user_ids(definitions: Sequence[Definition], values: Mapping[str, Any]) -> dict[str, uuid.UUID]:

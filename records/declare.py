@@ -53,7 +53,7 @@ from auth.roles import Permission
 from core.errors import BadUserInput, HiddenField
 from models.loaders import TENANT
 from models.visibility import PEERS, RESTRICTED
-from records.custom import CustomFilter, Pending, sort_key
+from records.custom import CustomFilter, Pending, hidden_key, member, rule_name, sort_key
 from records.rules import Choice, Rule, Text
 
 
@@ -889,13 +889,20 @@ class Record:
         return {f.name: f for f in self.fields if f.restrictable}
 
     def refuse_hidden(self, hidden: Collection[str], role: str, *, filters: Mapping[str, Any] | None = None,
-                      sort: str | None = None, columns: Collection[str] = (), prefix: str = "") -> None:
+                      sort: str | None = None, custom_sort: str | None = None, columns: Collection[str] = (),
+                      custom_keys: Collection[str] = (), prefix: str = "") -> None:
         """FORBIDDEN naming the first filter field given (``filters``: python name -> value, None or
-        empty ones left out), ordering (``sort``: a ``Sort`` name) or written column (``columns``, named
-        with ``prefix``) that reads a field in ``hidden`` (API names)."""
+        empty ones left out; a ``custom`` condition by its index), ordering (``sort``: a ``Sort`` name;
+        ``custom_sort``: a custom field's key), written column (``columns``, named with ``prefix``) or
+        written custom field (``custom_keys``, named ``<prefix>customFields.<key>``) that reads a field
+        in ``hidden`` (API names; a custom field as ``custom.<key>``, ``records.custom.rule_name``)."""
         if not hidden:
             return
         for f in self.filters if filters else ():
+            if isinstance(f, CustomFilter):
+                for i, condition in enumerate((filters or {}).get("custom") or ()):
+                    self.refuse_hidden_custom(hidden, role, member(condition, "key"), f"filter.custom.{i}")
+                continue
             for name, column in filter_columns(f):
                 given = (filters or {}).get(name)
                 if camel(column) in hidden and given is not None and given != []:
@@ -904,9 +911,20 @@ class Record:
             column = next(s.column for s in self.sorts if s.name == sort)
             if camel(column) in hidden:
                 raise HiddenField("orderBy.field", self.name, camel(column), role)
+        if custom_sort is not None:
+            self.refuse_hidden_custom(hidden, role, custom_sort, "orderBy.custom")
         for column in columns:
             if camel(column) in hidden:
                 raise HiddenField(prefix + camel(column), self.name, camel(column), role)
+        for key in custom_keys:
+            self.refuse_hidden_custom(hidden, role, key, f"{prefix}customFields.{key}")
+
+    def refuse_hidden_custom(self, hidden: Collection[str], role: str, key: Any, field: str) -> None:
+        """FORBIDDEN naming ``field`` when custom field ``key`` of the record is in ``hidden``: what a
+        filter, an ordering, an input (and a group or measure over a custom field) that reads a custom
+        field asks."""
+        if hidden_key(key, hidden):
+            raise HiddenField(field, self.name, rule_name(key), role)
 
     def filter_fields(self) -> list[FilterField]:
         return [ff for f in self.filters for ff in f.fields(self)]

@@ -13,6 +13,7 @@ from auth.session import Info
 from core.ids import parse_global_id, to_global_id
 from models.audit_chain import Verification, verify_chain
 from models.tables import AUDIT_EVENTS
+from records.custom import hidden_key, rule_name
 from records.declare import Sort, camel
 from resolvers.paging import paginate
 from schema.crm import AuditChainBreak, AuditChainVerification, AuditEvent
@@ -56,7 +57,9 @@ class AuditQuery:
 
 def redacted(diff: Any, hidden: Collection[str]) -> Any:
     """An audit diff as a role may read it: the before/after values of the fields hidden from it
-    (``auth.fields``; diffs name columns) null, and their API names listed under ``hidden``."""
+    (``auth.fields``; diffs name columns) null, and their API names listed under ``hidden``; inside
+    ``custom_fields`` (an object of key -> value), the values of the custom fields hidden from it
+    null, listed as ``custom.<key>``."""
     if not hidden or not isinstance(diff, dict):
         return diff
     out = dict(diff)
@@ -66,6 +69,10 @@ def redacted(diff: Any, hidden: Collection[str]) -> Any:
         if isinstance(values, dict):
             out[side] = {k: None if camel(k) in hidden else v for k, v in values.items()}
             names.update(camel(k) for k in values if camel(k) in hidden)
+            custom = out[side].get("custom_fields")
+            if isinstance(custom, dict):
+                out[side]["custom_fields"] = {k: None if hidden_key(k, hidden) else v for k, v in custom.items()}
+                names.update(rule_name(k) for k in custom if hidden_key(k, hidden))
     if names:
         out["hidden"] = sorted(names)
     return out

@@ -44,7 +44,7 @@ from auth.session import Info
 from core.errors import BadUserInput
 from core.ids import decode_id, to_global_id
 from core.limits import MAX_BATCH
-from records.custom import SORT_LABEL, CustomFieldValueInput, check_key
+from records.custom import SORT_LABEL, CustomFieldValueInput, check_key, member
 from records.declare import Children, Create, Direction, Listing, Record, SortKey, camel, ordering, snake
 from resolvers import batch
 from resolvers.aggregates import aggregate_field
@@ -221,7 +221,7 @@ def list_field(record: Record) -> Any:
         filters = vars(filter) if filter else None
         custom = getattr(order, "custom", None)
         record.refuse_hidden(session.hidden(record.name), session.principal.role.value, filters=filters,
-                             sort=order.field.name if custom is None else None)
+                             sort=order.field.name if custom is None else None, custom_sort=custom)
         key = sort_key_of(record, order, keys, session.tenant_id)
         query = record.listing_query(session.tenant_id, filters, session.hidden)
         if key.label == SORT_LABEL:
@@ -280,11 +280,15 @@ Nested = list[tuple[Children, list[dict[str, Any]]]]
 
 def refuse_hidden_input(info: Info, record: Record, given: dict[str, Any], *, patch: bool = False) -> None:
     """FORBIDDEN naming the first input field that writes a field hidden from the caller's role
-    (``auth.fields``): a create's given values (null is not given), a patch's every field given."""
+    (``auth.fields``): a create's given values (null is not given), a patch's every field given, and
+    every custom field the input's ``customFields`` names (a value with no member clears it: writing)."""
     session = info.context.session
     written = [column for column, value in given.items() if record.has(column) and value is not UNSET
                and (patch or value is not None)]
-    record.refuse_hidden(session.hidden(record.name), session.principal.role.value, columns=written)
+    custom = given.get("custom_fields")
+    keys = [member(item, "key") for item in custom] if isinstance(custom, list) else []
+    record.refuse_hidden(session.hidden(record.name), session.principal.role.value, columns=written,
+                         custom_keys=keys)
 
 
 def create_values(record: Record, given: Any, info: Info) -> tuple[dict[str, Any], Nested]:

@@ -4,7 +4,8 @@
 position: never the key or the type, which stored values and queries depend on),
 ``deleteCustomFieldDefinition`` (hides the field and its values at once; the key stays taken) and
 ``purgeCustomFieldDefinition`` (of a deleted definition: removes its values from every record of
-the type, then the definition). Each writes an audit row (before/after) in its transaction.
+the type, then the definition; its field rules stay, ``resolvers.field_rules``). Each writes an
+audit row (before/after) in its transaction.
 """
 
 from __future__ import annotations

@@ -33,7 +33,8 @@ from auth.session import Info, Session, event_session
 from core.errors import BadUserInput, Forbidden, NotFound, SubscriberTooSlow
 from core.ids import decode_id, parse_global_id, to_global_id
 from records.crm import BY_NAME, NOTE
-from records.declare import Record
+from records.custom import hidden_key
+from records.declare import Record, camel
 from resolvers.deals import require_pipeline, stage_totals
 from schema.live import (
     ActivityChange,
@@ -92,6 +93,7 @@ def change_fields(event: ChangeEvent) -> dict[str, Any]:
         "timestamp": event.committed_at or event.occurred_at, "actor_id": event.actor_id,
         "record_key": event.entity_id,
         "trash": TrashAction(trash) if (trash := event.detail.get("trash")) else None,
+        "custom_keys": event.custom_keys,
     }
 
 
@@ -122,10 +124,19 @@ async def changes(info: Info, channel: str, build: Callable[[ChangeEvent], T | N
 
 def without_hidden(payload: T | Resync, session: Session) -> T | Resync:
     """A change as a subscriber may see it: the fields hidden from its role (``auth.fields``, read
-    for this event) left out of ``changedFields`` (the record itself reads them as null, FORBIDDEN)."""
+    for this event) left out of ``changedFields`` (the record itself reads them as null, FORBIDDEN),
+    ``customFields`` too when every custom field that changed is hidden from it."""
     if isinstance(payload, ChangeFields) and (hidden := session.hidden(payload.record_type)):
-        payload.changed_fields = [name for name in payload.changed_fields if name not in hidden]
+        shown = [name for name in payload.changed_fields if name not in hidden]
+        if CUSTOM_FIELDS in shown and payload.custom_keys and all(
+                hidden_key(key, hidden) for key in payload.custom_keys):
+            shown.remove(CUSTOM_FIELDS)
+        payload.changed_fields = shown
     return payload
+
+
+CUSTOM_FIELDS = camel("custom_fields")
+"""A change event's name of a change of custom field values."""
 
 
 def drain(queue: asyncio.Queue[object]) -> None:

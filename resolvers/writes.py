@@ -56,7 +56,7 @@ from core.ids import to_global_id
 from models.db import Databases, every_holder_seen, showing_trash
 from models.tables import AUDIT_EVENTS, MEMBERSHIPS
 from records.crm import BY_NAME, RECORDS, dependents, rollups_into
-from records.custom import Definition, Pending, definitions_query, resolve, user_ids
+from records.custom import Definition, Pending, changed_keys, definitions_query, hidden_key, resolve, user_ids
 from records.declare import AtLeastOne, ExactlyOne, HiddenOf, OnDelete, Record, camel, nothing_hidden
 from subscriptions.broker import Broker
 from subscriptions.events import ChangeEvent, ChangeKind
@@ -87,13 +87,14 @@ def public_record(record: Record, row: Mapping[Any, Any], hidden: Collection[str
     """A row as a client sees it: GraphQL field names and global IDs (``stage_id`` -> ``stageId``),
     without the fields ``hidden`` from the client's role (``auth.fields``); ``customFields`` as stored
     (key -> JSON value), only those of ``live`` keys when it is given (the values of a deleted
-    definition are hidden)."""
+    definition are hidden), without the custom fields ``hidden`` from the role (``custom.<key>``)."""
     out: dict[str, Any] = {}
     for column, value in row.items():
         if column == "tenant_id" or camel(column) in hidden:
             continue
         if column == "custom_fields":
-            out[camel(column)] = {k: jsonable(v) for k, v in value.items() if live is None or k in live}
+            out[camel(column)] = {k: jsonable(v) for k, v in value.items()
+                                  if (live is None or k in live) and not hidden_key(k, hidden)}
             continue
         relation = record.relation_by_key(column)
         type_name = record.name if column == "id" else relation.target().name if relation else None
@@ -223,7 +224,9 @@ class Change:
         await self._audit(record, "update", id, dict(detail) if detail is not None else {
             "before": snapshot(before._mapping, changed), "after": snapshot(row._mapping, changed)})
         self._event(record, ChangeKind.UPDATED, row, tuple(changed), detail=detail,
-                    previous_scope=scope_of(record, before._mapping))
+                    previous_scope=scope_of(record, before._mapping),
+                    custom_keys=changed_keys(before._mapping["custom_fields"], row._mapping["custom_fields"])
+                    if "custom_fields" in changed else ())
         await self._roll_up(record, row._mapping)
         return row
 
@@ -493,7 +496,7 @@ class Change:
             insert(t).values(tenant_id=self.tenant_id, id=uuid.uuid4(), **values).returning(t)
         )).one()
         await self._audit(record, "create", row.id, {"after": snapshot(row._mapping)})
-        self._event(record, ChangeKind.CREATED, row, tuple(values))
+        self._event(record, ChangeKind.CREATED, row, tuple(values), custom_keys=created_keys(record, row))
         return row
 
     async def insert_many(self, record: Record, rows: list[dict[str, Any]]) -> list[Row[Any]]:
@@ -518,7 +521,7 @@ class Change:
         out = [inserted[key] for key in ids]
         await self._audit_many(record, "create", [(row.id, {"after": snapshot(row._mapping)}) for row in out])
         for row, values in zip(out, rows, strict=True):
-            self._event(record, ChangeKind.CREATED, row, tuple(values))
+            self._event(record, ChangeKind.CREATED, row, tuple(values), custom_keys=created_keys(record, row))
         return out
 
     async def update_where(self, record: Record, where: ColumnElement[bool], changes: Mapping[str, Any], *,
@@ -587,7 +590,7 @@ class Change:
 
     def _event(self, record: Record, kind: ChangeKind, row: Row[Any], fields: tuple[str, ...],
                version: int | None = None, detail: Mapping[str, Any] | None = None,
-               previous_scope: dict[str, str] | None = None) -> None:
+               previous_scope: dict[str, str] | None = None, custom_keys: tuple[str, ...] = ()) -> None:
         scope = scope_of(record, row._mapping)
         self.rows.append(row._mapping)
         self.events.append(ChangeEvent(
@@ -596,6 +599,7 @@ class Change:
             version=version if version is not None else row.version, occurred_at=dt.datetime.now(dt.UTC),
             scope=scope, previous_scope=previous_scope if previous_scope and previous_scope != scope else {},
             detail=dict(detail or {}), owner_id=row._mapping[record.owner] if record.owner else None,
+            custom_keys=custom_keys,
         ))
 
 
@@ -607,6 +611,11 @@ AUDIT_APPEND = text("SELECT atrium_audit_append(:actor, :request, :ids, :actions
 """Chains and inserts many audit rows of the transaction's tenant at once (``Change._audit_many``)."""
 
 TRASHABLE: tuple[Record, ...] = tuple(record for record in RECORDS if record.trash)
+
+
+def created_keys(record: Record, row: Row[Any]) -> tuple[str, ...]:
+    """The custom fields a new record holds values of (its change event's ``custom_keys``)."""
+    return changed_keys(None, row._mapping["custom_fields"]) if record.custom_fields else ()
 
 
 def in_trash(record: Record, row: Mapping[Any, Any]) -> bool:

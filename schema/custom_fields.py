@@ -7,6 +7,12 @@ key). Each value is an object of the type's own GraphQL type (``NumberValue.numb
 ``Decimal``, ``DateValue.date`` a ``Date``...), so clients parse no JSON. The planner answers both
 in SQL (``planner.custom``); the resolvers here read the tenant's definitions once per request
 through the session's loaders.
+
+Field rules (``auth.fields``, docs/field-rules.md): a custom field a rule hides from the caller's
+role (``custom.<key>``) reads as a hidden standard field does, null with FORBIDDEN at its path:
+``customField(key:)`` is null with one FORBIDDEN error; in ``customFields`` its entry stays (its
+``key``, ``label`` and ``type`` are the definition, which every member reads) and each of the value's
+own fields (``option``, ``amount``...) is null with one FORBIDDEN error at its path (``withheld``).
 """
 
 from __future__ import annotations
@@ -21,9 +27,10 @@ from typing import TYPE_CHECKING, Annotated, Any
 import strawberry
 
 from auth.session import Info
+from core.errors import HiddenField
 from core.ids import decode_id, to_global_id
 from records.crm import RECORDS, USER
-from records.custom import DEFINITIONS_OF, CustomFieldType, Definition, check_key
+from records.custom import DEFINITIONS_OF, CustomFieldType, Definition, check_key, hidden_key, rule_name
 from records.declare import Record
 from schema.objects import load
 
@@ -129,6 +136,37 @@ def typed(definition: Definition, raw: Any) -> CustomFieldValue:
     return UserValue(**common, user_id=None if raw is None else strawberry.ID(to_global_id("User", uuid.UUID(raw))))
 
 
+COMMON = ("key", "label", "type")
+"""The fields every value has (the definition's); the others are the value's own."""
+
+
+def _withheld_type(cls: type[CustomFieldValue]) -> type[CustomFieldValue]:
+    """``cls`` whose own value fields raise the FORBIDDEN of the field rule the object carries: a
+    subclass, so the object still is (and reads as) a ``cls``, and its plain fields stay plain
+    attributes for every value that is not hidden."""
+    own = [f.python_name for f in cls.__strawberry_definition__.fields  # type: ignore[attr-defined]
+           if f.python_name not in COMMON and f.base_resolver is None]
+
+    def refused(self: Any) -> Any:
+        field, record_type, role = self.__dict__["refusal"]
+        raise HiddenField(field, record_type, field, role)
+
+    return type(f"Withheld{cls.__name__}", (cls,), {name: property(refused) for name in own})
+
+
+WITHHELD: dict[type[CustomFieldValue], type[CustomFieldValue]] = {
+    cls: _withheld_type(cls) for cls in dict.fromkeys(VALUE_TYPES.values())}
+
+
+def withheld(definition: Definition, record: Record, role: str) -> CustomFieldValue:
+    """The value of a custom field hidden from the caller's ``role`` (module docstring): its key,
+    label and type, and every field of the value itself null with FORBIDDEN naming ``custom.<key>``."""
+    value = object.__new__(WITHHELD[VALUE_TYPES[definition.type]])
+    value.__dict__.update(key=definition.key, label=definition.label, type=definition.type,
+                          refusal=(rule_name(definition.key), record.name, role))
+    return value
+
+
 async def definitions(info: Info, record: Record) -> list[Definition]:
     """The tenant's live definitions of ``record``, once per request (the session's loaders)."""
     session = info.context.session
@@ -141,11 +179,15 @@ def custom_fields(record: Record) -> Any:
 
     async def resolve(self: Any, info: Info) -> list[CustomFieldValue]:
         values = self.row.custom_fields
-        return [typed(d, values.get(d.key)) for d in await definitions(info, record)]
+        session = info.context.session
+        hidden = session.hidden(record.name)
+        return [withheld(d, record, session.principal.role.value) if hidden_key(d.key, hidden)
+                else typed(d, values.get(d.key)) for d in await definitions(info, record)]
 
     return strawberry.field(resolver=_typed(resolve, list[CustomFieldValue]), metadata={CUSTOM: record},
                             description="The workspace's custom fields of this record type, in form order, with "
-                                        "this record's values.")
+                                        "this record's values (a value hidden from your role by a field rule: "
+                                        "its own fields null, FORBIDDEN).")
 
 
 def custom_field(record: Record) -> Any:
@@ -154,10 +196,16 @@ def custom_field(record: Record) -> Any:
     async def resolve(self: Any, info: Info, key: str) -> CustomFieldValue | None:
         check_key("key", key)
         found = next((d for d in await definitions(info, record) if d.key == key), None)
-        return None if found is None else typed(found, self.row.custom_fields.get(key))
+        if found is None:
+            return None
+        session = info.context.session
+        if hidden_key(key, session.hidden(record.name)):
+            raise HiddenField(rule_name(key), record.name, rule_name(key), session.principal.role.value)
+        return typed(found, self.row.custom_fields.get(key))
 
     return strawberry.field(resolver=_typed(resolve, CustomFieldValue | None), metadata={CUSTOM: record},
-                            description="One custom field by key; null when the workspace has none of that key.")
+                            description="One custom field by key; null when the workspace has none of that key "
+                                        "(null, FORBIDDEN, when a field rule hides it from your role).")
 
 
 def _typed(resolve: Callable[..., Any], returns: Any) -> Callable[..., Any]:

@@ -16,7 +16,8 @@ from models.tables import Role
 class FieldRule:
     id: strawberry.ID
     record_type: str = strawberry.field(description="The record's GraphQL type name (`Deal`).")
-    field: str = strawberry.field(description="The field's API name (`amount`).")
+    field: str = strawberry.field(description="The field's API name (`amount`), or `custom.<key>` for a custom "
+                                              "field (`custom.tier`).")
     hidden_from: list[Role] = strawberry.field(description="The roles that may not see or write it.")
     updated_at: dt.datetime
 

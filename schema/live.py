@@ -57,6 +57,8 @@ class ChangeFields:
     timestamp: dt.datetime = strawberry.field(description="When the change's transaction committed.")
     actor_id: strawberry.Private[uuid.UUID | None]
     record_key: strawberry.Private[uuid.UUID]
+    custom_keys: strawberry.Private[tuple[str, ...]] = ()
+    """The custom fields whose values changed (``ChangeEvent.custom_keys``)."""
     trash: TrashAction | None = strawberry.field(
         default=None, description="TRASHED for a delete into the trash (kind DELETED), RESTORED for a restore "
                                   "from it (kind CREATED); null otherwise.")

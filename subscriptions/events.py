@@ -75,6 +75,9 @@ class ChangeEvent:
     owner_id: uuid.UUID | None = None
     """The record's owner after the change (before it, for a delete) when its type has one
     (``Record.owner``): subscribers who may not see the record are not sent the event."""
+    custom_keys: tuple[str, ...] = ()
+    """The custom fields whose values changed, by key, when ``fields`` names ``customFields``: a
+    subscriber whom field rules hide all of them from is not told ``customFields`` changed."""
 
     def channels(self) -> list[str]:
         """Every channel this event goes to: the record's, the entity type's, and scoped ones."""
@@ -94,7 +97,7 @@ class ChangeEvent:
             "occurred_at": self.occurred_at.isoformat(), "scope": self.scope,
             "previous_scope": self.previous_scope, "detail": self.detail,
             "committed_at": self.committed_at.isoformat() if self.committed_at else None,
-            "owner_id": str(self.owner_id) if self.owner_id else None,
+            "owner_id": str(self.owner_id) if self.owner_id else None, "custom_keys": list(self.custom_keys),
         }
 
     @classmethod
@@ -109,6 +112,7 @@ class ChangeEvent:
             detail=dict(data.get("detail") or {}),
             committed_at=datetime.fromisoformat(committed) if committed else None,
             owner_id=uuid.UUID(owner) if (owner := data.get("owner_id")) else None,
+            custom_keys=tuple(data.get("custom_keys") or ()),
         )
 
     def encode(self) -> str:

@@ -159,14 +159,17 @@ async def seed(client: httpx.AsyncClient, tenant: TenantWorld) -> World:
     world.ids.append(f"{uuid.uuid4().hex}")  # not an id at all
     # Field rules (docs/field-rules.md): every query below runs as the owner, who sees everything, and as
     # a viewer, from whom these are hidden: both paths must answer alike (null + FORBIDDEN where a
-    # hidden field is read, FORBIDDEN where one is filtered, sorted or measured by, searches without it).
+    # hidden field is read, FORBIDDEN where one is filtered, sorted or measured by, searches without it;
+    # custom fields' values withheld, their definitions read).
     for record_type, name in HIDDEN_FROM_VIEWERS:
         await api(client, tenant.token(Role.ADMIN), """mutation($t: String!, $f: String!) {
             setFieldRule(recordType: $t, field: $f, hiddenFrom: [VIEWER]) { id } }""", t=record_type, f=name)
     return world
 
 
-HIDDEN_FROM_VIEWERS = (("Deal", "amount"), ("Contact", "email"), ("Product", "unitPrice"), ("Activity", "body"))
+HIDDEN_FROM_VIEWERS = (("Deal", "amount"), ("Contact", "email"), ("Product", "unitPrice"), ("Activity", "body"),
+                       ("Deal", "custom.score"), ("Company", "custom.segment"))
+"""Custom fields too (``custom.<key>``): their values withheld, filters and orderings by them refused."""
 CUSTOM_DEALS: list[dict[str, Any]] = [
     {"key": "tier", "label": "Tier ✓ \"q\"", "type": "SINGLE_SELECT", "options": ["gold", "silver", "bronze"]},
     {"key": "score", "label": "Score", "type": "NUMBER"},
@@ -438,6 +441,14 @@ CHOSEN: list[tuple[str, dict[str, Any]]] = [
     ("{ deals(filter: {custom: [{key: \"score\", op: GT}]}) { totalCount } }", {}),
     ("{ deals(filter: {custom: [{key: \"score\", op: IN, number: \"1\"}]}) { totalCount } }", {}),
     ("{ deals(orderBy: {custom: \"Bad\"}) { totalCount } }", {}),
+    # custom field rules (score and segment hidden from viewers): definitions read, values withheld
+    ("{ deals(first: 5) { nodes { customFields { __typename key label type } } } companies { nodes { "
+     "customFields { key } } } }", {}),
+    ("{ deals(first: 5) { nodes { score: customField(key: \"score\") { key } tier: customField(key: \"tier\") { "
+     "... on SelectValue { option } } } } }", {}),
+    ("{ deals(orderBy: {custom: \"score\"}) { totalCount } a: deals(filter: {custom: [{key: \"tier\", "
+     "text: \"gold\"}, {key: \"score\", op: GT, number: \"0\"}]}) { totalCount } }", {}),
+    ("{ dealsAggregate(filter: {custom: [{key: \"score\", op: GT, number: \"0\"}]}) { groups { count } } }", {}),
     ("{ deals(first: 30, orderBy: {custom: \"score\", direction: DESC}) { edges { cursor node { title "
      "customField(key: \"score\") { ... on NumberValue { number } } } } pageInfo { endCursor } } "
      "a: deals(orderBy: {custom: \"gone\"}) { edges { cursor } } }", {}),
