@@ -57,6 +57,18 @@ async def test_uvicorn_started_directly_names_a_bad_setting(database_url: str) -
     assert one_line(ran) == "atrium: ATRIUM_TOKEN_TTL must be a whole number of seconds, at least 1, not 'abc'"
 
 
+async def test_the_served_app_is_built_on_a_settled_heap(database_url: str) -> None:
+    """What uvicorn's factory builds is frozen out of the collector's sight (``settle_the_heap``):
+    full collections under load then walk only what requests allocate."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", "import gc; from atrium.asgi import create_from_env; before = gc.get_freeze_count(); "
+        "create_from_env(); print(before, gc.get_freeze_count())",
+        cwd=ROOT, env=environment(DATABASE_URL=database_url), stdout=asyncio.subprocess.PIPE)
+    out, _ = await asyncio.wait_for(process.communicate(), 60)
+    before, frozen = map(int, out.split())
+    assert process.returncode == 0 and before == 0 and frozen > 100_000
+
+
 async def test_an_unreachable_database_is_one_line_without_the_password() -> None:
     port = free_port()
     ran = await atrium("tenant", "list", env=environment(
