@@ -6,7 +6,7 @@ Redis: REDIS_URL, else redis://127.0.0.1:6379/0; a test that needs it asks for t
 fixture and is skipped, saying so, when nothing answers there.
 
 Every fixture is shared from here: those defined below, and those of the plugin modules listed in
-``pytest_plugins`` (the live-update kit and the browser). Test modules import helpers, never fixtures.
+``pytest_plugins`` (the live-update kit, the browser, the field-rule apps). Test modules import helpers, never fixtures.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ from models.db import Databases
 from models.migrations import migrate
 from models.tables import Role
 
-pytest_plugins = ["tests.live", "tests.browser"]
+pytest_plugins = ["tests.live", "tests.browser", "tests.field_rules"]
 
 TEST_SECRET = "test-secret-" + secrets.token_hex(16)
 TEST_WEBHOOK_KEY = base64.b64encode(secrets.token_bytes(32)).decode()

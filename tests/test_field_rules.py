@@ -8,43 +8,24 @@ check of one path, fails the test.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import replace
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import httpx
-import pytest
 from starlette.applications import Starlette
 
-from atrium.app import create_app
 from core.clock import ManualClock
 from core.settings import Settings
 from models.tables import Role
 from tests.conftest import TenantWorld, codes, data_or_fail, gql
 from tests.crm import Crm, seed_crm
+from tests.field_rules import REMOVE, SET
 from tests.live import live, serve_in_process
 
 MakeTenant = Callable[..., Awaitable[TenantWorld]]
-SET = """mutation($t: String!, $f: String!, $r: [Role!]!) {
-  setFieldRule(recordType: $t, field: $f, hiddenFrom: $r) { recordType field hiddenFrom } }"""
-REMOVE = "mutation($t: String!, $f: String!) { removeFieldRule(recordType: $t, field: $f) }"
 DEALS = "{ deals { edges { node { id title amount currency } } } }"
 LIVE_PORT = 18510
 """The in-process server of the subscription test (this branch's port range)."""
-
-
-@pytest.fixture(scope="module")
-async def apps(settings: Settings) -> AsyncIterator[dict[str, Starlette]]:
-    planned, executed = create_app(replace(settings, plans=True)), create_app(replace(settings, plans=False))
-    async with planned.router.lifespan_context(planned), executed.router.lifespan_context(executed):
-        yield {"plans-on": planned, "plans-off": executed}
-
-
-@pytest.fixture(params=["plans-on", "plans-off"])
-async def api(request: pytest.FixtureRequest, apps: dict[str, Starlette]) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=apps[request.param]),
-                                 base_url="http://rules.test") as client:
-        yield client
 
 
 async def hide(client: httpx.AsyncClient, tenant: TenantWorld, record_type: str, field: str,
