@@ -28,6 +28,13 @@ column answers), and each condition also asks that the tenant has a live definit
 of a type the condition fits, so a filter on a deleted definition, or with a value of another type,
 matches nothing.
 
+Aggregates group by custom fields of the ``GROUPABLE`` types and measure those of the ``MEASURABLE``
+ones (``CustomGroup``, ``CustomMeasure``: the same interface as a declaration's ``Group`` and
+``Measure``, over the JSON value instead of a column). Their statement reads the definitions it
+names itself (``described``) and counts nothing unless each has a live definition of a fitting type
+(``CustomGroup.live``), so an aggregate stays one statement and a deleted definition's values are
+never grouped or measured; ``check_described`` then answers BAD_USER_INPUT naming the key.
+
 This module holds no database access: only data, rules and SQL expressions.
 """
 
@@ -46,7 +53,9 @@ from typing import TYPE_CHECKING, Any
 
 import strawberry
 from sqlalchemy import (
+    JSON,
     ColumnElement,
+    Numeric,
     String,
     TypeDecorator,
     and_,
@@ -66,7 +75,7 @@ from sqlalchemy.sql import type_coerce
 from core.errors import BadUserInput
 from core.ids import decode_id
 from models.loaders import TENANT
-from models.tables import CUSTOM_FIELD_DEFINITIONS, exact_dumps
+from models.tables import CUSTOM_FIELD_DEFINITIONS, ExactJSONB, exact_dumps
 from records.rules import Currency, Email, Money, Text
 
 if TYPE_CHECKING:
@@ -639,3 +648,126 @@ def sort_key(record: Record, key: str, tenant: Any) -> SortKey:
     guarded = func.coalesce(case((live, type_coerce(table.c.custom_fields[key], JSONB))),
                             literal_column("'null'::jsonb"))
     return SortKey(f"custom:{key}", type_coerce(guarded, JSONText), SORT_LABEL, parse_json_text)
+
+
+# ---- aggregates ---------------------------------------------------------------------------------
+
+GROUPABLE = (CustomFieldType.SINGLE_SELECT, CustomFieldType.BOOLEAN, CustomFieldType.USER)
+"""The types an aggregate may group by (``groupByCustom``): one value per record, from a short list
+(options, true/false, the members); texts, numbers and dates would make a group of nearly every record."""
+MEASURABLE = (CustomFieldType.NUMBER, CustomFieldType.MONEY)
+"""The types an aggregate may measure (``measureCustom``): count, sum, avg, min, max; money per currency."""
+MAX_GROUP_KEYS = 5
+MAX_MEASURE_KEYS = 10
+
+
+def asked_keys(argument: str, given: Sequence[str] | None, maximum: int) -> list[str]:
+    """The custom field keys of an aggregate's ``argument`` (``groupByCustom``, ``measureCustom``), each
+    once, in the order given; BAD_USER_INPUT naming ``<argument>.<index>`` for a malformed key, or
+    ``argument`` for too many."""
+    keys = list(dict.fromkeys(check_key(f"{argument}.{i}", key) for i, key in enumerate(given or ())))
+    if len(keys) > maximum:
+        raise BadUserInput(argument, f"at most {maximum} custom fields")
+    return keys
+
+
+def _value(source: Any, key: Any) -> ColumnElement[Any]:
+    return type_coerce(source.c.custom_fields[key], JSONB)
+
+
+@dataclass(frozen=True)
+class CustomGroup:
+    """Group by custom field ``key``: its stored JSON value (an option, true/false, a user id; SQL null
+    for the records without one). ``index``: its place among the statement's groups, naming its
+    parameter."""
+
+    key: str
+    index: int
+
+    @property
+    def parameter(self) -> Any:
+        return bindparam(f"group_custom_{self.index}", self.key, type_=String())
+
+    def expression(self, source: Any) -> ColumnElement[Any]:
+        return type_coerce(source.c.custom_fields[self.parameter], ExactJSONB())
+
+    def live(self, record_name: str, tenant: Any) -> ColumnElement[bool]:
+        """The tenant has a live definition of the key, of a ``GROUPABLE`` type."""
+        return _live(record_name, tenant, self.parameter, GROUPABLE)
+
+
+@dataclass(frozen=True)
+class CustomMeasure:
+    """Measure custom field ``key`` (NUMBER or MONEY). The statement does not know which before it
+    runs, so it measures both ways: the plain number (``plain``: the values without a currency) and
+    the money per currency (``money``: those with one); the definition's type picks one."""
+
+    key: str
+    index: int
+    plain = True
+    money = True
+
+    @property
+    def name(self) -> str:
+        return self.key
+
+    @property
+    def parameter(self) -> Any:
+        return bindparam(f"measure_custom_{self.index}", self.key, type_=String())
+
+    def value(self, source: Any) -> ColumnElement[Any]:
+        """The number (NUMBER) or the amount (MONEY), as numeric; null without a value."""
+        element = _value(source, self.parameter)
+        return case((func.jsonb_typeof(element) == "number", cast(source.c.custom_fields[self.parameter].astext,
+                                                                  Numeric())),
+                    (func.jsonb_typeof(element) == "object", cast(element["amount"].astext, Numeric())))
+
+    def currency_of(self, source: Any) -> ColumnElement[Any]:
+        """The currency of a MONEY value (null for a number, or without a value)."""
+        currency: ColumnElement[Any] = _value(source, self.parameter)["currency"].astext
+        return currency
+
+    def live(self, record_name: str, tenant: Any) -> ColumnElement[bool]:
+        """The tenant has a live definition of the key, of a ``MEASURABLE`` type."""
+        return _live(record_name, tenant, self.parameter, MEASURABLE)
+
+
+@dataclass(frozen=True)
+class Described:
+    """A live definition as an aggregate's statement reads it (``described``)."""
+
+    key: str
+    label: str
+    type: CustomFieldType
+
+
+def described(record_name: str, tenant: Any, parameters: Sequence[Any]) -> ColumnElement[Any]:
+    """The tenant's live definitions of the keys in ``parameters``: a JSON list of key, label and
+    type (a scalar subquery: the statement reads it once)."""
+    d = DEFINITIONS
+    item = func.json_build_object("key", d.c.key, "label", d.c.label, "type", d.c.type)
+    return (select(func.json_agg(item, type_=JSON()))
+            .where(d.c.tenant_id == tenant, d.c.record_type == record_name, d.c.deleted_at.is_(None),
+                   d.c.key.in_(list(parameters)))
+            .scalar_subquery())
+
+
+def read_described(value: Any) -> dict[str, Described]:
+    """What ``described`` returned, by key."""
+    return {item["key"]: Described(item["key"], item["label"], CustomFieldType(item["type"])) for item in value or ()}
+
+
+def check_described(found: Mapping[str, Described], groups: Sequence[str], measures: Sequence[str],
+                    plural_label: str) -> None:
+    """BAD_USER_INPUT naming ``groupByCustom.<key>`` or ``measureCustom.<key>`` for a key the tenant has no
+    live definition of (another tenant's, a deleted one's), or one of a type that cannot be grouped
+    (``GROUPABLE``) or measured (``MEASURABLE``)."""
+    for argument, keys, types, verb in (("groupByCustom", groups, GROUPABLE, "group by"),
+                                        ("measureCustom", measures, MEASURABLE, "measure")):
+        for key in keys:
+            definition = found.get(key)
+            if definition is None:
+                raise BadUserInput(f"{argument}.{key}", f"is not a custom field of {plural_label}")
+            if definition.type not in types:
+                raise BadUserInput(f"{argument}.{key}", f"is a {definition.type.name} field: aggregates {verb} "
+                                                        + " or ".join(t.name for t in types) + " fields")

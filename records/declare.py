@@ -43,6 +43,7 @@ from sqlalchemy import (
     exists,
     func,
     literal,
+    null,
     or_,
     select,
 )
@@ -629,14 +630,32 @@ class Measure:
     def name(self) -> str:
         return camel(self.column)
 
+    @property
+    def plain(self) -> bool:
+        """Aggregated as one number (``NumberAggregate``)."""
+        return self.currency is None
+
+    @property
+    def money(self) -> bool:
+        """Aggregated per currency (``[MoneyAggregate!]!``)."""
+        return self.currency is not None
+
+    def value(self, source: Any) -> ColumnElement[Any]:
+        return source.c[self.column]  # type: ignore[no-any-return]
+
+    def currency_of(self, source: Any) -> ColumnElement[Any]:
+        """The currency of each value (SQL null for a plain number)."""
+        return source.c[self.currency] if self.currency else null()
+
 
 @dataclass(frozen=True)
 class Aggregation:
     """What ``<plural>Aggregate(filter:, groupBy:, first:)`` may group by and what it aggregates.
 
-    Groups and measures are columns (or expressions of the record's row): a custom field becomes one
-    more ``Group``/``Measure`` over its value, and record visibility applies through the same
-    ``Record.filtered`` every list uses."""
+    Groups and measures are columns (or expressions of the record's row); a record with
+    ``custom_fields`` may also be grouped and measured by the tenant's custom fields
+    (``records.custom.CustomGroup`` and ``CustomMeasure``: the same interface over the JSON value).
+    Record visibility applies through the same ``Record.filtered`` every list uses."""
 
     groups: tuple[Group, ...]
     measures: tuple[Measure, ...] = ()

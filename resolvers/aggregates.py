@@ -1,92 +1,165 @@
 """``<plural>Aggregate(filter:, groupBy:, first:)``: counts and measures per group, in one SQL statement.
 
 Derived from the record's ``Aggregation`` (``records.crm``): ``dealsAggregate(filter: DealFilter,
-groupBy: [DealGroupBy!]! = [], first: Int = 100): DealAggregate!``. The records counted are exactly
-those the record's list would return for the same ``filter`` (``Record.filtered``: the same filters,
-the same explicit tenant filter, in the request's tenant transaction under RLS). Without ``groupBy``
-there is one group: the totals.
+groupBy: [DealGroupBy!]! = [], groupByCustom: [String!]! = [], measureCustom: [String!]! = [],
+first: Int = 100): DealAggregate!``. The records counted are exactly those the record's list would
+return for the same ``filter`` (``Record.filtered``: the same filters, the same explicit tenant
+filter, the same record visibility, in the request's tenant transaction under RLS). Without
+``groupBy`` there is one group: the totals. ``groupByCustom`` and ``measureCustom`` (records with
+``custom_fields`` only) name custom fields by key: grouped by their value (``records.custom.
+GROUPABLE`` types) and measured (``MEASURABLE``) like a declared ``Group`` and ``Measure``.
 
-The statement groups the filtered rows by the chosen keys and the money measures' currency, then
-groups those by the keys alone, folding each currency's count, sum, average, minimum and maximum
-into arrays (ordered by currency): so an amount is never summed across currencies, and the group's
-``count`` is every record of it. Groups come largest first (then by their keys), at most ``first``
-(1 to ``MAX_GROUPS``); ``groupCount`` says how many there are in all.
+The statement groups the filtered rows by the chosen keys and, for the measures, by each measure's
+currency: every record gives one row per measure (measure number, currency, value: a lateral
+``VALUES`` list), grouped by the keys, the measure and the currency; those are grouped by the keys
+alone, folding each measure's plain count, sum, minimum and maximum, and each currency's count, sum,
+average, minimum and maximum into arrays (ordered by currency): so an amount is never summed across
+currencies, and the group's ``count`` is every record of it. Groups come largest first (then by
+their keys), at most ``first`` (1 to ``MAX_GROUPS``); ``groupCount`` says how many there are in all.
+With custom keys the same statement also reads their live definitions (``records.custom.described``)
+and counts nothing unless every key has one of a fitting type; the answer is BAD_USER_INPUT naming
+the key then (another tenant's key, a deleted definition's, a text field...).
 
-Cost: ``first`` sizes ``groups`` in the cost estimate like a page (``schema.cost``).
+Field rules: a filter, group or measure reading a field hidden from the caller's role is FORBIDDEN
+(``refuse_hidden``), a custom field named ``custom.<key>`` (``records.custom.rule_name``).
+
+Cost: ``first`` sizes ``groups`` in the cost estimate like a page (``schema.cost``); ``customField``
+and ``customMeasure`` are object fields of each group.
 """
 
 from __future__ import annotations
 
 import inspect
+from collections.abc import Sequence
 from decimal import Decimal
 from typing import Any
 
 import strawberry
-from sqlalchemy import ColumnElement, func, literal_column, select
+from sqlalchemy import ColumnElement, Integer, Numeric, String, func, literal, literal_column, select, true, values
+from sqlalchemy import column as sql_column
 from sqlalchemy.dialects.postgresql import aggregate_order_by
 
 from auth.roles import requires
 from auth.session import Info
 from core.errors import BadUserInput, HiddenField
 from core.limits import DEFAULT_GROUPS, MAX_GROUPS
-from records.declare import Aggregation, Group, HiddenOf, Record, camel, nothing_hidden
+from records.custom import (
+    GROUPABLE,
+    MAX_GROUP_KEYS,
+    MAX_MEASURE_KEYS,
+    MEASURABLE,
+    CustomFieldType,
+    CustomGroup,
+    CustomMeasure,
+    Described,
+    asked_keys,
+    check_described,
+    described,
+    read_described,
+)
+from records.declare import Aggregation, Group, HiddenOf, Measure, Record, camel, nothing_hidden
 from records.rules import Choice
-from schema.aggregates import MoneyAggregate, NumberAggregate, aggregate_type, build_group, group_by_enum
+from schema.aggregates import (
+    CustomFieldAggregate,
+    MoneyAggregate,
+    NumberAggregate,
+    aggregate_type,
+    build_group,
+    group_by_enum,
+)
+from schema.custom_fields import CustomFieldValue, typed
 from schema.objects import selected_under
 
 CENT = Decimal("0.01")
 NUMBER_PLACES = Decimal("0.0001")
+MONEY_PARTS = (("c", "c"), ("n", "nv"), ("s", "s"), ("a", "a"), ("lo", "lo"), ("hi", "hi"))
+"""The per-currency arrays of a money measure: result label part, the inner column it folds."""
+
+AnyGroup = Group | CustomGroup
+AnyMeasure = Measure | CustomMeasure
 
 
 def statement(record: Record, aggregation: Aggregation, tenant_id: Any, bound: dict[str, Any],
-              chosen: list[Group], first: int, hidden: HiddenOf = nothing_hidden) -> Any:
-    """The one SELECT of an aggregate (module docstring); its parameters are ``bound``."""
-    rows = record.filtered(tenant_id, bound, hidden=hidden).subquery("r")
+              chosen: Sequence[AnyGroup], first: int, hidden: HiddenOf = nothing_hidden,
+              custom_measures: Sequence[CustomMeasure] = ()) -> Any:
+    """The one SELECT of an aggregate (module docstring); the filters' parameters are ``bound``.
+    ``chosen``: the groups (declared and custom); the measures are the declared ones, then
+    ``custom_measures``. With custom keys its first column, ``described``, holds their definitions
+    and a row of nulls stands for no group at all."""
+    measures: list[AnyMeasure] = [*aggregation.measures, *custom_measures]
+    customs = [g for g in chosen if isinstance(g, CustomGroup)] + list(custom_measures)
+    query = record.filtered(tenant_id, bound, hidden=hidden)
+    rows = query.where(*(c.live(record.name, tenant_id) for c in customs)).subquery("r")
     keys = [group.expression(rows).label(f"k{i}") for i, group in enumerate(chosen)]
-    currencies = list(dict.fromkeys(m.currency for m in aggregation.measures if m.currency))
-    assert len(currencies) <= 1, "money measures of one record share one currency column"
-    currency = [rows.c[currencies[0]].label("c")] if currencies else []
-    inner_columns: list[ColumnElement[Any]] = [*keys, *currency, func.count().label("n")]
-    for j, measure in enumerate(aggregation.measures):
-        column = rows.c[measure.column]
-        inner_columns += [func.count(column).label(f"n{j}"), func.sum(column).label(f"s{j}"),
-                          func.min(column).label(f"lo{j}"), func.max(column).label(f"hi{j}")]
-        if measure.currency:
-            inner_columns.append(func.round(func.avg(column), 2).label(f"a{j}"))
-    inner = select(*inner_columns).group_by(*keys, *currency).subquery("g")
+    if measures:
+        long = values(sql_column("j", Integer), sql_column("c", String), sql_column("v", Numeric), name="m").data(
+            [(j, m.currency_of(rows), m.value(rows)) for j, m in enumerate(measures)]).lateral()
+        inner = (select(*keys, long.c.j, long.c.c, func.count().label("n"), func.count(long.c.v).label("nv"),
+                        func.sum(long.c.v).label("s"), func.round(func.avg(long.c.v), 2).label("a"),
+                        func.min(long.c.v).label("lo"), func.max(long.c.v).label("hi"))
+                 .select_from(rows.join(long, true())).group_by(*keys, long.c.j, long.c.c).subquery("g"))
+        records: ColumnElement[Any] = func.sum(inner.c.n).filter(inner.c.j == literal(0))
+    else:
+        inner = select(*keys, func.count().label("n")).group_by(*keys).subquery("g")
+        records = func.sum(inner.c.n)
     outer_keys = [inner.c[f"k{i}"] for i in range(len(chosen))]
-    columns: list[ColumnElement[Any]] = [*outer_keys, func.sum(inner.c.n).label("records"),
-                                         func.count().over().label("groups")]
-    for j, measure in enumerate(aggregation.measures):
-        if measure.currency:
-            by_currency = inner.c.c
-            columns += [func.array_agg(aggregate_order_by(inner.c[f"{part}{j}"] if part else by_currency,
-                                                          by_currency)).label(f"{part or 'c'}{j}")
-                        for part in ("", "n", "s", "a", "lo", "hi")]
-        else:
-            columns += [func.sum(inner.c[f"n{j}"]).label(f"n{j}"), func.sum(inner.c[f"s{j}"]).label(f"s{j}"),
-                        func.min(inner.c[f"lo{j}"]).label(f"lo{j}"), func.max(inner.c[f"hi{j}"]).label(f"hi{j}")]
-    return (select(*columns).group_by(*outer_keys)
-            .order_by(literal_column("records").desc(), *outer_keys).limit(first))
+    columns: list[ColumnElement[Any]] = [*outer_keys, records.label("records"), func.count().over().label("groups")]
+    for j, measure in enumerate(measures):
+        of_measure = inner.c.j == literal(j)
+        if measure.plain:
+            plain = (of_measure, inner.c.c.is_(None))
+            columns += [func.sum(inner.c.nv).filter(*plain).label(f"n{j}"),
+                        func.sum(inner.c.s).filter(*plain).label(f"s{j}"),
+                        func.min(inner.c.lo).filter(*plain).label(f"lo{j}"),
+                        func.max(inner.c.hi).filter(*plain).label(f"hi{j}")]
+        if measure.money:
+            money = (of_measure, inner.c.c.is_not(None))
+            columns += [func.array_agg(aggregate_order_by(inner.c[source], inner.c.c)).filter(*money)
+                        .label(f"m{part}{j}") for part, source in MONEY_PARTS]
+    aggregate = (select(*columns).group_by(*outer_keys)
+                 .order_by(literal_column("records").desc(), *outer_keys).limit(first))
+    if not customs:
+        return aggregate
+    definitions = described(record.name, tenant_id, [c.parameter for c in customs]).label("described")
+    found = select(definitions).subquery("d")
+    groups = aggregate.subquery("a")
+    return (select(found.c.described, *(c for c in groups.c))
+            .select_from(found.outerjoin(groups, true()))
+            .order_by(groups.c.records.desc(), *(groups.c[f"k{i}"] for i in range(len(chosen)))))
+
+
+def number_aggregate(m: Any, j: int) -> NumberAggregate:
+    count, total = int(m[f"n{j}"] or 0), m[f"s{j}"]
+    average = (Decimal(total) / count).quantize(NUMBER_PLACES) if count else None
+    return NumberAggregate(count=count, sum=Decimal(total) if total is not None else None, avg=average,
+                           min=Decimal(m[f"lo{j}"]) if m[f"lo{j}"] is not None else None,
+                           max=Decimal(m[f"hi{j}"]) if m[f"hi{j}"] is not None else None)
+
+
+def money_aggregates(m: Any, j: int) -> list[MoneyAggregate]:
+    parts = [m[f"m{part}{j}"] or [] for part, _ in MONEY_PARTS]
+    return [MoneyAggregate(currency=c, count=int(n), sum=Decimal(s), avg=Decimal(a), min=Decimal(lo), max=Decimal(hi))
+            for c, n, s, a, lo, hi in zip(*parts, strict=True)]
 
 
 def measures_of(aggregation: Aggregation, row: Any) -> dict[str, Any]:
-    """The measure fields of one result row."""
-    out: dict[str, Any] = {}
-    for j, measure in enumerate(aggregation.measures):
-        m = row._mapping
-        if measure.currency:
-            parts = [m[f"{p}{j}"] or [] for p in ("c", "n", "s", "a", "lo", "hi")]
-            out[measure.column] = [
-                MoneyAggregate(currency=c, count=int(n), sum=s, avg=a, min=lo, max=hi)
-                for c, n, s, a, lo, hi in zip(*parts, strict=True)]
-        else:
-            count, total = int(m[f"n{j}"] or 0), m[f"s{j}"]
-            average = (Decimal(total) / count).quantize(NUMBER_PLACES) if count else None
-            out[measure.column] = NumberAggregate(
-                count=count, sum=Decimal(total) if total is not None else None, avg=average,
-                min=Decimal(m[f"lo{j}"]) if m[f"lo{j}"] is not None else None,
-                max=Decimal(m[f"hi{j}"]) if m[f"hi{j}"] is not None else None)
+    """The declared measure fields of one result row."""
+    m = row._mapping
+    return {measure.column: money_aggregates(m, j) if measure.money else number_aggregate(m, j)
+            for j, measure in enumerate(aggregation.measures)}
+
+
+def custom_measures_of(aggregation: Aggregation, custom_measures: Sequence[CustomMeasure],
+                       found: dict[str, Described], row: Any) -> dict[str, CustomFieldAggregate]:
+    """The custom measures of one result row (after the declared ones), by key."""
+    m = row._mapping
+    out: dict[str, CustomFieldAggregate] = {}
+    for j, measure in enumerate(custom_measures, start=len(aggregation.measures)):
+        definition = found[measure.key]
+        is_money = definition.type is CustomFieldType.MONEY
+        out[measure.key] = CustomFieldAggregate(
+            key=definition.key, label=definition.label, type=definition.type,
+            number=None if is_money else number_aggregate(m, j), money=money_aggregates(m, j) if is_money else None)
     return out
 
 
@@ -96,22 +169,32 @@ def key_value(record: Record, group: Group, value: Any) -> Any:
     return rule.annotation(value) if isinstance(rule, Choice) and value is not None else value
 
 
-def refuse_hidden(info: Info, record: Record, aggregation: Aggregation, chosen: list[Group],
-                  filters: dict[str, Any] | None) -> None:
-    """FORBIDDEN naming the first filter, group (``groupBy``) or selected measure (``groups.<measure>``)
-    that reads a field hidden from the caller's role (``auth.fields``)."""
+def refuse_hidden(info: Info, record: Record, aggregation: Aggregation, chosen: Sequence[AnyGroup],
+                  filters: dict[str, Any] | None, custom_measures: Sequence[CustomMeasure] = ()) -> None:
+    """FORBIDDEN naming the first filter, group (``groupBy``, ``groupByCustom.<key>``), selected measure
+    (``groups.<measure>``) or custom measure (``measureCustom.<key>``) that reads a field hidden from the
+    caller's role (``auth.fields``; a custom field as ``custom.<key>``, ``records.custom.rule_name``)."""
     session = info.context.session
     hidden, role = session.hidden(record.name), session.principal.role.value
     if not hidden:
         return
     record.refuse_hidden(hidden, role, filters=filters)
     for group in chosen:
-        if camel(group.column) in hidden:
+        if isinstance(group, CustomGroup):
+            record.refuse_hidden_custom(hidden, role, group.key, f"groupByCustom.{group.key}")
+        elif camel(group.column) in hidden:
             raise HiddenField("groupBy", record.name, camel(group.column), role)
     selected = {field.name for field in selected_under(info, ("groups",))}
     for measure in aggregation.measures:
         if measure.name in selected and measure.name in hidden:
             raise HiddenField(f"groups.{measure.name}", record.name, measure.name, role)
+    for custom in custom_measures:
+        record.refuse_hidden_custom(hidden, role, custom.key, f"measureCustom.{custom.key}")
+
+
+def custom_groups(chosen: Sequence[Group], keys: Sequence[str]) -> list[CustomGroup]:
+    """The ``groupByCustom`` keys as groups after the declared ones (their place names their parameter)."""
+    return [CustomGroup(key, len(chosen) + i) for i, key in enumerate(keys)]
 
 
 def aggregate_field(record: Record, filter_input: type | None) -> Any:
@@ -123,40 +206,68 @@ def aggregate_field(record: Record, filter_input: type | None) -> Any:
     group_enum = group_by_enum(record)
 
     async def aggregate(info: Info, filter: Any = None, group_by: list[Any] | None = None,
+                        group_by_custom: list[str] | None = None, measure_custom: list[str] | None = None,
                         first: int = DEFAULT_GROUPS) -> Any:
         if not 1 <= first <= MAX_GROUPS:
             raise BadUserInput("first", f"must be between 1 and {MAX_GROUPS}")
-        chosen = [by[value.value] for value in dict.fromkeys(group_by or [])]
+        declared = [by[value.value] for value in dict.fromkeys(group_by or [])]
+        chosen: list[AnyGroup] = [*declared, *custom_groups(
+            declared, asked_keys("groupByCustom", group_by_custom, MAX_GROUP_KEYS))]
+        custom_measures = [CustomMeasure(key, j) for j, key in enumerate(
+            asked_keys("measureCustom", measure_custom, MAX_MEASURE_KEYS))]
         session = info.context.session
         filters = vars(filter) if filter else None
-        refuse_hidden(info, record, aggregation, chosen, filters)
+        refuse_hidden(info, record, aggregation, chosen, filters, custom_measures)
         bound = record.bind_filters(filters)
         rows = await session.db.fetch(statement(record, aggregation, session.tenant_id, bound, chosen, first,
-                                                session.hidden), bound)
+                                                session.hidden, custom_measures), bound)
+        found: dict[str, Described] = {}
+        if len(chosen) > len(declared) or custom_measures:
+            found = read_described(rows[0].described)
+            check_described(found, [g.key for g in chosen if isinstance(g, CustomGroup)],
+                            [m.key for m in custom_measures], record.plural_label)
+            rows = [row for row in rows if row.groups is not None]  # the row of nulls: no group at all
         groups = []
         for row in rows:
             values: dict[str, Any] = {"count": int(row.records or 0), **measures_of(aggregation, row)}
             keys: dict[str, Any] = {}
+            custom: dict[str, CustomFieldValue] = {}
             for i, group in enumerate(chosen):
                 value = row._mapping[f"k{i}"]
-                relation = record.relation_by_key(group.column)
-                if relation is not None:
+                if isinstance(group, CustomGroup):
+                    custom[group.key] = typed(found[group.key], value)
+                elif (relation := record.relation_by_key(group.column)) is not None:
                     keys[relation.name] = value
                 else:
                     values[group.field_name] = key_value(record, group, value)
-            groups.append(build_group(record, values, keys))
+            groups.append(build_group(record, values, keys, custom,
+                                      custom_measures_of(aggregation, custom_measures, found, row)))
         return result(group_count=rows[0].groups if rows else 0, groups=groups)
 
     parameters: list[tuple[str, Any, Any]] = []
     if filter_input is not None:
         parameters.append(("filter", filter_input | None, None))
-    parameters += [("group_by", list[group_enum], ()), ("first", int, DEFAULT_GROUPS)]  # type: ignore[valid-type]
+    parameters.append(("group_by", list[group_enum], ()))  # type: ignore[valid-type]
+    if record.custom_fields:
+        parameters += [("group_by_custom", list[str], ()), ("measure_custom", list[str], ())]
+    parameters.append(("first", int, DEFAULT_GROUPS))
     signature = inspect.Signature([
         inspect.Parameter("info", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Info),
         *(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation, default=default)
           for name, annotation, default in parameters)], return_annotation=result)
     aggregate.__signature__ = signature  # type: ignore[attr-defined]
     measured = "".join(f", {m.name}" for m in aggregation.measures)
+    custom = " and of the custom fields in `groupByCustom`" if record.custom_fields else ""
+    measure_custom = (f" `groupByCustom` takes the keys of {either(GROUPABLE)} fields (up to {MAX_GROUP_KEYS}), "
+                      f"`measureCustom` those of {either(MEASURABLE)} fields to measure per group (up to "
+                      f"{MAX_MEASURE_KEYS}; money per currency)." if record.custom_fields else "")
     return strawberry.field(resolver=aggregate, **requires(
         record.access.read, f"Count{measured} of the {record.plural_label} matching `filter`, per group of the "
-        f"fields in `groupBy` (largest groups first, at most `first`, up to {MAX_GROUPS}); money per currency."))
+        f"fields in `groupBy`{custom} (largest groups first, at most `first`, up to {MAX_GROUPS}); money per "
+        f"currency.{measure_custom}"))
+
+
+def either(types: Sequence[CustomFieldType]) -> str:
+    """``SINGLE_SELECT, BOOLEAN or USER``."""
+    names = [t.name for t in types]
+    return ", ".join(names[:-1]) + " or " + names[-1] if len(names) > 1 else names[0]

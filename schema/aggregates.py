@@ -6,6 +6,11 @@ key as the related record, ``stage: Stage``, any other as its value, ``status: D
 ``closeMonth: Date``; one field per ``Measure``: money as ``[MoneyAggregate!]!``, one entry per
 currency, a plain number as ``NumberAggregate``) and ``DealAggregate`` (``groupCount`` and
 ``groups``). Related records are read through the session's loaders, like every relation.
+
+A record with custom fields (``Record.custom_fields``) also has, on its group type,
+``customField(key:)`` (the group's value of a custom field it is grouped by, ``groupByCustom``: the
+same typed ``CustomFieldValue`` its records show; null for a key not grouped by) and
+``customMeasure(key:)`` (a ``CustomFieldAggregate`` of a field in ``measureCustom``; null otherwise).
 """
 
 from __future__ import annotations
@@ -19,8 +24,10 @@ from typing import Any
 import strawberry
 
 from auth.session import Info
+from records.custom import CustomFieldType, check_key
 from records.declare import Group, Record
 from schema import enums as _enums  # noqa: F401 - registers the model enums as GraphQL enums
+from schema.custom_fields import CustomFieldValue
 from schema.objects import RecordObject, load
 
 
@@ -45,10 +52,45 @@ class NumberAggregate:
     max: Decimal | None
 
 
+@strawberry.type(description="A NUMBER or MONEY custom field over a group's records (`measureCustom`): `number` "
+                             "for a NUMBER field, `money` (one entry per currency, never summed across currencies) "
+                             "for a MONEY field; the other is null.")
+class CustomFieldAggregate:
+    key: str
+    label: str
+    type: CustomFieldType
+    number: NumberAggregate | None = None
+    money: list[MoneyAggregate] | None = None
+
+
 class GroupObject:
-    """Base of the derived group types: the relation keys of the group stay in ``keys``."""
+    """Base of the derived group types: the relation keys of the group stay in ``keys``; its values of the
+    custom fields grouped by in ``custom`` and the custom measures in ``measured`` (by key)."""
 
     keys: dict[str, Any]
+    custom: dict[str, CustomFieldValue]
+    measured: dict[str, CustomFieldAggregate]
+
+
+def custom_key_field() -> Any:
+    """``customField(key: String!): CustomFieldValue`` of a group type."""
+
+    def resolve(self: GroupObject, key: str) -> CustomFieldValue | None:
+        return self.custom.get(check_key("key", key))
+
+    return strawberry.field(resolver=resolve, description="The group's value of custom field `key` when grouped by it "
+                                                          "(`groupByCustom`; a value whose member is null: the "
+                                                          "records without one); null for a key not grouped by.")
+
+
+def custom_measure_field() -> Any:
+    """``customMeasure(key: String!): CustomFieldAggregate`` of a group type."""
+
+    def resolve(self: GroupObject, key: str) -> CustomFieldAggregate | None:
+        return self.measured.get(check_key("key", key))
+
+    return strawberry.field(resolver=resolve, description="Numeric custom field `key` over the group's records when "
+                                                          "measured (`measureCustom`); null otherwise.")
 
 
 def key_field(record: Record, group: Group) -> tuple[str, Any, Any]:
@@ -93,7 +135,12 @@ def group_type(record: Record) -> type:
             default=None, description=f"The group's value when grouped by {group.name}.")
     for measure in record.aggregation.measures:
         annotations[measure.column] = list[MoneyAggregate] if measure.currency else NumberAggregate
+    if record.custom_fields:
+        namespace["custom_field"] = custom_key_field()
+        namespace["custom_measure"] = custom_measure_field()
     annotations["keys"] = strawberry.Private[dict[str, Any]]
+    annotations["custom"] = strawberry.Private[dict[str, CustomFieldValue]]
+    annotations["measured"] = strawberry.Private[dict[str, CustomFieldAggregate]]
     return strawberry.type(type(f"{record.name}Group", (GroupObject,), namespace),
                            description=f"{record.plural_label.capitalize()} sharing the values of the fields grouped "
                                        "by (a key field not grouped by is null).")
@@ -108,7 +155,9 @@ def aggregate_type(record: Record) -> type:
     return strawberry.type(type(f"{record.name}Aggregate", (), namespace))
 
 
-def build_group(record: Record, values: dict[str, Any], keys: dict[str, Any]) -> Any:
+def build_group(record: Record, values: dict[str, Any], keys: dict[str, Any],
+                custom: dict[str, CustomFieldValue] | None = None,
+                measured: dict[str, CustomFieldAggregate] | None = None) -> Any:
     """A group object of ``record`` from its field values (every key field not given is null)."""
     cls = group_type(record)
     obj: Any = object.__new__(cls)
@@ -118,4 +167,6 @@ def build_group(record: Record, values: dict[str, Any], keys: dict[str, Any]) ->
             obj.__dict__[group.field_name] = None
     obj.__dict__.update(values)
     obj.keys = keys
+    obj.custom = custom or {}
+    obj.measured = measured or {}
     return obj

@@ -30,7 +30,15 @@ from auth.session import Info
 from core.errors import HiddenField
 from core.ids import decode_id, to_global_id
 from records.crm import RECORDS, USER
-from records.custom import DEFINITIONS_OF, CustomFieldType, Definition, check_key, hidden_key, rule_name
+from records.custom import (
+    DEFINITIONS_OF,
+    CustomFieldType,
+    Definition,
+    Described,
+    check_key,
+    hidden_key,
+    rule_name,
+)
 from records.declare import Record
 from schema.objects import load
 
@@ -112,8 +120,9 @@ VALUE_TYPES: dict[CustomFieldType, type[CustomFieldValue]] = {
 """The GraphQL type of each custom field type's values (the planner reads it too)."""
 
 
-def typed(definition: Definition, raw: Any) -> CustomFieldValue:
-    """The typed value of a stored JSON value (``records.custom``) under ``definition``."""
+def typed(definition: Definition | Described, raw: Any) -> CustomFieldValue:
+    """The typed value of a stored JSON value (``records.custom``) under ``definition`` (a record's
+    field, or an aggregate's group key)."""
     common: dict[str, Any] = {"key": definition.key, "label": definition.label, "type": definition.type}
     kind = definition.type
     cls = VALUE_TYPES[kind]

@@ -449,6 +449,18 @@ CHOSEN: list[tuple[str, dict[str, Any]]] = [
     ("{ deals(orderBy: {custom: \"score\"}) { totalCount } a: deals(filter: {custom: [{key: \"tier\", "
      "text: \"gold\"}, {key: \"score\", op: GT, number: \"0\"}]}) { totalCount } }", {}),
     ("{ dealsAggregate(filter: {custom: [{key: \"score\", op: GT, number: \"0\"}]}) { groups { count } } }", {}),
+    # aggregates over custom fields (executed; planned lists beside them; measuring score is FORBIDDEN for viewers)
+    ("{ dealsAggregate(groupBy: [CURRENCY], groupByCustom: [\"tier\", \"signed\", \"champion\"], "
+     "measureCustom: [\"score\", \"budget\"]) { groupCount groups { count currency "
+     "customField(key: \"tier\") { label ... on SelectValue { option } } "
+     "c: customField(key: \"champion\") { ... on UserValue { user { name } } } "
+     "customMeasure(key: \"budget\") { money { currency sum avg } } s: customMeasure(key: \"score\") { "
+     "number { count sum avg min max } } } } deals(first: 3) { nodes { title customField(key: \"tier\") { key } } } }",
+     {}),
+    ("{ dealsAggregate(groupByCustom: [\"tier\", \"champion\"], measureCustom: [\"budget\"]) { groups { count "
+     "customField(key: \"champion\") { ... on UserValue { userId } } customMeasure(key: \"budget\") { money { "
+     "sum } } } } deals(first: 2) { nodes { title } } }", {}),
+    ("{ dealsAggregate(groupByCustom: [\"gone\"]) { groupCount } deals(first: 1) { totalCount } }", {}),
     ("{ deals(first: 30, orderBy: {custom: \"score\", direction: DESC}) { edges { cursor node { title "
      "customField(key: \"score\") { ... on NumberValue { number } } } } pageInfo { endCursor } } "
      "a: deals(orderBy: {custom: \"gone\"}) { edges { cursor } } }", {}),
