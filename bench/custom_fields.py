@@ -11,7 +11,11 @@ plans on, then off) for:
 - ``in``: the deals with one of two tiers;
 - ``range``: the deals with a score of at least 99.5 (a range is not a containment: the tenant's
   rows are scanned);
-- ``sort``: the first page of all deals by score.
+- ``sort``: the first page of all deals by score;
+- ``agg-stage``: ``dealsAggregate(groupBy: [STAGE])`` with the amounts (the declared groups and
+  measures, for comparison), and ``agg-tier``: ``dealsAggregate(groupByCustom: ["tier"],
+  measureCustom: ["score"])``, all deals grouped by a custom field and measured by another (one
+  statement reading the tenant's rows).
 
 Prints the median, min and max wall time per request of ``--rounds`` rounds (after one warm-up
 round), and the EXPLAIN ANALYZE of each filter's page statement as the resolvers write it. Not a
@@ -56,6 +60,13 @@ FILTERS: dict[str, dict[str, Any]] = {
 }
 PAGE = """query($f: DealFilter, $o: DealOrder) { deals(first: 20, filter: $f, orderBy: $o) { totalCount
   nodes { id title customField(key: "tier") { ... on SelectValue { option } } } } }"""
+AGGREGATES = {
+    "agg-stage": "{ dealsAggregate(groupBy: [STAGE]) { groupCount groups { count amount { sum avg } } } }",
+    "agg-tier": """{ dealsAggregate(groupByCustom: ["tier"], measureCustom: ["score"]) { groupCount groups { count
+      customField(key: "tier") { ... on SelectValue { option } }
+      customMeasure(key: "score") { number { sum avg } } } } }""",
+}
+"""Aggregates of all deals: ``groupCount`` is printed as what they match."""
 SEED = """
 INSERT INTO deals (tenant_id, id, title, amount, currency, pipeline_id, stage_id, status, custom_fields)
 SELECT $1, gen_random_uuid(), 'Bench deal ' || n, (n % 1000) + 0.5, 'USD', $2, $3, 'open',
@@ -111,9 +122,10 @@ async def explain(url: str, tenant_id: Any, filters: dict[str, Any]) -> str:
         await engine.dispose()
 
 
-async def timed(client: httpx.AsyncClient, token: str, variables: dict[str, Any]) -> tuple[float, Any]:
+async def timed(client: httpx.AsyncClient, token: str, variables: dict[str, Any],
+                query: str = PAGE) -> tuple[float, Any]:
     started = time.perf_counter()
-    response = await client.post("/graphql", json={"query": PAGE, "variables": variables},
+    response = await client.post("/graphql", json={"query": query, "variables": variables},
                                  headers={"authorization": f"Bearer {token}"})
     elapsed = time.perf_counter() - started
     body = response.json()
@@ -123,23 +135,24 @@ async def timed(client: httpx.AsyncClient, token: str, variables: dict[str, Any]
 
 
 async def measure(settings: Settings, token: str, rounds: int) -> list[str]:
-    cases: dict[str, dict[str, Any]] = {name: {"f": f} for name, f in FILTERS.items()}
-    cases["sort"] = {"o": {"custom": "score", "direction": "DESC"}}
+    cases: dict[str, tuple[str, dict[str, Any]]] = {name: (PAGE, {"f": f}) for name, f in FILTERS.items()}
+    cases["sort"] = (PAGE, {"o": {"custom": "score", "direction": "DESC"}})
+    cases.update({name: (query, {}) for name, query in AGGREGATES.items()})
     lines = []
     for plans in (True, False):
         app = create_app(replace(settings, plans=plans))
         async with app.router.lifespan_context(app), httpx.AsyncClient(
                 transport=httpx.ASGITransport(app=app), base_url="http://bench.test", timeout=120) as client:
-            for name, variables in cases.items():
+            for name, (query, variables) in cases.items():
                 times = []
                 total = 0
                 for round_ in range(rounds + 1):
-                    elapsed, data = await timed(client, token, variables)
-                    total = data["deals"]["totalCount"]
+                    elapsed, data = await timed(client, token, variables, query)
+                    total = data["deals"]["totalCount"] if "deals" in data else data["dealsAggregate"]["groupCount"]
                     if round_:
                         times.append(elapsed)
                 median = statistics.median(times)
-                lines.append(f"plans {'on ' if plans else 'off'} {name:<6} {total:>7,} matching: median "
+                lines.append(f"plans {'on ' if plans else 'off'} {name:<9} {total:>7,} matching: median "
                              f"{median * 1000:7.1f} ms  min {min(times) * 1000:7.1f} ms  "
                              f"max {max(times) * 1000:7.1f} ms")
     return lines

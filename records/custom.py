@@ -718,9 +718,8 @@ class CustomMeasure:
     def value(self, source: Any) -> ColumnElement[Any]:
         """The number (NUMBER) or the amount (MONEY), as numeric; null without a value."""
         element = _value(source, self.parameter)
-        return case((func.jsonb_typeof(element) == "number", cast(source.c.custom_fields[self.parameter].astext,
-                                                                  Numeric())),
-                    (func.jsonb_typeof(element) == "object", cast(element["amount"].astext, Numeric())))
+        return case({"number": cast(source.c.custom_fields[self.parameter].astext, Numeric()),
+                     "object": cast(element["amount"].astext, Numeric())}, value=func.jsonb_typeof(element))
 
     def currency_of(self, source: Any) -> ColumnElement[Any]:
         """The currency of a MONEY value (null for a number, or without a value)."""
@@ -770,4 +769,10 @@ def check_described(found: Mapping[str, Described], groups: Sequence[str], measu
                 raise BadUserInput(f"{argument}.{key}", f"is not a custom field of {plural_label}")
             if definition.type not in types:
                 raise BadUserInput(f"{argument}.{key}", f"is a {definition.type.name} field: aggregates {verb} "
-                                                        + " or ".join(t.name for t in types) + " fields")
+                                                        f"{either(types)} fields")
+
+
+def either(types: Sequence[CustomFieldType]) -> str:
+    """``SINGLE_SELECT, BOOLEAN or USER``."""
+    names = [t.name for t in types]
+    return ", ".join(names[:-1]) + " or " + names[-1] if len(names) > 1 else names[0]

@@ -9,12 +9,14 @@ filter, the same record visibility, in the request's tenant transaction under RL
 ``custom_fields`` only) name custom fields by key: grouped by their value (``records.custom.
 GROUPABLE`` types) and measured (``MEASURABLE``) like a declared ``Group`` and ``Measure``.
 
-The statement groups the filtered rows by the chosen keys and, for the measures, by each measure's
-currency: every record gives one row per measure (measure number, currency, value: a lateral
-``VALUES`` list), grouped by the keys, the measure and the currency; those are grouped by the keys
-alone, folding each measure's plain count, sum, minimum and maximum, and each currency's count, sum,
-average, minimum and maximum into arrays (ordered by currency): so an amount is never summed across
-currencies, and the group's ``count`` is every record of it. Groups come largest first (then by
+The statement computes, per filtered row, the group keys, each money measure's currency and each
+measure's value; groups those rows by the keys and the currencies (one count, sum, minimum and
+maximum per measure); turns each such group into one row per measure (a lateral ``VALUES`` list:
+the measure, its currency, its count, sum, minimum, maximum) and groups them by the keys, the
+measure and the currency; and groups those by the keys alone, folding each measure's plain count,
+sum, minimum and maximum, and each currency's count, sum, average, minimum and maximum into arrays
+(ordered by currency): so an amount is never summed across currencies, declared or custom, and the
+group's ``count`` is every record of it. Groups come largest first (then by
 their keys), at most ``first`` (1 to ``MAX_GROUPS``); ``groupCount`` says how many there are in all.
 With custom keys the same statement also reads their live definitions (``records.custom.described``)
 and counts nothing unless every key has one of a fitting type; the answer is BAD_USER_INPUT naming
@@ -35,7 +37,19 @@ from decimal import Decimal
 from typing import Any
 
 import strawberry
-from sqlalchemy import ColumnElement, Integer, Numeric, String, func, literal, literal_column, select, true, values
+from sqlalchemy import (
+    ColumnElement,
+    Integer,
+    Numeric,
+    String,
+    func,
+    literal,
+    literal_column,
+    null,
+    select,
+    true,
+    values,
+)
 from sqlalchemy import column as sql_column
 from sqlalchemy.dialects.postgresql import aggregate_order_by
 
@@ -55,6 +69,7 @@ from records.custom import (
     asked_keys,
     check_described,
     described,
+    either,
     read_described,
 )
 from records.declare import Aggregation, Group, HiddenOf, Measure, Record, camel, nothing_hidden
@@ -72,8 +87,8 @@ from schema.objects import selected_under
 
 CENT = Decimal("0.01")
 NUMBER_PLACES = Decimal("0.0001")
-MONEY_PARTS = (("c", "c"), ("n", "nv"), ("s", "s"), ("a", "a"), ("lo", "lo"), ("hi", "hi"))
-"""The per-currency arrays of a money measure: result label part, the inner column it folds."""
+MONEY_PARTS = ("c", "n", "s", "a", "lo", "hi")
+"""The per-currency arrays of a money measure (currency, count, sum, average, minimum, maximum)."""
 
 AnyGroup = Group | CustomGroup
 AnyMeasure = Measure | CustomMeasure
@@ -90,17 +105,50 @@ def statement(record: Record, aggregation: Aggregation, tenant_id: Any, bound: d
     customs = [g for g in chosen if isinstance(g, CustomGroup)] + list(custom_measures)
     query = record.filtered(tenant_id, bound, hidden=hidden)
     rows = query.where(*(c.live(record.name, tenant_id) for c in customs)).subquery("r")
-    keys = [group.expression(rows).label(f"k{i}") for i, group in enumerate(chosen)]
+    # Each money measure's currency: one column per currency column (declared measures share theirs)
+    # or custom field (its own); a plain number has none.
+    slots: dict[Any, int] = {}
+    currencies: list[ColumnElement[Any]] = []
+    slot_of: list[int | None] = []
+    for measure in measures:
+        slot = measure.currency if isinstance(measure, Measure) else measure
+        if not measure.money:
+            slot_of.append(None)
+            continue
+        if slot not in slots:
+            slots[slot] = len(currencies)
+            currencies.append(measure.currency_of(rows).label(f"c{len(currencies)}"))
+        slot_of.append(slots[slot])
+    # The values each record contributes, computed once per row; OFFSET 0 keeps PostgreSQL from
+    # folding this into the grouping (it would carry the whole JSONB through a sort and guess the
+    # groups too many to hash).
+    narrow = select(*(group.expression(rows).label(f"k{i}") for i, group in enumerate(chosen)), *currencies,
+                    *(m.value(rows).label(f"v{j}") for j, m in enumerate(measures))).offset(0).subquery("x")
+    keys = [narrow.c[f"k{i}"] for i in range(len(chosen))]
+    by_currency = [narrow.c[f"c{s}"] for s in range(len(currencies))]
+    first_level: list[ColumnElement[Any]] = [*keys, *by_currency, func.count().label("n")]
+    for j in range(len(measures)):
+        v = narrow.c[f"v{j}"]
+        first_level += [func.count(v).label(f"nv{j}"), func.sum(v).label(f"s{j}"), func.min(v).label(f"lo{j}"),
+                        func.max(v).label(f"hi{j}")]
+    grouped = select(*first_level).group_by(*keys, *by_currency).subquery("g1")
     if measures:
-        long = values(sql_column("j", Integer), sql_column("c", String), sql_column("v", Numeric), name="m").data(
-            [(j, m.currency_of(rows), m.value(rows)) for j, m in enumerate(measures)]).lateral()
-        inner = (select(*keys, long.c.j, long.c.c, func.count().label("n"), func.count(long.c.v).label("nv"),
-                        func.sum(long.c.v).label("s"), func.round(func.avg(long.c.v), 2).label("a"),
-                        func.min(long.c.v).label("lo"), func.max(long.c.v).label("hi"))
-                 .select_from(rows.join(long, true())).group_by(*keys, long.c.j, long.c.c).subquery("g"))
+        # One row per group, measure and currency: the first level's rows are few, each gives one
+        # row per measure (a lateral VALUES list), grouped again without the other measures' currencies.
+        long = values(*(sql_column(name, kind) for name, kind in (
+            ("j", Integer), ("c", String), ("n", Numeric), ("nv", Numeric), ("s", Numeric), ("lo", Numeric),
+            ("hi", Numeric))), name="m").data([
+                (j, grouped.c[f"c{slot}"] if slot is not None else null(), grouped.c.n, grouped.c[f"nv{j}"],
+                 grouped.c[f"s{j}"], grouped.c[f"lo{j}"], grouped.c[f"hi{j}"]) for j, slot in enumerate(slot_of)
+            ]).lateral()
+        level_keys = [grouped.c[f"k{i}"] for i in range(len(chosen))]
+        inner = (select(*level_keys, long.c.j, long.c.c, func.sum(long.c.n).label("n"),
+                        func.sum(long.c.nv).label("nv"), func.sum(long.c.s).label("s"),
+                        func.min(long.c.lo).label("lo"), func.max(long.c.hi).label("hi"))
+                 .select_from(grouped.join(long, true())).group_by(*level_keys, long.c.j, long.c.c).subquery("g"))
         records: ColumnElement[Any] = func.sum(inner.c.n).filter(inner.c.j == literal(0))
     else:
-        inner = select(*keys, func.count().label("n")).group_by(*keys).subquery("g")
+        inner = grouped
         records = func.sum(inner.c.n)
     outer_keys = [inner.c[f"k{i}"] for i in range(len(chosen))]
     columns: list[ColumnElement[Any]] = [*outer_keys, records.label("records"), func.count().over().label("groups")]
@@ -114,8 +162,10 @@ def statement(record: Record, aggregation: Aggregation, tenant_id: Any, bound: d
                         func.max(inner.c.hi).filter(*plain).label(f"hi{j}")]
         if measure.money:
             money = (of_measure, inner.c.c.is_not(None))
-            columns += [func.array_agg(aggregate_order_by(inner.c[source], inner.c.c)).filter(*money)
-                        .label(f"m{part}{j}") for part, source in MONEY_PARTS]
+            average = func.round(inner.c.s / func.nullif(inner.c.nv, 0), 2)
+            parts = {"c": inner.c.c, "n": inner.c.nv, "s": inner.c.s, "a": average, "lo": inner.c.lo, "hi": inner.c.hi}
+            columns += [func.array_agg(aggregate_order_by(parts[part], inner.c.c)).filter(*money).label(f"m{part}{j}")
+                        for part in MONEY_PARTS]
     aggregate = (select(*columns).group_by(*outer_keys)
                  .order_by(literal_column("records").desc(), *outer_keys).limit(first))
     if not customs:
@@ -137,7 +187,7 @@ def number_aggregate(m: Any, j: int) -> NumberAggregate:
 
 
 def money_aggregates(m: Any, j: int) -> list[MoneyAggregate]:
-    parts = [m[f"m{part}{j}"] or [] for part, _ in MONEY_PARTS]
+    parts = [m[f"m{part}{j}"] or [] for part in MONEY_PARTS]
     return [MoneyAggregate(currency=c, count=int(n), sum=Decimal(s), avg=Decimal(a), min=Decimal(lo), max=Decimal(hi))
             for c, n, s, a, lo, hi in zip(*parts, strict=True)]
 
@@ -266,8 +316,3 @@ def aggregate_field(record: Record, filter_input: type | None) -> Any:
         f"fields in `groupBy`{custom} (largest groups first, at most `first`, up to {MAX_GROUPS}); money per "
         f"currency.{measure_custom}"))
 
-
-def either(types: Sequence[CustomFieldType]) -> str:
-    """``SINGLE_SELECT, BOOLEAN or USER``."""
-    names = [t.name for t in types]
-    return ", ".join(names[:-1]) + " or " + names[-1] if len(names) > 1 else names[0]
