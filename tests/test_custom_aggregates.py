@@ -30,6 +30,7 @@ from records.custom import CustomGroup, CustomMeasure
 from resolvers.aggregates import statement
 from tests.conftest import TenantWorld, codes, data_or_fail, gql, make_tenant_world
 from tests.crm import create_company, create_pipeline, gid
+from tests.field_rules import SET
 from tests.wire import wired_app
 
 MakeTenant = Callable[..., Awaitable[TenantWorld]]
@@ -511,8 +512,7 @@ async def test_a_field_hidden_from_a_role_cannot_be_grouped_or_measured(
             {"key": "tier", "option": "gold"}, {"key": "signed", "boolean": True}, {"key": "score", "number": "4"}]}},
         token=owner))
     for name in ("custom.tier", "custom.score"):
-        data_or_fail(await gql(client, """mutation($f: String!) { setFieldRule(recordType: "Deal", field: $f,
-            hiddenFrom: [VIEWER]) { field } }""", {"f": name}, token=owner))
+        data_or_fail(await gql(client, SET, {"t": "Deal", "f": name, "r": ["VIEWER"]}, token=owner))
     group = '{ dealsAggregate(groupByCustom: ["signed", "tier"]) { groups { count } } }'
     measure = '{ dealsAggregate(groupByCustom: ["signed"], measureCustom: ["score"]) { groups { count } } }'
     for query, field in ((group, "groupByCustom.tier"), (measure, "measureCustom.score")):
