@@ -30,7 +30,8 @@ from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 import asyncpg
-from sqlalchemy import URL, Executable, Row, event, text
+from sqlalchemy import URL, ColumnElement, Executable, Row, Select, bindparam, event, func, select, text, true
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection, QueuePool
@@ -63,6 +64,24 @@ CONNECT_TIMEOUT = 5.0
 POOL_TIMEOUT = 5.0
 """Seconds a checkout may wait for a busy pool by default (``Settings.db_pool_timeout_seconds``)."""
 """Seconds a readiness check waits for the database before calling it down."""
+
+
+def each_key(query: Select[Any], column: ColumnElement[Any], name: str) -> Select[Any]:
+    """The rows of ``query`` whose ``column`` equals one of the values of the array parameter
+    ``name`` (of the column's type), found key by key: ``SELECT found.* FROM unnest(:name) AS
+    wanted(key) JOIN LATERAL (<query> AND column = wanted.key) AS found ON true``. Bulk writes (an
+    import chunk of 1,000 keys, a batch of 500) look up many keys at once, in tables that may have
+    grown by as many rows since PostgreSQL last counted them; ``column = ANY(:name)`` or
+    ``column IN (SELECT unnest(:name))`` then leave the plan to those counts, and a table thought
+    to hold a few rows is scanned whole and compared with every key (in a prepared statement's
+    generic plan, ``= ANY`` of a parameter is not hashed), which grows with the square of the
+    import. The lateral subquery, kept whole by ``OFFSET 0`` (PostgreSQL would otherwise flatten it
+    into that same join), runs once per key and probes the column's index whatever the counts
+    say. ``query``'s row locks (``FOR UPDATE``) apply to the rows found; order the result by
+    ``statement.selected_columns``."""
+    wanted = func.unnest(bindparam(name, type_=ARRAY(column.type))).table_valued("key").render_derived(name="wanted")
+    found = query.where(column == wanted.c.key).offset(0).lateral("found")
+    return select(found).select_from(wanted).join(found, true())
 
 
 @asynccontextmanager

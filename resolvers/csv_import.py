@@ -42,14 +42,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from graphql import GraphQLError
-from sqlalchemy import Row, any_, bindparam, func, insert, select, text, update
-from sqlalchemy.dialects.postgresql import ARRAY, UUID
+from sqlalchemy import ColumnElement, Row, func, insert, select, text, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from auth.principal import Principal
 from auth.roles import allows
 from core.errors import AtriumError, BadUserInput, ErrorCode, Forbidden, NotFound
-from models.db import ENTER_MEMBER, Databases, entered_view
+from models.db import ENTER_MEMBER, Databases, each_key, entered_view
 from models.outages import is_outage
 from models.tables import IMPORT_ERRORS, IMPORT_FILES, IMPORT_JOBS, Role
 from records.crm import RECORDS
@@ -359,12 +358,14 @@ class Chunk:
             return {}
         t = self.record.table
         await lock_keys(self.w, f"{self.record.name}:{key}", [str(k) for k in wanted])
-        column = func.lower(t.c[key]) if isinstance(self.record.field(key).rule, Email) else t.c[key]
+        column: ColumnElement[Any] = t.c[key]
+        if isinstance(self.record.field(key).rule, Email):
+            column = func.lower(column, type_=column.type)
         found: dict[Any, Row[Any]] = {}
-        for row in (await self.w.conn.execute(
-                select(t).where(t.c.tenant_id == self.w.tenant_id, *self.record.visible(t),
-                                column == any_(bindparam("keys", type_=ARRAY(t.c[key].type))))
-                .order_by(t.c.created_at, t.c.id).with_for_update(), {"keys": wanted})).all():
+        matching = each_key(select(t).where(t.c.tenant_id == self.w.tenant_id, *self.record.visible(t))
+                            .with_for_update(), column, "keys")
+        oldest = (matching.selected_columns.created_at, matching.selected_columns.id)
+        for row in (await self.w.conn.execute(matching.order_by(*oldest), {"keys": sorted(wanted)})).all():
             found.setdefault(key_of(self.record, key, row._mapping[key]), row)
         return found
 
@@ -418,9 +419,8 @@ class Chunk:
             if not wanted:
                 continue
             target_record = relation.target()
-            query = target_record.query.where(
-                target_record.key == any_(bindparam("keys", type_=ARRAY(UUID(as_uuid=True)))))
-            rows = {row._mapping[target_record.key]: row for row in (await self.w.conn.execute(
+            query = each_key(target_record.query, target_record.key, "keys")
+            rows = {row._mapping[target_record.key.key]: row for row in (await self.w.conn.execute(
                 query, {"tenant_id": self.w.tenant_id, "keys": list(wanted)})).all()}
             name = camel(relation.key)
             for p, values in creates:
