@@ -37,7 +37,8 @@ import enum
 import io
 import logging
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import suppress
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,14 +49,18 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from auth.principal import Principal
 from auth.roles import allows
 from core.errors import AtriumError, BadUserInput, ErrorCode, Forbidden, NotFound
+from core.ids import decode_id
 from models.db import ENTER_MEMBER, Databases, each_key, entered_view
 from models.outages import is_outage
 from models.tables import IMPORT_ERRORS, IMPORT_FILES, IMPORT_JOBS, Role
 from records.crm import RECORDS
+from records.custom import CustomFieldType, Definition, Pending, definitions_query
 from records.declare import Create, Record, camel
 from records.declare import Field as RecordField
 from records.rules import Email
 from resolvers.batch import create_many, lock_keys
+from resolvers.csv_custom import FALSE, TRUE, cell_input, column_name, field_name
+from resolvers.csv_custom import PREFIX as CUSTOM
 from resolvers.writes import Change, work_change
 from schema.imports import JOB_TYPE
 from schema.values import SCALARS
@@ -71,8 +76,7 @@ MAX_FILE_BYTES = 64 << 20
 CHUNK = 1000
 """Rows per transaction (and per checkpoint)."""
 ENDED = ("done", "failed")
-TRUE = {"true", "t", "yes", "y", "1"}
-FALSE = {"false", "f", "no", "n", "0"}
+MISSING = object()
 
 
 class BadCsv(BadUserInput):
@@ -126,18 +130,32 @@ def parse_cell(annotation: Any, name: str, text: str) -> Any:
 
 @dataclass(frozen=True)
 class Target:
-    """Where a CSV column goes: one declared field (``target`` resolves names to targets)."""
+    """Where a CSV column goes: one declared field, or one of the tenant's custom fields (``target``
+    resolves names to targets)."""
 
     name: str
-    """The field as the API names it (``stageId``): what errors name."""
-    field: RecordField
+    """As a mapping names it: the field as the API names it (``stageId``), or ``custom.<key>``."""
+    field: RecordField | None = None
+    definition: Definition | None = None
+    """The custom field's live definition (``field`` is None then)."""
 
     @property
-    def column(self) -> str:
-        return self.field.column
+    def column(self) -> str | None:
+        """The declared field's column (None for a custom field)."""
+        return self.field.column if self.field is not None else None
+
+    @property
+    def reported(self) -> str:
+        """What errors about the column name: the field (``stageId``, ``customFields.tier``)."""
+        return field_name(self.definition.key) if self.definition is not None else self.name
 
     def value(self, text: str) -> Any:
-        """The column value of a non-empty cell: parsed as the field's GraphQL type, then its rule."""
+        """The value of a non-empty cell: a declared field's column value (parsed as the field's
+        GraphQL type, then its rule), or a custom field's input (``resolvers.csv_custom``), which the
+        write path checks against the definition as it checks a GraphQL write's."""
+        if self.definition is not None:
+            return cell_input(self.definition, text)
+        assert self.field is not None
         return self.field.rule(self.name, parse_cell(self.field.rule.annotation, self.name, text))
 
 
@@ -145,15 +163,25 @@ def writable(field: RecordField) -> bool:
     return field.create is not Create.NEVER or field.update
 
 
-def target(record: Record, name: str, header: str) -> Target:
+def target(record: Record, name: str, header: str, definitions: Sequence[Definition] = ()) -> Target:
     """The target a mapping names: a declared field the API writes, by its API name or its column
-    name (UNKNOWN_FIELD otherwise). The one place mapping targets are resolved: a custom field
-    (``custom.<key>``, the tenant's definitions) becomes one more case here."""
+    name, or ``custom.<key>`` for one of the tenant's live custom fields of the record
+    (``definitions``); UNKNOWN_FIELD otherwise. The one place mapping targets are resolved."""
     wanted = name.strip()
+    if wanted.startswith(CUSTOM):
+        key = wanted[len(CUSTOM):]
+        found = next((d for d in definitions if d.key == key), None) if record.custom_fields else None
+        if found is None:
+            keys = ", ".join(column_name(d.key) for d in definitions) if record.custom_fields else ""
+            raise BadCsv(f"mapping.{header}", "UNKNOWN_FIELD",
+                         f"{wanted!r} is not a custom field of {record.plural_label}"
+                         + (f"; one of {keys}" if keys else " (the workspace defines none)"))
+        return Target(column_name(key), definition=found)
     for f in record.fields:
         if writable(f) and wanted in (f.name, f.column):
             return Target(f.name, f)
-    names = ", ".join(f.name for f in record.fields if writable(f))
+    names = ", ".join([*(f.name for f in record.fields if writable(f)),
+                       *(column_name(d.key) for d in definitions if record.custom_fields)])
     raise BadCsv(f"mapping.{header}", "UNKNOWN_FIELD", f"{wanted!r} is not a field of {record.plural_label}; "
                                                       f"one of {names}")
 
@@ -173,17 +201,23 @@ class Plan:
         key = self.record.import_by
         return key if any(t.column == key for _, _, t in self.columns) else None
 
-    def header_of(self, field_name: str | None) -> str | None:
-        return next((h for _, h, t in self.columns if t.name == field_name), None)
+    def header_of(self, field: str | None) -> str | None:
+        """The CSV column of the field an error names (``customFields.budget.amount``: ``budget``'s)."""
+        if field is None:
+            return None
+        return next((h for _, h, t in self.columns if field == t.reported or field.startswith(t.reported + ".")),
+                    None)
 
     def mapping(self) -> dict[str, str]:
         return {h: t.name for _, h, t in self.columns}
 
 
-def plan_for(record: Record, header: Sequence[str], mapping: Mapping[str, str | None] | None) -> Plan:
+def plan_for(record: Record, header: Sequence[str], mapping: Mapping[str, str | None] | None,
+             definitions: Sequence[Definition] = ()) -> Plan:
     """The plan of a file with ``header``: each column mapped as ``mapping`` says (header -> field;
     an empty target leaves the column out), the others to the field of their own name when there
-    is one (left out otherwise). Coded BAD_USER_INPUT for a mapping naming a column the file does not
+    is one (left out otherwise; ``custom.<key>`` is the name of a custom field of ``definitions``,
+    the tenant's live ones). Coded BAD_USER_INPUT for a mapping naming a column the file does not
     have, a target that is no field, or two columns for one field."""
     given = dict(mapping or {})
     for name in given:
@@ -195,10 +229,10 @@ def plan_for(record: Record, header: Sequence[str], mapping: Mapping[str, str | 
             wanted = given[name]
             if not wanted:
                 continue
-            columns.append((position, name, target(record, wanted, name)))
+            columns.append((position, name, target(record, wanted, name, definitions)))
             continue
         try:
-            columns.append((position, name, target(record, name, name)))
+            columns.append((position, name, target(record, name, name, definitions)))
         except BadCsv:
             continue  # a column of no field of its own name is left out unless mapped
     used: dict[str, str] = {}
@@ -258,10 +292,12 @@ class Checked:
     total: int
 
 
-def check_file(record: Record, content: bytes, mapping: Mapping[str, str | None] | None) -> Checked:
-    """Read the whole file once (coded errors for anything that stops it), count its rows."""
+def check_file(record: Record, content: bytes, mapping: Mapping[str, str | None] | None,
+               definitions: Sequence[Definition] = ()) -> Checked:
+    """Read the whole file once (coded errors for anything that stops it), count its rows;
+    ``definitions``: the tenant's live custom fields of the record (what ``custom.<key>`` names)."""
     header, data = rows_of(content)
-    plan = plan_for(record, header, mapping)
+    plan = plan_for(record, header, mapping, definitions)
     total = sum(1 for _ in data)
     return Checked(plan, total)
 
@@ -288,6 +324,22 @@ class Outcome:
 class Parsed:
     row: int
     values: dict[str, Any]
+    """Column -> value of the declared fields given."""
+    custom: dict[str, Any]
+    """Key -> input (``CustomFieldValueInput`` as a dict) of the custom fields given."""
+
+
+def user_texts(definitions: Sequence[Definition], inputs: Iterable[Mapping[str, Any]]) -> set[uuid.UUID]:
+    """The members the USER custom values of ``inputs`` name (those that are user IDs at all)."""
+    users = [d.key for d in definitions if d.type is CustomFieldType.USER]
+    out: set[uuid.UUID] = set()
+    for given in inputs:
+        for key in users:
+            text = given.get(key, {}).get("userId")
+            if text is not None:
+                with suppress(AtriumError):
+                    out.add(decode_id(text, "User"))
+    return out
 
 
 def key_of(record: Record, column: str, value: Any) -> Any:
@@ -311,24 +363,35 @@ class Chunk:
     def parse(self, rows: Sequence[tuple[int, list[str]]]) -> list[Parsed]:
         out: list[Parsed] = []
         width = len(self.plan.header)
+        # A cell's value depends on its text alone, and a column often repeats its texts (a stage,
+        # a currency, an owner): each distinct text of a column is read once per chunk.
+        seen: list[dict[str, Any]] = [{} for _ in self.plan.columns]
         for number, cells in rows:
             if len(cells) > width:
                 self.outcome.errors.append(RowError(number, None, None, ErrorCode.BAD_USER_INPUT.value,
                                                     f"the row has {len(cells)} cells, the header {width}"))
                 continue
             values: dict[str, Any] = {}
+            custom: dict[str, Any] = {}
             good = True
-            for position, _, t in self.plan.columns:
+            for (position, _, t), known in zip(self.plan.columns, seen, strict=True):
                 cell = cells[position] if position < len(cells) else ""
-                if not cell.strip():
-                    continue
-                try:
-                    values[t.column] = t.value(cell)
-                except AtriumError as error:
-                    self.fail(number, error)
-                    good = False
+                value = known.get(cell, MISSING)
+                if value is MISSING:
+                    if not cell.strip():
+                        continue
+                    try:
+                        value = known[cell] = t.value(cell)
+                    except AtriumError as error:
+                        self.fail(number, error)
+                        good = False
+                        continue
+                if t.definition is not None:
+                    custom[t.definition.key] = value
+                else:
+                    values[t.column] = value  # type: ignore[index]
             if good:
-                out.append(Parsed(number, values))
+                out.append(Parsed(number, values, custom))
         return out
 
     async def run(self, rows: Sequence[tuple[int, list[str]]]) -> Outcome:
@@ -383,6 +446,7 @@ class Chunk:
                     updates.append((p, current, self.patch_values(p, current)))
             except AtriumError as error:
                 self.fail(p.row, error)
+        creates = await self.custom(creates)
         creates = await self.references(creates)
         await self.create(creates)
         for p, current, patch in updates:
@@ -398,6 +462,8 @@ class Chunk:
                 raise BadUserInput(f.name, f"is required to create a {self.record.label}")
             values[f.column] = value if value is not None else f.default
         self.record.check(values)
+        if self.record.custom_fields:
+            values["custom_fields"] = Pending(dict(p.custom))
         return values
 
     def patch_values(self, p: Parsed, current: Row[Any]) -> dict[str, Any]:
@@ -408,7 +474,28 @@ class Chunk:
                 patch[column] = value
             elif value != current._mapping[column]:
                 raise BadUserInput(f.name, f"cannot be changed once the {self.record.label} exists")
+        if p.custom:
+            patch["custom_fields"] = Pending(dict(p.custom))
         return patch
+
+    async def custom(self, creates: list[tuple[Parsed, dict[str, Any]]]) -> list[tuple[Parsed, dict[str, Any]]]:
+        """Creates whose custom fields the write path accepts, checked one by one exactly as it will
+        check them (``Change.custom_values``: the tenant's definitions, their types, options,
+        defaults and required flags, USER values naming members), so that a bad value is its row's
+        error and not a refusal of the whole chunk; the others reported."""
+        w = self.w
+        if not self.record.custom_fields or not creates or not await w.definitions(self.record):
+            return creates
+        await w.members(user_texts(await w.definitions(self.record), (p.custom for p, _ in creates)))
+        out = []
+        for p, values in creates:
+            try:
+                await w.custom_values(self.record, {"custom_fields": values["custom_fields"]}, None)
+            except AtriumError as error:
+                self.fail(p.row, error)
+            else:
+                out.append((p, values))
+        return out
 
     async def references(self, creates: list[tuple[Parsed, dict[str, Any]]]) -> list[tuple[Parsed, dict[str, Any]]]:
         """Creates whose every reference names a record of the tenant (one statement per relation);
@@ -556,6 +643,9 @@ async def _run(databases: Databases, broker: Broker, tenant_id: uuid.UUID, job_i
         entered = None if job.requested_by is None else (await conn.execute(
             ENTER_MEMBER, {"tenant_id": tenant_id, "member": job.requested_by})).first()
         role = entered.role if entered is not None else None
+        importing = IMPORTABLE.get(job.record_type)
+        definitions = [Definition.from_row(row) for row in (await conn.execute(
+            definitions_query(importing.name), {"tenant_id": tenant_id})).all()] if importing is not None else []
         await conn.execute(update(J).where(J.c.tenant_id == tenant_id, J.c.id == job_id).values(
             state="running", started_at=func.coalesce(J.c.started_at, func.now()), updated_at=func.now()))
     try:
@@ -568,7 +658,7 @@ async def _run(databases: Databases, broker: Broker, tenant_id: uuid.UUID, job_i
         principal = Principal(tenant_id=tenant_id, user_id=job.requested_by, role=Role(role),
                               expires_at=float("inf"), view=entered_view(job.requested_by, entered._mapping))
         header, data = rows_of(bytes(content))
-        plan = plan_for(record, header, job.mapping)
+        plan = plan_for(record, header, job.mapping, definitions)  # a custom field deleted since: FAILED
         processed = job.processed
         pending: list[tuple[int, list[str]]] = []
         for number, row in data:

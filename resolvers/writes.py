@@ -120,6 +120,7 @@ class Change:
         self.actor_id: uuid.UUID | None = None if system else principal.user_id
         """Who the audit rows and events name: None for the system's own work (a scheduled purge)."""
         self._definitions: dict[str, list[Definition]] = {}
+        self._membership: dict[uuid.UUID, bool] = {}
 
     @property
     def tenant_id(self) -> uuid.UUID:
@@ -163,14 +164,23 @@ class Change:
                            None if current is None else current["custom_fields"], record.plural_label)
         users = user_ids(definitions, resolved)
         if users:
-            m = MEMBERSHIPS
-            found = {row.user_id for row in (await self.conn.execute(select(m.c.user_id).where(
-                m.c.tenant_id == self.tenant_id, m.c.user_id.in_(list(users.values()))))).all()}
+            found = await self.members(users.values())
             prefix = pending.prefix if isinstance(pending, Pending) else ""
             for key, user_id in users.items():
                 if user_id not in found:
                     raise NotFound("user", user_id, field=f"{prefix}customFields.{key}")
         values["custom_fields"] = resolved
+
+    async def members(self, user_ids: Collection[uuid.UUID]) -> set[uuid.UUID]:
+        """Those of ``user_ids`` who are members of the tenant; each user is looked up once per
+        change (a bulk change asks for all of its users first, in one statement)."""
+        unknown = [u for u in set(user_ids) if u not in self._membership]
+        if unknown:
+            m = MEMBERSHIPS
+            found = {row.user_id for row in (await self.conn.execute(select(m.c.user_id).where(
+                m.c.tenant_id == self.tenant_id, m.c.user_id.in_(unknown)))).all()}
+            self._membership.update((u, u in found) for u in unknown)
+        return {u for u in user_ids if self._membership[u]}
 
     # ---- whole records (what the declaration says) ---------------------------------------------
 
@@ -651,8 +661,20 @@ async def work_change(databases: Databases, broker: Broker, principal: Principal
     async with databases.tenant_transaction(principal.tenant_id, view=principal.view) as conn:
         w = Change(conn, principal, request_id, now=now)
         yield w
-        await enqueue(conn, w.tenant_id, zip(w.events, w.rows, strict=True), public_record)
+        await deliveries(w)
     await publish_committed(broker, w.events)
+
+
+async def deliveries(w: Change) -> None:
+    """The change's webhook deliveries, put in the outbox in its own transaction (webhooks.outbox),
+    with only the custom fields the workspace has now (a deleted field's values stay hidden)."""
+    live = {record.name: {d.key for d in await w.definitions(record)}
+            for record in {BY_NAME[e.entity_type] for e in w.events} if record.custom_fields}
+
+    def render(record: Record, row: Mapping[Any, Any]) -> dict[str, Any]:
+        return public_record(record, row, live=live.get(record.name))
+
+    await enqueue(w.conn, w.tenant_id, zip(w.events, w.rows, strict=True), render)
 
 
 async def publish_committed(broker: Broker, events: list[ChangeEvent]) -> None:
@@ -673,15 +695,7 @@ async def change(info: Info) -> AsyncIterator[Change]:
         w = Change(conn, session.principal, context.request_id,
                    now=dt.datetime.fromtimestamp(context.clock.time(), dt.UTC), hidden=session.hidden)
         yield w
-        # Webhook deliveries join the outbox in the change's own transaction (webhooks.outbox), with
-        # the custom fields the workspace has now.
-        live = {record.name: {d.key for d in await w.definitions(record)}
-                for record in {BY_NAME[e.entity_type] for e in w.events} if record.custom_fields}
-
-        def render(record: Record, row: Mapping[Any, Any]) -> dict[str, Any]:
-            return public_record(record, row, live=live.get(record.name))
-
-        await enqueue(conn, w.tenant_id, zip(w.events, w.rows, strict=True), render)
+        await deliveries(w)
 
     async def publish() -> None:
         await publish_committed(context.broker, w.events)
