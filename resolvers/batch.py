@@ -35,13 +35,13 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from sqlalchemy import Row, Text, bindparam, func, select
+from sqlalchemy import Row, Select, Text, bindparam, func, select
 from sqlalchemy.dialects.postgresql import ARRAY
 
 from core.errors import AtriumError, BadUserInput, NotFound
 from core.limits import MAX_BATCH
 from models.db import each_key, every_holder_seen
-from records.declare import Create, Record, camel
+from records.declare import Create, Record, ToOne, camel
 from resolvers.writes import Change
 
 EXTERNAL_ID = "external_id"
@@ -115,6 +115,16 @@ async def create_many(w: Change, record: Record, items: list[dict[str, Any]],
     return await w.insert_many(record, items)
 
 
+def referenced(relation: ToOne) -> Select[Any]:
+    """The records of the tenant (outside the trash, visible to the caller) that ``relation`` may
+    point at, by key (the array parameter ``keys``, one index probe each: ``each_key``), with only
+    what a reference check reads: the key, the column of ``requires`` and those it ``copies``."""
+    target = relation.target()
+    query = target.query
+    names = dict.fromkeys([target.key.key, *(relation.requires[:1] if relation.requires else ()), *relation.copies])
+    return each_key(query.with_only_columns(*(query.selected_columns[n] for n in names)), target.key, "keys")
+
+
 async def _references(w: Change, record: Record, items: list[dict[str, Any]], where: Sequence[int]) -> None:
     """``Change.create``'s reference checks for every item, one statement per relation."""
     for relation in record.relations:
@@ -122,7 +132,7 @@ async def _references(w: Change, record: Record, items: list[dict[str, Any]], wh
         if not wanted:
             continue
         target = relation.target()
-        query = each_key(target.query, target.key, "keys")
+        query = referenced(relation)
         found = {row._mapping[target.key.key]: row for row in (await w.conn.execute(
             query, {"tenant_id": w.tenant_id, "keys": list(wanted)})).all()}
         field = camel(relation.key)

@@ -58,7 +58,7 @@ from records.custom import CustomFieldType, Definition, Pending, definitions_que
 from records.declare import Create, Record, camel
 from records.declare import Field as RecordField
 from records.rules import Email
-from resolvers.batch import create_many, lock_keys
+from resolvers.batch import create_many, lock_keys, referenced
 from resolvers.csv_custom import FALSE, TRUE, cell_input, column_name, field_name
 from resolvers.csv_custom import PREFIX as CUSTOM
 from resolvers.writes import Change, work_change
@@ -506,7 +506,7 @@ class Chunk:
             if not wanted:
                 continue
             target_record = relation.target()
-            query = each_key(target_record.query, target_record.key, "keys")
+            query = referenced(relation)
             rows = {row._mapping[target_record.key.key]: row for row in (await self.w.conn.execute(
                 query, {"tenant_id": self.w.tenant_id, "keys": list(wanted)})).all()}
             name = camel(relation.key)

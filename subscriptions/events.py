@@ -76,6 +76,13 @@ class ChangeEvent:
     """The record's owner after the change (before it, for a delete) when its type has one
     (``Record.owner``): subscribers who may not see the record are not sent the event."""
 
+    def committed(self, at: datetime) -> ChangeEvent:
+        """This event with ``committed_at`` set: ``dataclasses.replace``, without running ``__init__``
+        again (a bulk change stamps thousands of events, and nothing here is derived)."""
+        stamped = object.__new__(ChangeEvent)
+        stamped.__dict__.update(self.__dict__, committed_at=at)
+        return stamped
+
     def channels(self) -> list[str]:
         """Every channel this event goes to: the record's, the entity type's, and scoped ones."""
         out = [record_channel(self.tenant_id, self.entity_id), type_channel(self.tenant_id, self.entity_type)]
