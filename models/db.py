@@ -52,6 +52,8 @@ SET_VIEW = text("SELECT set_config('app.tenant_id', :tenant_id, true), set_confi
                 "set_config('atrium.team_ids', :teams, true), set_config('atrium.sees_all', :sees_all, true)")
 """``models.visibility.SETTINGS_SQL`` for SQLAlchemy connections."""
 SHOW_TRASH = text("SELECT set_config('atrium.trash', 'on', true)")
+CUSTOM_PLANS = text("SET LOCAL plan_cache_mode = force_custom_plan")
+DEFAULT_PLANS = text("SET LOCAL plan_cache_mode TO DEFAULT")
 HIDE_TRASH = text("SELECT set_config('atrium.trash', 'off', true)")
 TRASH_DEPTH = "atrium.trash.depth"
 """Key in a connection's ``info``: how many ``showing_trash`` blocks are open on it."""
@@ -82,6 +84,20 @@ def each_key(query: Select[Any], column: ColumnElement[Any], name: str) -> Selec
     wanted = func.unnest(bindparam(name, type_=ARRAY(column.type))).table_valued("key").render_derived(name="wanted")
     found = query.where(column == wanted.c.key).offset(0).lateral("found")
     return select(found).select_from(wanted).join(found, true())
+
+
+@asynccontextmanager
+async def custom_plans(conn: AsyncConnection) -> AsyncIterator[AsyncConnection]:
+    """Statements inside the block are planned for their parameters' values each time they run
+    (``plan_cache_mode = force_custom_plan``, transaction-local, back to the default after the
+    block). For a long list of keys that no index can answer, ``column = ANY(:keys)`` in a
+    prepared statement's generic plan compares every row with every key; planned for the values,
+    the list is hashed, and the tenant's rows are read once (``each_key`` is for indexed keys)."""
+    await conn.execute(CUSTOM_PLANS)
+    try:
+        yield conn
+    finally:
+        await conn.execute(DEFAULT_PLANS)
 
 
 @asynccontextmanager

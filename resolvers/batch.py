@@ -96,21 +96,28 @@ async def create_many(w: Change, record: Record, items: list[dict[str, Any]],
             with item(position):
                 rows.append(await w.create(record, values))
         return rows
+    # An import chunk's batch holds a thousand items: a failing item is named (``at``) by a handler
+    # of each loop's own (free until it raises) rather than by a context entered per item.
     for position, values in zip(where, items, strict=True):
-        with item(position):
+        try:
             await w.custom_values(record, values, None)
             record.check(values)
+        except AtriumError as error:
+            raise at(position, error) from None
     await _references(w, record, items, where)
+    fallbacks = [(f.column, f.fallback) for f in record.fields if f.fallback is not None]
     for position, values in zip(where, items, strict=True):
-        for f in record.fields:
-            if f.fallback is not None and values.get(f.column) is None:
-                with item(position):
-                    values[f.column] = await f.fallback(w, values)
-        with item(position):
+        try:
+            for column, fallback in fallbacks:
+                if values.get(column) is None:
+                    values[column] = await fallback(w, values)
             w.check_owner(record, values, "")
+        except AtriumError as error:
+            raise at(position, error) from None
     await _unique(w, record, items, where)
+    defaulted = {c.name for c in record.table.c if not c.nullable}
     for values in items:
-        for column in [c for c, v in values.items() if v is None and not record.nullable(c)]:
+        for column in [c for c, v in values.items() if v is None and c in defaulted]:
             del values[column]  # left to the column's default, as Change.create does
     return await w.insert_many(record, items)
 

@@ -2,12 +2,14 @@
 
 What is imported is derived from the declarations (``records.crm``): any record the API creates
 without a parent argument (``Record.importable``) can be imported, each CSV column going to a field
-named as the API names it (``amount``, ``stageId``; the column name ``stage_id`` works too). A
-mapping target is resolved through the declaration by ``target`` alone, so a new kind of target (a
-tenant's custom field, ``custom.<key>``) is one more case there. A cell goes through the same parse
-function as a GraphQL value of its type (``schema.values.SCALARS``) and then the field's rule, so
-a CSV cell and a GraphQL argument meet the same checks and the same messages. An empty cell is a
-value not given.
+named as the API names it (``amount``, ``stageId``; the column name ``stage_id`` works too), or to
+one of the tenant's live custom fields of the record as ``custom.<key>``. A mapping target is
+resolved by ``target`` alone: through the declaration, or through the tenant's definitions (read
+when the job is accepted and again when it runs). A cell goes through the same parse function as a
+GraphQL value of its type (``schema.values.SCALARS``) and then the field's rule, so a CSV cell and
+a GraphQL argument meet the same checks and the same messages; a custom field's cell becomes the
+``CustomFieldValueInput`` a GraphQL write would send (``resolvers.csv_custom``), which the write
+path checks (``Change.custom_values``) row by row. An empty cell is a value not given.
 
 Rows are deduplicated by the record's ``import_by`` column (contacts by email, case-insensitively;
 companies by domain; anything with an ``external_id`` by it): a row matching a record of the tenant
@@ -38,19 +40,20 @@ import io
 import logging
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import suppress
+from contextlib import AbstractAsyncContextManager, nullcontext, suppress
 from dataclasses import dataclass, field
 from typing import Any
 
 from graphql import GraphQLError
-from sqlalchemy import ColumnElement, Row, func, insert, select, text, update
+from sqlalchemy import Row, any_, bindparam, func, insert, select, text, update
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from auth.principal import Principal
 from auth.roles import allows
 from core.errors import AtriumError, BadUserInput, ErrorCode, Forbidden, NotFound
 from core.ids import decode_id
-from models.db import ENTER_MEMBER, Databases, each_key, entered_view
+from models.db import ENTER_MEMBER, Databases, custom_plans, each_key, entered_view
 from models.outages import is_outage
 from models.tables import IMPORT_ERRORS, IMPORT_FILES, IMPORT_JOBS, Role
 from records.crm import RECORDS
@@ -329,7 +332,7 @@ class Parsed:
     """Key -> input (``CustomFieldValueInput`` as a dict) of the custom fields given."""
 
 
-def user_texts(definitions: Sequence[Definition], inputs: Iterable[Mapping[str, Any]]) -> set[uuid.UUID]:
+def named_users(definitions: Sequence[Definition], inputs: Iterable[Mapping[str, Any]]) -> set[uuid.UUID]:
     """The members the USER custom values of ``inputs`` name (those that are user IDs at all)."""
     users = [d.key for d in definitions if d.type is CustomFieldType.USER]
     out: set[uuid.UUID] = set()
@@ -353,6 +356,9 @@ class Chunk:
     def __init__(self, w: Change, plan: Plan) -> None:
         self.w, self.plan, self.record = w, plan, plan.record
         self.outcome = Outcome()
+        self.creating = [(f, f.column, f.create is Create.REQUIRED, f.default) for f in plan.record.fields
+                         if f.create is not Create.NEVER]
+        """The fields a create sets: (field, column, required, default), read once per chunk."""
 
     def fail(self, row: int, error: AtriumError, index: int | None = None) -> None:
         name = error.field
@@ -413,7 +419,11 @@ class Chunk:
         return self.outcome
 
     async def existing(self, group: list[Parsed], key: str | None) -> dict[Any, Row[Any]]:
-        """The tenant's records (outside the trash) matching the group's keys, locked; the oldest per key."""
+        """The tenant's records (outside the trash) matching the group's keys, locked; the oldest per
+        key. A key with an index (an external id, a domain) is looked up key by key in it
+        (``each_key``); e-mail addresses compare case-insensitively, through ``lower()``, which no
+        index answers under row-level security (it is not leakproof), so the workspace's contacts
+        are read once against the hashed list of addresses (``custom_plans``)."""
         if key is None:
             return {}
         wanted = list({key_of(self.record, key, p.values[key]) for p in group if p.values.get(key) is not None})
@@ -421,14 +431,20 @@ class Chunk:
             return {}
         t = self.record.table
         await lock_keys(self.w, f"{self.record.name}:{key}", [str(k) for k in wanted])
-        column: ColumnElement[Any] = t.c[key]
+        mine = select(t).where(t.c.tenant_id == self.w.tenant_id, *self.record.visible(t)).with_for_update()
+        plans: AbstractAsyncContextManager[Any]
         if isinstance(self.record.field(key).rule, Email):
-            column = func.lower(column, type_=column.type)
-        found: dict[Any, Row[Any]] = {}
-        matching = each_key(select(t).where(t.c.tenant_id == self.w.tenant_id, *self.record.visible(t))
-                            .with_for_update(), column, "keys")
+            lowered = func.lower(t.c[key], type_=t.c[key].type)
+            matching = mine.where(lowered == any_(bindparam("keys", type_=ARRAY(t.c[key].type))))
+            plans = custom_plans(self.w.conn)
+        else:
+            matching = each_key(mine, t.c[key], "keys")
+            plans = nullcontext()
         oldest = (matching.selected_columns.created_at, matching.selected_columns.id)
-        for row in (await self.w.conn.execute(matching.order_by(*oldest), {"keys": sorted(wanted)})).all():
+        async with plans:
+            rows = (await self.w.conn.execute(matching.order_by(*oldest), {"keys": sorted(wanted)})).all()
+        found: dict[Any, Row[Any]] = {}
+        for row in rows:
             found.setdefault(key_of(self.record, key, row._mapping[key]), row)
         return found
 
@@ -454,13 +470,13 @@ class Chunk:
 
     def create_values(self, p: Parsed) -> dict[str, Any]:
         values: dict[str, Any] = {}
-        for f in self.record.fields:
-            if f.create is Create.NEVER:
-                continue
-            value = p.values.get(f.column)
-            if value is None and f.create is Create.REQUIRED:
-                raise BadUserInput(f.name, f"is required to create a {self.record.label}")
-            values[f.column] = value if value is not None else f.default
+        for f, column, required, default in self.creating:
+            value = p.values.get(column)
+            if value is None:
+                if required:
+                    raise BadUserInput(f.name, f"is required to create a {self.record.label}")
+                value = default
+            values[column] = value
         self.record.check(values)
         if self.record.custom_fields:
             values["custom_fields"] = Pending(dict(p.custom))
@@ -486,7 +502,7 @@ class Chunk:
         w = self.w
         if not self.record.custom_fields or not creates or not await w.definitions(self.record):
             return creates
-        await w.members(user_texts(await w.definitions(self.record), (p.custom for p, _ in creates)))
+        await w.members(named_users(await w.definitions(self.record), (p.custom for p, _ in creates)))
         out = []
         for p, values in creates:
             try:
