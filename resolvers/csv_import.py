@@ -591,6 +591,15 @@ async def import_chunk(w: Change, plan: Plan, rows: Sequence[tuple[int, list[str
 
 # ---- jobs ---------------------------------------------------------------------------------------------
 
+async def live_definitions(conn: AsyncConnection, tenant_id: uuid.UUID, record: Record) -> list[Definition]:
+    """The tenant's live custom fields of ``record`` (what a mapping's ``custom.<key>`` may name), in
+    form order, read in ``conn``'s tenant transaction."""
+    if not record.custom_fields:
+        return []
+    rows = (await conn.execute(definitions_query(record.name), {"tenant_id": tenant_id})).all()
+    return [Definition.from_row(row) for row in rows]
+
+
 J = IMPORT_JOBS
 
 
@@ -660,8 +669,7 @@ async def _run(databases: Databases, broker: Broker, tenant_id: uuid.UUID, job_i
             ENTER_MEMBER, {"tenant_id": tenant_id, "member": job.requested_by})).first()
         role = entered.role if entered is not None else None
         importing = IMPORTABLE.get(job.record_type)
-        definitions = [Definition.from_row(row) for row in (await conn.execute(
-            definitions_query(importing.name), {"tenant_id": tenant_id})).all()] if importing is not None else []
+        definitions = await live_definitions(conn, tenant_id, importing) if importing is not None else []
         await conn.execute(update(J).where(J.c.tenant_id == tenant_id, J.c.id == job_id).values(
             state="running", started_at=func.coalesce(J.c.started_at, func.now()), updated_at=func.now()))
     try:

@@ -42,7 +42,7 @@ async def submit(session: Session, databases: Databases, broker: Broker, tasks: 
     principal = session.principal
     if not allows(principal.role, record.access.create):
         raise Forbidden(f"Importing {record.plural_label} requires `{record.access.create.value}`")
-    definitions = await live_definitions(session, record)
+    definitions = await definitions_for(session, record)
     checked = await asyncio.to_thread(check_file, record, content, mapping, definitions)  # a large file takes a while
     async with session.db.write() as conn:
         row = await create_job(conn, principal.tenant_id, principal.user_id, record, content, checked,
@@ -64,7 +64,7 @@ async def submit(session: Session, databases: Databases, broker: Broker, tasks: 
     return row
 
 
-async def live_definitions(session: Session, record: Record) -> list[Definition]:
+async def definitions_for(session: Session, record: Record) -> list[Definition]:
     """The tenant's live custom fields of ``record`` (what a mapping's ``custom.<key>`` may name)."""
     if not record.custom_fields:
         return []

@@ -493,3 +493,35 @@ async def test_a_custom_field_deleted_before_the_job_runs_fails_it(
     found = data_or_fail(await gql(client, JOB, {"id": to_global_id("ImportJob", job.id)}, token=world.token()))
     assert found["importJob"]["state"] == "FAILED" and "custom.size" in found["importJob"]["error"], found
     assert await count(admin_engine, COMPANIES, world.id) == 0
+
+
+async def test_the_command_line_maps_columns_to_custom_fields(
+    client: httpx.AsyncClient, make_tenant: MakeTenant, admin_engine: AsyncEngine, settings: Settings,
+    tmp_path: Path,
+) -> None:
+    """``atrium import --map COLUMN=custom.<key>`` reads the workspace's definitions as the API does:
+    the values land typed, a bad one is listed with its row and column, an unknown key stops it."""
+    world = await make_tenant("imp-cli-cf")
+    await create_custom_field(client, world.token(), "COMPANY", "size", "NUMBER")
+    path = tmp_path / "companies.csv"
+    path.write_text(table(["Name", "Size"], ["Big", "500"], ["Odd", "lots"]))
+
+    async def command(*mapping: str) -> tuple[int, str]:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "atrium", "import", str(path), "--tenant", world.slug, "--type", "companies",
+            *(part for m in mapping for part in ("--map", m)), cwd=ROOT,
+            env=environment(DATABASE_URL=str(settings.database_url)), stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        out, err = await process.communicate()
+        assert process.returncode is not None
+        return process.returncode, (out + err).decode()
+
+    status, said = await command("Name=name", "Size=custom.size")
+    assert status == 0, said
+    assert "row 2 column 'Size': BAD_USER_INPUT customFields.size:" in said and "1 created" in said
+    async with admin_engine.connect() as conn:
+        stored = (await conn.execute(select(COMPANIES.c.name, COMPANIES.c.custom_fields).where(
+            COMPANIES.c.tenant_id == world.id))).all()
+    assert [(r.name, r.custom_fields) for r in stored] == [("Big", {"size": 500})]
+    status, said = await command("Name=name", "Size=custom.weight")
+    assert status == 2 and "custom.weight" in said and "UNKNOWN_FIELD" in said, said
