@@ -30,7 +30,8 @@ from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 import asyncpg
-from sqlalchemy import URL, Executable, Row, event, text
+from sqlalchemy import URL, ColumnElement, Executable, Row, Select, bindparam, event, func, select, text, true
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection, QueuePool
@@ -51,6 +52,8 @@ SET_VIEW = text("SELECT set_config('app.tenant_id', :tenant_id, true), set_confi
                 "set_config('atrium.team_ids', :teams, true), set_config('atrium.sees_all', :sees_all, true)")
 """``models.visibility.SETTINGS_SQL`` for SQLAlchemy connections."""
 SHOW_TRASH = text("SELECT set_config('atrium.trash', 'on', true)")
+CUSTOM_PLANS = text("SET LOCAL plan_cache_mode = force_custom_plan")
+DEFAULT_PLANS = text("SET LOCAL plan_cache_mode TO DEFAULT")
 HIDE_TRASH = text("SELECT set_config('atrium.trash', 'off', true)")
 TRASH_DEPTH = "atrium.trash.depth"
 """Key in a connection's ``info``: how many ``showing_trash`` blocks are open on it."""
@@ -63,6 +66,38 @@ CONNECT_TIMEOUT = 5.0
 POOL_TIMEOUT = 5.0
 """Seconds a checkout may wait for a busy pool by default (``Settings.db_pool_timeout_seconds``)."""
 """Seconds a readiness check waits for the database before calling it down."""
+
+
+def each_key(query: Select[Any], column: ColumnElement[Any], name: str) -> Select[Any]:
+    """The rows of ``query`` whose ``column`` equals one of the values of the array parameter
+    ``name`` (of the column's type), found key by key: ``SELECT found.* FROM unnest(:name) AS
+    wanted(key) JOIN LATERAL (<query> AND column = wanted.key) AS found ON true``. Bulk writes (an
+    import chunk of 1,000 keys, a batch of 500) look up many keys at once, in tables that may have
+    grown by as many rows since PostgreSQL last counted them; ``column = ANY(:name)`` or
+    ``column IN (SELECT unnest(:name))`` then leave the plan to those counts, and a table thought
+    to hold a few rows is scanned whole and compared with every key (in a prepared statement's
+    generic plan, ``= ANY`` of a parameter is not hashed), which grows with the square of the
+    import. The lateral subquery, kept whole by ``OFFSET 0`` (PostgreSQL would otherwise flatten it
+    into that same join), runs once per key and probes the column's index whatever the counts
+    say. ``query``'s row locks (``FOR UPDATE``) apply to the rows found; order the result by
+    ``statement.selected_columns``."""
+    wanted = func.unnest(bindparam(name, type_=ARRAY(column.type))).table_valued("key").render_derived(name="wanted")
+    found = query.where(column == wanted.c.key).offset(0).lateral("found")
+    return select(found).select_from(wanted).join(found, true())
+
+
+@asynccontextmanager
+async def custom_plans(conn: AsyncConnection) -> AsyncIterator[AsyncConnection]:
+    """Statements inside the block are planned for their parameters' values each time they run
+    (``plan_cache_mode = force_custom_plan``, transaction-local, back to the default after the
+    block). For a long list of keys that no index can answer, ``column = ANY(:keys)`` in a
+    prepared statement's generic plan compares every row with every key; planned for the values,
+    the list is hashed, and the tenant's rows are read once (``each_key`` is for indexed keys)."""
+    await conn.execute(CUSTOM_PLANS)
+    try:
+        yield conn
+    finally:
+        await conn.execute(DEFAULT_PLANS)
 
 
 @asynccontextmanager

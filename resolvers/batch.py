@@ -35,13 +35,13 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from sqlalchemy import Row, Text, any_, bindparam, func, select
-from sqlalchemy.dialects.postgresql import ARRAY, UUID
+from sqlalchemy import Row, Select, Text, bindparam, func, select
+from sqlalchemy.dialects.postgresql import ARRAY
 
 from core.errors import AtriumError, BadUserInput, NotFound
 from core.limits import MAX_BATCH
-from models.db import every_holder_seen
-from records.declare import Create, Record, camel
+from models.db import each_key, every_holder_seen
+from records.declare import Create, Record, ToOne, camel
 from resolvers.writes import Change
 
 EXTERNAL_ID = "external_id"
@@ -96,23 +96,40 @@ async def create_many(w: Change, record: Record, items: list[dict[str, Any]],
             with item(position):
                 rows.append(await w.create(record, values))
         return rows
+    # An import chunk's batch holds a thousand items: a failing item is named (``at``) by a handler
+    # of each loop's own (free until it raises) rather than by a context entered per item.
     for position, values in zip(where, items, strict=True):
-        with item(position):
+        try:
             await w.custom_values(record, values, None)
             record.check(values)
+        except AtriumError as error:
+            raise at(position, error) from None
     await _references(w, record, items, where)
+    fallbacks = [(f.column, f.fallback) for f in record.fields if f.fallback is not None]
     for position, values in zip(where, items, strict=True):
-        for f in record.fields:
-            if f.fallback is not None and values.get(f.column) is None:
-                with item(position):
-                    values[f.column] = await f.fallback(w, values)
-        with item(position):
+        try:
+            for column, fallback in fallbacks:
+                if values.get(column) is None:
+                    values[column] = await fallback(w, values)
             w.check_owner(record, values, "")
+        except AtriumError as error:
+            raise at(position, error) from None
     await _unique(w, record, items, where)
+    defaulted = {c.name for c in record.table.c if not c.nullable}
     for values in items:
-        for column in [c for c, v in values.items() if v is None and not record.nullable(c)]:
+        for column in [c for c, v in values.items() if v is None and c in defaulted]:
             del values[column]  # left to the column's default, as Change.create does
     return await w.insert_many(record, items)
+
+
+def referenced(relation: ToOne) -> Select[Any]:
+    """The records of the tenant (outside the trash, visible to the caller) that ``relation`` may
+    point at, by key (the array parameter ``keys``, one index probe each: ``each_key``), with only
+    what a reference check reads: the key, the column of ``requires`` and those it ``copies``."""
+    target = relation.target()
+    query = target.query
+    names = dict.fromkeys([target.key.key, *(relation.requires[:1] if relation.requires else ()), *relation.copies])
+    return each_key(query.with_only_columns(*(query.selected_columns[n] for n in names)), target.key, "keys")
 
 
 async def _references(w: Change, record: Record, items: list[dict[str, Any]], where: Sequence[int]) -> None:
@@ -122,8 +139,8 @@ async def _references(w: Change, record: Record, items: list[dict[str, Any]], wh
         if not wanted:
             continue
         target = relation.target()
-        query = target.query.where(target.key == any_(bindparam("keys", type_=ARRAY(UUID(as_uuid=True)))))
-        found = {row._mapping[target.key]: row for row in (await w.conn.execute(
+        query = referenced(relation)
+        found = {row._mapping[target.key.key]: row for row in (await w.conn.execute(
             query, {"tenant_id": w.tenant_id, "keys": list(wanted)})).all()}
         field = camel(relation.key)
         for position, values in zip(where, items, strict=True):
@@ -155,8 +172,7 @@ async def _unique(w: Change, record: Record, items: list[dict[str, Any]], where:
         column = t.c[f.column]
         async with every_holder_seen(w.conn, record):  # in the trash or hidden, a value stays taken
             taken = set((await w.conn.execute(
-                select(column).where(t.c.tenant_id == w.tenant_id,
-                                     column == any_(bindparam("values", type_=ARRAY(column.type)))),
+                each_key(select(column).where(t.c.tenant_id == w.tenant_id), column, "values"),
                 {"values": wanted})).scalars())
         for position, value in zip(where, given, strict=True):
             if value in taken:
@@ -188,10 +204,8 @@ async def lock_rows(w: Change, record: Record, keys: Sequence[uuid.UUID]) -> Non
     index whose record the tenant does not have. Each key at most once."""
     distinct(keys, "id")
     t = record.table
-    found = set((await w.conn.execute(
-        select(t.c.id).where(t.c.tenant_id == w.tenant_id,
-                             t.c.id == any_(bindparam("keys", type_=ARRAY(UUID(as_uuid=True)))))
-        .order_by(t.c.id).with_for_update(), {"keys": list(keys)})).scalars())
+    locked = each_key(select(t.c.id).where(t.c.tenant_id == w.tenant_id).with_for_update(), t.c.id, "keys")
+    found = set((await w.conn.execute(locked, {"keys": sorted(set(keys))})).scalars())
     for position, key in enumerate(keys):
         if key not in found:
             raise at(position, NotFound(record.label, key))
@@ -232,10 +246,8 @@ async def upsert_many(w: Change, record: Record,
     distinct(keys, camel(EXTERNAL_ID))
     await lock_external_ids(w, record, keys)
     t = record.table
-    existing = {row.external_id: row for row in (await w.conn.execute(
-        select(t).where(t.c.tenant_id == w.tenant_id,
-                        t.c.external_id == any_(bindparam("keys", type_=ARRAY(t.c.external_id.type))))
-        .order_by(t.c.id).with_for_update(), {"keys": keys})).all()}
+    found = each_key(select(t).where(t.c.tenant_id == w.tenant_id).with_for_update(), t.c.external_id, "keys")
+    existing = {row.external_id: row for row in (await w.conn.execute(found, {"keys": sorted(keys)})).all()}
     fixed = [f for f in record.fields if not f.update and f.create is not Create.NEVER]
     out: dict[int, tuple[Row[Any], bool]] = {}
     creates = [position for position, key in enumerate(keys) if key not in existing]

@@ -6,7 +6,9 @@ the tenant's rows outside the trash) in the record's default order, read in the 
 transaction (row-level security applies as a backstop) through a server-side cursor, ``BATCH``
 rows at a time, so memory stays constant whatever the list's size. The columns are derived from
 the declaration: ``id``, every declared field (references as global IDs, as the API shows them),
-``createdAt`` and ``updatedAt``; the CSV is written by Python's ``csv`` module.
+the workspace's live custom fields the caller may read (``custom.<key>``, values as text:
+``resolvers.csv_custom``; chosen by ``records.custom.readable``), ``createdAt`` and ``updatedAt``;
+the CSV is written by Python's ``csv`` module.
 """
 
 from __future__ import annotations
@@ -16,16 +18,19 @@ import enum
 import io
 import json
 import uuid
-from collections.abc import AsyncIterator, Collection, Mapping
+from collections.abc import AsyncIterator, Collection, Mapping, Sequence
 from typing import Any, get_args, get_origin
 
 from graphql import GraphQLError
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from core.errors import BadUserInput
 from models.db import Databases
 from models.visibility import View
 from records.crm import RECORDS
+from records.custom import Definition, definitions_query, readable
 from records.declare import Direction, HiddenOf, Record, camel
+from resolvers.csv_custom import cell_text, column_name
 from resolvers.writes import public_record
 from schema.values import SCALARS
 
@@ -95,9 +100,17 @@ def filter_of(record: Record, text: str | None) -> dict[str, Any]:
 
 
 def columns_of(record: Record, hidden: Collection[str] = ()) -> list[str]:
-    """The CSV's columns: ``id``, every declared field but those ``hidden`` from the caller's role
-    (field rules: a hidden field's column is left out, header included), the timestamps."""
+    """The CSV's columns of declared fields: ``id``, every declared field but those ``hidden`` from
+    the caller's role (field rules: a hidden field's column is left out, header included), the
+    timestamps. Custom fields come before the timestamps (``header``)."""
     return ["id", *(f.column for f in record.fields if camel(f.column) not in hidden), "created_at", "updated_at"]
+
+
+def header(record: Record, hidden: Collection[str], custom: Sequence[Definition]) -> list[str]:
+    """The header row: the API's names of ``columns_of``, with ``custom.<key>`` for each custom field
+    of ``custom`` (in form order) before ``createdAt`` and ``updatedAt``."""
+    names = [camel(c) for c in columns_of(record, hidden)]
+    return [*names[:-2], *(column_name(d.key) for d in custom), *names[-2:]]
 
 
 def cell(value: Any) -> str:
@@ -108,6 +121,16 @@ def cell(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     return str(value)
+
+
+async def custom_columns(conn: AsyncConnection, tenant_id: uuid.UUID, record: Record,
+                         hidden: Collection[str]) -> list[Definition]:
+    """The custom fields the export shows: the workspace's live ones (as the export's transaction
+    sees them) that the caller may read (``records.custom.readable``), in form order."""
+    if not record.custom_fields:
+        return []
+    rows = (await conn.execute(definitions_query(record.name), {"tenant_id": tenant_id})).all()
+    return readable([Definition.from_row(row) for row in rows], hidden)
 
 
 async def csv_rows(databases: Databases, tenant_id: uuid.UUID, record: Record, filters: Mapping[str, Any], *,
@@ -125,16 +148,21 @@ async def csv_rows(databases: Databases, tenant_id: uuid.UUID, record: Record, f
         query = query.order_by(key.desc() if descending else key.asc(), t.c.id.desc() if descending else t.c.id)
     else:
         query = query.order_by(t.c.id)
-    out = io.StringIO()
-    writer = csv.writer(out)
-    writer.writerow([camel(c) for c in columns])
-    yield out.getvalue().encode()
     async with databases.tenant_transaction(tenant_id, view=view) as conn:
+        custom = await custom_columns(conn, tenant_id, record, hidden(record.name))
+        out = io.StringIO()
+        writer = csv.writer(out)
+        writer.writerow(header(record, hidden(record.name), custom))
+        yield out.getvalue().encode()
         result = await conn.stream(query.execution_options(yield_per=BATCH))
         async for batch in result.partitions(BATCH):
             out = io.StringIO()
             writer = csv.writer(out)
             for row in batch:
                 shown = public_record(record, {c: row._mapping[c] for c in columns})
-                writer.writerow([cell(shown[camel(c)]) for c in columns])
+                cells = [cell(shown[camel(c)]) for c in columns]
+                if custom:
+                    values = row._mapping["custom_fields"]
+                    cells[-2:-2] = [cell_text(d, values.get(d.key)) for d in custom]
+                writer.writerow(cells)
             yield out.getvalue().encode()

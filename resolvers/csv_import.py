@@ -2,12 +2,14 @@
 
 What is imported is derived from the declarations (``records.crm``): any record the API creates
 without a parent argument (``Record.importable``) can be imported, each CSV column going to a field
-named as the API names it (``amount``, ``stageId``; the column name ``stage_id`` works too). A
-mapping target is resolved through the declaration by ``target`` alone, so a new kind of target (a
-tenant's custom field, ``custom.<key>``) is one more case there. A cell goes through the same parse
-function as a GraphQL value of its type (``schema.values.SCALARS``) and then the field's rule, so
-a CSV cell and a GraphQL argument meet the same checks and the same messages. An empty cell is a
-value not given.
+named as the API names it (``amount``, ``stageId``; the column name ``stage_id`` works too), or to
+one of the tenant's live custom fields of the record as ``custom.<key>``. A mapping target is
+resolved by ``target`` alone: through the declaration, or through the tenant's definitions (read
+when the job is accepted and again when it runs). A cell goes through the same parse function as a
+GraphQL value of its type (``schema.values.SCALARS``) and then the field's rule, so a CSV cell and
+a GraphQL argument meet the same checks and the same messages; a custom field's cell becomes the
+``CustomFieldValueInput`` a GraphQL write would send (``resolvers.csv_custom``), which the write
+path checks (``Change.custom_values``) row by row. An empty cell is a value not given.
 
 Rows are deduplicated by the record's ``import_by`` column (contacts by email, case-insensitively;
 companies by domain; anything with an ``external_id`` by it): a row matching a record of the tenant
@@ -37,26 +39,31 @@ import enum
 import io
 import logging
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager, nullcontext, suppress
 from dataclasses import dataclass, field
 from typing import Any
 
 from graphql import GraphQLError
 from sqlalchemy import Row, any_, bindparam, func, insert, select, text, update
-from sqlalchemy.dialects.postgresql import ARRAY, UUID
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from auth.principal import Principal
 from auth.roles import allows
 from core.errors import AtriumError, BadUserInput, ErrorCode, Forbidden, NotFound
-from models.db import ENTER_MEMBER, Databases, entered_view
+from core.ids import decode_id
+from models.db import ENTER_MEMBER, Databases, custom_plans, each_key, entered_view
 from models.outages import is_outage
 from models.tables import IMPORT_ERRORS, IMPORT_FILES, IMPORT_JOBS, Role
 from records.crm import RECORDS
+from records.custom import CustomFieldType, Definition, Pending, definitions_query
 from records.declare import Create, Record, camel
 from records.declare import Field as RecordField
 from records.rules import Email
-from resolvers.batch import create_many, lock_keys
+from resolvers.batch import create_many, lock_keys, referenced
+from resolvers.csv_custom import FALSE, TRUE, cell_input, column_name, field_name
+from resolvers.csv_custom import PREFIX as CUSTOM
 from resolvers.writes import Change, work_change
 from schema.imports import JOB_TYPE
 from schema.values import SCALARS
@@ -72,8 +79,7 @@ MAX_FILE_BYTES = 64 << 20
 CHUNK = 1000
 """Rows per transaction (and per checkpoint)."""
 ENDED = ("done", "failed")
-TRUE = {"true", "t", "yes", "y", "1"}
-FALSE = {"false", "f", "no", "n", "0"}
+MISSING = object()
 
 
 class BadCsv(BadUserInput):
@@ -127,18 +133,32 @@ def parse_cell(annotation: Any, name: str, text: str) -> Any:
 
 @dataclass(frozen=True)
 class Target:
-    """Where a CSV column goes: one declared field (``target`` resolves names to targets)."""
+    """Where a CSV column goes: one declared field, or one of the tenant's custom fields (``target``
+    resolves names to targets)."""
 
     name: str
-    """The field as the API names it (``stageId``): what errors name."""
-    field: RecordField
+    """As a mapping names it: the field as the API names it (``stageId``), or ``custom.<key>``."""
+    field: RecordField | None = None
+    definition: Definition | None = None
+    """The custom field's live definition (``field`` is None then)."""
 
     @property
-    def column(self) -> str:
-        return self.field.column
+    def column(self) -> str | None:
+        """The declared field's column (None for a custom field)."""
+        return self.field.column if self.field is not None else None
+
+    @property
+    def reported(self) -> str:
+        """What errors about the column name: the field (``stageId``, ``customFields.tier``)."""
+        return field_name(self.definition.key) if self.definition is not None else self.name
 
     def value(self, text: str) -> Any:
-        """The column value of a non-empty cell: parsed as the field's GraphQL type, then its rule."""
+        """The value of a non-empty cell: a declared field's column value (parsed as the field's
+        GraphQL type, then its rule), or a custom field's input (``resolvers.csv_custom``), which the
+        write path checks against the definition as it checks a GraphQL write's."""
+        if self.definition is not None:
+            return cell_input(self.definition, text)
+        assert self.field is not None
         return self.field.rule(self.name, parse_cell(self.field.rule.annotation, self.name, text))
 
 
@@ -146,15 +166,25 @@ def writable(field: RecordField) -> bool:
     return field.create is not Create.NEVER or field.update
 
 
-def target(record: Record, name: str, header: str) -> Target:
+def target(record: Record, name: str, header: str, definitions: Sequence[Definition] = ()) -> Target:
     """The target a mapping names: a declared field the API writes, by its API name or its column
-    name (UNKNOWN_FIELD otherwise). The one place mapping targets are resolved: a custom field
-    (``custom.<key>``, the tenant's definitions) becomes one more case here."""
+    name, or ``custom.<key>`` for one of the tenant's live custom fields of the record
+    (``definitions``); UNKNOWN_FIELD otherwise. The one place mapping targets are resolved."""
     wanted = name.strip()
+    if wanted.startswith(CUSTOM):
+        key = wanted[len(CUSTOM):]
+        found = next((d for d in definitions if d.key == key), None) if record.custom_fields else None
+        if found is None:
+            keys = ", ".join(column_name(d.key) for d in definitions) if record.custom_fields else ""
+            raise BadCsv(f"mapping.{header}", "UNKNOWN_FIELD",
+                         f"{wanted!r} is not a custom field of {record.plural_label}"
+                         + (f"; one of {keys}" if keys else " (the workspace defines none)"))
+        return Target(column_name(key), definition=found)
     for f in record.fields:
         if writable(f) and wanted in (f.name, f.column):
             return Target(f.name, f)
-    names = ", ".join(f.name for f in record.fields if writable(f))
+    names = ", ".join([*(f.name for f in record.fields if writable(f)),
+                       *(column_name(d.key) for d in definitions if record.custom_fields)])
     raise BadCsv(f"mapping.{header}", "UNKNOWN_FIELD", f"{wanted!r} is not a field of {record.plural_label}; "
                                                       f"one of {names}")
 
@@ -174,17 +204,23 @@ class Plan:
         key = self.record.import_by
         return key if any(t.column == key for _, _, t in self.columns) else None
 
-    def header_of(self, field_name: str | None) -> str | None:
-        return next((h for _, h, t in self.columns if t.name == field_name), None)
+    def header_of(self, field: str | None) -> str | None:
+        """The CSV column of the field an error names (``customFields.budget.amount``: ``budget``'s)."""
+        if field is None:
+            return None
+        return next((h for _, h, t in self.columns if field == t.reported or field.startswith(t.reported + ".")),
+                    None)
 
     def mapping(self) -> dict[str, str]:
         return {h: t.name for _, h, t in self.columns}
 
 
-def plan_for(record: Record, header: Sequence[str], mapping: Mapping[str, str | None] | None) -> Plan:
+def plan_for(record: Record, header: Sequence[str], mapping: Mapping[str, str | None] | None,
+             definitions: Sequence[Definition] = ()) -> Plan:
     """The plan of a file with ``header``: each column mapped as ``mapping`` says (header -> field;
     an empty target leaves the column out), the others to the field of their own name when there
-    is one (left out otherwise). Coded BAD_USER_INPUT for a mapping naming a column the file does not
+    is one (left out otherwise; ``custom.<key>`` is the name of a custom field of ``definitions``,
+    the tenant's live ones). Coded BAD_USER_INPUT for a mapping naming a column the file does not
     have, a target that is no field, or two columns for one field."""
     given = dict(mapping or {})
     for name in given:
@@ -196,10 +232,10 @@ def plan_for(record: Record, header: Sequence[str], mapping: Mapping[str, str | 
             wanted = given[name]
             if not wanted:
                 continue
-            columns.append((position, name, target(record, wanted, name)))
+            columns.append((position, name, target(record, wanted, name, definitions)))
             continue
         try:
-            columns.append((position, name, target(record, name, name)))
+            columns.append((position, name, target(record, name, name, definitions)))
         except BadCsv:
             continue  # a column of no field of its own name is left out unless mapped
     used: dict[str, str] = {}
@@ -259,10 +295,12 @@ class Checked:
     total: int
 
 
-def check_file(record: Record, content: bytes, mapping: Mapping[str, str | None] | None) -> Checked:
-    """Read the whole file once (coded errors for anything that stops it), count its rows."""
+def check_file(record: Record, content: bytes, mapping: Mapping[str, str | None] | None,
+               definitions: Sequence[Definition] = ()) -> Checked:
+    """Read the whole file once (coded errors for anything that stops it), count its rows;
+    ``definitions``: the tenant's live custom fields of the record (what ``custom.<key>`` names)."""
     header, data = rows_of(content)
-    plan = plan_for(record, header, mapping)
+    plan = plan_for(record, header, mapping, definitions)
     total = sum(1 for _ in data)
     return Checked(plan, total)
 
@@ -289,6 +327,22 @@ class Outcome:
 class Parsed:
     row: int
     values: dict[str, Any]
+    """Column -> value of the declared fields given."""
+    custom: dict[str, Any]
+    """Key -> input (``CustomFieldValueInput`` as a dict) of the custom fields given."""
+
+
+def named_users(definitions: Sequence[Definition], inputs: Iterable[Mapping[str, Any]]) -> set[uuid.UUID]:
+    """The members the USER custom values of ``inputs`` name (those that are user IDs at all)."""
+    users = [d.key for d in definitions if d.type is CustomFieldType.USER]
+    out: set[uuid.UUID] = set()
+    for given in inputs:
+        for key in users:
+            text = given.get(key, {}).get("userId")
+            if text is not None:
+                with suppress(AtriumError):
+                    out.add(decode_id(text, "User"))
+    return out
 
 
 def key_of(record: Record, column: str, value: Any) -> Any:
@@ -302,6 +356,9 @@ class Chunk:
     def __init__(self, w: Change, plan: Plan) -> None:
         self.w, self.plan, self.record = w, plan, plan.record
         self.outcome = Outcome()
+        self.creating = [(f, f.column, f.create is Create.REQUIRED, f.default) for f in plan.record.fields
+                         if f.create is not Create.NEVER]
+        """The fields a create sets: (field, column, required, default), read once per chunk."""
 
     def fail(self, row: int, error: AtriumError, index: int | None = None) -> None:
         name = error.field
@@ -312,24 +369,35 @@ class Chunk:
     def parse(self, rows: Sequence[tuple[int, list[str]]]) -> list[Parsed]:
         out: list[Parsed] = []
         width = len(self.plan.header)
+        # A cell's value depends on its text alone, and a column often repeats its texts (a stage,
+        # a currency, an owner): each distinct text of a column is read once per chunk.
+        seen: list[dict[str, Any]] = [{} for _ in self.plan.columns]
         for number, cells in rows:
             if len(cells) > width:
                 self.outcome.errors.append(RowError(number, None, None, ErrorCode.BAD_USER_INPUT.value,
                                                     f"the row has {len(cells)} cells, the header {width}"))
                 continue
             values: dict[str, Any] = {}
+            custom: dict[str, Any] = {}
             good = True
-            for position, _, t in self.plan.columns:
+            for (position, _, t), known in zip(self.plan.columns, seen, strict=True):
                 cell = cells[position] if position < len(cells) else ""
-                if not cell.strip():
-                    continue
-                try:
-                    values[t.column] = t.value(cell)
-                except AtriumError as error:
-                    self.fail(number, error)
-                    good = False
+                value = known.get(cell, MISSING)
+                if value is MISSING:
+                    if not cell.strip():
+                        continue
+                    try:
+                        value = known[cell] = t.value(cell)
+                    except AtriumError as error:
+                        self.fail(number, error)
+                        good = False
+                        continue
+                if t.definition is not None:
+                    custom[t.definition.key] = value
+                else:
+                    values[t.column] = value  # type: ignore[index]
             if good:
-                out.append(Parsed(number, values))
+                out.append(Parsed(number, values, custom))
         return out
 
     async def run(self, rows: Sequence[tuple[int, list[str]]]) -> Outcome:
@@ -351,7 +419,11 @@ class Chunk:
         return self.outcome
 
     async def existing(self, group: list[Parsed], key: str | None) -> dict[Any, Row[Any]]:
-        """The tenant's records (outside the trash) matching the group's keys, locked; the oldest per key."""
+        """The tenant's records (outside the trash) matching the group's keys, locked; the oldest per
+        key. A key with an index (an external id, a domain) is looked up key by key in it
+        (``each_key``); e-mail addresses compare case-insensitively, through ``lower()``, which no
+        index answers under row-level security (it is not leakproof), so the workspace's contacts
+        are read once against the hashed list of addresses (``custom_plans``)."""
         if key is None:
             return {}
         wanted = list({key_of(self.record, key, p.values[key]) for p in group if p.values.get(key) is not None})
@@ -359,12 +431,20 @@ class Chunk:
             return {}
         t = self.record.table
         await lock_keys(self.w, f"{self.record.name}:{key}", [str(k) for k in wanted])
-        column = func.lower(t.c[key]) if isinstance(self.record.field(key).rule, Email) else t.c[key]
+        mine = select(t).where(t.c.tenant_id == self.w.tenant_id, *self.record.visible(t)).with_for_update()
+        plans: AbstractAsyncContextManager[Any]
+        if isinstance(self.record.field(key).rule, Email):
+            lowered = func.lower(t.c[key], type_=t.c[key].type)
+            matching = mine.where(lowered == any_(bindparam("keys", type_=ARRAY(t.c[key].type))))
+            plans = custom_plans(self.w.conn)
+        else:
+            matching = each_key(mine, t.c[key], "keys")
+            plans = nullcontext()
+        oldest = (matching.selected_columns.created_at, matching.selected_columns.id)
+        async with plans:
+            rows = (await self.w.conn.execute(matching.order_by(*oldest), {"keys": sorted(wanted)})).all()
         found: dict[Any, Row[Any]] = {}
-        for row in (await self.w.conn.execute(
-                select(t).where(t.c.tenant_id == self.w.tenant_id, *self.record.visible(t),
-                                column == any_(bindparam("keys", type_=ARRAY(t.c[key].type))))
-                .order_by(t.c.created_at, t.c.id).with_for_update(), {"keys": wanted})).all():
+        for row in rows:
             found.setdefault(key_of(self.record, key, row._mapping[key]), row)
         return found
 
@@ -382,6 +462,7 @@ class Chunk:
                     updates.append((p, current, self.patch_values(p, current)))
             except AtriumError as error:
                 self.fail(p.row, error)
+        creates = await self.custom(creates)
         creates = await self.references(creates)
         await self.create(creates)
         for p, current, patch in updates:
@@ -389,14 +470,16 @@ class Chunk:
 
     def create_values(self, p: Parsed) -> dict[str, Any]:
         values: dict[str, Any] = {}
-        for f in self.record.fields:
-            if f.create is Create.NEVER:
-                continue
-            value = p.values.get(f.column)
-            if value is None and f.create is Create.REQUIRED:
-                raise BadUserInput(f.name, f"is required to create a {self.record.label}")
-            values[f.column] = value if value is not None else f.default
+        for f, column, required, default in self.creating:
+            value = p.values.get(column)
+            if value is None:
+                if required:
+                    raise BadUserInput(f.name, f"is required to create a {self.record.label}")
+                value = default
+            values[column] = value
         self.record.check(values)
+        if self.record.custom_fields:
+            values["custom_fields"] = Pending(dict(p.custom))
         return values
 
     def patch_values(self, p: Parsed, current: Row[Any]) -> dict[str, Any]:
@@ -407,7 +490,28 @@ class Chunk:
                 patch[column] = value
             elif value != current._mapping[column]:
                 raise BadUserInput(f.name, f"cannot be changed once the {self.record.label} exists")
+        if p.custom:
+            patch["custom_fields"] = Pending(dict(p.custom))
         return patch
+
+    async def custom(self, creates: list[tuple[Parsed, dict[str, Any]]]) -> list[tuple[Parsed, dict[str, Any]]]:
+        """Creates whose custom fields the write path accepts, checked one by one exactly as it will
+        check them (``Change.custom_values``: the tenant's definitions, their types, options,
+        defaults and required flags, USER values naming members), so that a bad value is its row's
+        error and not a refusal of the whole chunk; the others reported."""
+        w = self.w
+        if not self.record.custom_fields or not creates or not await w.definitions(self.record):
+            return creates
+        await w.members(named_users(await w.definitions(self.record), (p.custom for p, _ in creates)))
+        out = []
+        for p, values in creates:
+            try:
+                await w.custom_values(self.record, {"custom_fields": values["custom_fields"]}, None)
+            except AtriumError as error:
+                self.fail(p.row, error)
+            else:
+                out.append((p, values))
+        return out
 
     async def references(self, creates: list[tuple[Parsed, dict[str, Any]]]) -> list[tuple[Parsed, dict[str, Any]]]:
         """Creates whose every reference names a record of the tenant (one statement per relation);
@@ -418,9 +522,8 @@ class Chunk:
             if not wanted:
                 continue
             target_record = relation.target()
-            query = target_record.query.where(
-                target_record.key == any_(bindparam("keys", type_=ARRAY(UUID(as_uuid=True)))))
-            rows = {row._mapping[target_record.key]: row for row in (await self.w.conn.execute(
+            query = referenced(relation)
+            rows = {row._mapping[target_record.key.key]: row for row in (await self.w.conn.execute(
                 query, {"tenant_id": self.w.tenant_id, "keys": list(wanted)})).all()}
             name = camel(relation.key)
             for p, values in creates:
@@ -487,6 +590,15 @@ async def import_chunk(w: Change, plan: Plan, rows: Sequence[tuple[int, list[str
 
 
 # ---- jobs ---------------------------------------------------------------------------------------------
+
+async def live_definitions(conn: AsyncConnection, tenant_id: uuid.UUID, record: Record) -> list[Definition]:
+    """The tenant's live custom fields of ``record`` (what a mapping's ``custom.<key>`` may name), in
+    form order, read in ``conn``'s tenant transaction."""
+    if not record.custom_fields:
+        return []
+    rows = (await conn.execute(definitions_query(record.name), {"tenant_id": tenant_id})).all()
+    return [Definition.from_row(row) for row in rows]
+
 
 J = IMPORT_JOBS
 
@@ -556,6 +668,8 @@ async def _run(databases: Databases, broker: Broker, tenant_id: uuid.UUID, job_i
         entered = None if job.requested_by is None else (await conn.execute(
             ENTER_MEMBER, {"tenant_id": tenant_id, "member": job.requested_by})).first()
         role = entered.role if entered is not None else None
+        importing = IMPORTABLE.get(job.record_type)
+        definitions = await live_definitions(conn, tenant_id, importing) if importing is not None else []
         await conn.execute(update(J).where(J.c.tenant_id == tenant_id, J.c.id == job_id).values(
             state="running", started_at=func.coalesce(J.c.started_at, func.now()), updated_at=func.now()))
     try:
@@ -568,7 +682,7 @@ async def _run(databases: Databases, broker: Broker, tenant_id: uuid.UUID, job_i
         principal = Principal(tenant_id=tenant_id, user_id=job.requested_by, role=Role(role),
                               expires_at=float("inf"), view=entered_view(job.requested_by, entered._mapping))
         header, data = rows_of(bytes(content))
-        plan = plan_for(record, header, job.mapping)
+        plan = plan_for(record, header, job.mapping, definitions)  # a custom field deleted since: FAILED
         processed = job.processed
         pending: list[tuple[int, list[str]]] = []
         for number, row in data:

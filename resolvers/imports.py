@@ -24,6 +24,7 @@ from core.ids import decode_id
 from core.tasks import BackgroundTasks
 from models.db import Databases
 from models.tables import IMPORT_ERRORS, IMPORT_JOBS
+from records.custom import Definition, definitions_query
 from records.declare import Record
 from resolvers.csv_import import ENDED, check_file, create_job, record_for, run_import
 from resolvers.writes import Change
@@ -41,7 +42,8 @@ async def submit(session: Session, databases: Databases, broker: Broker, tasks: 
     principal = session.principal
     if not allows(principal.role, record.access.create):
         raise Forbidden(f"Importing {record.plural_label} requires `{record.access.create.value}`")
-    checked = await asyncio.to_thread(check_file, record, content, mapping)  # a large file takes a while
+    definitions = await definitions_for(session, record)
+    checked = await asyncio.to_thread(check_file, record, content, mapping, definitions)  # a large file takes a while
     async with session.db.write() as conn:
         row = await create_job(conn, principal.tenant_id, principal.user_id, record, content, checked,
                                dry_run=dry_run)
@@ -60,6 +62,14 @@ async def submit(session: Session, databases: Databases, broker: Broker, tasks: 
 
     await session.db.after_commit(start)
     return row
+
+
+async def definitions_for(session: Session, record: Record) -> list[Definition]:
+    """The tenant's live custom fields of ``record`` (what a mapping's ``custom.<key>`` may name)."""
+    if not record.custom_fields:
+        return []
+    rows = await session.db.fetch(definitions_query(record.name), {"tenant_id": session.tenant_id})
+    return [Definition.from_row(row) for row in rows]
 
 
 async def job_row(info: Info, id: str, field: str = "id") -> Any:

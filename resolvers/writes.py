@@ -21,7 +21,6 @@ the resolver ran.
 from __future__ import annotations
 
 import base64
-import dataclasses
 import datetime as dt
 import uuid
 from collections.abc import AsyncIterator, Collection, Mapping
@@ -64,6 +63,12 @@ from webhooks.outbox import enqueue
 
 
 def jsonable(value: Any) -> Any:
+    """``value`` as JSON data: uuids, decimals and dates as text, bytes as base64."""
+    convert = _BY_TYPE.get(type(value), _other)  # by exact type first: a row's values, thousands at a time
+    return convert(value)
+
+
+def _other(value: Any) -> Any:
     if isinstance(value, uuid.UUID | Decimal):
         return str(value)
     if isinstance(value, dt.date | dt.datetime):
@@ -75,6 +80,16 @@ def jsonable(value: Any) -> Any:
     if isinstance(value, list):
         return [jsonable(v) for v in value]
     return value
+
+
+def _same(value: Any) -> Any:
+    return value
+
+
+_BY_TYPE: dict[type, Any] = {
+    str: _same, int: _same, bool: _same, float: _same, type(None): _same,
+    uuid.UUID: str, Decimal: str, dt.date: dt.date.isoformat, dt.datetime: dt.datetime.isoformat,
+}
 
 
 def snapshot(row: Mapping[Any, Any], columns: Any = None) -> dict[str, Any]:
@@ -121,6 +136,7 @@ class Change:
         self.actor_id: uuid.UUID | None = None if system else principal.user_id
         """Who the audit rows and events name: None for the system's own work (a scheduled purge)."""
         self._definitions: dict[str, list[Definition]] = {}
+        self._membership: dict[uuid.UUID, bool] = {}
 
     @property
     def tenant_id(self) -> uuid.UUID:
@@ -164,14 +180,23 @@ class Change:
                            None if current is None else current["custom_fields"], record.plural_label)
         users = user_ids(definitions, resolved)
         if users:
-            m = MEMBERSHIPS
-            found = {row.user_id for row in (await self.conn.execute(select(m.c.user_id).where(
-                m.c.tenant_id == self.tenant_id, m.c.user_id.in_(list(users.values()))))).all()}
+            found = await self.members(users.values())
             prefix = pending.prefix if isinstance(pending, Pending) else ""
             for key, user_id in users.items():
                 if user_id not in found:
                     raise NotFound("user", user_id, field=f"{prefix}customFields.{key}")
         values["custom_fields"] = resolved
+
+    async def members(self, user_ids: Collection[uuid.UUID]) -> set[uuid.UUID]:
+        """Those of ``user_ids`` who are members of the tenant; each user is looked up once per
+        change (a bulk change asks for all of its users first, in one statement)."""
+        unknown = [u for u in set(user_ids) if u not in self._membership]
+        if unknown:
+            m = MEMBERSHIPS
+            found = {row.user_id for row in (await self.conn.execute(select(m.c.user_id).where(
+                m.c.tenant_id == self.tenant_id, m.c.user_id.in_(unknown)))).all()}
+            self._membership.update((u, u in found) for u in unknown)
+        return {u for u in user_ids if self._membership[u]}
 
     # ---- whole records (what the declaration says) ---------------------------------------------
 
@@ -519,7 +544,9 @@ class Change:
             returned = (await self.conn.execute(insert(t).from_select(columns, source).returning(t))).all()
             inserted.update((row.id, row) for row in returned)
         out = [inserted[key] for key in ids]
-        await self._audit_many(record, "create", [(row.id, {"after": snapshot(row._mapping)}) for row in out])
+        shown = [k for k in out[0]._fields if k != "tenant_id"] if out else []
+        await self._audit_many(record, "create", [(row.id, {"after": snapshot(row._mapping, shown)})
+                                                  for row in out])
         for row, values in zip(out, rows, strict=True):
             self._event(record, ChangeKind.CREATED, row, tuple(values), custom_keys=created_keys(record, row))
         return out
@@ -660,8 +687,20 @@ async def work_change(databases: Databases, broker: Broker, principal: Principal
     async with databases.tenant_transaction(principal.tenant_id, view=principal.view) as conn:
         w = Change(conn, principal, request_id, now=now)
         yield w
-        await enqueue(conn, w.tenant_id, zip(w.events, w.rows, strict=True), public_record)
+        await deliveries(w)
     await publish_committed(broker, w.events)
+
+
+async def deliveries(w: Change) -> None:
+    """The change's webhook deliveries, put in the outbox in its own transaction (webhooks.outbox),
+    with only the custom fields the workspace has now (a deleted field's values stay hidden)."""
+    live = {record.name: {d.key for d in await w.definitions(record)}
+            for record in {BY_NAME[e.entity_type] for e in w.events} if record.custom_fields}
+
+    def render(record: Record, row: Mapping[Any, Any]) -> dict[str, Any]:
+        return public_record(record, row, live=live.get(record.name))
+
+    await enqueue(w.conn, w.tenant_id, zip(w.events, w.rows, strict=True), render)
 
 
 async def publish_committed(broker: Broker, events: list[ChangeEvent]) -> None:
@@ -669,7 +708,7 @@ async def publish_committed(broker: Broker, events: list[ChangeEvent]) -> None:
     if not events:
         return
     committed_at = dt.datetime.now(dt.UTC)
-    await broker.publish_many([dataclasses.replace(event, committed_at=committed_at) for event in events])
+    await broker.publish_many([event.committed(committed_at) for event in events])
 
 
 @asynccontextmanager
@@ -682,15 +721,7 @@ async def change(info: Info) -> AsyncIterator[Change]:
         w = Change(conn, session.principal, context.request_id,
                    now=dt.datetime.fromtimestamp(context.clock.time(), dt.UTC), hidden=session.hidden)
         yield w
-        # Webhook deliveries join the outbox in the change's own transaction (webhooks.outbox), with
-        # the custom fields the workspace has now.
-        live = {record.name: {d.key for d in await w.definitions(record)}
-                for record in {BY_NAME[e.entity_type] for e in w.events} if record.custom_fields}
-
-        def render(record: Record, row: Mapping[Any, Any]) -> dict[str, Any]:
-            return public_record(record, row, live=live.get(record.name))
-
-        await enqueue(conn, w.tenant_id, zip(w.events, w.rows, strict=True), render)
+        await deliveries(w)
 
     async def publish() -> None:
         await publish_committed(context.broker, w.events)

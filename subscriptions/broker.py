@@ -33,7 +33,17 @@ from subscriptions.presence import MemoryPresence, Presence, RedisPresence
 log = logging.getLogger("atrium.broker")
 
 PIPELINE_EVENTS = 500
-"""Events sent to Redis per pipeline by ``publish_many``."""
+"""Events sent to Redis per round trip by ``publish_many``."""
+PUBLISH_ALL = """
+for i = 1, #ARGV, 2 do
+    redis.call('PUBLISH', ARGV[i], ARGV[i + 1])
+end
+return #ARGV / 2
+"""
+"""Publishes each (channel, message) pair of its arguments, in order: one command and one reply for
+a batch of events, where a pipeline of PUBLISH commands has a reply per channel for the client to
+read (three per record: a bulk change of 1,000 records spent more time reading replies than
+anything else it did in Python)."""
 
 
 class Marker:
@@ -202,6 +212,7 @@ class RedisBroker:
             url, decode_responses=True, socket_connect_timeout=1.0, socket_keepalive=True,
             retry=Retry(NoBackoff(), 0),
         )
+        self._publish_all = self._client.register_script(PUBLISH_ALL)
         self.presence: Presence = RedisPresence(self._client, self.publish, presence_ttl, prefix=prefix, clock=clock)
         self._backoff_min = backoff_min
         self._backoff_max = backoff_max
@@ -239,13 +250,13 @@ class RedisBroker:
     async def publish_many(self, events: Sequence[Event]) -> None:
         for start in range(0, len(events), PIPELINE_EVENTS):
             batch = events[start:start + PIPELINE_EVENTS]
+            pairs: list[str] = []
+            for event in batch:
+                data = encode_event(event)
+                for channel in event.channels():
+                    pairs += (self._prefix + channel, data)
             try:
-                async with self._client.pipeline(transaction=False) as pipe:
-                    for event in batch:
-                        data = encode_event(event)
-                        for channel in event.channels():
-                            pipe.publish(self._prefix + channel, data)
-                    await pipe.execute()
+                await self._publish_all(args=pairs)
             except (RedisError, OSError) as exc:
                 self.stats.publish_failures += len(batch)
                 log.warning("publish to Redis failed (%d so far): %s", self.stats.publish_failures, exc)

@@ -79,6 +79,13 @@ class ChangeEvent:
     """The custom fields whose values changed, by key, when ``fields`` names ``customFields``: a
     subscriber whom field rules hide all of them from is not told ``customFields`` changed."""
 
+    def committed(self, at: datetime) -> ChangeEvent:
+        """This event with ``committed_at`` set: ``dataclasses.replace``, without running ``__init__``
+        again (a bulk change stamps thousands of events, and nothing here is derived)."""
+        stamped = object.__new__(ChangeEvent)
+        stamped.__dict__.update(self.__dict__, committed_at=at)
+        return stamped
+
     def channels(self) -> list[str]:
         """Every channel this event goes to: the record's, the entity type's, and scoped ones."""
         out = [record_channel(self.tenant_id, self.entity_id), type_channel(self.tenant_id, self.entity_type)]

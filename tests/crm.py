@@ -135,3 +135,15 @@ async def seed_crm(client: httpx.AsyncClient, token: str, tag: str | None = None
     activity = await create_activity(client, token, kind="TASK", subject=f"Call {tag}", deal_id=deal["id"],
                                      contact_id=contact["id"], company_id=company["id"], due_date="2030-01-01")
     return Crm(tag=tag, pipeline=pipeline, company=company, contact=contact, deal=deal, activity=activity)
+
+
+CUSTOM_FIELD = """mutation($input: CustomFieldDefinitionInput!) {
+  createCustomFieldDefinition(input: $input) { id key type } }"""
+
+
+async def create_custom_field(client: httpx.AsyncClient, token: str, record_type: str, key: str, type_: str,
+                              **spec: Any) -> dict[str, Any]:
+    """A custom field definition (``spec``: ``options``, ``required``, ``default``, ``position``...;
+    the token must be an admin's or the owner's)."""
+    return await _create(client, token, CUSTOM_FIELD, "createCustomFieldDefinition",
+                         {"recordType": record_type, "key": key, "label": key.title(), "type": type_, **spec})

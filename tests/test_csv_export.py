@@ -12,13 +12,15 @@ from typing import Any
 
 import httpx
 from sqlalchemy import func, select
+from starlette.applications import Starlette
 
+from core.ids import to_global_id
 from models.db import Databases
 from models.tables import Role
 from records.crm import DEAL
 from resolvers.csv_export import columns_of
 from tests.conftest import TenantWorld, data_or_fail, gql
-from tests.crm import create_company, create_deal, seed_crm
+from tests.crm import create_company, create_custom_field, create_deal, seed_crm
 
 MakeTenant = Callable[..., Awaitable[TenantWorld]]
 
@@ -100,3 +102,68 @@ async def test_row_level_security_alone_keeps_the_export_to_its_tenant(
     async with databases.tenant_transaction(b.id) as conn:
         assert (await conn.execute(select(func.count()).select_from(query.subquery()))).scalar_one() == 0
     assert columns_of(DEAL)[0] == "id"
+
+
+CREATE = "mutation($i: DealInput!) { createDeal(input: $i) { id } }"
+
+
+async def test_custom_fields_export_as_text_columns_and_import_back(
+    client: httpx.AsyncClient, app: Starlette, make_tenant: MakeTenant,
+) -> None:
+    """The workspace's live custom fields are columns ``custom.<key>`` (form order, before the
+    timestamps) with their values as text; a deleted field's column and values are not exported,
+    nor another workspace's fields; the export imports back into its workspace unchanged."""
+    a, b = await make_tenant("csv-cf-a"), await make_tenant("csv-cf-b")
+    admin, token = a.token(Role.ADMIN), a.token(Role.MEMBER)
+    stage = (await seed_crm(client, token)).pipeline["stages"][0]["id"]
+    await create_custom_field(client, admin, "DEAL", "tier", "SINGLE_SELECT", options=["gold", "silver"], position=1)
+    await create_custom_field(client, admin, "DEAL", "budget", "MONEY", position=2)
+    await create_custom_field(client, admin, "DEAL", "tags", "MULTI_SELECT", options=["x;y", "z", 'q"'], position=3)
+    gone = await create_custom_field(client, admin, "DEAL", "gone", "TEXT", position=4)
+    await create_custom_field(client, admin, "DEAL", "score", "NUMBER", position=5)
+    await create_custom_field(client, admin, "DEAL", "signed", "BOOLEAN", position=6)
+    await create_custom_field(client, admin, "DEAL", "renewal", "DATE", position=7)
+    await create_custom_field(client, admin, "DEAL", "champion", "USER", position=0)
+    champion = to_global_id("User", a.users[Role.MEMBER])
+    data_or_fail(await gql(client, CREATE, {"i": {
+        "title": "Full", "amount": "1", "currency": "USD", "stageId": stage, "externalId": "full",
+        "customFields": [{"key": "tier", "option": "gold"}, {"key": "budget", "money": {"amount": "1200.5",
+                                                                                     "currency": "EUR"}},
+                         {"key": "tags", "options": ["z", "x;y", 'q"']}, {"key": "gone", "text": "hidden value"},
+                         {"key": "score", "number": "12.50"}, {"key": "signed", "boolean": False},
+                         {"key": "renewal", "date": "2030-01-31"}, {"key": "champion", "userId": champion}]}},
+                           token=token))
+    data_or_fail(await gql(client, CREATE, {"i": {"title": "Bare", "amount": "2", "currency": "USD",
+                                                  "stageId": stage, "externalId": "bare"}}, token=token))
+    data_or_fail(await gql(client, "mutation($id: ID!) { deleteCustomFieldDefinition(id: $id) { id } }",
+                           {"id": gone["id"]}, token=admin))
+    await create_custom_field(client, b.token(), "DEAL", "secret", "TEXT")
+
+    response = await exported(client, token, "deals")
+    assert "hidden value" not in response.text
+    got = {r["externalId"]: r for r in rows(response)}
+    custom = ["custom.champion", "custom.tier", "custom.budget", "custom.tags", "custom.score", "custom.signed",
+              "custom.renewal"]
+    assert list(got["full"]) == ["id", *(f.name for f in DEAL.fields), *custom, "createdAt", "updatedAt"]
+    assert {c: got["full"][c] for c in custom} == {
+        "custom.champion": champion, "custom.tier": "gold", "custom.budget": "1200.50 EUR",
+        "custom.tags": 'z;"x;y";"q"""', "custom.score": "12.50", "custom.signed": "false",
+        "custom.renewal": "2030-01-31"}
+    assert {c: got["bare"][c] for c in custom} == dict.fromkeys(custom, "")
+    # Another workspace: its own field, none of A's.
+    theirs = (await exported(client, b.token(), "deals")).text.splitlines()[0].split(",")
+    assert "custom.secret" in theirs and not set(custom) & set(theirs)
+    assert "custom.secret" not in response.text.splitlines()[0]
+
+    # Imported back: each row with an external id matches its deal and changes nothing (the seeded
+    # deal has none: it is created again).
+    job = data_or_fail(await gql(client, """mutation($csv: String!) { startImport(type: DEALS, csv: $csv) { id } }""",
+                                 {"csv": response.text}, token=token))["startImport"]
+    await app.state.runtime.tasks.idle()
+    done = data_or_fail(await gql(client, """query($id: ID!) { importJob(id: $id) { state updated created errors }
+        importErrors(id: $id) { row field message } }""", {"id": job["id"]}, token=token))
+    assert done["importJob"] == {"state": "DONE", "updated": 2, "created": 1, "errors": 0}, done
+    again = {r["externalId"]: r for r in rows(await exported(client, token, "deals"))}
+    for key in ("full", "bare"):
+        assert {c: again[key][c] for c in custom} == {c: got[key][c] for c in custom}
+        assert again[key]["updatedAt"] == got[key]["updatedAt"]  # nothing changed, nothing written

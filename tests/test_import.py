@@ -24,10 +24,11 @@ from core.settings import Settings
 from models.audit_chain import verify_chain
 from models.db import Databases
 from models.tables import AUDIT_EVENTS, COMPANIES, CONTACTS, DEALS, IMPORT_ERRORS, IMPORT_FILES, IMPORT_JOBS, Role
-from resolvers.csv_import import CHUNK, due, run_import
+from records.custom import Definition, definitions_query
+from resolvers.csv_import import CHUNK, check_file, create_job, due, record_for, run_import
 from tests.cli import ROOT, environment
 from tests.conftest import TenantWorld, codes, data_or_fail, gql
-from tests.crm import seed_crm, uuid_of
+from tests.crm import create_custom_field, seed_crm, uuid_of
 from tests.live import AtriumProcess, error_codes, live
 
 MakeTenant = Callable[..., Awaitable[TenantWorld]]
@@ -307,3 +308,220 @@ async def test_an_import_sees_only_what_its_member_sees(
     assert [(e["row"], e["field"]) for e in found["importErrors"]] == [(1, "externalId")]
     assert await count(admin_engine, DEALS, world.id, DEALS.c.title == "Owner's") == 1
     assert await count(admin_engine, DEALS, world.id, DEALS.c.title == "Overwritten") == 0
+
+
+DEAL_FIELDS = """{ deals(first: 20) { nodes { title externalId customFields { key ... on TextValue { text }
+  ... on NumberValue { number } ... on MoneyValue { amount currency } ... on DateValue { date }
+  ... on BooleanValue { boolean } ... on SelectValue { option } ... on MultiSelectValue { options }
+  ... on UserValue { userId } } } } }"""
+
+
+async def define_deal_fields(client: httpx.AsyncClient, token: str) -> None:
+    await create_custom_field(client, token, "DEAL", "tier", "SINGLE_SELECT", options=["gold", "silver", "bronze"],
+                              default={"option": "bronze"})
+    await create_custom_field(client, token, "DEAL", "score", "NUMBER")
+    await create_custom_field(client, token, "DEAL", "budget", "MONEY")
+    await create_custom_field(client, token, "DEAL", "renewal", "DATE")
+    await create_custom_field(client, token, "DEAL", "signed", "BOOLEAN")
+    await create_custom_field(client, token, "DEAL", "tags", "MULTI_SELECT", options=["a", "b", "c"])
+    await create_custom_field(client, token, "DEAL", "champion", "USER")
+    await create_custom_field(client, token, "DEAL", "region", "TEXT", required=True)
+
+
+def custom_values(deal: dict[str, Any]) -> dict[str, Any]:
+    """A deal's custom values by key (the one member its type has), those with a value."""
+    out = {}
+    for value in deal["customFields"]:
+        members = {k: v for k, v in value.items() if k != "key" and v is not None}
+        if members:
+            out[value["key"]] = members if len(members) > 1 else next(iter(members.values()))
+    return out
+
+
+async def test_custom_fields_are_import_targets_checked_as_graphql_writes_check_them(
+    client: httpx.AsyncClient, app: Starlette, make_tenant: MakeTenant, admin_engine: AsyncEngine,
+) -> None:
+    """``custom.<key>`` columns (mapped, or by their own name) go through the write path's custom
+    field checks: a bad value is its row's error naming the column and ``customFields.<key>``, with
+    the message a GraphQL write gets; defaults and required flags apply as they do there; a matched
+    record is updated with the custom values given and keeps the others."""
+    world = await make_tenant("imp-cf")
+    token = world.token(Role.MEMBER)
+    stage = (await seed_crm(client, token)).pipeline["stages"][0]["id"]
+    await define_deal_fields(client, world.token(Role.ADMIN))
+    champion = to_global_id("User", world.users[Role.MEMBER])
+    stranger = to_global_id("User", uuid.uuid4())
+    header = ["title", "amount", "currency", "stageId", "externalId", "Tier", "custom.score", "Budget",
+              "custom.renewal", "custom.signed", "custom.tags", "custom.champion", "Region"]
+    mapping: dict[str, str | None] = {"Tier": "custom.tier", "Budget": "custom.budget", "Region": "custom.region"}
+    good = ["A", "10", "USD", stage, "ext-a", "gold", "12.5", "1200.50 usd", "2030-01-31", "yes", "c; a", champion,
+            "EMEA"]
+
+    def row(title: str, key: str, **cells: str) -> list[str]:
+        out = [title, "5", "USD", stage, key, *([""] * 7), "APAC"]
+        for name, value in cells.items():
+            out[header.index(name)] = value
+        return out
+
+    text = table(header, good,
+                 row("B", "ext-b"),                                   # defaults: tier bronze
+                 row("Bad tier", "ext-3", Tier="platinum"),
+                 row("Bad currency", "ext-4", Budget="12 XXX"),
+                 row("No region", "ext-5", Region=""),
+                 row("Stranger", "ext-6", **{"custom.champion": stranger}),
+                 row("Bad number", "ext-7", **{"custom.score": "ten"}),
+                 row("Bad tags", "ext-8", **{"custom.tags": "a;a"}))
+    found = await imported(client, app, token, "DEALS", text, mapping)
+    job = found["importJob"]
+    assert job["state"] == "DONE" and job["created"] == 2 and job["errors"] == 6, found
+    assert {(m["column"], m["field"]) for m in job["mapping"]} >= {
+        ("Tier", "custom.tier"), ("custom.score", "custom.score"), ("Region", "custom.region")}
+    errors = [(e["row"], e["column"], e["field"], e["code"]) for e in found["importErrors"]]
+    assert errors == [(3, "Tier", "customFields.tier", "BAD_USER_INPUT"),
+                      (4, "Budget", "customFields.budget.currency", "BAD_USER_INPUT"),
+                      (5, "Region", "customFields.region", "BAD_USER_INPUT"),
+                      (6, "custom.champion", "customFields.champion", "NOT_FOUND"),
+                      (7, "custom.score", "customFields.score", "BAD_USER_INPUT"),
+                      (8, "custom.tags", "customFields.tags", "BAD_USER_INPUT")]
+    # The same messages as the GraphQL write of the same values.
+    refused = await gql(client, """mutation($i: DealInput!) { createDeal(input: $i) { id } }""", {"i": {
+        "title": "T", "amount": "1", "currency": "USD", "stageId": stage,
+        "customFields": [{"key": "region", "text": "X"}, {"key": "tier", "option": "platinum"}]}}, token=token)
+    assert refused["errors"][0]["message"] == found["importErrors"][0]["message"] == (
+        "customFields.tier: must be one of the options: gold, silver, bronze")
+    assert found["importErrors"][2]["message"] == "customFields.region: is required"
+
+    deals = {d["externalId"]: custom_values(d) for d in data_or_fail(
+        await gql(client, DEAL_FIELDS, token=token))["deals"]["nodes"] if d["externalId"]}
+    assert deals == {
+        "ext-a": {"tier": "gold", "score": "12.5", "budget": {"amount": "1200.50", "currency": "USD"},
+                  "renewal": "2030-01-31", "signed": True, "tags": ["c", "a"], "champion": champion,
+                  "region": "EMEA"},
+        "ext-b": {"tier": "bronze", "region": "APAC"}}
+    # Audited as any create: the custom values are in the record's audit row.
+    async with admin_engine.connect() as conn:
+        diffs = (await conn.execute(select(AUDIT_EVENTS.c.diff).where(
+            AUDIT_EVENTS.c.tenant_id == world.id, AUDIT_EVENTS.c.entity_type == "Deal",
+            AUDIT_EVENTS.c.action == "create"))).scalars().all()
+    assert {"tier": "bronze", "region": "APAC"} in [d["after"]["custom_fields"] for d in diffs]
+
+    # Matched by external id: the values given change, the others stay; a bad one is the row's error.
+    again = await imported(client, app, token, "DEALS", table(
+        ["externalId", "custom.tier", "custom.score"], ["ext-a", "silver", ""], ["ext-b", "", "1e20"]))
+    assert again["importJob"]["updated"] == 1 and again["importJob"]["errors"] == 1, again
+    assert [(e["row"], e["column"], e["field"]) for e in again["importErrors"]] == [
+        (2, "custom.score", "customFields.score")]
+    deals = {d["externalId"]: custom_values(d) for d in data_or_fail(
+        await gql(client, DEAL_FIELDS, token=token))["deals"]["nodes"] if d["externalId"]}
+    assert deals["ext-a"]["tier"] == "silver" and deals["ext-a"]["score"] == "12.5"
+    assert deals["ext-b"] == {"tier": "bronze", "region": "APAC"}
+
+    # A dry run checks the custom values the same way and writes nothing.
+    before = await count(admin_engine, DEALS, world.id)
+    dry = await imported(client, app, token, "DEALS", table(
+        ["title", "amount", "currency", "stageId", "custom.region", "custom.tier"],
+        ["Dry", "1", "USD", stage, "EMEA", "gold"], ["Dry bad", "1", "USD", stage, "EMEA", "tin"],
+        ["Dry required", "1", "USD", stage, "", ""]), dry_run=True)
+    assert dry["importJob"]["created"] == 1 and dry["importJob"]["errors"] == 2
+    assert [(e["row"], e["field"]) for e in dry["importErrors"]] == [
+        (2, "customFields.tier"), (3, "customFields.region")]
+    assert await count(admin_engine, DEALS, world.id) == before
+
+
+async def test_a_mapping_names_only_the_workspaces_live_custom_fields(
+    client: httpx.AsyncClient, app: Starlette, make_tenant: MakeTenant, admin_engine: AsyncEngine,
+) -> None:
+    """``custom.<key>`` must be a live custom field of this workspace and record type: another
+    workspace's key, a deleted field's, or a type without custom fields is UNKNOWN_FIELD before any
+    job exists; an unmapped column named after another workspace's field is left out."""
+    a, b = await make_tenant("imp-cf-a"), await make_tenant("imp-cf-b")
+    await create_custom_field(client, b.token(), "DEAL", "secret", "TEXT")
+    gone = await create_custom_field(client, a.token(), "DEAL", "gone", "TEXT")
+    data_or_fail(await gql(client, "mutation($id: ID!) { deleteCustomFieldDefinition(id: $id) { id } }",
+                           {"id": gone["id"]}, token=a.token()))
+    await create_custom_field(client, a.token(), "COMPANY", "size", "NUMBER")
+    token = a.token(Role.MEMBER)
+    stage = (await seed_crm(client, token)).pipeline["stages"][0]["id"]
+
+    async def refused(type_: str, text: str, mapping: dict[str, str]) -> tuple[str, str, str]:
+        body = await gql(client, START, {"type": type_, "csv": text, "mapping": [
+            {"column": c, "field": f} for c, f in mapping.items()]}, token=token)
+        assert codes(body) == ["BAD_USER_INPUT"], body
+        return body["errors"][0]["extensions"]["field"], body["errors"][0]["extensions"]["reason"], \
+            body["errors"][0]["message"]
+
+    deal = table(["title", "amount", "currency", "stageId", "X"], ["T", "1", "USD", stage, "x"])
+    field, reason, message = await refused("DEALS", deal, {"X": "custom.secret"})
+    assert (field, reason) == ("mapping.X", "UNKNOWN_FIELD") and "secret" in message
+    assert (await refused("DEALS", deal, {"X": "custom.gone"}))[:2] == ("mapping.X", "UNKNOWN_FIELD")
+    assert (await refused("DEALS", deal, {"X": "custom.size"}))[:2] == ("mapping.X", "UNKNOWN_FIELD")
+    assert (await refused("ACTIVITIES", table(["kind", "subject", "X"], ["NOTE", "s", "x"]),
+                          {"X": "custom.size"}))[:2] == ("mapping.X", "UNKNOWN_FIELD")
+    # The company field is A's own: a company import takes it.
+    companies = await imported(client, app, token, "COMPANIES", table(["name", "custom.size"], ["Big", "500"]))
+    assert companies["importJob"]["created"] == 1 and companies["importJob"]["errors"] == 0, companies
+    # Unmapped, a column named after B's field is no column of A's: left out, nothing of it stored.
+    found = await imported(client, app, token, "DEALS", table(
+        ["title", "amount", "currency", "stageId", "custom.secret"], ["Mine", "1", "USD", stage, "leak"]))
+    assert found["importJob"]["created"] == 1 and {m["field"] for m in found["importJob"]["mapping"]} == {
+        "title", "amount", "currency", "stageId"}
+    async with admin_engine.connect() as conn:
+        stored = (await conn.execute(select(DEALS.c.custom_fields).where(
+            DEALS.c.tenant_id == a.id, DEALS.c.title == "Mine"))).scalar_one()
+    assert stored == {}
+
+
+async def test_a_custom_field_deleted_before_the_job_runs_fails_it(
+    client: httpx.AsyncClient, app: Starlette, make_tenant: MakeTenant, admin_engine: AsyncEngine,
+) -> None:
+    """A job (accepted, not yet run) whose mapping names a custom field deleted since ends FAILED,
+    saying why, and writes nothing."""
+    world = await make_tenant("imp-cf-del")
+    field = await create_custom_field(client, world.token(), "COMPANY", "size", "NUMBER")
+    runtime = app.state.runtime
+    record = record_for("companies")
+    content = table(["name", "custom.size"], ["Big", "5"]).encode()
+    async with runtime.databases.tenant_transaction(world.id) as conn:
+        definitions = [Definition.from_row(r) for r in (await conn.execute(
+            definitions_query("Company"), {"tenant_id": world.id})).all()]
+        checked = check_file(record, content, None, definitions)
+        job = await create_job(conn, world.id, world.users[Role.MEMBER], record, content, checked, dry_run=False)
+    assert checked.plan.mapping() == {"name": "name", "custom.size": "custom.size"}
+    data_or_fail(await gql(client, "mutation($id: ID!) { deleteCustomFieldDefinition(id: $id) { id } }",
+                           {"id": field["id"]}, token=world.token()))
+    assert await run_import(runtime.databases, runtime.broker, world.id, job.id)
+    found = data_or_fail(await gql(client, JOB, {"id": to_global_id("ImportJob", job.id)}, token=world.token()))
+    assert found["importJob"]["state"] == "FAILED" and "custom.size" in found["importJob"]["error"], found
+    assert await count(admin_engine, COMPANIES, world.id) == 0
+
+
+async def test_the_command_line_maps_columns_to_custom_fields(
+    client: httpx.AsyncClient, make_tenant: MakeTenant, admin_engine: AsyncEngine, settings: Settings,
+    tmp_path: Path,
+) -> None:
+    """``atrium import --map COLUMN=custom.<key>`` reads the workspace's definitions as the API does:
+    the values land typed, a bad one is listed with its row and column, an unknown key stops it."""
+    world = await make_tenant("imp-cli-cf")
+    await create_custom_field(client, world.token(), "COMPANY", "size", "NUMBER")
+    path = tmp_path / "companies.csv"
+    path.write_text(table(["Name", "Size"], ["Big", "500"], ["Odd", "lots"]))
+
+    async def command(*mapping: str) -> tuple[int, str]:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "atrium", "import", str(path), "--tenant", world.slug, "--type", "companies",
+            *(part for m in mapping for part in ("--map", m)), cwd=ROOT,
+            env=environment(DATABASE_URL=str(settings.database_url)), stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        out, err = await process.communicate()
+        assert process.returncode is not None
+        return process.returncode, (out + err).decode()
+
+    status, said = await command("Name=name", "Size=custom.size")
+    assert status == 0, said
+    assert "row 2 column 'Size': BAD_USER_INPUT customFields.size:" in said and "1 created" in said
+    async with admin_engine.connect() as conn:
+        stored = (await conn.execute(select(COMPANIES.c.name, COMPANIES.c.custom_fields).where(
+            COMPANIES.c.tenant_id == world.id))).all()
+    assert [(r.name, r.custom_fields) for r in stored] == [("Big", {"size": 500})]
+    status, said = await command("Name=name", "Size=custom.weight")
+    assert status == 2 and "custom.weight" in said and "UNKNOWN_FIELD" in said, said

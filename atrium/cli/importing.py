@@ -23,7 +23,7 @@ from core.errors import AtriumError
 from core.settings import Settings
 from models.db import Databases, create_engine
 from models.tables import IMPORT_ERRORS, IMPORT_JOBS, MEMBERSHIPS, USERS, Role
-from resolvers.csv_import import IMPORTABLE, check_file, create_job, record_for, run_import
+from resolvers.csv_import import IMPORTABLE, check_file, create_job, live_definitions, record_for, run_import
 from resolvers.writes import Change
 from schema.imports import JOB_TYPE
 from subscriptions.broker import create_broker
@@ -83,8 +83,10 @@ async def run(args: argparse.Namespace, settings: Settings) -> int:
     await broker.start()
     try:
         user_id, role = await _member(databases, tenant_id, args.member)
+        async with databases.tenant_transaction(tenant_id) as conn:
+            definitions = await live_definitions(conn, tenant_id, record)
         try:
-            checked = check_file(record, content, mapping)
+            checked = check_file(record, content, mapping, definitions)
         except AtriumError as error:
             sys.stderr.write(f"atrium: {error.message} ({error.extra.get('reason', error.code.value)})\n")
             return 2
