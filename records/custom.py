@@ -257,17 +257,6 @@ def definitions_query(record_name: str) -> Any:
                             d.c.deleted_at.is_(None)).order_by(d.c.position, d.c.key))
 
 
-def readable(definitions: Sequence[Definition], hidden: Collection[str]) -> list[Definition]:
-    """The custom fields among a record type's live ``definitions`` whose values a caller may read,
-    ``hidden`` being the record type's fields hidden from the caller's role (``auth.fields``, the
-    API's names). The one place that decides it for a view: the CSV export's columns ask it.
-
-    Field rules name declared fields only so far (``Field(..., restrictable=True)``): none of
-    ``hidden`` can be a custom field, so every live definition is readable. When rules can name
-    custom keys, leaving the hidden ones out here is all the export needs."""
-    return list(definitions)
-
-
 @dataclass(frozen=True)
 class DefinitionsOf:
     """The loader lookup (``models.loaders.ListLookup``) of a record type's live definitions, keyed by tenant."""
