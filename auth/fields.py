@@ -21,8 +21,10 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import Select, select
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from models.db import TenantScope
 from models.tables import FIELD_RULES, Role
@@ -65,6 +67,19 @@ def forget() -> None:
     _kept.clear()
 
 
+def rules_query(tenant_id: uuid.UUID) -> Select[Any]:
+    """The statement reading the rules of ``tenant_id``."""
+    t = FIELD_RULES
+    return select(t.c.record_type, t.c.field, t.c.hidden_from).where(t.c.tenant_id == tenant_id)
+
+
+async def rules_on(conn: AsyncConnection, tenant_id: uuid.UUID) -> FieldRules:
+    """The rules of ``tenant_id`` as ``conn``'s transaction sees them (work outside a request: an
+    import job, which writes as the member who started it)."""
+    rows = (await conn.execute(rules_query(tenant_id))).all()
+    return FieldRules.of(((r.record_type, r.field, r.hidden_from) for r in rows), -1)
+
+
 async def read_rules(db: TenantScope) -> FieldRules:
     """The rules of ``db``'s tenant (module docstring): from the process when the scope's entry names
     a version already read, otherwise one statement in the scope's transaction."""
@@ -75,9 +90,7 @@ async def read_rules(db: TenantScope) -> FieldRules:
     if version is not None and (found := _kept.get((db.tenant_id, version))) is not None:
         _kept.move_to_end((db.tenant_id, version))
         return found
-    t = FIELD_RULES
-    rows = await db.fetch(select(t.c.record_type, t.c.field, t.c.hidden_from)
-                          .where(t.c.tenant_id == db.tenant_id))
+    rows = await db.fetch(rules_query(db.tenant_id))
     rules = FieldRules.of(((r.record_type, r.field, r.hidden_from) for r in rows), version or -1)
     if version is not None:
         _kept[(db.tenant_id, version)] = rules

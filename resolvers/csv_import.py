@@ -39,7 +39,7 @@ import enum
 import io
 import logging
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, nullcontext, suppress
 from dataclasses import dataclass, field
 from typing import Any
@@ -49,9 +49,10 @@ from sqlalchemy import Row, any_, bindparam, func, insert, select, text, update
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from auth.fields import rules_on
 from auth.principal import Principal
 from auth.roles import allows
-from core.errors import AtriumError, BadUserInput, ErrorCode, Forbidden, NotFound
+from core.errors import AtriumError, BadUserInput, ErrorCode, Forbidden, HiddenField, NotFound
 from core.ids import decode_id
 from models.db import ENTER_MEMBER, Databases, custom_plans, each_key, entered_view
 from models.outages import is_outage
@@ -211,8 +212,23 @@ class Plan:
         return next((h for _, h, t in self.columns if field == t.reported or field.startswith(t.reported + ".")),
                     None)
 
-    def mapping(self) -> dict[str, str]:
-        return {h: t.name for _, h, t in self.columns}
+    def mapping(self) -> dict[str, str | None]:
+        """Every column of the file and its target, None for one left out: what the job stores and
+        runs by (a column left out by the caller's mapping stays out even where its header names a
+        field, as it would when it was accepted)."""
+        mapped = {h: t.name for _, h, t in self.columns}
+        return {h: mapped.get(h) for h in self.header}
+
+    def refuse_hidden(self, hidden: Collection[str], role: str) -> None:
+        """FORBIDDEN naming ``mapping.<column>`` for the first column whose field (declared or custom)
+        a field rule hides from the importing member's role: an import writes what it maps, and a
+        role may not write what it may not read (``Record.refuse_hidden``, as for a GraphQL write)."""
+        for _, header, t in self.columns:
+            try:
+                self.record.refuse_hidden(hidden, role, columns=[t.column] if t.column is not None else (),
+                                          custom_keys=[t.definition.key] if t.definition is not None else ())
+            except HiddenField:
+                raise HiddenField(f"mapping.{header}", self.record.name, t.name, role) from None
 
 
 def plan_for(record: Record, header: Sequence[str], mapping: Mapping[str, str | None] | None,
@@ -670,6 +686,7 @@ async def _run(databases: Databases, broker: Broker, tenant_id: uuid.UUID, job_i
         role = entered.role if entered is not None else None
         importing = IMPORTABLE.get(job.record_type)
         definitions = await live_definitions(conn, tenant_id, importing) if importing is not None else []
+        rules = await rules_on(conn, tenant_id)
         await conn.execute(update(J).where(J.c.tenant_id == tenant_id, J.c.id == job_id).values(
             state="running", started_at=func.coalesce(J.c.started_at, func.now()), updated_at=func.now()))
     try:
@@ -683,6 +700,7 @@ async def _run(databases: Databases, broker: Broker, tenant_id: uuid.UUID, job_i
                               expires_at=float("inf"), view=entered_view(job.requested_by, entered._mapping))
         header, data = rows_of(bytes(content))
         plan = plan_for(record, header, job.mapping, definitions)  # a custom field deleted since: FAILED
+        plan.refuse_hidden(rules.hidden(Role(role), record.name), role)  # hidden from the member since: FAILED
         processed = job.processed
         pending: list[tuple[int, list[str]]] = []
         for number, row in data:

@@ -44,6 +44,7 @@ async def submit(session: Session, databases: Databases, broker: Broker, tasks: 
         raise Forbidden(f"Importing {record.plural_label} requires `{record.access.create.value}`")
     definitions = await definitions_for(session, record)
     checked = await asyncio.to_thread(check_file, record, content, mapping, definitions)  # a large file takes a while
+    checked.plan.refuse_hidden(session.hidden(record.name), principal.role.value)
     async with session.db.write() as conn:
         row = await create_job(conn, principal.tenant_id, principal.user_id, record, content, checked,
                                dry_run=dry_run)

@@ -72,7 +72,7 @@ class ImportJob:
         return cls(id=strawberry.ID(to_global_id(JOB_TYPE, row.id)), type=ImportType(row.record_type),
                    state=ImportState(row.state), dry_run=row.dry_run, total=row.total, processed=row.processed,
                    created=row.created_count, updated=row.updated_count, errors=row.error_count,
-                   mapping=[ImportColumnMapping(column=k, field=v) for k, v in row.mapping.items()],
+                   mapping=[ImportColumnMapping(column=k, field=v) for k, v in row.mapping.items() if v],
                    error=row.error, created_at=row.created_at, started_at=row.started_at,
                    finished_at=row.finished_at)
 

@@ -21,6 +21,7 @@ from records.crm import DEAL
 from resolvers.csv_export import columns_of
 from tests.conftest import TenantWorld, data_or_fail, gql
 from tests.crm import create_company, create_custom_field, create_deal, seed_crm
+from tests.field_rules import SET as SET_RULE
 
 MakeTenant = Callable[..., Awaitable[TenantWorld]]
 
@@ -167,3 +168,22 @@ async def test_custom_fields_export_as_text_columns_and_import_back(
     for key in ("full", "bare"):
         assert {c: again[key][c] for c in custom} == {c: got[key][c] for c in custom}
         assert again[key]["updatedAt"] == got[key]["updatedAt"]  # nothing changed, nothing written
+
+
+async def test_a_custom_field_hidden_from_a_role_is_no_column_of_its_export(
+        client: httpx.AsyncClient, make_tenant: MakeTenant) -> None:
+    """The export's custom columns are those the caller may read (``records.custom.readable``): a field
+    rule on ``custom.<key>`` leaves that column out for the roles it names and keeps it for the others."""
+    world = await make_tenant("csv-cf-rule")
+    admin = world.token(Role.ADMIN)
+    await create_custom_field(client, admin, "DEAL", "margin", "NUMBER")
+    await create_custom_field(client, admin, "DEAL", "region", "TEXT")
+    crm = await seed_crm(client, world.token())
+    data_or_fail(await gql(client, "mutation($id: ID!) { updateDeal(id: $id, input: {customFields: ["
+                                   '{key: "margin", number: "7.5"}, {key: "region", text: "north"}]}) { id } }',
+                           {"id": crm.deal["id"]}, token=admin))
+    data_or_fail(await gql(client, SET_RULE, {"t": "Deal", "f": "custom.margin", "r": ["MEMBER"]}, token=admin))
+    for role, expected in ((Role.MEMBER, {"custom.region": "north"}),
+                           (Role.ADMIN, {"custom.margin": "7.5", "custom.region": "north"})):
+        [row] = rows(await exported(client, world.token(role), "deals"))
+        assert {k: v for k, v in row.items() if k.startswith("custom.")} == expected, (role, row)

@@ -29,6 +29,8 @@ from resolvers.csv_import import CHUNK, check_file, create_job, due, record_for,
 from tests.cli import ROOT, environment
 from tests.conftest import TenantWorld, codes, data_or_fail, gql
 from tests.crm import create_custom_field, seed_crm, uuid_of
+from tests.field_rules import REMOVE as REMOVE_RULE
+from tests.field_rules import SET as SET_RULE
 from tests.live import AtriumProcess, error_codes, live
 
 MakeTenant = Callable[..., Awaitable[TenantWorld]]
@@ -525,3 +527,49 @@ async def test_the_command_line_maps_columns_to_custom_fields(
     assert [(r.name, r.custom_fields) for r in stored] == [("Big", {"size": 500})]
     status, said = await command("Name=name", "Size=custom.weight")
     assert status == 2 and "custom.weight" in said and "UNKNOWN_FIELD" in said, said
+
+
+async def test_a_role_cannot_import_into_a_field_hidden_from_it(
+    client: httpx.AsyncClient, app: Starlette, make_tenant: MakeTenant, admin_engine: AsyncEngine,
+) -> None:
+    """An import writes what it maps: a column mapped to a field (declared or custom) that a field
+    rule hides from the importing member's role is FORBIDDEN naming the column, through GraphQL and
+    HTTP alike, and nothing is accepted; a role the field is not hidden from imports it. A rule
+    made after a job was accepted fails the job when it runs, writing nothing."""
+    world = await make_tenant("imp-rules")
+    await create_custom_field(client, world.token(), "CONTACT", "tier", "TEXT")
+    for field in ("email", "custom.tier"):
+        data_or_fail(await gql(client, SET_RULE, {"t": "Contact", "f": field, "r": ["MEMBER"]},
+                               token=world.token(Role.ADMIN)))
+    text = table(["firstName", "lastName", "email", "custom.tier"], ["Ada", "Lovelace", "ada@example.com", "gold"])
+    member = world.token(Role.MEMBER)
+    for mapping, column in (({"custom.tier": None}, "email"), ({"email": None}, "custom.tier")):
+        body = await gql(client, START, {"type": "CONTACTS", "csv": text, "dryRun": False,
+                                         "mapping": [{"column": c, "field": f} for c, f in mapping.items()]},
+                         token=member)
+        assert codes(body) == ["FORBIDDEN"] and body["errors"][0]["extensions"]["field"] == f"mapping.{column}", body
+    response = await client.post("/imports?type=contacts", content=text.encode(),
+                                 headers={"authorization": f"Bearer {member}", "content-type": "text/csv"})
+    assert response.status_code == 403 and response.json()["errors"][0]["extensions"] == {
+        "code": "FORBIDDEN", "field": "mapping.email"}, response.text
+    assert await count(admin_engine, IMPORT_JOBS, world.id) == 0
+    # Unmapped, the hidden columns are left alone; the admin, whom no rule hides them from, imports them.
+    done = await imported(client, app, member, "CONTACTS", text, {"email": None, "custom.tier": None})
+    assert (done["importJob"]["state"], done["importJob"]["created"]) == ("DONE", 1), done["importJob"]["error"]
+    done = await imported(client, app, world.token(Role.ADMIN), "CONTACTS",
+                          table(["firstName", "lastName", "email", "custom.tier"], ["Bo", "B", "bo@example.com", "x"]))
+    assert (done["importJob"]["state"], done["importJob"]["created"]) == ("DONE", 1), done["importJob"]["error"]
+
+    # Accepted while the field was visible to the member, run after it was hidden: FAILED, nothing written.
+    data_or_fail(await gql(client, REMOVE_RULE, {"t": "Contact", "f": "email"}, token=world.token(Role.ADMIN)))
+    runtime = app.state.runtime
+    content = table(["firstName", "lastName", "email"], ["Cy", "C", "cy@example.com"]).encode()
+    async with runtime.databases.tenant_transaction(world.id) as conn:
+        job = await create_job(conn, world.id, world.users[Role.MEMBER], record_for("contacts"), content,
+                               check_file(record_for("contacts"), content, None), dry_run=False)
+    data_or_fail(await gql(client, SET_RULE, {"t": "Contact", "f": "email", "r": ["MEMBER"]},
+                           token=world.token(Role.ADMIN)))
+    assert await run_import(runtime.databases, runtime.broker, world.id, job.id)
+    found = data_or_fail(await gql(client, JOB, {"id": to_global_id("ImportJob", job.id)}, token=world.token()))
+    assert found["importJob"]["state"] == "FAILED" and "mapping.email" in found["importJob"]["error"], found
+    assert await count(admin_engine, CONTACTS, world.id) == 2
