@@ -609,8 +609,13 @@ class ConnectionPlan(RootPlan):
             query = query.where(sort > point if later else sort < point)
         ascending = descending == backward
         scan = (expression.asc(), ids.asc()) if ascending else (expression.desc(), ids.desc())
-        page = query.add_columns(func.row_number().over(order_by=scan).label("rn")) \
-            .order_by(*scan).limit(bindparam(self.limit)).cte(self.page_name)
+        # The page first (ORDER BY ... LIMIT: a top-N sort, or an index read that stops early), then
+        # its rows numbered: numbering every matching row before the limit sorted them all (a
+        # custom field's ordering of 100,000 deals, where no index gives the order).
+        first = query.order_by(*scan).limit(bindparam(self.limit)).subquery(f"{self.page_name}_rows")
+        value = first.c[key.label]
+        numbered = (value.asc(), first.c.id.asc()) if ascending else (value.desc(), first.c.id.desc())
+        page = select(first, func.row_number().over(order_by=numbered).label("rn")).cte(self.page_name)
         size: Any = bindparam(self.size)
         output_order = page.c.rn.desc() if backward else page.c.rn.asc()
         within = page.c.rn <= size
