@@ -188,7 +188,8 @@ def member(given: Any, name: str) -> Any:
 
 RULE_PREFIX = "custom."
 """A field rule names a custom field as ``custom.<key>`` (a standard field by its API name, which
-never holds a dot): so a custom key that spells a standard field's name (``amount``) is its own."""
+never holds a dot): so a custom key that spells a standard field's name (``amount``) is its own.
+A CSV column names it the same way (``resolvers.csv_custom``)."""
 
 
 def rule_name(key: str) -> str:

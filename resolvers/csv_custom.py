@@ -1,7 +1,8 @@
 """Custom fields in CSV files: the column of a custom field and the text of its values, both ways.
 
-A custom field is the column ``custom.<key>`` (``column_name``); an import maps a column to it by
-that name (``custom.tier``), and an export writes that header, so an export imports back as it is.
+A custom field is the column ``custom.<key>`` (``records.custom.rule_name``: named as a field rule
+names it); an import maps a column to it by that name (``custom.tier``), and an export writes
+that header, so an export imports back as it is.
 A cell holds the value as text:
 
 =============================  ===================================================  =================
@@ -42,9 +43,6 @@ from core.ids import to_global_id
 from records.custom import CustomFieldType, Definition
 from schema.values import parse_date, parse_decimal
 
-PREFIX = "custom."
-"""What a custom field's CSV column is called: ``custom.<key>``."""
-
 
 class Options(csv.Dialect):
     """The ``csv`` dialect of a MULTI_SELECT cell's options."""
@@ -60,11 +58,6 @@ class Options(csv.Dialect):
 
 TRUE = frozenset({"true", "t", "yes", "y", "1"})
 FALSE = frozenset({"false", "f", "no", "n", "0"})
-
-
-def column_name(key: str) -> str:
-    """The CSV column of custom field ``key``."""
-    return PREFIX + key
 
 
 def field_name(key: str) -> str:

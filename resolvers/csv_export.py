@@ -28,9 +28,9 @@ from core.errors import BadUserInput
 from models.db import Databases
 from models.visibility import View
 from records.crm import RECORDS
-from records.custom import Definition, definitions_query, readable
+from records.custom import Definition, definitions_query, readable, rule_name
 from records.declare import Direction, HiddenOf, Record, camel
-from resolvers.csv_custom import cell_text, column_name
+from resolvers.csv_custom import cell_text
 from resolvers.writes import public_record
 from schema.values import SCALARS
 
@@ -110,7 +110,7 @@ def header(record: Record, hidden: Collection[str], custom: Sequence[Definition]
     """The header row: the API's names of ``columns_of``, with ``custom.<key>`` for each custom field
     of ``custom`` (in form order) before ``createdAt`` and ``updatedAt``."""
     names = [camel(c) for c in columns_of(record, hidden)]
-    return [*names[:-2], *(column_name(d.key) for d in custom), *names[-2:]]
+    return [*names[:-2], *(rule_name(d.key) for d in custom), *names[-2:]]
 
 
 def cell(value: Any) -> str:

@@ -58,13 +58,12 @@ from models.db import ENTER_MEMBER, Databases, custom_plans, each_key, entered_v
 from models.outages import is_outage
 from models.tables import IMPORT_ERRORS, IMPORT_FILES, IMPORT_JOBS, Role
 from records.crm import RECORDS
-from records.custom import CustomFieldType, Definition, Pending, definitions_query
+from records.custom import CustomFieldType, Definition, Pending, custom_key, definitions_query, rule_name
 from records.declare import Create, Record, camel
 from records.declare import Field as RecordField
 from records.rules import Email
 from resolvers.batch import create_many, lock_keys, referenced
-from resolvers.csv_custom import FALSE, TRUE, cell_input, column_name, field_name
-from resolvers.csv_custom import PREFIX as CUSTOM
+from resolvers.csv_custom import FALSE, TRUE, cell_input, field_name
 from resolvers.writes import Change, work_change
 from schema.imports import JOB_TYPE
 from schema.values import SCALARS
@@ -172,20 +171,19 @@ def target(record: Record, name: str, header: str, definitions: Sequence[Definit
     name, or ``custom.<key>`` for one of the tenant's live custom fields of the record
     (``definitions``); UNKNOWN_FIELD otherwise. The one place mapping targets are resolved."""
     wanted = name.strip()
-    if wanted.startswith(CUSTOM):
-        key = wanted[len(CUSTOM):]
+    if (key := custom_key(wanted)) is not None:
         found = next((d for d in definitions if d.key == key), None) if record.custom_fields else None
         if found is None:
-            keys = ", ".join(column_name(d.key) for d in definitions) if record.custom_fields else ""
+            keys = ", ".join(rule_name(d.key) for d in definitions) if record.custom_fields else ""
             raise BadCsv(f"mapping.{header}", "UNKNOWN_FIELD",
                          f"{wanted!r} is not a custom field of {record.plural_label}"
                          + (f"; one of {keys}" if keys else " (the workspace defines none)"))
-        return Target(column_name(key), definition=found)
+        return Target(rule_name(key), definition=found)
     for f in record.fields:
         if writable(f) and wanted in (f.name, f.column):
             return Target(f.name, f)
     names = ", ".join([*(f.name for f in record.fields if writable(f)),
-                       *(column_name(d.key) for d in definitions if record.custom_fields)])
+                       *(rule_name(d.key) for d in definitions if record.custom_fields)])
     raise BadCsv(f"mapping.{header}", "UNKNOWN_FIELD", f"{wanted!r} is not a field of {record.plural_label}; "
                                                       f"one of {names}")
 
