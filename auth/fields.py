@@ -73,11 +73,15 @@ def rules_query(tenant_id: uuid.UUID) -> Select[Any]:
     return select(t.c.record_type, t.c.field, t.c.hidden_from).where(t.c.tenant_id == tenant_id)
 
 
+def of_rows(rows: Iterable[Any], version: int) -> FieldRules:
+    """The rules ``rules_query``'s rows hold."""
+    return FieldRules.of(((r.record_type, r.field, r.hidden_from) for r in rows), version)
+
+
 async def rules_on(conn: AsyncConnection, tenant_id: uuid.UUID) -> FieldRules:
     """The rules of ``tenant_id`` as ``conn``'s transaction sees them (work outside a request: an
     import job, which writes as the member who started it)."""
-    rows = (await conn.execute(rules_query(tenant_id))).all()
-    return FieldRules.of(((r.record_type, r.field, r.hidden_from) for r in rows), -1)
+    return of_rows((await conn.execute(rules_query(tenant_id))).all(), -1)
 
 
 async def read_rules(db: TenantScope) -> FieldRules:
@@ -90,8 +94,7 @@ async def read_rules(db: TenantScope) -> FieldRules:
     if version is not None and (found := _kept.get((db.tenant_id, version))) is not None:
         _kept.move_to_end((db.tenant_id, version))
         return found
-    rows = await db.fetch(rules_query(db.tenant_id))
-    rules = FieldRules.of(((r.record_type, r.field, r.hidden_from) for r in rows), version or -1)
+    rules = of_rows(await db.fetch(rules_query(db.tenant_id)), version or -1)
     if version is not None:
         _kept[(db.tenant_id, version)] = rules
         while len(_kept) > KEEP:
