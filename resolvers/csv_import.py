@@ -283,6 +283,8 @@ def rows_of(content: bytes) -> tuple[list[str], Iterator[tuple[int, list[str]]]]
     header = [h.strip() for h in header]
     if "" in header:
         raise BadCsv("file", "MISSING_HEADER", f"column {header.index('') + 1} of the header row has no name")
+    if any("\x00" in h for h in header):  # the job stores the header's names (its mapping) as JSON text
+        raise BadCsv("file", "MALFORMED", "the header row holds a NUL character")
     if len(set(header)) != len(header):
         repeated = next(h for h in header if header.count(h) > 1)
         raise BadCsv("file", "DUPLICATE_HEADER", f"the header names column {repeated!r} twice")

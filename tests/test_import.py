@@ -170,6 +170,7 @@ async def test_files_it_cannot_start_from_are_coded_errors(
     assert (await refused("COMPANIES", "name,label\nA,B\n", {"label": "name"}))[:2] == (
         "mapping.label", "DUPLICATE_TARGET")
     assert (await refused("COMPANIES", 'name\n"unclosed\n'))[:2] == ("file", "MALFORMED")
+    assert (await refused("COMPANIES", "na\x00me\nA\n"))[:2] == ("file", "MALFORMED")  # JSON text holds no NUL
     # Not UTF-8 (Latin-1 bytes), through the upload endpoint, which takes the bytes as they are.
     response = await client.post("/imports?type=companies", content="name\nCaf\xe9\n".encode("latin-1"),
                                  headers={"authorization": f"Bearer {token}", "content-type": "text/csv"})
