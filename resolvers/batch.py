@@ -18,10 +18,14 @@ What they guarantee:
   each relation's references in one statement for the whole batch, each unique field in one
   statement, and insert the rows in one INSERT with one audit insert. Sequential records are created
   one at a time through ``Change.create``.
-- **Updates and deletes** lock their rows first in one statement (in key order, so two batches
-  touching the same records wait for each other instead of deadlocking; an id not in the tenant is
-  NOT_FOUND naming its index), then go through ``Change.update`` / ``Change.delete`` per record:
-  version checks, references, dependents and rollups as for single writes.
+- **Set-based updates and deletes** lock their rows first in one statement (in key order, so two
+  batches touching the same records wait for each other instead of deadlocking; an id the caller
+  cannot see is NOT_FOUND naming its index). Updates then check each record in Python as
+  ``Change.update`` does and do the rest for the batch (``Change.write_updates``,
+  ``Change.derived_conflict``, one statement per relation and unique field); deletes move the
+  rows to the trash together (``Change.trash_rows``), each a trash batch of its own. Sequential
+  records, and deletes of records without a trash, go through ``Change.update`` /
+  ``Change.delete`` per record.
 - **External ids**: a batch that sets ``externalId`` values first takes a transaction-scoped
   advisory lock on each (tenant, type, external id), so concurrent batches with the same external
   id run one after the other and the second sees the first's rows. ``upsert_many`` finds records by
@@ -42,7 +46,7 @@ from core.errors import AtriumError, BadUserInput, NotFound
 from core.limits import MAX_BATCH
 from models.db import each_key, every_holder_seen
 from records.declare import Create, Record, ToOne, camel
-from resolvers.writes import Change
+from resolvers.writes import Change, StillInUse
 
 EXTERNAL_ID = "external_id"
 
@@ -199,38 +203,85 @@ async def lock_keys(w: Change, space: str, keys: Sequence[str | None]) -> None:
 
 # ---- updates and deletes --------------------------------------------------------------------------
 
-async def lock_rows(w: Change, record: Record, keys: Sequence[uuid.UUID]) -> None:
-    """Lock the rows of ``keys`` in key order, in one statement; NOT_FOUND (``id``) naming the first
-    index whose record the tenant does not have. Each key at most once."""
+async def locked(w: Change, record: Record, keys: Sequence[uuid.UUID]) -> dict[uuid.UUID, Row[Any]]:
+    """The rows of ``keys`` (each at most once) as the caller sees them, locked in key order, in one
+    statement; NOT_FOUND (``id``) naming the first index whose record the caller cannot see (another
+    tenant's, in the trash, or hidden from them). By key."""
     distinct(keys, "id")
-    t = record.table
-    locked = each_key(select(t.c.id).where(t.c.tenant_id == w.tenant_id).with_for_update(), t.c.id, "keys")
-    found = set((await w.conn.execute(locked, {"keys": sorted(set(keys))})).scalars())
+    query = each_key(record.query.with_for_update(), record.key, "keys")
+    found = {row.id: row for row in (await w.conn.execute(
+        query, {"tenant_id": w.tenant_id, "keys": sorted(set(keys))})).all()}
     for position, key in enumerate(keys):
         if key not in found:
             raise at(position, NotFound(record.label, key))
+    return found
 
 
 async def update_many(w: Change, record: Record,
                       changes: Sequence[tuple[uuid.UUID, dict[str, Any], int | None]]) -> list[Row[Any]]:
     """Apply each ``(id, changes, expected_version)`` as ``Change.update`` does (module docstring)."""
-    await lock_rows(w, record, [key for key, _, _ in changes])
+    before = await locked(w, record, [key for key, _, _ in changes])
     if record.has(EXTERNAL_ID):
         await lock_external_ids(w, record, [c.get(EXTERNAL_ID) for _, c, _ in changes])
-    rows = []
-    for position, (key, values, expected_version) in enumerate(changes):
-        with item(position):
-            rows.append(await w.update(record, key, values, expected_version))
-    return rows
+    if record.sequential:
+        rows = []
+        for position, (key, values, expected_version) in enumerate(changes):
+            with item(position):
+                rows.append(await w.update(record, key, values, expected_version))
+        return rows
+    return await _update_rows(w, record, [(before[key], values, version) for key, values, version in changes])
+
+
+async def _update_rows(w: Change, record: Record, changes: Sequence[tuple[Row[Any], dict[str, Any], int | None]],
+                       positions: Sequence[int] | None = None) -> list[Row[Any]]:
+    """``Change.update``'s rules for each ``(locked row, changes, expected_version)``, set-based: each
+    record's own checks in Python, then one statement per relation for the references, one per
+    rollup and per unique field, and ``Change.write_updates``. A unique value counts as taken while
+    any other record holds it before the batch (a batch cannot swap two records' values). Returns
+    the rows after (the row as it was, for a change that alters nothing), in order."""
+    where = list(positions) if positions is not None else list(range(len(changes)))
+    for position, (before, values, expected_version) in zip(where, changes, strict=True):
+        try:
+            w.check_version(record, before, expected_version)
+            await w.custom_values(record, values, before._mapping)
+        except AtriumError as error:
+            raise at(position, error) from None
+    await _references(w, record, [values for _, values, _ in changes], where)
+    altered: list[tuple[int, Row[Any], dict[str, Any]]] = []
+    for position, (before, values, _) in zip(where, changes, strict=True):
+        try:
+            if changed := w.changed(record, before, values):
+                altered.append((position, before, changed))
+        except AtriumError as error:
+            raise at(position, error) from None
+    if conflict := await w.derived_conflict(record, [(before.id, changed) for _, before, changed in altered]):
+        raise at(altered[conflict[0]][0], conflict[1])
+    await _unique(w, record, [changed for _, _, changed in altered], [position for position, _, _ in altered])
+    written = await w.write_updates(record, [(before, changed) for _, before, changed in altered])
+    after = {row.id: row for row in written}
+    return [after.get(before.id, before) for before, _, _ in changes]
 
 
 async def delete_many(w: Change, record: Record, targets: Sequence[tuple[uuid.UUID, int | None]]) -> list[Row[Any]]:
-    """Delete each ``(id, expected_version)`` as ``Change.delete`` does (module docstring)."""
-    await lock_rows(w, record, [key for key, _ in targets])
-    rows = []
+    """Delete each ``(id, expected_version)`` as ``Change.delete`` does (module docstring): records
+    with a trash go there set-based (``Change.trash_rows``), others one after the other."""
+    keys = [key for key, _ in targets]
+    before = await locked(w, record, keys)
+    if not record.trash:
+        rows = []
+        for position, (key, expected_version) in enumerate(targets):
+            with item(position):
+                rows.append(await w.delete(record, key, expected_version))
+        return rows
     for position, (key, expected_version) in enumerate(targets):
         with item(position):
-            rows.append(await w.delete(record, key, expected_version))
+            w.check_version(record, before[key], expected_version)
+    rows = [before[key] for key in keys]
+    try:
+        await w.trash_rows(record, rows)
+    except StillInUse as error:
+        index = {key: position for position, key in enumerate(keys)}
+        raise at(min(index[root] for root in error.roots), error) from None
     return rows
 
 
@@ -253,13 +304,26 @@ async def upsert_many(w: Change, record: Record,
     creates = [position for position, key in enumerate(keys) if key not in existing]
     created = await create_many(w, record, [items[p][0] for p in creates], creates)
     out.update((p, (row, True)) for p, row in zip(creates, created, strict=True))
-    for position, (values, patch) in enumerate(items):
-        current = existing.get(keys[position])
-        if current is None:
-            continue
+    updates = [position for position, key in enumerate(keys) if key in existing]
+    for position in updates:
+        values, current = items[position][0], existing[keys[position]]
         with item(position):
             for f in fixed:
                 if values.get(f.column) is not None and values[f.column] != current._mapping[f.column]:
                     raise BadUserInput(f.name, f"cannot be changed once the {record.label} exists")
-            out[position] = (await w.update(record, current.id, patch, None), False)
+    if record.sequential:
+        for position in updates:
+            with item(position):
+                out[position] = (await w.update(record, existing[keys[position]].id, items[position][1], None), False)
+    elif updates:
+        # Found by external id among all the tenant's rows; changed only if the caller sees them.
+        ids = [existing[keys[position]].id for position in updates]
+        seen = {row.id: row for row in (await w.conn.execute(
+            each_key(record.query, record.key, "keys"), {"tenant_id": w.tenant_id, "keys": ids})).all()}
+        for position, key in zip(updates, ids, strict=True):
+            if key not in seen:
+                raise at(position, NotFound(record.label, key))
+        rows = await _update_rows(w, record, [(seen[key], items[position][1], None)
+                                              for position, key in zip(updates, ids, strict=True)], updates)
+        out.update((position, (row, False)) for position, row in zip(updates, rows, strict=True))
     return [out[p] for p in range(len(items))]

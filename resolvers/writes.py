@@ -23,7 +23,7 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import uuid
-from collections.abc import AsyncIterator, Collection, Mapping
+from collections.abc import AsyncIterator, Collection, Mapping, Sequence
 from contextlib import asynccontextmanager
 from decimal import Decimal
 from typing import Any
@@ -50,9 +50,9 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from auth.principal import Principal
 from auth.session import Info, Session
-from core.errors import BadUserInput, NotFound, VersionConflict
+from core.errors import AtriumError, BadUserInput, NotFound, VersionConflict
 from core.ids import to_global_id
-from models.db import Databases, every_holder_seen, showing_trash
+from models.db import Databases, each_key, every_holder_seen, showing_trash
 from models.tables import AUDIT_EVENTS, MEMBERSHIPS
 from records.crm import BY_NAME, RECORDS, dependents, rollups_into
 from records.custom import Definition, Pending, changed_keys, definitions_query, hidden_key, resolve, user_ids
@@ -228,32 +228,67 @@ class Change:
         columns too large to snapshot on every change (a note's CRDT document: the update instead).
         ``rolled_up``: the change is a rollup's own recomputation (``Rollup``), not a client's.
         """
-        t = record.table
         before = await self.require(record, id, lock=True)
         self.check_version(record, before, expected_version)
         await self.custom_values(record, changes, before._mapping)
         await self._references(record, changes, "")
+        changed = self.changed(record, before, changes)
+        if not changed:
+            return before
+        if not rolled_up and (conflict := await self.derived_conflict(record, [(id, changed)])):
+            raise conflict[1]
+        await self._unique(record, changed, id, "")
+        row = (await self.write_updates(record, [(before, changed)], detail=detail))[0]
+        await self._roll_up(record, row._mapping)
+        return row
+
+    def changed(self, record: Record, before: Row[Any], changes: Mapping[str, Any]) -> dict[str, Any]:
+        """What ``changes`` (validated, references resolved) alter of the row ``before``, once the
+        record's checks hold over the resulting row and the owner rule holds for a new owner."""
         if record.checks:
             record.check({**before._mapping, **changes})
         changed = {k: v for k, v in changes.items() if before._mapping[k] != v}
-        if not changed:
-            return before
-        self.check_owner(record, changed, "")
-        if not rolled_up:
-            await self._derived_columns(record, id, changed)
-        await self._unique(record, changed, id, "")
-        row: Row[Any] = (await self.conn.execute(
-            update(t).where(t.c.tenant_id == self.tenant_id, t.c.id == id)
-            .values(**changed, version=t.c.version + 1, updated_at=func.now()).returning(t)
-        )).one()
-        await self._audit(record, "update", id, dict(detail) if detail is not None else {
-            "before": snapshot(before._mapping, changed), "after": snapshot(row._mapping, changed)})
-        self._event(record, ChangeKind.UPDATED, row, tuple(changed), detail=detail,
-                    previous_scope=scope_of(record, before._mapping),
-                    custom_keys=changed_keys(before._mapping["custom_fields"], row._mapping["custom_fields"])
-                    if "custom_fields" in changed else ())
-        await self._roll_up(record, row._mapping)
-        return row
+        if changed:
+            self.check_owner(record, changed, "")
+        return changed
+
+    async def write_updates(self, record: Record, changes: Sequence[tuple[Row[Any], Mapping[str, Any]]], *,
+                            detail: Mapping[str, Any] | None = None) -> list[Row[Any]]:
+        """Write each ``(before, changed)`` (checked by ``update``'s rules, not empty): the version
+        bumped, an audit row with the before/after of what changed (or ``detail``) and a change event
+        each. Set-based: one UPDATE per set of columns changed (``FROM unnest(…)``, each column one
+        array, when it is more than one record) and one audit call. Returns the rows after, in order."""
+        t = record.table
+        shapes: dict[tuple[str, ...], list[int]] = {}
+        for i, (_, changed) in enumerate(changes):
+            shapes.setdefault(tuple(sorted(changed)), []).append(i)
+        after: dict[uuid.UUID, Row[Any]] = {}
+        for shape, positions in shapes.items():
+            if len(positions) == 1:
+                before, changed = changes[positions[0]]
+                statement = update(t).where(t.c.tenant_id == self.tenant_id, t.c.id == before.id).values(**changed)
+            else:
+                given = select(
+                    func.unnest(bindparam("many_id", [changes[i][0].id for i in positions],
+                                          type_=ARRAY(t.c.id.type))).label("id"),
+                    *(func.unnest(bindparam(f"many_{c}", [changes[i][1][c] for i in positions],
+                                            type_=ARRAY(t.c[c].type))).label(c) for c in shape)).subquery("given")
+                statement = update(t).where(t.c.tenant_id == self.tenant_id, t.c.id == given.c.id) \
+                    .values({c: given.c[c] for c in shape})
+            returned = (await self.conn.execute(
+                statement.values(version=t.c.version + 1, updated_at=func.now()).returning(t))).all()
+            after.update((row.id, row) for row in returned)
+        rows = [after[before.id] for before, _ in changes]
+        await self._audit_many(record, "update", [
+            (before.id, dict(detail) if detail is not None else {
+                "before": snapshot(before._mapping, changed), "after": snapshot(row._mapping, changed)})
+            for (before, changed), row in zip(changes, rows, strict=True)])
+        for (before, changed), row in zip(changes, rows, strict=True):
+            self._event(record, ChangeKind.UPDATED, row, tuple(changed), detail=detail,
+                        previous_scope=scope_of(record, before._mapping),
+                        custom_keys=changed_keys(before._mapping["custom_fields"], row._mapping["custom_fields"])
+                        if "custom_fields" in changed else ())
+        return rows
 
     async def delete(self, record: Record, id: uuid.UUID, expected_version: int | None) -> Row[Any]:
         """Delete record ``id``: a trashable record goes to the trash (``trash``); any other is removed
@@ -312,22 +347,33 @@ class Change:
     # ---- the trash (``Record.trash``) -------------------------------------------------------------
 
     async def trash(self, record: Record, id: uuid.UUID, expected_version: int | None) -> Row[Any]:
-        """Move record ``id`` to the trash with what goes with it (``_trash_where``), as one batch
-        named by ``id``; a stale ``expected_version`` raises VERSION_CONFLICT. Returns the row as it
-        was before."""
+        """Move record ``id`` to the trash with what goes with it (``trash_rows``); a stale
+        ``expected_version`` raises VERSION_CONFLICT. Returns the row as it was before."""
         before = await self.require(record, id, lock=True)
         self.check_version(record, before, expected_version)
-        async with showing_trash(self.conn):
-            await self._trash_where(record, record.table.c.id == id, id)
+        await self.trash_rows(record, [before])
         return before
 
-    async def _trash_where(self, record: Record, where: ColumnElement[bool], batch: uuid.UUID) -> list[Row[Any]]:
-        """Move the rows of ``record`` matching ``where`` (not yet in the trash) to the trash in batch
-        ``batch``, then what depends on them: RESTRICT dependents outside the trash refuse it;
-        CASCADE dependents go along; SET_NULL dependents stay, linked (their link reads null while the
-        target is in the trash), except those left with no link to a record outside the trash that
-        their ``AtLeastOne``/``ExactlyOne`` check asks for, which go along. Audited as ``trash``,
-        published as DELETED (``trash: TRASHED``); rollups into parents outside the trash recomputed."""
+    async def trash_rows(self, record: Record, befores: Sequence[Row[Any]]) -> None:
+        """Move the rows ``befores`` of ``record`` (locked, outside the trash) to the trash, each as a
+        batch of its own named by its id, with what goes with each (``_trash_where``): set-based, the
+        same statements for one row or five hundred; events in the order given. ``StillInUse`` when
+        a RESTRICT dependent refuses it, naming the rows it was refused for."""
+        t = record.table
+        order = {row.id: i for i, row in enumerate(befores)}
+        async with showing_trash(self.conn):
+            await self._trash_where(record, t.c.id.in_(list(order)), t.c.id, order)
+
+    async def _trash_where(self, record: Record, where: ColumnElement[bool], batch: ColumnElement[Any],
+                           order: Mapping[uuid.UUID, int] | None = None) -> list[Row[Any]]:
+        """Move the rows of ``record`` matching ``where`` (not yet in the trash) to the trash in the
+        batch ``batch`` says (per row: its own id for the rows trashed, the batch of the row it goes
+        with for what goes along), then what depends on them: RESTRICT dependents outside the trash
+        refuse it; CASCADE dependents go along; SET_NULL dependents stay, linked (their link reads
+        null while the target is in the trash), except those left with no link to a record outside
+        the trash that their ``AtLeastOne``/``ExactlyOne`` check asks for, which go along. Audited as
+        ``trash``, published as DELETED (``trash: TRASHED``; in ``order`` of id when given); rollups
+        into parents outside the trash recomputed."""
         t = record.table
         rows = list((await self.conn.execute(
             update(t).where(t.c.tenant_id == self.tenant_id, t.c.deleted_at.is_(None), where)
@@ -335,21 +381,25 @@ class Change:
                     updated_at=func.now()).returning(t))).all())
         if not rows:
             return rows
+        if order is not None:
+            rows.sort(key=lambda row: order[row.id])
         ids = [row.id for row in rows]
         for relation in dependents(record):
             owner = relation.owner
             column = owner.table.c[relation.key]
+            along = batch_of(record, owner, relation.key)
             if relation.on_delete is OnDelete.RESTRICT:
-                if await self.scalar(select(owner.table.c.id).where(
-                        owner.table.c.tenant_id == self.tenant_id, column.in_(ids), *owner.visible(owner.table))
-                        .limit(1)) is not None:
-                    raise BadUserInput("id", f"this {record.label} still has "
-                                             f"{owner.plural_label}; move or delete them first")
+                holding = select(column).distinct().where(owner.table.c.tenant_id == self.tenant_id, column.in_(ids),
+                                                          *owner.visible(owner.table))
+                blocked = set((await self.conn.execute(holding)).scalars())
+                if blocked:
+                    raise StillInUse(f"this {record.label} still has {owner.plural_label}; move or delete them first",
+                                     [row.trash_batch for row in rows if row.id in blocked])
             elif relation.on_delete is OnDelete.CASCADE:
-                await self._trash_where(owner, column.in_(ids), batch)
+                await self._trash_where(owner, column.in_(ids), along)
             elif links := link_columns(owner, relation.key):
                 others = [live_link(owner, c) for c in links if c != relation.key]
-                await self._trash_where(owner, column.in_(ids) & ~or_(*others) if others else column.in_(ids), batch)
+                await self._trash_where(owner, column.in_(ids) & ~or_(*others) if others else column.in_(ids), along)
         await self._audit_many(record, "trash", [(row.id, {"after": trash_state(row._mapping)}) for row in rows])
         for row in rows:
             self._event(record, ChangeKind.DELETED, row, (), detail={"trash": "trashed"})
@@ -484,18 +534,29 @@ class Change:
             if taken is not None:
                 raise BadUserInput(prefix + f.name, f"is already used by another {record.label}")
 
-    async def _derived_columns(self, record: Record, id: uuid.UUID, changed: Mapping[str, Any]) -> None:
-        """Refuse a direct change of a column that children roll up (or lock) while there are children."""
+    async def derived_conflict(self, record: Record, changes: Sequence[tuple[uuid.UUID, Mapping[str, Any]]]
+                               ) -> tuple[int, AtriumError] | None:
+        """A direct change of a column that children roll up (or lock) while the record has children is
+        refused: the first of ``changes`` (``(id, changed)``) that makes one, by its position, and the
+        error; None when none does. One statement per rollup into ``record`` that a change touches."""
         for child, rollup in rollups_into(record):
-            touched = [c for c in (rollup.column, *rollup.locks) if c in changed]
-            if not touched:
+            touching: dict[uuid.UUID, tuple[int, str]] = {}
+            for position, (id, changed) in enumerate(changes):
+                touched = [c for c in (rollup.column, *rollup.locks) if c in changed]
+                if touched:
+                    touching.setdefault(id, (position, touched[0]))
+            if not touching:
                 continue
             t = child.table
             key = t.c[child.relation(rollup.via).key]
-            if await self.scalar(select(t.c.id).where(t.c.tenant_id == self.tenant_id, key == id,
-                                                      *child.visible(t)).limit(1)):
-                raise BadUserInput(camel(touched[0]), f"is derived from the {record.label}'s "
-                                                      f"{child.plural_label}; change those instead")
+            having = each_key(select(key).where(t.c.tenant_id == self.tenant_id, *child.visible(t)).limit(1),
+                              key, "keys")
+            parents = set((await self.conn.execute(having, {"keys": list(touching)})).scalars())
+            if parents:
+                position, column = min(touching[p] for p in parents)
+                return position, BadUserInput(camel(column), f"is derived from the {record.label}'s "
+                                                             f"{child.plural_label}; change those instead")
+        return None
 
     async def _roll_up(self, record: Record, row: Mapping[Any, Any]) -> None:
         """Recompute the parents ``record``'s rollups feed (``Rollup``) after a change of ``row``."""
@@ -671,6 +732,23 @@ def live_link(owner: Record, column: str) -> ColumnElement[bool]:
     other = target.table.alias()
     return exists(select(other.c.id).where(other.c.tenant_id == owner.table.c.tenant_id,
                                            other.c.id == owner.table.c[column], other.c.deleted_at.is_(None)))
+
+
+def batch_of(parent: Record, owner: Record, key: str) -> ColumnElement[Any]:
+    """The trash batch of the row of ``parent`` that ``owner``'s ``key`` points at: the batch a
+    dependent that goes to the trash with that row joins (``Change._trash_where``)."""
+    p = parent.table.alias("parent")
+    return select(p.c.trash_batch).where(p.c.tenant_id == owner.table.c.tenant_id,
+                                         p.c.id == owner.table.c[key]).scalar_subquery()
+
+
+class StillInUse(BadUserInput):
+    """A record cannot go to the trash while a record that RESTRICTs it is outside the trash; ``roots``:
+    the records whose trashing it would have been part of (a batch names the first one's index)."""
+
+    def __init__(self, message: str, roots: Sequence[uuid.UUID]) -> None:
+        super().__init__("id", message)
+        self.roots = list(roots)
 
 
 def scope_of(record: Record, row: Mapping[Any, Any]) -> dict[str, str]:

@@ -25,14 +25,14 @@ from core.errors import NotFound
 from core.limits import MAX_BATCH
 from core.settings import Settings
 from models.db import Databases
-from models.tables import AUDIT_EVENTS, COMPANIES, DEALS, STAGES, Role
+from models.tables import ACTIVITIES, AUDIT_EVENTS, COMPANIES, DEALS, STAGES, Role
 from records.crm import DEAL
 from resolvers import batch
 from resolvers.writes import Change
 from schema.cost import operation_cost
 from subscriptions.events import ChangeEvent, ChangeKind, type_channel
 from tests.conftest import TenantWorld, codes, data_or_fail, gql
-from tests.crm import create_company, create_deal, create_pipeline, gid, uuid_of
+from tests.crm import create_activity, create_company, create_deal, create_pipeline, gid, uuid_of
 from tests.live import AtriumProcess, live
 from tests.wire import wired_app
 
@@ -280,6 +280,79 @@ async def test_deleting_companies_in_a_batch_trashes_them_and_their_deals_read_n
             COMPANIES.c.tenant_id == world.id, COMPANIES.c.deleted_at.is_(None)))).scalar() == 0
 
 
+async def test_each_deleted_record_is_a_trash_batch_of_its_own(client: httpx.AsyncClient, make_tenant: MakeTenant,
+                                                                admin_engine: AsyncEngine) -> None:
+    """Set-based, the batch still trashes each record with what goes with it as if deleted alone:
+    restoring one brings back its own activity and leaves the other's in the trash."""
+    world = await make_tenant("bown")
+    token = world.token()
+    stage = await stage_of(client, token)
+    deals = [await create_deal(client, token, stage) for _ in range(2)]
+    activities = [await create_activity(client, token, deal_id=d["id"]) for d in deals]
+    data_or_fail(await gql(client, DELETE, {"input": [{"id": d["id"]} for d in deals]}, token=token))
+    async with admin_engine.connect() as conn:
+        batches = dict((await conn.execute(select(ACTIVITIES.c.id, ACTIVITIES.c.trash_batch).where(
+            ACTIVITIES.c.tenant_id == world.id))).all())
+    assert batches == {uuid_of(a["id"]): uuid_of(d["id"]) for a, d in zip(activities, deals, strict=True)}
+    data_or_fail(await gql(client, "mutation($id: ID!) { restoreDeal(id: $id) { id } }", {"id": deals[0]["id"]},
+                           token=token))
+    read = data_or_fail(await gql(client, "{ activities(first: 10) { nodes { id } } }", token=token))
+    assert [a["id"] for a in read["activities"]["nodes"]] == [activities[0]["id"]]
+    assert await deal_count(admin_engine, world.id) == 1
+
+
+async def test_a_batch_delete_refused_by_a_dependent_names_its_index(client: httpx.AsyncClient,
+                                                                    make_tenant: MakeTenant) -> None:
+    """A product a line item uses cannot go to the trash (RESTRICT): the batch names that product's
+    index, and the product before it stays where it was."""
+    world = await make_tenant("bres")
+    token = world.token(Role.ADMIN)
+    products = [data_or_fail(await gql(client, "mutation($i: ProductInput!) { createProduct(input: $i) { id } }",
+                                       {"i": {"name": f"P{i}", "sku": f"SKU-{i}", "unitPrice": "5.00",
+                                              "currency": "USD"}}, token=token))["createProduct"] for i in range(2)]
+    deal = await create_deal(client, token, await stage_of(client, token))
+    data_or_fail(await gql(client, "mutation($i: DealLineItemInput!) { createDealLineItem(input: $i) { id } }",
+                           {"i": {"dealId": deal["id"], "productId": products[1]["id"], "quantity": 1}}, token=token))
+    body = await gql(client, "mutation($input: [DeleteInput!]!) { deleteProducts(input: $input) { deletedIds } }",
+                     {"input": [{"id": p["id"]} for p in products]}, token=token)
+    assert codes(body) == ["BAD_USER_INPUT"] and error_of(body)["field"] == "input.1.id", body
+    assert "still has deal line items" in body["errors"][0]["message"]
+    read = data_or_fail(await gql(client, "{ products(first: 10) { nodes { id } } }", token=token))
+    assert sorted(p["id"] for p in read["products"]["nodes"]) == sorted(p["id"] for p in products)
+
+
+async def test_batch_updates_check_derived_and_unique_fields_naming_the_index(
+        client: httpx.AsyncClient, make_tenant: MakeTenant) -> None:
+    """Set-based updates refuse what one update would: a deal's amount while its line items make it,
+    a unique value another record holds (before the batch) or given twice in it."""
+    world = await make_tenant("bder")
+    token = world.token(Role.ADMIN)
+    stage = await stage_of(client, token)
+    deals = [await create_deal(client, token, stage) for _ in range(3)]
+    product = data_or_fail(await gql(client, "mutation($i: ProductInput!) { createProduct(input: $i) { id } }",
+                                     {"i": {"name": "P", "sku": "SKU-A", "unitPrice": "5.00", "currency": "USD"}},
+                                     token=token))["createProduct"]
+    data_or_fail(await gql(client, "mutation($i: DealLineItemInput!) { createDealLineItem(input: $i) { id } }",
+                           {"i": {"dealId": deals[2]["id"], "productId": product["id"], "quantity": 1}}, token=token))
+    patch = [{"id": deals[0]["id"], "title": "a"}, {"id": deals[1]["id"], "amount": "1.00"},
+             {"id": deals[2]["id"], "amount": "2.00"}]
+    body = await gql(client, UPDATE, {"input": patch}, token=token)
+    assert error_of(body)["field"] == "input.2.amount" and "derived" in body["errors"][0]["message"], body
+    unchanged = data_or_fail(await gql(client, UPDATE, {"input": patch[:2]}, token=token))["updateDeals"]
+    assert [d["amount"] for d in unchanged] == ["100.00", "1.00"] and unchanged[0]["version"] == 2
+
+    products = [data_or_fail(await gql(client, "mutation($i: ProductInput!) { createProduct(input: $i) { id } }",
+                                       {"i": {"name": f"Q{i}", "sku": f"SKU-Q{i}", "unitPrice": "1.00",
+                                              "currency": "USD"}}, token=token))["createProduct"] for i in range(2)]
+    update_products = "mutation($input: [ProductUpdate!]!) { updateProducts(input: $input) { sku } }"
+    taken = await gql(client, update_products, {"input": [{"id": products[0]["id"], "name": "x"},
+                                                          {"id": products[1]["id"], "sku": "SKU-A"}]}, token=token)
+    assert error_of(taken)["field"] == "input.1.sku" and "already used" in taken["errors"][0]["message"], taken
+    twice = await gql(client, update_products, {"input": [{"id": p["id"], "sku": "SKU-NEW"} for p in products]},
+                      token=token)
+    assert error_of(twice)["field"] == "input.1.sku", twice
+
+
 # ---- upserts --------------------------------------------------------------------------------------
 
 async def test_upsert_creates_then_updates_by_external_id(client: httpx.AsyncClient, make_tenant: MakeTenant,
@@ -458,6 +531,36 @@ async def test_a_batch_of_creates_costs_the_same_statements_whatever_its_size(
     assert sum("FROM webhook_endpoints" in s for s in large) == 1, large  # the outbox: one look-up per change
     assert sum("FROM custom_field_definitions" in s for s in large) == 1, large  # custom fields: one look-up
     assert len(large) <= 19, "\n".join(s[:70] for s in large)
+
+
+async def test_batch_updates_and_deletes_cost_the_same_statements_whatever_their_size(
+        wired: Starlette, make_tenant: MakeTenant) -> None:
+    """Set-based too: the rows locked in one statement, the changes written in one UPDATE per set of
+    columns changed, trashed in one, with one audit call each; 5 deals and 200 send the same."""
+    world = await make_tenant("bwup")
+    token = world.token()
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=wired), base_url="http://atrium.test") as client:
+        stage = await stage_of(client, token)
+        company = await create_company(client, token)
+        sent: list[tuple[list[str], list[str]]] = []
+        for n in (5, 5, 200):
+            created = data_or_fail(await gql(client, CREATE, {"input": deal_inputs(stage, n)}, token=token))
+            ids = [d["id"] for d in created["createDeals"]]
+            with wired.state.wire.recording() as updates:
+                data_or_fail(await gql(client, UPDATE, {"input": [
+                    {"id": i, "amount": "5.00", "companyId": company["id"], "expectedVersion": 1} for i in ids]},
+                    token=token))
+            with wired.state.wire.recording() as deletes:
+                data_or_fail(await gql(client, DELETE, {"input": [{"id": i} for i in ids]}, token=token))
+            sent.append((updates, deletes))
+    (_, _), (small_updates, small_deletes), (large_updates, large_deletes) = sent
+    for small, large in ((small_updates, large_updates), (small_deletes, large_deletes)):
+        assert len(small) == len(large), collections.Counter(s[:60] for s in large)
+        assert sum("atrium_audit_append" in s for s in large) == 1, large
+    assert sum(s.startswith("UPDATE deals") for s in large_updates) == 1, large_updates
+    assert sum(s.startswith("UPDATE deals") for s in large_deletes) == 1, large_deletes
+    assert len(large_updates) <= 14 and len(large_deletes) <= 14, ("\n".join(s[:90] for s in large_updates),
+                                                                  "\n".join(s[:90] for s in large_deletes))
 
 
 # ---- cost -----------------------------------------------------------------------------------------
