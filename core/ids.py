@@ -4,9 +4,22 @@ from __future__ import annotations
 
 import base64
 import binascii
+import os
 import uuid
 
 from core.errors import BadUserInput
+
+_VERSION_4 = 0x4000 << 64 | 0x8000 << 48
+"""The version (4) and variant (RFC 4122) bits of a random UUID."""
+_RANDOM = ~(0xF000 << 64 | 0xC000 << 48)
+
+
+def new_uuids(n: int) -> list[uuid.UUID]:
+    """``n`` random (version 4) UUIDs, as ``uuid.uuid4`` makes them, from one read of the system's
+    randomness: a bulk write (an import chunk's thousand rows and their audit rows) needs
+    thousands at once, and ``uuid4`` asks the system for each."""
+    raw = os.urandom(16 * n)
+    return [uuid.UUID(int=int.from_bytes(raw[i:i + 16]) & _RANDOM | _VERSION_4) for i in range(0, 16 * n, 16)]
 
 
 def to_global_id(type_name: str, id: uuid.UUID) -> str:

@@ -109,7 +109,13 @@ class ExactJSONB(TypeDecorator[Any]):
         return type_coerce(cast(column, Text), self)
 
     def process_result_value(self, value: Any, dialect: Any) -> Any:
-        return json.loads(value, parse_float=Decimal, parse_int=Decimal) if isinstance(value, str) else value
+        if not isinstance(value, str):
+            return value
+        return {} if value == "{}" else _EXACT.decode(value)  # most records hold no custom field
+
+
+_EXACT = json.JSONDecoder(parse_float=Decimal, parse_int=Decimal)
+"""One decoder for every value (``json.loads`` with options builds one per call)."""
 
 
 def exact_dumps(value: Any) -> str:

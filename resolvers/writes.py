@@ -51,7 +51,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from auth.principal import Principal
 from auth.session import Info, Session
 from core.errors import AtriumError, BadUserInput, NotFound, VersionConflict
-from core.ids import to_global_id
+from core.ids import new_uuids, to_global_id
 from models.db import Databases, each_key, every_holder_seen, showing_trash
 from models.tables import AUDIT_EVENTS, MEMBERSHIPS
 from records.crm import BY_NAME, RECORDS, dependents, rollups_into
@@ -591,7 +591,7 @@ class Change:
         default form their own; each column travels as one array), one audit call. Returns the rows
         in the order given."""
         t = record.table
-        ids = [uuid.uuid4() for _ in rows]
+        ids = new_uuids(len(rows))
         shapes: dict[tuple[str, ...], list[int]] = {}
         for i, values in enumerate(rows):
             shapes.setdefault(tuple(sorted(values)), []).append(i)
@@ -667,7 +667,7 @@ class Change:
             await self._audit(record, action, *entries[0])
         elif entries:
             await self.conn.execute(AUDIT_APPEND, {
-                "actor": self.actor_id, "request": self.request_id, "ids": [uuid.uuid4() for _ in entries],
+                "actor": self.actor_id, "request": self.request_id, "ids": new_uuids(len(entries)),
                 "actions": [action] * len(entries), "types": [record.name] * len(entries),
                 "entities": [entity_id for entity_id, _ in entries], "diffs": [diff for _, diff in entries]})
 
@@ -703,7 +703,8 @@ TRASHABLE: tuple[Record, ...] = tuple(record for record in RECORDS if record.tra
 
 def created_keys(record: Record, row: Row[Any]) -> tuple[str, ...]:
     """The custom fields a new record holds values of (its change event's ``custom_keys``)."""
-    return changed_keys(None, row._mapping["custom_fields"]) if record.custom_fields else ()
+    held = row._mapping["custom_fields"] if record.custom_fields else None
+    return changed_keys(None, held) if held else ()
 
 
 def in_trash(record: Record, row: Mapping[Any, Any]) -> bool:

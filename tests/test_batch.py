@@ -559,7 +559,7 @@ async def test_batch_updates_and_deletes_cost_the_same_statements_whatever_their
         assert sum("atrium_audit_append" in s for s in large) == 1, large
     assert sum(s.startswith("UPDATE deals") for s in large_updates) == 1, large_updates
     assert sum(s.startswith("UPDATE deals") for s in large_deletes) == 1, large_deletes
-    assert len(large_updates) <= 14 and len(large_deletes) <= 14, ("\n".join(s[:90] for s in large_updates),
+    assert len(large_updates) <= 13 and len(large_deletes) <= 16, ("\n".join(s[:90] for s in large_updates),
                                                                   "\n".join(s[:90] for s in large_deletes))
 
 
