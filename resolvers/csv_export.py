@@ -14,12 +14,14 @@ the CSV is written by Python's ``csv`` module.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import enum
 import io
 import json
+import types
 import uuid
 from collections.abc import AsyncIterator, Collection, Mapping, Sequence
-from typing import Any, get_args, get_origin
+from typing import Any, Union, get_args, get_origin, get_type_hints
 
 from graphql import GraphQLError
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -50,14 +52,19 @@ def record_for(plural: str) -> Record:
 
 
 def input_value(annotation: Any, name: str, value: Any) -> Any:
-    """A JSON value as the GraphQL input value of ``annotation`` (what Strawberry would hand a resolver)."""
+    """A JSON value as the GraphQL input value of ``annotation`` (what Strawberry would hand a
+    resolver): scalars, enums, lists and input objects (``filter.custom``'s conditions)."""
     if value is None:
         return None
+    if get_origin(annotation) in (Union, types.UnionType):
+        (annotation,) = (a for a in get_args(annotation) if a is not type(None))
     if get_origin(annotation) is list:
         if not isinstance(value, list):
             raise BadUserInput(name, "must be a list")
         (item,) = get_args(annotation)
         return [input_value(item, f"{name}.{i}", v) for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(annotation) and isinstance(annotation, type):
+        return input_object(annotation, name, value)
     scalar = SCALARS.get(annotation)
     if scalar is not None and scalar.parse_value is not None:
         try:
@@ -73,6 +80,25 @@ def input_value(annotation: Any, name: str, value: Any) -> Any:
     if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
         raise BadUserInput(name, f"must be a {'number' if expected is int else expected.__name__}")
     return value
+
+
+def input_object(annotation: type, name: str, value: Any) -> Any:
+    """A JSON object as the input object ``annotation`` (a Strawberry input: a dataclass whose fields
+    the API names in camel case); BAD_USER_INPUT naming an unknown or missing member."""
+    if not isinstance(value, dict):
+        raise BadUserInput(name, "must be a JSON object")
+    types_of = get_type_hints(annotation)
+    fields = {camel(f.name): f for f in dataclasses.fields(annotation)}
+    given: dict[str, Any] = {}
+    for key, member_value in value.items():
+        f = fields.get(key)
+        if f is None:
+            raise BadUserInput(f"{name}.{key}", f"is not a member; one of {', '.join(fields)}")
+        given[f.name] = input_value(types_of[f.name], f"{name}.{key}", member_value)
+    for key, f in fields.items():
+        if f.name not in given and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise BadUserInput(f"{name}.{key}", "is required")
+    return annotation(**given)
 
 
 def filter_of(record: Record, text: str | None) -> dict[str, Any]:

@@ -82,6 +82,12 @@ async def test_bad_requests_are_coded(either_client: httpx.AsyncClient, make_ten
         (await exported(either_client, token, "deals", {"color": "red"}), 400, "BAD_USER_INPUT", "filter.color"),
         (await exported(either_client, token, "deals", {"status": ["NOPE"]}), 400, "BAD_USER_INPUT",
          "filter.status.0"),
+        (await exported(either_client, token, "deals", {"custom": [{"op": "EQ", "text": "a"}]}), 400,
+         "BAD_USER_INPUT", "filter.custom.0.key"),
+        (await exported(either_client, token, "deals", {"custom": [{"key": "k", "number": "many"}]}), 400,
+         "BAD_USER_INPUT", "filter.custom.0.number"),
+        (await exported(either_client, token, "deals", {"custom": [{"key": "k", "colour": "red"}]}), 400,
+         "BAD_USER_INPUT", "filter.custom.0.colour"),
     ]
     for response, status, code, field in cases:
         assert response.status_code == status, response.text
@@ -187,3 +193,30 @@ async def test_a_custom_field_hidden_from_a_role_is_no_column_of_its_export(
                            (Role.ADMIN, {"custom.margin": "7.5", "custom.region": "north"})):
         [row] = rows(await exported(client, world.token(role), "deals"))
         assert {k: v for k, v in row.items() if k.startswith("custom.")} == expected, (role, row)
+
+
+async def test_custom_field_conditions_filter_the_export_as_they_filter_the_connection(
+        client: httpx.AsyncClient, make_tenant: MakeTenant) -> None:
+    """``filter.custom`` takes the connection's conditions: the export lists the deals the connection
+    lists for the same filter; a condition on a custom field hidden from the caller's role is
+    FORBIDDEN naming it, as it is in the connection."""
+    world = await make_tenant("csv-cf-filter")
+    admin, token = world.token(Role.ADMIN), world.token(Role.MEMBER)
+    await create_custom_field(client, admin, "DEAL", "score", "NUMBER")
+    await create_custom_field(client, admin, "DEAL", "tier", "SINGLE_SELECT", options=["gold", "silver"])
+    stage = (await seed_crm(client, token)).pipeline["stages"][0]["id"]
+    for title, score, tier in (("Low", "3", "gold"), ("High", "40", "gold"), ("Other", "50", "silver")):
+        data_or_fail(await gql(client, "mutation($i: DealInput!) { createDeal(input: $i) { id } }", {"i": {
+            "title": title, "amount": "1", "currency": "USD", "stageId": stage,
+            "customFields": [{"key": "score", "number": score}, {"key": "tier", "option": tier}]}}, token=token))
+    conditions = [{"key": "score", "op": "GTE", "number": "10"}, {"key": "tier", "op": "EQ", "text": "gold"}]
+    listed = data_or_fail(await gql(client, "query($f: DealFilter) { deals(filter: $f, first: 50) "
+                                            "{ nodes { title } } }", {"f": {"custom": conditions}}, token=token))
+    assert [d["title"] for d in listed["deals"]["nodes"]] == ["High"]
+    assert [r["title"] for r in rows(await exported(client, token, "deals", {"custom": conditions}))] == ["High"]
+    data_or_fail(await gql(client, SET_RULE, {"t": "Deal", "f": "custom.score", "r": ["MEMBER"]}, token=admin))
+    refused = await exported(client, token, "deals", {"custom": conditions})
+    assert refused.status_code == 403, refused.text
+    ext = refused.json()["errors"][0]["extensions"]
+    assert (ext["code"], ext["field"]) == ("FORBIDDEN", "filter.custom.0"), ext
+    assert [r["title"] for r in rows(await exported(client, admin, "deals", {"custom": conditions}))] == ["High"]
