@@ -229,10 +229,10 @@ async def update_many(w: Change, record: Record,
             with item(position):
                 rows.append(await w.update(record, key, values, expected_version))
         return rows
-    return await _update_rows(w, record, [(before[key], values, version) for key, values, version in changes])
+    return await update_rows(w, record, [(before[key], values, version) for key, values, version in changes])
 
 
-async def _update_rows(w: Change, record: Record, changes: Sequence[tuple[Row[Any], dict[str, Any], int | None]],
+async def update_rows(w: Change, record: Record, changes: Sequence[tuple[Row[Any], dict[str, Any], int | None]],
                        positions: Sequence[int] | None = None) -> list[Row[Any]]:
     """``Change.update``'s rules for each ``(locked row, changes, expected_version)``, set-based: each
     record's own checks in Python, then one statement per relation for the references, one per
@@ -323,7 +323,7 @@ async def upsert_many(w: Change, record: Record,
         for position, key in zip(updates, ids, strict=True):
             if key not in seen:
                 raise at(position, NotFound(record.label, key))
-        rows = await _update_rows(w, record, [(seen[key], items[position][1], None)
+        rows = await update_rows(w, record, [(seen[key], items[position][1], None)
                                               for position, key in zip(updates, ids, strict=True)], updates)
         out.update((position, (row, False)) for position, row in zip(updates, rows, strict=True))
     return [out[p] for p in range(len(items))]

@@ -16,8 +16,9 @@ companies by domain; anything with an ``external_id`` by it): a row matching a r
 (not in the trash) updates it with the cells given, any other row creates one. Repeats of a key in
 one file apply in file order (the later row updates what the earlier one created).
 
-Writes go through the one write path: creates through ``resolvers.batch.create_many`` (set-based,
-an audit row and a change event per record), updates through ``Change.update``; each chunk of rows
+Writes go through the one write path, set-based (an audit row and a change event per record):
+creates through ``resolvers.batch.create_many``, updates of matched records through
+``resolvers.batch.update_rows`` (``Change.update``'s rules); each chunk of rows
 is one transaction (``resolvers.writes.work_change``: webhook deliveries in the outbox, events
 published after the commit) that also records the chunk's row errors and advances the job's
 checkpoint (``processed``). A resumed job starts after the last committed chunk, so nothing is
@@ -39,7 +40,7 @@ import enum
 import io
 import logging
 import uuid
-from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, nullcontext, suppress
 from dataclasses import dataclass, field
 from typing import Any
@@ -62,7 +63,7 @@ from records.custom import CustomFieldType, Definition, Pending, custom_key, def
 from records.declare import Create, Record, camel
 from records.declare import Field as RecordField
 from records.rules import Email
-from resolvers.batch import create_many, lock_keys, referenced
+from resolvers.batch import create_many, lock_keys, referenced, update_rows
 from resolvers.csv_custom import FALSE, TRUE, cell_input, field_name
 from resolvers.writes import Change, work_change
 from schema.imports import JOB_TYPE
@@ -481,8 +482,7 @@ class Chunk:
         creates = await self.custom(creates)
         creates = await self.references(creates)
         await self.create(creates)
-        for p, current, patch in updates:
-            await self.update(p.row, current.id, patch)
+        await self.update(updates)
 
     def create_values(self, p: Parsed) -> dict[str, Any]:
         values: dict[str, Any] = {}
@@ -556,38 +556,47 @@ class Chunk:
         return [(p, v) for p, v in creates if p.row not in bad]
 
     async def create(self, creates: list[tuple[Parsed, dict[str, Any]]]) -> None:
-        """``create_many`` of the creates; a record it refuses is reported and the rest written again."""
-        while creates:
-            w = self.w
+        """``create_many`` of the creates (``written``)."""
+        self.outcome.created += await self.written(creates, lambda items: create_many(
+            self.w, self.record, [dict(values) for _, values in items]))
+
+    async def update(self, updates: list[tuple[Parsed, Row[Any], dict[str, Any]]]) -> None:
+        """The matched records' patches through ``Change.update``'s rules, set-based (``update_rows``,
+        ``written``; a record with rollups one by one), those with a reference the tenant does not
+        have reported first (``references``). A matched row that changes nothing counts as updated."""
+        record, w = self.record, self.w
+        kept = {p.row for p, _ in await self.references([(p, patch) for p, _, patch in updates])}
+        updates = [u for u in updates if u[0].row in kept]
+        if record.sequential:
+            for p, current, patch in updates:
+                self.outcome.updated += await self.written([(p, current, patch)], lambda items: w.update(
+                    record, items[0][1].id, dict(items[0][2]), None))
+            return
+        self.outcome.updated += await self.written(updates, lambda items: update_rows(
+            w, record, [(current, dict(patch), None) for _, current, patch in items]))
+
+    async def written(self, items: list[Any], write: Callable[[list[Any]], Awaitable[Any]]) -> int:
+        """``write(items)`` in a savepoint; an item it refuses (the batch error's ``index``) is that
+        row's error, and the rest are written again without it. Items are tuples, ``Parsed`` first.
+        Returns how many were written."""
+        w = self.w
+        while items:
             mark = len(w.events)
             try:
                 async with w.conn.begin_nested():
-                    await create_many(w, self.record, [dict(values) for _, values in creates])
+                    await write(items)
             except AtriumError as error:
                 del w.events[mark:], w.rows[mark:]
                 index = error.extra.get("index")
                 if not isinstance(index, int):
-                    for p, _ in creates:
-                        self.fail(p.row, error)
-                    return
-                self.fail(creates[index][0].row, error, index)
-                del creates[index]
+                    for item in items:
+                        self.fail(item[0].row, error)
+                    return 0
+                self.fail(items[index][0].row, error, index)
+                items = items[:index] + items[index + 1:]
                 continue
-            self.outcome.created += len(creates)
-            return
-
-    async def update(self, row: int, id: uuid.UUID, patch: dict[str, Any]) -> None:
-        """``Change.update`` of one matched record, in a savepoint: a refusal is that row's error."""
-        w = self.w
-        mark = len(w.events)
-        try:
-            async with w.conn.begin_nested():
-                await w.update(self.record, id, patch, None)
-        except AtriumError as error:
-            del w.events[mark:], w.rows[mark:]
-            self.fail(row, error)
-        else:
-            self.outcome.updated += 1
+            return len(items)
+        return 0
 
 
 async def import_chunk(w: Change, plan: Plan, rows: Sequence[tuple[int, list[str]]], *,

@@ -96,6 +96,35 @@ async def test_contacts_import_creates_then_dedupes_by_email(
     assert await count(admin_engine, IMPORT_FILES, world.id) == 0
 
 
+async def test_matched_rows_update_together_and_a_refused_one_is_its_rows_error(
+    client: httpx.AsyncClient, app: Starlette, make_tenant: MakeTenant, admin_engine: AsyncEngine,
+) -> None:
+    """Rows that match records are written set-based, yet a row the write path refuses (an option the
+    select does not have) is that row's error: the other matched rows are updated, audited once each,
+    and the refused record keeps its values and its version."""
+    world = await make_tenant("impupd")
+    admin, token = world.token(Role.ADMIN), world.token(Role.MEMBER)
+    await create_custom_field(client, admin, "COMPANY", "tier", "SINGLE_SELECT", options=["gold", "silver"])
+    first = await imported(client, app, token, "COMPANIES", table(
+        ["name", "domain"], ["Acme", "acme.test"], ["Bolt", "bolt.test"], ["Cog", "cog.test"]))
+    assert first["importJob"]["created"] == 3
+    second = await imported(client, app, token, "COMPANIES", table(
+        ["name", "domain", "custom.tier"], ["Acme", "acme.test", "gold"], ["Bolt", "bolt.test", "bronze"],
+        ["Cog Ltd", "cog.test", ""]))
+    job, errors = second["importJob"], second["importErrors"]
+    assert (job["state"], job["created"], job["updated"], job["errors"]) == ("DONE", 0, 2, 1), second
+    assert [(e["row"], e["column"], e["field"], e["code"]) for e in errors] == [
+        (2, "custom.tier", "customFields.tier", "BAD_USER_INPUT")], errors  # the second data row
+    read = data_or_fail(await gql(client, "{ companies(first: 10) { nodes { name domain version "
+                                          "customField(key: \"tier\") { ... on SelectValue { option } } } } }",
+                                  token=token))
+    got = {c["domain"]: (c["name"], c["version"], c["customField"]) for c in read["companies"]["nodes"]}
+    assert got == {"acme.test": ("Acme", 2, {"option": "gold"}), "bolt.test": ("Bolt", 1, {"option": None}),
+                   "cog.test": ("Cog Ltd", 2, {"option": None})}, got
+    assert await count(admin_engine, AUDIT_EVENTS, world.id, AUDIT_EVENTS.c.entity_type == "Company",
+                       AUDIT_EVENTS.c.action == "update") == 2
+
+
 async def test_deals_import_reports_each_bad_row_and_imports_the_rest(
     client: httpx.AsyncClient, app: Starlette, make_tenant: MakeTenant, admin_engine: AsyncEngine,
 ) -> None:
