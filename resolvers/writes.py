@@ -23,7 +23,7 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import uuid
-from collections.abc import AsyncIterator, Collection, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
 from contextlib import asynccontextmanager
 from decimal import Decimal
 from typing import Any
@@ -64,32 +64,54 @@ from webhooks.outbox import enqueue
 
 def jsonable(value: Any) -> Any:
     """``value`` as JSON data: uuids, decimals and dates as text, bytes as base64."""
-    convert = _BY_TYPE.get(type(value), _other)  # by exact type first: a row's values, thousands at a time
+    kind = type(value)
+    convert = _BY_TYPE.get(kind)  # by exact type: a row's values, thousands at a time
+    if convert is None:
+        convert = _BY_TYPE[kind] = _converter(kind)
     return convert(value)
 
 
-def _other(value: Any) -> Any:
-    if isinstance(value, uuid.UUID | Decimal):
-        return str(value)
-    if isinstance(value, dt.date | dt.datetime):
-        return value.isoformat()
-    if isinstance(value, bytes):
-        return base64.b64encode(value).decode()
-    if isinstance(value, dict):  # custom field values (``records.custom``)
-        return {k: jsonable(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [jsonable(v) for v in value]
-    return value
+def _converter(kind: type) -> Callable[[Any], Any]:
+    """How ``jsonable`` converts a value of ``kind`` (a subclass as its base: the driver's own uuid
+    type, an enum of text); decided once per type."""
+    if issubclass(kind, uuid.UUID | Decimal):
+        return str
+    if issubclass(kind, dt.date):  # datetimes too
+        return _isoformat
+    if issubclass(kind, bytes):
+        return _base64
+    if issubclass(kind, dict):  # custom field values (``records.custom``)
+        return _object
+    if issubclass(kind, list):
+        return _array
+    return _same
+
+
+def _isoformat(value: dt.date) -> str:
+    return value.isoformat()
+
+
+def _base64(value: bytes) -> str:
+    return base64.b64encode(value).decode()
+
+
+def _object(value: dict[Any, Any]) -> dict[Any, Any]:
+    return {k: jsonable(v) for k, v in value.items()}
+
+
+def _array(value: list[Any]) -> list[Any]:
+    return [jsonable(v) for v in value]
 
 
 def _same(value: Any) -> Any:
     return value
 
 
-_BY_TYPE: dict[type, Any] = {
+_BY_TYPE: dict[type, Callable[[Any], Any]] = {
     str: _same, int: _same, bool: _same, float: _same, type(None): _same,
     uuid.UUID: str, Decimal: str, dt.date: dt.date.isoformat, dt.datetime: dt.datetime.isoformat,
 }
+"""``jsonable``'s conversion of each type met so far (a handful: the column types)."""
 
 
 def snapshot(row: Mapping[Any, Any], columns: Any = None) -> dict[str, Any]:
