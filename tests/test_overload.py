@@ -17,7 +17,9 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -29,7 +31,17 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from atrium.app import create_app
-from atrium.http.admission import ACTIVE_FOR, SATURATED_FOR, Admission, CpuProbe, Limits, LoopLag
+from atrium.http.admission import (
+    ACTIVE_FOR,
+    MACHINE_BUSY,
+    MACHINE_CALM,
+    SATURATED_FOR,
+    Admission,
+    CpuProbe,
+    Limits,
+    LoopLag,
+    machine_cpu,
+)
 from atrium.http.deadline import STATE_KEY, H11WithDeadline, HttpProtocol, with_deadline
 from atrium.observability.memory import MemoryTrimmer, malloc_trim
 from core.clock import ManualClock
@@ -338,6 +350,38 @@ def test_the_cpu_probe_says_busy_when_the_process_used_most_of_a_core() -> None:
         cpu[0] += 0.1 * CpuProbe.WINDOW / 4
         probe()
     assert not probe()
+
+
+def test_the_machine_probe_stays_busy_until_the_cores_calm_down() -> None:
+    """The host's cores busy ``MACHINE_BUSY`` of the window make it busy; it stays so while a flood
+    held to one place keeps them above ``MACHINE_CALM``, and ends once they fall below."""
+    wall, cpu = [100.0], [10.0]
+    probe = CpuProbe(cpu=lambda: cpu[0], wall=lambda: wall[0], threshold=MACHINE_BUSY, release=MACHINE_CALM)
+
+    def run(share: float, steps: int = 8) -> bool:
+        for _ in range(steps):
+            wall[0] += CpuProbe.WINDOW / 4
+            cpu[0] += share * CpuProbe.WINDOW / 4
+            probe()
+        return probe()
+
+    assert not run((MACHINE_BUSY + MACHINE_CALM) / 2)  # between the two: not busy yet
+    assert run(MACHINE_BUSY + 0.05)
+    assert run((MACHINE_BUSY + MACHINE_CALM) / 2)  # between the two: still busy
+    assert not run(MACHINE_CALM - 0.1)
+
+
+def test_the_machine_cpu_is_read_from_the_kernel(tmp_path: Path) -> None:
+    """``/proc/stat``'s first line: busy is every tick but idle and iowait, per core, in seconds."""
+    stat = tmp_path / "stat"
+    ticks = os.sysconf("SC_CLK_TCK") * (os.cpu_count() or 1)
+    stat.write_text(f"cpu  {3 * ticks} 0 {ticks} {50 * ticks} {7 * ticks} 0 0 0 0 0\ncpu0 1 2 3 4\n")
+    assert machine_cpu(str(stat)) == 4.0
+    stat.write_text("intr 1 2 3\n")
+    assert machine_cpu(str(stat)) is None
+    assert machine_cpu(str(tmp_path / "missing")) is None
+    here = machine_cpu()
+    assert here is None or here > 0  # on Linux the real counters
 
 
 class SteppedLoop:

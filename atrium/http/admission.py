@@ -8,19 +8,23 @@ when its response is sent:
 - At most ``max_in_flight`` places are taken in the process, and at most ``tenant_in_flight`` by one
   tenant: a tenant's flood can take only its share, and the rest stays free for the others.
 - While the process is *busy* (``Busy``: its CPU use over the last half second was at least
-  ``BUSY_CPU`` of one core, or its event loop ran every timer of that half second
-  ``LoopLag.TARGET`` late or more: the CPU is the bottleneck, the process's own or the machine's)
-  and another tenant was admitted within the last ``ACTIVE_FOR`` seconds (or holds or wants a
-  place), a tenant that *floods* (it had a request refused because its share and its line were
-  full, within that second) may hold ``busy_tenant_in_flight`` places instead (1 by default); the others keep their
-  whole share, so a quiet tenant's few concurrent requests never wait behind its own. Free places alone
-  do not keep latency down: one process runs its requests on one event loop, and once that loop is
-  the bottleneck every request running beside another tenant's stretches that tenant's latency by
-  its own CPU time. A flood holding five places made a quiet tenant's requests 2-3 times slower
-  while every place was still free for it; held to one place, the flood is served as fast as the
-  CPU allows, the quiet tenant's requests share the loop with one of its requests at most, and the
-  flood's excess waits in its line or is refused. A process waiting on its database (CPU idle, the
-  loop on time) keeps the full shares, since there more requests in flight do add throughput.
+  ``BUSY_CPU`` of one core, or its event loop ran every timer of that half second ``LoopLag.TARGET``
+  late or more, or the machine's cores were busy ``MACHINE_BUSY`` of that half second, until they
+  fall below ``MACHINE_CALM``: the CPU is the bottleneck, the process's own or the machine's, a
+  database on the same host included) and another tenant was admitted within the last ``ACTIVE_FOR``
+  seconds (or holds or wants a place), a tenant that *floods* (it had a request refused because its
+  share and its line were full, within that second) may hold ``busy_tenant_in_flight`` places
+  instead (1 by default); the others keep their whole share, so a quiet tenant's few concurrent
+  requests never wait behind its own. Free places alone do not keep latency down: one process runs
+  its requests on one event loop, and once that loop is the bottleneck every request running beside
+  another tenant's stretches that tenant's latency by its own CPU time. A flood holding five places
+  made a quiet tenant's requests 2-3 times slower while every place was still free for it; held to
+  one place, the flood is served as fast as the CPU allows, the quiet tenant's requests share the
+  loop with one of its requests at most, and the flood's excess waits in its line or is refused. The
+  same holds when the host's cores are the bottleneck while this process is not: a database beside
+  it, busy with the flood's queries, makes every other tenant's queries wait for a core. A process
+  waiting on a database elsewhere (CPU idle, the loop on time) keeps the full shares, since there
+  more requests in flight do add throughput.
 - A request that finds no place for itself may wait, in its tenant's line, if fewer than
   ``admission_queue`` requests wait in all and fewer than ``tenant_queue`` of its tenant. A free place
   goes to the lines in turn (round robin over the tenants that wait and are under their share), so
@@ -41,6 +45,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Callable, Hashable
@@ -100,12 +105,15 @@ class LoopLag:
 
 
 class Busy:
-    """Whether the process is busy (module docstring): ``CpuProbe`` or ``LoopLag`` says so. ``start``
-    and ``close`` run with the app (the lag needs a running loop; without it only the CPU counts)."""
+    """Whether the process is busy (module docstring): ``CpuProbe`` (the process's CPU),
+    ``LoopLag`` or the machine's CPU (``machine_cpu``) says so. ``start`` and ``close`` run with the
+    app (the lag needs a running loop; without it only the CPU counts)."""
 
     def __init__(self) -> None:
         self.cpu = CpuProbe()
         self.lag = LoopLag()
+        self.machine = CpuProbe(cpu=machine_cpu, threshold=MACHINE_BUSY, release=MACHINE_CALM) \
+            if machine_cpu() is not None else None
 
     def start(self) -> None:
         self.lag.start()
@@ -114,31 +122,63 @@ class Busy:
         self.lag.close()
 
     def __call__(self) -> bool:
-        return self.cpu() or self.lag()
+        return self.cpu() or self.lag() or (self.machine is not None and self.machine())
 
 
 class CpuProbe:
-    """Whether this process used at least ``BUSY_CPU`` of a core over its last ``WINDOW`` seconds of
-    real time (``time.process_time``: every thread of the process). Checked on each admission; it
-    reads the process's CPU time at most once per ``WINDOW / 4``, so it costs nothing measurable."""
+    """Whether this process used at least ``threshold`` (``BUSY_CPU``) of a core over its last
+    ``WINDOW`` seconds of real time (``time.process_time``: every thread of the process), or
+    whatever ``cpu`` counts (``machine_cpu``); once busy, it stays busy until the use falls below
+    ``release`` (the threshold by default). Checked on each admission; it reads the CPU time at
+    most once per ``WINDOW / 4``, so it costs nothing measurable."""
 
     WINDOW = 0.5
 
-    def __init__(self, cpu: Callable[[], float] = time.process_time,
-                 wall: Callable[[], float] = time.perf_counter) -> None:
+    def __init__(self, cpu: Callable[[], float | None] = time.process_time,
+                 wall: Callable[[], float] = time.perf_counter, *, threshold: float = BUSY_CPU,
+                 release: float | None = None) -> None:
         self._cpu, self._wall = cpu, wall
-        self._samples: deque[tuple[float, float]] = deque([(wall(), cpu())])
+        self._threshold, self._release = threshold, release if release is not None else threshold
+        self._samples: deque[tuple[float, float]] = deque([(wall(), cpu() or 0.0)])
         self._busy = False
 
     def __call__(self) -> bool:
         now = self._wall()
         if now - self._samples[-1][0] >= self.WINDOW / 4:
-            self._samples.append((now, self._cpu()))
+            self._samples.append((now, self._cpu() or 0.0))
             while len(self._samples) > 2 and now - self._samples[1][0] >= self.WINDOW:
                 self._samples.popleft()
             (then, cpu_then), (_, cpu_now) = self._samples[0], self._samples[-1]
-            self._busy = (cpu_now - cpu_then) >= BUSY_CPU * (now - then)
+            used = (cpu_now - cpu_then) / (now - then)
+            self._busy = used >= (self._release if self._busy else self._threshold)
         return self._busy
+
+
+MACHINE_BUSY = 0.75
+"""The machine is busy when its cores were busy at least this share of the time over
+``CpuProbe.WINDOW`` (on average over the cores): the database or other processes of the host take
+the CPU this process's requests wait for, which neither its own CPU time nor its loop shows (a
+flood holding five places on a two-core host running PostgreSQL kept it 83 % busy and the quiet
+tenant's p99 at 2.7 times its unloaded value; held to one place, 58 % and 1.5-1.9 times)."""
+MACHINE_CALM = 0.5
+"""Once busy, the machine counts as busy until its cores are busy less than this share: holding a
+flood to one place lowers the load, which must not give it its five places back at once."""
+
+
+def machine_cpu(stat: str = "/proc/stat") -> float | None:
+    """The seconds every core of the machine was busy (not idle nor waiting for I/O) since boot,
+    divided by the number of cores; None where the kernel does not tell (not Linux). A read of
+    procfs, answered from the kernel's counters."""
+    try:
+        with open(stat, "rb") as f:
+            fields = f.readline().split()
+    except OSError:
+        return None
+    if len(fields) < 9 or fields[0] != b"cpu":
+        return None
+    ticks = [int(v) for v in fields[1:9]]
+    busy = sum(ticks) - ticks[3] - ticks[4]  # user nice system idle iowait irq softirq steal
+    return busy / os.sysconf("SC_CLK_TCK") / (os.cpu_count() or 1)
 
 
 @dataclass(frozen=True)
