@@ -32,12 +32,13 @@ from records.custom import (
     CustomValueInput,
     Definition,
     check_key,
+    hidden_key,
     stored,
 )
 from records.declare import Record
 from records.rules import Text
 from resolvers.writes import Change, change, jsonable, snapshot
-from schema.custom_fields import CustomFieldDefinition, CustomFieldRecordType
+from schema.custom_fields import CustomFieldDefinition, CustomFieldRecordType, withheld
 
 LABEL = Text(200)
 OPTION = Text(100)
@@ -122,15 +123,25 @@ def _diff(row: Any) -> dict[str, Any]:
 @strawberry.type
 class CustomFieldQuery:
     @strawberry.field(**requires(Permission.READ, "The workspace's custom fields of a record type, in form order "
-                                                  "(with `deleted: true`, those deleted and not yet purged)."))
+                                                  "(with `deleted: true`, those deleted and not yet purged). The "
+                                                  "default of a field hidden from your role by a field rule is a "
+                                                  "value like the records' (its own fields null, FORBIDDEN)."))
     async def custom_field_definitions(self, info: Info, type: CustomFieldRecordType,  # type: ignore[valid-type]
                                        deleted: bool = False) -> list[CustomFieldDefinition]:
         session = info.context.session
+        record = record_of(type)
         d = DEFINITIONS
         rows = await session.db.fetch(select(d).where(
-            d.c.tenant_id == session.tenant_id, d.c.record_type == record_of(type).name,
+            d.c.tenant_id == session.tenant_id, d.c.record_type == record.name,
             d.c.deleted_at.is_not(None) if deleted else d.c.deleted_at.is_(None)).order_by(d.c.position, d.c.key))
-        return [CustomFieldDefinition.from_row(row) for row in rows]
+        hidden = session.hidden(record.name)
+        out = []
+        for row in rows:
+            shown = CustomFieldDefinition.from_row(row)
+            if shown.default is not None and hidden_key(row.key, hidden):  # a default is a value of the field
+                shown.default = withheld(Definition.from_row(row), record, session.principal.role.value)
+            out.append(shown)
+        return out
 
 
 @strawberry.type

@@ -184,6 +184,23 @@ async def test_a_hidden_custom_field_reads_null_with_forbidden_at_its_path(api: 
         assert by_key(seen["node"]["customFields"])["tier"]["option"] == "gold", role
 
 
+async def test_the_default_of_a_hidden_custom_field_is_withheld_in_its_definition(api: httpx.AsyncClient,
+                                                                                 make_tenant: MakeTenant) -> None:
+    """A definition's default is a value of its field: the role the field is hidden from reads it as a
+    record's value (null, FORBIDDEN naming ``custom.<key>``), the rest of the definition intact."""
+    world = await seeded(api, make_tenant, hide_tier_from=(Role.MEMBER,))
+    query = "{ customFieldDefinitions(type: DEAL) { key label default { key ... on SelectValue { option } } } }"
+    body = await gql(api, query, token=world.token(Role.MEMBER))
+    shown = by_key(body["data"]["customFieldDefinitions"])
+    assert shown["tier"] == {"key": "tier", "label": "Tier", "default": {"key": "tier", "option": None}}
+    assert shown["score"]["default"] is None
+    tier = list(shown).index("tier")
+    assert forbidden(body) == [(("customFieldDefinitions", tier, "default", "option"), "custom.tier")]
+    for role in (Role.VIEWER, Role.ADMIN):
+        seen = by_key(data_or_fail(await gql(api, query, token=world.token(role)))["customFieldDefinitions"])
+        assert seen["tier"]["default"] == {"key": "tier", "option": "bronze"}, role
+
+
 async def test_every_value_type_is_withheld_and_a_mutations_payload_too(api: httpx.AsyncClient,
                                                                         make_tenant: MakeTenant) -> None:
     world = await seeded(api, make_tenant)
