@@ -42,12 +42,17 @@ def _no_constant(name: str) -> Any:
     raise UnreadableJSON(f"{name} is not JSON")
 
 
+_DECODER = json.JSONDecoder(parse_constant=_no_constant)
+"""One decoder for every body and message (``json.loads`` with an option builds a decoder and its
+scanner per call)."""
+
+
 def loads(text: str, *, max_depth: int = MAX_DEPTH) -> Any:
     """``text`` decoded, if it is JSON nested at most ``max_depth`` deep (module docstring)."""
     if len(text) > max_depth and nesting(text) > max_depth:
         raise UnreadableJSON(f"arrays and objects nest more than {max_depth} deep")
     try:
-        value = json.loads(text, parse_constant=_no_constant)
+        value = _DECODER.decode(text)
     except UnreadableJSON:
         raise
     except (ValueError, RecursionError):
