@@ -114,7 +114,14 @@ RETURNING url""")
 FAIL_PENDING = text("""
 UPDATE webhook_deliveries SET status = 'failed', last_error = 'the endpoint was disabled', next_attempt_at = NULL,
     version = version + 1, updated_at = now()
-WHERE tenant_id = :tenant AND endpoint_id = :id AND status = 'pending'""")
+WHERE tenant_id = :tenant AND id IN (
+    SELECT p.id FROM webhook_deliveries p
+    WHERE p.tenant_id = :tenant AND p.endpoint_id = :id AND p.status = 'pending'
+      AND EXISTS (SELECT 1 FROM webhook_endpoints e WHERE e.tenant_id = :tenant AND e.id = :id AND NOT e.enabled)
+    FOR UPDATE SKIP LOCKED)""")
+"""The pending deliveries of a disabled endpoint fail, but for those another lane's batch holds: that
+batch fails them itself once it finds the endpoint disabled (``Dispatcher._disable``). Waiting for
+them instead deadlocked: the other batch, holding them, waits for the endpoint row this one updated."""
 AUDIT = text("""
 INSERT INTO audit_events (tenant_id, id, actor_id, action, entity_type, entity_id, diff, request_id)
 VALUES (:tenant, :id, NULL, 'disable', 'WebhookEndpoint', :endpoint, CAST(:diff AS jsonb), 'webhooks')""")
@@ -460,9 +467,9 @@ class Dispatcher:
         reason = (f"every delivery failed for {self.settings.webhook_retry_window_seconds:g}s "
                   f"(since {row.failing_since.isoformat()})")
         url = (await conn.execute(DISABLE, {"tenant": tenant, "id": endpoint, "reason": reason, "at": at})).scalar()
+        await conn.execute(FAIL_PENDING, {"tenant": tenant, "id": endpoint})  # those this batch holds too
         if url is None:
             return False  # already disabled by someone else
-        await conn.execute(FAIL_PENDING, {"tenant": tenant, "id": endpoint})
         endpoint_id = to_global_id("WebhookEndpoint", endpoint)
         await conn.execute(AUDIT, {"tenant": tenant, "id": uuid.uuid4(), "endpoint": endpoint, "diff": json.dumps(
             {"before": {"enabled": True}, "after": {"enabled": False, "disabledReason": reason}})})
