@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import sys
 from typing import NoReturn
 
@@ -10,6 +9,7 @@ from starlette.applications import Starlette
 
 from atrium.app import create_app
 from atrium.observability.logs import configure_logging
+from atrium.observability.memory import settle_the_heap
 from core.settings import SettingError, Settings
 
 
@@ -33,17 +33,6 @@ def create_from_env() -> Starlette:
     app = create_app(settings)
     settle_the_heap()
     return app
-
-
-def settle_the_heap() -> None:
-    """Move everything built so far (modules, the schema, the app) out of the garbage collector's
-    sight: a full collection then walks only what requests allocate, not the hundreds of thousands of
-    objects that live as long as the process. Under load a full collection otherwise paused the
-    event loop for tens of milliseconds at a time, which was most of a quiet tenant's p99 while
-    another flooded (``bench.overload``: 100 ms without, 13-16 ms with). Objects frozen here are
-    still freed by reference counting; only cycles among them would stay, and these live for good."""
-    gc.collect()
-    gc.freeze()
 
 
 def refuse(reason: str) -> NoReturn:

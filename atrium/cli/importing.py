@@ -17,6 +17,7 @@ from typing import Any
 
 from sqlalchemy import func, select
 
+from atrium.observability.memory import settle_the_heap
 from atrium.ops.admin import tenant_id_by_slug
 from core.console import out
 from core.errors import AtriumError
@@ -99,6 +100,7 @@ async def run(args: argparse.Namespace, settings: Settings) -> int:
         out(f"import {job.id}: {checked.total} rows of {record.plural}"
             f"{' (dry run)' if args.dry_run else ''}, columns {checked.plan.mapping()}")
         bar = ProgressBar(record.plural, checked.total)
+        settle_the_heap()  # as a server does once it is built
         await run_import(databases, broker, tenant_id, job.id, progress=bar.advance)
         async with databases.tenant_transaction(tenant_id) as conn:
             done = (await conn.execute(select(IMPORT_JOBS).where(IMPORT_JOBS.c.tenant_id == tenant_id,
