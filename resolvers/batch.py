@@ -35,7 +35,7 @@ What they guarantee:
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -71,28 +71,64 @@ def item(index: int) -> Iterator[None]:
         raise at(index, error) from None
 
 
-def distinct(keys: Sequence[Any], field: str, positions: Sequence[int] | None = None) -> None:
-    """Each key (not None) at most once in the batch; BAD_USER_INPUT naming the repeat otherwise."""
+Refused = Callable[[int, AtriumError], None]
+"""Where a batch's item that fails a check goes, for a caller that takes what passes (an import
+chunk): the item's position and its own error (not yet ``at`` the position)."""
+
+
+def refuser(refused: Refused | None, out: set[int]) -> Refused:
+    """How a check refuses an item: raising about its index (``at``: the batch fails, all or
+    nothing) or, given ``refused``, handing it over and adding its position to ``out``."""
+    def refuse(position: int, error: AtriumError) -> None:
+        if refused is None:
+            raise at(position, error) from None
+        refused(position, error)
+        out.add(position)
+    return refuse
+
+
+def kept(where: list[int], items: list[dict[str, Any]], out: set[int]) -> tuple[list[int], list[dict[str, Any]]]:
+    """The positions and items not refused (``out``)."""
+    if not out:
+        return where, items
+    pairs = [(p, v) for p, v in zip(where, items, strict=True) if p not in out]
+    return [p for p, _ in pairs], [v for _, v in pairs]
+
+
+def distinct(keys: Sequence[Any], field: str, positions: Sequence[int] | None = None,
+             refuse: Refused | None = None) -> None:
+    """Each key (not None) at most once in the batch; BAD_USER_INPUT naming the repeat otherwise
+    (``refuse``: what happens to it, default raising ``at`` its index)."""
     where = positions or range(len(keys))
     seen: dict[Any, int] = {}
     for position, key in zip(where, keys, strict=True):
         if key is None:
             continue
         if key in seen:
-            raise at(position, BadUserInput(field, f"is also given at input.{seen[key]}"))
+            error = BadUserInput(field, f"is also given at input.{seen[key]}")
+            if refuse is None:
+                raise at(position, error)
+            refuse(position, error)
+            continue
         seen[key] = position
 
 
 # ---- creates --------------------------------------------------------------------------------------
 
 async def create_many(w: Change, record: Record, items: list[dict[str, Any]],
-                      positions: Sequence[int] | None = None) -> list[Row[Any]]:
+                      positions: Sequence[int] | None = None, *, refused: Refused | None = None) -> list[Row[Any]]:
     """Create a record from each of ``items`` (validated values, ``Record.create_values``), as
     ``Change.create`` would one after the other; ``positions``: each item's index in the input
-    (default: its own). Returns the rows in the order of ``items``."""
+    (default: its own). The first item that fails a check fails the batch, unless ``refused`` is
+    given (an import chunk): then each item that fails one is handed to it and the others are
+    created (set-based records; a sequential record's checks run in ``Change.create``, and raise).
+    Returns the rows created, in the order of ``items``."""
     where = list(positions) if positions is not None else list(range(len(items)))
+    out: set[int] = set()
+    refuse = refuser(refused, out)
     if record.has(EXTERNAL_ID):
-        distinct([v.get(EXTERNAL_ID) for v in items], camel(EXTERNAL_ID), where)
+        distinct([v.get(EXTERNAL_ID) for v in items], camel(EXTERNAL_ID), where, refuse)
+        where, items = kept(where, items, out)
         await lock_external_ids(w, record, [v.get(EXTERNAL_ID) for v in items])
     if record.sequential:
         rows = []
@@ -107,8 +143,10 @@ async def create_many(w: Change, record: Record, items: list[dict[str, Any]],
             await w.custom_values(record, values, None)
             record.check(values)
         except AtriumError as error:
-            raise at(position, error) from None
-    await _references(w, record, items, where)
+            refuse(position, error)
+    where, items = kept(where, items, out)
+    await _references(w, record, items, where, refuse)
+    where, items = kept(where, items, out)
     fallbacks = [(f.column, f.fallback) for f in record.fields if f.fallback is not None]
     for position, values in zip(where, items, strict=True):
         try:
@@ -117,13 +155,15 @@ async def create_many(w: Change, record: Record, items: list[dict[str, Any]],
                     values[column] = await fallback(w, values)
             w.check_owner(record, values, "")
         except AtriumError as error:
-            raise at(position, error) from None
-    await _unique(w, record, items, where)
+            refuse(position, error)
+    where, items = kept(where, items, out)
+    await _unique(w, record, items, where, refuse)
+    where, items = kept(where, items, out)
     defaulted = {c.name for c in record.table.c if not c.nullable}
     for values in items:
         for column in [c for c, v in values.items() if v is None and c in defaulted]:
             del values[column]  # left to the column's default, as Change.create does
-    return await w.insert_many(record, items)
+    return await w.insert_many(record, items) if items else []
 
 
 def referenced(relation: ToOne) -> Select[Any]:
@@ -136,8 +176,12 @@ def referenced(relation: ToOne) -> Select[Any]:
     return each_key(query.with_only_columns(*(query.selected_columns[n] for n in names)), target.key, "keys")
 
 
-async def _references(w: Change, record: Record, items: list[dict[str, Any]], where: Sequence[int]) -> None:
-    """``Change.create``'s reference checks for every item, one statement per relation."""
+async def _references(w: Change, record: Record, items: list[dict[str, Any]], where: Sequence[int],
+                      refuse: Refused | None = None) -> None:
+    """``Change.create``'s reference checks for every item, one statement per relation; an item
+    refused (``refuse``, default raising ``at`` its index) by one relation is not checked again."""
+    refuse = refuse or refuser(None, set())
+    failed: set[int] = set()
     for relation in record.relations:
         wanted = {v[relation.key] for v in items if isinstance(v.get(relation.key), uuid.UUID)}
         if not wanted:
@@ -149,28 +193,41 @@ async def _references(w: Change, record: Record, items: list[dict[str, Any]], wh
         field = camel(relation.key)
         for position, values in zip(where, items, strict=True):
             key = values.get(relation.key)
-            if not isinstance(key, uuid.UUID):
+            if not isinstance(key, uuid.UUID) or position in failed:
                 continue
             row = found.get(key)
             if row is None:
-                raise at(position, NotFound(target.label, key, field=field))
+                failed.add(position)
+                refuse(position, NotFound(target.label, key, field=field))
+                continue
             if relation.requires is not None:
                 column, value, message = relation.requires
                 if row._mapping[column] != value:
-                    raise at(position, BadUserInput(field, message))
+                    failed.add(position)
+                    refuse(position, BadUserInput(field, message))
+                    continue
             for column in relation.copies:
                 values[column] = row._mapping[column]
 
 
-async def _unique(w: Change, record: Record, items: list[dict[str, Any]], where: Sequence[int]) -> None:
-    """Unique fields: not repeated in the batch, not used by a record of the tenant (one statement each)."""
+async def _unique(w: Change, record: Record, items: list[dict[str, Any]], where: Sequence[int],
+                  refuse: Refused | None = None) -> None:
+    """Unique fields: not repeated in the batch, not used by a record of the tenant (one statement
+    each); an item refused (``refuse``, default raising ``at`` its index) is not checked again."""
+    refuse = refuse or refuser(None, set())
     t = record.table
+    failed: set[int] = set()
+
+    def refusing(position: int, error: AtriumError) -> None:
+        failed.add(position)
+        refuse(position, error)
+
     for f in record.fields:
         if not f.unique:
             continue
-        given = [v.get(f.column) for v in items]
-        distinct(given, f.name, where)
-        wanted = [g for g in given if g is not None]
+        given = [None if p in failed else v.get(f.column) for p, v in zip(where, items, strict=True)]
+        distinct(given, f.name, where, refusing)
+        wanted = [g for p, g in zip(where, given, strict=True) if g is not None and p not in failed]
         if not wanted:
             continue
         column = t.c[f.column]
@@ -179,8 +236,8 @@ async def _unique(w: Change, record: Record, items: list[dict[str, Any]], where:
                 each_key(select(column).where(t.c.tenant_id == w.tenant_id), column, "values"),
                 {"values": wanted})).scalars())
         for position, value in zip(where, given, strict=True):
-            if value in taken:
-                raise at(position, BadUserInput(f.name, f"is already used by another {record.label}"))
+            if value in taken and position not in failed:
+                refusing(position, BadUserInput(f.name, f"is already used by another {record.label}"))
 
 
 async def lock_external_ids(w: Change, record: Record, keys: Sequence[str | None]) -> None:
