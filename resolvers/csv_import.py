@@ -34,6 +34,7 @@ resumer (``resume_due``) claims it first.
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import datetime as dt
 import enum
@@ -43,6 +44,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, nullcontext, suppress
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from graphql import GraphQLError
@@ -63,9 +65,9 @@ from records.custom import CustomFieldType, Definition, Pending, custom_key, def
 from records.declare import Create, Record, camel
 from records.declare import Field as RecordField
 from records.rules import Email
-from resolvers.batch import create_many, lock_keys, referenced, update_rows
+from resolvers.batch import Refused, create_many, lock_keys, referenced, update_rows
 from resolvers.csv_custom import FALSE, TRUE, cell_input, field_name
-from resolvers.writes import Change, work_change
+from resolvers.writes import Change, InOrder, work_change
 from schema.imports import JOB_TYPE
 from schema.values import SCALARS
 from subscriptions.broker import Broker
@@ -79,6 +81,8 @@ MAX_FILE_BYTES = 64 << 20
 """The largest CSV an import takes (the upload endpoint reads at most this much)."""
 CHUNK = 1000
 """Rows per transaction (and per checkpoint)."""
+READ_SLICE = 25
+"""Rows ``read_rows`` reads before giving the other tasks a turn."""
 ENDED = ("done", "failed")
 MISSING = object()
 
@@ -367,6 +371,67 @@ def key_of(record: Record, column: str, value: Any) -> Any:
     return value.lower() if isinstance(value, str) and isinstance(record.field(column).rule, Email) else value
 
 
+def row_error(plan: Plan, row: int, error: AtriumError, index: int | None = None) -> RowError:
+    """``error`` as row ``row``'s entry in the report, its field without a batch's ``input.<index>.``."""
+    name = error.field
+    if name is not None and index is not None and name.startswith(f"input.{index}."):
+        name = name[len(f"input.{index}."):]
+    return RowError(row, plan.header_of(name), name, error.code.value, error.message)
+
+
+@dataclass
+class Read:
+    """A chunk's rows read (``read_rows``): those whose every cell was read, the others' errors."""
+
+    done: int
+    """The number of the chunk's last row (its checkpoint once written)."""
+    parsed: list[Parsed]
+    errors: list[RowError]
+
+
+async def read_rows(plan: Plan, rows: Sequence[tuple[int, list[str]]]) -> Read:
+    """Each row's cells read into values (``Target.value``: the API's parsing and the field's rule),
+    ``READ_SLICE`` rows at a time: between two slices other tasks run, so that ``_run`` reads the
+    next chunk while PostgreSQL writes the current one, and no statement's answer waits behind more
+    than one slice."""
+    parsed: list[Parsed] = []
+    errors: list[RowError] = []
+    width = len(plan.header)
+    # A cell's value depends on its text alone, and a column often repeats its texts (a stage,
+    # a currency, an owner): each distinct text of a column is read once per chunk.
+    seen: list[dict[str, Any]] = [{} for _ in plan.columns]
+    for start in range(0, len(rows), READ_SLICE):
+        if start:
+            await asyncio.sleep(0)  # a turn for the other tasks (the docstring), not a wait
+        for number, cells in rows[start:start + READ_SLICE]:
+            if len(cells) > width:
+                errors.append(RowError(number, None, None, ErrorCode.BAD_USER_INPUT.value,
+                                       f"the row has {len(cells)} cells, the header {width}"))
+                continue
+            values: dict[str, Any] = {}
+            custom: dict[str, Any] = {}
+            good = True
+            for (position, _, t), known in zip(plan.columns, seen, strict=True):
+                cell = cells[position] if position < len(cells) else ""
+                value = known.get(cell, MISSING)
+                if value is MISSING:
+                    if not cell.strip():
+                        continue
+                    try:
+                        value = known[cell] = t.value(cell)
+                    except AtriumError as error:
+                        errors.append(row_error(plan, number, error))
+                        good = False
+                        continue
+                if t.definition is not None:
+                    custom[t.definition.key] = value
+                else:
+                    values[t.column] = value  # type: ignore[index]
+            if good:
+                parsed.append(Parsed(number, values, custom))
+    return Read(rows[-1][0] if rows else 0, parsed, errors)
+
+
 class Chunk:
     """Importing one chunk of rows inside one ``Change`` (module docstring)."""
 
@@ -378,51 +443,14 @@ class Chunk:
         """The fields a create sets: (field, column, required, default), read once per chunk."""
 
     def fail(self, row: int, error: AtriumError, index: int | None = None) -> None:
-        name = error.field
-        if name is not None and index is not None and name.startswith(f"input.{index}."):
-            name = name[len(f"input.{index}."):]
-        self.outcome.errors.append(RowError(row, self.plan.header_of(name), name, error.code.value, error.message))
+        self.outcome.errors.append(row_error(self.plan, row, error, index))
 
-    def parse(self, rows: Sequence[tuple[int, list[str]]]) -> list[Parsed]:
-        out: list[Parsed] = []
-        width = len(self.plan.header)
-        # A cell's value depends on its text alone, and a column often repeats its texts (a stage,
-        # a currency, an owner): each distinct text of a column is read once per chunk.
-        seen: list[dict[str, Any]] = [{} for _ in self.plan.columns]
-        for number, cells in rows:
-            if len(cells) > width:
-                self.outcome.errors.append(RowError(number, None, None, ErrorCode.BAD_USER_INPUT.value,
-                                                    f"the row has {len(cells)} cells, the header {width}"))
-                continue
-            values: dict[str, Any] = {}
-            custom: dict[str, Any] = {}
-            good = True
-            for (position, _, t), known in zip(self.plan.columns, seen, strict=True):
-                cell = cells[position] if position < len(cells) else ""
-                value = known.get(cell, MISSING)
-                if value is MISSING:
-                    if not cell.strip():
-                        continue
-                    try:
-                        value = known[cell] = t.value(cell)
-                    except AtriumError as error:
-                        self.fail(number, error)
-                        good = False
-                        continue
-                if t.definition is not None:
-                    custom[t.definition.key] = value
-                else:
-                    values[t.column] = value  # type: ignore[index]
-            if good:
-                out.append(Parsed(number, values, custom))
-        return out
-
-    async def run(self, rows: Sequence[tuple[int, list[str]]]) -> Outcome:
-        parsed = self.parse(rows)
+    async def run(self, read: Read) -> Outcome:
+        self.outcome.errors.extend(read.errors)
         key = self.plan.key
         rounds: list[list[Parsed]] = []
         seen: dict[Any, int] = {}
-        for p in parsed:
+        for p in read.parsed:
             k = key_of(self.record, key, p.values.get(key)) if key is not None else None
             n = seen.get(k, 0) if k is not None else 0
             if k is not None:
@@ -479,12 +507,12 @@ class Chunk:
                     updates.append((p, current, self.patch_values(p, current)))
             except AtriumError as error:
                 self.fail(p.row, error)
-        creates = await self.custom(creates)
-        creates = await self.references(creates)
         await self.create(creates)
         await self.update(updates)
 
     def create_values(self, p: Parsed) -> dict[str, Any]:
+        """The values a create of ``p`` starts from (required fields given, defaults): the write
+        path checks them (``create_many``)."""
         values: dict[str, Any] = {}
         for f, column, required, default in self.creating:
             value = p.values.get(column)
@@ -493,7 +521,6 @@ class Chunk:
                     raise BadUserInput(f.name, f"is required to create a {self.record.label}")
                 value = default
             values[column] = value
-        self.record.check(values)
         if self.record.custom_fields:
             values["custom_fields"] = Pending(dict(p.custom))
         return values
@@ -510,31 +537,25 @@ class Chunk:
             patch["custom_fields"] = Pending(dict(p.custom))
         return patch
 
-    async def custom(self, creates: list[tuple[Parsed, dict[str, Any]]]) -> list[tuple[Parsed, dict[str, Any]]]:
-        """Creates whose custom fields the write path accepts, checked one by one exactly as it will
-        check them (``Change.custom_values``: the tenant's definitions, their types, options,
-        defaults and required flags, USER values naming members), so that a bad value is its row's
-        error and not a refusal of the whole chunk; the others reported."""
+    async def create(self, creates: list[tuple[Parsed, dict[str, Any]]]) -> None:
+        """``create_many`` of the creates (``written``): each one it refuses (its checks: the custom
+        fields against the tenant's definitions, the rules, the references, unique values) is its
+        row's error, and the others are created. The members named by USER custom fields are
+        looked up first, in one statement."""
         w = self.w
-        if not self.record.custom_fields or not creates or not await w.definitions(self.record):
-            return creates
-        await w.members(named_users(await w.definitions(self.record), (p.custom for p, _ in creates)))
-        out = []
-        for p, values in creates:
-            try:
-                await w.custom_values(self.record, {"custom_fields": values["custom_fields"]}, None)
-            except AtriumError as error:
-                self.fail(p.row, error)
-            else:
-                out.append((p, values))
-        return out
+        if not creates:
+            return
+        if self.record.custom_fields and await w.definitions(self.record):
+            await w.members(named_users(await w.definitions(self.record), (p.custom for p, _ in creates)))
+        self.outcome.created += await self.written(creates, lambda items, refused: create_many(
+            w, self.record, [dict(values) for _, values in items], refused=refused))
 
-    async def references(self, creates: list[tuple[Parsed, dict[str, Any]]]) -> list[tuple[Parsed, dict[str, Any]]]:
-        """Creates whose every reference names a record of the tenant (one statement per relation);
+    async def references(self, items: list[tuple[Parsed, dict[str, Any]]]) -> list[tuple[Parsed, dict[str, Any]]]:
+        """The items whose every reference names a record of the tenant (one statement per relation);
         the others reported NOT_FOUND (or BAD_USER_INPUT when the target may not be referenced)."""
         bad: set[int] = set()
         for relation in self.record.relations:
-            wanted = {v[relation.key] for _, v in creates if isinstance(v.get(relation.key), uuid.UUID)}
+            wanted = {v[relation.key] for _, v in items if isinstance(v.get(relation.key), uuid.UUID)}
             if not wanted:
                 continue
             target_record = relation.target()
@@ -542,7 +563,7 @@ class Chunk:
             rows = {row._mapping[target_record.key.key]: row for row in (await self.w.conn.execute(
                 query, {"tenant_id": self.w.tenant_id, "keys": list(wanted)})).all()}
             name = camel(relation.key)
-            for p, values in creates:
+            for p, values in items:
                 value = values.get(relation.key)
                 if not isinstance(value, uuid.UUID) or p.row in bad:
                     continue
@@ -553,12 +574,7 @@ class Chunk:
                 elif relation.requires is not None and row._mapping[relation.requires[0]] != relation.requires[1]:
                     self.fail(p.row, BadUserInput(name, relation.requires[2]))
                     bad.add(p.row)
-        return [(p, v) for p, v in creates if p.row not in bad]
-
-    async def create(self, creates: list[tuple[Parsed, dict[str, Any]]]) -> None:
-        """``create_many`` of the creates (``written``)."""
-        self.outcome.created += await self.written(creates, lambda items: create_many(
-            self.w, self.record, [dict(values) for _, values in items]))
+        return [(p, v) for p, v in items if p.row not in bad]
 
     async def update(self, updates: list[tuple[Parsed, Row[Any], dict[str, Any]]]) -> None:
         """The matched records' patches through ``Change.update``'s rules, set-based (``update_rows``,
@@ -569,22 +585,24 @@ class Chunk:
         updates = [u for u in updates if u[0].row in kept]
         if record.sequential:
             for p, current, patch in updates:
-                self.outcome.updated += await self.written([(p, current, patch)], lambda items: w.update(
+                self.outcome.updated += await self.written([(p, current, patch)], lambda items, _: w.update(
                     record, items[0][1].id, dict(items[0][2]), None))
             return
-        self.outcome.updated += await self.written(updates, lambda items: update_rows(
+        self.outcome.updated += await self.written(updates, lambda items, _: update_rows(
             w, record, [(current, dict(patch), None) for _, current, patch in items]))
 
-    async def written(self, items: list[Any], write: Callable[[list[Any]], Awaitable[Any]]) -> int:
-        """``write(items)`` in a savepoint; an item it refuses (the batch error's ``index``) is that
-        row's error, and the rest are written again without it. Items are tuples, ``Parsed`` first.
-        Returns how many were written."""
+    async def written(self, items: list[Any], write: Callable[[list[Any], Refused], Awaitable[Any]]) -> int:
+        """``write(items, refused)`` in a savepoint. An item it hands to ``refused`` (its position and
+        error) is that row's error; an item it raises about (the batch error's ``index``: a unique
+        value taken meanwhile) too, and the rest are written again without it. Items are tuples,
+        ``Parsed`` first. Returns how many were written."""
         w = self.w
         while items:
             mark = len(w.events)
+            refusals: list[tuple[int, AtriumError]] = []
             try:
                 async with w.conn.begin_nested():
-                    await write(items)
+                    await write(items, partial(_collect, refusals))
             except AtriumError as error:
                 del w.events[mark:], w.rows[mark:]
                 index = error.extra.get("index")
@@ -595,19 +613,24 @@ class Chunk:
                 self.fail(items[index][0].row, error, index)
                 items = items[:index] + items[index + 1:]
                 continue
-            return len(items)
+            for position, refusal in refusals:
+                self.fail(items[position][0].row, refusal)
+            return len(items) - len(refusals)
         return 0
 
 
-async def import_chunk(w: Change, plan: Plan, rows: Sequence[tuple[int, list[str]]], *,
-                       dry_run: bool = False) -> Outcome:
-    """Import ``rows`` through ``w`` (module docstring); a dry run writes nothing of them."""
+def _collect(into: list[tuple[int, AtriumError]], position: int, error: AtriumError) -> None:
+    into.append((position, error))
+
+
+async def import_chunk(w: Change, plan: Plan, read: Read, *, dry_run: bool = False) -> Outcome:
+    """Import the rows ``read`` through ``w`` (module docstring); a dry run writes nothing of them."""
     chunk = Chunk(w, plan)
     if not dry_run:
-        return await chunk.run(rows)
+        return await chunk.run(read)
     savepoint = await w.conn.begin_nested()
     try:
-        return await chunk.run(rows)
+        return await chunk.run(read)
     finally:
         await savepoint.rollback()
         w.events.clear()
@@ -668,9 +691,11 @@ async def run_import(databases: Databases, broker: Broker, tenant_id: uuid.UUID,
         await holder.commit()
         if not claimed:
             return False
+        publishing = InOrder(broker)
         try:
-            await _run(databases, broker, tenant_id, job_id, progress)
+            await _run(databases, publishing, tenant_id, job_id, progress)
         finally:
+            await publishing.drain()
             await holder.execute(UNLOCK, {"name": name})
             await holder.commit()
     return True
@@ -680,7 +705,7 @@ class Superseded(Exception):
     """The job's checkpoint is not where this process left it (another one ran it meanwhile)."""
 
 
-async def _run(databases: Databases, broker: Broker, tenant_id: uuid.UUID, job_id: uuid.UUID,
+async def _run(databases: Databases, publishing: InOrder, tenant_id: uuid.UUID, job_id: uuid.UUID,
                progress: Progress | None) -> None:
     async with databases.tenant_transaction(tenant_id) as conn:
         job = (await conn.execute(select(J).where(J.c.tenant_id == tenant_id, J.c.id == job_id))).first()
@@ -711,21 +736,21 @@ async def _run(databases: Databases, broker: Broker, tenant_id: uuid.UUID, job_i
         plan = plan_for(record, header, job.mapping, definitions)  # a custom field deleted since: FAILED
         plan.refuse_hidden(rules.hidden(Role(role), record.name), role)  # hidden from the member since: FAILED
         processed = job.processed
-        pending: list[tuple[int, list[str]]] = []
-        for number, row in data:
-            if number <= processed:
-                continue
-            pending.append((number, row))
-            if len(pending) == CHUNK:
-                processed = await _chunk(databases, broker, principal, job_id, plan, pending, processed, job.dry_run)
-                pending = []
+        chunks = chunked(data, processed)
+        # Each chunk's rows are read (``read_rows``) while the chunk before is being written.
+        reading = _reading(plan, chunks)
+        try:
+            while reading is not None:
+                read = await reading
+                reading = _reading(plan, chunks)
+                processed = await _chunk(databases, publishing, principal, job_id, plan, read, processed,
+                                         job.dry_run)
                 if progress is not None:
                     progress(processed, job.total)
-        if pending:
-            processed = await _chunk(databases, broker, principal, job_id, plan, pending, processed, job.dry_run)
-            if progress is not None:
-                progress(processed, job.total)
-        await _end(databases, broker, tenant_id, job_id, state="done")
+        finally:
+            if reading is not None:
+                reading.cancel()
+        await _end(databases, publishing, tenant_id, job_id, state="done")
     except Superseded:
         log.warning("import %s of tenant %s: its checkpoint moved on elsewhere; leaving it", job_id, tenant_id)
     except Exception as error:
@@ -735,21 +760,43 @@ async def _run(databases: Databases, broker: Broker, tenant_id: uuid.UUID, job_i
             log.warning("import %s of tenant %s interrupted by an outage", job_id, tenant_id)
             raise
         if isinstance(error, AtriumError):
-            await _end(databases, broker, tenant_id, job_id, state="failed", error=error.message)
+            await _end(databases, publishing, tenant_id, job_id, state="failed", error=error.message)
             return
         log.exception("import %s of tenant %s failed", job_id, tenant_id)
-        await _end(databases, broker, tenant_id, job_id, state="failed",
+        await _end(databases, publishing, tenant_id, job_id, state="failed",
                    error="the import stopped on an internal error; the rows before it were imported")
         raise
 
 
-async def _chunk(databases: Databases, broker: Broker, principal: Principal, job_id: uuid.UUID, plan: Plan,
-                 rows: list[tuple[int, list[str]]], processed: int, dry_run: bool) -> int:
-    """One chunk, its errors and the checkpoint in one transaction; the new checkpoint."""
+def chunked(data: Iterator[tuple[int, list[str]]], processed: int) -> Iterator[list[tuple[int, list[str]]]]:
+    """The rows after the checkpoint ``processed``, ``CHUNK`` at a time."""
+    pending: list[tuple[int, list[str]]] = []
+    for number, row in data:
+        if number <= processed:
+            continue
+        pending.append((number, row))
+        if len(pending) == CHUNK:
+            yield pending
+            pending = []
+    if pending:
+        yield pending
+
+
+def _reading(plan: Plan, chunks: Iterator[list[tuple[int, list[str]]]]) -> asyncio.Task[Read] | None:
+    """The next chunk's rows being read, in a task of its own; None after the last chunk."""
+    rows = next(chunks, None)
+    return None if rows is None else asyncio.create_task(read_rows(plan, rows))
+
+
+async def _chunk(databases: Databases, publishing: InOrder, principal: Principal, job_id: uuid.UUID, plan: Plan,
+                 read: Read, processed: int, dry_run: bool) -> int:
+    """One chunk, its errors and the checkpoint in one transaction; the new checkpoint. Its events
+    and then its progress event are published in the background, in order (``InOrder``), while
+    the next chunk is written."""
     tenant_id = principal.tenant_id
-    done = rows[-1][0]
-    async with work_change(databases, broker, principal, f"import:{job_id}") as w:
-        outcome = await import_chunk(w, plan, rows, dry_run=dry_run)
+    done = read.done
+    async with work_change(databases, publishing, principal, f"import:{job_id}") as w:
+        outcome = await import_chunk(w, plan, read, dry_run=dry_run)
         if outcome.errors:
             await w.conn.execute(insert(IMPORT_ERRORS), [
                 {"tenant_id": tenant_id, "id": uuid.uuid4(), "job_id": job_id, "row_number": e.row,
@@ -763,18 +810,19 @@ async def _chunk(databases: Databases, broker: Broker, principal: Principal, job
             .returning(J.c.id))).first()
         if advanced is None:
             raise Superseded(f"import {job_id} moved on elsewhere")  # rolls the chunk back
-    await broker.publish(progress_event(tenant_id, job_id, done))
+    publishing.submit([progress_event(tenant_id, job_id, done)])
     return done
 
 
-async def _end(databases: Databases, broker: Broker, tenant_id: uuid.UUID, job_id: uuid.UUID, *, state: str,
+async def _end(databases: Databases, publishing: InOrder, tenant_id: uuid.UUID, job_id: uuid.UUID, *, state: str,
                error: str | None = None) -> None:
     async with databases.tenant_transaction(tenant_id) as conn:
         await conn.execute(update(J).where(J.c.tenant_id == tenant_id, J.c.id == job_id).values(
             state=state, error=error, finished_at=func.now(), updated_at=func.now()))
         await conn.execute(IMPORT_FILES.delete().where(IMPORT_FILES.c.tenant_id == tenant_id,
                                                        IMPORT_FILES.c.job_id == job_id))
-    await broker.publish(progress_event(tenant_id, job_id, -1))
+    publishing.submit([progress_event(tenant_id, job_id, -1)])
+    await publishing.drain()
 
 
 async def due(databases: Databases) -> list[tuple[uuid.UUID, uuid.UUID]]:

@@ -20,8 +20,10 @@ the resolver ran.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import datetime as dt
+import logging
 import uuid
 from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -58,8 +60,10 @@ from records.crm import BY_NAME, RECORDS, dependents, rollups_into
 from records.custom import Definition, Pending, changed_keys, definitions_query, hidden_key, resolve, user_ids
 from records.declare import AtLeastOne, ExactlyOne, HiddenOf, OnDelete, Record, camel, nothing_hidden
 from subscriptions.broker import Broker
-from subscriptions.events import ChangeEvent, ChangeKind
+from subscriptions.events import ChangeEvent, ChangeKind, Event
 from webhooks.outbox import enqueue
+
+log = logging.getLogger("atrium.writes")
 
 
 def jsonable(value: Any) -> Any:
@@ -117,6 +121,17 @@ _BY_TYPE: dict[type, Callable[[Any], Any]] = {
 def snapshot(row: Mapping[Any, Any], columns: Any = None) -> dict[str, Any]:
     keys = columns if columns is not None else [k for k in row if k != "tenant_id"]
     return {k: jsonable(row[k]) for k in keys}
+
+
+def snapshots(rows: Sequence[Row[Any]]) -> list[dict[str, Any]]:
+    """``snapshot`` of each of ``rows`` (one statement's, so of one shape), read by position: a
+    bulk change's thousand audit rows."""
+    if not rows:
+        return []
+    fields = rows[0]._fields
+    kept = [(i, k) for i, k in enumerate(fields) if k != "tenant_id"]
+    convert = _BY_TYPE.get
+    return [{k: (convert(type(row[i])) or jsonable)(row[i]) for i, k in kept} for row in rows]
 
 
 def public_record(record: Record, row: Mapping[Any, Any], hidden: Collection[str] = (), *,
@@ -627,9 +642,8 @@ class Change:
             returned = (await self.conn.execute(insert(t).from_select(columns, source).returning(t))).all()
             inserted.update((row.id, row) for row in returned)
         out = [inserted[key] for key in ids]
-        shown = [k for k in out[0]._fields if k != "tenant_id"] if out else []
-        await self._audit_many(record, "create", [(row.id, {"after": snapshot(row._mapping, shown)})
-                                                  for row in out])
+        await self._audit_many(record, "create", [(row.id, {"after": after})
+                                                  for row, after in zip(out, snapshots(out), strict=True)])
         for row, values in zip(out, rows, strict=True):
             self._event(record, ChangeKind.CREATED, row, tuple(values), custom_keys=created_keys(record, row))
         return out
@@ -779,17 +793,57 @@ def scope_of(record: Record, row: Mapping[Any, Any]) -> dict[str, str]:
     return {key: str(row[column]) for key, column in record.routing.items()}
 
 
+PUBLISH_SLICE = 10
+"""Events ``InOrder`` encodes and sends at a time."""
+
+
+class InOrder:
+    """Committed changes' events published one change after another without the writer waiting
+    for them: each change's events (stamped with the time it committed) go out once the previous
+    change's have, in a task chained to the one before, while the writer goes on with its next
+    transaction. An import encodes and sends one chunk's events while PostgreSQL works on the next
+    chunk. ``drain`` waits until everything submitted is out."""
+
+    def __init__(self, broker: Broker) -> None:
+        self.broker = broker
+        self._last: asyncio.Task[None] | None = None
+
+    def submit(self, events: Sequence[Event]) -> None:
+        """Publish ``events`` (of a change that has just committed) after everything submitted before."""
+        if events:
+            self._last = asyncio.create_task(self._publish(self._last, list(events), dt.datetime.now(dt.UTC)))
+
+    async def _publish(self, previous: asyncio.Task[None] | None, events: list[Event],
+                       committed_at: dt.datetime) -> None:
+        if previous is not None:
+            await asyncio.wait([previous])  # its failure (logged there) does not hold these back
+        try:
+            # A slice at a time: encoding one is a short stretch of CPU between two Redis round
+            # trips, so the writer's next statements are not held up behind a whole change's.
+            for start in range(0, len(events), PUBLISH_SLICE):
+                await self.broker.publish_many([e.committed(committed_at) if isinstance(e, ChangeEvent) else e
+                                                for e in events[start:start + PUBLISH_SLICE]])
+        except Exception:
+            log.exception("publishing %d committed events failed", len(events))
+
+    async def drain(self) -> None:
+        """Wait until every event submitted so far is published (or its publishing failed)."""
+        if self._last is not None:
+            await asyncio.wait([self._last])
+
+
 @asynccontextmanager
-async def work_change(databases: Databases, broker: Broker, principal: Principal, request_id: str, *,
+async def work_change(databases: Databases, publishing: InOrder, principal: Principal, request_id: str, *,
                       now: dt.datetime | None = None) -> AsyncIterator[Change]:
     """``change`` for work outside a request (an import job's chunk, ``resolvers.imports``): one
     tenant transaction of ``principal``'s tenant, its webhook deliveries in the outbox, its events
-    published after the commit. It sees what ``principal`` sees (``principal.view``)."""
+    published after the commit, in commit order (``publishing``). It sees what ``principal`` sees
+    (``principal.view``)."""
     async with databases.tenant_transaction(principal.tenant_id, view=principal.view) as conn:
         w = Change(conn, principal, request_id, now=now)
         yield w
         await deliveries(w)
-    await publish_committed(broker, w.events)
+    publishing.submit(w.events)
 
 
 async def deliveries(w: Change) -> None:

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 import pytest
 from redis.asyncio import Redis
 
+from resolvers.writes import InOrder
 from subscriptions.broker import GAP, OVERFLOW, Broker, MemoryBroker, RedisBroker
 from subscriptions.events import (
     ChangeEvent,
@@ -163,3 +164,50 @@ async def test_redis_restart_gives_gap_then_events_again(own_redis: RedisServer)
             assert broker.stats.reconnects >= 1
     finally:
         await broker.close()
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def roomy_broker(request: pytest.FixtureRequest) -> AsyncIterator[Broker]:
+    """A broker whose subscriber queues hold a whole test's events."""
+    b: Broker
+    if request.param == "memory":
+        b = MemoryBroker(maxsize=100)
+    else:
+        b = RedisBroker(request.getfixturevalue("redis_url"), prefix=f"test-{uuid.uuid4().hex[:8]}:", maxsize=100)
+    await b.start()
+    try:
+        yield b
+    finally:
+        await b.close()
+
+
+async def test_changes_submitted_in_order_are_published_in_order_without_waiting(roomy_broker: Broker) -> None:
+    """``InOrder`` (an import's chunks): each change's events go out after the previous change's,
+    slice by slice, while the submitter goes on; each stamped with the time its change was submitted
+    (committed); ``drain`` returns once all are out."""
+    broker = roomy_broker
+    tenant = uuid.uuid4()
+    changes = [[event(tenant, version=10 * c + i) for i in range(size)] for c, size in enumerate((25, 1, 12))]
+    expected = [e.version for change in changes for e in change]
+    seen: list[ChangeEvent] = []
+    async with broker.subscribe(type_channel(tenant, "Deal")) as queue:
+        async def collect() -> None:
+            while len(seen) < len(expected):
+                item = await get(queue)
+                assert isinstance(item, ChangeEvent), item
+                seen.append(item)
+
+        collecting = asyncio.create_task(collect())
+        publishing = InOrder(broker)
+        stamps = []
+        for change in changes:
+            before = dt.datetime.now(dt.UTC)
+            publishing.submit(change)  # returns at once: nothing is published before the next await
+            stamps.append((before, dt.datetime.now(dt.UTC)))
+        assert seen == []
+        await publishing.drain()
+        await asyncio.wait_for(collecting, WAIT)
+    assert [e.version for e in seen] == expected
+    offsets = [0, 25, 26, 38]
+    for (before, after), start, end in zip(stamps, offsets, offsets[1:], strict=False):
+        assert all(e.committed_at is not None and before <= e.committed_at <= after for e in seen[start:end])

@@ -11,6 +11,7 @@ import signal
 import sys
 import uuid
 from collections.abc import Awaitable, Callable
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -25,13 +26,25 @@ from models.audit_chain import verify_chain
 from models.db import Databases
 from models.tables import AUDIT_EVENTS, COMPANIES, CONTACTS, DEALS, IMPORT_ERRORS, IMPORT_FILES, IMPORT_JOBS, Role
 from records.custom import Definition, definitions_query
-from resolvers.csv_import import CHUNK, check_file, create_job, due, record_for, run_import
+from resolvers.csv_import import (
+    CHUNK,
+    READ_SLICE,
+    check_file,
+    create_job,
+    due,
+    plan_for,
+    read_rows,
+    record_for,
+    rows_of,
+    run_import,
+)
 from tests.cli import ROOT, environment
 from tests.conftest import TenantWorld, codes, data_or_fail, gql
 from tests.crm import create_custom_field, seed_crm, uuid_of
 from tests.field_rules import REMOVE as REMOVE_RULE
 from tests.field_rules import SET as SET_RULE
 from tests.live import AtriumProcess, error_codes, live
+from tests.wire import wired_app
 
 MakeTenant = Callable[..., Awaitable[TenantWorld]]
 
@@ -603,3 +616,72 @@ async def test_a_role_cannot_import_into_a_field_hidden_from_it(
     found = data_or_fail(await gql(client, JOB, {"id": to_global_id("ImportJob", job.id)}, token=world.token()))
     assert found["importJob"]["state"] == "FAILED" and "mapping.email" in found["importJob"]["error"], found
     assert await count(admin_engine, CONTACTS, world.id) == 2
+
+
+async def test_a_chunk_runs_the_write_paths_checks_once_and_reports_each_refused_row(
+    settings: Settings, make_tenant: MakeTenant, admin_engine: AsyncEngine,
+) -> None:
+    """The rows of a chunk are checked by the write path itself (``create_many`` handing each refused
+    row over instead of failing the chunk): a reference to a record the workspace does not have, an
+    external id a deal in the trash still holds and a custom value outside the options are each
+    their row's error, the others are created, and each relation's references are looked up in
+    one statement for the chunk (not once for the report and again for the write)."""
+    world = await make_tenant("imp-once")
+    token = world.token(Role.MEMBER)
+    async with wired_app(settings) as app, httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://atrium.test") as client:
+        crm = await seed_crm(client, token)
+        stage = crm.pipeline["stages"][0]["id"]
+        await create_custom_field(client, world.token(Role.ADMIN), "DEAL", "tier", "SINGLE_SELECT",
+                                  options=["gold", "silver"])
+        held = data_or_fail(await gql(client, """mutation($i: DealInput!) { createDeal(input: $i) { id } }""",
+                                      {"i": {"title": "Held", "amount": "1", "currency": "USD", "stageId": stage,
+                                             "externalId": "held"}}, token=token))["createDeal"]["id"]
+        data_or_fail(await gql(client, "mutation($id: ID!) { deleteDeal(id: $id) { deletedId } }", {"id": held},
+                               token=world.token(Role.ADMIN)))
+        text = table(["title", "amount", "currency", "stageId", "companyId", "externalId", "custom.tier"],
+                     ["Good", "1", "USD", stage, crm.company["id"], "once-1", "gold"],
+                     ["No such company", "1", "USD", stage, to_global_id("Company", uuid.uuid4()), "once-2", ""],
+                     ["Held", "1", "USD", stage, "", "held", ""],
+                     ["Bad tier", "1", "USD", stage, "", "once-3", "platinum"],
+                     ["Good too", "2", "USD", stage, crm.company["id"], "once-4", "silver"])
+        with app.state.wire.recording() as statements:
+            found = await imported(client, app, token, "DEALS", text)
+    job = found["importJob"]
+    assert job["state"] == "DONE" and job["created"] == 2 and job["errors"] == 3, found
+    assert [(e["row"], e["column"], e["field"], e["code"]) for e in found["importErrors"]] == [
+        (2, "companyId", "companyId", "NOT_FOUND"),
+        (3, "externalId", "externalId", "BAD_USER_INPUT"),
+        (4, "custom.tier", "customFields.tier", "BAD_USER_INPUT")]
+    assert "already used" in found["importErrors"][1]["message"]
+    assert await count(admin_engine, DEALS, world.id, DEALS.c.external_id.like("once-%")) == 2
+    looked_up = [s for s in statements if "JOIN LATERAL" in s and "FROM companies" in s]
+    assert len(looked_up) == 1, looked_up
+    assert sum("INSERT INTO deals" in s for s in statements) == 1, statements
+
+
+async def test_a_chunk_is_read_a_slice_at_a_time_giving_other_tasks_turns() -> None:
+    """``read_rows`` (the next chunk, read while the current one is written) lets the event loop run
+    other tasks between slices of ``READ_SLICE`` rows, and reads every row as a single pass would."""
+    record = record_for("deals")
+    header, data = rows_of(table(["title", "amount", "currency", "externalId"],
+                                 *(["Deal", f"{i}.50", "USD", f"slice-{i}"] for i in range(CHUNK))).encode())
+    plan = plan_for(record, header, None)
+    rows = list(data)
+    turns = 0
+
+    async def tick() -> None:
+        nonlocal turns
+        while True:
+            turns += 1
+            await asyncio.sleep(0)  # one turn of the loop each, counted
+
+    ticking = asyncio.create_task(tick())
+    try:
+        read = await read_rows(plan, rows)
+    finally:
+        ticking.cancel()
+    assert turns >= CHUNK // READ_SLICE - 1
+    assert read.done == CHUNK and read.errors == [] and len(read.parsed) == CHUNK
+    assert read.parsed[7].values == {"title": "Deal", "amount": Decimal("7.50"), "currency": "USD",
+                                     "external_id": "slice-7"}
