@@ -290,33 +290,41 @@ async def update_many(w: Change, record: Record,
 
 
 async def update_rows(w: Change, record: Record, changes: Sequence[tuple[Row[Any], dict[str, Any], int | None]],
-                       positions: Sequence[int] | None = None) -> list[Row[Any]]:
+                      positions: Sequence[int] | None = None, *, refused: Refused | None = None) -> list[Row[Any]]:
     """``Change.update``'s rules for each ``(locked row, changes, expected_version)``, set-based: each
     record's own checks in Python, then one statement per relation for the references, one per
     rollup and per unique field, and ``Change.write_updates``. A unique value counts as taken while
-    any other record holds it before the batch (a batch cannot swap two records' values). Returns
-    the rows after (the row as it was, for a change that alters nothing), in order."""
+    any other record holds it before the batch (a batch cannot swap two records' values). The first
+    change that fails a check fails the batch, unless ``refused`` is given (as for ``create_many``):
+    then each one that fails is handed to it and the others are written. Returns the rows after (the
+    row as it was, for a change that alters nothing) of the changes written, in order."""
     where = list(positions) if positions is not None else list(range(len(changes)))
+    out: set[int] = set()
+    refuse = refuser(refused, out)
     for position, (before, values, expected_version) in zip(where, changes, strict=True):
         try:
             w.check_version(record, before, expected_version)
             await w.custom_values(record, values, before._mapping)
         except AtriumError as error:
-            raise at(position, error) from None
-    await _references(w, record, [values for _, values, _ in changes], where)
+            refuse(position, error)
+    await _references(w, record, [values for p, (_, values, _) in zip(where, changes, strict=True) if p not in out],
+                      [p for p in where if p not in out], refuse)
     altered: list[tuple[int, Row[Any], dict[str, Any]]] = []
     for position, (before, values, _) in zip(where, changes, strict=True):
+        if position in out:
+            continue
         try:
             if changed := w.changed(record, before, values):
                 altered.append((position, before, changed))
         except AtriumError as error:
-            raise at(position, error) from None
-    if conflict := await w.derived_conflict(record, [(before.id, changed) for _, before, changed in altered]):
-        raise at(altered[conflict[0]][0], conflict[1])
-    await _unique(w, record, [changed for _, _, changed in altered], [position for position, _, _ in altered])
-    written = await w.write_updates(record, [(before, changed) for _, before, changed in altered])
+            refuse(position, error)
+    while conflict := await w.derived_conflict(record, [(before.id, changed) for _, before, changed in altered]):
+        refuse(altered[conflict[0]][0], conflict[1])
+        del altered[conflict[0]]
+    await _unique(w, record, [changed for _, _, changed in altered], [position for position, _, _ in altered], refuse)
+    written = await w.write_updates(record, [(before, changed) for p, before, changed in altered if p not in out])
     after = {row.id: row for row in written}
-    return [after.get(before.id, before) for before, _, _ in changes]
+    return [after.get(before.id, before) for p, (before, _, _) in zip(where, changes, strict=True) if p not in out]
 
 
 async def delete_many(w: Change, record: Record, targets: Sequence[tuple[uuid.UUID, int | None]]) -> list[Row[Any]]:

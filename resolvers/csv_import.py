@@ -23,9 +23,12 @@ is one transaction (``resolvers.writes.work_change``: webhook deliveries in the 
 published after the commit) that also records the chunk's row errors and advances the job's
 checkpoint (``processed``). A resumed job starts after the last committed chunk, so nothing is
 written twice. A row that fails is reported (row number, column, field, code, message) and the
-others go on: values are checked per row first, references once per chunk and relation, and a
-row the write path still refuses (a unique value taken meanwhile) is taken out and the rest of
-the chunk written again. A dry run does everything inside a savepoint it rolls back.
+others go on: cells are read per row first (``read_rows``, while the chunk before is written);
+then the write path checks the chunk's rows itself and hands back each one it refuses
+(``create_many`` and ``update_rows`` with ``refused``: references once per chunk and relation),
+and a row it still refuses when writing (a unique value taken meanwhile) is taken out and the rest
+of the chunk written again. Events are published in commit order in the background (``InOrder``).
+A dry run does everything inside a savepoint it rolls back.
 
 A job runs in the process holding its session-level advisory lock (``run_import``): the one that
 accepted it, or after a restart or a crash (the lock goes with the connection) whichever server's
@@ -55,17 +58,17 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from auth.fields import rules_on
 from auth.principal import Principal
 from auth.roles import allows
-from core.errors import AtriumError, BadUserInput, ErrorCode, Forbidden, HiddenField, NotFound
+from core.errors import AtriumError, BadUserInput, ErrorCode, Forbidden, HiddenField
 from core.ids import decode_id
 from models.db import ENTER_MEMBER, Databases, custom_plans, each_key, entered_view
 from models.outages import is_outage
 from models.tables import IMPORT_ERRORS, IMPORT_FILES, IMPORT_JOBS, Role
 from records.crm import RECORDS
 from records.custom import CustomFieldType, Definition, Pending, custom_key, definitions_query, rule_name
-from records.declare import Create, Record, camel
+from records.declare import Create, Record
 from records.declare import Field as RecordField
 from records.rules import Email
-from resolvers.batch import Refused, create_many, lock_keys, referenced, update_rows
+from resolvers.batch import Refused, create_many, lock_keys, update_rows
 from resolvers.csv_custom import FALSE, TRUE, cell_input, field_name
 from resolvers.writes import Change, InOrder, work_change
 from schema.imports import JOB_TYPE
@@ -550,46 +553,18 @@ class Chunk:
         self.outcome.created += await self.written(creates, lambda items, refused: create_many(
             w, self.record, [dict(values) for _, values in items], refused=refused))
 
-    async def references(self, items: list[tuple[Parsed, dict[str, Any]]]) -> list[tuple[Parsed, dict[str, Any]]]:
-        """The items whose every reference names a record of the tenant (one statement per relation);
-        the others reported NOT_FOUND (or BAD_USER_INPUT when the target may not be referenced)."""
-        bad: set[int] = set()
-        for relation in self.record.relations:
-            wanted = {v[relation.key] for _, v in items if isinstance(v.get(relation.key), uuid.UUID)}
-            if not wanted:
-                continue
-            target_record = relation.target()
-            query = referenced(relation)
-            rows = {row._mapping[target_record.key.key]: row for row in (await self.w.conn.execute(
-                query, {"tenant_id": self.w.tenant_id, "keys": list(wanted)})).all()}
-            name = camel(relation.key)
-            for p, values in items:
-                value = values.get(relation.key)
-                if not isinstance(value, uuid.UUID) or p.row in bad:
-                    continue
-                row = rows.get(value)
-                if row is None:
-                    self.fail(p.row, NotFound(target_record.label, value, field=name))
-                    bad.add(p.row)
-                elif relation.requires is not None and row._mapping[relation.requires[0]] != relation.requires[1]:
-                    self.fail(p.row, BadUserInput(name, relation.requires[2]))
-                    bad.add(p.row)
-        return [(p, v) for p, v in items if p.row not in bad]
-
     async def update(self, updates: list[tuple[Parsed, Row[Any], dict[str, Any]]]) -> None:
         """The matched records' patches through ``Change.update``'s rules, set-based (``update_rows``,
-        ``written``; a record with rollups one by one), those with a reference the tenant does not
-        have reported first (``references``). A matched row that changes nothing counts as updated."""
+        ``written``: each one it refuses is its row's error; a record with rollups one by one). A
+        matched row that changes nothing counts as updated."""
         record, w = self.record, self.w
-        kept = {p.row for p, _ in await self.references([(p, patch) for p, _, patch in updates])}
-        updates = [u for u in updates if u[0].row in kept]
         if record.sequential:
             for p, current, patch in updates:
                 self.outcome.updated += await self.written([(p, current, patch)], lambda items, _: w.update(
                     record, items[0][1].id, dict(items[0][2]), None))
             return
-        self.outcome.updated += await self.written(updates, lambda items, _: update_rows(
-            w, record, [(current, dict(patch), None) for _, current, patch in items]))
+        self.outcome.updated += await self.written(updates, lambda items, refused: update_rows(
+            w, record, [(current, dict(patch), None) for _, current, patch in items], refused=refused))
 
     async def written(self, items: list[Any], write: Callable[[list[Any], Refused], Awaitable[Any]]) -> int:
         """``write(items, refused)`` in a savepoint. An item it hands to ``refused`` (its position and

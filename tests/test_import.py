@@ -621,11 +621,12 @@ async def test_a_role_cannot_import_into_a_field_hidden_from_it(
 async def test_a_chunk_runs_the_write_paths_checks_once_and_reports_each_refused_row(
     settings: Settings, make_tenant: MakeTenant, admin_engine: AsyncEngine,
 ) -> None:
-    """The rows of a chunk are checked by the write path itself (``create_many`` handing each refused
-    row over instead of failing the chunk): a reference to a record the workspace does not have, an
-    external id a deal in the trash still holds and a custom value outside the options are each
-    their row's error, the others are created, and each relation's references are looked up in
-    one statement for the chunk (not once for the report and again for the write)."""
+    """The rows of a chunk are checked by the write path itself (``create_many`` and ``update_rows``
+    handing each refused row over instead of failing the chunk): a reference to a record the
+    workspace does not have, an external id a deal in the trash still holds and a custom value
+    outside the options are each their row's error, the others are written, and each relation's
+    references are looked up in one statement for the chunk's creates and one for its matched rows
+    (not once for the report and again for the write)."""
     world = await make_tenant("imp-once")
     token = world.token(Role.MEMBER)
     async with wired_app(settings) as app, httpx.AsyncClient(
@@ -658,6 +659,19 @@ async def test_a_chunk_runs_the_write_paths_checks_once_and_reports_each_refused
     looked_up = [s for s in statements if "JOIN LATERAL" in s and "FROM companies" in s]
     assert len(looked_up) == 1, looked_up
     assert sum("INSERT INTO deals" in s for s in statements) == 1, statements
+    # Matched rows the same way (``update_rows``): a bad reference is its row's error, the rest updated.
+    async with wired_app(settings) as app, httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://atrium.test") as client:
+        with app.state.wire.recording() as statements:
+            again = await imported(client, app, token, "DEALS", table(
+                ["title", "companyId", "externalId"],
+                ["Renamed", "", "once-1"],
+                ["Moved away", to_global_id("Company", uuid.uuid4()), "once-4"]))
+    assert again["importJob"]["updated"] == 1 and again["importJob"]["errors"] == 1, again
+    assert [(e["row"], e["field"], e["code"]) for e in again["importErrors"]] == [(2, "companyId", "NOT_FOUND")]
+    assert len([s for s in statements if "JOIN LATERAL" in s and "FROM companies" in s]) == 1, statements
+    assert await count(admin_engine, DEALS, world.id, DEALS.c.title == "Renamed") == 1
+    assert await count(admin_engine, DEALS, world.id, DEALS.c.title == "Good too") == 1
 
 
 async def test_a_chunk_is_read_a_slice_at_a_time_giving_other_tasks_turns() -> None:
