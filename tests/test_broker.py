@@ -9,6 +9,7 @@ publishing while Redis is away (no exception, counted), and reconnection after a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import uuid
 from collections.abc import AsyncIterator
@@ -39,19 +40,26 @@ def event(tenant: uuid.UUID, *, entity: str = "Deal", record: uuid.UUID | None =
                        scope={"pipeline": str(pipeline)} if pipeline else {})
 
 
-@pytest.fixture(params=["memory", "redis"])
-async def broker(request: pytest.FixtureRequest) -> AsyncIterator[Broker]:
+@contextlib.asynccontextmanager
+async def started(request: pytest.FixtureRequest, maxsize: int) -> AsyncIterator[Broker]:
+    """The broker ``request.param`` names, its subscriber queues holding ``maxsize`` items."""
     b: Broker
     if request.param == "memory":
-        b = MemoryBroker(maxsize=8)
+        b = MemoryBroker(maxsize=maxsize)
     else:
         url: str = request.getfixturevalue("redis_url")
-        b = RedisBroker(url, prefix=f"test-{uuid.uuid4().hex[:8]}:", maxsize=8)
+        b = RedisBroker(url, prefix=f"test-{uuid.uuid4().hex[:8]}:", maxsize=maxsize)
     await b.start()
     try:
         yield b
     finally:
         await b.close()
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def broker(request: pytest.FixtureRequest) -> AsyncIterator[Broker]:
+    async with started(request, 8) as b:
+        yield b
 
 
 async def get(queue: asyncio.Queue[object]) -> object:
@@ -169,16 +177,8 @@ async def test_redis_restart_gives_gap_then_events_again(own_redis: RedisServer)
 @pytest.fixture(params=["memory", "redis"])
 async def roomy_broker(request: pytest.FixtureRequest) -> AsyncIterator[Broker]:
     """A broker whose subscriber queues hold a whole test's events."""
-    b: Broker
-    if request.param == "memory":
-        b = MemoryBroker(maxsize=100)
-    else:
-        b = RedisBroker(request.getfixturevalue("redis_url"), prefix=f"test-{uuid.uuid4().hex[:8]}:", maxsize=100)
-    await b.start()
-    try:
+    async with started(request, 100) as b:
         yield b
-    finally:
-        await b.close()
 
 
 async def test_changes_submitted_in_order_are_published_in_order_without_waiting(roomy_broker: Broker) -> None:
