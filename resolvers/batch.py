@@ -76,39 +76,41 @@ Refused = Callable[[int, AtriumError], None]
 chunk): the item's position and its own error (not yet ``at`` the position)."""
 
 
-def refuser(refused: Refused | None, out: set[int]) -> Refused:
-    """How a check refuses an item: raising about its index (``at``: the batch fails, all or
-    nothing) or, given ``refused``, handing it over and adding its position to ``out``."""
-    def refuse(position: int, error: AtriumError) -> None:
-        if refused is None:
+class Refusals:
+    """What a batch's checks do with an item that fails one: raise about its index (``at``: the
+    batch fails, all or nothing), or, given ``refused``, hand it over and leave it out (``out``:
+    the positions refused so far, which the later checks skip)."""
+
+    def __init__(self, refused: Refused | None = None) -> None:
+        self.refused = refused
+        self.out: set[int] = set()
+
+    def __call__(self, position: int, error: AtriumError) -> None:
+        if self.refused is None:
             raise at(position, error) from None
-        refused(position, error)
-        out.add(position)
-    return refuse
+        self.refused(position, error)
+        self.out.add(position)
 
-
-def kept(where: list[int], items: list[dict[str, Any]], out: set[int]) -> tuple[list[int], list[dict[str, Any]]]:
-    """The positions and items not refused (``out``)."""
-    if not out:
-        return where, items
-    pairs = [(p, v) for p, v in zip(where, items, strict=True) if p not in out]
-    return [p for p, _ in pairs], [v for _, v in pairs]
+    def kept(self, where: list[int], items: list[dict[str, Any]]) -> tuple[list[int], list[dict[str, Any]]]:
+        """The positions and items not refused."""
+        if not self.out:
+            return where, items
+        pairs = [(p, v) for p, v in zip(where, items, strict=True) if p not in self.out]
+        return [p for p, _ in pairs], [v for _, v in pairs]
 
 
 def distinct(keys: Sequence[Any], field: str, positions: Sequence[int] | None = None,
-             refuse: Refused | None = None) -> None:
+             refuse: Refusals | None = None) -> None:
     """Each key (not None) at most once in the batch; BAD_USER_INPUT naming the repeat otherwise
     (``refuse``: what happens to it, default raising ``at`` its index)."""
+    refuse = refuse or Refusals()
     where = positions or range(len(keys))
     seen: dict[Any, int] = {}
     for position, key in zip(where, keys, strict=True):
-        if key is None:
+        if key is None or position in refuse.out:
             continue
         if key in seen:
-            error = BadUserInput(field, f"is also given at input.{seen[key]}")
-            if refuse is None:
-                raise at(position, error)
-            refuse(position, error)
+            refuse(position, BadUserInput(field, f"is also given at input.{seen[key]}"))
             continue
         seen[key] = position
 
@@ -124,11 +126,10 @@ async def create_many(w: Change, record: Record, items: list[dict[str, Any]],
     created (set-based records; a sequential record's checks run in ``Change.create``, and raise).
     Returns the rows created, in the order of ``items``."""
     where = list(positions) if positions is not None else list(range(len(items)))
-    out: set[int] = set()
-    refuse = refuser(refused, out)
+    refuse = Refusals(refused)
     if record.has(EXTERNAL_ID):
         distinct([v.get(EXTERNAL_ID) for v in items], camel(EXTERNAL_ID), where, refuse)
-        where, items = kept(where, items, out)
+        where, items = refuse.kept(where, items)
         await lock_external_ids(w, record, [v.get(EXTERNAL_ID) for v in items])
     if record.sequential:
         rows = []
@@ -144,9 +145,9 @@ async def create_many(w: Change, record: Record, items: list[dict[str, Any]],
             record.check(values)
         except AtriumError as error:
             refuse(position, error)
-    where, items = kept(where, items, out)
+    where, items = refuse.kept(where, items)
     await _references(w, record, items, where, refuse)
-    where, items = kept(where, items, out)
+    where, items = refuse.kept(where, items)
     fallbacks = [(f.column, f.fallback) for f in record.fields if f.fallback is not None]
     for position, values in zip(where, items, strict=True):
         try:
@@ -156,9 +157,9 @@ async def create_many(w: Change, record: Record, items: list[dict[str, Any]],
             w.check_owner(record, values, "")
         except AtriumError as error:
             refuse(position, error)
-    where, items = kept(where, items, out)
+    where, items = refuse.kept(where, items)
     await _unique(w, record, items, where, refuse)
-    where, items = kept(where, items, out)
+    where, items = refuse.kept(where, items)
     defaulted = {c.name for c in record.table.c if not c.nullable}
     for values in items:
         for column in [c for c, v in values.items() if v is None and c in defaulted]:
@@ -177,11 +178,10 @@ def referenced(relation: ToOne) -> Select[Any]:
 
 
 async def _references(w: Change, record: Record, items: list[dict[str, Any]], where: Sequence[int],
-                      refuse: Refused | None = None) -> None:
+                      refuse: Refusals | None = None) -> None:
     """``Change.create``'s reference checks for every item, one statement per relation; an item
     refused (``refuse``, default raising ``at`` its index) by one relation is not checked again."""
-    refuse = refuse or refuser(None, set())
-    failed: set[int] = set()
+    refuse = refuse or Refusals()
     for relation in record.relations:
         wanted = {v[relation.key] for v in items if isinstance(v.get(relation.key), uuid.UUID)}
         if not wanted:
@@ -193,17 +193,15 @@ async def _references(w: Change, record: Record, items: list[dict[str, Any]], wh
         field = camel(relation.key)
         for position, values in zip(where, items, strict=True):
             key = values.get(relation.key)
-            if not isinstance(key, uuid.UUID) or position in failed:
+            if not isinstance(key, uuid.UUID) or position in refuse.out:
                 continue
             row = found.get(key)
             if row is None:
-                failed.add(position)
                 refuse(position, NotFound(target.label, key, field=field))
                 continue
             if relation.requires is not None:
                 column, value, message = relation.requires
                 if row._mapping[column] != value:
-                    failed.add(position)
                     refuse(position, BadUserInput(field, message))
                     continue
             for column in relation.copies:
@@ -211,23 +209,17 @@ async def _references(w: Change, record: Record, items: list[dict[str, Any]], wh
 
 
 async def _unique(w: Change, record: Record, items: list[dict[str, Any]], where: Sequence[int],
-                  refuse: Refused | None = None) -> None:
+                  refuse: Refusals | None = None) -> None:
     """Unique fields: not repeated in the batch, not used by a record of the tenant (one statement
     each); an item refused (``refuse``, default raising ``at`` its index) is not checked again."""
-    refuse = refuse or refuser(None, set())
+    refuse = refuse or Refusals()
     t = record.table
-    failed: set[int] = set()
-
-    def refusing(position: int, error: AtriumError) -> None:
-        failed.add(position)
-        refuse(position, error)
-
     for f in record.fields:
         if not f.unique:
             continue
-        given = [None if p in failed else v.get(f.column) for p, v in zip(where, items, strict=True)]
-        distinct(given, f.name, where, refusing)
-        wanted = [g for p, g in zip(where, given, strict=True) if g is not None and p not in failed]
+        given = [v.get(f.column) for v in items]
+        distinct(given, f.name, where, refuse)
+        wanted = [g for p, g in zip(where, given, strict=True) if g is not None and p not in refuse.out]
         if not wanted:
             continue
         column = t.c[f.column]
@@ -236,8 +228,8 @@ async def _unique(w: Change, record: Record, items: list[dict[str, Any]], where:
                 each_key(select(column).where(t.c.tenant_id == w.tenant_id), column, "values"),
                 {"values": wanted})).scalars())
         for position, value in zip(where, given, strict=True):
-            if value in taken and position not in failed:
-                refusing(position, BadUserInput(f.name, f"is already used by another {record.label}"))
+            if value in taken and position not in refuse.out:
+                refuse(position, BadUserInput(f.name, f"is already used by another {record.label}"))
 
 
 async def lock_external_ids(w: Change, record: Record, keys: Sequence[str | None]) -> None:
@@ -299,16 +291,15 @@ async def update_rows(w: Change, record: Record, changes: Sequence[tuple[Row[Any
     then each one that fails is handed to it and the others are written. Returns the rows after (the
     row as it was, for a change that alters nothing) of the changes written, in order."""
     where = list(positions) if positions is not None else list(range(len(changes)))
-    out: set[int] = set()
-    refuse = refuser(refused, out)
+    refuse = Refusals(refused)
+    out = refuse.out
     for position, (before, values, expected_version) in zip(where, changes, strict=True):
         try:
             w.check_version(record, before, expected_version)
             await w.custom_values(record, values, before._mapping)
         except AtriumError as error:
             refuse(position, error)
-    await _references(w, record, [values for p, (_, values, _) in zip(where, changes, strict=True) if p not in out],
-                      [p for p in where if p not in out], refuse)
+    await _references(w, record, [values for _, values, _ in changes], where, refuse)  # skips those refused
     altered: list[tuple[int, Row[Any], dict[str, Any]]] = []
     for position, (before, values, _) in zip(where, changes, strict=True):
         if position in out:
