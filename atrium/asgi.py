@@ -9,7 +9,7 @@ from starlette.applications import Starlette
 
 from atrium.app import create_app
 from atrium.observability.logs import configure_logging
-from atrium.observability.memory import settle_the_heap
+from atrium.observability.memory import settle_the_heap, track_arenas
 from core.settings import SettingError, Settings
 
 
@@ -32,6 +32,7 @@ def create_from_env() -> Starlette:
     configure_logging(settings)
     app = create_app(settings)
     settle_the_heap()
+    track_arenas()  # what the app allocates from here on can be given back (MemoryTrimmer)
     return app
 
 

@@ -617,8 +617,18 @@ async def test_a_refused_connection_is_not_read_again_before_its_retry_after(
 async def test_memory_is_trimmed_once_after_the_load_drops() -> None:
     load = [0.0]
     trims: list[float] = []
+    steps: list[str] = []
+
+    def purge() -> int:
+        steps.append("purge")
+        return 0
+
+    def trim() -> None:
+        steps.append("trim")
+        trims.append(load[0])
+
     clock = ManualClock()
-    trimmer = MemoryTrimmer(lambda: load[0], clock, drop=32, trim=lambda: trims.append(load[0]))
+    trimmer = MemoryTrimmer(lambda: load[0], clock, drop=32, purge=purge, trim=trim)
     for value in (10, 500, 2000, 2000, 1000):  # up, then falling: not yet
         load[0] = value
         assert not await trimmer.check()
@@ -631,6 +641,7 @@ async def test_memory_is_trimmed_once_after_the_load_drops() -> None:
     load[0] = 0
     assert not await trimmer.check() and not await trimmer.check()  # a small swing is no reason
     assert trims == [3]
+    assert steps == ["purge", "trim"]  # Python's empty pools first, then glibc's free pages
 
 
 def test_this_platform_can_trim() -> None:

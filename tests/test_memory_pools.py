@@ -1,0 +1,87 @@
+"""Giving back the pages of Python's empty small-object pools (``atrium.observability.memory``,
+``track_arenas`` and ``purge_pools``, over the ``_pools`` extension).
+
+Each case runs in an interpreter of its own: the arena allocator is installed once per process and
+for good, and resident memory is measured without the test runner's own heap around it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+
+
+# The start of every script: the functions under test and resident memory in MB.
+PRELUDE = """
+    import gc, json
+    from atrium.observability.memory import purge_pools, track_arenas
+
+    def rss() -> float:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        raise RuntimeError("no VmRSS")
+"""
+
+
+def run(script: str, **env: str) -> dict[str, float]:
+    """Run ``script`` in a fresh interpreter (PYTHONMALLOC and others from ``env``); what it printed last, as JSON."""
+    environment = {k: v for k, v in os.environ.items() if k != "PYTHONMALLOC"} | env
+    source = textwrap.dedent(PRELUDE) + textwrap.dedent(script)
+    done = subprocess.run([sys.executable, "-c", source], cwd=ROOT, env=environment, capture_output=True, text=True,
+                          timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    return dict(json.loads(done.stdout.strip().splitlines()[-1]))
+
+
+def test_empty_pools_are_given_back_and_the_objects_that_live_on_are_intact() -> None:
+    """A burst of small objects, one in 5,000 kept: every arena stays (each holds a survivor), but
+    their empty pools' pages go back to the system, and the pools serve again afterwards."""
+    figures = run("""
+        assert track_arenas()
+        burst = [(i, str(i), [i]) for i in range(1_500_000)]
+        kept = burst[::5000]
+        del burst
+        gc.collect()
+        before = rss()
+        given = purge_pools()
+        after = rss()
+        for _ in range(3):  # the purged pools serve new objects of any size again
+            again = [(i, str(i), [i], {"k": i}) for i in range(600_000)]
+            assert all(t[1] == str(t[0]) and t[2] == [t[0]] and t[3]["k"] == t[0] for t in again)
+            del again
+            gc.collect()
+            purge_pools()
+        assert all(t[1] == str(t[0]) and t[2] == [t[0]] for t in kept) and len(kept) == 300
+        print(json.dumps({"before": before, "after": after, "given": given / 2**20, "last": rss()}))
+    """)
+    assert figures["given"] > 150, figures  # MB of empty pools' pages
+    assert figures["before"] - figures["after"] > 150, figures
+    assert figures["last"] < figures["before"] - 100, figures  # reusing them grew nothing back for good
+
+
+def test_nothing_is_tracked_when_python_does_not_use_its_own_allocator() -> None:
+    figures = run("""
+        tracked = track_arenas()
+        burst = [str(i) for i in range(200_000)]
+        del burst
+        print(json.dumps({"tracked": tracked, "given": purge_pools()}))
+    """, PYTHONMALLOC="malloc")
+    assert figures == {"tracked": False, "given": 0}
+
+
+def test_the_extension_is_built() -> None:
+    """Without it the trimmer gives back glibc's pages only (README, "Memory after load")."""
+    from atrium.observability.memory import pools_built
+
+    assert pools_built(), "atrium/observability/_pools.c is not built: run ./dev (pip install -e .)"
