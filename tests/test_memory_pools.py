@@ -70,6 +70,43 @@ def test_empty_pools_are_given_back_and_the_objects_that_live_on_are_intact() ->
     assert figures["last"] < figures["before"] - 100, figures  # reusing them grew nothing back for good
 
 
+BURSTS = """
+    import random
+    from atrium.observability import _pools
+
+    rng = random.Random(7)
+    kept: list = []
+    tails = 0
+    for _ in range(4):  # objects of every size class; a random few live on in pools in use
+        burst = [(i, str(i) * rng.randint(1, 60), [i] * rng.randint(0, 40), {"k": i}) for i in range(150_000)]
+        kept += [burst[j] for j in rng.sample(range(len(burst)), 300)]
+        del burst
+        gc.collect()
+        tails += _pools.purge()[1]
+        churn = [bytes(rng.randint(1, 500)) for _ in range(100_000)]  # the given-back pages serve again
+        del churn[::2]
+        gc.collect()
+        tails += _pools.purge()[1]
+        del churn
+    for t in kept:
+        assert t[1].startswith(str(t[0])) and t[2] == [t[0]] * len(t[2]) and t[3] == {"k": t[0]}
+    print(json.dumps({"tails": tails, "kept": len(kept)}))
+"""
+
+
+def test_pages_past_the_last_live_block_of_a_pool_in_use_are_given_back() -> None:
+    figures = run("assert track_arenas()\n" + textwrap.dedent(BURSTS))
+    assert figures["kept"] == 1200 and figures["tails"] > 100, figures
+
+
+def test_the_allocator_s_own_checks_find_nothing_wrong() -> None:
+    """The same bursts with CPython's debug hooks on pymalloc (PYTHONMALLOC=pymalloc_debug): every
+    block is padded with guard bytes checked when it is freed and reallocated, freed blocks are
+    overwritten, and any damage to a block or a pool ends the process with a fatal error."""
+    figures = run("assert track_arenas()\n" + textwrap.dedent(BURSTS), PYTHONMALLOC="pymalloc_debug")
+    assert figures["kept"] == 1200 and figures["tails"] > 0
+
+
 def test_nothing_is_tracked_when_python_does_not_use_its_own_allocator() -> None:
     figures = run("""
         tracked = track_arenas()

@@ -12,7 +12,8 @@
  *   all of the pool but its first page may be dropped, and marks the pool's size class unknown
  *   (DUMMY_SIZE_IDX) so that pymalloc initialises it afresh when it next uses it: its old list of
  *   free blocks lived in the pages given back. The first page stays: it holds the pool's header,
- *   which links the arena's list of free pools.
+ *   which links the arena's list of free pools. In a pool in use, the pages past its last live
+ *   block go the same way (give_back_tail).
  *
  * The pool header's layout is CPython's (Objects/obmalloc.c, unchanged from 3.10 to 3.13); the
  * Python side (pools.py) installs this only on those versions, with pymalloc in use. A region is
@@ -145,11 +146,87 @@ static int is_arena(uintptr_t first, uintptr_t end, size_t pool) {
     return 1;
 }
 
+#if SIZEOF_VOID_P > 4
+#define ALIGNMENT 16
+#else
+#define ALIGNMENT 8
+#endif
+#define POOL_OVERHEAD ((sizeof(pool_header) + ALIGNMENT - 1) & ~(size_t)(ALIGNMENT - 1))
+#define MAX_BLOCKS (16384 / ALIGNMENT)
+
+/* In a pool in use, the pages past its last live block, when its free blocks reach them: the free
+ * blocks from there on leave the pool's free list and become uncarved again (nextoffset, as if the
+ * pool had never been filled that far), so that nothing lives in the pages given back and pymalloc
+ * carves them afresh. The pool is left alone unless its header, free list and count agree. Returns
+ * the bytes given back. */
+static size_t give_back_tail(uintptr_t p, size_t pool, size_t page) {
+    pool_header *h = (pool_header *)p;
+    size_t size = pool - h->maxnextoffset;
+    if (h->freeblock == NULL || size < ALIGNMENT || size > 512 || size % ALIGNMENT != 0
+            || h->nextoffset < POOL_OVERHEAD || (h->nextoffset - POOL_OVERHEAD) % size != 0) {
+        return 0;  /* full (no free block), or not laid out as expected */
+    }
+    size_t carved = (h->nextoffset - POOL_OVERHEAD) / size, nfree = 0;
+    if (carved > MAX_BLOCKS) {
+        return 0;
+    }
+    unsigned char free_block[MAX_BLOCKS] = {0};
+    for (void *b = h->freeblock; b != NULL; b = *(void **)b) {
+        uintptr_t offset = (uintptr_t)b - p;
+        if ((uintptr_t)b < p || offset < POOL_OVERHEAD || offset >= h->nextoffset
+                || (offset - POOL_OVERHEAD) % size != 0 || ++nfree > carved) {
+            return 0;
+        }
+        size_t index = (offset - POOL_OVERHEAD) / size;
+        if (free_block[index]) {
+            return 0;
+        }
+        free_block[index] = 1;
+    }
+    if (carved - nfree != h->ref.count) {
+        return 0;
+    }
+    size_t live_end = 0;  /* blocks [0, live_end) hold the last live one */
+    for (size_t index = carved; index > 0; index--) {
+        if (!free_block[index - 1]) {
+            live_end = index;
+            break;
+        }
+    }
+    uintptr_t tail = p + POOL_OVERHEAD + live_end * size;  /* the first block that stays uncarved */
+    uintptr_t from = (tail + page - 1) & ~(uintptr_t)(page - 1);
+    if (live_end == carved || from >= p + pool) {
+        return 0;
+    }
+    /* First the free list without the blocks from tail on (read before their pages go: the list
+     * runs through them), then the pages. Were madvise to fail, the pool would still be sound. */
+    void **link = &h->freeblock;
+    for (void *b = h->freeblock, *next; b != NULL; b = next) {
+        next = *(void **)b;
+        if ((uintptr_t)b < tail) {
+            *link = b;
+            link = (void **)b;
+        }
+    }
+    *link = NULL;
+    h->nextoffset = (unsigned int)(tail - p);
+    int given = madvise((void *)from, p + pool - from, MADV_DONTNEED) == 0;
+    if (h->freeblock == NULL) {  /* every free block was in the tail: carve one, as pymalloc does */
+        h->freeblock = (void *)tail;
+        *(void **)tail = NULL;
+        h->nextoffset += (unsigned int)size;
+    }
+    if (!given) {
+        return 0;
+    }
+    return p + pool - from;
+}
+
 static PyObject *purge(PyObject *self, PyObject *noargs) {
     long page = sysconf(_SC_PAGESIZE);
-    size_t pool = arena_size / POOLS_PER_ARENA, given = 0, pools = 0;
+    size_t pool = arena_size / POOLS_PER_ARENA, given = 0, pools = 0, tails = 0;
     if (arena_size == 0 || page <= 0 || pool <= (size_t)page) {
-        return Py_BuildValue("nn", (Py_ssize_t)0, (Py_ssize_t)0);
+        return Py_BuildValue("nnn", (Py_ssize_t)0, (Py_ssize_t)0, (Py_ssize_t)0);
     }
     for (size_t i = 0; i < narenas; i++) {
         uintptr_t base = (uintptr_t)arenas[i], end = base + arena_size;
@@ -159,8 +236,14 @@ static PyObject *purge(PyObject *self, PyObject *noargs) {
         }
         for (uintptr_t p = first; p + pool <= end; p += pool) {
             pool_header *h = (pool_header *)p;
+            if (h->ref.count != 0 && initialised(h) && h->szidx != DUMMY_SIZE_IDX) {
+                size_t tail = give_back_tail(p, pool, (size_t)page);
+                given += tail;
+                tails += tail != 0;
+                continue;
+            }
             if (h->ref.count != 0 || !initialised(h) || h->szidx == DUMMY_SIZE_IDX) {
-                continue;  /* in use, never used (not resident), or given back already */
+                continue;  /* never used (not resident), or given back already */
             }
             if (madvise((void *)(p + (uintptr_t)page), pool - (size_t)page, MADV_DONTNEED) == 0) {
                 h->szidx = DUMMY_SIZE_IDX;
@@ -169,7 +252,7 @@ static PyObject *purge(PyObject *self, PyObject *noargs) {
             }
         }
     }
-    return Py_BuildValue("nn", (Py_ssize_t)pools, (Py_ssize_t)given);
+    return Py_BuildValue("nnn", (Py_ssize_t)pools, (Py_ssize_t)tails, (Py_ssize_t)given);
 }
 
 static PyObject *tracked(PyObject *self, PyObject *noargs) {
@@ -178,7 +261,7 @@ static PyObject *tracked(PyObject *self, PyObject *noargs) {
 
 static PyMethodDef methods[] = {
     {"install", install, METH_NOARGS, "Track arenas from now on: their size, or 0 where pymalloc is not in use."},
-    {"purge", purge, METH_NOARGS, "Give back the empty pools' pages: (pools, bytes)."},
+    {"purge", purge, METH_NOARGS, "Give back free pages: (empty pools, pools' tails, bytes)."},
     {"tracked", tracked, METH_NOARGS, "How many arenas are tracked."},
     {NULL, NULL, 0, NULL},
 };
