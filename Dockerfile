@@ -13,9 +13,9 @@ RUN pip install --require-hashes --no-deps -r /tmp/runtime.txt
 # The one C extension (atrium/observability/_pools.c: gives Python's empty memory pools back after
 # load), compiled here where a compiler may be installed, copied into the source tree below.
 RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev && rm -rf /var/lib/apt/lists/*
-COPY atrium/observability/_pools.c /tmp/_pools.c
-RUN gcc -O2 -Wall -Wextra -Wno-unused-parameter -shared -fPIC -I"$(python -c 'import sysconfig; print(sysconfig.get_paths()["include"])')" \
-      -o "/tmp/_pools$(python -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')" /tmp/_pools.c
+COPY setup.py /tmp/ext/setup.py
+COPY atrium/observability/_pools.c /tmp/ext/atrium/observability/_pools.c
+RUN cd /tmp/ext && python setup.py --quiet build_ext --inplace && ls atrium/observability/_pools.*.so
 
 FROM python:3.11-slim AS runtime
 ENV PATH=/opt/venv/bin:$PATH PYTHONPATH=/app PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 \
@@ -26,7 +26,7 @@ RUN groupadd --system --gid 10001 atrium \
 COPY --from=build /opt/venv /opt/venv
 WORKDIR /app
 COPY --chown=root:root atrium ./atrium
-COPY --from=build /tmp/_pools.*.so ./atrium/observability/
+COPY --from=build /tmp/ext/atrium/observability/_pools.*.so ./atrium/observability/
 COPY --chown=root:root auth ./auth
 COPY --chown=root:root core ./core
 COPY --chown=root:root models ./models

@@ -236,14 +236,14 @@ static PyObject *purge(PyObject *self, PyObject *noargs) {
         }
         for (uintptr_t p = first; p + pool <= end; p += pool) {
             pool_header *h = (pool_header *)p;
-            if (h->ref.count != 0 && initialised(h) && h->szidx != DUMMY_SIZE_IDX) {
+            if (!initialised(h) || h->szidx == DUMMY_SIZE_IDX) {
+                continue;  /* never used (not resident), or given back already */
+            }
+            if (h->ref.count != 0) {
                 size_t tail = give_back_tail(p, pool, (size_t)page);
                 given += tail;
                 tails += tail != 0;
                 continue;
-            }
-            if (h->ref.count != 0 || !initialised(h) || h->szidx == DUMMY_SIZE_IDX) {
-                continue;  /* never used (not resident), or given back already */
             }
             if (madvise((void *)(p + (uintptr_t)page), pool - (size_t)page, MADV_DONTNEED) == 0) {
                 h->szidx = DUMMY_SIZE_IDX;
@@ -255,14 +255,9 @@ static PyObject *purge(PyObject *self, PyObject *noargs) {
     return Py_BuildValue("nnn", (Py_ssize_t)pools, (Py_ssize_t)tails, (Py_ssize_t)given);
 }
 
-static PyObject *tracked(PyObject *self, PyObject *noargs) {
-    return PyLong_FromSize_t(narenas);
-}
-
 static PyMethodDef methods[] = {
     {"install", install, METH_NOARGS, "Track arenas from now on: their size, or 0 where pymalloc is not in use."},
     {"purge", purge, METH_NOARGS, "Give back free pages: (empty pools, pools' tails, bytes)."},
-    {"tracked", tracked, METH_NOARGS, "How many arenas are tracked."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -21,6 +21,7 @@ walks the heap for a few milliseconds), when the load it watches (open WebSocket
 flight and waiting) has fallen by ``drop`` or more since its peak and then held still for one check
 (so a wave of closes is trimmed once, after it); a process under steady load never trims.
 """
+
 from __future__ import annotations
 
 import asyncio
