@@ -14,7 +14,10 @@ Once collected, Python frees every object they held, yet the process keeps its r
   before the burst, but spread over 123 arenas instead of 70, with 2,875 empty pools (47 MB)
   resident. ``track_arenas`` (at start) and ``purge_pools`` (``atrium.observability._pools``, a
   small C extension) give back all but the first page of every empty pool, and the pages past
-  the last live block of the others.
+  the last live block of the others. An arena with half its pools or more free is parked: it
+  leaves pymalloc's list of arenas with free pools (as when pymalloc takes its last one), its free
+  pools leave its books and go entirely, first pages too; pymalloc brings it back when one of its
+  pools in use empties, and unmaps it once all have.
 
 ``MemoryTrimmer`` runs a full collection, the pool purge, then ``malloc_trim`` (in a thread: it
 walks the heap for a few milliseconds), when the load it watches (open WebSockets, requests in
@@ -91,11 +94,12 @@ def track_arenas() -> bool:
 
 def purge_pools() -> int:
     """Give back the pages of tracked arenas' empty pools (all but each pool's first, which holds its
-    header) and, in pools in use, the pages past their last live block; the bytes given back. Runs
+    header; all of them in an arena half empty or more, which is parked) and, in pools in use, the
+    pages past their last live block; the bytes given back. Runs
     with the GIL held (as pymalloc does): about 0.2 ms per arena, the event loop waiting."""
     if _pools is None:
         return 0
-    _, _, given = _pools.purge()
+    _, _, _, given = _pools.purge()
     return given
 
 
