@@ -13,23 +13,20 @@ import datetime as dt
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 from sqlalchemy import update
-from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.applications import Starlette
 
-from atrium.app import create_app
 from core.settings import Settings
 from models.tables import DEALS, Role
 from tests.conftest import TenantWorld, data_or_fail, gql
 from tests.crm import create_company, create_contact, create_pipeline, gid
-from tests.wire import WireCounter
+from tests.wire import WireCounter, wired_app
 
 MakeTenant = Callable[..., Awaitable[TenantWorld]]
 
@@ -38,16 +35,8 @@ MakeTenant = Callable[..., Awaitable[TenantWorld]]
 async def app(settings: Settings) -> AsyncIterator[Starlette]:
     """The executor's app: plans off, so every field resolves through the loaders; its connections
     go through a wire proxy that records every statement (``app.state.wire``)."""
-    url = make_url(settings.app_url)
-    wire = WireCounter((url.host or "127.0.0.1", url.port or 5432))
-    await wire.start()
-    application = create_app(replace(settings, plans=False, app_database_url=wire.url(settings.app_url)))
-    application.state.wire = wire
-    try:
-        async with application.router.lifespan_context(application):
-            yield application
-    finally:
-        await wire.close()
+    async with wired_app(settings, plans=False) as application:
+        yield application
 
 
 @pytest.fixture

@@ -16,7 +16,6 @@ then sent, since the app runs on the test's event loop; a failure names the oper
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import json
 import math
@@ -49,6 +48,7 @@ from core.settings import Settings
 from models.tables import Role
 from tests.conftest import make_tenant_world
 from tests.crm import gid, seed_crm
+from tests.wire import QUIET, settled
 
 GRAPHQL = schema._schema
 ROOTS = [(kind, name, field) for kind, root in (("query", GRAPHQL.query_type), ("mutation", GRAPHQL.mutation_type))
@@ -207,13 +207,11 @@ def operations(kind: str, name: str, field: GraphQLField, ids: list[str]) -> lis
 
 @pytest.fixture(scope="module")
 async def app(settings: Settings) -> AsyncIterator[Starlette]:
-    """An app of this module's own whose periodic jobs stay out of the pool check: the retention
-    schedule is off and the look for abandoned exports runs at start (awaited here) and then not
-    again for an hour, so a connection in use after the requests is one they left behind."""
-    application = create_app(dataclasses.replace(settings, export_lease_seconds=3 * 3600,
-                                                 retention_interval_seconds=0))
+    """An app of this module's own whose periodic jobs stay out of the pool check (``tests.wire.QUIET``,
+    their looks at start awaited), so a connection in use after the requests is one they left behind."""
+    application = create_app(dataclasses.replace(settings, **QUIET))
     async with application.router.lifespan_context(application):
-        await asyncio.wait_for(application.state.runtime.leases.rounds.get(), 30)
+        await settled(application)
         yield application
 
 

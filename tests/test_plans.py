@@ -43,7 +43,6 @@ import pytest
 from graphql import ArgumentNode, IntValueNode, StringValueNode, Visitor, parse, print_ast, visit
 from hypothesis import HealthCheck, given, settings
 from hypothesis_graphql import nodes
-from sqlalchemy.engine import make_url
 from starlette.applications import Starlette
 
 from atrium.app import create_app
@@ -52,7 +51,7 @@ from core.ids import to_global_id
 from core.settings import Settings
 from models.tables import Role
 from tests.conftest import TenantWorld, data_or_fail, gql
-from tests.wire import WireCounter
+from tests.wire import WireCounter, wired_app
 
 MakeTenant = Callable[..., Awaitable[TenantWorld]]
 ROOT_QUERIES = list(schema._schema.query_type.fields) if schema._schema.query_type else []
@@ -506,49 +505,37 @@ async def test_pages_of_a_connection_walk_alike(clients: tuple[httpx.AsyncClient
 async def test_a_planned_dashboard_is_four_statements_on_the_wire(settings: Settings, world: World) -> None:
     """The plan path is taken and lean: BEGIN, the statement that sets the tenant and checks the
     membership, the one plan statement, COMMIT, whatever the page size (counted on the wire)."""
-    app_url = make_url(settings.app_url)
-    wire = WireCounter((app_url.host or "127.0.0.1", app_url.port or 5432))
-    await wire.start()
-    app = create_app(replace(settings, plans=True, app_database_url=wire.url(settings.app_url)))
-    try:
-        async with app.router.lifespan_context(app), httpx.AsyncClient(
-                transport=httpx.ASGITransport(app=app), base_url="http://p.test") as client:
-            counts = []
-            for size in (1, 5, 50):
-                dashboard = RECORD + f"{{ deals(first: {size}) {{ totalCount edges {{ cursor node {{ ...D }} }} }} }}"
-                body = await gql(client, dashboard, token=world.token)  # warm: types, route, prepared statements
-                assert not body.get("errors"), body
-                with wire.recording() as statements:
-                    body = await gql(client, dashboard, token=world.token)
-                assert len(body["data"]["deals"]["edges"]) == min(size, 13)  # 14, one in the trash
-                assert statements[0] == "BEGIN;" and "atrium_enter" in statements[1], statements
-                assert "json_build_object" in statements[2] and statements[2].endswith("AS r0"), statements
-                assert statements[3] == "COMMIT;", statements
-                counts.append(len(statements))
-            assert counts == [4, 4, 4], counts
-    finally:
-        await wire.close()
+    async with wired_app(settings, plans=True) as app, httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://p.test") as client:
+        wire: WireCounter = app.state.wire
+        counts = []
+        for size in (1, 5, 50):
+            dashboard = RECORD + f"{{ deals(first: {size}) {{ totalCount edges {{ cursor node {{ ...D }} }} }} }}"
+            body = await gql(client, dashboard, token=world.token)  # warm: types, route, prepared statements
+            assert not body.get("errors"), body
+            with wire.recording() as statements:
+                body = await gql(client, dashboard, token=world.token)
+            assert len(body["data"]["deals"]["edges"]) == min(size, 13)  # 14, one in the trash
+            assert statements[0] == "BEGIN;" and "atrium_enter" in statements[1], statements
+            assert "json_build_object" in statements[2] and statements[2].endswith("AS r0"), statements
+            assert statements[3] == "COMMIT;", statements
+            counts.append(len(statements))
+        assert counts == [4, 4, 4], counts
 
 
 async def test_custom_fields_filters_and_orderings_are_planned(settings: Settings, world: World) -> None:
     """Custom field values, filters and orderings take the plan path: one statement on the wire."""
-    app_url = make_url(settings.app_url)
-    wire = WireCounter((app_url.host or "127.0.0.1", app_url.port or 5432))
-    await wire.start()
-    app = create_app(replace(settings, plans=True, app_database_url=wire.url(settings.app_url)))
     query = CUSTOM + ('{ deals(first: 5, filter: {custom: [{key: "score", op: GT, number: "0"}]}, '
                       'orderBy: {custom: "renewal"}) { totalCount edges { cursor node { ...C } } } }')
-    try:
-        async with app.router.lifespan_context(app), httpx.AsyncClient(
-                transport=httpx.ASGITransport(app=app), base_url="http://p.test") as client:
+    async with wired_app(settings, plans=True) as app, httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://p.test") as client:
+        wire: WireCounter = app.state.wire
+        body = await gql(client, query, token=world.token)
+        assert not body.get("errors"), body
+        with wire.recording() as statements:
             body = await gql(client, query, token=world.token)
-            assert not body.get("errors"), body
-            with wire.recording() as statements:
-                body = await gql(client, query, token=world.token)
-            assert body["data"]["deals"]["edges"] and body["data"]["deals"]["edges"][0]["node"]["customFields"]
-            assert len(statements) == 4 and "json_build_object" in statements[2], statements
-    finally:
-        await wire.close()
+        assert body["data"]["deals"]["edges"] and body["data"]["deals"]["edges"][0]["node"]["customFields"]
+        assert len(statements) == 4 and "json_build_object" in statements[2], statements
 
 
 def test_every_root_field_of_records_is_planned() -> None:

@@ -116,19 +116,35 @@ async def _copy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
         writer.close()
 
 
+QUIET: dict[str, Any] = {"export_lease_seconds": 3 * 3600, "retention_interval_seconds": 0,
+                         "import_resume_interval_seconds": 0}
+"""Settings under which a process's periodic jobs stay off the wire while a test counts: the
+retention schedule is off, the look for CSV imports to resume runs once at start, and the look for
+abandoned exports at start and then not again for an hour (``settled`` waits for both)."""
+
+
+async def settled(application: Any) -> None:
+    """Wait until the looks a started app (under ``QUIET``) makes at start are over."""
+    runtime = application.state.runtime
+    await asyncio.wait_for(runtime.leases.rounds.get(), 30)
+    await asyncio.wait_for(runtime.tasks.idle(), 30)
+
+
 @contextlib.asynccontextmanager
 async def wired_app(settings: Any, **changes: Any) -> AsyncIterator[Any]:
-    """An app (``create_app``) whose connections go through a ``WireCounter`` (``app.state.wire``),
-    with ``changes`` to its settings."""
+    """A started app (``create_app``) whose connections go through a ``WireCounter``
+    (``app.state.wire``), with ``changes`` to its settings; its periodic jobs are ``QUIET`` (and
+    ``settled``), so what the wire records is what the test's requests sent."""
     from atrium.app import create_app  # the app is what is measured; imported only when asked for
 
     url = make_url(settings.app_url)
     wire = WireCounter((url.host or "127.0.0.1", url.port or 5432))
     await wire.start()
-    application = create_app(replace(settings, app_database_url=wire.url(settings.app_url), **changes))
+    application = create_app(replace(settings, app_database_url=wire.url(settings.app_url), **(QUIET | changes)))
     application.state.wire = wire
     try:
         async with application.router.lifespan_context(application):
+            await settled(application)
             yield application
     finally:
         await wire.close()
