@@ -50,6 +50,21 @@ TEST_WEBHOOK_KEY = base64.b64encode(secrets.token_bytes(32)).decode()
 """The key sealing webhook signing secrets in this run (``ATRIUM_WEBHOOK_KEY`` of its worker processes)."""
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--settings-users", action="store_true",
+                     help="run only the tests that build on the `settings` fixture, where ATRIUM_PLANS is read "
+                          "(.ci/run's second pass, plans off: the other tests start processes or check files of "
+                          "their own and run once)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--settings-users"):
+        users = [item for item in items if "settings" in getattr(item, "fixturenames", ())]
+        others = [item for item in items if "settings" not in getattr(item, "fixturenames", ())]
+        config.hook.pytest_deselected(items=others)
+        items[:] = users
+
+
 @pytest.fixture(scope="session")
 def server_url() -> Iterator[str]:
     """Admin URL of a PostgreSQL server (database part ignored)."""
