@@ -1,8 +1,8 @@
 """Overload benchmark: one tenant floods one Atrium process; another tenant's latency is measured.
 
 Seeds two tenants (``flood`` and ``calm``, D deals each) into a database of its own
-(``overload_bench``), starts one Atrium process under uvicorn (production settings, rate limits
-off so that admission alone stands between the flood and the process, ``--http
+(``overload_bench``, vacuumed and analyzed once seeded), starts one Atrium process under uvicorn
+(production settings, rate limits off so that admission alone stands between the flood and the process, ``--http
 atrium.http.deadline:HttpProtocol`` as deployed) on 127.0.0.1, and runs, in order:
 
 1. ``calm`` alone: its dashboard query (first 20 deals with company, contact, owner, stage and 3
@@ -62,7 +62,7 @@ from atrium.ops.bootstrap import resolve_database
 from atrium.ops.demo import DemoTenant, demo_password_hash, seed_tenant
 from auth.tokens import issue_token
 from bench.dashboard import SECRET, free_port
-from bench.databases import fresh_database
+from bench.databases import fresh_database, settled_database
 from core.pgurl import libpq_url
 from core.settings import Settings
 from models.tables import Role
@@ -436,6 +436,7 @@ async def prepare(deals: int) -> tuple[str, list[DemoTenant]]:
     password_hash = await demo_password_hash()
     tenants = [await seed_tenant(url, slug, slug.title(), deals=deals, seed=i, password_hash=password_hash)
                for i, slug in enumerate(("flood", "calm"))]
+    await settled_database(url)
     return url, tenants
 
 
