@@ -2,8 +2,8 @@
 
 Seeds two tenants (``flood`` and ``calm``, D deals each) into a database of its own
 (``overload_bench``, vacuumed and analyzed once seeded), starts one Atrium process under uvicorn
-(production settings, rate limits off so that admission alone stands between the flood and the process, ``--http
-atrium.http.deadline:HttpProtocol`` as deployed) on 127.0.0.1, and runs, in order:
+(production settings, rate limits off so that admission alone stands between the flood and the
+process, ``--http atrium.http.deadline:HttpProtocol`` as deployed) on 127.0.0.1, and runs, in order:
 
 1. ``calm`` alone: its dashboard query (first 20 deals with company, contact, owner, stage and 3
    activities) sent at a fixed rate (open loop, so that a slow answer does not hide the next

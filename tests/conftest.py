@@ -59,10 +59,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if config.getoption("--settings-users"):
-        users = [item for item in items if "settings" in getattr(item, "fixturenames", ())]
-        others = [item for item in items if "settings" not in getattr(item, "fixturenames", ())]
-        config.hook.pytest_deselected(items=others)
-        items[:] = users
+        users = {item for item in items if "settings" in getattr(item, "fixturenames", ())}
+        config.hook.pytest_deselected(items=[item for item in items if item not in users])
+        items[:] = [item for item in items if item in users]
 
 
 @pytest.fixture(scope="session")
